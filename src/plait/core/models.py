@@ -1,0 +1,54 @@
+"""Reference models from the FedAvg paper (McMahan et al. 2017), built by name."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mnist_2nn(hidden: int = 200, num_classes: int = 10) -> nn.Module:
+    """784-200-200-10 MLP with ReLU: 199,210 parameters."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def mnist_cnn(num_classes: int = 10) -> nn.Module:
+    """conv5x5·32 → pool → conv5x5·64 → pool → fc512 → fc10: 1,663,370 parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(7 * 7 * 64, 512), nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+class CharLSTM(nn.Module):
+    """Next-character model for Shakespeare: embedding 8, two LSTM layers of 256, logits over the vocabulary."""
+
+    def __init__(self, vocab_size: int = 80, embed_dim: int = 8, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, chars: torch.Tensor) -> torch.Tensor:  # chars: [batch, seq] int64
+        out, _ = self.lstm(self.embed(chars))
+        return self.head(out[:, -1])  # predict the character after the sequence
+
+
+MODELS = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"model = {name!r} is not known; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,1 @@
+"""Run directories, typed configs from TOML, metrics, checkpoints, plots and progress."""

@@ -1,0 +1,57 @@
+"""metrics.jsonl: one JSON object per step or round, appended and flushed as it happens."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash ends the log
+    return records
+
+
+def truncate_metrics(path: Path, key: str, last: int) -> None:
+    """Keep only records with `record[key] <= last`: on resume, steps after the checkpoint are redone, not doubled."""
+    kept = [r for r in read_metrics(path) if r.get(key, -1) <= last]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -1,0 +1,55 @@
+"""The run directory `runs/<name>/`: resolved config, metrics.jsonl, checkpoints, plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from plait.experiment.config import to_dict
+
+
+@dataclass(frozen=True, slots=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    def write_config(self, config: Any) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        data = config if isinstance(config, dict) else to_dict(config)
+        self.config_path.write_bytes(tomli_w.dumps(data).encode("utf-8"))
+
+
+def prepare_run_dir(root: str | Path, name: str, resume: bool, fresh_name: bool = False) -> RunDir:
+    """A fresh `root/name`, or the one to resume. An existing run is an error, unless `fresh_name` asks for the
+    first free `name-2`, `name-3`, ... instead (the demo does, so it can be run again)."""
+    run = RunDir(Path(root) / name)
+    if fresh_name and not resume:
+        suffix = 2
+        while RunDir(run.path).metrics_path.exists() or RunDir(run.path).checkpoint_path.exists():
+            run = RunDir(Path(root) / f"{name}-{suffix}")
+            suffix += 1
+    if resume:
+        if not run.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoint_path}")
+    elif run.metrics_path.exists() or run.checkpoint_path.exists():
+        raise FileExistsError(f"run directory {run.path} already holds a run; use --resume or another run.name")
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run

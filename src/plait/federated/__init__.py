@@ -1,0 +1,1 @@
+"""Federated learning: server round loop, client update, selection, stragglers, strategies, executors."""

@@ -1,0 +1,67 @@
+"""The root config of a federated run (`plait run CONFIG.toml`): one typed dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from plait.data.federated import DataConfig
+from plait.federated.plan import TrainingPlan
+from plait.federated.server_opt import ServerOptConfig
+from plait.federated.strategy import StrategyConfig
+from plait.federated.stragglers import DeviceConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "fedavg"
+    root: str = "runs"
+    seed: int = 0
+    threads: int = 0            # torch threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: Literal["2nn", "cnn", "char_lstm"] = "2nn"
+
+
+@dataclass(kw_only=True, slots=True)
+class FLConfig:
+    rounds: int = 100
+    fraction: float = 0.1              # C: share of registered clients selected each round
+    min_clients: int = 2               # quorum: a round needs at least this many reports
+    over_selection: float = 0.0        # select (1 + this) × target clients, keep the first target to report
+    eligibility: dict[str, bool] = field(default_factory=dict)  # e.g. {charging = true, unmetered = true}
+    eval_every: int = 1                # centralised test-set evaluation every k rounds (0: only at the end)
+    federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
+    executor: Literal["sequential"] = "sequential"
+    plan: TrainingPlan = field(default_factory=TrainingPlan)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    devices: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"fl.rounds must be >= 1, got {self.rounds}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fl.fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ValueError(f"fl.min_clients must be >= 1, got {self.min_clients}")
+        if self.eval_every < 0 or self.federated_eval_every < 0:
+            raise ValueError("fl.eval_every and fl.federated_eval_every must be >= 0")
+        unknown = set(self.eligibility) - {"charging", "idle", "unmetered"}
+        if unknown:
+            raise ValueError(f"fl.eligibility: unknown device properties {sorted(unknown)}; "
+                             "known: charging, idle, unmetered")
+
+
+@dataclass(kw_only=True, slots=True)
+class FederatedRunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fl: FLConfig = field(default_factory=FLConfig)

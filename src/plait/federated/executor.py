@@ -1,0 +1,44 @@
+"""Client execution backends: given the global weights and a list of client tasks, yield each client's update.
+
+Every backend runs the same `client_update`; the server does not know which one it talks to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from plait.core.flat import FlatSpec
+from plait.federated.client_update import ClientData, Update, client_update
+from plait.federated.plan import TrainingPlan
+
+
+@dataclass(slots=True)
+class ClientTask:
+    client_id: int
+    plan: TrainingPlan
+    data: ClientData
+
+
+class ClientExecutor(Protocol):
+    def run(self, model: torch.nn.Module, spec: FlatSpec, global_params: torch.Tensor,
+            tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Update]]: ...
+
+    def close(self) -> None: ...
+
+
+class SequentialExecutor:
+    """One client after another in this process: the reference backend."""
+
+    def run(self, model, spec, global_params, tasks):
+        for task in tasks:
+            try:
+                update = client_update(model, spec, global_params, task.data, task.plan)
+            except Exception as err:  # name the client and the stage in every error (fedjax's debug backend)
+                raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
+            yield task, update
+
+    def close(self) -> None:
+        pass

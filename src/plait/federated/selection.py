@@ -1,0 +1,44 @@
+"""Client selection: a fraction C of the registered clients, at least `min_clients`, drawn only from the clients whose
+reported properties pass the eligibility predicate (e.g. charging, idle, on an unmetered network)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+Properties = Mapping[str, Any]
+
+
+def requires(**wanted: Any) -> Callable[[Properties], bool]:
+    """An eligibility predicate: every named property must equal the wanted value."""
+    def eligible(props: Properties) -> bool:
+        return all(props.get(key) == value for key, value in wanted.items())
+
+    return eligible
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    selected: list[int]   # sampled clients, over-selection included
+    target: int           # how many reports the round needs (C · num_registered, at least min_clients)
+    num_eligible: int
+
+
+def select_clients(properties: Mapping[int, Properties], fraction: float, min_clients: int, over_selection: float,
+                   eligible: Callable[[Properties], bool], rng: np.random.Generator) -> Selection:
+    """Sample without replacement from the eligible clients. Returns an empty selection when fewer than
+    `min_clients` are eligible: the round cannot reach its quorum and is skipped."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if over_selection < 0:
+        raise ValueError(f"over_selection must be >= 0, got {over_selection}")
+    pool = sorted(cid for cid, props in properties.items() if eligible(props))
+    target = max(min_clients, math.ceil(fraction * len(properties)))
+    if len(pool) < max(min_clients, 1):
+        return Selection([], target, len(pool))
+    wanted = min(len(pool), math.ceil(target * (1 + over_selection)))
+    chosen = rng.choice(len(pool), size=wanted, replace=False)
+    return Selection(sorted(pool[i] for i in chosen), min(target, len(pool)), len(pool))

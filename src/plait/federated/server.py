@@ -1,0 +1,116 @@
+"""The federated server's round: select → broadcast plan → local training → collect (drop stragglers) →
+aggregate → server optimizer → evaluate. State lives in `ServerState`; one call runs one round.
+
+Randomness is derived from (seed, round, client), never from a running generator, so a run resumed from its
+checkpoint after round r does exactly what the uninterrupted run would have done from round r+1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from plait.core.flat import flat_params
+from plait.data.federated import FederatedData
+from plait.federated.client_update import ClientData
+from plait.federated.config import FLConfig
+from plait.federated.evaluate import evaluate
+from plait.federated.executor import ClientExecutor, ClientTask
+from plait.federated.selection import requires, select_clients
+from plait.federated.server_opt import build_server_opt
+from plait.federated.strategy import make_aggregator
+from plait.federated.stragglers import DevicePool, split_on_time
+
+
+@dataclass(slots=True)
+class ServerState:
+    round: int                     # rounds finished so far
+    params: torch.Tensor           # global weights, flat
+    opt_state: dict[str, torch.Tensor]
+
+
+def client_seed(seed: int, round_idx: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
+
+
+class FederatedServer:
+    def __init__(self, config: FLConfig, model: torch.nn.Module, data: FederatedData, executor: ClientExecutor,
+                 seed: int):
+        self.config, self.model, self.data, self.executor, self.seed = config, model, data, executor, seed
+        self.initial_params, self.spec = flat_params(model)
+        self.server_opt = build_server_opt(config.server_opt)
+        self.devices = DevicePool(config.devices, data.num_clients, seed)
+        self.eligible = requires(**config.eligibility)
+        self.model_bytes = self.initial_params.numel() * self.initial_params.element_size()
+
+    def initial_state(self) -> ServerState:
+        params = self.initial_params.clone()
+        return ServerState(0, params, self.server_opt.init(params))
+
+    def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        cfg, round_idx = self.config, state.round + 1
+        start = time.perf_counter()
+        rng = np.random.default_rng([self.seed, 3, round_idx])
+        selection = select_clients(self.devices.properties(round_idx), cfg.fraction, cfg.min_clients,
+                                   cfg.over_selection, self.eligible, rng)
+        record: dict[str, Any] = {"round": round_idx, "eligible": selection.num_eligible,
+                                  "selected": len(selection.selected), "participants": 0, "dropped": 0,
+                                  "bytes_down": 0, "bytes_up": 0}
+        # Broadcast: each selected client gets the weights and its own plan object.
+        plans = {cid: cfg.plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selection.selected}
+        finish = {cid: self.devices.finish_time(cid, plans[cid].num_steps(self.data.num_examples(cid)),
+                                                self.model_bytes, self.model_bytes) for cid in selection.selected}
+        kept, dropped = split_on_time(finish, selection.target, cfg.devices.deadline_s)
+        record["dropped"] = len(dropped)
+        record["bytes_down"] = self.model_bytes * len(selection.selected)
+        if len(kept) < cfg.min_clients:
+            record["skipped"] = True  # quorum not reached: the global model stays as it is
+        else:
+            state = self._train_and_aggregate(state, kept, plans, record)
+            record["sim_time_s"] = max(finish[cid] for cid in kept)
+        state = ServerState(round_idx, state.params, state.opt_state)
+        record.update(self._evaluate(state, round_idx))
+        record["wall_s"] = time.perf_counter() - start
+        return state, record
+
+    def _train_and_aggregate(self, state: ServerState, kept: list[int], plans, record) -> ServerState:
+        tasks = [ClientTask(cid, plans[cid], ClientData(*self.data.client_train(cid))) for cid in kept]
+        aggregator = make_aggregator(self.config.strategy, state.params.numel())
+        loss_sum, examples = 0.0, 0
+        for task, update in self.executor.run(self.model, self.spec, state.params, tasks):
+            aggregator.add(task.client_id, update)
+            record["bytes_up"] += update.delta.numel() * update.delta.element_size()
+            loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
+            examples += update.num_examples
+            record["participants"] += 1
+        params, opt_state = self.server_opt.apply(state.params, aggregator.result(), state.opt_state)
+        record["train_loss"] = loss_sum / max(examples, 1)
+        return ServerState(state.round, params, opt_state)
+
+    def _evaluate(self, state: ServerState, round_idx: int) -> dict[str, float]:
+        cfg, out = self.config, {}
+        last = round_idx == cfg.rounds
+        if last or (cfg.eval_every and round_idx % cfg.eval_every == 0):
+            metrics = evaluate(self.model, self.spec, state.params, self.data.test_x, self.data.test_y)
+            out.update(accuracy=metrics["accuracy"], loss=metrics["loss"])
+        if cfg.federated_eval_every and (last or round_idx % cfg.federated_eval_every == 0):
+            out.update(self.federated_evaluate(state.params))
+        return out
+
+    def federated_evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        """Accuracy on each client's held-out data, weighted by its size."""
+        correct = loss = total = 0.0
+        for cid in range(self.data.num_clients):
+            x, y = self.data.client_eval(cid)
+            if len(y):
+                m = evaluate(self.model, self.spec, params, x, y)
+                correct += m["accuracy"] * len(y)
+                loss += m["loss"] * len(y)
+                total += len(y)
+        if not total:
+            raise ValueError("federated evaluation needs data.eval_fraction > 0")
+        return {"fed_accuracy": correct / total, "fed_loss": loss / total}
