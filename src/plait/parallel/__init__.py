@@ -1,0 +1,1 @@
+"""Trusted-cluster training: launch, collectives, data / model / pipeline parallelism, checkpoints."""

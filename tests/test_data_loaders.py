@@ -1,0 +1,88 @@
+import gzip
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from plait.data.federated import DataConfig, load_federated
+from plait.data.idx import read_idx, write_idx
+from plait.data.images import _NumpyOnlyUnpickler, load_image_set
+from plait.data.shakespeare import VOCAB, encode, parse_play
+
+# Canonical MNIST label counts (LeCun & Cortes).
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_from_package_is_the_canonical_set(tmp_path):
+    arrays = load_image_set("mnist", cache_dir=tmp_path)
+    assert arrays["train_x"].shape == (60_000, 28, 28) and arrays["train_x"].dtype == np.uint8
+    assert np.bincount(arrays["train_y"]).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(arrays["test_y"]).tolist() == MNIST_TEST_COUNTS
+    assert (tmp_path / "mnist.npz").exists()  # cached; the second load reads the npz
+    again = load_image_set("mnist", cache_dir=tmp_path)
+    assert np.array_equal(again["train_x"], arrays["train_x"])
+
+
+def test_idx_directory_round_trip(tmp_path):
+    # Prepare: a user's own copy of an IDX data set (gzipped train, plain test)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 20).astype(np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:5])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:5])
+    # Execute
+    arrays = load_image_set("mnist", path=tmp_path, cache_dir=tmp_path / "cache")
+    # Assert
+    assert np.array_equal(arrays["train_x"], images) and np.array_equal(arrays["test_y"], labels[:5])
+
+
+def test_idx_rejects_truncated_file(tmp_path):
+    path = tmp_path / "bad-idx"
+    write_idx(path, np.zeros((4, 2), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="bytes follow"):
+        read_idx(path)
+
+
+def test_restricted_unpickler_refuses_code():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    payload = pickle.dumps(Evil(), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle .*print"):
+        _NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+    ok = pickle.dumps(np.arange(3), protocol=2)
+    assert _NumpyOnlyUnpickler(io.BytesIO(ok)).load().tolist() == [0, 1, 2]
+
+
+def test_missing_data_path_names_the_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        load_image_set("mnist", path=tmp_path / "nowhere")
+
+
+def test_parse_play_speakers_and_stage_directions():
+    text = "# Play\n\n## ACT I\n\n_Enter LEAR_\n\n**LEAR**  \nNothing will come  \nof nothing.\n\n**FOOL**  \nNuncle!\n_Exit_\n"
+    assert parse_play(text) == {"LEAR": "Nothing will come of nothing.", "FOOL": "Nuncle!"}
+    assert VOCAB[encode("Ab")[0]] == "A" and VOCAB[encode("Ab")[1]] == "b"
+
+
+def test_shakespeare_natural_clients_are_roles(tmp_path):
+    data = load_federated(DataConfig(name="shakespeare", partition="natural", num_clients=5, cache_dir=str(tmp_path)))
+    assert data.num_clients == 5
+    x, y = data.client_train(0)
+    assert x.shape[1] == 80 and x.dtype == torch.int64 and len(x) == len(y) > 0
+    assert torch.equal(x[1, :-1], x[0, 1:])  # sliding windows of one role's text
+    assert len(data.test_y) > 0
+
+
+def test_federated_mnist_eval_split(tmp_path):
+    data = load_federated(DataConfig(num_clients=10, partition="iid", eval_fraction=0.2, cache_dir=str(tmp_path)))
+    x, y = data.client_train(3)
+    ex, ey = data.client_eval(3)
+    assert len(y) == 4800 and len(ey) == 1200 and x.shape[1:] == (1, 28, 28)
+    assert abs(float(x.mean())) < 0.2  # normalised
