@@ -111,3 +111,27 @@ def test_plot_command_writes_pngs(tmp_path):
     pngs = sorted((tmp_path / "runs" / "r" / "plots").glob("*.png"))
     assert any(p.name == "train_loss.png" for p in pngs)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_spent_privacy_budget_ends_the_run_early(tmp_path):
+    # Prepare: central DP with a budget that allows only a few of the 30 rounds
+    extra = ("[fl.strategy]\nweighting = \"uniform\"\n"
+             "[fl.privacy]\nmode = \"central\"\nclip_norm = 0.5\nnoise_multiplier = 2.0\nepsilon_budget = 2.0\n")
+    config = from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "dp", rounds=30, extra=extra)))
+    # Execute
+    summary = run_federated(config, show_progress=False)
+    # Assert: the log stops at the round that found the budget spent, ε never over budget, accuracy reported
+    records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(records) < 30 and records[-1]["stop"] is True
+    assert all(r["epsilon"] <= 2.0 for r in records) and "accuracy" in records[-1]
+
+
+def test_process_pool_executor_from_config_matches_sequential(tmp_path):
+    base = load_toml(_write(tmp_path, "seq", rounds=2))
+    sequential = run_federated(from_dict(FederatedRunConfig, base), show_progress=False)
+    pooled_cfg = load_toml(_write(tmp_path, "pool", rounds=2))
+    pooled_cfg["fl"].update(executor="process_pool", workers=2)
+    pooled = run_federated(from_dict(FederatedRunConfig, pooled_cfg), show_progress=False)
+    a = torch.load(sequential.run_dir / "checkpoint.pt", weights_only=True)["params"]
+    b = torch.load(pooled.run_dir / "checkpoint.pt", weights_only=True)["params"]
+    assert torch.allclose(a, b, atol=1e-6)  # same clients, same plans; only the summation order may differ

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from plait.data.federated import DataConfig
+from plait.federated.attacks import AttackConfig
+from plait.federated.pipeline import CompressionConfig
 from plait.federated.plan import TrainingPlan
+from plait.federated.privacy.config import PrivacyConfig
 from plait.federated.server_opt import ServerOptConfig
 from plait.federated.strategy import StrategyConfig
 from plait.federated.stragglers import DeviceConfig
@@ -38,11 +41,15 @@ class FLConfig:
     eligibility: dict[str, bool] = field(default_factory=dict)  # e.g. {charging = true, unmetered = true}
     eval_every: int = 1                # centralised test-set evaluation every k rounds (0: only at the end)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
-    executor: Literal["sequential"] = "sequential"
+    executor: Literal["sequential", "process_pool"] = "sequential"  # how simulated clients run
+    workers: int = 0                   # process_pool: worker processes (0: one per core), one torch thread each
     plan: TrainingPlan = field(default_factory=TrainingPlan)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     devices: DeviceConfig = field(default_factory=DeviceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -57,6 +64,15 @@ class FLConfig:
         if unknown:
             raise ValueError(f"fl.eligibility: unknown device properties {sorted(unknown)}; "
                              "known: charging, idle, unmetered")
+        if self.workers < 0:
+            raise ValueError(f"fl.workers must be >= 0, got {self.workers}")
+        if self.strategy.name == "secagg" and self.compression.codec != "none":
+            # masked ring elements do not compress; the codec would only ever see the unmasked delta here
+            raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec")
+        if self.privacy.mode == "central" and (self.strategy.name != "fedavg" or self.strategy.weighting != "uniform"):
+            # the sensitivity bound C / expected_clients holds for a uniform sum only
+            raise ValueError("fl.privacy.mode = 'central' needs fl.strategy.name = 'fedavg' and "
+                             "fl.strategy.weighting = 'uniform'")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,12 +1,18 @@
 """The federated server's round: select → broadcast plan → local training → collect (drop stragglers) →
 aggregate → server optimizer → evaluate. State lives in `ServerState`; one call runs one round.
 
+Between local training and the server optimizer runs the update pipeline of `plait.federated.pipeline`: simulated
+attackers, local DP, compression (bytes_up counts the compressed payload), then aggregation wrapped by central DP.
+With DP on, the round's ε (dp-accounting, RDP) is in the metrics; a round that would overspend
+`privacy.epsilon_budget` is not run: its record says `stop = true` and the model no longer changes.
+
 Randomness is derived from (seed, round, client), never from a running generator, so a run resumed from its
 checkpoint after round r does exactly what the uninterrupted run would have done from round r+1.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +22,18 @@ import torch
 
 from plait.core.flat import flat_params
 from plait.data.federated import FederatedData
-from plait.federated.client_update import ClientData
+from plait.federated.attacks import attacker_ids, flip_labels, poison_delta
+from plait.federated.client_update import ClientData, Update
 from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientExecutor, ClientTask
+from plait.federated.pipeline import ClientStages, stage_seed
+from plait.federated.privacy.accounting import epsilon_after
+from plait.federated.privacy.central import CentralDPAggregator
+from plait.federated.secagg.protocol import SecAggError
 from plait.federated.selection import requires, select_clients
 from plait.federated.server_opt import build_server_opt
-from plait.federated.strategy import make_aggregator
+from plait.federated.strategy import Aggregator, make_aggregator
 from plait.federated.stragglers import DevicePool, split_on_time
 
 
@@ -46,10 +57,33 @@ class FederatedServer:
         self.devices = DevicePool(config.devices, data.num_clients, seed)
         self.eligible = requires(**config.eligibility)
         self.model_bytes = self.initial_params.numel() * self.initial_params.element_size()
+        self.stages = ClientStages(config.privacy, config.compression, seed)
+        self.attackers = attacker_ids(config.attack, data.num_clients)
+        target = max(config.min_clients, math.ceil(config.fraction * data.num_clients))
+        self.expected_clients = config.privacy.expected_clients or min(target, data.num_clients)
+        self.sample_rate = min(1.0, self.expected_clients / data.num_clients)
 
     def initial_state(self) -> ServerState:
         params = self.initial_params.clone()
-        return ServerState(0, params, self.server_opt.init(params))
+        opt_state = self.server_opt.init(params)
+        if self.config.privacy.mode != "none":  # privacy state rides in opt_state so checkpoints keep it
+            opt_state["dp_rounds"] = torch.zeros((), dtype=torch.int64)
+            opt_state["dp_clip_norm"] = torch.tensor(self.config.privacy.clip_norm, dtype=torch.float64)
+        return ServerState(0, params, opt_state)
+
+    def epsilon(self, dp_rounds: int) -> float:
+        """ε at privacy.delta after `dp_rounds` released aggregates (see privacy.accounting)."""
+        p = self.config.privacy
+        if p.mode == "local":  # sensitivity 2C: multiplier z/2; no sampling amplification claimed
+            return epsilon_after(dp_rounds, p.noise_multiplier / 2, 1.0, p.delta)
+        return epsilon_after(dp_rounds, p.noise_multiplier, self.sample_rate, p.delta)
+
+    def budget_spent(self, state: ServerState) -> bool:
+        """True when one more round would take ε past privacy.epsilon_budget."""
+        p = self.config.privacy
+        if p.mode == "none" or not p.epsilon_budget:
+            return False
+        return self.epsilon(int(state.opt_state["dp_rounds"]) + 1) > p.epsilon_budget
 
     def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         cfg, round_idx = self.config, state.round + 1
@@ -67,33 +101,83 @@ class FederatedServer:
         kept, dropped = split_on_time(finish, selection.target, cfg.devices.deadline_s)
         record["dropped"] = len(dropped)
         record["bytes_down"] = self.model_bytes * len(selection.selected)
-        if len(kept) < cfg.min_clients:
+        if self.budget_spent(state):
+            record["skipped"] = record["stop"] = True  # the privacy budget is spent: no more releases
+            record["bytes_down"] = record["dropped"] = 0
+        elif len(kept) < cfg.min_clients:
             record["skipped"] = True  # quorum not reached: the global model stays as it is
         else:
-            state = self._train_and_aggregate(state, kept, plans, record)
+            state = self._train_and_aggregate(state, selection.selected, kept, plans, record)
             record["sim_time_s"] = max(finish[cid] for cid in kept)
+        if cfg.privacy.mode != "none":
+            record["epsilon"] = self.epsilon(int(state.opt_state["dp_rounds"]))
         state = ServerState(round_idx, state.params, state.opt_state)
-        record.update(self._evaluate(state, round_idx))
+        record.update(self._evaluate(state, round_idx, final=bool(record.get("stop"))))
         record["wall_s"] = time.perf_counter() - start
         return state, record
 
-    def _train_and_aggregate(self, state: ServerState, kept: list[int], plans, record) -> ServerState:
-        tasks = [ClientTask(cid, plans[cid], ClientData(*self.data.client_train(cid))) for cid in kept]
-        aggregator = make_aggregator(self.config.strategy, state.params.numel())
+    def _client_data(self, cid: int) -> ClientData:
+        x, y = self.data.client_train(cid)
+        if self.config.attack.kind == "label_flip" and cid in self.attackers:
+            y = flip_labels(y, self.data.num_classes)
+        return ClientData(x, y)
+
+    def _aggregator(self, state: ServerState, round_idx: int) -> Aggregator:
+        inner = make_aggregator(self.config.strategy, state.params.numel(), seed=self.seed, round_idx=round_idx)
+        p = self.config.privacy
+        if p.mode != "central":
+            return inner
+        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, 0, 2))  # stage 2: server noise
+        count_std = (p.clipped_count_stddev or self.expected_clients / 20) if p.adaptive else None
+        return CentralDPAggregator(inner, float(state.opt_state["dp_clip_norm"]), p.noise_multiplier,
+                                   self.expected_clients, generator, count_std)
+
+    def _train_and_aggregate(self, state: ServerState, selected: list[int], kept: list[int], plans,
+                             record) -> ServerState:
+        round_idx, attack = state.round + 1, self.config.attack
+        tasks = [ClientTask(cid, plans[cid], self._client_data(cid)) for cid in kept]
+        aggregator = self._aggregator(state, round_idx)
+        if hasattr(aggregator, "begin"):  # e.g. secure aggregation sets up keys with the selected clients
+            aggregator.begin(list(selected))
         loss_sum, examples = 0.0, 0
+        if self.attackers:
+            record["attackers"] = 0
         for task, update in self.executor.run(self.model, self.spec, state.params, tasks):
-            aggregator.add(task.client_id, update)
-            record["bytes_up"] += update.delta.numel() * update.delta.element_size()
+            cid, delta = task.client_id, update.delta
+            if cid in self.attackers:
+                record["attackers"] += 1
+                generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, cid, 3))
+                delta = poison_delta(attack.kind, delta, attack.scale, generator)
+            encoded = self.stages.encode(cid, delta, round_idx)  # client side: local DP, compression
+            record["bytes_up"] += encoded.nbytes
+            aggregator.add(cid, Update(self.stages.decode(cid, encoded), update.num_examples, update.metrics))
             loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
             examples += update.num_examples
             record["participants"] += 1
-        params, opt_state = self.server_opt.apply(state.params, aggregator.result(), state.opt_state)
         record["train_loss"] = loss_sum / max(examples, 1)
+        try:
+            mean_delta = aggregator.result()
+        except SecAggError as err:  # too many dropouts after key sharing: this round releases nothing
+            record["skipped"], record["secagg_error"] = True, str(err)
+            return state
+        if hasattr(aggregator, "traffic"):  # secure aggregation: count the protocol's own messages
+            traffic = aggregator.traffic()
+            record["bytes_up"] = traffic["bytes_up"]
+            record["bytes_down"] += traffic["bytes_down"]
+        params, opt_state = self.server_opt.apply(state.params, mean_delta, state.opt_state)
+        if self.config.privacy.mode != "none":
+            opt_state["dp_rounds"] = opt_state["dp_rounds"] + 1
+        if isinstance(aggregator, CentralDPAggregator):
+            record["dp_clip_norm"] = aggregator.clip_norm
+            record["dp_unclipped_fraction"] = aggregator.unclipped_fraction
+            if self.config.privacy.adaptive:
+                next_norm = aggregator.next_clip_norm(self.config.privacy.target_quantile, self.config.privacy.clip_lr)
+                opt_state["dp_clip_norm"] = torch.tensor(next_norm, dtype=torch.float64)
         return ServerState(state.round, params, opt_state)
 
-    def _evaluate(self, state: ServerState, round_idx: int) -> dict[str, float]:
+    def _evaluate(self, state: ServerState, round_idx: int, final: bool = False) -> dict[str, float]:
         cfg, out = self.config, {}
-        last = round_idx == cfg.rounds
+        last = final or round_idx == cfg.rounds
         if last or (cfg.eval_every and round_idx % cfg.eval_every == 0):
             metrics = evaluate(self.model, self.spec, state.params, self.data.test_x, self.data.test_y)
             out.update(accuracy=metrics["accuracy"], loss=metrics["loss"])

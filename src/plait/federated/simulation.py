@@ -18,7 +18,7 @@ from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.config import FederatedRunConfig
-from plait.federated.executor import SequentialExecutor
+from plait.federated.executor import ClientExecutor, SequentialExecutor
 from plait.federated.server import FederatedServer, ServerState
 
 
@@ -31,13 +31,22 @@ class RunSummary:
     train_seconds: float
 
 
-def build_server(config: FederatedRunConfig) -> FederatedServer:
+def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> ClientExecutor:
+    if config.fl.executor == "process_pool":
+        from plait.federated.pool_executor import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=max(1, config.run.threads))
+    return SequentialExecutor()
+
+
+def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None) -> FederatedServer:
+    """The server with its data, model and client executor (sequential unless `fl.executor` says otherwise)."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     data = load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
     model = build_model(config.model.name, **({"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}))
-    return FederatedServer(config.fl, model, data, SequentialExecutor(), config.run.seed)
+    return FederatedServer(config.fl, model, data, executor or build_executor(config, model), config.run.seed)
 
 
 def _resume_state(run: RunDir, server: FederatedServer) -> ServerState:
@@ -59,15 +68,20 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     total = config.fl.rounds
     started = time.perf_counter()
     last: dict[str, Any] = {}
-    with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
-        while state.round < total:
-            state, record = server.run_round(state)
-            record["elapsed_s"] = time.perf_counter() - started
-            log.write(record)
-            save_checkpoint(run.checkpoint_path, {"round": state.round, "params": state.params,
-                                                  "opt_state": state.opt_state})
-            last = record
-            acc = record.get("accuracy")
-            bar.advance(state.round, f"acc {acc:.4f}" if acc is not None else "")
+    try:
+        with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
+            while state.round < total:
+                state, record = server.run_round(state)
+                record["elapsed_s"] = time.perf_counter() - started
+                log.write(record)
+                save_checkpoint(run.checkpoint_path, {"round": state.round, "params": state.params,
+                                                      "opt_state": state.opt_state})
+                last = record
+                acc = record.get("accuracy")
+                bar.advance(state.round, f"acc {acc:.4f}" if acc is not None else "")
+                if record.get("stop"):  # e.g. the privacy budget is spent: no further round may release anything
+                    break
+    finally:
+        server.executor.close()
     plots = plot_run(run.path)
     return RunSummary(run.path, state.round, last, plots, time.perf_counter() - started)
