@@ -91,7 +91,16 @@ def run_from_env(fn: Callable[..., Any], *args: Any, backend: str | None = None)
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"run_from_env needs torchrun's environment; missing {missing}")
-    dist.init_process_group(backend or default_backend(), timeout=timedelta(seconds=120))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=120)
+    # torchrun keeps the same store across restarts of the group; keys left by the dead attempt (ranks' old
+    # addresses) would make the new one connect to dead sockets, so each attempt gets its own key prefix.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend or default_backend(), store=dist.PrefixStore(f"plait/attempt{attempt}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
     try:
         return fn(dist.get_rank(), dist.get_world_size(), *args)
     finally:

@@ -1,0 +1,134 @@
+"""The root config of a data-parallel run (`plait train CONFIG.toml --nproc N`, `[parallel] mode = "data"`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from plait.parallel.collectives import ALGORITHMS
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "data_parallel"
+    root: str = "runs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelSection:
+    mode: Literal["data"] = "data"
+    allreduce: str = "native"          # native | ring | tree | naive
+    bucket_mb: float = 1.0             # gradient bucket size (MiB); smaller buckets start sync earlier
+    overlap: bool = True               # start each bucket's sync from backward's hooks (False: after backward)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    threads_per_rank: int = 1          # torch threads in each spawned rank
+
+    def __post_init__(self) -> None:
+        if self.allreduce not in ALGORITHMS:
+            raise ValueError(f"parallel.allreduce = {self.allreduce!r} is unknown; choose one of {list(ALGORITHMS)}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.threads_per_rank < 0:
+            raise ValueError(f"parallel.threads_per_rank must be >= 0 (0: torch's default), got {self.threads_per_rank}")
+
+
+@dataclass(kw_only=True, slots=True)
+class SyncSection:
+    kind: Literal["allreduce", "local_sgd", "ps_one_device"] = "allreduce"
+    local_steps: int = 8               # local_sgd: average the parameters every H steps
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ValueError(f"sync.local_steps must be >= 1, got {self.local_steps}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    name: Literal["2nn", "cnn"] = "2nn"
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    name: Literal["mnist", "fashion_mnist"] = "mnist"
+    path: str = ""                     # a directory with IDX files (default: the packaged copy)
+    cache_dir: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    steps: int = 200
+    batch_size: int = 32               # per rank and per micro-batch
+    accumulate: int = 1                # micro-batches per step; gradients sync once, after the last
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    log_every: int = 1                 # metrics record every k steps (each costs one small all-gather)
+    checkpoint_every: int = 50         # 0: only at the end
+    eval_at_end: bool = True           # test accuracy on rank 0 after the last step
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "accumulate", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CompressionSection:
+    codec: Literal["none", "fp16", "topk"] = "none"
+    ratio: float = 0.01                # topk: share of gradient entries sent
+    error_feedback: bool = True        # add back what earlier steps dropped (topk needs it to converge)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"compression.ratio must be in (0, 1], got {self.ratio}")
+
+
+@dataclass(kw_only=True, slots=True)
+class StragglerSection:
+    ranks: list[int] = field(default_factory=list)   # ranks to slow down
+    factor: float = 1.0                # a slowed step takes factor × its compute time (sleeping the difference)
+    probability: float = 1.0           # share of steps slowed (seeded per rank and step); 1: every step
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"stragglers.factor must be >= 1, got {self.factor}")
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"stragglers.probability must be in [0, 1], got {self.probability}")
+        if any(r < 0 for r in self.ranks):
+            raise ValueError(f"stragglers.ranks must be rank numbers >= 0, got {self.ranks}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataParallelRunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    stragglers: StragglerSection = field(default_factory=StragglerSection)
+
+    def __post_init__(self) -> None:
+        if self.compression.codec != "none" and self.sync.kind != "allreduce":
+            raise ValueError(f"compression.codec = {self.compression.codec!r} needs sync.kind = 'allreduce', "
+                             f"got {self.sync.kind!r}")
+        if self.sync.kind == "local_sgd" and self.train.checkpoint_every % self.sync.local_steps:
+            raise ValueError(f"train.checkpoint_every = {self.train.checkpoint_every} must be a multiple of "
+                             f"sync.local_steps = {self.sync.local_steps} (checkpoints hold averaged parameters)")
+
+    def check_world(self, world_size: int) -> None:
+        bad = [r for r in self.stragglers.ranks if r >= world_size]
+        if bad:
+            raise ValueError(f"stragglers.ranks {bad} do not exist in a world of {world_size} ranks")

@@ -1,0 +1,156 @@
+"""`DataParallel`: one replica per rank, one training step at a time, under one of three sync policies.
+
+- "allreduce" (BSP, every step): gradients are bucketed and all-reduced from backward's hooks (`GradSync`); the
+  optimizer step waits for every bucket. Optionally compressed (fp16, top-k with error feedback).
+- "local_sgd": no gradient sync; every `local_steps` steps the parameters are averaged (one all-reduce of the
+  flat parameter buffer). Each rank keeps its own optimizer state between averages.
+- "ps_one_device": the parameter server on one device of the lecture's multi-GPU slide: gradients are reduced onto
+  rank 0 (`dist.reduce`, bucketed and overlapped like the all-reduce), rank 0 alone holds the optimizer and steps,
+  then broadcasts the weights (`dist.broadcast`).
+
+Parameters are views into one flat buffer (`flat_param`), so averaging, broadcasting and checkpointing move one
+tensor. The optimizer is SGD (momentum, weight decay): its state is one flat momentum buffer, checkpointed and
+broadcast as a tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.parallel.collectives import CommStats, make_allreduce
+from plait.parallel.dims import ParallelDims
+from plait.parallel.grad_sync import GradSync
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(slots=True)
+class StepTimes:
+    compute_s: float   # forward + backward (+ injected straggler delay)
+    comm_s: float      # time blocked on communication after backward (what overlap did not hide)
+    total_s: float
+
+
+def _flatten_params_into_buffer(model: nn.Module) -> tuple[torch.Tensor, list[nn.Parameter]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)  # the module now reads and writes the flat buffer
+        offset += p.numel()
+    return flat, params
+
+
+class DataParallel:
+    def __init__(self, model: nn.Module, dims: ParallelDims, *, kind: str = "allreduce", allreduce: str = "native",
+                 local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, lr: float = 0.05,
+                 momentum: float = 0.0, weight_decay: float = 0.0, compressor=None,
+                 loss_fn: LossFn = nn.functional.cross_entropy):
+        if kind not in ("allreduce", "local_sgd", "ps_one_device"):
+            raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
+        self.model, self.kind, self.local_steps, self.loss_fn = model, kind, local_steps, loss_fn
+        self.group = dims.grad_group
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self._root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        self.flat_param, self.params = _flatten_params_into_buffer(model)
+        self.allreduce = make_allreduce(allreduce, self.group)
+        op = {"allreduce": "compressed" if compressor else "allreduce", "local_sgd": "allreduce",
+              "ps_one_device": "reduce"}[kind]
+        self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
+                                  compressor=compressor)
+        # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
+        self.optimizer = (torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                          if kind != "ps_one_device" or self.rank == 0 else None)
+        self.broadcast_stats = CommStats()
+
+    # ---- replicas start equal -------------------------------------------------------------------------------------
+    def broadcast_params(self) -> None:
+        """Make every replica start from rank 0's parameters (as DDP does at construction)."""
+        if self.world_size > 1:
+            dist.broadcast(self.flat_param, src=self._root, group=self.group)
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
+                   delay_s: float = 0.0) -> tuple[torch.Tensor, StepTimes]:
+        """Forward/backward every micro-batch, sync, update. `step` is 1-based (local SGD averages when
+        step % local_steps == 0). Returns this rank's mean loss (a tensor: no host sync) and the step's times."""
+        start = time.perf_counter()
+        if delay_s > 0:
+            time.sleep(delay_s)  # injected straggler: this rank's step is slower, its sync starts later
+        self.grad_sync.reset()
+        syncs_grads = self.kind != "local_sgd"
+        total = torch.zeros(())
+        last = len(micro_batches) - 1
+        for i, (x, y) in enumerate(micro_batches):
+            # accumulation: only the last micro-batch's backward starts the gradient sync
+            quiet = i < last or not syncs_grads
+            with self.grad_sync.no_sync() if quiet else contextlib.nullcontext():
+                loss = self.loss_fn(self.model(x), y) / len(micro_batches)
+                loss.backward()
+            total += loss.detach()
+        computed = time.perf_counter()
+        if syncs_grads:
+            self.grad_sync.finish()
+        synced = time.perf_counter()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        stepped = time.perf_counter()
+        if self.kind == "ps_one_device":
+            self._broadcast_from_root()
+        elif self.kind == "local_sgd" and step % self.local_steps == 0:
+            self.average_params()
+        end = time.perf_counter()
+        times = StepTimes(compute_s=computed - start, comm_s=(synced - computed) + (end - stepped),
+                          total_s=end - start)
+        return total, times
+
+    def _broadcast_from_root(self) -> None:
+        if self.world_size == 1:
+            return
+        dist.broadcast(self.flat_param, src=self._root, group=self.group)
+        nbytes = self.flat_param.numel() * self.flat_param.element_size()
+        if self.rank == 0:
+            self.broadcast_stats.bytes_sent += nbytes * (self.world_size - 1)  # as a flat broadcast would
+        else:
+            self.broadcast_stats.bytes_recv += nbytes
+
+    def average_params(self) -> None:
+        """Local SGD: replace every replica's parameters by their mean."""
+        self.allreduce.all_reduce(self.flat_param)
+        self.flat_param.div_(self.world_size)
+
+    # ---- counters and state ---------------------------------------------------------------------------------------
+    def bytes_moved(self) -> tuple[int, int]:
+        stats = [self.allreduce.stats, self.broadcast_stats]
+        if self.grad_sync.stats is not self.allreduce.stats:
+            stats.append(self.grad_sync.stats)
+        return sum(s.bytes_sent for s in stats), sum(s.bytes_recv for s in stats)
+
+    def momentum_flat(self) -> torch.Tensor | None:
+        """The optimizer's momentum buffers as one flat tensor (None: no momentum yet, or no optimizer here)."""
+        if self.optimizer is None:
+            return None
+        buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        if any(b is None for b in buffers):
+            return None
+        return torch.cat([b.reshape(-1) for b in buffers])
+
+    def load_momentum(self, flat: torch.Tensor) -> None:
+        if self.optimizer is None:
+            return
+        offset = 0
+        for p in self.params:
+            self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def close(self) -> None:
+        self.grad_sync.close()
+        self.allreduce.close()

@@ -1,0 +1,261 @@
+"""Data-parallel training: `plait train CONFIG.toml --nproc N`, or the same command under torchrun.
+
+One node, N local ranks (spawned here, gloo on CPU):
+
+    plait train examples/data_parallel.toml --nproc 2 [--allreduce ring] [--resume] [--set train.steps=500]
+
+One node under torchrun (restarts the whole group from the last checkpoint if a rank dies, up to 3 times):
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m plait.cli train examples/data_parallel.toml
+
+Two nodes (run on each; node 0's address reachable from node 1, and the run directory on node 0 is where
+checkpoints are written and read — rank 0 reads them and broadcasts to the others on resume):
+
+    torchrun --nnodes 2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
+        --rdzv-endpoint NODE0_HOST:29400 --rdzv-id plait-dp -m plait.cli train examples/data_parallel.toml
+
+Under torchrun `--nproc` is ignored (torchrun decides the world), and a restarted group resumes by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.core.models import build_model
+from plait.data.images import load_image_set
+from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
+from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.compression import GradCompressor
+from plait.parallel.config import DataParallelRunConfig
+from plait.parallel.data_parallel import DataParallel
+from plait.parallel.dims import ParallelDims
+from plait.parallel.launch import run_from_env, spawn_ranks
+from plait.parallel.sampler import ShardedSampler
+
+_MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
+_METRICS = ("loss", "bytes_sent", "bytes_recv", "compute_s", "comm_s", "step_s")
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                   and "MASTER_ADDR" in os.environ)
+
+
+def load_config(config_path: Path, overrides: list[str], allreduce: str | None) -> DataParallelRunConfig:
+    raw = apply_overrides(load_toml(config_path), overrides)
+    if allreduce is not None:
+        raw.setdefault("parallel", {})["allreduce"] = allreduce
+    return from_dict(DataParallelRunConfig, raw)
+
+
+def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
+    try:
+        config = load_config(config_path, overrides, allreduce)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    backend = None if config.parallel.backend == "auto" else config.parallel.backend
+    if under_torchrun():
+        summary = run_from_env(train_rank, config, resume, backend=backend)
+    else:
+        if nproc < 1:
+            print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+            raise SystemExit(2)
+        run = RunDir(Path(config.run.root) / config.run.name)
+        problem = ""  # checked here too, so a mistake fails before any rank is spawned
+        if resume and not run.checkpoint_path.exists():
+            problem = f"--resume: no checkpoint at {run.checkpoint_path}"
+        elif not resume and (run.metrics_path.exists() or run.checkpoint_path.exists()):
+            problem = f"run directory {run.path} already holds a run; use --resume or another run.name"
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+        summary = spawn_ranks(train_rank, nproc, config, resume, backend=backend, timeout_s=float("inf"),
+                              threads_per_rank=config.parallel.threads_per_rank)[0]
+    if summary:
+        acc = summary.get("accuracy")
+        print(f"steps: {summary['steps']}  final loss: {summary['loss']:.4f}"
+              + (f"  test accuracy: {acc:.4f}" if acc is not None else "")
+              + f"  ({summary['seconds']:.1f} s)")
+        print(f"run directory: {summary['run_dir']}")
+
+
+# ---- one rank -------------------------------------------------------------------------------------------------------
+def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int) -> tuple[RunDir, bool]:
+    """Rank 0 prepares the run directory; every rank learns whether a checkpoint is resumed."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    run = RunDir(Path(config.run.root) / config.run.name)
+    status = torch.zeros(2, dtype=torch.int64)  # [ok, resuming]
+    error = ""
+    if rank == 0:
+        try:
+            resuming = resume or (restarts > 0 and run.checkpoint_path.exists())
+            if restarts > 0 and not resuming and run.metrics_path.exists():
+                run.metrics_path.unlink()  # died before the first checkpoint: start over
+            run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
+            if not resuming:
+                run.write_config(config)
+            status[:] = torch.tensor([1, int(resuming)])
+        except (FileExistsError, FileNotFoundError, OSError) as err:
+            error = str(err)
+    dist.broadcast(status, src=0)
+    if not status[0]:
+        raise RuntimeError(error or "rank 0 could not prepare the run directory")
+    return run, bool(status[1])
+
+
+def _load_images(config: DataParallelRunConfig) -> dict[str, torch.Tensor]:
+    arrays = load_image_set(config.data.name, config.data.path or None,
+                            Path(config.data.cache_dir) if config.data.cache_dir else None)
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device):
+    x = images[idx].to(device, torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
+    return x, labels[idx].to(device)
+
+
+def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_compute_s: float) -> float:
+    cfg = config.stragglers
+    if rank not in cfg.ranks or cfg.factor <= 1 or last_compute_s <= 0:
+        return 0.0
+    if cfg.probability < 1 and random.Random(f"{config.run.seed}:{rank}:{step}").random() >= cfg.probability:
+        return 0.0
+    return (cfg.factor - 1.0) * last_compute_s
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), 2000):
+        idx = torch.arange(start, min(start + 2000, len(labels)))
+        x, y = _batch(images, labels, idx, device)
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train()
+    return correct / len(labels)
+
+
+def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int) -> None:
+    state: dict[str, Any] = {"step": step, "params": dp.flat_param.detach().cpu().clone(), "world_size": world_size}
+    momentum = dp.momentum_flat()
+    if momentum is not None:
+        state["momentum"] = momentum.cpu()
+    save_checkpoint(run.checkpoint_path, state)
+
+
+def _resume(run: RunDir, dp: DataParallel, rank: int) -> int:
+    """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory)."""
+    meta = torch.zeros(2, dtype=torch.int64)  # [step, has momentum]
+    ckpt: dict[str, Any] = {}
+    if rank == 0:
+        ckpt = load_checkpoint(run.checkpoint_path)
+        if ckpt["params"].numel() != dp.flat_param.numel():
+            raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
+                             f"model has {dp.flat_param.numel()}: was model.name changed?")
+        meta[:] = torch.tensor([ckpt["step"], int("momentum" in ckpt)])
+        dp.flat_param.copy_(ckpt["params"])
+    dist.broadcast(meta, src=0)
+    dist.broadcast(dp.flat_param, src=0)
+    if meta[1]:
+        momentum = ckpt["momentum"].to(dp.flat_param.device) if rank == 0 else torch.empty_like(dp.flat_param)
+        dist.broadcast(momentum, src=0)
+        dp.load_momentum(momentum)
+    return int(meta[0])
+
+
+def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume: bool) -> dict[str, Any] | None:
+    """The training loop of one rank (spawned, or under torchrun). Rank 0 returns a summary."""
+    started = time.perf_counter()
+    config.check_world(world_size)
+    dims = ParallelDims(world_size=world_size).build()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    run, resuming = _prepare_run(config, resume, rank)
+    pid_dir = run.path / "ranks"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets an operator (or a test) kill one rank
+
+    data = _load_images(config)
+    train_cfg = config.train
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model.name).to(device)
+    compressor = None
+    if config.compression.codec != "none":
+        compressor = GradCompressor(config.compression.codec, ratio=config.compression.ratio,
+                                    error_feedback=config.compression.error_feedback,
+                                    seed=config.run.seed * 1000 + rank)
+    dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
+                      local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
+                      overlap=config.parallel.overlap, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                      weight_decay=train_cfg.weight_decay, compressor=compressor)
+    dp.broadcast_params()
+    start_step = _resume(run, dp, rank) if resuming else 0
+    if rank == 0 and resuming:
+        truncate_metrics(run.metrics_path, "step", start_step)  # steps after the checkpoint are redone once
+    sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
+                             accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = MetricsLog(run.metrics_path) if rank == 0 else None
+    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # sums since the last record
+    gathered = [torch.zeros(len(_METRICS), dtype=torch.float64, device=device) for _ in range(world_size)]
+    last_bytes = dp.bytes_moved()
+    window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
+    loss_value, accuracy = float("nan"), None
+    try:
+        for step in range(start_step + 1, train_cfg.steps + 1):
+            idx = sampler.indices(step)
+            batches = [_batch(data["train_x"], data["train_y"], part, device) for part in idx]
+            delay = _straggler_delay(config, rank, step, last_compute)
+            loss, times = dp.train_step(batches, step, delay_s=delay)
+            last_compute = times.compute_s - delay
+            window[0] += float(loss)
+            window[3:] += torch.tensor([times.compute_s, times.comm_s, times.total_s], dtype=torch.float64)
+            window_steps += 1
+            final = step == train_cfg.steps
+            if final and config.sync.kind == "local_sgd" and step % config.sync.local_steps:
+                dp.average_params()  # the run ends with one model, not world_size of them
+            if step % train_cfg.log_every == 0 or final:
+                sent, recv = dp.bytes_moved()
+                window[1:3] = torch.tensor([sent - last_bytes[0], recv - last_bytes[1]], dtype=torch.float64)
+                last_bytes = (sent, recv)
+                dist.all_gather(gathered, (window / window_steps).to(device))  # one small message
+                per_rank = torch.stack(gathered).cpu()
+                elapsed = time.perf_counter() - window_start
+                loss_value = float(per_rank[:, 0].mean())
+                if final and rank == 0 and train_cfg.eval_at_end:
+                    accuracy = evaluate(model, data["test_x"], data["test_y"], device)
+                if log is not None:
+                    record = {"step": step, "loss": loss_value,
+                              "samples_per_s": window_steps * sampler.per_step / elapsed,
+                              "bytes_sent": [int(v) for v in per_rank[:, 1]],
+                              "bytes_recv": [int(v) for v in per_rank[:, 2]],
+                              "compute_s": [round(float(v), 6) for v in per_rank[:, 3]],
+                              "comm_s": [round(float(v), 6) for v in per_rank[:, 4]],
+                              "step_s": elapsed / window_steps, "restart": restarts}
+                    if accuracy is not None:
+                        record["accuracy"] = accuracy
+                    log.write(record)
+                window.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if rank == 0 and ((train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or final):
+                _checkpoint(run, dp, step, world_size)
+        dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
+    finally:
+        if log is not None:
+            log.close()
+        dp.close()
+    if rank != 0:
+        return None
+    return {"run_dir": str(run.path), "steps": train_cfg.steps, "loss": loss_value, "accuracy": accuracy,
+            "seconds": time.perf_counter() - started}
