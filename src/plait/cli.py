@@ -103,5 +103,10 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
     module.main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
 
 
+# `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).
+from plait.federated.net.commands import fl_app  # noqa: E402
+
+app.add_typer(fl_app, name="fl")
+
 if __name__ == "__main__":
     app()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
-from dp_accounting import rdp
-
 # Integer orders only: dp-accounting's fractional orders near 1 fail to converge for small q and log warnings.
 ORDERS = tuple(range(2, 64)) + (80, 96, 128, 192, 256, 512, 1024)
 
 
-def _event(noise_multiplier: float, sample_rate: float) -> dp_accounting.DpEvent:
+def _event(noise_multiplier: float, sample_rate: float):
+    import dp_accounting  # imported on first use: it costs seconds at start-up in every process
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     return gaussian if sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian)
 
@@ -32,6 +31,8 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant(ORDERS)
     accountant.compose(_event(noise_multiplier, sample_rate), rounds)
     return float(accountant.get_epsilon(delta))

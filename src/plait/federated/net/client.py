@@ -1,0 +1,172 @@
+"""The network client: `plait fl client --server HOST:PORT --data CONFIG.toml --id K`.
+
+It dials out (so it may sit behind NAT), registers with its device properties, beats from a background thread,
+long-polls for its task, runs the same `client_update` as the simulator on its own partition (taken by --id from the
+[data] section), and streams the delta back. Lost connections are retried with jittered exponential backoff,
+re-registering each time, so clients ride out a server restart by themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from plait.core.flat import flat_params
+from plait.core.models import build_model
+from plait.data.federated import load_federated
+from plait.federated.client_update import ClientData, client_update
+from plait.federated.net import plait_fl_pb2 as pb
+from plait.federated.net.auth import read_key
+from plait.federated.net.config import LOOPBACK, NetworkRunConfig
+from plait.federated.net.connection import Connection, Task
+from plait.federated.net.tls import client_credentials
+
+log = logging.getLogger("plait.fl.client")
+
+# Failures worth retrying: the server is down, restarting, or the link dropped.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
+EXIT_DONE, EXIT_GAVE_UP, EXIT_REFUSED = 0, 1, 3
+
+
+@dataclass(kw_only=True, slots=True)
+class ClientOptions:
+    server: str                       # HOST:PORT
+    client_id: int
+    cert_dir: str = ""                # from `plait fl certs`: ca.pem and clients/client-<id>.*
+    key_file: str = ""                # HMAC key (default: cert_dir/clients/client-<id>.key)
+    tls: bool | None = None           # None: on unless the server is a loopback address
+    properties: dict[str, bool] = field(default_factory=lambda: {"charging": True, "idle": True,
+                                                                 "unmetered": True})
+    slow_s: float = 0.0               # extra seconds before each push (simulates a slow device)
+    max_retry_s: float = 120.0        # give up after the server is unreachable this long
+    backoff_s: float = 0.25           # first retry delay; doubles up to backoff_max_s
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.client_id < 0:
+            raise ValueError(f"--id must be >= 0, got {self.client_id}")
+        if ":" not in self.server:
+            raise ValueError(f"--server must be HOST:PORT, got {self.server!r}")
+        if self.slow_s < 0 or self.max_retry_s <= 0 or self.backoff_s <= 0 or self.backoff_max_s < self.backoff_s:
+            raise ValueError("--slow-s must be >= 0; --max-retry-s, backoff must be > 0")
+
+    @property
+    def host(self) -> str:
+        return self.server.rsplit(":", 1)[0].strip("[]")
+
+
+def connect(opts: ClientOptions, chunk_bytes: int) -> Connection:
+    key = None
+    key_path = opts.key_file or (Path(opts.cert_dir) / "clients" / f"client-{opts.client_id}.key"
+                                 if opts.cert_dir else "")
+    if key_path:
+        key = read_key(key_path, f"client {opts.client_id}")
+    use_tls = opts.tls if opts.tls is not None else opts.host not in LOOPBACK
+    credentials = None
+    if use_tls:
+        if not opts.cert_dir:
+            raise ValueError("TLS needs --certs DIR (with ca.pem); pass --no-tls only for a loopback server")
+        credentials = client_credentials(opts.cert_dir, opts.client_id)
+    return Connection(opts.server, opts.client_id, key, credentials, chunk_bytes)
+
+
+class NetClient:
+    def __init__(self, config: NetworkRunConfig, opts: ClientOptions):
+        self.config, self.opts = config, opts
+        torch.set_num_threads(config.run.threads or 1)
+        data = load_federated(config.data)
+        if opts.client_id >= data.num_clients:
+            raise ValueError(f"--id {opts.client_id}: data.num_clients is {data.num_clients}")
+        self.data = ClientData(*data.client_train(opts.client_id))
+        extra = {"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}
+        self.model = build_model(config.model.name, **extra)
+        _, self.spec = flat_params(self.model)
+        self.num_params = self.spec.numel()
+        self.conn = connect(opts, config.net.chunk_bytes)
+        self.session: str | None = None
+        self._stop = threading.Event()
+        self._rng = np.random.default_rng([config.run.seed, 17, opts.client_id])  # backoff jitter
+        self.rounds_done = 0
+
+    def _register(self) -> None:
+        reply = self.conn.register(self.opts.properties, len(self.data))
+        if reply.num_params != self.num_params or reply.model != self.config.model.name:
+            raise ValueError(f"client {self.opts.client_id}: the server trains {reply.model} with "
+                             f"{reply.num_params} parameters, this client's config has {self.config.model.name} "
+                             f"with {self.num_params}: use the server's config file")
+        self.session = reply.session
+        log.info("client %d: registered (session %s)", self.opts.client_id, reply.session)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.config.net.heartbeat_s):
+            session = self.session
+            if session is None:
+                continue
+            try:
+                reply = self.conn.heartbeat(session, self.opts.properties, timeout=self.config.net.heartbeat_s * 2)
+                if not reply.known and self.session == session:
+                    self.session = None  # the server restarted: the main loop registers again
+            except grpc.RpcError:
+                pass  # the main loop sees the same failure and reconnects
+
+    def _train_and_push(self, task: Task) -> None:
+        update = client_update(self.model, self.spec, task.params, self.data, task.plan)
+        if self.opts.slow_s:
+            time.sleep(self.opts.slow_s)
+        reply = self.conn.push_update(self.session, task, update.delta, update.num_examples,
+                                      float(update.metrics.get("train_loss", 0.0)))
+        log.info("client %d: round %d pushed (%s)", self.opts.client_id, task.round, reply.message)
+        self.rounds_done += 1
+
+    def run(self) -> int:
+        beat = threading.Thread(target=self._beat, name="plait-heartbeat", daemon=True)
+        beat.start()
+        failing_since, attempt = None, 0
+        try:
+            while True:
+                try:
+                    if self.session is None:
+                        self._register()
+                    task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params)
+                    failing_since, attempt = None, 0
+                    if isinstance(task, Task):
+                        self._train_and_push(task)
+                    elif task.kind == pb.TaskHeader.DONE:
+                        log.info("client %d: training finished after round %d", self.opts.client_id, task.round)
+                        return EXIT_DONE
+                except grpc.RpcError as err:
+                    code = err.code()
+                    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        log.error("client %d: refused by the server: %s", self.opts.client_id, err.details())
+                        return EXIT_REFUSED
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        self.session = None  # our session is gone (server restarted): register again
+                        continue
+                    if code not in _TRANSIENT:  # the server refused this update; keep serving the next rounds
+                        log.error("client %d: %s: %s", self.opts.client_id, code.name, err.details())
+                        continue
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > self.opts.max_retry_s:
+                        log.error("client %d: server unreachable for %.0f s, giving up", self.opts.client_id,
+                                  now - failing_since)
+                        return EXIT_GAVE_UP
+                    delay = min(self.opts.backoff_max_s, self.opts.backoff_s * 2 ** attempt)
+                    delay *= 0.5 + self._rng.random()  # jitter: restarting servers are not hit all at once
+                    attempt += 1
+                    self.session = None
+                    log.warning("client %d: %s (%s); retrying in %.2f s", self.opts.client_id, code.name,
+                                err.details(), delay)
+                    time.sleep(delay)
+        finally:
+            self._stop.set()
+            beat.join(timeout=10)  # never close the channel under a heartbeat in flight
+            self.conn.close()

@@ -1,0 +1,97 @@
+"""The client's side of the wire: signed calls over one gRPC channel, tasks and updates as chunked tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import grpc
+import torch
+
+from plait.federated.net import plait_fl_pb2 as pb
+from plait.federated.net.auth import sign
+from plait.federated.net.wire import SERVICE, TensorAssembler, check_header, grpc_options, iter_chunks, tensor_header
+from plait.federated.plan import TrainingPlan
+
+# The channel's own reconnect backoff stays short; the client's loop adds its own, jittered, on top.
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+              ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+@dataclass(slots=True)
+class Task:
+    round: int
+    task_id: str
+    plan: TrainingPlan
+    params: torch.Tensor
+
+
+class Connection:
+    def __init__(self, address: str, client_id: int, key: bytes | None,
+                 credentials: grpc.ChannelCredentials | None = None, chunk_bytes: int = 1 << 20):
+        self.client_id, self.key, self.chunk_bytes = client_id, key, chunk_bytes
+        options = grpc_options(chunk_bytes) + _RECONNECT
+        self.channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
+                        else grpc.insecure_channel(address, options))
+        ser = lambda msg: msg.SerializeToString()  # noqa: E731
+        method = lambda name: f"/{SERVICE}/{name}"  # noqa: E731
+        self._register = self.channel.unary_unary(method("Register"), ser, pb.RegisterReply.FromString)
+        self._heartbeat = self.channel.unary_unary(method("Heartbeat"), ser, pb.HeartbeatReply.FromString)
+        self._get_task = self.channel.unary_stream(method("GetTask"), ser, pb.TaskChunk.FromString)
+        self._push = self.channel.stream_unary(method("PushUpdate"), ser, pb.PushReply.FromString)
+
+    def metadata(self, method: str) -> list[tuple[str, str]]:
+        return sign(self.key, method, self.client_id) if self.key is not None else []
+
+    def register(self, properties: dict[str, bool], num_examples: int, timeout: float = 10) -> pb.RegisterReply:
+        request = pb.RegisterRequest(client_id=self.client_id, properties=pb.Properties(**properties),
+                                     num_examples=num_examples)
+        return self._register(request, metadata=self.metadata("Register"), timeout=timeout)
+
+    def heartbeat(self, session: str, properties: dict[str, bool], timeout: float = 5) -> pb.HeartbeatReply:
+        request = pb.HeartbeatRequest(client_id=self.client_id, session=session,
+                                      properties=pb.Properties(**properties))
+        return self._heartbeat(request, metadata=self.metadata("Heartbeat"), timeout=timeout)
+
+    def get_task(self, session: str, wait_s: float, num_params: int) -> pb.TaskHeader | Task:
+        """A TRAIN task with its weights, or the bare header of a WAIT / DONE answer."""
+        request = pb.TaskRequest(client_id=self.client_id, session=session, wait_s=wait_s)
+        stream = self._get_task(request, metadata=self.metadata("GetTask"), timeout=wait_s + 60)
+        first = next(stream)
+        if first.WhichOneof("part") != "header":
+            raise ValueError("GetTask: the server's stream did not start with a header")
+        header = first.header
+        if header.kind != pb.TaskHeader.TRAIN:
+            stream.cancel()
+            return header
+        what = f"round {header.round} weights from the server"
+        check_header(header.tensor, num_params, what)
+        assembler = TensorAssembler(header.tensor, what)
+        for chunk in stream:
+            assembler.add(chunk.data)
+        p = header.plan
+        plan = TrainingPlan(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
+                            weight_decay=p.weight_decay, prox_mu=p.prox_mu, max_steps=p.max_steps, seed=p.seed)
+        return Task(header.round, header.task_id, plan, assembler.tensor())
+
+    def push_update(self, session: str, task: Task, delta: torch.Tensor, num_examples: int,
+                    train_loss: float, timeout: float = 120) -> pb.PushReply:
+        header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
+                                 num_examples=num_examples, train_loss=train_loss, tensor=tensor_header(delta))
+        chunks = [pb.UpdateChunk(header=header)]
+        return self.push_chunks(chunks + [pb.UpdateChunk(data=c) for c in iter_chunks(delta, self.chunk_bytes)],
+                                timeout)
+
+    def push_chunks(self, chunks: Iterable[pb.UpdateChunk], timeout: float = 120) -> pb.PushReply:
+        """Stream any sequence of chunks (the update path, and tests that send broken ones)."""
+        return self._push(iter(chunks), metadata=self.metadata("PushUpdate"), timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def raw_call(channel: grpc.Channel, name: str, payload: bytes, metadata, timeout: float = 10) -> bytes:
+    """Send undecoded bytes to a unary method (for checking that the server refuses malformed messages)."""
+    call = channel.unary_unary(f"/{SERVICE}/{name}", lambda b: b, lambda b: b)
+    return call(payload, metadata=metadata, timeout=timeout)
+

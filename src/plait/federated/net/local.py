@@ -1,0 +1,101 @@
+"""Start a server and clients as local processes (tests, benchmarks, trying it out on one machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_server(config: Path, log_path: Path, *, resume: bool = False, overrides: list[str] = ()) -> subprocess.Popen:
+    args = [sys.executable, "-m", "plait.cli", "fl", "server", str(config)]
+    args += ["--resume"] if resume else []
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=_env())
+
+
+def start_client(config: Path, address: str, client_id: int, log_path: Path, *, certs: Path | None = None,
+                 tls: bool | None = None, extra: list[str] = ()) -> subprocess.Popen:
+    args = [sys.executable, "-m", "plait.cli", "fl", "client", "--server", address, "--data", str(config),
+            "--id", str(client_id)]
+    if certs is not None:
+        args += ["--certs", str(certs)]
+    if tls is not None:
+        args += ["--tls" if tls else "--no-tls"]
+    args += list(extra)
+    return subprocess.Popen(args, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=_env())
+
+
+def wait_for_server(run_dir: Path, process: subprocess.Popen, timeout: float = 60,
+                    after: float = 0.0) -> dict[str, Any]:
+    """The server's server.json (written once it listens), newer than `after` (a time.time())."""
+    info_path = Path(run_dir) / "server.json"
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before listening")
+        if info_path.exists() and info_path.stat().st_mtime >= after:
+            try:
+                info = json.loads(info_path.read_text())
+                if info.get("pid") == process.pid:
+                    return info
+            except json.JSONDecodeError:
+                pass  # being written
+        time.sleep(0.05)
+    raise TimeoutError(f"server did not write {info_path} within {timeout} s")
+
+
+def fetch_status(host: str, port: int, path: str = "/status.json", timeout: float = 5) -> Any:
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as reply:
+        body = reply.read()
+    return json.loads(body) if path.endswith(".json") else body.decode()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
+def stop(process: subprocess.Popen, timeout: float = 10) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=timeout)
+
+
+def small_config(root: Path, *, name: str = "net", num_clients: int = 5, rounds: int = 3, **net: Any) -> dict:
+    """A fast config (2NN, a few local steps on MNIST) as TOML-able tables; `net` entries override [net]."""
+    return {
+        "run": {"name": name, "root": str(root), "seed": 3, "threads": 1},
+        "model": {"name": "2nn"},
+        "data": {"name": "mnist", "num_clients": num_clients, "partition": "shards", "shards_per_client": 2},
+        "fl": {"rounds": rounds, "fraction": 0.6, "min_clients": 2, "eval_every": 0,
+               "plan": {"epochs": 1, "batch_size": 10, "lr": 0.05, "max_steps": 4}},
+        "net": {"host": "127.0.0.1", "port": 0, "status_port": 0, "tls": "off", "auth": "none",
+                "wait_for_clients": num_clients, "heartbeat_s": 0.3, "heartbeat_timeout_s": 2.0,
+                "round_timeout_s": 60.0, "poll_s": 2.0, "linger_s": 3.0, **net},
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    import tomli_w
+
+    Path(path).write_bytes(tomli_w.dumps(config).encode())
+    return Path(path)

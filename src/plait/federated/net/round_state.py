@@ -1,0 +1,64 @@
+"""One network round's bookkeeping: who was selected, who reported, who was dropped, the running aggregate.
+
+Updates are folded into the aggregator as they arrive (the server never holds all of them); the round closes when
+`target` clients reported, when every selected client still alive reported, or at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+from plait.federated.client_update import Update
+from plait.federated.plan import TrainingPlan
+from plait.federated.strategy import Aggregator
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    session: str
+    properties: dict[str, bool]
+    num_examples: int
+    last_seen: float              # monotonic time of the last authenticated request
+    told_done: bool = False
+
+
+@dataclass(slots=True)
+class RoundState:
+    idx: int
+    selected: list[int]
+    target: int
+    plans: dict[int, TrainingPlan]
+    payload: bytes                # the global weights' raw bytes, made once and streamed to every client
+    aggregator: Aggregator
+    task_ids: dict[int, str] = field(default_factory=dict)
+    reported: list[int] = field(default_factory=list)
+    gone: set[int] = field(default_factory=set)       # heartbeat lost or deadline passed: dropped
+    late: int = 0                                     # surplus reports after the target was reached
+    loss_sum: float = 0.0
+    examples: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    closed: bool = False
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.task_ids = {cid: secrets.token_hex(8) for cid in self.selected}
+
+    def waiting_on(self, cid: int) -> bool:
+        """True while `cid` holds a task of this round that may still be reported."""
+        return (not self.closed and cid in self.task_ids and cid not in self.gone
+                and cid not in self.reported)
+
+    def outstanding(self) -> list[int]:
+        return [cid for cid in self.selected if cid not in self.gone and cid not in self.reported]
+
+    def add(self, cid: int, update: Update, num_bytes: int) -> None:
+        self.aggregator.add(cid, update)
+        self.reported.append(cid)
+        self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
+        self.examples += update.num_examples
+        self.bytes_up += num_bytes
+        if len(self.reported) >= self.target:
+            self.complete.set()
