@@ -9,8 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def atomic_write_bytes(path: Path, write) -> None:
     path = Path(path)
@@ -29,9 +27,13 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch  # here, not at the top: torch-free processes (parameter servers) use atomic_write_bytes
+
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
     # weights_only: a checkpoint is data, never code.
     return torch.load(Path(path), map_location="cpu", weights_only=True)

@@ -1,0 +1,136 @@
+"""Push+pull throughput of the parameter server against raw ZeroMQ bandwidth, same machine, same run.
+
+    .venv/bin/python benchmarks/ps_throughput.py [--quick]
+
+Reference: a DEALER client sends N bytes to a ROUTER process that echoes the frame back (zero-copy both ways): the
+most a request/reply over ZeroMQ TCP on this machine can move. Plait: a KVStore worker pushes N bytes of gradient
+to a server process (ASP, SGD applied to the shard) and pulls N bytes of weights back, push and pull in flight
+together, as the trainer does. Both count 2N bytes per iteration. Rounds of the two alternate, and the median
+round is reported, because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from plait.ps.kvstore import KVStore
+from plait.ps.optim import OptimizerConfig
+from plait.ps.server import ServerConfig, run_server
+
+
+def echo_server(port_queue) -> None:
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    port_queue.put(port)
+    while True:
+        frames = socket.recv_multipart(copy=False)
+        if len(frames) == 2 and frames[1].bytes == b"stop":
+            break
+        socket.send_multipart(frames, copy=False)
+
+
+def raw_round(socket: zmq.Socket, payload: np.ndarray, iterations: int) -> float:
+    started = time.perf_counter()
+    for _ in range(iterations):
+        socket.send_multipart([b"h" * 52, payload], copy=False)
+        frames = socket.recv_multipart(copy=False)
+        np.frombuffer(frames[1].buffer, np.float32)  # the reply is received as the KVStore's is, then dropped
+    return 2 * payload.nbytes * iterations / (time.perf_counter() - started)
+
+
+def ps_round(kv: KVStore, key: int, grad: np.ndarray, out: np.ndarray, iterations: int) -> float:
+    started = time.perf_counter()
+    for _ in range(iterations):
+        push = kv.push(key, grad)
+        pull = kv.pull(key, out)
+        kv.wait(push)
+        kv.wait(pull)
+    return 2 * grad.nbytes * iterations / (time.perf_counter() - started)
+
+
+def start_ps(state_dir: str, num_servers: int) -> tuple[list, list[str]]:
+    ctx = mp.get_context("spawn")
+    procs, endpoints = [], []
+    for index in range(num_servers):
+        config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency="asp",
+                              optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
+                              state_dir=state_dir, resume=False)
+        proc = ctx.Process(target=run_server, args=(config,), daemon=True)
+        proc.start()
+        procs.append(proc)
+    for index in range(num_servers):
+        path = Path(state_dir) / f"server-{index}.endpoint"
+        while not path.exists():
+            time.sleep(0.02)
+        endpoints.append(path.read_text())
+    return procs, endpoints
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    sizes = [100_000, 1_000_000, 4_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    rounds = 5 if args.quick else 9
+    target_bytes = 200e6 if args.quick else 400e6  # per round
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    echo = ctx.Process(target=echo_server, args=(ports,), daemon=True)
+    echo.start()
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
+    state_dir = tempfile.mkdtemp(prefix="ps-throughput-")
+    servers, endpoints = start_ps(state_dir, 1)
+    kv = KVStore(endpoints, 0)
+    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2)
+    kv2 = KVStore(endpoints2, 0)
+
+    lines = []
+    for key, numel in enumerate(sizes):
+        grad = np.random.default_rng(key).normal(size=numel).astype(np.float32)
+        out = np.empty_like(grad)
+        kv.init(key, grad)
+        kv2.init(key, grad)
+        iterations = max(3, int(target_bytes / (2 * grad.nbytes)))
+        raw_round(raw, grad, 2)          # warm up connections and buffers
+        ps_round(kv, key, grad, out, 2)
+        ps_round(kv2, key, grad, out, 2)
+        raw_rates, ps_rates, ps2_rates = [], [], []
+        for _ in range(rounds):
+            raw_rates.append(raw_round(raw, grad, iterations))
+            ps_rates.append(ps_round(kv, key, grad, out, iterations))
+            ps2_rates.append(ps_round(kv2, key, grad, out, iterations))
+        raw_gbs, ps_gbs, ps2_gbs = (statistics.median(r) / 1e9 for r in (raw_rates, ps_rates, ps2_rates))
+        print(f"{numel:>10} floats: raw ZeroMQ {raw_gbs:.2f} GB/s, PS 1 server {ps_gbs:.2f} GB/s "
+              f"({ps_gbs / raw_gbs:.2f}x), PS 2 servers {ps2_gbs:.2f} GB/s ({ps2_gbs / raw_gbs:.2f}x)", flush=True)
+        lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, 2 servers",
+                      "plait": round(ps2_gbs, 3), "reference": round(raw_gbs, 3), "ratio": round(ps2_gbs / raw_gbs, 3),
+                      "goal": 0.7})
+        lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, 1 server",
+                      "plait": round(ps_gbs, 3), "reference": round(raw_gbs, 3), "ratio": round(ps_gbs / raw_gbs, 3),
+                      "goal": 0.7})
+
+    kv.close()
+    kv2.close()
+    raw.send_multipart([b"x", b"stop"])
+    for proc in servers + servers2 + [echo]:
+        proc.kill()
+    headline = next(line for line in lines if line["metric"] == "push+pull GB/s, 1000000 floats, 1 server")
+    for line in lines:
+        if line is not headline:
+            print(json.dumps(line))
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()

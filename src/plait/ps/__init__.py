@@ -1,0 +1,18 @@
+"""Parameter server in the line of ps-lite / MXNet's KVStore, over ZeroMQ.
+
+Servers own key ranges of the parameters (balanced by size), apply a server-side optimizer (SGD, momentum, Adam)
+and answer push/pull under a consistency model enforced with per-worker clocks: BSP, SSP(s) or ASP. Workers use a
+KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, out) -> ts`, `wait(ts)`.
+
+    wire.py         the message: a fixed struct header, then raw array bytes (never pickle)
+    transport.py    ZeroMQ sockets: bind / connect / send_msg / recv_msg
+    sharding.py     which server holds which element range of each key
+    consistency.py  BSP / SSP(s) / ASP and the per-key, per-worker clock table
+    optim.py        server-side SGD, momentum and Adam on numpy shards
+    server.py       the server process loop; checkpoint.py its atomic shard checkpoints
+    kvstore.py      the worker's client
+    config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
+    launcher.py     start servers and workers on localhost, supervise, restart servers
+    trainer.py      a worker's training loop (FedAvg models on MNIST); train.py the `plait train` entry
+    node.py         `python -m plait.ps.node server|worker ...` to start one process on any host
+"""

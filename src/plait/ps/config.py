@@ -1,0 +1,118 @@
+"""The root config of a parameter-server run (`plait train CONFIG.toml --nproc N` with `[sync] kind = "ps"`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from plait.ps.consistency import Consistency
+from plait.ps.optim import OptimizerConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "ps"
+    root: str = "runs"
+    seed: int = 0
+    threads: int = 1            # torch threads per worker (the small models run best on one)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if self.threads < 0:
+            raise ValueError(f"run.threads must be >= 0, got {self.threads}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    name: Literal["2nn", "cnn"] = "2nn"
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    name: Literal["mnist", "fashion_mnist"] = "mnist"
+    path: str | None = None          # a directory of IDX files instead of the packaged set
+    test_examples: int = 2000        # the evaluator's fixed test subset (0: the whole test set)
+
+    def __post_init__(self) -> None:
+        if self.test_examples < 0:
+            raise ValueError(f"data.test_examples must be >= 0, got {self.test_examples}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    steps: int = 300                 # clocks per worker
+    batch_size: int = 32             # per worker and step; workers read disjoint slices of the training set
+    eval_every_s: float = 1.0        # the launcher's evaluator pulls and scores the model this often
+    target_loss: float = 0.0         # report when the test loss first reaches this (0: don't)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"train.steps and train.batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.eval_every_s <= 0 or self.target_loss < 0:
+            raise ValueError("train.eval_every_s must be > 0 and train.target_loss >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class SyncSection:
+    kind: Literal["ps"] = "ps"
+    servers: int = 1
+    consistency: str = "bsp"         # "bsp", "ssp:S" (e.g. "ssp:3") or "asp"
+    host: str = "127.0.0.1"          # where the local servers bind
+    checkpoint_every: int = 200      # optimizer updates between a server's checkpoints (0: only at the end)
+    worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
+    retry_s: float = 1.0             # a worker resends an unanswered request after this long
+    wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long
+    max_server_restarts: int = 3     # per server, by the local launcher
+
+    def __post_init__(self) -> None:
+        if self.servers < 1:
+            raise ValueError(f"sync.servers must be >= 1, got {self.servers}")
+        Consistency.parse(self.consistency)
+        if self.checkpoint_every < 0 or self.max_server_restarts < 0:
+            raise ValueError("sync.checkpoint_every and sync.max_server_restarts must be >= 0")
+        if min(self.worker_timeout_s, self.retry_s, self.wait_timeout_s) <= 0:
+            raise ValueError("sync.worker_timeout_s, sync.retry_s and sync.wait_timeout_s must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class StragglerSection:
+    """Slow a worker by `factor`: after computing a step it sleeps (factor - 1) x the compute time."""
+    worker: int = -1                 # the slowed worker (-1: none)
+    factor: float = 1.0
+    mode: Literal["fixed", "rotating"] = "fixed"   # rotating: at clock c, worker c mod N is the slow one
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"straggler.factor must be >= 1, got {self.factor}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FaultSection:
+    """Failure injection, to see fault tolerance work: SIGKILL a server, or end a worker abruptly."""
+    kill_server: int = -1            # the launcher kills this server once the slowest worker reached kill_at_step
+    kill_at_step: int = 0
+    kill_worker: int = -1            # this worker exits abruptly (no goodbye) at kill_worker_at_step
+    kill_worker_at_step: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class PSRunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    straggler: StragglerSection = field(default_factory=StragglerSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    def check_workers(self, num_workers: int) -> None:
+        """The settings that depend on the number of workers, checked once it is known."""
+        if num_workers < 1:
+            raise ValueError(f"--nproc (workers) must be >= 1, got {num_workers}")
+        for name, value in (("straggler.worker", self.straggler.worker), ("fault.kill_worker", self.fault.kill_worker)):
+            if value >= num_workers:
+                raise ValueError(f"{name} = {value} but there are only {num_workers} workers")
+        if self.fault.kill_server >= self.sync.servers:
+            raise ValueError(f"fault.kill_server = {self.fault.kill_server} but sync.servers = {self.sync.servers}")

@@ -1,0 +1,99 @@
+"""Consistency models and the per-key, per-worker clock table the servers keep.
+
+Clock c of a worker is its c-th push of a key (0-based); a worker pulls "at clock c" after pushing clock c. The
+table holds, for each key, the last clock each worker pushed (-1 before its first push). A pull at clock c is
+answered once the slowest *live* worker reached `c - staleness`:
+
+- BSP (staleness 0): every worker pushed clock c: the parameters include everyone's clock-c update;
+- SSP(s): the slowest live worker reached c - s: a worker never reads parameters missing more than s of anyone's
+  clocks (Ho et al. 2013);
+- ASP: never waits.
+
+The staleness a pull actually saw is `c - slowest`, clamped at 0. A worker is dropped from the minimum when it
+said goodbye, or when it was silent for `worker_timeout_s` (a crashed worker must not hang the others).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    name: str           # "bsp", "ssp" or "asp"
+    staleness: float    # 0 for BSP, s for SSP(s), inf for ASP
+
+    @classmethod
+    def parse(cls, text: str) -> "Consistency":
+        text = text.strip().lower()
+        if text == "bsp":
+            return cls("bsp", 0)
+        if text == "asp":
+            return cls("asp", math.inf)
+        if text.startswith("ssp:"):
+            try:
+                bound = int(text[4:])
+            except ValueError:
+                bound = -1
+            if bound < 0:
+                raise ValueError(f"sync.consistency = {text!r}: SSP needs a staleness bound >= 0, e.g. 'ssp:3'")
+            return cls("ssp", bound)
+        raise ValueError(f"sync.consistency = {text!r} is not known; choose 'bsp', 'ssp:S' (e.g. 'ssp:3') or 'asp'")
+
+    @property
+    def aggregates(self) -> bool:
+        """BSP sums a clock's pushes from every worker and applies them as one step (the mean gradient, as
+        synchronous SGD on the union of the batches); SSP and ASP apply each push when it arrives."""
+        return self.name == "bsp"
+
+    def __str__(self) -> str:
+        return self.name if self.name != "ssp" else f"ssp:{int(self.staleness)}"
+
+
+class ClockTable:
+    def __init__(self, num_workers: int, worker_timeout_s: float, now: float, join_grace_s: float = 60.0):
+        self.num_workers = num_workers
+        self.worker_timeout_s = worker_timeout_s
+        self.clocks: dict[int, list[int]] = {}          # key -> last clock pushed, per worker
+        # A worker not yet heard from gets a longer grace: starting Python and torch on a busy machine takes a while.
+        self.last_seen = [now + max(join_grace_s - worker_timeout_s, 0.0)] * num_workers
+        self.live = set(range(num_workers))
+        self.finished: set[int] = set()
+
+    def add_key(self, key: int, clocks: list[int] | None = None) -> None:
+        self.clocks[key] = list(clocks) if clocks is not None else [-1] * self.num_workers
+
+    def seen(self, worker: int, now: float) -> bool:
+        """Record a message from `worker`; True if it was dropped before and is back."""
+        self.last_seen[worker] = now
+        if worker not in self.live and worker not in self.finished:
+            self.live.add(worker)
+            return True
+        return False
+
+    def advance(self, key: int, worker: int, clock: int) -> None:
+        row = self.clocks[key]
+        row[worker] = max(row[worker], clock)
+
+    def finish(self, worker: int) -> None:
+        self.finished.add(worker)
+        self.live.discard(worker)
+
+    def drop_silent(self, now: float, busy: set[int]) -> list[int]:
+        """Drop live workers silent for longer than the timeout (a worker blocked in a pull here is `busy`)."""
+        dropped = [w for w in sorted(self.live)
+                   if w not in busy and now - self.last_seen[w] > self.worker_timeout_s]
+        self.live.difference_update(dropped)
+        return dropped
+
+    def slowest(self, key: int) -> int:
+        """The lowest clock among live workers on `key` (a large number when no worker is live)."""
+        row = self.clocks[key]
+        return min((row[w] for w in self.live), default=2**62)
+
+    def ready(self, key: int, clock: int, consistency: Consistency) -> bool:
+        return consistency.staleness == math.inf or self.slowest(key) >= clock - consistency.staleness
+
+    def staleness_seen(self, key: int, clock: int) -> int:
+        return max(0, clock - self.slowest(key))

@@ -1,0 +1,253 @@
+"""The worker's client: a KVStore in the style of MXNet's, over ps-lite-like timestamps.
+
+    kv = KVStore(["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"], worker=0)
+    kv.init(0, params)            # blocking; the first worker's value wins, the others reuse it
+    ts = kv.push(0, grad)         # returns at once; `grad` must stay unchanged until the push is waited on
+    ts2 = kv.pull(0, out=params)  # fills `out` when waited on
+    kv.wait(ts2)                  # or ts2.wait()
+
+Values are 1-D-able numpy arrays or CPU torch tensors (used through `.numpy()` views, no copy). Each key is split
+across the servers by `plan_shards`; a push sends one piece to each server, a pull gathers one piece from each
+straight into `out`. The n-th push of a key carries clock n-1, and a pull carries the last clock pushed, so the
+servers enforce the consistency model without extra messages.
+
+Fault tolerance: every request is kept until answered and resent (same request id, same clock) when no answer came
+within `retry_s` (doubling up to 8x). ZeroMQ reconnects to a restarted server by itself; the server drops the
+duplicates a resend can create. While blocked on a pull, the resends double as a heartbeat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from plait.ps.sharding import Piece, plan_shards
+from plait.ps.transport import WorkerTransport
+from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
+
+
+class Ts(int):
+    """A request timestamp (an int, as ps-lite's); `ts.wait()` is `kv.wait(ts)`."""
+
+    def wait(self) -> None:
+        self._store.wait(self)
+
+
+@dataclass(slots=True)
+class _Request:
+    server: int
+    header: Header
+    payload: np.ndarray | None
+    out: np.ndarray | None
+    sent_at: float
+    attempts: int = 1
+    done: bool = False
+    reply: Header | None = None
+
+
+@dataclass(slots=True)
+class _Key:
+    numel: int
+    dtype: np.dtype
+    pieces: list[Piece]
+    clock: int = -1
+
+
+@dataclass(slots=True)
+class KVStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    resends: int = 0
+    last_staleness: int = 0       # staleness the last waited pull saw (max over its pieces)
+    max_staleness: int = 0
+    wait_s: float = 0.0           # time spent blocked in wait()
+    last_slowest: int = -1        # the slowest live worker's clock, as the last waited pull reported it
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_array(value: Any, what: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor: a view of its memory
+        if value.device.type != "cpu":
+            raise ValueError(f"ps {what}: tensors must be on the CPU, got {value.device}")
+        value = value.detach().numpy()
+    array = np.asarray(value)
+    if not array.flags.c_contiguous:
+        raise ValueError(f"ps {what}: the array must be contiguous")
+    return array.reshape(-1)
+
+
+class KVStore:
+    def __init__(self, endpoints: list[str], worker: int, *, retry_s: float = 1.0, timeout_s: float = 300.0,
+                 observer: bool = False):
+        if not endpoints:
+            raise ValueError("ps: at least one server endpoint is needed")
+        if retry_s <= 0 or timeout_s <= 0:
+            raise ValueError("sync.retry_s and sync.wait_timeout_s must be > 0")
+        self.endpoints = list(endpoints)
+        self.worker = -1 if observer else worker
+        self.observer = observer
+        self.retry_s, self.timeout_s = retry_s, timeout_s
+        self.transport = WorkerTransport()
+        self.transport.connect(self.endpoints)
+        self.keys: dict[int, _Key] = {}
+        self.stats = KVStats()
+        self._ids = itertools.count(1)
+        self._outstanding: dict[int, _Request] = {}   # request id -> request, in sending order
+        self._tickets: dict[int, list[_Request]] = {}
+
+    # -- API ----------------------------------------------------------------------------------------------------
+    def init(self, key: int | dict[int, Any], value: Any = None) -> None:
+        """Register keys with their initial values and wait until every server holds its pieces. The keys of one
+        call are sharded together (balanced by size). On a resumed run, the servers keep their values and report
+        this worker's clocks, so pushes continue where they stopped."""
+        values = {key: value} if not isinstance(key, dict) else dict(key)
+        arrays = {k: _as_array(v, f"init key {k}") for k, v in values.items()}
+        for k in arrays:
+            if k in self.keys:
+                raise ValueError(f"ps init: key {k} is already initialised")
+        plan = plan_shards({k: a.size for k, a in arrays.items()}, self.transport.num_servers)
+        requests = []
+        for k, array in arrays.items():
+            self.keys[k] = _Key(array.size, array.dtype, plan[k])
+            if self.observer:
+                continue  # an observer only reads: it learns the layout, the workers provide the values
+            for piece in plan[k]:
+                part = array[piece.offset: piece.offset + piece.numel]
+                requests += self._send(piece.server, Op.INIT, k, -1, piece, payload=part)
+        if self.observer:
+            return
+        self.wait(self._ticket(requests))
+        for k in arrays:  # resume: continue after the last clock every server recorded for this worker
+            clocks = [r.reply.extra for r in requests if r.header.key == k]
+            self.keys[k].clock = min(clocks)
+
+    def push(self, key: int, grad: Any) -> Ts:
+        spec = self._key(key, "push")
+        array = _as_array(grad, f"push key {key}")
+        self._check(spec, array, key, "push")
+        spec.clock += 1
+        requests = []
+        for piece in spec.pieces:
+            requests += self._send(piece.server, Op.PUSH, key, spec.clock, piece,
+                                   payload=array[piece.offset: piece.offset + piece.numel])
+        return self._ticket(requests)
+
+    def pull(self, key: int, out: Any) -> Ts:
+        spec = self._key(key, "pull")
+        array = _as_array(out, f"pull key {key}")
+        self._check(spec, array, key, "pull")
+        requests = []
+        for piece in spec.pieces:
+            requests += self._send(piece.server, Op.PULL, key, spec.clock, piece,
+                                   out=array[piece.offset: piece.offset + piece.numel])
+        return self._ticket(requests)
+
+    def clock(self, key: int) -> int:
+        """The last clock this worker pushed on `key` (-1 before the first push)."""
+        return self._key(key, "clock").clock
+
+    def wait(self, ts: int) -> None:
+        requests = self._tickets.pop(int(ts), None)
+        if requests is None:
+            return  # already waited on
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        while not all(r.done for r in requests):
+            now = time.monotonic()
+            if now > deadline:
+                late = next(r for r in requests if not r.done)
+                raise TimeoutError(
+                    f"ps worker {self.worker}: {late.header.op.name} of key {late.header.key} at clock "
+                    f"{late.header.clock} unanswered by server {late.server} ({self.endpoints[late.server]}) "
+                    f"after {self.timeout_s} s (stage: wait; raise sync.wait_timeout_s if a straggler is expected)")
+            self._resend_due(now)
+            message = self.transport.recv_msg(min(self.retry_s, max(deadline - now, 0.001)) / 2)
+            if message is not None:
+                self._on_reply(*message)
+        pulls = [r.reply for r in requests if r.header.op == Op.PULL]
+        if pulls:
+            self.stats.last_staleness = max(reply.extra for reply in pulls)
+            self.stats.last_slowest = min(reply.clock for reply in pulls)
+            self.stats.max_staleness = max(self.stats.max_staleness, self.stats.last_staleness)
+        self.stats.wait_s += time.perf_counter() - started
+
+    def cancel_all(self) -> None:
+        """Forget every unanswered request (an evaluator that gave up on a wait; late answers are ignored)."""
+        self._outstanding.clear()
+        self._tickets.clear()
+
+    def close(self, goodbye: bool = True) -> None:
+        """Leave the clocks (so no server waits for this worker) and close the sockets."""
+        if goodbye and not self.observer:
+            try:
+                requests = []
+                for server in range(self.transport.num_servers):
+                    requests += self._send(server, Op.BYE, 0, -1, Piece(server, 0, 0))
+                self.timeout_s = min(self.timeout_s, 5.0)
+                self.wait(self._ticket(requests))
+            except TimeoutError:
+                pass  # a server that is gone does not need a goodbye
+        self.transport.close()
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(goodbye=exc[0] is None)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _key(self, key: int, what: str) -> _Key:
+        spec = self.keys.get(key)
+        if spec is None:
+            raise KeyError(f"ps {what}: key {key} was never initialised on this worker (call init first)")
+        return spec
+
+    @staticmethod
+    def _check(spec: _Key, array: np.ndarray, key: int, what: str) -> None:
+        if array.size != spec.numel or array.dtype != spec.dtype:
+            raise ValueError(f"ps {what} key {key}: got {array.size} {array.dtype} values, "
+                             f"the key holds {spec.numel} {spec.dtype}")
+
+    def _send(self, server: int, op: Op, key: int, clock: int, piece: Piece, payload: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> list[_Request]:
+        dtype = payload.dtype if payload is not None else out.dtype if out is not None else np.float32
+        header = Header(op, worker=self.worker, key=key, clock=clock, req=next(self._ids), offset=piece.offset,
+                        numel=piece.numel, dtype=dtype_code(dtype),
+                        flags=Flag.OBSERVER if self.observer else Flag.NONE)
+        request = _Request(server, header, payload, out, time.monotonic())
+        self._outstanding[header.req] = request
+        self.transport.send_msg(server, header, payload)
+        self.stats.bytes_sent += payload.nbytes if payload is not None else 0
+        return [request]
+
+    def _ticket(self, requests: list[_Request]) -> Ts:
+        ts = Ts(requests[0].header.req if requests else next(self._ids))
+        ts._store = self
+        self._tickets[int(ts)] = requests
+        return ts
+
+    def _resend_due(self, now: float) -> None:
+        for request in list(self._outstanding.values()):  # in sending order: a push goes again before its pull
+            interval = self.retry_s * min(2 ** (request.attempts - 1), 8)
+            if now - request.sent_at > interval:
+                self.transport.send_msg(request.server, request.header, request.payload)
+                request.sent_at, request.attempts = now, request.attempts + 1
+                self.stats.resends += 1
+
+    def _on_reply(self, server: int, header: Header, payload: memoryview | None) -> None:
+        request = self._outstanding.pop(header.req, None)
+        if request is None:
+            return  # the answer to a resent duplicate, already handled
+        if header.op == Op.ERROR:
+            text = bytes(payload or b"").decode("utf-8", "replace")
+            raise RuntimeError(f"ps worker {self.worker}: {text}")
+        if header.op == Op.VALUE:
+            if payload is None or request.out is None:
+                raise RuntimeError(f"ps worker {self.worker}: server {server} answered a pull without a value")
+            np.copyto(request.out, payload_array(header, payload))  # the one copy: wire buffer -> caller's array
+            self.stats.bytes_received += len(payload)
+        request.reply, request.done = header, True

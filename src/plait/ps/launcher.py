@@ -1,0 +1,242 @@
+"""Start servers and workers on localhost as separate processes, supervise them, evaluate the model as it trains.
+
+The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node server|worker ...` for each process, so
+a local run and a multi-host run start the same programs. While the workers train it:
+
+- restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend);
+- notes a worker that died and carries on (the servers drop it from the clocks after sync.worker_timeout_s);
+- every train.eval_every_s pulls the weights as an *observer* (never counted in the clocks) and scores them on a
+  fixed test subset: these records, with wall time, are the run's metrics.jsonl;
+- injects the configured faults (SIGKILL a server at a step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plait.experiment.metrics import MetricsLog, read_metrics
+from plait.ps.config import PSRunConfig
+from plait.ps.kvstore import KVStore
+from plait.ps.trainer import PARAMS_KEY, build_flat_model, evaluate, load_split
+from plait.ps.transport import WorkerTransport
+from plait.ps.wire import Header, Op
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class ClusterSummary:
+    run_dir: Path
+    elapsed_s: float
+    final: dict[str, Any]
+    time_to_target_s: float | None
+    server_restarts: int
+    failed_workers: list[int]
+    max_staleness: dict[int, int]
+    weights: np.ndarray = field(repr=False)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    def __init__(self, config: PSRunConfig, config_path: Path, run_dir: Path, num_workers: int, resume: bool = False,
+                 timeout_s: float = 3600.0):
+        config.check_workers(num_workers)
+        self.config, self.config_path, self.run_dir = config, Path(config_path), Path(run_dir)
+        self.num_workers, self.resume, self.timeout_s = num_workers, resume, timeout_s
+        self.state_dir = self.run_dir / "servers"
+        self.logs_dir = self.run_dir / "logs"
+        self.servers: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        self.endpoints: list[str] = []
+        self.restarts = [0] * config.sync.servers
+        self._files: list = []
+
+    # -- processes ----------------------------------------------------------------------------------------------
+    def _spawn(self, role: str, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.logs_dir / log_name, "ab")
+        self._files.append(log)
+        cmd = [sys.executable, "-m", "plait.ps.node", role, "--config", str(self.config_path),
+               "--workers", str(self.num_workers), *args]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def _start_server(self, index: int, bind: str, fresh: bool) -> subprocess.Popen:
+        args = ["--index", str(index), "--bind", bind, "--state-dir", str(self.state_dir)]
+        return self._spawn("server", args + (["--fresh"] if fresh else []), f"server-{index}.log")
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [self.run_dir / "start", *self.run_dir.glob("ready-*")]:
+            stale.unlink(missing_ok=True)
+        for index in range(self.config.sync.servers):
+            (self.state_dir / f"server-{index}.endpoint").unlink(missing_ok=True)
+            self.servers.append(self._start_server(index, f"tcp://{self.config.sync.host}:0", fresh=not self.resume))
+        self.endpoints = [self._await_endpoint(index) for index in range(self.config.sync.servers)]
+        servers = ",".join(self.endpoints)
+        self.workers = [self._spawn("worker", ["--rank", str(rank), "--servers", servers, "--run-dir",
+                                               str(self.run_dir), "--wait-start"], f"worker-{rank}.log")
+                        for rank in range(self.num_workers)]
+
+    def _await_endpoint(self, index: int) -> str:
+        path = self.state_dir / f"server-{index}.endpoint"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not path.exists():
+            if self.servers[index].poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"ps server {index} did not start (stage: launch):\n"
+                                   f"{_tail(self.logs_dir / f'server-{index}.log')}")
+            time.sleep(0.02)
+        return path.read_text().strip()
+
+    def kill_server(self, index: int) -> None:
+        os.kill(self.servers[index].pid, signal.SIGKILL)
+        self.servers[index].wait()
+
+    def _supervise_servers(self, log: MetricsLog) -> None:
+        for index, proc in enumerate(self.servers):
+            if proc.poll() is None:
+                continue
+            if self.restarts[index] >= self.config.sync.max_server_restarts:
+                self.stop()
+                raise RuntimeError(f"ps server {index} died {self.restarts[index] + 1} times "
+                                   f"(sync.max_server_restarts = {self.config.sync.max_server_restarts}):\n"
+                                   f"{_tail(self.logs_dir / f'server-{index}.log')}")
+            self.restarts[index] += 1
+            self.servers[index] = self._start_server(index, self.endpoints[index], fresh=False)
+            log.write({"event": "server_restarted", "server": index, "exit_code": proc.returncode,
+                       "wall": time.time()})
+
+    def stop(self) -> None:
+        for proc in self.workers + self.servers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+    def _shutdown_servers(self) -> None:
+        """Ask each server for a final checkpoint and exit; kill those that do not answer."""
+        transport = WorkerTransport()
+        transport.connect(self.endpoints)
+        for index in range(len(self.endpoints)):
+            transport.send_msg(index, Header(Op.SHUTDOWN, req=index + 1))
+        deadline = time.monotonic() + 10.0
+        while any(p.poll() is None for p in self.servers) and time.monotonic() < deadline:
+            transport.recv_msg(0.05)
+        transport.close()
+        self.stop()
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> ClusterSummary:
+        cfg = self.config
+        model, weights, spec = build_flat_model(cfg)
+        test = load_split(cfg, "test", limit=cfg.data.test_examples)
+        started = time.perf_counter()
+        self.start()
+        observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0)
+        observer.init(PARAMS_KEY, weights)
+        failed: list[int] = []
+        time_to_target = None
+        killed = False
+        started_workers = False
+        last: dict[str, Any] = {}
+        next_eval = 0.0
+        try:
+            with MetricsLog(self.run_dir / "metrics.jsonl") as log:
+                while any(p.poll() is None for p in self.workers):
+                    if time.perf_counter() - started > self.timeout_s:
+                        raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
+                    self._supervise_servers(log)
+                    if not started_workers and all((self.run_dir / f"ready-{rank}").exists() or proc.poll() is not None
+                                                   for rank, proc in enumerate(self.workers)):
+                        (self.run_dir / "start").touch()  # every worker is up: start them together
+                        started_workers = True
+                    for rank, proc in enumerate(self.workers):
+                        if proc.returncode not in (None, 0) and rank not in failed:
+                            failed.append(rank)
+                            log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
+                                       "wall": time.time()})
+                    if time.perf_counter() >= next_eval:
+                        next_eval = time.perf_counter() + cfg.train.eval_every_s
+                        record = self._evaluate(observer, model, weights, spec, test, started)
+                        if record is not None:
+                            log.write(record)
+                            last = record
+                            if time_to_target is None and cfg.train.target_loss and \
+                                    record["loss"] <= cfg.train.target_loss:
+                                time_to_target = record["elapsed_s"]
+                            if not killed and cfg.fault.kill_server >= 0 and record["step"] >= cfg.fault.kill_at_step:
+                                self.kill_server(cfg.fault.kill_server)
+                                killed = True
+                                log.write({"event": "server_killed", "server": cfg.fault.kill_server,
+                                           "step": record["step"], "wall": time.time()})
+                    time.sleep(0.01)
+                for rank, proc in enumerate(self.workers):
+                    if proc.returncode != 0 and rank not in failed:
+                        failed.append(rank)
+                        log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode})
+                self._supervise_servers(log)
+                final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
+                if final is not None:
+                    log.write(final)
+                    last = final
+                    if time_to_target is None and cfg.train.target_loss and final["loss"] <= cfg.train.target_loss:
+                        time_to_target = final["elapsed_s"]
+        finally:
+            observer.close(goodbye=False)
+            if self.endpoints:
+                self._shutdown_servers()
+            self.stop()
+        staleness = {}
+        for rank in range(self.num_workers):
+            records = read_metrics(self.run_dir / f"worker-{rank}.jsonl")
+            staleness[rank] = max((r.get("staleness", 0) for r in records), default=0)
+        summary = ClusterSummary(self.run_dir, time.perf_counter() - started, last, time_to_target,
+                                 sum(self.restarts), failed, staleness, weights.numpy().copy())
+        (self.run_dir / "summary.json").write_text(json.dumps({
+            "elapsed_s": summary.elapsed_s, "final": last, "time_to_target_s": time_to_target,
+            "server_restarts": summary.server_restarts, "failed_workers": failed,
+            "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
+        return summary
+
+    def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
+                  attempts: int = 1) -> dict[str, Any] | None:
+        for _ in range(attempts):
+            try:
+                observer.wait(observer.pull(PARAMS_KEY, weights))
+                break
+            except TimeoutError:
+                observer.cancel_all()  # a server is down; the supervisor restarts it, try again later
+                self._supervise_servers_quiet()
+            except RuntimeError:
+                observer.cancel_all()  # the workers have not initialised the weights yet
+                return None
+        else:
+            return None
+        loss, accuracy = evaluate(model, spec, weights, test)
+        slowest = observer.stats.last_slowest
+        step = self.config.train.steps - 1 if slowest >= 2**61 else slowest
+        return {"step": step + 1, "loss": loss, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started,
+                "wall": time.time(), "server_restarts": sum(self.restarts)}
+
+    def _supervise_servers_quiet(self) -> None:
+        with MetricsLog(self.run_dir / "metrics.jsonl") as log:
+            self._supervise_servers(log)

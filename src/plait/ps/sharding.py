@@ -1,0 +1,49 @@
+"""Which server holds which element range of each key: balanced by size.
+
+The keys of one `init` call are laid end to end (in the order given) and the line is cut into `num_servers`
+contiguous ranges of equal size (±1 element), as ps-lite cuts its key space into one range per server. A big key is
+therefore split across servers (a worker splits its push and gathers its pull), small keys stay whole, and every
+server holds the same number of elements whatever the layer sizes are. Every worker computes the same plan from
+the same keys, so no coordinator is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    server: int
+    offset: int   # first element of the key held by this server
+    numel: int
+
+
+def plan_shards(sizes: dict[int, int], num_servers: int) -> dict[int, list[Piece]]:
+    if num_servers < 1:
+        raise ValueError(f"sync.servers must be >= 1, got {num_servers}")
+    for key, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"ps init: key {key} is empty")
+    total = sum(sizes.values())
+    # Server j owns global elements [bounds[j], bounds[j+1]).
+    bounds = [total * j // num_servers for j in range(num_servers + 1)]
+    plan: dict[int, list[Piece]] = {}
+    start = 0
+    for key, size in sizes.items():
+        pieces = []
+        for server in range(num_servers):
+            lo, hi = max(start, bounds[server]), min(start + size, bounds[server + 1])
+            if lo < hi:
+                pieces.append(Piece(server, lo - start, hi - lo))
+        plan[key] = pieces
+        start += size
+    return plan
+
+
+def server_loads(plan: dict[int, list[Piece]], num_servers: int) -> list[int]:
+    loads = [0] * num_servers
+    for pieces in plan.values():
+        for piece in pieces:
+            loads[piece.server] += piece.numel
+    return loads

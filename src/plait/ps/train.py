@@ -1,0 +1,58 @@
+"""`plait train CONFIG.toml --nproc N` for configs with `[sync] kind = "ps"`: N workers and `sync.servers`
+parameter servers on this machine, trained under `sync.consistency` (bsp, ssp:S or asp).
+
+    plait train examples/parameter_server.toml --nproc 4
+    plait train examples/parameter_server.toml --nproc 4 --set sync.consistency='"ssp:3"' --set sync.servers=2
+    plait train examples/parameter_server.toml --nproc 4 --resume      # servers continue from their checkpoints
+
+For servers and workers on different hosts, see `python -m plait.ps.node --help` and docs/parameter_server.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from plait.experiment.config import apply_overrides, from_dict, load_toml
+from plait.experiment.plots import plot_run
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.ps.config import PSRunConfig
+from plait.ps.launcher import ClusterSummary, LocalCluster
+
+
+def load_run_config(config_path: Path, overrides: list[str]) -> PSRunConfig:
+    return from_dict(PSRunConfig, apply_overrides(load_toml(config_path), overrides))
+
+
+def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_s: float = 3600.0) -> ClusterSummary:
+    """Run a whole parameter-server job on localhost and return its summary."""
+    config.check_workers(num_workers)
+    if resume:
+        run = RunDir(Path(config.run.root) / config.run.name)
+        if not any((run.path / "servers").glob("server-*.npz")):
+            raise FileNotFoundError(f"--resume: no server checkpoints in {run.path / 'servers'}")
+    else:
+        run = prepare_run_dir(config.run.root, config.run.name, resume=False)
+    run.write_config(config)  # the processes read the resolved config from here
+    summary = LocalCluster(config, run.config_path, run.path, num_workers, resume, timeout_s).run()
+    plot_run(run.path, ("loss", "accuracy"))
+    return summary
+
+
+def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
+    console = Console()
+    if allreduce is not None:
+        warnings.warn(f"--allreduce {allreduce} is ignored: sync.kind = 'ps' synchronises through parameter servers")
+    config = load_run_config(config_path, overrides)
+    summary = run_ps(config, nproc, resume)
+    final = summary.final
+    console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {nproc} worker(s): test loss "
+                  f"[bold]{final.get('loss', float('nan')):.4f}[/], accuracy {final.get('accuracy', float('nan')):.4f} "
+                  f"in {summary.elapsed_s:.1f} s")
+    console.print(f"max staleness seen per worker: {summary.max_staleness}; server restarts: "
+                  f"{summary.server_restarts}; failed workers: {summary.failed_workers or 'none'}")
+    if summary.time_to_target_s is not None:
+        console.print(f"target loss {config.train.target_loss} reached after {summary.time_to_target_s:.2f} s")
+    console.print(f"run directory: {summary.run_dir}")

@@ -1,0 +1,128 @@
+"""A worker's training loop over the KVStore: pull weights, compute a gradient, push it, repeat.
+
+The model's trainable parameters are one flat float32 key (key 0), as DDP's buckets: one message per server per
+step. Worker r reads the r-th of N interleaved slices of the training set; the batch of step t is drawn by a
+generator seeded with (seed, r, t), so a resumed worker draws the same batches it would have.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from plait.core.flat import FlatSpec, flat_params, split_views
+from plait.core.models import build_model
+from plait.data.images import load_image_set
+from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.ps.config import PSRunConfig
+from plait.ps.kvstore import KVStore
+
+PARAMS_KEY = 0
+
+
+@dataclass(slots=True)
+class Batches:
+    x: torch.Tensor   # [N, 1, 28, 28] float32
+    y: torch.Tensor   # [N] int64
+
+
+def load_split(config: PSRunConfig, split: str, rank: int = 0, num_workers: int = 1, limit: int = 0) -> Batches:
+    arrays = load_image_set(config.data.name, config.data.path)
+    x, y = arrays[f"{split}_x"][rank::num_workers], arrays[f"{split}_y"][rank::num_workers]
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return Batches(torch.from_numpy(x).float().div_(255.0).unsqueeze(1), torch.from_numpy(y))
+
+
+def build_flat_model(config: PSRunConfig) -> tuple[torch.nn.Module, torch.Tensor, FlatSpec]:
+    torch.manual_seed(config.run.seed)  # every worker builds the same initial weights
+    model = build_model(config.model.name)
+    flat, spec = flat_params(model)
+    return model, flat.contiguous(), spec
+
+
+def loss_and_grad(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weights.detach().requires_grad_(True)
+    loss = F.cross_entropy(functional_call(model, split_views(w, spec), (x,)), y)
+    (grad,) = torch.autograd.grad(loss, w)
+    return loss.detach(), grad
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, data: Batches) -> tuple[float, float]:
+    logits = functional_call(model, split_views(weights, spec), (data.x,))
+    loss = F.cross_entropy(logits, data.y)
+    accuracy = (logits.argmax(1) == data.y).float().mean()
+    return float(loss), float(accuracy)
+
+
+def is_slowed(config: PSRunConfig, rank: int, step: int, num_workers: int) -> bool:
+    straggler = config.straggler
+    if straggler.factor <= 1:
+        return False
+    if straggler.mode == "rotating":
+        return step % num_workers == rank
+    return rank == straggler.worker
+
+
+def wait_for_start(run_dir: Path, rank: int, timeout_s: float) -> None:
+    """The local launcher's start barrier: say this worker is ready, wait for the go. Process start-up on a busy
+    machine can differ by seconds between workers, which would otherwise count as (or hide) straggling."""
+    (Path(run_dir) / f"ready-{rank}").touch()
+    deadline = time.monotonic() + timeout_s
+    while not (Path(run_dir) / "start").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ps worker {rank}: no start signal after {timeout_s} s (stage: start barrier)")
+        time.sleep(0.005)
+
+
+def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list[str], run_dir: Path,
+               start_barrier: bool = False) -> None:
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    data = load_split(config, "train", rank, num_workers)
+    model, weights, spec = build_flat_model(config)
+    sync = config.sync
+    kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s)
+    kv.init(PARAMS_KEY, weights)
+    first = kv.clock(PARAMS_KEY) + 1  # > 0 when the servers resumed from checkpoints
+    kv.wait(kv.pull(PARAMS_KEY, weights))
+    if start_barrier:
+        wait_for_start(run_dir, rank, config.sync.wait_timeout_s)
+        kv.wait(kv.pull(PARAMS_KEY, weights))  # on a resumed run other workers may have pushed meanwhile
+    log_path = Path(run_dir) / f"worker-{rank}.jsonl"
+    if first:
+        truncate_metrics(log_path, "step", first - 1)
+    started = time.perf_counter()
+    with MetricsLog(log_path) as log:
+        for step in range(first, config.train.steps):
+            if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step:
+                os._exit(3)  # an abrupt death: no goodbye, no flush, as a crash
+            step_start = time.perf_counter()
+            rng = np.random.default_rng([config.run.seed, rank, step])
+            idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
+            loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])
+            compute_s = time.perf_counter() - step_start
+            if is_slowed(config, rank, step, num_workers):
+                time.sleep((config.straggler.factor - 1) * compute_s)
+            wait_before = kv.stats.wait_s
+            push = kv.push(PARAMS_KEY, grad)       # `grad` stays untouched until the push is acknowledged
+            pull = kv.pull(PARAMS_KEY, weights)    # sent right behind the push: one round trip per server
+            kv.wait(push)
+            kv.wait(pull)
+            now = time.perf_counter()
+            # One host sync per step, for the log only.
+            log.write({"step": step, "worker": rank, "loss": float(loss), "staleness": kv.stats.last_staleness,
+                       "compute_s": compute_s, "wait_s": kv.stats.wait_s - wait_before, "step_s": now - step_start,
+                       "wall_start": time.time() - (now - step_start), "elapsed_s": now - started,
+                       "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
+                       "bytes_received": kv.stats.bytes_received})
+    kv.close()

@@ -1,0 +1,103 @@
+"""ZeroMQ transport, four methods as ps-lite's Van: bind, connect, send_msg, recv_msg.
+
+Servers bind a ROUTER socket (it tags each request with the sender's identity, so one socket serves every
+worker); a worker connects one DEALER socket per server, so requests to different servers are in flight at once and
+each server sees one worker's messages in the order they were sent. ZeroMQ reconnects a DEALER by itself when a
+server restarts on the same endpoint; the client resends what was lost (see kvstore.py).
+
+Payloads are sent zero-copy (`copy=False`): ZeroMQ reads the array's memory directly, so the sender must not modify
+it until the message is gone. The worker keeps each gradient alive and unchanged until its push is acknowledged;
+the server sends its live weights, tracked, and updates them copy-on-write while a send is still in progress.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zmq
+
+from plait.ps.wire import Header
+
+# Below this size ZeroMQ copies anyway and a tracker costs more than the copy.
+TRACK_MIN_BYTES = 1 << 16
+
+
+def _payload_frames(header: Header, payload: np.ndarray | None) -> list:
+    frames: list = [header.pack()]
+    if payload is not None:
+        if not payload.flags.c_contiguous:
+            raise ValueError(f"ps transport: payload for key {header.key} must be contiguous")
+        frames.append(payload)
+    return frames
+
+
+class ServerTransport:
+    def __init__(self, context: zmq.Context | None = None):
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply: queues are bounded by the workers
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+
+    def bind(self, endpoint: str) -> str:
+        """Bind and return the endpoint actually bound (a port of 0 or * picks a free port)."""
+        self._socket.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
+        return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def send_msg(self, peer: bytes, header: Header, payload: np.ndarray | None = None, track: bool = False):
+        """Send to `peer`; returns a zmq.MessageTracker when `track` and the payload is large, else None."""
+        frames = [peer, *_payload_frames(header, payload)]
+        track = track and payload is not None and payload.nbytes >= TRACK_MIN_BYTES
+        return self._socket.send_multipart(frames, copy=False, track=track) if track else \
+            self._socket.send_multipart(frames, copy=False)
+
+    def recv_msg(self, timeout_s: float) -> tuple[bytes, Header, memoryview | None] | None:
+        if not self._socket.poll(int(timeout_s * 1000)):
+            return None
+        frames = self._socket.recv_multipart(copy=False)
+        peer, header = frames[0].bytes, Header.unpack(frames[1].buffer)
+        return peer, header, frames[2].buffer if len(frames) > 2 else None
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class WorkerTransport:
+    def __init__(self, context: zmq.Context | None = None, reconnect_ms: int = 50):
+        self._context = context or zmq.Context.instance()
+        self._reconnect_ms = reconnect_ms
+        self._sockets: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        self._index: dict[zmq.Socket, int] = {}
+
+    def connect(self, endpoints: list[str]) -> None:
+        for endpoint in endpoints:
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 0)
+            socket.setsockopt(zmq.RCVHWM, 0)
+            socket.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ms)
+            socket.setsockopt(zmq.RECONNECT_IVL_MAX, 10 * self._reconnect_ms)
+            socket.connect(endpoint)
+            self._index[socket] = len(self._sockets)
+            self._sockets.append(socket)
+            self._poller.register(socket, zmq.POLLIN)
+
+    @property
+    def num_servers(self) -> int:
+        return len(self._sockets)
+
+    def send_msg(self, server: int, header: Header, payload: np.ndarray | None = None) -> None:
+        self._sockets[server].send_multipart(_payload_frames(header, payload), copy=False)
+
+    def recv_msg(self, timeout_s: float) -> tuple[int, Header, memoryview | None] | None:
+        """One message from whichever server answers first, or None after `timeout_s`."""
+        for socket, _ in self._poller.poll(int(timeout_s * 1000)):
+            frames = socket.recv_multipart(copy=False)
+            return self._index[socket], Header.unpack(frames[0].buffer), \
+                frames[1].buffer if len(frames) > 1 else None
+        return None
+
+    def close(self) -> None:
+        for socket in self._sockets:
+            socket.close(linger=0)
+        self._sockets.clear()

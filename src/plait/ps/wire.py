@@ -1,0 +1,92 @@
+"""The parameter server's message: one fixed-size struct header frame, then (optionally) one raw-bytes frame.
+
+Security rule: nothing on this wire is pickled. The header is `struct`-packed fixed fields; a payload is the raw
+little-endian bytes of a 1-D array whose dtype and length the header states, read back with `np.frombuffer` (a view
+of the received frame: no copy).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+VERSION = 1
+
+
+class Op(enum.IntEnum):
+    INIT = 1       # worker → server: a key's piece and its initial value (first writer wins)
+    PUSH = 2       # worker → server: a gradient piece for clock `clock`
+    PULL = 3       # worker → server: want the piece as of clock `clock` (under the consistency model)
+    BYE = 4        # worker → server: this worker finished; leave the clock
+    SHUTDOWN = 5   # launcher → server: write a final checkpoint and exit
+    ACK = 16       # server → worker: INIT / PUSH / BYE done (`extra` = the worker's clock on that key for INIT)
+    VALUE = 17     # server → worker: a PULL's answer (`extra` = staleness seen, `clock` = slowest live clock)
+    ERROR = 18     # server → worker: a request failed; the payload is a UTF-8 message
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    OBSERVER = 1   # a pull from an evaluator: answered at once, never counted in the clocks
+
+
+DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f8")}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+# version, op, dtype, flags, worker, key, clock, request id, offset, numel, extra
+_HEADER = struct.Struct("<BBBBiiqQQQq")
+HEADER_BYTES = _HEADER.size
+
+
+@dataclass(slots=True)
+class Header:
+    op: Op
+    worker: int = -1
+    key: int = 0
+    clock: int = -1
+    req: int = 0
+    offset: int = 0      # element offset of this piece inside the key
+    numel: int = 0       # elements in this piece
+    extra: int = 0
+    dtype: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(VERSION, self.op, self.dtype, self.flags, self.worker, self.key, self.clock, self.req,
+                            self.offset, self.numel, self.extra)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> "Header":
+        if len(data) != HEADER_BYTES:
+            raise ValueError(f"ps wire: header of {len(data)} bytes, expected {HEADER_BYTES}")
+        version, op, dtype, flags, worker, key, clock, req, offset, numel, extra = _HEADER.unpack(data)
+        if version != VERSION:
+            raise ValueError(f"ps wire: message version {version}, this build speaks {VERSION}")
+        if dtype not in DTYPES:
+            raise ValueError(f"ps wire: unknown dtype code {dtype}")
+        return cls(Op(op), worker, key, clock, req, offset, numel, extra, dtype, flags)
+
+    def reply(self, op: Op, **fields) -> "Header":
+        """The answer's header: same worker, key, request id and piece."""
+        base = dict(worker=self.worker, key=self.key, clock=self.clock, req=self.req, offset=self.offset,
+                    numel=self.numel, dtype=self.dtype, flags=self.flags)
+        base.update(fields)
+        return Header(op, **base)
+
+
+def dtype_code(dtype: np.dtype) -> int:
+    code = DTYPE_CODES.get(np.dtype(dtype).newbyteorder("<"))
+    if code is None:
+        raise ValueError(f"ps wire: dtype {dtype} is not supported; use float32 or float64")
+    return code
+
+
+def payload_array(header: Header, frame: memoryview | bytes) -> np.ndarray:
+    """A read-only view of the payload frame as the array the header describes (no copy)."""
+    array = np.frombuffer(frame, dtype=DTYPES[header.dtype])
+    if array.size != header.numel:
+        raise ValueError(f"ps wire: {header.op.name} for key {header.key} says {header.numel} elements, "
+                         f"payload holds {array.size}")
+    return array

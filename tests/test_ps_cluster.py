@@ -1,0 +1,89 @@
+"""Whole parameter-server runs: separate server and worker processes over ZeroMQ on 127.0.0.1, launched as
+`plait train` does, compared against a single-process reference."""
+
+import numpy as np
+import torch
+
+from plait.experiment.metrics import read_metrics
+from plait.ps.config import PSRunConfig
+from plait.ps.trainer import build_flat_model, load_split, loss_and_grad
+from plait.ps.train import run_ps
+
+
+def make_config(tmp_path, name, **sections) -> PSRunConfig:
+    config = PSRunConfig()
+    config.run.root, config.run.name = str(tmp_path), name
+    config.data.test_examples = 500
+    config.train.steps, config.train.batch_size, config.train.eval_every_s = 8, 16, 0.2
+    config.optimizer.name, config.optimizer.lr = "sgd", 0.1
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(config, section), key, value)
+    return config
+
+
+def single_process_sgd(config: PSRunConfig, num_workers: int) -> np.ndarray:
+    """Synchronous SGD in one process: each step, the mean of the workers' gradients on the batches they draw."""
+    model, weights, spec = build_flat_model(config)
+    shards = [load_split(config, "train", rank, num_workers) for rank in range(num_workers)]
+    for step in range(config.train.steps):
+        grads = []
+        for rank, data in enumerate(shards):
+            rng = np.random.default_rng([config.run.seed, rank, step])
+            idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
+            grads.append(loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])[1])
+        weights -= config.optimizer.lr * torch.stack(grads).mean(0)
+    return weights.numpy()
+
+
+def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
+    config = make_config(tmp_path, "bsp1", sync={"servers": 1, "consistency": "bsp"})
+    summary = run_ps(config, num_workers=2, timeout_s=240)
+    reference = single_process_sgd(config, 2)
+    assert summary.failed_workers == [] and summary.max_staleness == {0: 0, 1: 0}
+    np.testing.assert_allclose(summary.weights, reference, rtol=0, atol=2e-6)
+    assert not np.allclose(summary.weights, build_flat_model(config)[1].numpy(), atol=1e-3)  # it did train
+    assert (tmp_path / "bsp1" / "plots" / "loss.png").exists()
+
+
+def test_sharded_servers_match_one_server(tmp_path):
+    optimizer = {"name": "momentum", "lr": 0.05, "momentum": 0.9}
+    one = run_ps(make_config(tmp_path, "one", optimizer=optimizer, sync={"servers": 1}), 2, timeout_s=240)
+    three = run_ps(make_config(tmp_path, "three", optimizer=optimizer, sync={"servers": 3}), 2, timeout_s=240)
+    loads = [np.load(tmp_path / "three" / "servers" / f"server-{i}.npz")["k0.param"].size for i in range(3)]
+    assert max(loads) - min(loads) <= 1 and sum(loads) == one.weights.size  # balanced by size
+    np.testing.assert_allclose(three.weights, one.weights, rtol=0, atol=1e-6)
+
+
+def test_killed_server_restarts_from_its_checkpoint_and_the_run_finishes(tmp_path):
+    config = make_config(tmp_path, "kill", sync={"servers": 2, "consistency": "bsp", "checkpoint_every": 5,
+                                                 "retry_s": 0.3},
+                         train={"steps": 60, "eval_every_s": 0.1}, fault={"kill_server": 1, "kill_at_step": 10})
+    summary = run_ps(config, num_workers=2, timeout_s=240)
+    events = read_metrics(tmp_path / "kill" / "metrics.jsonl")
+    assert [e["server"] for e in events if e.get("event") == "server_killed"] == [1]
+    assert summary.server_restarts == 1 and summary.failed_workers == []
+    server_log = read_metrics(tmp_path / "kill" / "servers" / "server-1.jsonl")
+    assert any(e["event"] == "restored" for e in server_log)
+    for rank in range(2):  # both workers carried on to the last step without restarting
+        steps = [r["step"] for r in read_metrics(tmp_path / "kill" / f"worker-{rank}.jsonl")]
+        assert steps == list(range(60))
+    evals = [e for e in events if "loss" in e]
+    assert evals[-1]["step"] == 60 and evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_worker_death_under_ssp_does_not_hang_the_others(tmp_path):
+    config = make_config(tmp_path, "death", sync={"servers": 1, "consistency": "ssp:2", "worker_timeout_s": 2.0},
+                         train={"steps": 40}, fault={"kill_worker": 2, "kill_worker_at_step": 5})
+    summary = run_ps(config, num_workers=3, timeout_s=120)
+    assert summary.failed_workers == [2]
+    state = {}  # a worker stalled by a busy machine may be dropped and rejoin; the dead one stays out
+    for event in read_metrics(tmp_path / "death" / "servers" / "server-0.jsonl"):
+        if event["event"] in ("dropped", "rejoined", "finished"):
+            state[event["worker"]] = event["event"]
+    assert state == {0: "finished", 1: "finished", 2: "dropped"}
+    for rank in (0, 1):
+        steps = [r["step"] for r in read_metrics(tmp_path / "death" / f"worker-{rank}.jsonl")]
+        assert steps == list(range(40))
+    assert max(r["step"] for r in read_metrics(tmp_path / "death" / "worker-2.jsonl")) == 4
+    assert summary.max_staleness[0] <= 2 and summary.max_staleness[1] <= 2

@@ -1,0 +1,132 @@
+"""Parameter server, pure parts: wire header, sharding, consistency rules, server optimizers vs torch.optim."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from plait.ps.consistency import ClockTable, Consistency
+from plait.ps.optim import OptimizerConfig, ShardOptimizer
+from plait.ps.sharding import plan_shards, server_loads
+from plait.ps.wire import HEADER_BYTES, Flag, Header, Op, payload_array
+
+
+def test_header_round_trip_is_fixed_size_struct():
+    header = Header(Op.PUSH, worker=3, key=7, clock=41, req=2**40, offset=100, numel=5, extra=-2,
+                    flags=Flag.OBSERVER)
+    data = header.pack()
+    assert len(data) == HEADER_BYTES == 52
+    assert Header.unpack(data) == header
+    with pytest.raises(ValueError, match="version"):
+        Header.unpack(b"\x09" + data[1:])
+
+
+def test_payload_is_a_view_and_checks_its_length():
+    values = np.arange(5, dtype=np.float32)
+    frame = memoryview(values.tobytes())
+    array = payload_array(Header(Op.PUSH, numel=5), frame)
+    np.testing.assert_array_equal(array, values)
+    assert not array.flags.writeable  # a view of the received frame, never a copy
+    with pytest.raises(ValueError, match="says 4 elements"):
+        payload_array(Header(Op.PUSH, numel=4), frame)
+
+
+def test_shards_are_balanced_by_size_and_cover_every_element():
+    sizes = {0: 784 * 200, 1: 200, 2: 200 * 200, 3: 200, 4: 2000, 5: 10}
+    plan = plan_shards(sizes, 3)
+    total = sum(sizes.values())
+    loads = server_loads(plan, 3)
+    assert sum(loads) == total and max(loads) - min(loads) <= 1
+    for key, size in sizes.items():  # each key's pieces tile it, in order
+        pieces = plan[key]
+        assert pieces[0].offset == 0 and sum(p.numel for p in pieces) == size
+        assert all(a.offset + a.numel == b.offset for a, b in zip(pieces, pieces[1:]))
+    assert [p.server for p in plan[0]] == [0, 1, 2]   # the big first layer is split across the servers
+    assert len(plan[5]) == 1                          # a tiny key stays whole
+    with pytest.raises(ValueError, match="sync.servers"):
+        plan_shards(sizes, 0)
+
+
+def test_consistency_parse():
+    assert Consistency.parse("bsp").staleness == 0
+    assert Consistency.parse("ssp:3").staleness == 3 and str(Consistency.parse("SSP:3")) == "ssp:3"
+    assert Consistency.parse("asp").staleness == math.inf
+    for bad in ("ssp", "ssp:-1", "sync"):
+        with pytest.raises(ValueError, match="sync.consistency"):
+            Consistency.parse(bad)
+
+
+def test_clock_table_rules_by_hand():
+    table = ClockTable(num_workers=3, worker_timeout_s=1.0, now=0.0, join_grace_s=1.0)
+    table.add_key(0)
+    for worker, clock in ((0, 5), (1, 3), (2, 4)):
+        table.advance(0, worker, clock)
+    bsp, ssp2, asp = Consistency.parse("bsp"), Consistency.parse("ssp:2"), Consistency.parse("asp")
+    assert table.slowest(0) == 3
+    assert table.ready(0, 3, bsp) and not table.ready(0, 4, bsp)
+    assert table.ready(0, 5, ssp2) and not table.ready(0, 6, ssp2)
+    assert table.ready(0, 100, asp)
+    assert table.staleness_seen(0, 5) == 2 and table.staleness_seen(0, 2) == 0
+    # worker 1 falls silent: dropped after the timeout unless it is blocked in a pull here
+    for worker in (0, 2):
+        table.seen(worker, 1.5)
+    assert table.drop_silent(1.5, busy={1}) == []
+    assert table.drop_silent(1.5, busy=set()) == [1]
+    assert table.slowest(0) == 4 and table.ready(0, 4, bsp)
+    assert table.seen(1, 2.0) is True and table.slowest(0) == 3  # it came back
+    table.finish(1)
+    assert table.slowest(0) == 4
+
+
+def _run_torch(name, params, grads, cfg):
+    p = torch.nn.Parameter(torch.tensor(params))
+    if name == "sgd":
+        opt = torch.optim.SGD([p], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif name == "momentum":
+        opt = torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam([p], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                               weight_decay=cfg.weight_decay)
+    for grad in grads:
+        p.grad = torch.tensor(grad)
+        opt.step()
+    return p.detach().numpy()
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_server_optimizers_match_torch_optim(name):
+    rng = np.random.default_rng(0)
+    params = rng.normal(size=1000).astype(np.float32)
+    grads = [rng.normal(size=1000).astype(np.float32) for _ in range(5)]
+    cfg = OptimizerConfig(name=name, lr=0.05, momentum=0.9, weight_decay=0.01)
+    opt = ShardOptimizer(cfg)
+    shard = params.copy()
+    state = opt.init(shard)
+    for grad in grads:
+        grad.setflags(write=False)  # as the received wire buffer: the optimizer must not write it
+        opt.apply(shard, grad, state)
+    np.testing.assert_allclose(shard, _run_torch(name, params, grads, cfg), rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_config_names_the_setting():
+    with pytest.raises(ValueError, match="optimizer.lr"):
+        OptimizerConfig(lr=0)
+
+
+def test_example_config_loads_and_unknown_keys_are_errors():
+    from pathlib import Path
+
+    from plait.experiment.config import ConfigError, from_dict, load_toml
+    from plait.ps.config import PSRunConfig
+
+    data = load_toml(Path(__file__).parents[1] / "examples" / "parameter_server.toml")
+    config = from_dict(PSRunConfig, data)
+    assert config.sync.kind == "ps" and config.sync.servers == 2 and config.sync.consistency == "ssp:3"
+    data["sync"]["consistancy"] = "bsp"
+    with pytest.raises(ConfigError, match="sync.consistancy"):
+        from_dict(PSRunConfig, data)
+    with pytest.raises(ConfigError, match="sync.consistency"):
+        from_dict(PSRunConfig, {"sync": {"consistency": "ssp"}})
+    with pytest.raises(ValueError, match="straggler.worker = 4"):
+        from_dict(PSRunConfig, {"straggler": {"worker": 4}}).check_workers(4)
