@@ -1,0 +1,27 @@
+"""Model and pipeline parallelism: partition a sequential model into stages, run GPipe or 1F1B schedules over
+micro-batches with point-to-point activations and gradients, replicate the pipeline (data × pipeline), serve it.
+
+    schedule.py   actions (stage, F/B, micro-batch) per stage; gpipe, 1f1b, forward-only; dry run (deadlocks)
+    partition.py  boundaries: explicit, balanced by parameter count, balanced by profiled time
+    stage.py      one stage on one rank: executes its row of a schedule; optional activation recomputation
+    comm.py       p2p transfers and the shape headers agreed before the first step
+    groups.py     r × p layout and the per-stage replica groups (gradient all-reduce)
+    inference.py  forward-only pipelined inference
+    memory.py     bytes of activations held per stage
+"""
+
+from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
+from plait.parallel.pipeline.inference import pipelined_forward, pipelined_predict
+from plait.parallel.pipeline.memory import ActivationMeter
+from plait.parallel.pipeline.partition import (balance, balance_by_params, balance_by_time, check_boundaries,
+                                               split_layers)
+from plait.parallel.pipeline.schedule import (Action, DeadlockError, DryRun, Schedule, ScheduleError, build_schedule,
+                                              bubble_theory, dry_run, forward_only, gpipe, one_f_one_b)
+from plait.parallel.pipeline.stage import Placement, PipelineStage, StepRecord, micro_batch_sizes
+
+__all__ = [
+    "Action", "ActivationMeter", "DeadlockError", "DryRun", "PipelineLayout", "PipelineStage", "Placement",
+    "ReplicaGroups", "Schedule", "ScheduleError", "StepRecord", "balance", "balance_by_params", "balance_by_time",
+    "bubble_theory", "build_schedule", "check_boundaries", "dry_run", "forward_only", "gpipe", "micro_batch_sizes",
+    "one_f_one_b", "pipelined_forward", "pipelined_predict", "split_layers",
+]

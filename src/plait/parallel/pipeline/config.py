@@ -1,0 +1,119 @@
+"""The root config of a model- or pipeline-parallel run (`plait train CONFIG.toml --nproc N`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "pipeline"
+    root: str = "runs"
+    seed: int = 0
+    threads: int = 1            # torch threads per rank (each rank is one stage)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if self.threads < 0:
+            raise ValueError(f"run.threads must be >= 0, got {self.threads}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    name: Literal["mlp", "2nn", "cnn"] = "mlp"
+    depth: int = 8              # mlp: number of Linear layers
+    hidden: int = 256           # mlp and 2nn: hidden width
+
+    def __post_init__(self) -> None:
+        if self.depth < 2:
+            raise ValueError(f"model.depth must be >= 2, got {self.depth}")
+        if self.hidden < 1:
+            raise ValueError(f"model.hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    name: Literal["mnist", "fashion_mnist"] = "mnist"
+    path: str | None = None     # a directory of IDX files instead of the packaged copy
+    batch_size: int = 64        # global batch: split across replicas, then into micro-batches
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    steps: int = 300
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    log_every: int = 10         # loss and bubble into metrics.jsonl every k steps
+    eval_every: int = 100       # test accuracy by pipelined inference every k steps (0: only at the end)
+    eval_examples: int = 10000  # test examples used for evaluation
+    checkpoint_every: int = 100  # 0: only at the end
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        for name in ("log_every", "eval_every", "checkpoint_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every == 0:
+            raise ValueError("train.log_every must be >= 1")
+        if self.eval_examples < 1:
+            raise ValueError(f"train.eval_examples must be >= 1, got {self.eval_examples}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelSection:
+    mode: Literal["model", "pipeline"] = "pipeline"
+    stages: int = 2
+    micro_batches: int | None = None   # default: 1 for model parallelism, 4 for a pipeline
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    replicas: int = 1                  # data × pipeline: r copies of the pipeline, r × stages ranks
+    partition: Literal["params", "time", "explicit"] = "params"
+    boundaries: list[int] = field(default_factory=list)  # explicit: index of the first layer of stages 1..p-1
+    recompute: bool = False            # keep only stage inputs; redo each forward during its backward
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"parallel.stages must be >= 1, got {self.stages}")
+        if self.replicas < 1:
+            raise ValueError(f"parallel.replicas must be >= 1, got {self.replicas}")
+        if self.micro_batches is None:
+            self.micro_batches = 1 if self.mode == "model" else 4
+        if self.micro_batches < 1:
+            raise ValueError(f"parallel.micro_batches must be >= 1, got {self.micro_batches}")
+        if self.mode == "model" and self.micro_batches != 1:
+            raise ValueError(f"parallel.mode = 'model' runs one micro-batch; parallel.micro_batches = "
+                             f"{self.micro_batches} asks for a pipeline (mode = 'pipeline')")
+        if self.partition == "explicit" and len(self.boundaries) != self.stages - 1:
+            raise ValueError(f"parallel.partition = 'explicit' needs parallel.boundaries with {self.stages - 1} "
+                             f"entries, got {self.boundaries}")
+        if self.partition != "explicit" and self.boundaries:
+            raise ValueError("parallel.boundaries is only used with parallel.partition = 'explicit'")
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineRunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def __post_init__(self) -> None:
+        per_replica, rest = divmod(self.data.batch_size, self.parallel.replicas)
+        if rest:
+            raise ValueError(f"data.batch_size = {self.data.batch_size} must be divisible by parallel.replicas = "
+                             f"{self.parallel.replicas}")
+        if per_replica < self.parallel.micro_batches:
+            raise ValueError(f"each replica's batch ({per_replica}) is smaller than parallel.micro_batches = "
+                             f"{self.parallel.micro_batches}")

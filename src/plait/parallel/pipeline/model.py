@@ -1,0 +1,35 @@
+"""Models as nn.Sequential, ready to be cut into stages."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from plait.core.models import mnist_2nn, mnist_cnn
+
+
+def deep_mlp(depth: int = 8, hidden: int = 256, num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
+    """Flatten, then `depth` Linear layers (ReLU between them): deep enough to cut into several equal stages.
+
+    He initialisation: PyTorch's default shrinks a ReLU network's activations by ~√3 per layer, which stalls a deep
+    MLP for hundreds of steps."""
+    if depth < 2:
+        raise ValueError(f"model.depth must be >= 2, got {depth}")
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    layers.append(nn.Linear(hidden, num_classes))
+    for layer in layers[:-1]:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+def build_sequential(name: str, depth: int = 8, hidden: int = 256) -> nn.Sequential:
+    if name == "mlp":
+        return deep_mlp(depth, hidden)
+    if name == "2nn":
+        return mnist_2nn(hidden)
+    if name == "cnn":
+        return mnist_cnn()
+    raise ValueError(f"model.name = {name!r} cannot be pipelined; choose mlp, 2nn or cnn")

@@ -1,0 +1,80 @@
+"""`plait train CONFIG --nproc 2` for a pipeline on MNIST: run directory, metrics, checkpoints, and --resume
+ending exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from plait.cli import app
+from plait.experiment.checkpoint import load_checkpoint
+from plait.parallel import pipeline_train
+
+CONFIG = """
+[run]
+name = "{name}"
+root = "{root}"
+seed = 3
+[model]
+name = "mlp"
+depth = 3
+hidden = 32
+[data]
+batch_size = 16
+[train]
+steps = 4
+lr = 0.05
+log_every = 1
+eval_every = 4
+eval_examples = 300
+checkpoint_every = 2
+[parallel]
+mode = "pipeline"
+stages = 2
+micro_batches = 3
+schedule = "gpipe"
+"""
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_pipeline_run_and_resume(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.format(name="whole", root=tmp_path / "runs"))
+    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    whole = tmp_path / "runs" / "whole"
+    assert "stage 1: F0 F1 F2 B0 B1 B2" in result.output and "test accuracy" in result.output
+    records = _metrics(whole / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(0 <= r["bubble"] < 1 and r["loss"] > 0 for r in records if "loss" in r)
+    accuracy = [r["accuracy"] for r in records if "accuracy" in r]
+    assert len(accuracy) == 1 and 0 <= accuracy[0] <= 1
+    assert int(load_checkpoint(whole / "checkpoint.pt")["step"]) == 4
+    assert sorted(p.name for p in whole.glob("stage*.pt")) == ["stage0.step4.pt", "stage1.step4.pt"]
+
+    # the same run cut after 2 steps, then resumed to 4, ends with the same weights and the same metrics
+    config.write_text(CONFIG.format(name="cut", root=tmp_path / "runs"))
+    pipeline_train.main(config, nproc=2, resume=False, overrides=["train.steps=2"], allreduce=None)
+    pipeline_train.main(config, nproc=2, resume=True, overrides=[], allreduce=None)
+    cut = tmp_path / "runs" / "cut"
+    for stage in (0, 1):
+        a = load_checkpoint(whole / f"stage{stage}.step4.pt")["model"]
+        b = load_checkpoint(cut / f"stage{stage}.step4.pt")["model"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    resumed = _metrics(cut / "metrics.jsonl")
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in records if "loss" in r]
+
+
+def test_cli_rejects_a_world_size_that_does_not_fit(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.format(name="bad", root=tmp_path / "runs"))
+    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "3", "--set", "parallel.replicas=2"])
+    assert result.exit_code == 2
+    assert "parallel.replicas × parallel.stages = 2 × 2 = 4 ranks, but 3 were started" in result.output
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing was created for a run that cannot start
