@@ -100,7 +100,10 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
         module = importlib.import_module(_TRAIN_ENTRIES[entry])
     except ModuleNotFoundError as err:
         _fail(f"parallel.mode = {mode!r} / sync.kind = {sync!r} is not available in this build ({err})")
-    module.main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
+    try:
+        module.main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(str(err))
 
 
 # `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).

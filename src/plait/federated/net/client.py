@@ -22,10 +22,14 @@ from plait.core.flat import flat_params
 from plait.core.models import build_model
 from plait.data.federated import load_federated
 from plait.federated.client_update import ClientData, client_update
+from plait.federated.secagg import messages
+from plait.federated.secagg.protocol import SecAggError
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import read_key
 from plait.federated.net.config import LOOPBACK, NetworkRunConfig
-from plait.federated.net.connection import Connection, Task
+from plait.federated.net.connection import Connection, SecAggTask, Task
+from plait.federated.net.pipeline import pipeline_fingerprint
+from plait.federated.pipeline import ClientStages
 from plait.federated.net.tls import client_credentials
 
 log = logging.getLogger("plait.fl.client")
@@ -95,6 +99,10 @@ class NetClient:
         self._stop = threading.Event()
         self._rng = np.random.default_rng([config.run.seed, 17, opts.client_id])  # backoff jitter
         self.rounds_done = 0
+        # The client half of the update pipeline; its error-feedback residuals live here, across rounds.
+        self.stages = ClientStages(config.fl.privacy, config.fl.compression, config.run.seed)
+        self.secagg = None  # this round's SecAggClient (fl.strategy.name = "secagg")
+        self._secagg_round = -1
 
     def _register(self) -> None:
         reply = self.conn.register(self.opts.properties, len(self.data))
@@ -102,6 +110,11 @@ class NetClient:
             raise ValueError(f"client {self.opts.client_id}: the server trains {reply.model} with "
                              f"{reply.num_params} parameters, this client's config has {self.config.model.name} "
                              f"with {self.num_params}: use the server's config file")
+        mine = pipeline_fingerprint(self.config.fl)
+        if reply.pipeline != mine:
+            raise ValueError(f"client {self.opts.client_id}: the server's update pipeline {reply.pipeline} differs "
+                             f"from this client's config {mine} (fl.strategy, fl.privacy, fl.compression): use the "
+                             "server's config file")
         self.session = reply.session
         log.info("client %d: registered (session %s)", self.opts.client_id, reply.session)
 
@@ -119,12 +132,50 @@ class NetClient:
 
     def _train_and_push(self, task: Task) -> None:
         update = client_update(self.model, self.spec, task.params, self.data, task.plan)
+        loss, cid = float(update.metrics.get("train_loss", 0.0)), self.opts.client_id
+        # client stages as simulated: local DP, then compression (error feedback kept by this process)
+        encoded = self.stages.encode(cid, update.delta, task.round)
         if self.opts.slow_s:
             time.sleep(self.opts.slow_s)
-        reply = self.conn.push_update(self.session, task, update.delta, update.num_examples,
-                                      float(update.metrics.get("train_loss", 0.0)))
+        if self.config.fl.strategy.name == "secagg":
+            if self.secagg is None or self.secagg.state.round_id != task.round:
+                raise RuntimeError(f"client {cid}: a round {task.round} task without this round's key agreement")
+            weight = update.num_examples if self.config.fl.strategy.weighting == "examples" else 1
+            try:
+                masked = self.secagg.masked_input(self.stages.decode(cid, encoded), weight)
+            except SecAggError as err:  # e.g. more examples than secagg.max_weight: the server drops this client
+                log.error("client %d: round %d: %s", cid, task.round, err)
+                return
+            reply = self.conn.push_secagg(self.session, task.round, task.task_id, messages.encode(masked),
+                                          num_examples=update.num_examples, train_loss=loss)
+        elif encoded.codec == "none":
+            reply = self.conn.push_update(self.session, task, encoded.tensors["values"], update.num_examples, loss)
+        else:
+            reply = self.conn.push_compressed(self.session, task, encoded.codec, encoded.tensors, update.num_examples,
+                                              loss)
         log.info("client %d: round %d pushed (%s)", self.opts.client_id, task.round, reply.message)
         self.rounds_done += 1
+
+    def _secagg_step(self, task: SecAggTask) -> None:
+        """One server message of the secure-aggregation protocol in, this client's reply (if any) out."""
+        from plait.federated.secagg import SecAggClient
+
+        cid = self.opts.client_id
+        if not task.payload:  # the server asks for this round's keys: a fresh client half for the round
+            self.secagg = SecAggClient(cid, self.config.fl.strategy.secagg)
+            self._secagg_round = task.round
+        elif self.secagg is None or self._secagg_round != task.round:
+            log.error("client %d: a secure-aggregation message for round %d without its keys, ignored", cid,
+                      task.round)
+            return
+        try:
+            reply = self.secagg.respond(messages.decode(task.payload) if task.payload else None)
+        except (SecAggError, ValueError) as err:  # the round cannot go on for this client; the server drops it
+            log.error("client %d: round %d: %s", cid, task.round, err)
+            self.secagg = None
+            return
+        if reply is not None:
+            self.conn.push_secagg(self.session, task.round, task.task_id, messages.encode(reply))
 
     def run(self) -> int:
         beat = threading.Thread(target=self._beat, name="plait-heartbeat", daemon=True)
@@ -137,7 +188,9 @@ class NetClient:
                         self._register()
                     task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params)
                     failing_since, attempt = None, 0
-                    if isinstance(task, Task):
+                    if isinstance(task, SecAggTask):
+                        self._secagg_step(task)
+                    elif isinstance(task, Task):
                         self._train_and_push(task)
                     elif task.kind == pb.TaskHeader.DONE:
                         log.info("client %d: training finished after round %d", self.opts.client_id, task.round)

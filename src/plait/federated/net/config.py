@@ -79,14 +79,11 @@ class NetworkRunConfig:
         if self.fl.federated_eval_every:
             raise ValueError("fl.federated_eval_every is not supported over the network: clients' held-out data "
                              "stays on the clients; use fl.eval_every (central test set)")
-        for name in ("privacy", "compression", "attack"):  # update-pipeline stages the network path lacks yet
-            section = getattr(self.fl, name, None)
-            if section is not None and section != type(section)():
-                raise ValueError(f"fl.{name} is not supported by the network server yet; remove [fl.{name}] "
-                                 "or run the simulator (`plait run`)")
-        if self.fl.strategy.name == "secagg":
-            raise ValueError("fl.strategy.name = 'secagg' needs client-side masking, which the network clients do "
-                             "not run yet; use fedavg or a robust rule, or the simulator")
+        # Secure aggregation, local DP and compression run in the client processes, central DP on the server.
+        # Attacks are an experiment of the simulator: a real deployment does not poison its own clients.
+        if self.fl.attack != type(self.fl.attack)():
+            raise ValueError("fl.attack simulates attackers and is not supported by the network server; remove "
+                             "[fl.attack] or run the simulator (`plait run`)")
         if self.fl.devices != DeviceConfig():
             warnings.warn("fl.devices simulates device speeds and is ignored by the network server; real "
                           "stragglers are dropped at net.round_timeout_s", stacklevel=2)

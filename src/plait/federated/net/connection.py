@@ -10,7 +10,8 @@ import torch
 
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import sign
-from plait.federated.net.wire import SERVICE, TensorAssembler, check_header, grpc_options, iter_chunks, tensor_header
+from plait.federated.net.wire import SERVICE, TensorAssembler, check_header, grpc_options, iter_chunks, \
+    part_headers, tensor_header
 from plait.federated.plan import TrainingPlan
 
 # The channel's own reconnect backoff stays short; the client's loop adds its own, jittered, on top.
@@ -26,6 +27,17 @@ class Task:
     params: torch.Tensor
 
 
+@dataclass(slots=True)
+class SecAggTask:
+    round: int
+    task_id: str
+    payload: bytes   # an encoded server message (secagg.messages); empty: advertise this round's keys
+
+
+# A server message carries a few keys or shares per neighbour: far below this, which bounds what a client reads.
+MAX_SECAGG_DOWN = 64 << 20
+
+
 class Connection:
     def __init__(self, address: str, client_id: int, key: bytes | None,
                  credentials: grpc.ChannelCredentials | None = None, chunk_bytes: int = 1 << 20):
@@ -39,6 +51,7 @@ class Connection:
         self._heartbeat = self.channel.unary_unary(method("Heartbeat"), ser, pb.HeartbeatReply.FromString)
         self._get_task = self.channel.unary_stream(method("GetTask"), ser, pb.TaskChunk.FromString)
         self._push = self.channel.stream_unary(method("PushUpdate"), ser, pb.PushReply.FromString)
+        self._push_secagg = self.channel.stream_unary(method("SecAggPush"), ser, pb.PushReply.FromString)
 
     def metadata(self, method: str) -> list[tuple[str, str]]:
         return sign(self.key, method, self.client_id) if self.key is not None else []
@@ -53,14 +66,26 @@ class Connection:
                                       properties=pb.Properties(**properties))
         return self._heartbeat(request, metadata=self.metadata("Heartbeat"), timeout=timeout)
 
-    def get_task(self, session: str, wait_s: float, num_params: int) -> pb.TaskHeader | Task:
-        """A TRAIN task with its weights, or the bare header of a WAIT / DONE answer."""
+    def get_task(self, session: str, wait_s: float, num_params: int) -> pb.TaskHeader | Task | SecAggTask:
+        """A TRAIN task with its weights, a SECAGG message, or the bare header of a WAIT / DONE answer."""
         request = pb.TaskRequest(client_id=self.client_id, session=session, wait_s=wait_s)
         stream = self._get_task(request, metadata=self.metadata("GetTask"), timeout=wait_s + 60)
         first = next(stream)
         if first.WhichOneof("part") != "header":
             raise ValueError("GetTask: the server's stream did not start with a header")
         header = first.header
+        if header.kind == pb.TaskHeader.SECAGG:
+            if not 0 <= header.secagg_bytes <= MAX_SECAGG_DOWN:
+                raise ValueError(f"GetTask: a secure-aggregation message of {header.secagg_bytes} bytes")
+            payload = bytearray()
+            for chunk in stream:
+                payload += chunk.data
+                if len(payload) > header.secagg_bytes:
+                    raise ValueError("GetTask: the secure-aggregation message is longer than its header says")
+            if len(payload) != header.secagg_bytes:
+                raise ValueError(f"GetTask: secure-aggregation message ended after {len(payload)} of "
+                                 f"{header.secagg_bytes} bytes")
+            return SecAggTask(header.round, header.task_id, bytes(payload))
         if header.kind != pb.TaskHeader.TRAIN:
             stream.cancel()
             return header
@@ -81,6 +106,26 @@ class Connection:
         chunks = [pb.UpdateChunk(header=header)]
         return self.push_chunks(chunks + [pb.UpdateChunk(data=c) for c in iter_chunks(delta, self.chunk_bytes)],
                                 timeout)
+
+    def push_compressed(self, session: str, task: Task, codec: str, tensors: dict[str, torch.Tensor],
+                        num_examples: int, train_loss: float, timeout: float = 120) -> pb.PushReply:
+        """A compressed update: the codec's named tensors, their bytes one after the other."""
+        header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
+                                 num_examples=num_examples, train_loss=train_loss, codec=codec,
+                                 parts=part_headers(tensors))
+        data = [pb.UpdateChunk(data=c) for t in tensors.values() if t.numel()
+                for c in iter_chunks(t, self.chunk_bytes)]
+        return self.push_chunks([pb.UpdateChunk(header=header)] + data, timeout)
+
+    def push_secagg(self, session: str, round_idx: int, task_id: str, payload: bytes, *, num_examples: int = 0,
+                    train_loss: float = 0.0, timeout: float = 120) -> pb.PushReply:
+        """One encoded secure-aggregation message (secagg.messages.encode), in chunks."""
+        header = pb.SecAggHeader(client_id=self.client_id, session=session, round=round_idx, task_id=task_id,
+                                 num_bytes=len(payload), num_examples=num_examples, train_loss=train_loss)
+        view = memoryview(payload)
+        chunks = [pb.SecAggChunk(header=header)] + [pb.SecAggChunk(data=bytes(view[i : i + self.chunk_bytes]))
+                                                     for i in range(0, len(payload), self.chunk_bytes)]
+        return self._push_secagg(iter(chunks), metadata=self.metadata("SecAggPush"), timeout=timeout)
 
     def push_chunks(self, chunks: Iterable[pb.UpdateChunk], timeout: float = 120) -> pb.PushReply:
         """Stream any sequence of chunks (the update path, and tests that send broken ones)."""

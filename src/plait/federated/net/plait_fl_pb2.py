@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eplait_fl.proto\x12\x0bplait.fl.v1\"?\n\nProperties\x12\x10\n\x08\x63harging\x18\x01 \x01(\x08\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x12\x11\n\tunmetered\x18\x03 \x01(\x08\"g\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.plait.fl.v1.Properties\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"X\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_params\x18\x04 \x01(\x03\"c\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.plait.fl.v1.Properties\".\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"A\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"\x90\x01\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tmax_steps\x18\x07 \x01(\x03\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"?\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\"\xcb\x01\n\nTaskHeader\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.plait.fl.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.plait.fl.v1.Plan\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"N\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.plait.fl.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa7\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12)\n\x06tensor\x18\x07 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eplait_fl.proto\x12\x0bplait.fl.v1\"?\n\nProperties\x12\x10\n\x08\x63harging\x18\x01 \x01(\x08\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x12\x11\n\tunmetered\x18\x03 \x01(\x08\"g\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.plait.fl.v1.Properties\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"j\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_params\x18\x04 \x01(\x03\x12\x10\n\x08pipeline\x18\x05 \x01(\t\"c\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.plait.fl.v1.Properties\".\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"A\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"\x90\x01\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tmax_steps\x18\x07 \x01(\x03\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"M\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xed\x01\n\nTaskHeader\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.plait.fl.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.plait.fl.v1.Plan\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\x14\n\x0csecagg_bytes\x18\x06 \x01(\x03\"1\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\n\n\x06SECAGG\x10\x03\"N\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.plait.fl.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xe0\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12)\n\x06tensor\x18\x07 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12(\n\x05parts\x18\t \x03(\x0b\x32\x19.plait.fl.v1.TensorHeader\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0cSecAggHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x11\n\tnum_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\"R\n\x0bSecAggChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.SecAggHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04partb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=96
   _globals['_REGISTERREQUEST']._serialized_end=199
   _globals['_REGISTERREPLY']._serialized_start=201
-  _globals['_REGISTERREPLY']._serialized_end=289
-  _globals['_HEARTBEATREQUEST']._serialized_start=291
-  _globals['_HEARTBEATREQUEST']._serialized_end=390
-  _globals['_HEARTBEATREPLY']._serialized_start=392
-  _globals['_HEARTBEATREPLY']._serialized_end=438
-  _globals['_TASKREQUEST']._serialized_start=440
-  _globals['_TASKREQUEST']._serialized_end=505
-  _globals['_PLAN']._serialized_start=508
-  _globals['_PLAN']._serialized_end=652
-  _globals['_TENSORHEADER']._serialized_start=654
-  _globals['_TENSORHEADER']._serialized_end=717
-  _globals['_TASKHEADER']._serialized_start=720
-  _globals['_TASKHEADER']._serialized_end=923
-  _globals['_TASKHEADER_KIND']._serialized_start=886
-  _globals['_TASKHEADER_KIND']._serialized_end=923
-  _globals['_TASKCHUNK']._serialized_start=925
-  _globals['_TASKCHUNK']._serialized_end=1003
-  _globals['_UPDATEHEADER']._serialized_start=1006
-  _globals['_UPDATEHEADER']._serialized_end=1173
-  _globals['_UPDATECHUNK']._serialized_start=1175
-  _globals['_UPDATECHUNK']._serialized_end=1257
-  _globals['_PUSHREPLY']._serialized_start=1259
-  _globals['_PUSHREPLY']._serialized_end=1305
+  _globals['_REGISTERREPLY']._serialized_end=307
+  _globals['_HEARTBEATREQUEST']._serialized_start=309
+  _globals['_HEARTBEATREQUEST']._serialized_end=408
+  _globals['_HEARTBEATREPLY']._serialized_start=410
+  _globals['_HEARTBEATREPLY']._serialized_end=456
+  _globals['_TASKREQUEST']._serialized_start=458
+  _globals['_TASKREQUEST']._serialized_end=523
+  _globals['_PLAN']._serialized_start=526
+  _globals['_PLAN']._serialized_end=670
+  _globals['_TENSORHEADER']._serialized_start=672
+  _globals['_TENSORHEADER']._serialized_end=749
+  _globals['_TASKHEADER']._serialized_start=752
+  _globals['_TASKHEADER']._serialized_end=989
+  _globals['_TASKHEADER_KIND']._serialized_start=940
+  _globals['_TASKHEADER_KIND']._serialized_end=989
+  _globals['_TASKCHUNK']._serialized_start=991
+  _globals['_TASKCHUNK']._serialized_end=1069
+  _globals['_UPDATEHEADER']._serialized_start=1072
+  _globals['_UPDATEHEADER']._serialized_end=1296
+  _globals['_UPDATECHUNK']._serialized_start=1298
+  _globals['_UPDATECHUNK']._serialized_end=1380
+  _globals['_PUSHREPLY']._serialized_start=1382
+  _globals['_PUSHREPLY']._serialized_end=1428
+  _globals['_SECAGGHEADER']._serialized_start=1431
+  _globals['_SECAGGHEADER']._serialized_end=1574
+  _globals['_SECAGGCHUNK']._serialized_start=1576
+  _globals['_SECAGGCHUNK']._serialized_end=1658
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from plait.federated.client_update import Update
 from plait.federated.plan import TrainingPlan
@@ -31,10 +32,11 @@ class RoundState:
     target: int
     plans: dict[int, TrainingPlan]
     payload: bytes                # the global weights' raw bytes, made once and streamed to every client
-    aggregator: Aggregator
+    aggregator: Aggregator | None
     task_ids: dict[int, str] = field(default_factory=dict)
     reported: list[int] = field(default_factory=list)
     gone: set[int] = field(default_factory=set)       # heartbeat lost or deadline passed: dropped
+    lost: int = 0                                     # secure aggregation: dropped when their heartbeat stopped
     late: int = 0                                     # surplus reports after the target was reached
     loss_sum: float = 0.0
     examples: int = 0
@@ -42,21 +44,28 @@ class RoundState:
     bytes_up: int = 0
     closed: bool = False
     complete: asyncio.Event = field(default_factory=asyncio.Event)
+    secagg: Any = None            # SecAggRound when fl.strategy.name = "secagg": updates arrive masked
+    changed: asyncio.Event = field(default_factory=asyncio.Event)     # set on every accepted client message
 
     def __post_init__(self) -> None:
         self.task_ids = {cid: secrets.token_hex(8) for cid in self.selected}
 
     def waiting_on(self, cid: int) -> bool:
         """True while `cid` holds a task of this round that may still be reported."""
-        return (not self.closed and cid in self.task_ids and cid not in self.gone
-                and cid not in self.reported)
+        if self.closed or cid not in self.task_ids or cid in self.gone:
+            return False
+        if self.secagg is not None:  # the protocol decides what this client fetches next (even after reporting)
+            return self.secagg.next_item(cid) is not None
+        return cid not in self.reported
 
     def outstanding(self) -> list[int]:
         return [cid for cid in self.selected if cid not in self.gone and cid not in self.reported]
 
     def add(self, cid: int, update: Update, num_bytes: int) -> None:
-        self.aggregator.add(cid, update)
+        if self.aggregator is not None:  # None under secure aggregation: the masked input went to the protocol
+            self.aggregator.add(cid, update)
         self.reported.append(cid)
+        self.changed.set()
         self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
         self.examples += update.num_examples
         self.bytes_up += num_bytes

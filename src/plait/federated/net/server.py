@@ -6,6 +6,10 @@ properties → broadcast weights and per-client plans → collect until the targ
 deadline (stragglers and silent clients dropped in real time) → aggregate (make_aggregator) → server optimizer →
 evaluate → metrics line and atomic checkpoint. Randomness comes from (seed, round, client) as in the simulator, so
 with the same clients connected a networked run reproduces the simulation, and a resumed run the uninterrupted one.
+
+The update pipeline runs as in the simulator: clients compress / add local-DP noise (`pipeline.py`), the server
+decompresses, central DP wraps the aggregator and ε is accounted per round (stop at the budget); with
+`fl.strategy.name = "secagg"` the round is the secure-aggregation protocol of `secagg_round.py` instead.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import grpc
 import numpy as np
 import torch
 
+from plait.core.compress import Encoded
 from plait.core.flat import flat_params
 from plait.core.models import build_model
 from plait.data.federated import load_federated
@@ -36,15 +41,20 @@ from plait.federated.evaluate import evaluate
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import Verifier, read_key
 from plait.federated.net.config import NetworkRunConfig
+from plait.federated.net.pipeline import PrivacyBook, pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
+from plait.federated.net.secagg_round import TRAIN, SecAggRound
 from plait.federated.net.status import StatusBoard, serve_status
 from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import REASONS, SERVICE, Malformed, TensorAssembler, WireError, check_header, \
-    grpc_options, safe_parser
+    check_parts, grpc_options, safe_parser, split_parts
+from plait.federated.pipeline import ClientStages
+from plait.federated.secagg.aggregator import weighted_mean
+from plait.federated.secagg.messages import MaskedInput
+from plait.federated.secagg.protocol import SecAggError
 from plait.federated.selection import requires, select_clients
 from plait.federated.server import ServerState, client_seed
 from plait.federated.server_opt import build_server_opt
-from plait.federated.strategy import make_aggregator
 
 log = logging.getLogger("plait.fl.server")
 
@@ -77,6 +87,10 @@ class NetServer:
         initial, self.spec = flat_params(self.model)
         self.numel = initial.numel()
         self.server_opt = build_server_opt(config.fl.server_opt)
+        # the update pipeline: decompression here, clients run the encoding half; central DP and ε as simulated
+        self.stages = ClientStages(config.fl.privacy, config.fl.compression, config.run.seed)
+        self.privacy = PrivacyBook(config.fl, config.run.seed, data.num_clients, initial, self.server_opt)
+        self.fingerprint = pipeline_fingerprint(config.fl)
         if resume:
             ckpt = load_checkpoint(self.run.checkpoint_path)
             if ckpt["params"].shape != initial.shape:
@@ -86,7 +100,7 @@ class NetServer:
             self.state = ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
         else:
             self.run.write_config(config)
-            self.state = ServerState(0, initial.clone(), self.server_opt.init(initial))
+            self.state = self.privacy.initial_state()
         self.history = [{k: r.get(k) for k in ("round", "accuracy", "loss", "participants", "dropped")}
                         for r in read_metrics(self.run.metrics_path)]
         master = None
@@ -116,6 +130,8 @@ class NetServer:
                 self.get_task, request_deserializer=safe_parser(pb.TaskRequest), response_serializer=ser),
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
                 self.push_update, request_deserializer=safe_parser(pb.UpdateChunk), response_serializer=ser),
+            "SecAggPush": grpc.stream_unary_rpc_method_handler(
+                self.push_secagg, request_deserializer=safe_parser(pb.SecAggChunk), response_serializer=ser),
         })
 
     async def _refuse(self, context, err: WireError, who: str) -> None:
@@ -162,7 +178,7 @@ class NetServer:
         log.info("client %d %s (%d examples)", cid, "re-registered" if previous else "registered",
                  request.num_examples)
         return pb.RegisterReply(session=self.clients[cid].session, heartbeat_s=self.config.net.heartbeat_s,
-                                model=self.config.model.name, num_params=self.numel)
+                                model=self.config.model.name, num_params=self.numel, pipeline=self.fingerprint)
 
     async def heartbeat(self, request, context):
         cid = await self._authenticate(context, "Heartbeat", request)
@@ -188,6 +204,15 @@ class NetServer:
                 return
             rnd = self.round
             if rnd is not None and rnd.waiting_on(cid):
+                item = rnd.secagg.next_item(cid) if rnd.secagg is not None else TRAIN
+                if item is not TRAIN:  # a secure-aggregation message of this round
+                    rnd.secagg.sent(cid, item)
+                    yield pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.SECAGG, round=rnd.idx,
+                                                            task_id=rnd.task_ids[cid], secagg_bytes=len(item)))
+                    step = self.config.net.chunk_bytes
+                    for start in range(0, len(item), step):
+                        yield pb.TaskChunk(data=item[start : start + step])
+                    return
                 async for chunk in self._stream_task(rnd, cid):
                     yield chunk
                 return
@@ -229,17 +254,23 @@ class NetServer:
         what = f"update from client {cid} for round {h.round}"
         try:
             rnd = self._open_task(cid, h, what)
-            check_header(h.tensor, self.numel, what)
+            if rnd.secagg is not None:
+                raise WireError("malformed", f"{what}: the round runs secure aggregation; send SecAggPush")
+            compressed = self._check_codec(h, what)
+            if not compressed:
+                check_header(h.tensor, self.numel, what)
             if h.num_examples < 1:
                 raise WireError("malformed", f"{what}: num_examples must be >= 1, got {h.num_examples}")
             if not math.isfinite(h.train_loss):
                 raise WireError("nonfinite", f"{what}: train_loss is {h.train_loss}")
-            assembler = TensorAssembler(h.tensor, what)
+            total = check_parts(h.parts, self.numel * 8 + 64, what) if compressed else 0
+            assembler = TensorAssembler(pb.TensorHeader(dtype="uint8", shape=[total], num_bytes=total)
+                                        if compressed else h.tensor, what)
             async for chunk in stream:
                 if isinstance(chunk, Malformed) or chunk.WhichOneof("part") != "data":
                     raise WireError("malformed", f"{what}: expected a data chunk after the header")
                 assembler.add(chunk.data)
-            delta = assembler.tensor()
+            delta = self._decompress(cid, h, assembler, what) if compressed else assembler.tensor()
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
         except WireError as err:
             await self._refuse(context, err, f"client {cid}")
@@ -248,6 +279,92 @@ class NetServer:
             return pb.PushReply(accepted=False, message=f"round {rnd.idx} already has its {rnd.target} updates")
         rnd.add(cid, Update(delta, h.num_examples, {"train_loss": h.train_loss}), len(assembler.buffer))
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: update {len(rnd.reported)}/{rnd.target}")
+
+    def _check_codec(self, h, what: str) -> bool:
+        """True for a compressed update (codec and parts instead of one float32 tensor), of the server's codec."""
+        codec = self.config.fl.compression.codec
+        if not h.codec and not h.parts:
+            if codec != "none":
+                raise WireError("malformed", f"{what}: an uncompressed update; fl.compression.codec is {codec!r}")
+            return False
+        if h.codec != codec or h.HasField("tensor"):
+            raise WireError("malformed", f"{what}: compressed with {h.codec!r}; fl.compression.codec is {codec!r}")
+        return True
+
+    def _decompress(self, cid: int, h, assembler: TensorAssembler, what: str) -> torch.Tensor:
+        if assembler.received != len(assembler.buffer):
+            raise WireError("malformed", f"{what}: stream ended after {assembler.received} of "
+                                         f"{len(assembler.buffer)} bytes")
+        tensors = split_parts(assembler.buffer, h.parts, what)
+        enc = Encoded(h.codec, (self.numel,), torch.float32, tensors, len(assembler.buffer))
+        try:
+            delta = self.stages.decode(cid, enc)
+        except (ValueError, KeyError, IndexError, RuntimeError, TypeError) as err:
+            raise WireError("malformed", f"{what}: {err} (stage decompress)") from err
+        if delta.shape != (self.numel,) or delta.dtype != torch.float32:
+            raise WireError("shape", f"{what}: decompresses to {delta.dtype} {tuple(delta.shape)}")
+        if not bool(torch.isfinite(delta).all()):
+            raise WireError("nonfinite", f"{what}: decompresses to NaN/Inf values")
+        return delta
+
+    async def push_secagg(self, request_iterator, context):
+        """One secure-aggregation message from a client (its keys, shares, masked input or unmask shares)."""
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is None or isinstance(first, Malformed) or first.WhichOneof("part") != "header":
+            error = first.error if isinstance(first, Malformed) else "first message must be a SecAggHeader"
+            await self._refuse(context, WireError("malformed", f"SecAggPush: {error}"), "a peer")
+        h = first.header
+        cid = await self._authenticate(context, "SecAggPush", h)
+        await self._session(context, cid, h.session)
+        what = f"secure-aggregation message from client {cid} for round {h.round}"
+        try:
+            rnd = self._open_secagg(cid, h, what)
+            limit = 8 * (self.numel + 2) + 256 * (len(rnd.selected) + 1) + 64
+            if not 0 < h.num_bytes <= limit:
+                raise WireError("oversized" if h.num_bytes > limit else "malformed",
+                                f"{what}: declares {h.num_bytes} bytes (at most {limit})")
+            if not math.isfinite(h.train_loss) or h.num_examples < 0:
+                raise WireError("malformed", f"{what}: train_loss {h.train_loss}, num_examples {h.num_examples}")
+            payload = bytearray()
+            async for chunk in stream:
+                if isinstance(chunk, Malformed) or chunk.WhichOneof("part") != "data":
+                    raise WireError("malformed", f"{what}: expected a data chunk after the header")
+                payload += chunk.data
+                if len(payload) > h.num_bytes:
+                    raise WireError("oversized", f"{what}: more than the {h.num_bytes} bytes its header declared")
+            if len(payload) != h.num_bytes:
+                raise WireError("malformed", f"{what}: ended after {len(payload)} of {h.num_bytes} bytes")
+            rnd = self._open_secagg(cid, h, what)
+            try:
+                msg = rnd.secagg.receive(cid, bytes(payload))
+            except ValueError as err:
+                raise WireError("malformed", f"{what}: {err}") from err
+            except SecAggError as err:  # out of step with the protocol (late, repeated, for the wrong clients)
+                raise WireError("stale", f"{what}: {err}") from err
+        except WireError as err:
+            await self._refuse(context, err, f"client {cid}")
+        if isinstance(msg, MaskedInput):
+            rnd.loss_sum += h.train_loss * h.num_examples
+            rnd.examples += h.num_examples
+            rnd.reported.append(cid)
+        rnd.changed.set()
+        return pb.PushReply(accepted=True, message=f"round {rnd.idx}: {type(msg).__name__} accepted "
+                                                   f"(stage {rnd.secagg.stage})")
+
+    def _open_secagg(self, cid: int, h, what: str) -> RoundState:
+        rnd = self.round
+        if rnd is None or h.round != rnd.idx or rnd.secagg is None:
+            current = rnd.idx if rnd is not None else self.state.round
+            raise WireError("stale", f"{what}: the server is at round {current} without secure aggregation open")
+        if rnd.task_ids.get(cid) != h.task_id:
+            raise WireError("stale", f"{what}: task {h.task_id!r} is not this client's task for the round")
+        if rnd.closed or cid in rnd.gone:
+            raise WireError("stale", f"{what}: the client {'was dropped' if cid in rnd.gone else 'round is closed'}")
+        return rnd
 
     def _open_task(self, cid: int, h, what: str) -> RoundState:
         rnd = self.round
@@ -295,10 +412,19 @@ class NetServer:
         plans = {cid: fl.plan.for_client(client_seed(self.config.run.seed, round_idx, cid))
                  for cid in selection.selected}
         payload = self.state.params.detach().contiguous().numpy().tobytes()  # one copy for every client
-        aggregator = make_aggregator(fl.strategy, self.numel, seed=self.config.run.seed, round_idx=round_idx)
-        if hasattr(aggregator, "begin"):  # strategies that need the selected set up front
-            aggregator.begin(list(selection.selected))
-        rnd = RoundState(round_idx, selection.selected, selection.target, plans, payload, aggregator)
+        secagg = aggregator = None
+        if fl.strategy.name == "secagg":  # the protocol's server half; the client halves run in the clients
+            try:
+                secagg = SecAggRound(fl.strategy, self.numel, selection.selected, seed=self.config.run.seed,
+                                     round_idx=round_idx)
+            except SecAggError as err:  # e.g. fewer than 2 clients selected
+                record["secagg_error"] = str(err)
+                return None, record
+        else:  # the simulator's aggregator: the strategy, wrapped by central DP when it is on
+            aggregator = self.privacy.aggregator(self.state, round_idx)
+            if hasattr(aggregator, "begin"):  # strategies that need the selected set up front
+                aggregator.begin(list(selection.selected))
+        rnd = RoundState(round_idx, selection.selected, selection.target, plans, payload, aggregator, secagg=secagg)
         return rnd, record
 
     async def _collect(self, rnd: RoundState) -> int:
@@ -327,30 +453,96 @@ class NetServer:
         rnd.closed = True
         return lost
 
+    async def _wait_stage(self, rnd: RoundState, pending, enough, deadline: float) -> None:
+        """Until every client `pending()` names answered or was dropped (heartbeat lost, deadline), or `enough()`."""
+        self._wake_pollers()  # the stage's messages were just posted: clients holding a poll fetch them now
+        while not enough():
+            alive = self._alive()
+            for cid in sorted(pending()):
+                if cid not in alive:  # heartbeat stopped: drop it now rather than at the deadline
+                    rnd.gone.add(cid)
+                    rnd.secagg.drop(cid)
+                    rnd.lost += 1
+                    log.warning("round %d: client %d lost (no heartbeat for %.1f s) in stage %s, dropped", rnd.idx,
+                                cid, self.config.net.heartbeat_timeout_s, rnd.secagg.stage)
+            if not pending():
+                return
+            if time.monotonic() >= deadline:
+                log.warning("round %d: deadline passed in stage %s, dropping %s", rnd.idx, rnd.secagg.stage,
+                            sorted(pending()))
+                for cid in pending():
+                    rnd.gone.add(cid)
+                    rnd.secagg.drop(cid)
+                return
+            rnd.changed.clear()
+            try:
+                await asyncio.wait_for(rnd.changed.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _collect_secagg(self, rnd: RoundState, record: dict[str, Any]) -> torch.Tensor | None:
+        """Run the protocol's stages with the selected clients; the weighted mean, or None (record says why)."""
+        deadline = time.monotonic() + self.config.net.round_timeout_s
+        wait = lambda pending, enough: self._wait_stage(rnd, pending, enough, deadline)  # noqa: E731
+        try:
+            outcome = await rnd.secagg.run(rnd.selected, rnd.target, wait, rnd.gone)
+            mean = weighted_mean(outcome)
+        except SecAggError as err:  # too many dropouts: this round releases nothing
+            record["secagg_error"] = str(err)
+            log.warning("round %d: %s", rnd.idx, err)
+            return None
+        finally:
+            rnd.closed = True
+        record.update(secagg_dropped=len(outcome.dropped), participants=len(outcome.survivors))
+        return mean
+
     async def _run_round(self) -> dict[str, Any]:
         fl, round_idx = self.config.fl, self.state.round + 1
+        state = self.state
+        if self.privacy.budget_spent(state):  # one more release would overspend privacy.epsilon_budget
+            record = {"round": round_idx, "participants": 0, "dropped": 0, "skipped": True, "stop": True}
+            self.state = ServerState(round_idx, state.params, state.opt_state)
+            self.privacy.record_epsilon(self.state, record)
+            return await self._finish_record(record, round_idx, final=True, started=time.perf_counter())
         await self._wait_for_clients()
         started = time.perf_counter()
         self.round_rejected = Counter()
         rnd, record = self._open_round(round_idx)
         self.round = rnd
-        state = self.state
+        mean = None
         if rnd is not None:
             self.phase = f"round {round_idx}: training"
             self._wake_pollers()
-            record["lost"] = await self._collect(rnd)
-            record.update(participants=len(rnd.reported), dropped=len(rnd.selected) - len(rnd.reported),
-                          late=rnd.late, bytes_down=rnd.bytes_down, bytes_up=rnd.bytes_up)
+            if rnd.secagg is not None:
+                mean = await self._collect_secagg(rnd, record)
+                record["lost"] = rnd.lost
+                record.setdefault("participants", len(rnd.reported))
+                record.update(dropped=len(rnd.selected) - record["participants"], late=rnd.late,
+                              bytes_down=rnd.bytes_down + rnd.secagg.bytes_down, bytes_up=rnd.secagg.bytes_up)
+            else:
+                record["lost"] = await self._collect(rnd)
+                record.update(participants=len(rnd.reported), dropped=len(rnd.selected) - len(rnd.reported),
+                              late=rnd.late, bytes_down=rnd.bytes_down, bytes_up=rnd.bytes_up)
         else:
             record.update(participants=0, dropped=0)
-        if rnd is None or len(rnd.reported) < fl.min_clients:
+        if rnd is None or record["participants"] < fl.min_clients or (rnd.secagg is not None and mean is None):
             record["skipped"] = True  # quorum not reached: the global model stays as it is
             params, opt_state = state.params, state.opt_state
         else:
-            params, opt_state = self.server_opt.apply(state.params, rnd.aggregator.result(), state.opt_state)
+            aggregator = rnd.aggregator
+            if mean is None:
+                mean = aggregator.result()
+            params, opt_state = self.server_opt.apply(state.params, mean, state.opt_state)
+            self.privacy.after_release(aggregator, opt_state, record)
             record["train_loss"] = rnd.loss_sum / max(rnd.examples, 1)
         self.state = ServerState(round_idx, params, opt_state)
-        if round_idx == fl.rounds or (fl.eval_every and round_idx % fl.eval_every == 0):
+        self.privacy.record_epsilon(self.state, record)
+        return await self._finish_record(record, round_idx, final=False, started=started)
+
+    async def _finish_record(self, record: dict[str, Any], round_idx: int, *, final: bool,
+                             started: float) -> dict[str, Any]:
+        fl, params = self.config.fl, self.state.params
+        if final or round_idx == fl.rounds or (fl.eval_every and round_idx % fl.eval_every == 0):
             self.phase = f"round {round_idx}: evaluating"
             metrics = await asyncio.to_thread(evaluate, self.model, self.spec, params, self.test_x, self.test_y)
             record.update(accuracy=metrics["accuracy"], loss=metrics["loss"])
@@ -362,7 +554,8 @@ class NetServer:
         rnd = self.round
         current = {} if rnd is None else {
             "round": rnd.idx, "selected": rnd.selected, "target": rnd.target, "finished": sorted(rnd.reported),
-            "dropped": sorted(rnd.gone), "closed": rnd.closed}
+            "dropped": sorted(rnd.gone), "closed": rnd.closed,
+            "secagg_stage": rnd.secagg.stage if rnd.secagg is not None else None}
         return {"run": self.config.run.name, "phase": self.phase, "round": self.state.round,
                 "rounds": self.config.fl.rounds, "connected": len(self._alive()), "registered": len(self.clients),
                 "current": current, "history": list(self.history),
@@ -409,6 +602,10 @@ class NetServer:
                         "round": state.round, "params": state.params, "opt_state": state.opt_state})
                     self.history.append({k: record.get(k) for k in ("round", "accuracy", "loss", "participants",
                                                                      "dropped")})
+                    if record.get("stop"):  # the privacy budget is spent: no round may release anything more
+                        log.info("round %d: privacy budget spent (epsilon %.3f), stopping", state.round,
+                                 record.get("epsilon", math.nan))
+                        break
                     log.info("round %d: %d/%d reported, %d dropped%s", state.round, record["participants"],
                              record["selected"], record["dropped"],
                              f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")

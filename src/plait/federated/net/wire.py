@@ -115,3 +115,50 @@ class TensorAssembler:
             if bad:
                 raise WireError("nonfinite", f"{self.what}: {bad} NaN/Inf values")
         return tensor
+
+
+# A compressed update travels as its codec's named tensors (core.compress.Encoded), each with its own header.
+PART_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "int16": torch.int16,
+               "int32": torch.int32, "int64": torch.int64}
+
+
+def part_headers(tensors: dict[str, torch.Tensor]) -> list[pb.TensorHeader]:
+    return [pb.TensorHeader(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                            num_bytes=t.numel() * t.element_size()) for name, t in tensors.items()]
+
+
+def check_parts(parts, max_bytes: int, what: str) -> int:
+    """Named 1-D parts of known dtypes whose sizes add up; returns their total bytes (at most `max_bytes`)."""
+    names, total = set(), 0
+    for part in parts:
+        if not part.name or part.name in names:
+            raise WireError("malformed", f"{what}: part names must be present and distinct, got {part.name!r}")
+        names.add(part.name)
+        dtype = PART_DTYPES.get(part.dtype)
+        if dtype is None:
+            raise WireError("dtype", f"{what}: part {part.name!r} has dtype {part.dtype!r}")
+        if len(part.shape) != 1 or part.shape[0] < 0:
+            raise WireError("shape", f"{what}: part {part.name!r} has shape {list(part.shape)}, expected 1-D")
+        if part.num_bytes != part.shape[0] * dtype.itemsize:
+            raise WireError("malformed", f"{what}: part {part.name!r} declares {part.num_bytes} bytes for "
+                                         f"{part.dtype}[{part.shape[0]}]")
+        total += part.num_bytes
+    if not parts:
+        raise WireError("malformed", f"{what}: a compressed update without parts")
+    if total > max_bytes:
+        raise WireError("oversized", f"{what}: {total} bytes of parts, more than an uncompressed update")
+    return total
+
+
+def split_parts(buffer: bytearray, parts, what: str) -> dict[str, torch.Tensor]:
+    """The received bytes cut back into the named tensors; floating parts must be finite."""
+    out, offset = {}, 0
+    for part in parts:
+        raw = bytes(buffer[offset : offset + part.num_bytes])  # a copy: each part gets aligned storage
+        offset += part.num_bytes
+        dtype = PART_DTYPES[part.dtype]
+        tensor = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        if dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise WireError("nonfinite", f"{what}: part {part.name!r} holds NaN/Inf values")
+        out[part.name] = tensor
+    return out

@@ -25,6 +25,25 @@ from plait.federated.secagg.protocol import SecAggError, Stage
 from plait.federated.secagg.server import SecAggServer, SecureSum
 
 
+def round_server(config: SecAggConfig, dim: int, selected_ids: Iterable[int], *, weighting: str, seed: int,
+                 round_id: int) -> SecAggServer:
+    """The server half of one round, past `begin`: the same in the simulation and behind the network server."""
+    ids = sorted(int(c) for c in selected_ids)
+    # The neighbour graph is public randomness: seeded by the run seed and this round's selection.
+    graph_seed = int(np.random.SeedSequence([seed, round_id, *ids]).generate_state(1)[0])
+    max_weight = config.max_weight if weighting == "examples" else 1
+    server = SecAggServer(config, dim, max_weight=max_weight, round_id=round_id, graph_seed=graph_seed)
+    server.begin(ids)
+    return server
+
+
+def weighted_mean(outcome: SecureSum) -> torch.Tensor:
+    """FedAvg's weighted mean (float32) from the unmasked sum of [n_k * delta_k, n_k]."""
+    if outcome.total_weight <= 0:
+        raise SecAggError("secagg: the unmasked total weight is not positive")
+    return (outcome.weighted_sum / outcome.total_weight).to(torch.float32)
+
+
 class SecureAggregator:
     def __init__(self, dim: int, config: SecAggConfig, *, weighting: str = "examples", seed: int = 0,
                  round_id: int = 0, wire: bool = False):
@@ -43,12 +62,8 @@ class SecureAggregator:
         if self.server is not None:
             raise SecAggError("secagg: begin() called twice for one round")
         ids = sorted(int(c) for c in selected_ids)
-        # The neighbour graph is public randomness: seeded by the run seed and this round's selection.
-        graph_seed = int(np.random.SeedSequence([self.seed, self.round_id, *ids]).generate_state(1)[0])
-        max_weight = self.config.max_weight if self.weighting == "examples" else 1
-        self.server = server = SecAggServer(self.config, self.dim, max_weight=max_weight, round_id=self.round_id,
-                                            graph_seed=graph_seed)
-        server.begin(ids)
+        self.server = server = round_server(self.config, self.dim, ids, weighting=self.weighting, seed=self.seed,
+                                            round_id=self.round_id)
         self.clients = {cid: SecAggClient(cid, self.config) for cid in ids}
         self.bytes_up = dict.fromkeys(ids, 0)
         self.bytes_down = dict.fromkeys(ids, 0)
@@ -78,9 +93,7 @@ class SecureAggregator:
             if cid not in unresponsive:
                 server.receive_unmask(self._up(cid, self.clients[cid].unmask(self._down(cid, msg))))
         self.outcome = server.finish()
-        if self.outcome.total_weight <= 0:
-            raise SecAggError("secagg: the unmasked total weight is not positive")
-        return (self.outcome.weighted_sum / self.outcome.total_weight).to(torch.float32)
+        return weighted_mean(self.outcome)
 
     @property
     def stage(self) -> Stage:

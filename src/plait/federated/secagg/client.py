@@ -129,6 +129,22 @@ class SecAggClient:
         st.stage = Stage.UNMASK
         return MaskedInput(st.client_id, st.bits, y)
 
+    def respond(self, msg: KeysBroadcast | SharesForward | UnmaskRequest | None
+                ) -> AdvertiseKeys | EncryptedShares | UnmaskShares | None:
+        """One step for a network transport: the server's message in, this client's reply out (None: nothing to
+        send). `None` in is the server's call to advertise keys; the masked input goes via `masked_input`."""
+        if msg is None:
+            return self.advertise()
+        if isinstance(msg, KeysBroadcast):
+            return self.share_keys(msg)
+        if isinstance(msg, SharesForward):
+            self.receive_shares(msg)
+            return None
+        if isinstance(msg, UnmaskRequest):
+            return self.unmask(msg)
+        raise SecAggError(f"secagg {self._who}: a {type(msg).__name__} is not a message from the server "
+                          f"(stage {self.state.stage.name})")
+
     def unmask(self, msg: UnmaskRequest) -> UnmaskShares:
         """UNMASK -> DONE: for each partner (and self) the share of b if it survived, else of s; never both."""
         st = self.state

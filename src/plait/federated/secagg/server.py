@@ -128,6 +128,16 @@ class SecAggServer:
         return {cid: UnmaskRequest(tuple(sorted({cid, *(v for v in st.neighbours[cid] if v in st.masked)})))
                 for cid in sorted(st.masked)}
 
+    def receive(self, msg) -> None:
+        """Any client-to-server message, by its type (a network transport's single entry point)."""
+        handlers = {AdvertiseKeys: self.receive_keys, EncryptedShares: self.receive_shares,
+                    MaskedInput: self.receive_masked, UnmaskShares: self.receive_unmask}
+        handler = handlers.get(type(msg))
+        if handler is None:
+            raise SecAggError(f"secagg server: a {type(msg).__name__} is not a message from a client "
+                              f"(stage {self.state.stage.name})")
+        handler(msg)
+
     def receive_unmask(self, msg: UnmaskShares) -> None:
         st = self.state
         expect(st.stage, Stage.UNMASK, "server", f"UnmaskShares from client {msg.client_id}")
