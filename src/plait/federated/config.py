@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.experiment.sections import RunSection as BaseRunSection
 from plait.data.federated import DataConfig
 from plait.federated.attacks import AttackConfig
 from plait.federated.pipeline import CompressionConfig
@@ -16,15 +17,8 @@ from plait.federated.stragglers import DeviceConfig
 
 
 @dataclass(kw_only=True, slots=True)
-class RunSection:
+class RunSection(BaseRunSection):
     name: str = "fedavg"
-    root: str = "runs"
-    seed: int = 0
-    threads: int = 0            # torch threads (0: leave torch's default)
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,19 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.experiment.sections import RunSection as BaseRunSection
+
 
 @dataclass(kw_only=True, slots=True)
-class RunSection:
+class RunSection(BaseRunSection):
     name: str = "pipeline"
-    root: str = "runs"
-    seed: int = 0
     threads: int = 1            # torch threads per rank (each rank is one stage)
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
-        if self.threads < 0:
-            raise ValueError(f"run.threads must be >= 0, got {self.threads}")
 
 
 @dataclass(kw_only=True, slots=True)
