@@ -73,3 +73,16 @@ def test_federated_evaluation_on_held_out_client_data(tmp_path):
     server = build_server(config)
     _, record = server.run_round(server.initial_state())
     assert 0 <= record["fed_accuracy"] <= 1 and record["fed_loss"] > 0
+
+
+def test_settings_checked_against_the_data_fail_at_start(tmp_path):
+    import pytest
+
+    # 8 IID clients of 7,500 examples: a secagg weight bound of 1,000 cannot hold n_k
+    with pytest.raises(ValueError, match="fl.strategy.secagg.max_weight"):
+        build_server(_config(tmp_path, strategy={"name": "secagg", "secagg": {"max_weight": 1000}}))
+    # adaptive clipping with a count noise too small for z: named before any round runs
+    with pytest.raises(ValueError, match="clipped_count_stddev"):
+        build_server(_config(tmp_path, strategy={"weighting": "uniform"},
+                             privacy={"mode": "central", "adaptive": True, "noise_multiplier": 1.0,
+                                      "clipped_count_stddev": 0.1}))

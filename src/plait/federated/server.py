@@ -12,7 +12,6 @@ checkpoint after round r does exactly what the uninterrupted run would have done
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +27,7 @@ from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientExecutor, ClientTask
 from plait.federated.pipeline import ClientStages, stage_seed
-from plait.federated.privacy.accounting import epsilon_after
-from plait.federated.privacy.central import CentralDPAggregator
+from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.selection import requires, select_clients
 from plait.federated.server_opt import build_server_opt
@@ -59,31 +57,13 @@ class FederatedServer:
         self.model_bytes = self.initial_params.numel() * self.initial_params.element_size()
         self.stages = ClientStages(config.privacy, config.compression, seed)
         self.attackers = attacker_ids(config.attack, data.num_clients)
-        target = max(config.min_clients, math.ceil(config.fraction * data.num_clients))
-        self.expected_clients = config.privacy.expected_clients or min(target, data.num_clients)
-        self.sample_rate = min(1.0, self.expected_clients / data.num_clients)
+        self.privacy = RoundPrivacy(config, seed, data.num_clients)
+        if config.strategy.name == "secagg" and config.strategy.weighting == "examples":
+            config.strategy.secagg.check_weights(max(data.num_examples(c) for c in range(data.num_clients)))
 
     def initial_state(self) -> ServerState:
         params = self.initial_params.clone()
-        opt_state = self.server_opt.init(params)
-        if self.config.privacy.mode != "none":  # privacy state rides in opt_state so checkpoints keep it
-            opt_state["dp_rounds"] = torch.zeros((), dtype=torch.int64)
-            opt_state["dp_clip_norm"] = torch.tensor(self.config.privacy.clip_norm, dtype=torch.float64)
-        return ServerState(0, params, opt_state)
-
-    def epsilon(self, dp_rounds: int) -> float:
-        """ε at privacy.delta after `dp_rounds` released aggregates (see privacy.accounting)."""
-        p = self.config.privacy
-        if p.mode == "local":  # sensitivity 2C: multiplier z/2; no sampling amplification claimed
-            return epsilon_after(dp_rounds, p.noise_multiplier / 2, 1.0, p.delta)
-        return epsilon_after(dp_rounds, p.noise_multiplier, self.sample_rate, p.delta)
-
-    def budget_spent(self, state: ServerState) -> bool:
-        """True when one more round would take ε past privacy.epsilon_budget."""
-        p = self.config.privacy
-        if p.mode == "none" or not p.epsilon_budget:
-            return False
-        return self.epsilon(int(state.opt_state["dp_rounds"]) + 1) > p.epsilon_budget
+        return ServerState(0, params, self.privacy.init_state(self.server_opt.init(params)))
 
     def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         cfg, round_idx = self.config, state.round + 1
@@ -101,7 +81,7 @@ class FederatedServer:
         kept, dropped = split_on_time(finish, selection.target, cfg.devices.deadline_s)
         record["dropped"] = len(dropped)
         record["bytes_down"] = self.model_bytes * len(selection.selected)
-        if self.budget_spent(state):
+        if self.privacy.budget_spent(state.opt_state):
             record["skipped"] = record["stop"] = True  # the privacy budget is spent: no more releases
             record["bytes_down"] = record["dropped"] = 0
         elif len(kept) < cfg.min_clients:
@@ -109,8 +89,7 @@ class FederatedServer:
         else:
             state = self._train_and_aggregate(state, selection.selected, kept, plans, record)
             record["sim_time_s"] = max(finish[cid] for cid in kept)
-        if cfg.privacy.mode != "none":
-            record["epsilon"] = self.epsilon(int(state.opt_state["dp_rounds"]))
+        self.privacy.record_epsilon(state.opt_state, record)
         state = ServerState(round_idx, state.params, state.opt_state)
         record.update(self._evaluate(state, round_idx, final=bool(record.get("stop"))))
         record["wall_s"] = time.perf_counter() - start
@@ -124,13 +103,7 @@ class FederatedServer:
 
     def _aggregator(self, state: ServerState, round_idx: int) -> Aggregator:
         inner = make_aggregator(self.config.strategy, state.params.numel(), seed=self.seed, round_idx=round_idx)
-        p = self.config.privacy
-        if p.mode != "central":
-            return inner
-        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, 0, 2))  # stage 2: server noise
-        count_std = (p.clipped_count_stddev or self.expected_clients / 20) if p.adaptive else None
-        return CentralDPAggregator(inner, float(state.opt_state["dp_clip_norm"]), p.noise_multiplier,
-                                   self.expected_clients, generator, count_std)
+        return self.privacy.wrap(inner, state.opt_state, round_idx)
 
     def _train_and_aggregate(self, state: ServerState, selected: list[int], kept: list[int], plans,
                              record) -> ServerState:
@@ -165,14 +138,7 @@ class FederatedServer:
             record["bytes_up"] = traffic["bytes_up"]
             record["bytes_down"] += traffic["bytes_down"]
         params, opt_state = self.server_opt.apply(state.params, mean_delta, state.opt_state)
-        if self.config.privacy.mode != "none":
-            opt_state["dp_rounds"] = opt_state["dp_rounds"] + 1
-        if isinstance(aggregator, CentralDPAggregator):
-            record["dp_clip_norm"] = aggregator.clip_norm
-            record["dp_unclipped_fraction"] = aggregator.unclipped_fraction
-            if self.config.privacy.adaptive:
-                next_norm = aggregator.next_clip_norm(self.config.privacy.target_quantile, self.config.privacy.clip_lr)
-                opt_state["dp_clip_norm"] = torch.tensor(next_norm, dtype=torch.float64)
+        self.privacy.after_release(aggregator, opt_state, record)
         return ServerState(state.round, params, opt_state)
 
     def _evaluate(self, state: ServerState, round_idx: int, final: bool = False) -> dict[str, float]:

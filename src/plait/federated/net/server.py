@@ -41,7 +41,7 @@ from plait.federated.evaluate import evaluate
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import Verifier, read_key
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.pipeline import PrivacyBook, pipeline_fingerprint
+from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN, SecAggRound
 from plait.federated.net.status import StatusBoard, serve_status
@@ -49,12 +49,14 @@ from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import REASONS, SERVICE, Malformed, TensorAssembler, WireError, check_header, \
     check_parts, grpc_options, safe_parser, split_parts
 from plait.federated.pipeline import ClientStages
+from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.aggregator import weighted_mean
 from plait.federated.secagg.messages import MaskedInput
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.selection import requires, select_clients
 from plait.federated.server import ServerState, client_seed
 from plait.federated.server_opt import build_server_opt
+from plait.federated.strategy import make_aggregator
 
 log = logging.getLogger("plait.fl.server")
 
@@ -89,7 +91,9 @@ class NetServer:
         self.server_opt = build_server_opt(config.fl.server_opt)
         # the update pipeline: decompression here, clients run the encoding half; central DP and ε as simulated
         self.stages = ClientStages(config.fl.privacy, config.fl.compression, config.run.seed)
-        self.privacy = PrivacyBook(config.fl, config.run.seed, data.num_clients, initial, self.server_opt)
+        self.privacy = RoundPrivacy(config.fl, config.run.seed, data.num_clients)
+        if config.fl.strategy.name == "secagg" and config.fl.strategy.weighting == "examples":
+            config.fl.strategy.secagg.check_weights(max(data.num_examples(c) for c in range(data.num_clients)))
         self.fingerprint = pipeline_fingerprint(config.fl)
         if resume:
             ckpt = load_checkpoint(self.run.checkpoint_path)
@@ -100,7 +104,7 @@ class NetServer:
             self.state = ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
         else:
             self.run.write_config(config)
-            self.state = self.privacy.initial_state()
+            self.state = ServerState(0, initial.clone(), self.privacy.init_state(self.server_opt.init(initial)))
         self.history = [{k: r.get(k) for k in ("round", "accuracy", "loss", "participants", "dropped")}
                         for r in read_metrics(self.run.metrics_path)]
         master = None
@@ -421,7 +425,8 @@ class NetServer:
                 record["secagg_error"] = str(err)
                 return None, record
         else:  # the simulator's aggregator: the strategy, wrapped by central DP when it is on
-            aggregator = self.privacy.aggregator(self.state, round_idx)
+            inner = make_aggregator(fl.strategy, self.numel, seed=self.config.run.seed, round_idx=round_idx)
+            aggregator = self.privacy.wrap(inner, self.state.opt_state, round_idx)
             if hasattr(aggregator, "begin"):  # strategies that need the selected set up front
                 aggregator.begin(list(selection.selected))
         rnd = RoundState(round_idx, selection.selected, selection.target, plans, payload, aggregator, secagg=secagg)
@@ -499,10 +504,10 @@ class NetServer:
     async def _run_round(self) -> dict[str, Any]:
         fl, round_idx = self.config.fl, self.state.round + 1
         state = self.state
-        if self.privacy.budget_spent(state):  # one more release would overspend privacy.epsilon_budget
+        if self.privacy.budget_spent(state.opt_state):  # one more release would overspend privacy.epsilon_budget
             record = {"round": round_idx, "participants": 0, "dropped": 0, "skipped": True, "stop": True}
             self.state = ServerState(round_idx, state.params, state.opt_state)
-            self.privacy.record_epsilon(self.state, record)
+            self.privacy.record_epsilon(self.state.opt_state, record)
             return await self._finish_record(record, round_idx, final=True, started=time.perf_counter())
         await self._wait_for_clients()
         started = time.perf_counter()
@@ -536,7 +541,7 @@ class NetServer:
             self.privacy.after_release(aggregator, opt_state, record)
             record["train_loss"] = rnd.loss_sum / max(rnd.examples, 1)
         self.state = ServerState(round_idx, params, opt_state)
-        self.privacy.record_epsilon(self.state, record)
+        self.privacy.record_epsilon(self.state.opt_state, record)
         return await self._finish_record(record, round_idx, final=False, started=started)
 
     async def _finish_record(self, record: dict[str, Any], round_idx: int, *, final: bool,

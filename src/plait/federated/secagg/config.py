@@ -39,6 +39,12 @@ class SecAggConfig:
         if self.modulus_bits and not 8 <= self.modulus_bits <= 62:
             raise ValueError(f"secagg.modulus_bits must be 0 (auto) or in [8, 62], got {self.modulus_bits}")
 
+    def check_weights(self, largest: int) -> None:
+        """Fail at start, naming the key, when a client's n_k would not fit the ring's headroom."""
+        if largest > self.max_weight:
+            raise ValueError(f"fl.strategy.secagg.max_weight = {self.max_weight} is below the largest client's "
+                             f"{largest} examples; raise it (or use strategy.weighting = 'uniform')")
+
     def ring_bits(self, num_clients: int, max_weight: int) -> int:
         """Bits of the ring for a round of `num_clients` whose weights are <= `max_weight` (1 when uniform).
 

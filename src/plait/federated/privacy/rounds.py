@@ -1,0 +1,87 @@
+"""Per-round privacy bookkeeping, shared by the simulator and the network server.
+
+It fixes the accountant's inputs once (the expected clients per round, the fixed denominator of central DP, and the
+sampling rate q), wraps a round's aggregator in central DP, counts released rounds, moves the adaptive clip norm,
+and says when one more release would overspend the ε budget. Its state (`dp_rounds`, `dp_clip_norm`) rides in the
+server optimizer's state dict, so checkpoints keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from plait.federated.pipeline import stage_seed
+from plait.federated.privacy.accounting import epsilon_after
+from plait.federated.privacy.central import CentralDPAggregator, delta_noise_multiplier
+
+if TYPE_CHECKING:
+    from plait.federated.config import FLConfig
+
+SERVER_NOISE_STAGE = 2  # stage index in the (seed, round, client, stage) seeds of plait.federated.pipeline
+
+
+class RoundPrivacy:
+    def __init__(self, fl: "FLConfig", seed: int, num_clients: int):
+        self.config, self.seed = fl.privacy, seed
+        target = max(fl.min_clients, math.ceil(fl.fraction * num_clients))
+        self.expected_clients = self.config.expected_clients or min(target, num_clients)
+        self.sample_rate = min(1.0, self.expected_clients / num_clients)
+        if self.config.mode == "central" and self.config.adaptive:
+            delta_noise_multiplier(self.config.noise_multiplier, self.count_stddev)  # fail at start, naming the key
+
+    @property
+    def count_stddev(self) -> float:
+        """σ_b, the noise on the released count of unclipped updates (adaptive clipping)."""
+        return self.config.clipped_count_stddev or self.expected_clients / 20
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.mode != "none"
+
+    def init_state(self, opt_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.enabled:
+            opt_state["dp_rounds"] = torch.zeros((), dtype=torch.int64)
+            opt_state["dp_clip_norm"] = torch.tensor(self.config.clip_norm, dtype=torch.float64)
+        return opt_state
+
+    def epsilon(self, dp_rounds: int) -> float:
+        """ε at privacy.delta after `dp_rounds` released aggregates."""
+        p = self.config
+        if p.mode == "local":  # sensitivity 2C: multiplier z/2; no sampling amplification claimed
+            return epsilon_after(dp_rounds, p.noise_multiplier / 2, 1.0, p.delta)
+        return epsilon_after(dp_rounds, p.noise_multiplier, self.sample_rate, p.delta)
+
+    def budget_spent(self, opt_state: dict[str, torch.Tensor]) -> bool:
+        """True when one more round would take ε past privacy.epsilon_budget."""
+        if not self.enabled or not self.config.epsilon_budget:
+            return False
+        return self.epsilon(int(opt_state["dp_rounds"]) + 1) > self.config.epsilon_budget
+
+    def wrap(self, inner, opt_state: dict[str, torch.Tensor], round_idx: int):
+        """The round's aggregator: `inner`, wrapped by central DP when it is on."""
+        p = self.config
+        if p.mode != "central":
+            return inner
+        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, 0, SERVER_NOISE_STAGE))
+        count_std = self.count_stddev if p.adaptive else None
+        return CentralDPAggregator(inner, float(opt_state["dp_clip_norm"]), p.noise_multiplier,
+                                   self.expected_clients, generator, count_std)
+
+    def after_release(self, aggregator, opt_state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """Count the released round; log and adapt the clip norm."""
+        p = self.config
+        if self.enabled:
+            opt_state["dp_rounds"] = opt_state["dp_rounds"] + 1
+        if isinstance(aggregator, CentralDPAggregator):
+            record["dp_clip_norm"] = aggregator.clip_norm
+            record["dp_unclipped_fraction"] = aggregator.unclipped_fraction
+            if p.adaptive:
+                opt_state["dp_clip_norm"] = torch.tensor(aggregator.next_clip_norm(p.target_quantile, p.clip_lr),
+                                                         dtype=torch.float64)
+
+    def record_epsilon(self, opt_state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        if self.enabled:
+            record["epsilon"] = self.epsilon(int(opt_state["dp_rounds"]))
