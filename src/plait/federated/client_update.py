@@ -1,8 +1,10 @@
 """Local training on one client: `client_update(global_params, client_data, plan) -> Update`.
 
 Written with `torch.func.functional_call` over a flat parameter buffer, so the same function runs in-process, in a
-worker process, or behind the gRPC client. The weights being trained are one flat tensor `w`; the model sees
-differentiable views of it, and autograd returns one flat gradient, so the SGD step is a single vectorised op.
+worker process, or behind the gRPC client. The weights being trained are one flat tensor `w`; the model's
+parameters are leaf tensors sharing its memory, and their `.grad` are views into one flat gradient buffer that
+backward accumulates into in place (DDP's gradient-as-bucket-view), so the SGD step is one vectorised op on `w`
+with no per-step gather or concatenation.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     if len(data) == 0:
         raise ValueError("client has no training examples")
     global_params = global_params.detach()
-    w = global_params.clone().requires_grad_(True)
-    velocity = torch.zeros_like(global_params) if plan.momentum else None
+    w = global_params.clone()
+    grad = torch.zeros_like(w)
+    params = {name: view.detach().requires_grad_(True) for name, view in split_views(w, spec).items()}  # leaves sharing w
+    for name, grad_view in split_views(grad, spec).items():
+        params[name].grad = grad_view
+    velocity = torch.zeros_like(w) if plan.momentum else None
     generator = torch.Generator().manual_seed(plan.seed)
     num_examples = len(data)
     batch = num_examples if plan.batch_size == 0 else plan.batch_size
@@ -52,19 +58,20 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
             if steps >= total_steps:
                 break
             idx = order[start : start + batch]
-            logits = functional_call(model, split_views(w, spec), (data.x[idx],))
-            loss = F.cross_entropy(logits, data.y[idx])
-            (grad,) = torch.autograd.grad(loss, w)
+            grad.zero_()
+            loss = F.cross_entropy(functional_call(model, params, (data.x[idx],)), data.y[idx])
+            loss.backward()  # accumulates into `grad` through the views
             with torch.no_grad():
+                step = grad
                 if plan.weight_decay:
-                    grad.add_(w, alpha=plan.weight_decay)
+                    step = step.add(w, alpha=plan.weight_decay)
                 if plan.prox_mu:
-                    grad.add_(w - global_params, alpha=plan.prox_mu)
+                    step = step.add(w - global_params, alpha=plan.prox_mu)
                 if velocity is not None:
-                    grad = velocity.mul_(plan.momentum).add_(grad)
-                w.sub_(grad, alpha=plan.lr)
+                    step = velocity.mul_(plan.momentum).add_(step)
+                w.sub_(step, alpha=plan.lr)
             loss_sum += loss.detach()
             steps += 1
-    delta = w.detach() - global_params
+    delta = w - global_params
     # One host sync per client, for the log only.
     return Update(delta, num_examples, {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps})

@@ -46,8 +46,9 @@ class ProcessPoolExecutor:
             tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Update]]:
         shared = global_params.detach().clone().share_memory_()
         by_id = {task.client_id: task for task in tasks}
-        # imap_unordered: aggregate each update as soon as it arrives (the running sum holds one buffer).
-        for client_id, result in self._pool.imap_unordered(_run_task, [(spec, shared, t) for t in tasks]):
+        # imap, not imap_unordered: updates are folded in task order, so a run gives the same bits as the sequential
+        # backend and as itself (float sums depend on order); each still arrives as soon as its turn comes.
+        for client_id, result in self._pool.imap(_run_task, [(spec, shared, t) for t in tasks]):
             if isinstance(result, str):
                 raise RuntimeError(f"client {client_id}: local training failed: {result}")
             yield by_id[client_id], result
