@@ -5,6 +5,10 @@
 Everything is measured in the same run, on the same spawned ranks (gloo, 127.0.0.1, 1 thread each):
 - p2p: one-way send/recv bandwidth, rank 0 → rank 1, S bytes per message;
 - duplex: ranks 0 and 1 send S/2 to each other at the same time (S bytes in all, as in a 2-rank ring step pair);
+- swap: ranks 0 and 1 send S to each other at the same time (2S bytes in all: what a 2-rank ring moves). Its time
+  over p2p's time says whether the two directions share one budget (≈ 2: copies on the CPUs, the ring is bounded
+  by ≈ 0.5× p2p) or have one each (≈ 1: full duplex, as separate NICs give). CPU seconds (all threads, both ranks)
+  are kept for p2p and swap so the reading does not rest on wall time alone;
 - native: dist.all_reduce; ring / tree / naive: plait.parallel.collectives.
 Bus bandwidth (as nccl-tests define it) = 2(n−1)/n · S / time, so an all-reduce that moves its bytes as fast as a
 link allows scores the link's bandwidth. The median of several repetitions is kept.
@@ -59,22 +63,40 @@ def _bench_rank(rank: int, world_size: int, sizes: list[int], reps: int) -> dict
                 for work in works:
                     work.wait()
 
-        ops = {"p2p": p2p, "duplex": duplex}
+        everything = torch.empty(size)
+
+        def swap() -> None:  # both ranks send S to each other at once: 2S bytes in all, as a 2-rank ring moves
+            if rank < 2:
+                peer = 1 - rank
+                works = [dist.isend(x, peer), dist.irecv(everything, peer)]
+                for work in works:
+                    work.wait()
+
+        ops = {"p2p": p2p, "duplex": duplex, "swap": swap}
         for name in ("native", "ring", "tree", "naive"):
             ar, buf = make_allreduce(name), x.clone()
             ops[name] = lambda ar=ar, buf=buf: ar.all_reduce(buf)
         times: dict[str, list[float]] = {name: [] for name in ops}
+        cpu: dict[str, list[float]] = {name: [] for name in ops}
         for name, fn in ops.items():
             _once(fn)  # warm-up: connections, receive buffers
         for _ in range(reps):  # round-robin, so every variant sees the same background load
             for name, fn in ops.items():
+                before = time.process_time()  # this rank's CPU time, every thread (gloo's I/O thread included)
                 times[name].append(_once(fn))
+                cpu[name].append(time.process_time() - before)
         # each repetition counts as long as its slowest rank took
         table = torch.tensor([times[name] for name in ops], dtype=torch.float64)
         dist.all_reduce(table, op=dist.ReduceOp.MAX)
         medians = {name: statistics.median(row) for name, row in zip(ops, table.tolist())}
+        cpu_table = torch.tensor([cpu[name] for name in ops], dtype=torch.float64)
+        dist.all_reduce(cpu_table)  # CPU seconds of all ranks together
         bus = 2 * (world_size - 1) / world_size * nbytes
-        out[size] = {name: (nbytes if name in ("p2p", "duplex") else bus) / seconds for name, seconds in medians.items()}
+        moved = {"p2p": nbytes, "duplex": nbytes, "swap": 2 * nbytes}
+        out[size] = {name: moved.get(name, bus) / seconds for name, seconds in medians.items()}
+        out[size]["swap_over_p2p_time"] = medians["swap"] / medians["p2p"]
+        cpu_med = {name: statistics.median(row) for name, row in zip(ops, cpu_table.tolist())}
+        out[size]["swap_over_p2p_cpu"] = cpu_med["swap"] / cpu_med["p2p"]
     return out
 
 
@@ -86,13 +108,15 @@ def main() -> None:
     sizes = [100_000, 1_000_000, 10_000_000] if args.quick else [100_000, 1_000_000, 5_000_000, 10_000_000, 25_000_000]
     reps = 7 if args.quick else 15
     results = spawn_ranks(_bench_rank, args.nproc, sizes, reps, timeout_s=1200)[0]
-    print(f"{'floats':>10} {'p2p GB/s':>9} {'duplex':>8} {'native':>8} {'ring':>8} {'tree':>8} {'naive':>8}  ring/native ring/p2p")
+    print(f"{'floats':>10} {'p2p GB/s':>9} {'duplex':>8} {'swap':>8} {'native':>8} {'ring':>8} {'tree':>8} {'naive':>8}  "
+          f"ring/native ring/p2p swap/p2p time, cpu")
     lines = []
     for size in sizes:
         r = results[size]
-        print(f"{size:>10.1e} {r['p2p'] / 1e9:>9.2f} {r['duplex'] / 1e9:>8.2f} {r['native'] / 1e9:>8.2f} {r['ring'] / 1e9:>8.2f} "
-              f"{r['tree'] / 1e9:>8.2f} {r['naive'] / 1e9:>8.2f}  {r['ring'] / r['native']:>11.2f} "
-              f"{r['ring'] / r['p2p']:>8.2f}")
+        print(f"{size:>10.1e} {r['p2p'] / 1e9:>9.2f} {r['duplex'] / 1e9:>8.2f} {r['swap'] / 1e9:>8.2f} "
+              f"{r['native'] / 1e9:>8.2f} {r['ring'] / 1e9:>8.2f} {r['tree'] / 1e9:>8.2f} {r['naive'] / 1e9:>8.2f}  "
+              f"{r['ring'] / r['native']:>11.2f} {r['ring'] / r['p2p']:>8.2f} "
+              f"{r['swap_over_p2p_time']:>13.2f}, {r['swap_over_p2p_cpu']:.2f}")
         for name in ("ring", "tree", "naive"):
             lines.append({"benchmark": "allreduce", "metric": f"{name}_busbw_vs_native_GBps@{size:.1e}",
                           "plait": round(r[name] / 1e9, 3), "reference": round(r["native"] / 1e9, 3),

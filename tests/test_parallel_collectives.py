@@ -10,7 +10,7 @@ from plait.parallel.collectives import make_allreduce
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
 
-ALGOS = ("ring", "tree", "naive")
+ALGOS = ("ring", "ring_segmented", "tree", "naive")
 # 840 is divisible by 2..5 (exact byte theory); the others are awkward: smaller than n, prime, odd.
 SIZES = (1, 2, 3, 7, 840, 1001, 12347)
 
@@ -37,7 +37,9 @@ def _check_group(rank: int, group) -> dict:
         dist.all_reduce(ref_int, group=group)
         dist.all_reduce(ref_rand, group=group)
         for name in ALGOS:
-            ar = make_allreduce(name, group)
+            ar = make_allreduce(name.removesuffix("_segmented"), group)
+            if name == "ring_segmented":  # tiny segments: the multi-segment path, with a ragged last segment
+                ar.segment_numel = 3
             y_int, y_rand, y_async = x_int.clone(), x_rand.clone(), x_rand.clone()
             ar.all_reduce(y_int)
             before = ar.stats.bytes_sent
@@ -72,7 +74,7 @@ def _assert_world(results: list[dict], world_size: int) -> None:
         sent = [res[(name, size)]["sent"] for res in results]
         if name == "naive":
             assert sent == [(n - 1) * S] * n
-        elif name == "ring":
+        elif name.startswith("ring"):
             if size % n == 0:
                 assert sent == [2 * (n - 1) * S // n] * n, (n, size, sent)
             else:  # chunks differ by one element: each step's chunk is within one float of S/n

@@ -188,10 +188,16 @@ class RingAllReduce(AllReduce):
     """Reduce-scatter then all-gather. Chunk c ends fully reduced on rank (c − 1) mod n after n−1 steps, then
     travels once more around the ring. Sizes not divisible by n give chunks that differ by one element.
 
-    Each chunk travels as segments of `segment_numel` elements, so adding segment k overlaps receiving k+1."""
+    Each chunk travels as segments of `segment_numel` elements, so adding segment k overlaps receiving k+1.
+    With 2 ranks this is the same as a direct exchange (each rank sends the other the half it does not reduce),
+    so no special case is needed; the all-gather sends from and receives into the output itself (no copies)."""
 
     name = "ring"
-    segment_numel = 1 << 18  # 1 MiB of float32
+    # 4 MiB of float32. Measured (2 ranks, 1e7 floats, gloo on loopback): 1 MiB segments cost ~15% more CPU than
+    # 4 MiB ones (one message per segment, each with its own rendezvous and wake-ups) for no wall-clock gain, and
+    # the add a larger segment delays is small (5e5 floats: 0.05 ms). Cutting the all-gather into the
+    # reduce-scatter (send segment k onwards as soon as it is reduced) was slower here, not faster.
+    segment_numel = 1 << 20
 
     def _run(self, flat: torch.Tensor) -> None:
         n, rank = self.world_size, self.rank
