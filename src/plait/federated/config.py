@@ -14,6 +14,7 @@ from plait.federated.privacy.config import PrivacyConfig
 from plait.federated.server_opt import ServerOptConfig
 from plait.federated.strategy import StrategyConfig
 from plait.federated.stragglers import DeviceConfig
+from plait.federated.topology import GossipConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,6 +45,7 @@ class FLConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)  # topology != "none": server-less rounds
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -58,6 +60,8 @@ class FLConfig:
         if unknown:
             raise ValueError(f"fl.eligibility: unknown device properties {sorted(unknown)}; "
                              "known: charging, idle, unmetered")
+        if self.gossip.enabled:
+            self._check_gossip()
         if self.workers < 0:
             raise ValueError(f"fl.workers must be >= 0, got {self.workers}")
         if self.strategy.name == "secagg" and self.compression.codec != "none":
@@ -67,6 +71,17 @@ class FLConfig:
             # the sensitivity bound C / expected_clients holds for a uniform sum only
             raise ValueError("fl.privacy.mode = 'central' needs fl.strategy.name = 'fedavg' and "
                              "fl.strategy.weighting = 'uniform'")
+
+
+    def _check_gossip(self) -> None:
+        """Server-less rounds have no server: the server-side choices cannot apply."""
+        server_side = {"fl.strategy.name": (self.strategy.name, "fedavg"), "fl.privacy.mode": (self.privacy.mode, "none"),
+                       "fl.compression.codec": (self.compression.codec, "none"), "fl.attack.kind": (self.attack.kind, "none"),
+                       "fl.executor": (self.executor, "sequential"), "fl.server_opt.name": (self.server_opt.name, "sgd")}
+        for key, (value, default) in server_side.items():
+            if value != default:
+                raise ValueError(f"{key} = {value!r} needs a server; fl.gossip.topology = {self.gossip.topology!r} "
+                                 "runs without one")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -40,12 +40,17 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> Client
 
 
 def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None) -> FederatedServer:
-    """The server with its data, model and client executor (sequential unless `fl.executor` says otherwise)."""
+    """The server with its data, model and client executor (sequential unless `fl.executor` says otherwise), or,
+    with `fl.gossip.topology` set, the server-less gossip runner, which has the same interface."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     data = load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
     model = build_model(config.model.name, **({"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}))
+    if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
+        from plait.federated.gossip import GossipRunner
+
+        return GossipRunner(config.fl, model, data, config.run.seed)
     return FederatedServer(config.fl, model, data, executor or build_executor(config, model), config.run.seed)
 
 
