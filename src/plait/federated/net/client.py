@@ -94,6 +94,9 @@ class NetClient:
         self.model = build_model(config.model.name, **extra)
         _, self.spec = flat_params(self.model)
         self.num_params = self.spec.numel()
+        # The global weights arrive into this one buffer every round (client_update copies them before training),
+        # so a round maps no fresh pages for them.
+        self._weights = torch.empty(self.num_params)
         self.conn = connect(opts, config.net.chunk_bytes)
         self.session: str | None = None
         self._stop = threading.Event()
@@ -186,7 +189,8 @@ class NetClient:
                 try:
                     if self.session is None:
                         self._register()
-                    task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params)
+                    task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params,
+                                              out=self._weights)
                     failing_since, attempt = None, 0
                     if isinstance(task, SecAggTask):
                         self._secagg_step(task)

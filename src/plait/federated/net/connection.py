@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterable
 
 import grpc
@@ -10,8 +11,8 @@ import torch
 
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import sign
-from plait.federated.net.wire import SERVICE, TensorAssembler, check_header, grpc_options, iter_chunks, \
-    part_headers, tensor_header
+from plait.federated.net.wire import SERVICE, DataChunk, Malformed, TensorAssembler, WireError, check_header, \
+    chunk_data, chunk_parser, data_chunks, grpc_options, part_headers, serialize, tensor_data_chunks, tensor_header
 from plait.federated.plan import TrainingPlan
 
 # The channel's own reconnect backoff stays short; the client's loop adds its own, jittered, on top.
@@ -45,13 +46,12 @@ class Connection:
         options = grpc_options(chunk_bytes) + _RECONNECT
         self.channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
                         else grpc.insecure_channel(address, options))
-        ser = lambda msg: msg.SerializeToString()  # noqa: E731
         method = lambda name: f"/{SERVICE}/{name}"  # noqa: E731
-        self._register = self.channel.unary_unary(method("Register"), ser, pb.RegisterReply.FromString)
-        self._heartbeat = self.channel.unary_unary(method("Heartbeat"), ser, pb.HeartbeatReply.FromString)
-        self._get_task = self.channel.unary_stream(method("GetTask"), ser, pb.TaskChunk.FromString)
-        self._push = self.channel.stream_unary(method("PushUpdate"), ser, pb.PushReply.FromString)
-        self._push_secagg = self.channel.stream_unary(method("SecAggPush"), ser, pb.PushReply.FromString)
+        self._register = self.channel.unary_unary(method("Register"), serialize, pb.RegisterReply.FromString)
+        self._heartbeat = self.channel.unary_unary(method("Heartbeat"), serialize, pb.HeartbeatReply.FromString)
+        self._get_task = self.channel.unary_stream(method("GetTask"), serialize, chunk_parser(pb.TaskChunk))
+        self._push = self.channel.stream_unary(method("PushUpdate"), serialize, pb.PushReply.FromString)
+        self._push_secagg = self.channel.stream_unary(method("SecAggPush"), serialize, pb.PushReply.FromString)
 
     def metadata(self, method: str) -> list[tuple[str, str]]:
         return sign(self.key, method, self.client_id) if self.key is not None else []
@@ -66,12 +66,17 @@ class Connection:
                                       properties=pb.Properties(**properties))
         return self._heartbeat(request, metadata=self.metadata("Heartbeat"), timeout=timeout)
 
-    def get_task(self, session: str, wait_s: float, num_params: int) -> pb.TaskHeader | Task | SecAggTask:
-        """A TRAIN task with its weights, a SECAGG message, or the bare header of a WAIT / DONE answer."""
+    def get_task(self, session: str, wait_s: float, num_params: int,
+                 out: torch.Tensor | None = None) -> pb.TaskHeader | Task | SecAggTask:
+        """A TRAIN task with its weights, a SECAGG message, or the bare header of a WAIT / DONE answer.
+
+        `out`: a float32[num_params] tensor the weights are received into (the task's params are then a view of
+        it), so that a client reuses one buffer across rounds instead of mapping fresh pages for every model.
+        """
         request = pb.TaskRequest(client_id=self.client_id, session=session, wait_s=wait_s)
         stream = self._get_task(request, metadata=self.metadata("GetTask"), timeout=wait_s + 60)
         first = next(stream)
-        if first.WhichOneof("part") != "header":
+        if isinstance(first, (DataChunk, Malformed)) or first.WhichOneof("part") != "header":
             raise ValueError("GetTask: the server's stream did not start with a header")
         header = first.header
         if header.kind == pb.TaskHeader.SECAGG:
@@ -79,7 +84,7 @@ class Connection:
                 raise ValueError(f"GetTask: a secure-aggregation message of {header.secagg_bytes} bytes")
             payload = bytearray()
             for chunk in stream:
-                payload += chunk.data
+                payload += _data(chunk)
                 if len(payload) > header.secagg_bytes:
                     raise ValueError("GetTask: the secure-aggregation message is longer than its header says")
             if len(payload) != header.secagg_bytes:
@@ -91,9 +96,9 @@ class Connection:
             return header
         what = f"round {header.round} weights from the server"
         check_header(header.tensor, num_params, what)
-        assembler = TensorAssembler(header.tensor, what)
+        assembler = TensorAssembler(header.tensor, what, out)
         for chunk in stream:
-            assembler.add(chunk.data)
+            assembler.add(_data(chunk))
         p = header.plan
         plan = TrainingPlan(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
                             weight_decay=p.weight_decay, prox_mu=p.prox_mu, max_steps=p.max_steps, seed=p.seed)
@@ -103,8 +108,9 @@ class Connection:
                     train_loss: float, timeout: float = 120) -> pb.PushReply:
         header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
                                  num_examples=num_examples, train_loss=train_loss, tensor=tensor_header(delta))
-        chunks = [pb.UpdateChunk(header=header)]
-        return self.push_chunks(chunks + [pb.UpdateChunk(data=c) for c in iter_chunks(delta, self.chunk_bytes)],
+        # Data chunks are serialized straight from the tensor's memory, lazily: the stream's sending thread copies
+        # each chunk once while the next is being written.
+        return self.push_chunks(chain([pb.UpdateChunk(header=header)], tensor_data_chunks(delta, self.chunk_bytes)),
                                 timeout)
 
     def push_compressed(self, session: str, task: Task, codec: str, tensors: dict[str, torch.Tensor],
@@ -113,26 +119,31 @@ class Connection:
         header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
                                  num_examples=num_examples, train_loss=train_loss, codec=codec,
                                  parts=part_headers(tensors))
-        data = [pb.UpdateChunk(data=c) for t in tensors.values() if t.numel()
-                for c in iter_chunks(t, self.chunk_bytes)]
-        return self.push_chunks([pb.UpdateChunk(header=header)] + data, timeout)
+        data = (c for t in tensors.values() if t.numel() for c in tensor_data_chunks(t, self.chunk_bytes))
+        return self.push_chunks(chain([pb.UpdateChunk(header=header)], data), timeout)
 
     def push_secagg(self, session: str, round_idx: int, task_id: str, payload: bytes, *, num_examples: int = 0,
                     train_loss: float = 0.0, timeout: float = 120) -> pb.PushReply:
         """One encoded secure-aggregation message (secagg.messages.encode), in chunks."""
         header = pb.SecAggHeader(client_id=self.client_id, session=session, round=round_idx, task_id=task_id,
                                  num_bytes=len(payload), num_examples=num_examples, train_loss=train_loss)
-        view = memoryview(payload)
-        chunks = [pb.SecAggChunk(header=header)] + [pb.SecAggChunk(data=bytes(view[i : i + self.chunk_bytes]))
-                                                     for i in range(0, len(payload), self.chunk_bytes)]
-        return self._push_secagg(iter(chunks), metadata=self.metadata("SecAggPush"), timeout=timeout)
+        chunks = chain([pb.SecAggChunk(header=header)], data_chunks(payload, self.chunk_bytes))
+        return self._push_secagg(chunks, metadata=self.metadata("SecAggPush"), timeout=timeout)
 
-    def push_chunks(self, chunks: Iterable[pb.UpdateChunk], timeout: float = 120) -> pb.PushReply:
-        """Stream any sequence of chunks (the update path, and tests that send broken ones)."""
+    def push_chunks(self, chunks: Iterable[pb.UpdateChunk | bytes], timeout: float = 120) -> pb.PushReply:
+        """Stream any sequence of chunks, messages or already serialized (the update path, and tests that send
+        broken ones)."""
         return self._push(iter(chunks), metadata=self.metadata("PushUpdate"), timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _data(chunk) -> memoryview | bytes:
+    try:
+        return chunk_data(chunk, "GetTask")
+    except WireError as err:
+        raise ValueError(str(err)) from err
 
 
 def raw_call(channel: grpc.Channel, name: str, payload: bytes, metadata, timeout: float = 10) -> bytes:

@@ -31,7 +31,7 @@ class RoundState:
     selected: list[int]
     target: int
     plans: dict[int, TrainingPlan]
-    payload: bytes                # the global weights' raw bytes, made once and streamed to every client
+    payload: list[bytes]          # the global weights as serialized data chunks, made once, sent to every client
     aggregator: Aggregator | None
     task_ids: dict[int, str] = field(default_factory=dict)
     reported: list[int] = field(default_factory=list)

@@ -46,8 +46,9 @@ from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN, SecAggRound
 from plait.federated.net.status import StatusBoard, serve_status
 from plait.federated.net.tls import server_credentials
-from plait.federated.net.wire import REASONS, SERVICE, Malformed, TensorAssembler, WireError, check_header, \
-    check_parts, grpc_options, safe_parser, split_parts
+from plait.federated.net.wire import REASONS, SERVICE, DataChunk, Malformed, TensorAssembler, WireError, \
+    check_header, check_parts, chunk_data, chunk_parser, data_chunks, grpc_options, safe_parser, serialize, \
+    split_parts, tensor_data_chunks
 from plait.federated.pipeline import ClientStages
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.aggregator import weighted_mean
@@ -124,7 +125,7 @@ class NetServer:
 
     # ---- gRPC plumbing -------------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
-        ser = lambda msg: msg.SerializeToString()  # noqa: E731
+        ser = serialize  # protobuf messages, and data chunks serialized once per round (wire.data_chunks)
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Register": grpc.unary_unary_rpc_method_handler(
                 self.register, request_deserializer=safe_parser(pb.RegisterRequest), response_serializer=ser),
@@ -133,9 +134,9 @@ class NetServer:
             "GetTask": grpc.unary_stream_rpc_method_handler(
                 self.get_task, request_deserializer=safe_parser(pb.TaskRequest), response_serializer=ser),
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
-                self.push_update, request_deserializer=safe_parser(pb.UpdateChunk), response_serializer=ser),
+                self.push_update, request_deserializer=chunk_parser(pb.UpdateChunk), response_serializer=ser),
             "SecAggPush": grpc.stream_unary_rpc_method_handler(
-                self.push_secagg, request_deserializer=safe_parser(pb.SecAggChunk), response_serializer=ser),
+                self.push_secagg, request_deserializer=chunk_parser(pb.SecAggChunk), response_serializer=ser),
         })
 
     async def _refuse(self, context, err: WireError, who: str) -> None:
@@ -213,9 +214,8 @@ class NetServer:
                     rnd.secagg.sent(cid, item)
                     yield pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.SECAGG, round=rnd.idx,
                                                             task_id=rnd.task_ids[cid], secagg_bytes=len(item)))
-                    step = self.config.net.chunk_bytes
-                    for start in range(0, len(item), step):
-                        yield pb.TaskChunk(data=item[start : start + step])
+                    for chunk in data_chunks(item, self.config.net.chunk_bytes):
+                        yield chunk
                     return
                 async for chunk in self._stream_task(rnd, cid):
                     yield chunk
@@ -236,12 +236,11 @@ class NetServer:
             plan=pb.Plan(epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr, momentum=plan.momentum,
                          weight_decay=plan.weight_decay, prox_mu=plan.prox_mu, max_steps=plan.max_steps,
                          seed=plan.seed),
-            tensor=pb.TensorHeader(dtype="float32", shape=[self.numel], num_bytes=len(rnd.payload)))
+            tensor=pb.TensorHeader(dtype="float32", shape=[self.numel], num_bytes=self.numel * 4))
         yield pb.TaskChunk(header=header)
-        view, step = memoryview(rnd.payload), self.config.net.chunk_bytes
-        for start in range(0, len(view), step):
-            yield pb.TaskChunk(data=bytes(view[start : start + step]))
-        rnd.bytes_down += len(rnd.payload)
+        for chunk in rnd.payload:  # the same serialized messages for every client: nothing copied per client
+            yield chunk
+        rnd.bytes_down += self.numel * 4
 
     async def push_update(self, request_iterator, context):
         stream = request_iterator.__aiter__()
@@ -249,7 +248,7 @@ class NetServer:
             first = await stream.__anext__()
         except StopAsyncIteration:
             first = None
-        if first is None or isinstance(first, Malformed) or first.WhichOneof("part") != "header":
+        if first is None or isinstance(first, (Malformed, DataChunk)) or first.WhichOneof("part") != "header":
             error = first.error if isinstance(first, Malformed) else "first message must be an UpdateHeader"
             await self._refuse(context, WireError("malformed", f"PushUpdate: {error}"), "a peer")
         h = first.header
@@ -271,9 +270,7 @@ class NetServer:
             assembler = TensorAssembler(pb.TensorHeader(dtype="uint8", shape=[total], num_bytes=total)
                                         if compressed else h.tensor, what)
             async for chunk in stream:
-                if isinstance(chunk, Malformed) or chunk.WhichOneof("part") != "data":
-                    raise WireError("malformed", f"{what}: expected a data chunk after the header")
-                assembler.add(chunk.data)
+                assembler.add(chunk_data(chunk, what))
             delta = self._decompress(cid, h, assembler, what) if compressed else assembler.tensor()
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
         except WireError as err:
@@ -318,7 +315,7 @@ class NetServer:
             first = await stream.__anext__()
         except StopAsyncIteration:
             first = None
-        if first is None or isinstance(first, Malformed) or first.WhichOneof("part") != "header":
+        if first is None or isinstance(first, (Malformed, DataChunk)) or first.WhichOneof("part") != "header":
             error = first.error if isinstance(first, Malformed) else "first message must be a SecAggHeader"
             await self._refuse(context, WireError("malformed", f"SecAggPush: {error}"), "a peer")
         h = first.header
@@ -335,9 +332,7 @@ class NetServer:
                 raise WireError("malformed", f"{what}: train_loss {h.train_loss}, num_examples {h.num_examples}")
             payload = bytearray()
             async for chunk in stream:
-                if isinstance(chunk, Malformed) or chunk.WhichOneof("part") != "data":
-                    raise WireError("malformed", f"{what}: expected a data chunk after the header")
-                payload += chunk.data
+                payload += chunk_data(chunk, what)
                 if len(payload) > h.num_bytes:
                     raise WireError("oversized", f"{what}: more than the {h.num_bytes} bytes its header declared")
             if len(payload) != h.num_bytes:
@@ -415,7 +410,8 @@ class NetServer:
             return None, record
         plans = {cid: fl.plan.for_client(client_seed(self.config.run.seed, round_idx, cid))
                  for cid in selection.selected}
-        payload = self.state.params.detach().contiguous().numpy().tobytes()  # one copy for every client
+        # The weights as serialized data chunks, made once (one copy, a snapshot) and streamed to every client.
+        payload = list(tensor_data_chunks(self.state.params, self.config.net.chunk_bytes))
         secagg = aggregator = None
         if fl.strategy.name == "secagg":  # the protocol's server half; the client halves run in the clients
             try:

@@ -66,12 +66,89 @@ def tensor_header(tensor: torch.Tensor) -> pb.TensorHeader:
                            num_bytes=tensor.numel() * tensor.element_size())
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes as a flat memoryview, without copying (a copy only if it is not contiguous on CPU)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
 def iter_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[bytes]:
-    """The tensor's raw bytes, `chunk_bytes` at a time (one host copy into bytes)."""
-    data = tensor.detach().contiguous().cpu().numpy().tobytes()
-    view = memoryview(data)
-    for start in range(0, len(data), chunk_bytes):
+    """The tensor's raw bytes, `chunk_bytes` at a time (one copy per chunk)."""
+    view = byte_view(tensor)
+    for start in range(0, len(view), chunk_bytes):
         yield bytes(view[start : start + chunk_bytes])
+
+
+# Fast path for the bulk of every stream. TaskChunk, UpdateChunk and SecAggChunk all carry their bytes in field 2
+# (`bytes data = 2` of the oneof), so a data chunk serializes to the tag 0x12, the length as a varint, the raw bytes.
+# Building that directly copies each byte once, where a protobuf message would copy it in and copy it out again;
+# parsing it directly hands out a view of the received bytes instead of two more copies. The bytes on the wire are
+# exactly what protobuf produces and accepts: peers using the generated classes interoperate unchanged.
+_DATA_TAG = 0x12
+for _msg in (pb.TaskChunk, pb.UpdateChunk, pb.SecAggChunk):
+    _field = _msg.DESCRIPTOR.fields_by_name["data"]
+    assert (_field.number, _field.type) == (2, _field.TYPE_BYTES), f"{_msg.__name__}.data must stay bytes field 2"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def data_chunks(buffer, chunk_bytes: int) -> Iterator[bytes]:
+    """Serialized `data` chunk messages (TaskChunk, UpdateChunk, SecAggChunk) over any bytes-like `buffer`."""
+    view = memoryview(buffer).cast("B")
+    for start in range(0, len(view), chunk_bytes):
+        piece = view[start : start + chunk_bytes]
+        yield b"".join((bytes((_DATA_TAG,)), _varint(len(piece)), piece))
+
+
+def tensor_data_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[bytes]:
+    return data_chunks(byte_view(tensor), chunk_bytes)
+
+
+def serialize(message: Message | bytes) -> bytes:
+    """gRPC serializer: protobuf messages, or messages already serialized (`data_chunks`) passed through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """A received chunk that is only data: a view of the message's bytes, nothing copied."""
+    data: memoryview
+
+
+def chunk_parser(message_type: type[M]) -> Callable[[bytes], M | DataChunk | Malformed]:
+    """`safe_parser` for the chunk messages, with data-only messages returned as `DataChunk` views."""
+    slow = safe_parser(message_type)
+
+    def parse(data: bytes) -> M | DataChunk | Malformed:
+        if len(data) > 1 and data[0] == _DATA_TAG:
+            length, shift, pos = 0, 0, 1
+            while pos < len(data) and pos <= 10:
+                byte = data[pos]
+                length |= (byte & 0x7F) << shift
+                shift, pos = shift + 7, pos + 1
+                if byte < 0x80:
+                    if pos + length == len(data):  # exactly one data field: what protobuf would parse too
+                        return DataChunk(memoryview(data)[pos:])
+                    break
+        return slow(data)
+
+    return parse
+
+
+def chunk_data(chunk: object, what: str) -> memoryview | bytes:
+    """The bytes of a chunk that must be data (not a header, not malformed)."""
+    if isinstance(chunk, DataChunk):
+        return chunk.data
+    if isinstance(chunk, Malformed) or chunk.WhichOneof("part") != "data":
+        raise WireError("malformed", f"{what}: expected a data chunk after the header")
+    return chunk.data
 
 
 def check_header(header: pb.TensorHeader, numel: int, what: str) -> None:
@@ -86,15 +163,26 @@ def check_header(header: pb.TensorHeader, numel: int, what: str) -> None:
 
 
 class TensorAssembler:
-    """Collects chunks into one preallocated buffer; refuses a stream longer than its header declared."""
+    """Collects chunks into one preallocated buffer; refuses a stream longer than its header declared.
 
-    def __init__(self, header: pb.TensorHeader, what: str):
+    The buffer is uninitialized memory (zeroing it first would touch every page twice), or `out`: a caller's
+    contiguous tensor of exactly the declared size, reused across transfers so that its pages are already mapped.
+    """
+
+    def __init__(self, header: pb.TensorHeader, what: str, out: torch.Tensor | None = None):
         self.what = what
-        self.buffer = bytearray(header.num_bytes)
+        if out is None:
+            self.storage = torch.empty(header.num_bytes, dtype=torch.uint8)
+        else:
+            if not out.is_contiguous() or out.device.type != "cpu" or \
+                    out.numel() * out.element_size() != header.num_bytes:
+                raise ValueError(f"{what}: out must be a contiguous CPU tensor of {header.num_bytes} bytes")
+            self.storage = out.detach().reshape(-1).view(torch.uint8)
+        self.buffer = memoryview(self.storage.numpy())
         self.received = 0
         self.shape = tuple(header.shape)
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)
         if end > len(self.buffer):
             raise WireError("oversized", f"{self.what}: stream carries more than the {len(self.buffer)} bytes "
@@ -106,8 +194,7 @@ class TensorAssembler:
         if self.received != len(self.buffer):
             raise WireError("malformed", f"{self.what}: stream ended after {self.received} of "
                                          f"{len(self.buffer)} bytes")
-        tensor = torch.frombuffer(self.buffer, dtype=torch.float32).view(self.shape) if self.buffer else \
-            torch.empty(self.shape)
+        tensor = self.storage.view(torch.float32).view(self.shape)
         # NaN and Inf propagate through a sum: one fast reduction, and the exact count only when it fails (a
         # sum can also overflow on huge finite values, which the exact check then lets through).
         if check_finite and not bool(torch.isfinite(tensor.sum())):
@@ -150,14 +237,14 @@ def check_parts(parts, max_bytes: int, what: str) -> int:
     return total
 
 
-def split_parts(buffer: bytearray, parts, what: str) -> dict[str, torch.Tensor]:
-    """The received bytes cut back into the named tensors; floating parts must be finite."""
-    out, offset = {}, 0
+def split_parts(buffer, parts, what: str) -> dict[str, torch.Tensor]:
+    """The received bytes (any bytes-like buffer) cut back into the named tensors; floating parts must be finite."""
+    out, offset, view = {}, 0, memoryview(buffer).cast("B")
     for part in parts:
-        raw = bytes(buffer[offset : offset + part.num_bytes])  # a copy: each part gets aligned storage
+        raw = bytearray(view[offset : offset + part.num_bytes])  # one copy: each part gets aligned storage
         offset += part.num_bytes
         dtype = PART_DTYPES[part.dtype]
-        tensor = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         if dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             raise WireError("nonfinite", f"{what}: part {part.name!r} holds NaN/Inf values")
         out[part.name] = tensor
