@@ -64,3 +64,11 @@ def test_char_lstm_shape_and_flat_round_trip():
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="model = 'resnet'"):
         build_model("resnet")
+
+
+def test_flatten_names_a_tensor_whose_shape_changed():
+    _, spec = flatten({"a": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="a: shape"):
+        flatten({"a": torch.zeros(3, 2)}, spec)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        flat_params(torch.nn.ReLU())

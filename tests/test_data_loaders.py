@@ -86,3 +86,17 @@ def test_federated_mnist_eval_split(tmp_path):
     ex, ey = data.client_eval(3)
     assert len(y) == 4800 and len(ey) == 1200 and x.shape[1:] == (1, 28, 28)
     assert abs(float(x.mean())) < 0.2  # normalised
+
+
+def test_shakespeare_more_clients_than_roles_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="data.num_clients"):
+        load_federated(DataConfig(name="shakespeare", partition="natural", num_clients=100_000, cache_dir=str(tmp_path)))
+
+
+def test_unknown_characters_become_spaces():
+    assert encode("a\u2014b").tolist() == [VOCAB.index("a"), 0, VOCAB.index("b")]
+
+
+def test_every_client_keeps_a_training_example(tmp_path):
+    data = load_federated(DataConfig(num_clients=60_000, partition="iid", eval_fraction=0.6, cache_dir=str(tmp_path)))
+    assert all(data.num_examples(c) >= 1 for c in (0, 1, 59_999))

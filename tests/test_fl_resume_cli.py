@@ -135,3 +135,28 @@ def test_process_pool_executor_from_config_matches_sequential(tmp_path):
     a = torch.load(sequential.run_dir / "checkpoint.pt", weights_only=True)["params"]
     b = torch.load(pooled.run_dir / "checkpoint.pt", weights_only=True)["params"]
     assert torch.equal(a, b)  # same clients, same plans, same order of summation: the same bits
+
+
+def test_resume_with_error_feedback_is_exact(tmp_path):
+    # Prepare: top-k with error feedback keeps a residual per client between rounds
+    extra = '[fl.compression]\ncodec = "topk"\nratio = 0.2\nerror_feedback = true\n'
+    straight = run_federated(from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "ef", rounds=3, extra=extra))),
+                             show_progress=False)
+    # Execute: the same run stopped after round 1, then resumed in a fresh process state
+    first = from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "ef2", rounds=3, extra=extra)))
+    first.fl.rounds = 1
+    run_federated(first, show_progress=False)
+    resumed = run_federated(from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "ef2", rounds=3, extra=extra))),
+                            resume=True, show_progress=False)
+    # Assert
+    a = torch.load(straight.run_dir / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed.run_dir / "checkpoint.pt", weights_only=True)
+    assert torch.equal(a["params"], b["params"]) and a["residuals"].keys() == b["residuals"].keys()
+    assert len(a["residuals"]) > 0
+
+
+def test_train_dispatch_follows_set_overrides(tmp_path):
+    config = tmp_path / "dp.toml"
+    config.write_text("[parallel]\nmode = 'data'\n")
+    result = CliRunner().invoke(app, ["train", str(config), "--set", "parallel=3"])
+    assert result.exit_code == 2 and "'parallel' must be a table" in result.output

@@ -75,3 +75,11 @@ def test_plan_is_one_immutable_object_per_client():
 def test_plan_validation_names_the_setting():
     with pytest.raises(ValueError, match="plan.lr"):
         TrainingPlan(lr=0)
+
+
+@pytest.mark.parametrize("fraction, expected", [(0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56)])
+def test_selection_count_has_no_float_rounding_error(fraction, expected):
+    props = _props(100, charging_every=1)
+    sel = select_clients(props, fraction, 1, 0.0, requires(), np.random.default_rng(0))
+    assert sel.target == expected and len(sel.selected) == expected
+    assert len(select_clients(_props(200, 1), 0.25, 1, 0.1, requires(), np.random.default_rng(0)).selected) == 55

@@ -12,7 +12,7 @@ from plait.federated.simulation import build_server
 
 def _config(tmp_path, **fl):
     data = {"run": {"name": "t", "root": str(tmp_path), "seed": 3},
-            "data": {"num_clients": 8, "partition": "iid"},
+            "data": {"num_clients": 8, "partition": "iid", "eval_fraction": 0.1},
             "fl": {"rounds": 2, "fraction": 0.5, "min_clients": 1, "plan": {"max_steps": 3, "lr": 0.05}, **fl}}
     return from_dict(FederatedRunConfig, data)
 
@@ -68,8 +68,7 @@ def test_eligibility_and_skipped_round_keep_the_model(tmp_path):
 
 
 def test_federated_evaluation_on_held_out_client_data(tmp_path):
-    config = _config(tmp_path, federated_eval_every=1)
-    config.data.eval_fraction = 0.1
+    config = _config(tmp_path, federated_eval_every=1)  # eval_fraction 0.1 in _config's data
     server = build_server(config)
     _, record = server.run_round(server.initial_state())
     assert 0 <= record["fed_accuracy"] <= 1 and record["fed_loss"] > 0
@@ -80,9 +79,38 @@ def test_settings_checked_against_the_data_fail_at_start(tmp_path):
 
     # 8 IID clients of 7,500 examples: a secagg weight bound of 1,000 cannot hold n_k
     with pytest.raises(ValueError, match="fl.strategy.secagg.max_weight"):
-        build_server(_config(tmp_path, strategy={"name": "secagg", "secagg": {"max_weight": 1000}}))
+        build_server(_config(tmp_path, min_clients=2, strategy={"name": "secagg", "secagg": {"max_weight": 1000}}))
     # adaptive clipping with a count noise too small for z: named before any round runs
     with pytest.raises(ValueError, match="clipped_count_stddev"):
         build_server(_config(tmp_path, strategy={"weighting": "uniform"},
                              privacy={"mode": "central", "adaptive": True, "noise_multiplier": 1.0,
                                       "clipped_count_stddev": 0.1}))
+
+
+def test_run_round_leaves_its_input_state_alone(tmp_path):
+    # Adam keeps moments in the state: the same round from the same state twice gives the same result
+    server = build_server(_config(tmp_path, server_opt={"name": "adam", "lr": 0.01}))
+    start = server.initial_state()
+    first, _ = server.run_round(start)
+    second, _ = server.run_round(start)
+    assert torch.equal(first.params, second.params)
+    assert all(torch.equal(first.opt_state[k], second.opt_state[k]) for k in first.opt_state)
+
+
+def test_dp_noise_is_secret_unless_asked_to_be_seeded(tmp_path):
+    privacy = {"mode": "local", "clip_norm": 0.5, "noise_multiplier": 1.0}
+    def one_round(**extra):
+        server = build_server(_config(tmp_path, privacy={**privacy, **extra}))
+        return server.run_round(server.initial_state())[0].params
+    assert not torch.equal(one_round(), one_round())  # OS entropy: nobody can regenerate it from the config
+    assert torch.equal(one_round(seeded_noise=True), one_round(seeded_noise=True))
+
+
+def test_too_few_updates_for_krum_skip_the_round(tmp_path):
+    # 8 clients, C = 0.375 → 3 reports; with f = floor(0.45 · 3) = 1 Krum needs f + 3 = 4: skipped, run goes on
+    server = build_server(_config(tmp_path, fraction=0.375, min_clients=3,
+                                  strategy={"name": "krum", "byzantine_fraction": 0.45}))
+    state = server.initial_state()
+    new_state, record = server.run_round(state)
+    assert record["participants"] == 3 and record["skipped"] and "f + 3" in record["aggregation_error"]
+    assert torch.equal(new_state.params, state.params)

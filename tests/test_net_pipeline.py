@@ -51,7 +51,8 @@ def run_both(tmp_path, raw):
 def test_local_dp_and_topk_with_error_feedback_match_simulation(tmp_path):
     # Prepare: every client in every round, so each one's error-feedback residual carries over twice.
     raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=3)
-    raw["fl"].update(fraction=1.0, privacy={"mode": "local", "clip_norm": 0.5, "noise_multiplier": 0.01},
+    raw["fl"].update(fraction=1.0, privacy={"mode": "local", "clip_norm": 0.5, "noise_multiplier": 0.01,
+                                                    "seeded_noise": True},
                      compression={"codec": "topk", "ratio": 0.05, "error_feedback": True})
     # Execute
     records, ref_records, ckpt, reference, initial = run_both(tmp_path, raw)
@@ -76,7 +77,8 @@ def test_central_dp_reports_epsilon_each_round_and_stops_at_budget(tmp_path):
     raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=3)
     raw["fl"].update(fraction=1.0, strategy={"name": "fedavg", "weighting": "uniform"},
                      privacy={"mode": "central", "clip_norm": 0.3, "noise_multiplier": z, "delta": delta,
-                              "epsilon_budget": budget, "adaptive": True, "clipped_count_stddev": 1.0})
+                              "epsilon_budget": budget, "adaptive": True, "clipped_count_stddev": 1.0,
+                              "seeded_noise": True})
     # Execute
     records, ref_records, ckpt, reference, initial = run_both(tmp_path, raw)
     # Assert: ε after each released round, the budget stop, the adaptive clip norm, the simulator's model.

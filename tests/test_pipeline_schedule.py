@@ -75,3 +75,12 @@ def test_forward_only_schedule():
     assert run.makespan == pytest.approx(6.0)  # m + p - 1 forwards
     assert all(a.kind == "F" for row in run.schedule.actions for a in row)
     assert run.peak_in_flight == (0, 0, 0)
+
+
+def test_receive_plan_rejects_zero_depth_and_skips_actions_without_messages():
+    from plait.parallel.pipeline.comm import RecvAhead
+
+    with pytest.raises(ValueError, match="depth"):
+        RecvAhead([None], depth=0)
+    recvs = RecvAhead([None, None])  # a first stage's forwards receive nothing: no receive is posted
+    assert recvs.get(0) is None and recvs.get(1) is None

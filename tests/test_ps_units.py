@@ -109,6 +109,32 @@ def test_server_optimizers_match_torch_optim(name):
     np.testing.assert_allclose(shard, _run_torch(name, params, grads, cfg), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_plain_sgd_updates_in_place_fused_or_not(monkeypatch, dtype, fused):
+    """Plain SGD (the per-push hot path) is one BLAS axpy pass when SciPy is there, two numpy passes otherwise:
+    both update the stored array itself (zero-copy pull answers alias it) and never write the wire buffer."""
+    from plait.ps import optim
+
+    if fused:
+        pytest.importorskip("scipy.linalg.blas")
+    monkeypatch.setattr(optim, "_AXPY", None if fused else {})
+    rng = np.random.default_rng(1)
+    params = rng.normal(size=3001).astype(dtype)
+    grad = np.frombuffer(rng.normal(size=3001).astype(dtype).tobytes(), dtype)  # read-only, as received
+    wire = grad.copy()
+    shard = params.copy()
+    opt = ShardOptimizer(OptimizerConfig(name="sgd", lr=0.05))
+    state = opt.init(shard)
+    opt.apply(shard, grad, state, 1.0 / 3)
+    opt.apply(shard, grad, state, 1.0 / 3)
+    expected = params.astype(np.float64) - 2 * (0.05 / 3) * wire.astype(np.float64)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(shard, expected, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(grad, wire)
+    assert (optim._AXPY.get(np.dtype(dtype)) is not None) == fused
+
+
 def test_optimizer_config_names_the_setting():
     with pytest.raises(ValueError, match="optimizer.lr"):
         OptimizerConfig(lr=0)

@@ -90,11 +90,15 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
           set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
     """Train in a cluster: data, model or pipeline parallel; all-reduce or parameter-server sync."""
     try:
-        raw = load_toml(config)
+        raw = apply_overrides(load_toml(config), list(set_))  # --set may change the plane too
     except ConfigError as err:
         _fail(str(err))
-    mode = raw.get("parallel", {}).get("mode", "data")
-    sync = raw.get("sync", {}).get("kind", "allreduce")
+    tables = {name: raw.get(name, {}) for name in ("parallel", "sync")}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            _fail(f"config key '{name}' must be a table, got {table!r}")
+    mode = tables["parallel"].get("mode", "data")
+    sync = tables["sync"].get("kind", "allreduce")
     entry = "pipeline" if mode in ("model", "pipeline") else "ps" if sync in ("ps",) else "data"
     try:
         module = importlib.import_module(_TRAIN_ENTRIES[entry])

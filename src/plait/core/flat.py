@@ -63,9 +63,14 @@ def flatten(tensors: dict[str, torch.Tensor], spec: FlatSpec | None = None) -> t
         raise ValueError(f"state does not match the flat spec: missing {sorted(missing)}, unexpected {sorted(extra)}")
     buffers = {}
     for dtype, size in spec.sizes.items():
-        parts = [tensors[slot.name].detach().reshape(-1) for slot in spec.slots_of(dtype)]
+        slots = spec.slots_of(dtype)
+        for slot in slots:
+            tensor = tensors[slot.name]
+            if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+                raise ValueError(f"{slot.name}: shape {tuple(tensor.shape)} {tensor.dtype}, the flat spec has "
+                                 f"{slot.shape} {slot.dtype}")
+        parts = [tensors[slot.name].detach().reshape(-1) for slot in slots]
         buffers[dtype] = torch.cat(parts) if parts else torch.empty(size, dtype=dtype)
-        assert buffers[dtype].numel() == size
     return buffers, spec
 
 
@@ -95,6 +100,8 @@ def split_views(flat: torch.Tensor, spec: FlatSpec) -> dict[str, torch.Tensor]:
 def flat_params(module: torch.nn.Module) -> tuple[torch.Tensor, FlatSpec]:
     """The trainable parameters of `module` as one float buffer (a copy) and its spec."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters")
     buffers, spec = flatten(params)
     if len(buffers) != 1:
         raise ValueError(f"trainable parameters span several dtypes {list(buffers)}; cast the model to one dtype")

@@ -45,14 +45,21 @@ class FederatedData:
     """Clients' local data. `client(i)` returns (train_x, train_y, eval_x, eval_y) tensors for client i."""
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int):
+                 parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int,
+                 held_out_last: bool = False):
+        """`held_out_last`: hold out each client's last examples (time order: overlapping text windows must not
+        straddle the split) instead of a random share."""
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         rng = np.random.default_rng(seed + 1)
         self._train_parts, self._eval_parts = [], []
         for part in parts:
-            held = int(round(len(part) * eval_fraction))
+            held = min(int(round(len(part) * eval_fraction)), len(part) - 1)  # every client keeps one to train on
+            if held_out_last:
+                self._eval_parts.append(part[len(part) - held :] if held else part[:0])
+                self._train_parts.append(part[: max(1, len(part) - held - (SEQ_LEN if held else 0))])
+                continue
             shuffled = rng.permutation(part)
             self._eval_parts.append(np.sort(shuffled[:held]))
             self._train_parts.append(np.sort(shuffled[held:]))
@@ -72,8 +79,6 @@ class FederatedData:
         idx = torch.from_numpy(self._eval_parts[client])
         return self.train_x[idx], self.train_y[idx]
 
-    def client_labels(self, client: int) -> np.ndarray:
-        return self.train_y[torch.from_numpy(self._train_parts[client])].numpy()
 
 
 def _image_parts(config: DataConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -109,6 +114,9 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
     arrays = load_shakespeare(config.path or None, cache_dir)
     text = torch.from_numpy(arrays["text"].astype(np.int64))
     offsets = arrays["offsets"]
+    if config.num_clients > len(offsets) - 1:
+        raise ValueError(f"data.num_clients = {config.num_clients}, but Shakespeare has {len(offsets) - 1} roles with "
+                         "enough lines")
     roles = np.random.default_rng(config.seed).permutation(len(offsets) - 1)[: config.num_clients]
     xs, ys, parts, test_x, test_y = [], [], [], [], []
     count = 0
@@ -117,9 +125,10 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
         if config.max_examples_per_client:
             windows = windows[: config.max_examples_per_client]
         cut = max(1, int(len(windows) * 0.9))
-        xs.append(windows[:cut, :SEQ_LEN]); ys.append(windows[:cut, SEQ_LEN])
+        train = windows[: max(1, cut - SEQ_LEN)]  # a gap of SEQ_LEN windows: no character in both splits
+        xs.append(train[:, :SEQ_LEN]); ys.append(train[:, SEQ_LEN])
         test_x.append(windows[cut:, :SEQ_LEN]); test_y.append(windows[cut:, SEQ_LEN])
-        parts.append(np.arange(count, count + cut))
-        count += cut
+        parts.append(np.arange(count, count + len(train)))
+        count += len(train)
     return FederatedData(torch.cat(xs), torch.cat(ys), torch.cat(test_x), torch.cat(test_y), parts,
-                         config.eval_fraction, config.seed, num_classes=len(VOCAB))
+                         config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)

@@ -49,11 +49,9 @@ def parse_play(text: str) -> dict[str, str]:
 
 
 def encode(text: str) -> np.ndarray:
-    lookup = np.zeros(256, dtype=np.uint8)
-    for i, ch in enumerate(VOCAB):
-        lookup[ord(ch)] = i
-    raw = np.frombuffer(text.encode("latin-1", errors="replace"), dtype=np.uint8)
-    return lookup[raw]
+    """Vocabulary indices; a character outside VOCAB (e.g. an em dash) becomes index 0, the space."""
+    index = {ch: i for i, ch in enumerate(VOCAB)}
+    return np.fromiter((index.get(ch, 0) for ch in text), dtype=np.uint8, count=len(text))
 
 
 def _build(directory: Path, min_chars: int) -> dict[str, np.ndarray]:

@@ -67,6 +67,15 @@ class FLConfig:
         if self.strategy.name == "secagg" and self.compression.codec != "none":
             # masked ring elements do not compress; the codec would only ever see the unmasked delta here
             raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec")
+        if self.privacy.mode == "central" and self.eligibility:
+            raise ValueError("fl.eligibility with fl.privacy.mode = 'central': the accountant's sampling rate assumes "
+                             "every client can be sampled; remove the eligibility rules")
+        if self.strategy.name in ("krum", "multi_krum") and self.min_clients < 3:
+            raise ValueError(f"fl.strategy.name = {self.strategy.name!r} needs fl.min_clients >= 3 (Krum scores each "
+                             f"update against n - f - 2 neighbours), got {self.min_clients}")
+        if self.strategy.name == "secagg" and self.min_clients < 2:
+            raise ValueError(f"fl.strategy.name = 'secagg' needs fl.min_clients >= 2 (a sum of one reveals it), "
+                             f"got {self.min_clients}")
         if self.privacy.mode == "central" and (self.strategy.name != "fedavg" or self.strategy.weighting != "uniform"):
             # the sensitivity bound C / expected_clients holds for a uniform sum only
             raise ValueError("fl.privacy.mode = 'central' needs fl.strategy.name = 'fedavg' and "
@@ -90,3 +99,7 @@ class FederatedRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+
+    def __post_init__(self) -> None:
+        if self.fl.federated_eval_every and not self.data.eval_fraction:
+            raise ValueError("fl.federated_eval_every needs data.eval_fraction > 0 (clients' held-out data)")

@@ -24,7 +24,8 @@ from plait.data.federated import FederatedData
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import SequentialExecutor
-from plait.federated.server import ServerState, client_seed
+from plait.federated.seeds import client_seed
+from plait.federated.server import ServerState
 from plait.federated.topology import mixing_matrix, neighbours
 
 class GossipRunner:

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from plait.core.compress import Codec, Encoded, ErrorFeedback, make_codec
 from plait.federated.privacy.config import PrivacyConfig
 from plait.federated.privacy.local import LocalDP
+from plait.federated.seeds import noise_generator, stage_seed
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,27 +39,34 @@ class CompressionConfig:
         return make_codec(self.codec, **options)
 
 
-def stage_seed(seed: int, round_idx: int, client: int, stage: int) -> int:
-    """A seed per (run, round, client, stage): randomness never depends on the order clients report in."""
-    return int(np.random.SeedSequence([seed, round_idx, client, stage]).generate_state(1)[0])
-
-
 class ClientStages:
     """The client half: clip → local-DP noise → compress. `encode` runs on the client, `decode` on the server."""
 
     def __init__(self, privacy: PrivacyConfig, compression: CompressionConfig, seed: int):
-        self.seed = seed
+        self.seed, self.seeded_noise = seed, privacy.seeded_noise
         self.local_dp = LocalDP(privacy.clip_norm, privacy.noise_multiplier) if privacy.mode == "local" else None
         self.codec = compression.build()
         self.feedback: dict[int, ErrorFeedback] | None = {} if compression.error_feedback else None
 
     def encode(self, client_id: int, delta: torch.Tensor, round_idx: int) -> Encoded:
-        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, client_id, 1))
+        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, client_id, 1))  # codec sampling
         if self.local_dp is not None:
-            delta = self.local_dp(delta, generator)
+            delta = self.local_dp(delta, noise_generator(self.seeded_noise, self.seed, round_idx, client_id, 1))
         if self.feedback is not None:
             return self.feedback.setdefault(client_id, ErrorFeedback(self.codec)).compress(delta, generator)
         return self.codec.encode(delta, generator)
+
+    def residuals(self) -> dict[int, torch.Tensor]:
+        """What error feedback still owes each client (kept in checkpoints, so a resumed run loses nothing)."""
+        if self.feedback is None:
+            return {}
+        return {cid: fb.residual for cid, fb in self.feedback.items() if fb.residual is not None}
+
+    def load_residuals(self, residuals: dict[int, torch.Tensor]) -> None:
+        if self.feedback is None:
+            return
+        for cid, residual in residuals.items():
+            self.feedback.setdefault(int(cid), ErrorFeedback(self.codec)).residual = residual
 
     def decode(self, client_id: int, enc: Encoded) -> torch.Tensor:
         try:

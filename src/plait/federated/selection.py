@@ -12,6 +12,16 @@ import numpy as np
 Properties = Mapping[str, Any]
 
 
+def share_of(fraction: float, total: int) -> int:
+    """ceil(fraction · total), immune to float error (0.07 · 100 is 7.000000000000001, which must give 7)."""
+    return math.ceil(fraction * total - 1e-9)
+
+
+def target_clients(fraction: float, min_clients: int, num_registered: int) -> int:
+    """How many reports a round needs: C · registered clients, at least the quorum."""
+    return max(min_clients, share_of(fraction, num_registered))
+
+
 def requires(**wanted: Any) -> Callable[[Properties], bool]:
     """An eligibility predicate: every named property must equal the wanted value."""
     def eligible(props: Properties) -> bool:
@@ -36,9 +46,9 @@ def select_clients(properties: Mapping[int, Properties], fraction: float, min_cl
     if over_selection < 0:
         raise ValueError(f"over_selection must be >= 0, got {over_selection}")
     pool = sorted(cid for cid, props in properties.items() if eligible(props))
-    target = max(min_clients, math.ceil(fraction * len(properties)))
+    target = target_clients(fraction, min_clients, len(properties))
     if len(pool) < max(min_clients, 1):
         return Selection([], target, len(pool))
-    wanted = min(len(pool), math.ceil(target * (1 + over_selection)))
+    wanted = min(len(pool), share_of(1 + over_selection, target))
     chosen = rng.choice(len(pool), size=wanted, replace=False)
     return Selection(sorted(pool[i] for i in chosen), min(target, len(pool)), len(pool))

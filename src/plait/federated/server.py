@@ -26,12 +26,13 @@ from plait.federated.client_update import ClientData, Update
 from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientExecutor, ClientTask
-from plait.federated.pipeline import ClientStages, stage_seed
+from plait.federated.pipeline import ClientStages
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
+from plait.federated.seeds import client_seed, stage_seed
 from plait.federated.selection import requires, select_clients
 from plait.federated.server_opt import build_server_opt
-from plait.federated.strategy import Aggregator, make_aggregator
+from plait.federated.strategy import Aggregator, TooFewUpdates, make_aggregator
 from plait.federated.stragglers import DevicePool, split_on_time
 
 
@@ -40,10 +41,6 @@ class ServerState:
     round: int                     # rounds finished so far
     params: torch.Tensor           # global weights, flat
     opt_state: dict[str, torch.Tensor]
-
-
-def client_seed(seed: int, round_idx: int, client: int) -> int:
-    return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
 
 
 class FederatedServer:
@@ -66,7 +63,9 @@ class FederatedServer:
         return ServerState(0, params, self.privacy.init_state(self.server_opt.init(params)))
 
     def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """One round from `state`, which is left as it was (optimizers update their state in place)."""
         cfg, round_idx = self.config, state.round + 1
+        state = ServerState(state.round, state.params, {k: v.clone() for k, v in state.opt_state.items()})
         start = time.perf_counter()
         rng = np.random.default_rng([self.seed, 3, round_idx])
         selection = select_clients(self.devices.properties(round_idx), cfg.fraction, cfg.min_clients,
@@ -110,8 +109,12 @@ class FederatedServer:
         round_idx, attack = state.round + 1, self.config.attack
         tasks = [ClientTask(cid, plans[cid], self._client_data(cid)) for cid in kept]
         aggregator = self._aggregator(state, round_idx)
-        if hasattr(aggregator, "begin"):  # e.g. secure aggregation sets up keys with the selected clients
-            aggregator.begin(list(selected))
+        try:
+            if hasattr(aggregator, "begin"):  # e.g. secure aggregation sets up keys with the selected clients
+                aggregator.begin(list(selected))
+        except SecAggError as err:  # e.g. too few clients selected to hide any one of them
+            record["skipped"], record["aggregation_error"] = True, str(err)
+            return state
         loss_sum, examples = 0.0, 0
         if self.attackers:
             record["attackers"] = 0
@@ -130,8 +133,8 @@ class FederatedServer:
         record["train_loss"] = loss_sum / max(examples, 1)
         try:
             mean_delta = aggregator.result()
-        except SecAggError as err:  # too many dropouts after key sharing: this round releases nothing
-            record["skipped"], record["secagg_error"] = True, str(err)
+        except (SecAggError, TooFewUpdates) as err:  # e.g. too many dropouts: this round releases nothing
+            record["skipped"], record["aggregation_error"] = True, str(err)
             return state
         if hasattr(aggregator, "traffic"):  # secure aggregation: count the protocol's own messages
             traffic = aggregator.traffic()

@@ -51,7 +51,12 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         from plait.federated.gossip import GossipRunner
 
         return GossipRunner(config.fl, model, data, config.run.seed)
-    return FederatedServer(config.fl, model, data, executor or build_executor(config, model), config.run.seed)
+    executor = executor or build_executor(config, model)
+    try:
+        return FederatedServer(config.fl, model, data, executor, config.run.seed)
+    except Exception:
+        executor.close()  # a worker pool must not outlive a server that failed to start
+        raise
 
 
 def _resume_state(run: RunDir, server: FederatedServer) -> ServerState:
@@ -60,6 +65,8 @@ def _resume_state(run: RunDir, server: FederatedServer) -> ServerState:
         raise ValueError(f"{run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the model has "
                          f"{server.initial_params.numel()}: was the config's model changed?")
     truncate_metrics(run.metrics_path, "round", ckpt["round"])  # rounds after the checkpoint are redone once
+    if hasattr(server, "stages"):
+        server.stages.load_residuals(ckpt.get("residuals", {}))
     return ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
 
 
@@ -67,20 +74,22 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
                   fresh_name: bool = False) -> RunSummary:
     run = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
     server = build_server(config)  # data and model before writing anything: bad paths fail at start
-    state = _resume_state(run, server) if resume else server.initial_state()
-    if not resume:
-        run.write_config(config)
     total = config.fl.rounds
     started = time.perf_counter()
     last: dict[str, Any] = {}
     try:
+        state = _resume_state(run, server) if resume else server.initial_state()
+        if not resume:
+            run.write_config(config)
         with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
             while state.round < total:
                 state, record = server.run_round(state)
                 record["elapsed_s"] = time.perf_counter() - started
                 log.write(record)
-                save_checkpoint(run.checkpoint_path, {"round": state.round, "params": state.params,
-                                                      "opt_state": state.opt_state})
+                save_checkpoint(run.checkpoint_path, {
+                    "round": state.round, "params": state.params, "opt_state": state.opt_state,
+                    # simulated clients' error-feedback residuals: real clients keep their own
+                    "residuals": server.stages.residuals() if hasattr(server, "stages") else {}})
                 last = record
                 acc = record.get("accuracy")
                 bar.advance(state.round, f"acc {acc:.4f}" if acc is not None else "")

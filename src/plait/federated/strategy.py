@@ -40,6 +40,10 @@ class StrategyConfig:
             raise ValueError(f"strategy.num_selected must be >= 0 (0: n − f), got {self.num_selected}")
 
 
+class TooFewUpdates(ValueError):
+    """A round brought fewer updates than the rule needs: the round is skipped, the run goes on."""
+
+
 class Aggregator(Protocol):
     def add(self, client_id: int, update: Update) -> None: ...
     def result(self) -> torch.Tensor: ...
@@ -72,7 +76,7 @@ class RobustAggregator:
 
     def result(self) -> torch.Tensor:
         if not self._rows:
-            raise ValueError(f"{self.config.name}: no client updates to aggregate")
+            raise TooFewUpdates(f"{self.config.name}: no client updates to aggregate")
         updates = torch.stack(self._rows)
         c, n = self.config, len(self._rows)
         if c.name == "median":
@@ -80,6 +84,8 @@ class RobustAggregator:
         if c.name == "trimmed_mean":
             return robust.trimmed_mean(updates, math.floor(c.trim_fraction * n + 1e-9))
         f = math.floor(c.byzantine_fraction * n + 1e-9)
+        if n < f + 3:
+            raise TooFewUpdates(f"{c.name} needs at least f + 3 = {f + 3} updates (f = {f} assumed Byzantine), got {n}")
         if c.name == "krum":
             return robust.krum(updates, f)
         return robust.multi_krum(updates, f, min(c.num_selected, n) if c.num_selected else n - f)

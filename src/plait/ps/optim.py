@@ -4,6 +4,10 @@ Each element's update depends only on that element, so a key split across server
 one server. The maths follows torch.optim (SGD's momentum buffer `b = μb + g`; Adam with bias correction folded
 into the step size), so a BSP run with one server matches single-process torch training. Servers import no torch:
 they start and restart in a fraction of a second, and numpy runs these loops at memory speed.
+
+Plain SGD runs on every push and sits on the push+pull critical path, so it is one fused pass (BLAS axpy,
+`param += -lr·scale·grad`) when SciPy's BLAS is importable; numpy alone needs two passes (scale, subtract), which
+measured about 2x slower inside a server handling 4 MB pushes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,36 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+
+def _load_axpy() -> dict:
+    """dtype -> BLAS axpy (y += a·x in place), or {} without SciPy. Imported only by an optimizer that uses it."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return {}
+    return {np.dtype(np.float32): blas.saxpy, np.dtype(np.float64): blas.daxpy}
+
+
+_AXPY: dict | None = None
+
+
+def _axpy_table() -> dict:
+    global _AXPY
+    if _AXPY is None:
+        _AXPY = _load_axpy()
+    return _AXPY
+
+
+def _fused_sgd(param: np.ndarray, grad: np.ndarray, step: float) -> bool:
+    """param -= step·grad in one pass; False when no BLAS axpy fits (the caller falls back to numpy)."""
+    axpy = _axpy_table().get(param.dtype)
+    if axpy is None or grad.dtype != param.dtype or not param.flags.c_contiguous or not param.flags.writeable:
+        return False
+    result = axpy(grad, param, a=-step)
+    if result is not param and not np.shares_memory(result, param):  # f2py copied: keep the in-place contract
+        param[...] = result
+    return True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,6 +75,8 @@ class ShardOptimizer:
 
     def __init__(self, config: OptimizerConfig):
         self.config = config
+        if config.name == "sgd" and not config.weight_decay:
+            _axpy_table()  # load BLAS now, not inside the first push's answer time
 
     def init(self, param: np.ndarray) -> dict[str, np.ndarray]:
         state = {"step": np.zeros(1, dtype=np.int64), "scratch": np.empty_like(param)}
@@ -55,7 +91,9 @@ class ShardOptimizer:
         g = state["scratch"]
         state["step"][0] += 1
         if cfg.name == "sgd" and not cfg.weight_decay:
-            # Plain SGD in two passes over memory (scale, subtract): it runs on every push at wire speed.
+            # Plain SGD runs on every push: one fused pass when BLAS is there, else two (scale, subtract).
+            if _fused_sgd(param, grad, cfg.lr * scale):
+                return
             np.multiply(grad, param.dtype.type(cfg.lr * scale), out=g)
             param -= g
             return

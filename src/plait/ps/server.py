@@ -15,6 +15,7 @@ and workers simply resend what was not acknowledged (see kvstore.py).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,4 +276,7 @@ class ParameterServer:
 
 
 def run_server(config: ServerConfig) -> None:
+    # The loop is single-threaded by design; a multi-threaded BLAS axpy (optim.py) would fight ZeroMQ's I/O thread
+    # for the cores. Read once, when the server's first update loads BLAS.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     ParameterServer(config).serve()

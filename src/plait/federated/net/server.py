@@ -55,7 +55,8 @@ from plait.federated.secagg.aggregator import weighted_mean
 from plait.federated.secagg.messages import MaskedInput
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.selection import requires, select_clients
-from plait.federated.server import ServerState, client_seed
+from plait.federated.seeds import client_seed
+from plait.federated.server import ServerState
 from plait.federated.server_opt import build_server_opt
 from plait.federated.strategy import make_aggregator
 
@@ -418,7 +419,7 @@ class NetServer:
                 secagg = SecAggRound(fl.strategy, self.numel, selection.selected, seed=self.config.run.seed,
                                      round_idx=round_idx)
             except SecAggError as err:  # e.g. fewer than 2 clients selected
-                record["secagg_error"] = str(err)
+                record["aggregation_error"] = str(err)
                 return None, record
         else:  # the simulator's aggregator: the strategy, wrapped by central DP when it is on
             inner = make_aggregator(fl.strategy, self.numel, seed=self.config.run.seed, round_idx=round_idx)
@@ -489,7 +490,7 @@ class NetServer:
             outcome = await rnd.secagg.run(rnd.selected, rnd.target, wait, rnd.gone)
             mean = weighted_mean(outcome)
         except SecAggError as err:  # too many dropouts: this round releases nothing
-            record["secagg_error"] = str(err)
+            record["aggregation_error"] = str(err)
             log.warning("round %d: %s", rnd.idx, err)
             return None
         finally:

@@ -18,6 +18,8 @@ class PrivacyConfig:
     target_quantile: float = 0.5       # adaptive: γ, the share of updates that should be left unclipped
     clip_lr: float = 0.2               # adaptive: η_C in C ← C·exp(−η_C (b̄ − γ))
     clipped_count_stddev: float = 0.0  # adaptive: σ_b, noise on the unclipped count (0: expected_clients / 20)
+    seeded_noise: bool = False         # reproducible noise from run.seed, for experiments only: anyone holding the
+                                       # config can regenerate and remove it (default: OS entropy)
 
     def __post_init__(self) -> None:
         if self.clip_norm <= 0:

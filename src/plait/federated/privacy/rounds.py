@@ -8,27 +8,29 @@ server optimizer's state dict, so checkpoints keep it.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from plait.federated.pipeline import stage_seed
 from plait.federated.privacy.accounting import epsilon_after
 from plait.federated.privacy.central import CentralDPAggregator, delta_noise_multiplier
+from plait.federated.seeds import noise_generator
+from plait.federated.selection import share_of, target_clients
 
 if TYPE_CHECKING:
     from plait.federated.config import FLConfig
 
-SERVER_NOISE_STAGE = 2  # stage index in the (seed, round, client, stage) seeds of plait.federated.pipeline
+SERVER_NOISE_STAGE = 2  # stage index in plait.federated.seeds.stage_seed (1: local DP, 3: attackers)
 
 
 class RoundPrivacy:
     def __init__(self, fl: "FLConfig", seed: int, num_clients: int):
         self.config, self.seed = fl.privacy, seed
-        target = max(fl.min_clients, math.ceil(fl.fraction * num_clients))
-        self.expected_clients = self.config.expected_clients or min(target, num_clients)
-        self.sample_rate = min(1.0, self.expected_clients / num_clients)
+        target = min(target_clients(fl.fraction, fl.min_clients, num_clients), num_clients)
+        self.expected_clients = self.config.expected_clients or target  # central DP's fixed denominator
+        # q of the accountant: the share of all clients sampled each round, over-selected ones included. (Eligibility
+        # rules would raise it per eligible client; FLConfig refuses them with central DP.)
+        self.sample_rate = min(1.0, share_of(1 + fl.over_selection, target) / num_clients)
         if self.config.mode == "central" and self.config.adaptive:
             delta_noise_multiplier(self.config.noise_multiplier, self.count_stddev)  # fail at start, naming the key
 
@@ -65,7 +67,7 @@ class RoundPrivacy:
         p = self.config
         if p.mode != "central":
             return inner
-        generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, 0, SERVER_NOISE_STAGE))
+        generator = noise_generator(self.config.seeded_noise, self.seed, round_idx, 0, SERVER_NOISE_STAGE)
         count_std = self.count_stddev if p.adaptive else None
         return CentralDPAggregator(inner, float(opt_state["dp_clip_norm"]), p.noise_multiplier,
                                    self.expected_clients, generator, count_std)

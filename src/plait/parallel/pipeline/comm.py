@@ -10,6 +10,8 @@ tensors cross the wire, never pickles.
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,28 +63,48 @@ class SendHandles:
 
 
 class RecvAhead:
-    """Receives for a row of actions, each posted one action early (irecv), so the next message travels while
-    the current action computes. Receives on each channel are still posted in action order, as the dry run assumes.
+    """Receives for a row of actions, posted ahead per channel (irecv), so each message lands while this stage is
+    still computing earlier actions instead of after it asks for it.
 
-    `plan[i]` is (shape, dtype, source rank) of what action i receives, or None when it receives nothing.
+    `plan[i]` is (shape, dtype, source rank) of what action i receives, or None when it receives nothing. Each
+    source channel keeps up to `depth` receives posted, in action order (messages on a channel are matched in the
+    order they were posted, as the dry run assumes); one is topped up as soon as another is taken, before waiting.
+    At the start of a step the first `depth` receives of every channel are posted at once, so the first message of a
+    channel never waits for a receive to be posted (gloo sends a payload only once its receive is posted). Buffers
+    are allocated when posted: `depth` per channel beyond what the schedule holds anyway.
     """
 
-    def __init__(self, plan: list[tuple[tuple[int, ...], torch.dtype, int] | None]):
+    def __init__(self, plan: list[tuple[tuple[int, ...], torch.dtype, int] | None], depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"receive depth must be >= 1, got {depth}")
         self._plan = plan
+        self._depth = depth
+        self._queues: dict[int, deque[int]] = {}  # source rank -> indices of its actions not yet posted, in order
+        for index, spec in enumerate(plan):
+            if spec is not None:
+                self._queues.setdefault(spec[2], deque()).append(index)
         self._posted: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        self._outstanding = dict.fromkeys(self._queues, 0)
+        for src in self._queues:
+            self._top_up(src)
 
-    def _post(self, index: int) -> None:
-        if index < len(self._plan) and self._plan[index] is not None and index not in self._posted:
-            shape, dtype, src = self._plan[index]
+    def _top_up(self, src: int) -> None:
+        queue = self._queues[src]
+        while queue and self._outstanding[src] < self._depth:
+            index = queue.popleft()
+            shape, dtype, _ = self._plan[index]
             buffer = torch.empty(shape, dtype=dtype)
             self._posted[index] = (dist.irecv(buffer, src), buffer)
+            self._outstanding[src] += 1
 
     def get(self, index: int) -> torch.Tensor | None:
-        """What action `index` receives (blocking until it has arrived); posts the receive of the next action."""
-        self._post(index)
-        self._post(index + 1)
-        if index not in self._posted:
+        """What action `index` receives, blocking until it has arrived (None when it receives nothing)."""
+        spec = self._plan[index]
+        if spec is None:
             return None
         work, buffer = self._posted.pop(index)
+        src = spec[2]
+        self._outstanding[src] -= 1
+        self._top_up(src)
         work.wait()
         return buffer
