@@ -243,16 +243,20 @@ class NetServer:
             yield chunk
         rnd.bytes_down += self.numel * 4
 
-    async def push_update(self, request_iterator, context):
+    async def _stream_header(self, request_iterator, context, rpc: str, header_name: str):
+        """The stream and its first message's header; anything else first is refused as malformed."""
         stream = request_iterator.__aiter__()
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
             first = None
         if first is None or isinstance(first, (Malformed, DataChunk)) or first.WhichOneof("part") != "header":
-            error = first.error if isinstance(first, Malformed) else "first message must be an UpdateHeader"
-            await self._refuse(context, WireError("malformed", f"PushUpdate: {error}"), "a peer")
-        h = first.header
+            error = first.error if isinstance(first, Malformed) else f"first message must be {header_name}"
+            await self._refuse(context, WireError("malformed", f"{rpc}: {error}"), "a peer")
+        return stream, first.header
+
+    async def push_update(self, request_iterator, context):
+        stream, h = await self._stream_header(request_iterator, context, "PushUpdate", "an UpdateHeader")
         cid = await self._authenticate(context, "PushUpdate", h)
         await self._session(context, cid, h.session)
         what = f"update from client {cid} for round {h.round}"
@@ -311,15 +315,7 @@ class NetServer:
 
     async def push_secagg(self, request_iterator, context):
         """One secure-aggregation message from a client (its keys, shares, masked input or unmask shares)."""
-        stream = request_iterator.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
-        if first is None or isinstance(first, (Malformed, DataChunk)) or first.WhichOneof("part") != "header":
-            error = first.error if isinstance(first, Malformed) else "first message must be a SecAggHeader"
-            await self._refuse(context, WireError("malformed", f"SecAggPush: {error}"), "a peer")
-        h = first.header
+        stream, h = await self._stream_header(request_iterator, context, "SecAggPush", "a SecAggHeader")
         cid = await self._authenticate(context, "SecAggPush", h)
         await self._session(context, cid, h.session)
         what = f"secure-aggregation message from client {cid} for round {h.round}"
