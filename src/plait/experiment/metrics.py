@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from plait.experiment.checkpoint import atomic_write_bytes
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -54,4 +56,5 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, key: str, last: int) -> None:
     """Keep only records with `record[key] <= last`: on resume, steps after the checkpoint are redone, not doubled."""
     kept = [r for r in read_metrics(path) if r.get(key, -1) <= last]
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
+    atomic_write_bytes(Path(path), lambda f: f.write(text))  # a crash here must not lose the rounds kept
