@@ -53,6 +53,8 @@ class FederatedServer:
         self.eligible = requires(**config.eligibility)
         self.model_bytes = self.initial_params.numel() * self.initial_params.element_size()
         self.stages = ClientStages(config.privacy, config.compression, seed)
+        # what one compressed update costs on the uplink, for the simulated devices' transfer times
+        self.upload_bytes = self.stages.codec.encode(torch.ones_like(self.initial_params)).nbytes
         self.attackers = attacker_ids(config.attack, data.num_clients)
         self.privacy = RoundPrivacy(config, seed, data.num_clients)
         if config.strategy.name == "secagg" and config.strategy.weighting == "examples":
@@ -76,7 +78,7 @@ class FederatedServer:
         # Broadcast: each selected client gets the weights and its own plan object.
         plans = {cid: cfg.plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selection.selected}
         finish = {cid: self.devices.finish_time(cid, plans[cid].num_steps(self.data.num_examples(cid)),
-                                                self.model_bytes, self.model_bytes) for cid in selection.selected}
+                                                self.model_bytes, self.upload_bytes) for cid in selection.selected}
         kept, dropped = split_on_time(finish, selection.target, cfg.devices.deadline_s)
         record["dropped"] = len(dropped)
         record["bytes_down"] = self.model_bytes * len(selection.selected)
