@@ -129,7 +129,7 @@ def test_budget_stop_in_the_round_loop():
 
 def test_adaptive_clipping_moves_the_norm_and_is_checkpointed():
     server = _tiny_server({"mode": "central", "noise_multiplier": 0.5, "clip_norm": 100.0, "adaptive": True,
-                           "clipped_count_stddev": 1.0})
+                           "clipped_count_stddev": 1.0, "seeded_noise": True})
     state = server.initial_state()
     for _ in range(3):
         state, record = server.run_round(state)
