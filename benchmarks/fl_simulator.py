@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plait.core.flat import flat_params, load_flat_params
+from plait.core.flat import load_flat_params
 from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
-from plait.federated.executor import SequentialExecutor
 from plait.federated.pool_executor import ProcessPoolExecutor
 from plait.federated.simulation import build_server
 
