@@ -3,8 +3,6 @@ rounds with the same global model as the in-process simulator on the same config
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,19 +10,9 @@ from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.net.certs import make_certs
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import small_config, start_client, start_server, stop, wait_for_server, write_config
-from plait.federated.simulation import build_server
+from plait.federated.net.local import cluster, read_records, simulate, small_config, write_config
 
 NUM_CLIENTS, ROUNDS = 5, 3
-
-
-def simulate(config: NetworkRunConfig):
-    server = build_server(config.simulation())
-    state, records = server.initial_state(), []
-    while state.round < config.fl.rounds:
-        state, record = server.run_round(state)
-        records.append(record)
-    return state, records, server.initial_params
 
 
 @pytest.mark.timeout(120)
@@ -34,23 +22,16 @@ def test_five_clients_three_rounds_match_simulation(tmp_path):
     raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=ROUNDS, tls="on", auth="hmac",
                        client_certs=True, cert_dir=str(certs))
     path = write_config(tmp_path / "fl.toml", raw)
-    server = start_server(path, tmp_path / "server.log")
-    clients = []
-    try:
-        info = wait_for_server(tmp_path / "runs" / "net", server)
+    with cluster(path, tmp_path, tmp_path / "runs" / "net", NUM_CLIENTS,
+                 lambda cid: {"certs": certs, "tls": True}) as (server, info, clients):
         assert info["tls"] is True
-        clients = [start_client(path, f"127.0.0.1:{info['port']}", cid, tmp_path / f"client{cid}.log",
-                                certs=certs, tls=True) for cid in range(NUM_CLIENTS)]
         # Execute: the reference simulation runs meanwhile, in this process.
         reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
         assert server.wait(timeout=100) == 0, (tmp_path / "server.log").read_text()
         codes = [c.wait(timeout=30) for c in clients]
-    finally:
-        for process in [server, *clients]:
-            stop(process)
     # Assert: every client finished cleanly, every round had the simulator's participants, same final weights.
     assert codes == [0] * NUM_CLIENTS, [(tmp_path / f"client{c}.log").read_text()[-2000:] for c in range(NUM_CLIENTS)]
-    records = [json.loads(line) for line in (tmp_path / "runs" / "net" / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "runs" / "net")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert [r["participants"] for r in records] == [r["participants"] for r in ref_records] == [3, 3, 3]
     ckpt = load_checkpoint(tmp_path / "runs" / "net" / "checkpoint.pt")

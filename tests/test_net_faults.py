@@ -4,7 +4,6 @@ reconnect by themselves, and the run ends with the same model as an uninterrupte
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -15,14 +14,9 @@ import torch
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import fetch_status, small_config, start_client, start_server, stop, \
-    wait_for_server, wait_until, write_config
+from plait.federated.net.local import cluster, fetch_status, read_records, small_config, start_client, \
+    start_server, stop, wait_for_server, wait_until, write_config
 from plait.federated.simulation import build_server
-
-
-def read_records(run_dir):
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.timeout(150)
@@ -31,13 +25,8 @@ def test_client_killed_mid_round_is_dropped_and_round_completes(tmp_path):
     raw["fl"]["fraction"] = 1.0
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    server = start_server(path, tmp_path / "server.log")
-    clients = []
-    try:
-        info = wait_for_server(run_dir, server)
-        address = f"127.0.0.1:{info['port']}"
-        clients = [start_client(path, address, cid, tmp_path / f"client{cid}.log",
-                                extra=["--slow-s", "60"] if cid == 2 else []) for cid in range(3)]
+    slow_client_2 = lambda cid: {"extra": ["--slow-s", "60"] if cid == 2 else []}  # noqa: E731
+    with cluster(path, tmp_path, run_dir, 3, slow_client_2) as (server, info, clients):
 
         def others_reported():  # client 2 holds its task, trained, and now sits in its 60 s "slow device" sleep
             current = fetch_status("127.0.0.1", info["status_port"]).get("current", {})
@@ -49,9 +38,6 @@ def test_client_killed_mid_round_is_dropped_and_round_completes(tmp_path):
         assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
         finished_in = time.monotonic() - killed_at
         codes = [clients[cid].wait(timeout=30) for cid in (0, 1)]
-    finally:
-        for process in [server, *clients]:
-            stop(process)
     records = read_records(run_dir)
     assert codes == [0, 0]
     assert [r["participants"] for r in records] == [2, 2]

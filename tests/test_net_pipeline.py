@@ -4,7 +4,6 @@ simulator's accounting. Each run ends with the in-process simulation's model and
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,9 +12,8 @@ import torch
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import small_config, start_client, start_server, stop, wait_for_server, write_config
+from plait.federated.net.local import cluster, read_records, simulate, small_config, write_config
 from plait.federated.privacy.accounting import epsilon_after
-from plait.federated.simulation import build_server
 
 NUM_CLIENTS = 3
 
@@ -24,27 +22,13 @@ def run_both(tmp_path, raw):
     """The networked run (server + NUM_CLIENTS client processes) and the simulation of the same config."""
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    server = start_server(path, tmp_path / "server.log")
-    clients = []
-    try:
-        info = wait_for_server(run_dir, server)
-        clients = [start_client(path, f"127.0.0.1:{info['port']}", cid, tmp_path / f"client{cid}.log")
-                   for cid in range(NUM_CLIENTS)]
-        sim = build_server(from_dict(NetworkRunConfig, raw).simulation())
-        state, ref_records = sim.initial_state(), []
-        while state.round < raw["fl"]["rounds"]:
-            state, record = sim.run_round(state)
-            ref_records.append(record)
-            if record.get("stop"):
-                break
+    with cluster(path, tmp_path, run_dir, NUM_CLIENTS) as (server, _, clients):
+        state, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
         assert server.wait(timeout=100) == 0, (tmp_path / "server.log").read_text()[-3000:]
         codes = [c.wait(timeout=30) for c in clients]
-    finally:
-        for process in [server, *clients]:
-            stop(process)
     assert codes == [0] * NUM_CLIENTS, [(tmp_path / f"client{c}.log").read_text()[-1500:] for c in range(NUM_CLIENTS)]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return records, ref_records, load_checkpoint(run_dir / "checkpoint.pt"), state, sim.initial_params
+    records = read_records(run_dir)
+    return records, ref_records, load_checkpoint(run_dir / "checkpoint.pt"), state, initial
 
 
 @pytest.mark.timeout(150)

@@ -5,7 +5,6 @@ shares (SecAgg+ graph) and the round completes."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,25 +20,11 @@ from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import fetch_status, small_config, start_client, start_server, stop, \
-    wait_for_server, wait_until, write_config
-from plait.federated.server import client_seed
-from plait.federated.simulation import build_server
+from plait.federated.net.local import (cluster, fetch_status, read_records, simulate, small_config, wait_until,
+                                      write_config)
+from plait.federated.seeds import client_seed
 
 NUM_CLIENTS = 5
-
-
-def simulate(config: NetworkRunConfig):
-    server = build_server(config.simulation())
-    state, records = server.initial_state(), []
-    while state.round < config.fl.rounds:
-        state, record = server.run_round(state)
-        records.append(record)
-    return state, records, server.initial_params
-
-
-def read_records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def logs(tmp_path, num_clients):
@@ -53,19 +38,11 @@ def test_secagg_five_clients_over_grpc_match_simulation(tmp_path):
     raw["fl"].update(fraction=1.0, strategy={"name": "secagg", "secagg": {"threshold": 0.6, "max_weight": 20000}})
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    server = start_server(path, tmp_path / "server.log")
-    clients = []
-    try:
-        info = wait_for_server(run_dir, server)
-        clients = [start_client(path, f"127.0.0.1:{info['port']}", cid, tmp_path / f"client{cid}.log")
-                   for cid in range(NUM_CLIENTS)]
+    with cluster(path, tmp_path, run_dir, NUM_CLIENTS) as (server, _, clients):
         # Execute: the in-process simulation (SecureAggregator) runs meanwhile as the reference.
         reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
         assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()[-3000:]
         codes = [c.wait(timeout=30) for c in clients]
-    finally:
-        for process in [server, *clients]:
-            stop(process)
     # Assert: all rounds aggregated under secure aggregation with every client, the protocol's traffic counted as
     # the simulator counts it (encoded message sizes), and the same model within the fixed-point quantisation.
     assert codes == [0] * NUM_CLIENTS, logs(tmp_path, NUM_CLIENTS)
@@ -112,13 +89,8 @@ def test_client_killed_after_key_sharing_is_unmasked_by_survivors(tmp_path):
                                                                         "max_weight": 20000}})
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    server = start_server(path, tmp_path / "server.log")
-    clients = []
-    try:
-        info = wait_for_server(run_dir, server)
-        address = f"127.0.0.1:{info['port']}"
-        clients = [start_client(path, address, cid, tmp_path / f"client{cid}.log",
-                                extra=["--slow-s", "60"] if cid == 2 else []) for cid in range(NUM_CLIENTS)]
+    slow_client_2 = lambda cid: {"extra": ["--slow-s", "60"] if cid == 2 else []}  # noqa: E731
+    with cluster(path, tmp_path, run_dir, NUM_CLIENTS, slow_client_2) as (server, info, clients):
 
         def others_masked():
             current = fetch_status("127.0.0.1", info["status_port"]).get("current", {})
@@ -131,9 +103,6 @@ def test_client_killed_after_key_sharing_is_unmasked_by_survivors(tmp_path):
         assert server.wait(timeout=90) == 0, (tmp_path / "server.log").read_text()[-3000:]
         finished_in = time.monotonic() - killed_at
         codes = [clients[cid].wait(timeout=30) for cid in (0, 1, 3, 4)]
-    finally:
-        for process in [server, *clients]:
-            stop(process)
     assert codes == [0] * 4, logs(tmp_path, NUM_CLIENTS)
     records = read_records(run_dir)
     # Assert: round 1 unmasked the survivors' sum (client 2's pair masks removed), round 2 ran without it.

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 def _env() -> dict[str, str]:
@@ -99,3 +100,41 @@ def write_config(path: Path, config: dict) -> Path:
 
     Path(path).write_bytes(tomli_w.dumps(config).encode())
     return Path(path)
+
+
+@contextmanager
+def cluster(config: Path, log_dir: Path, run_dir: Path, num_clients: int,
+            client_args: Callable[[int], dict[str, Any]] = lambda cid: {}) -> Iterator[tuple[Any, dict, list]]:
+    """A server and clients 0..num_clients-1 (logs in `log_dir`), killed on exit if still running.
+    Yields (server, its server.json, clients); `client_args(cid)` adds start_client keyword arguments."""
+    server = start_server(config, Path(log_dir) / "server.log")
+    clients: list[subprocess.Popen] = []
+    try:
+        info = wait_for_server(run_dir, server)
+        clients = [start_client(config, f"127.0.0.1:{info['port']}", cid, Path(log_dir) / f"client{cid}.log",
+                                **client_args(cid)) for cid in range(num_clients)]
+        yield server, info, clients
+    finally:
+        for process in [server, *clients]:
+            stop(process)
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl (empty if it does not exist yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def simulate(config) -> tuple[Any, list[dict[str, Any]], Any]:
+    """The in-process simulation of a network config: (final state, records, initial params), the reference that
+    a networked run must reproduce. Stops where the networked run stops (a spent privacy budget)."""
+    from plait.federated.simulation import build_server
+
+    server = build_server(config.simulation())
+    state, records = server.initial_state(), []
+    while state.round < config.fl.rounds:
+        state, record = server.run_round(state)
+        records.append(record)
+        if record.get("stop"):
+            break
+    return state, records, server.initial_params

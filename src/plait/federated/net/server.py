@@ -243,8 +243,9 @@ class NetServer:
             yield chunk
         rnd.bytes_down += self.numel * 4
 
-    async def _stream_header(self, request_iterator, context, rpc: str, header_name: str):
-        """The stream and its first message's header; anything else first is refused as malformed."""
+    async def _open_stream(self, request_iterator, context, rpc: str, header_name: str):
+        """(stream, header, client id) of a client stream: the first message must be the header, and it must be
+        signed by a client with a live session; anything else is refused."""
         stream = request_iterator.__aiter__()
         try:
             first = await stream.__anext__()
@@ -253,12 +254,12 @@ class NetServer:
         if first is None or isinstance(first, (Malformed, DataChunk)) or first.WhichOneof("part") != "header":
             error = first.error if isinstance(first, Malformed) else f"first message must be {header_name}"
             await self._refuse(context, WireError("malformed", f"{rpc}: {error}"), "a peer")
-        return stream, first.header
+        cid = await self._authenticate(context, rpc, first.header)
+        await self._session(context, cid, first.header.session)
+        return stream, first.header, cid
 
     async def push_update(self, request_iterator, context):
-        stream, h = await self._stream_header(request_iterator, context, "PushUpdate", "an UpdateHeader")
-        cid = await self._authenticate(context, "PushUpdate", h)
-        await self._session(context, cid, h.session)
+        stream, h, cid = await self._open_stream(request_iterator, context, "PushUpdate", "an UpdateHeader")
         what = f"update from client {cid} for round {h.round}"
         try:
             rnd = self._open_task(cid, h, what)
@@ -315,9 +316,7 @@ class NetServer:
 
     async def push_secagg(self, request_iterator, context):
         """One secure-aggregation message from a client (its keys, shares, masked input or unmask shares)."""
-        stream, h = await self._stream_header(request_iterator, context, "SecAggPush", "a SecAggHeader")
-        cid = await self._authenticate(context, "SecAggPush", h)
-        await self._session(context, cid, h.session)
+        stream, h, cid = await self._open_stream(request_iterator, context, "SecAggPush", "a SecAggHeader")
         what = f"secure-aggregation message from client {cid} for round {h.round}"
         try:
             rnd = self._open_secagg(cid, h, what)
