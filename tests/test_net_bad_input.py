@@ -104,11 +104,12 @@ def test_bad_inputs_are_refused_counted_and_others_served(tmp_path):
             assert err.value.code() == code and err.value.details().startswith(f"{reason}: "), err.value.details()
             assert text in err.value.details(), err.value.details()
 
-        def counted():  # the page is refreshed a few times a second
+        def counted():  # the page is refreshed a few times a second; the impostor process may still be starting
             page = fetch_status("127.0.0.1", info["status_port"])
-            return page if page["rejected"]["malformed"] == 2 else None
+            rejected = page["rejected"]
+            return page if rejected["malformed"] == 2 and rejected["unauthenticated"] >= 3 else None
 
-        status = wait_until(counted, timeout=10, what="refusals on the status page")
+        status = wait_until(counted, timeout=45, what="refusals on the status page")
         html = fetch_status("127.0.0.1", info["status_port"], "/")
         # Execute the honest path last: the rogue's good update is still accepted, the round completes.
         reply = rogue.push_update(session, task, good, 10, 1.0)
