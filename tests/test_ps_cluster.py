@@ -47,17 +47,26 @@ def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
 
 
 def test_sharded_servers_match_one_server(tmp_path):
+    """Three servers, each holding its range of the 199,210 weights as three pieces (at most 25,000 elements,
+    pushed and pulled piece by piece), end where one server holding one piece ends."""
     optimizer = {"name": "momentum", "lr": 0.05, "momentum": 0.9}
-    one = run_ps(make_config(tmp_path, "one", optimizer=optimizer, sync={"servers": 1}), 2, timeout_s=240)
-    three = run_ps(make_config(tmp_path, "three", optimizer=optimizer, sync={"servers": 3}), 2, timeout_s=240)
-    loads = [np.load(tmp_path / "three" / "servers" / f"server-{i}.npz")["k0.param"].size for i in range(3)]
+    one = run_ps(make_config(tmp_path, "one", optimizer=optimizer, sync={"servers": 1, "piece_numel": 0}), 2,
+                 timeout_s=240)
+    three = run_ps(make_config(tmp_path, "three", optimizer=optimizer, sync={"servers": 3, "piece_numel": 25_000}), 2,
+                   timeout_s=240)
+    pieces = []
+    for index in range(3):
+        with np.load(tmp_path / "three" / "servers" / f"server-{index}.npz") as npz:
+            pieces.append([npz[name].size for name in npz.files if name.endswith(".param")])
+    loads = [sum(sizes) for sizes in pieces]
     assert max(loads) - min(loads) <= 1 and sum(loads) == one.weights.size  # balanced by size
+    assert all(len(sizes) == 3 and max(sizes) <= 25_000 for sizes in pieces)
     np.testing.assert_allclose(three.weights, one.weights, rtol=0, atol=1e-6)
 
 
 def test_killed_server_restarts_from_its_checkpoint_and_the_run_finishes(tmp_path):
     config = make_config(tmp_path, "kill", sync={"servers": 2, "consistency": "bsp", "checkpoint_every": 5,
-                                                 "retry_s": 0.3},
+                                                 "retry_s": 0.3, "piece_numel": 40_000},
                          train={"steps": 60, "eval_every_s": 0.1}, fault={"kill_server": 1, "kill_at_step": 10})
     summary = run_ps(config, num_workers=2, timeout_s=240)
     events = read_metrics(tmp_path / "kill" / "metrics.jsonl")

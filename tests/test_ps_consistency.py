@@ -114,11 +114,15 @@ def test_kvstore_errors_name_the_key_and_stage(tmp_path):
         other = KVStore(endpoints, 1, retry_s=1.0, timeout_s=20.0)
         with pytest.raises(RuntimeError, match="server 0, INIT key 0: .*same sharding"):
             other.init(0, np.zeros(12, np.float32))  # a worker that disagrees on the key's size
+        cut = KVStore(endpoints, 2, retry_s=1.0, timeout_s=20.0, piece_numel=4)
+        with pytest.raises(RuntimeError, match=r"piece \[0, \+4\) does not match the stored pieces \[0, \+10\)"):
+            cut.init(0, np.zeros(10, np.float32))  # a worker that cuts the key into other pieces
         out = np.zeros(10, np.float32)
         kv.pull(0, out).wait()  # the first writer's value stands
         np.testing.assert_array_equal(out, np.arange(10, dtype=np.float32))
         kv.close()
         other.close(goodbye=False)
+        cut.close(goodbye=False)
     finally:
         for proc in servers:
             proc.kill()
@@ -132,7 +136,9 @@ def test_pulls_of_large_keys_are_never_torn_by_concurrent_updates(tmp_path):
     servers, endpoints = start_servers(tmp_path, 1, "asp")
     numel = 2_000_000  # far above ZeroMQ's copy threshold: really sent zero-copy
     try:
-        writer, reader = KVStore(endpoints, 0, timeout_s=30.0), KVStore(endpoints, 1, timeout_s=30.0)
+        # One piece: a piece is the unit a server updates and answers atomically (pieces of a key are independent).
+        writer = KVStore(endpoints, 0, timeout_s=30.0, piece_numel=0)
+        reader = KVStore(endpoints, 1, timeout_s=30.0, piece_numel=0)
         writer.init(0, np.zeros(numel, np.float32))
         reader.init(0, np.zeros(numel, np.float32))
         grad = np.full(numel, -float(NUM_WORKERS), np.float32)  # each push adds exactly 1 to every element

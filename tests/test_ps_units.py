@@ -8,7 +8,7 @@ import torch
 
 from plait.ps.consistency import ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
-from plait.ps.sharding import plan_shards, server_loads
+from plait.ps.sharding import Piece, plan_shards, server_loads
 from plait.ps.wire import HEADER_BYTES, Flag, Header, Op, payload_array
 
 
@@ -46,6 +46,18 @@ def test_shards_are_balanced_by_size_and_cover_every_element():
     assert len(plan[5]) == 1                          # a tiny key stays whole
     with pytest.raises(ValueError, match="sync.servers"):
         plan_shards(sizes, 0)
+
+
+def test_pieces_cut_each_server_range_and_keep_the_balance():
+    sizes = {0: 1000, 1: 7, 2: 500}
+    plan = plan_shards(sizes, 2, max_piece=300)
+    assert plan[0] == [Piece(0, 0, 300), Piece(0, 300, 300), Piece(0, 600, 153),   # server 0 owns [0, 753)
+                       Piece(1, 753, 247)]
+    assert plan[1] == [Piece(1, 0, 7)]
+    assert plan[2] == [Piece(1, 0, 300), Piece(1, 300, 200)]
+    assert server_loads(plan, 2) == server_loads(plan_shards(sizes, 2), 2) == [753, 754]
+    with pytest.raises(ValueError, match="sync.piece_numel"):
+        plan_shards(sizes, 2, max_piece=-1)
 
 
 def test_consistency_parse():

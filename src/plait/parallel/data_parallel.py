@@ -151,6 +151,17 @@ class DataParallel:
             self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    def residual_flat(self) -> torch.Tensor | None:
+        """This rank's error-feedback residuals as one flat tensor (None: no compression with error feedback)."""
+        sync = self.grad_sync
+        if sync.op != "compressed" or not sync.compressor.error_feedback:
+            return None
+        return sync.compressor.residuals([(b.start, b.stop) for b in sync.buckets], sync.flat_grad)
+
+    def load_residual_flat(self, flat: torch.Tensor) -> None:
+        sync = self.grad_sync
+        sync.compressor.load_residuals(flat.to(sync.flat_grad.device), [(b.start, b.stop) for b in sync.buckets])
+
     def close(self) -> None:
         self.grad_sync.close()
         self.allreduce.close()

@@ -146,24 +146,40 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(labels)
 
 
-def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int) -> None:
+def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank: int) -> None:
+    """Rank 0 writes; with error feedback every rank takes part (its residuals are gathered into the file)."""
+    residual = dp.residual_flat()
+    residuals = None
+    if residual is not None:
+        residuals = [torch.empty_like(residual) for _ in range(world_size)] if rank == 0 else None
+        dist.gather(residual, residuals, dst=0)
+    if rank != 0:
+        return
     state: dict[str, Any] = {"step": step, "params": dp.flat_param.detach().cpu().clone(), "world_size": world_size}
     momentum = dp.momentum_flat()
     if momentum is not None:
         state["momentum"] = momentum.cpu()
+    if residuals is not None:
+        state["residuals"] = torch.stack(residuals).cpu()  # [world_size, numel]: rank r's row is its own
     save_checkpoint(run.checkpoint_path, state)
 
 
-def _resume(run: RunDir, dp: DataParallel, rank: int) -> int:
-    """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory)."""
-    meta = torch.zeros(2, dtype=torch.int64)  # [step, has momentum]
+def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
+    """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
+    gets back its own error-feedback residuals."""
+    meta = torch.zeros(3, dtype=torch.int64)  # [step, has momentum, has residuals for this world size]
     ckpt: dict[str, Any] = {}
     if rank == 0:
         ckpt = load_checkpoint(run.checkpoint_path)
         if ckpt["params"].numel() != dp.flat_param.numel():
             raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
                              f"model has {dp.flat_param.numel()}: was model.name changed?")
-        meta[:] = torch.tensor([ckpt["step"], int("momentum" in ckpt)])
+        residuals = "residuals" in ckpt and dp.residual_flat() is not None
+        if residuals and ckpt["world_size"] != world_size:
+            print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
+                  f"{world_size}: they start again from zero", flush=True)
+            residuals = False
+        meta[:] = torch.tensor([ckpt["step"], int("momentum" in ckpt), int(residuals)])
         dp.flat_param.copy_(ckpt["params"])
     dist.broadcast(meta, src=0)
     dist.broadcast(dp.flat_param, src=0)
@@ -171,6 +187,11 @@ def _resume(run: RunDir, dp: DataParallel, rank: int) -> int:
         momentum = ckpt["momentum"].to(dp.flat_param.device) if rank == 0 else torch.empty_like(dp.flat_param)
         dist.broadcast(momentum, src=0)
         dp.load_momentum(momentum)
+    if meta[2]:
+        mine = torch.empty_like(dp.flat_param)
+        rows = list(ckpt["residuals"].to(mine.device).unbind()) if rank == 0 else None
+        dist.scatter(mine, rows, src=0)
+        dp.load_residual_flat(mine)
     return int(meta[0])
 
 
@@ -200,7 +221,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                       overlap=config.parallel.overlap, lr=train_cfg.lr, momentum=train_cfg.momentum,
                       weight_decay=train_cfg.weight_decay, compressor=compressor)
     dp.broadcast_params()
-    start_step = _resume(run, dp, rank) if resuming else 0
+    start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
         truncate_metrics(run.metrics_path, "step", start_step)  # steps after the checkpoint are redone once
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
@@ -248,8 +269,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                     log.write(record)
                 window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if rank == 0 and ((train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or final):
-                _checkpoint(run, dp, step, world_size)
+            if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or final:
+                _checkpoint(run, dp, step, world_size, rank)
         dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
     finally:
         if log is not None:

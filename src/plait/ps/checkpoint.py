@@ -25,7 +25,7 @@ class ShardState:
 
 @dataclass(slots=True)
 class ServerSnapshot:
-    shards: dict[int, ShardState] = field(default_factory=dict)
+    shards: dict[tuple[int, int], ShardState] = field(default_factory=dict)   # (key, offset) -> piece
     finished: list[int] = field(default_factory=list)
     updates: int = 0
 
@@ -35,13 +35,13 @@ def save_shards(path: Path, snapshot: ServerSnapshot) -> None:
         "finished": np.asarray(snapshot.finished, dtype=np.int64),
         "updates": np.asarray([snapshot.updates], dtype=np.int64),
     }
-    for key, shard in snapshot.shards.items():
-        arrays[f"k{key}.offset"] = np.asarray([shard.offset], dtype=np.int64)
-        arrays[f"k{key}.param"] = shard.param
-        arrays[f"k{key}.clocks"] = np.asarray(shard.clocks, dtype=np.int64)
+    for (key, offset), shard in snapshot.shards.items():
+        prefix = f"k{key}_{offset}."
+        arrays[prefix + "param"] = shard.param
+        arrays[prefix + "clocks"] = np.asarray(shard.clocks, dtype=np.int64)
         for name, value in shard.opt_state.items():
             if name != "scratch":  # working memory, not state
-                arrays[f"k{key}.opt.{name}"] = value
+                arrays[f"{prefix}opt.{name}"] = value
     atomic_write_bytes(Path(path), lambda f: np.savez(f, **arrays))
 
 
@@ -49,13 +49,12 @@ def load_shards(path: Path) -> ServerSnapshot:
     with np.load(Path(path), allow_pickle=False) as npz:
         data = {name: npz[name] for name in npz.files}
     snapshot = ServerSnapshot(finished=[int(w) for w in data.pop("finished")], updates=int(data.pop("updates")[0]))
-    keys = sorted({int(name.split(".")[0][1:]) for name in data})
-    for key in keys:
-        prefix = f"k{key}."
+    slots = sorted({tuple(int(part) for part in name.split(".")[0][1:].split("_")) for name in data})
+    for key, offset in slots:
+        prefix = f"k{key}_{offset}."
         opt = {name[len(prefix) + 4:]: value for name, value in data.items() if name.startswith(prefix + "opt.")}
         param = data[prefix + "param"].copy()  # writable
         opt = {name: value.copy() for name, value in opt.items()}
         opt["scratch"] = np.empty_like(param)
-        snapshot.shards[key] = ShardState(int(data[prefix + "offset"][0]), param, opt,
-                                          [int(c) for c in data[prefix + "clocks"]])
+        snapshot.shards[key, offset] = ShardState(offset, param, opt, [int(c) for c in data[prefix + "clocks"]])
     return snapshot

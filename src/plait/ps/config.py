@@ -8,6 +8,7 @@ from typing import Literal
 from plait.experiment.sections import RunSection as BaseRunSection
 from plait.ps.consistency import Consistency
 from plait.ps.optim import OptimizerConfig
+from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 
 
 @dataclass(kw_only=True, slots=True)
@@ -52,18 +53,20 @@ class SyncSection:
     servers: int = 1
     consistency: str = "bsp"         # "bsp", "ssp:S" (e.g. "ssp:3") or "asp"
     host: str = "127.0.0.1"          # where the local servers bind
-    checkpoint_every: int = 200      # optimizer updates between a server's checkpoints (0: only at the end)
+    checkpoint_every: int = 200      # piece updates between a server's checkpoints (0: only at the end)
     worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
     retry_s: float = 1.0             # a worker resends an unanswered request after this long
     wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long
     max_server_restarts: int = 3     # per server, by the local launcher
+    piece_numel: int = DEFAULT_PIECE_NUMEL  # elements per message at most: a server updates one while the next
+                                            # arrives (0: one piece per server and key)
 
     def __post_init__(self) -> None:
         if self.servers < 1:
             raise ValueError(f"sync.servers must be >= 1, got {self.servers}")
         Consistency.parse(self.consistency)
-        if self.checkpoint_every < 0 or self.max_server_restarts < 0:
-            raise ValueError("sync.checkpoint_every and sync.max_server_restarts must be >= 0")
+        if self.checkpoint_every < 0 or self.max_server_restarts < 0 or self.piece_numel < 0:
+            raise ValueError("sync.checkpoint_every, sync.max_server_restarts and sync.piece_numel must be >= 0")
         if min(self.worker_timeout_s, self.retry_s, self.wait_timeout_s) <= 0:
             raise ValueError("sync.worker_timeout_s, sync.retry_s and sync.wait_timeout_s must be > 0")
 

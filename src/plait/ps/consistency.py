@@ -16,6 +16,7 @@ said goodbye, or when it was silent for `worker_timeout_s` (a crashed worker mus
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -55,13 +56,13 @@ class ClockTable:
     def __init__(self, num_workers: int, worker_timeout_s: float, now: float, join_grace_s: float = 60.0):
         self.num_workers = num_workers
         self.worker_timeout_s = worker_timeout_s
-        self.clocks: dict[int, list[int]] = {}          # key -> last clock pushed, per worker
+        self.clocks: dict[Hashable, list[int]] = {}     # key (the server's pieces) -> last clock, per worker
         # A worker not yet heard from gets a longer grace: starting Python and torch on a busy machine takes a while.
         self.last_seen = [now + max(join_grace_s - worker_timeout_s, 0.0)] * num_workers
         self.live = set(range(num_workers))
         self.finished: set[int] = set()
 
-    def add_key(self, key: int, clocks: list[int] | None = None) -> None:
+    def add_key(self, key: Hashable, clocks: list[int] | None = None) -> None:
         self.clocks[key] = list(clocks) if clocks is not None else [-1] * self.num_workers
 
     def seen(self, worker: int, now: float) -> bool:
@@ -72,7 +73,7 @@ class ClockTable:
             return True
         return False
 
-    def advance(self, key: int, worker: int, clock: int) -> None:
+    def advance(self, key: Hashable, worker: int, clock: int) -> None:
         row = self.clocks[key]
         row[worker] = max(row[worker], clock)
 
@@ -87,13 +88,13 @@ class ClockTable:
         self.live.difference_update(dropped)
         return dropped
 
-    def slowest(self, key: int) -> int:
+    def slowest(self, key: Hashable) -> int:
         """The lowest clock among live workers on `key` (a large number when no worker is live)."""
         row = self.clocks[key]
         return min((row[w] for w in self.live), default=2**62)
 
-    def ready(self, key: int, clock: int, consistency: Consistency) -> bool:
+    def ready(self, key: Hashable, clock: int, consistency: Consistency) -> bool:
         return consistency.staleness == math.inf or self.slowest(key) >= clock - consistency.staleness
 
-    def staleness_seen(self, key: int, clock: int) -> int:
+    def staleness_seen(self, key: Hashable, clock: int) -> int:
         return max(0, clock - self.slowest(key))

@@ -5,10 +5,12 @@
     ts = kv.push(0, grad)         # returns at once; `grad` must stay unchanged until the push is waited on
     ts2 = kv.pull(0, out=params)  # fills `out` when waited on
     kv.wait(ts2)                  # or ts2.wait()
+    kv.pushpull(0, grad, params).wait()   # both, piece by piece (MXNet's pushpull)
 
 Values are 1-D-able numpy arrays or CPU torch tensors (used through `.numpy()` views, no copy). Each key is split
-across the servers by `plan_shards`; a push sends one piece to each server, a pull gathers one piece from each
-straight into `out`. The n-th push of a key carries clock n-1, and a pull carries the last clock pushed, so the
+across the servers by `plan_shards`, and each server's range into pieces of at most `piece_numel` elements; a push
+sends every piece, a pull gathers every piece straight into `out`. `pushpull` sends push and pull piece by piece,
+so a server answers piece i's pull while piece i+1's push is still arriving. The n-th push of a key carries clock n-1, and a pull carries the last clock pushed, so the
 servers enforce the consistency model without extra messages.
 
 Fault tolerance: every request is kept until answered and resent (same request id, same clock) when no answer came
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from plait.ps.sharding import Piece, plan_shards
+from plait.ps.sharding import DEFAULT_PIECE_NUMEL, Piece, plan_shards
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
 
@@ -82,7 +84,7 @@ def _as_array(value: Any, what: str) -> np.ndarray:
 
 class KVStore:
     def __init__(self, endpoints: list[str], worker: int, *, retry_s: float = 1.0, timeout_s: float = 300.0,
-                 observer: bool = False):
+                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL):
         if not endpoints:
             raise ValueError("ps: at least one server endpoint is needed")
         if retry_s <= 0 or timeout_s <= 0:
@@ -91,6 +93,7 @@ class KVStore:
         self.worker = -1 if observer else worker
         self.observer = observer
         self.retry_s, self.timeout_s = retry_s, timeout_s
+        self.piece_numel = piece_numel
         self.transport = WorkerTransport()
         self.transport.connect(self.endpoints)
         self.keys: dict[int, _Key] = {}
@@ -109,7 +112,7 @@ class KVStore:
         for k in arrays:
             if k in self.keys:
                 raise ValueError(f"ps init: key {k} is already initialised")
-        plan = plan_shards({k: a.size for k, a in arrays.items()}, self.transport.num_servers)
+        plan = plan_shards({k: a.size for k, a in arrays.items()}, self.transport.num_servers, self.piece_numel)
         requests = []
         for k, array in arrays.items():
             self.keys[k] = _Key(array.size, array.dtype, plan[k])
@@ -146,6 +149,20 @@ class KVStore:
                                    out=array[piece.offset: piece.offset + piece.numel])
         return self._ticket(requests)
 
+    def pushpull(self, key: int, grad: Any, out: Any) -> Ts:
+        """`push(key, grad)` then `pull(key, out)` as one ticket, their pieces interleaved on the wire."""
+        spec = self._key(key, "pushpull")
+        array, target = _as_array(grad, f"push key {key}"), _as_array(out, f"pull key {key}")
+        self._check(spec, array, key, "push")
+        self._check(spec, target, key, "pull")
+        spec.clock += 1
+        requests = []
+        for piece in spec.pieces:  # one message per piece, each answered by its value
+            part = slice(piece.offset, piece.offset + piece.numel)
+            requests += self._send(piece.server, Op.PUSHPULL, key, spec.clock, piece, payload=array[part],
+                                   out=target[part])
+        return self._ticket(requests)
+
     def clock(self, key: int) -> int:
         """The last clock this worker pushed on `key` (-1 before the first push)."""
         return self._key(key, "clock").clock
@@ -168,7 +185,7 @@ class KVStore:
             message = self.transport.recv_msg(min(self.retry_s, max(deadline - now, 0.001)) / 2)
             if message is not None:
                 self._on_reply(*message)
-        pulls = [r.reply for r in requests if r.header.op == Op.PULL]
+        pulls = [r.reply for r in requests if r.reply.op == Op.VALUE]
         if pulls:
             self.stats.last_staleness = max(reply.extra for reply in pulls)
             self.stats.last_slowest = min(reply.clock for reply in pulls)
@@ -239,9 +256,15 @@ class KVStore:
                 self.stats.resends += 1
 
     def _on_reply(self, server: int, header: Header, payload: memoryview | None) -> None:
-        request = self._outstanding.pop(header.req, None)
+        request = self._outstanding.get(header.req)
         if request is None:
             return  # the answer to a resent duplicate, already handled
+        if header.op == Op.ACK and request.header.op == Op.PUSHPULL:
+            # The push is in; the pull waits on the consistency model. Resend only the pull from now on.
+            request.header = request.header.reply(Op.PULL)
+            request.payload = None
+            return
+        del self._outstanding[header.req]
         if header.op == Op.ERROR:
             text = bytes(payload or b"").decode("utf-8", "replace")
             raise RuntimeError(f"ps worker {self.worker}: {text}")

@@ -151,7 +151,8 @@ class LocalCluster:
         test = load_split(cfg, "test", limit=cfg.data.test_examples)
         started = time.perf_counter()
         self.start()
-        observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0)
+        observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0,
+                           piece_numel=cfg.sync.piece_numel)
         observer.init(PARAMS_KEY, weights)
         failed: list[int] = []
         time_to_target = None

@@ -1,12 +1,16 @@
 """A parameter server process: holds pieces of keys, applies the optimizer, answers pulls under the consistency model.
 
-Single-threaded event loop over one ROUTER socket. State machine per request:
+Single-threaded event loop over one ROUTER socket. The server's state is per piece, a (key, offset) slot: its
+weights, optimizer state and one clock per worker (see sharding.py for why a key can have several pieces here).
+State machine per request:
 
     INIT  -> store the piece if new (first writer wins), ACK with the worker's clock on it (for resume)
     PUSH  -> duplicate (clock already recorded)? ACK only. Else BSP: add to the clock's sum; SSP/ASP: apply now.
              Record the clock, ACK, then complete BSP clocks and answer pulls that became ready.
     PULL  -> a pull at clock c means the worker pushed c (so pushes lost to a server restart still count);
              answer now if the consistency model allows, else park it until a push, goodbye or drop allows it.
+    PUSHPULL -> PUSH without its ACK, then PULL; the VALUE acknowledges both, unless the pull parks: then the
+             push is ACKed at once (the worker stops resending the gradient) and the VALUE follows later.
     BYE   -> the worker leaves the clock.
 
 Every `checkpoint_every` optimizer updates the shard is checkpointed atomically; a restarted server resumes from it
@@ -29,6 +33,12 @@ from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.transport import ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, Op, payload_array
 
+Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
+
+
+def slot_of(header: Header) -> Slot:
+    return header.key, header.offset
+
 
 @dataclass(kw_only=True, slots=True)
 class ServerConfig:
@@ -37,7 +47,7 @@ class ServerConfig:
     num_workers: int
     consistency: str = "bsp"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    checkpoint_every: int = 100        # optimizer updates between checkpoints (0: only at shutdown)
+    checkpoint_every: int = 100        # optimizer updates (one piece each) between checkpoints (0: at shutdown)
     worker_timeout_s: float = 30.0
     state_dir: str = "."               # checkpoint, endpoint file and event log live here
     resume: bool = True                # start from this server's checkpoint when one exists
@@ -69,10 +79,10 @@ class ParameterServer:
         self.optimizer = ShardOptimizer(config.optimizer)
         now = time.monotonic()
         self.clocks = ClockTable(config.num_workers, config.worker_timeout_s, now)
-        self.shards: dict[int, ShardState] = {}
-        self.sums: dict[int, dict[int, list]] = {}      # BSP: key -> clock -> [sum of grads, count]
+        self.shards: dict[Slot, ShardState] = {}
+        self.sums: dict[Slot, dict[int, list]] = {}     # BSP: slot -> clock -> [sum of grads, count]
         self.pending: dict[tuple[int, int], tuple[bytes, Header]] = {}  # (worker, req) -> parked pull
-        self.in_flight: dict[int, list] = {}             # key -> trackers of zero-copy sends of its weights
+        self.in_flight: dict[Slot, list] = {}            # slot -> trackers of zero-copy sends of its weights
         self.updates = 0
         self.updates_at_checkpoint = 0
         self.bytes_in = self.bytes_out = 0
@@ -85,17 +95,17 @@ class ParameterServer:
     # -- state ------------------------------------------------------------------------------------------------
     def _restore(self, snapshot: ServerSnapshot) -> None:
         self.shards = snapshot.shards
-        for key, shard in self.shards.items():
-            self.clocks.add_key(key, shard.clocks)
+        for slot, shard in self.shards.items():
+            self.clocks.add_key(slot, shard.clocks)
         for worker in snapshot.finished:
             self.clocks.finish(worker)
         self.updates = self.updates_at_checkpoint = snapshot.updates
-        self._event("restored", keys=len(self.shards), updates=self.updates)
+        self._event("restored", pieces=len(self.shards), updates=self.updates)
 
     def checkpoint(self) -> None:
         started = time.perf_counter()
-        for key, shard in self.shards.items():
-            shard.clocks = list(self.clocks.clocks[key])
+        for slot, shard in self.shards.items():
+            shard.clocks = list(self.clocks.clocks[slot])
         save_shards(self.config.checkpoint_path,
                     ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates))
         self.updates_at_checkpoint = self.updates
@@ -145,6 +155,9 @@ class ParameterServer:
             self._push(peer, header, payload)
         elif header.op == Op.PULL:
             self._pull(peer, header)
+        elif header.op == Op.PUSHPULL:
+            if self._push(peer, header, payload, ack=False):
+                self._pull(peer, header, ack_if_parked=True)
         elif header.op == Op.BYE:
             self.clocks.finish(header.worker)
             self.transport.send_msg(peer, header.reply(Op.ACK))
@@ -158,108 +171,124 @@ class ParameterServer:
         self.transport.send_msg(peer, header.reply(Op.ERROR, numel=0), np.frombuffer(message.encode(), np.uint8))
 
     def _shard(self, peer: bytes, header: Header) -> ShardState | None:
-        shard = self.shards.get(header.key)
-        if shard is None:
-            self._error(peer, header, "key was never initialised (call init first)")
-        elif shard.offset != header.offset or shard.param.size != header.numel \
-                or shard.param.dtype != DTYPES[header.dtype]:
-            self._error(peer, header, f"piece [{header.offset}, +{header.numel}) does not match the stored piece "
-                                      f"[{shard.offset}, +{shard.param.size}): do all workers use the same sharding?")
-            shard = None
+        shard = self.shards.get(slot_of(header))
+        if shard is None or shard.param.size != header.numel or shard.param.dtype != DTYPES[header.dtype]:
+            stored = [f"[{s.offset}, +{s.param.size})" for (k, _), s in sorted(self.shards.items()) if k == header.key]
+            if not stored:
+                self._error(peer, header, "key was never initialised (call init first)")
+            else:
+                self._error(peer, header, f"piece [{header.offset}, +{header.numel}) does not match the stored "
+                                          f"pieces {', '.join(stored)}: do all workers use the same sharding?")
+            return None
         return shard
 
     def _init(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
-        if header.key not in self.shards:
+        slot = slot_of(header)
+        if slot not in self.shards and not self._overlaps_stored(header):  # first writer wins, piece by piece
             if payload is None:
                 self._error(peer, header, "INIT without a value")
                 return
             param = payload_array(header, payload).copy()  # owned and writable
-            self.shards[header.key] = ShardState(header.offset, param, self.optimizer.init(param), [])
-            self.clocks.add_key(header.key)
+            self.shards[slot] = ShardState(header.offset, param, self.optimizer.init(param), [])
+            self.clocks.add_key(slot)
         if self._shard(peer, header) is not None:
-            clock = self.clocks.clocks[header.key][header.worker]
+            clock = self.clocks.clocks[slot][header.worker]
             self.transport.send_msg(peer, header.reply(Op.ACK, extra=clock))
 
-    def _push(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
+    def _overlaps_stored(self, header: Header) -> bool:
+        """A new piece overlapping a stored one means the workers' sharding differs (servers, piece size, key size):
+        `_shard` then refuses it, naming the stored pieces, instead of keeping two copies of some elements."""
+        lo, hi = header.offset, header.offset + header.numel
+        return any(k == header.key and s.offset < hi and lo < s.offset + s.param.size
+                   for (k, _), s in self.shards.items())
+
+    def _push(self, peer: bytes, header: Header, payload: memoryview | None, ack: bool = True) -> bool:
         shard = self._shard(peer, header)
         if shard is None:
-            return
+            return False
         if payload is None:
-            self._error(peer, header, "PUSH without a gradient")
-            return
-        row = self.clocks.clocks[header.key]
-        if header.clock > row[header.worker]:  # else a resent duplicate: acknowledge, do not apply twice
+            self._error(peer, header, f"{header.op.name} without a gradient")
+            return False
+        slot = slot_of(header)
+        if header.clock > self.clocks.clocks[slot][header.worker]:  # else a resent duplicate: ACK, do not apply
             grad = payload_array(header, payload)
             if self.consistency.aggregates:
-                slot = self.sums.setdefault(header.key, {}).get(header.clock)
-                if slot is None:
-                    self.sums[header.key][header.clock] = [grad.copy(), 1]
+                pending = self.sums.setdefault(slot, {}).get(header.clock)
+                if pending is None:
+                    self.sums[slot][header.clock] = [grad.copy(), 1]
                 else:
-                    slot[0] += grad
-                    slot[1] += 1
+                    pending[0] += grad
+                    pending[1] += 1
             else:
                 # Each push is 1/N of a clock's step, so one lr means the same step size under all three models.
-                self._writable(header.key)
+                self._writable(slot)
                 self.optimizer.apply(shard.param, grad, shard.opt_state, 1.0 / self.config.num_workers)
                 self.updates += 1
-            self.clocks.advance(header.key, header.worker, header.clock)
-        self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
-        self._progress(header.key)
+            self.clocks.advance(slot, header.worker, header.clock)
+        if ack:
+            self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+        self._progress(slot)
+        return True
 
-    def _pull(self, peer: bytes, header: Header) -> None:
+    def _pull(self, peer: bytes, header: Header, ack_if_parked: bool = False) -> None:
         if self._shard(peer, header) is None:
             return
+        slot = slot_of(header)
         if header.clock >= 0:
-            self.clocks.advance(header.key, header.worker, header.clock)
-        self._complete_clocks(header.key)
-        if self.clocks.ready(header.key, header.clock, self.consistency):
+            self.clocks.advance(slot, header.worker, header.clock)
+        self._complete_clocks(slot)
+        if self.clocks.ready(slot, header.clock, self.consistency):
             self._answer_pull(peer, header)
         else:
+            if ack_if_parked:
+                self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
             self.pending[(header.worker, header.req)] = (peer, header)  # a resend replaces its first copy
 
     def _answer_pull(self, peer: bytes, header: Header, observer: bool = False) -> None:
-        shard = self.shards.get(header.key)
-        if shard is None:
-            self._error(peer, header, "key was never initialised (call init first)")
+        slot = slot_of(header)
+        shard = self.shards.get(slot)
+        if shard is None:  # an observer asks without init; workers were checked by `_shard`
+            self._error(peer, header, "piece was never initialised (call init first)")
             return
-        staleness = 0 if observer else self.clocks.staleness_seen(header.key, header.clock)
-        slowest = min(self.clocks.slowest(header.key), 2**62)
-        reply = header.reply(Op.VALUE, offset=shard.offset, numel=shard.param.size, extra=staleness, clock=slowest)
+        staleness = 0 if observer else self.clocks.staleness_seen(slot, header.clock)
+        slowest = min(self.clocks.slowest(slot), 2**62)
+        reply = header.reply(Op.VALUE, numel=shard.param.size, extra=staleness, clock=slowest)
         # Zero-copy: ZeroMQ reads the live weights while sending; `_writable` copies them first if an update
         # comes before the send is done.
         tracker = self.transport.send_msg(peer, reply, shard.param, track=True)
         if tracker is not None:
-            self.in_flight.setdefault(header.key, []).append(tracker)
+            self.in_flight.setdefault(slot, []).append(tracker)
         self.bytes_out += shard.param.nbytes
 
-    def _writable(self, key: int) -> None:
-        """Copy-on-write: before updating a key's weights in place, move them to a fresh buffer if a pull answer
+    def _writable(self, slot: Slot) -> None:
+        """Copy-on-write: before updating a piece's weights in place, move them to a fresh buffer if a pull answer
         is still being sent from the current one (the old buffer stays alive with ZeroMQ until sent)."""
-        trackers = self.in_flight.get(key)
+        trackers = self.in_flight.get(slot)
         if trackers and not all(t.done for t in trackers):
-            shard = self.shards[key]
+            shard = self.shards[slot]
             shard.param = shard.param.copy()
-        self.in_flight.pop(key, None)
+        self.in_flight.pop(slot, None)
 
     # -- progress ---------------------------------------------------------------------------------------------
-    def _complete_clocks(self, key: int) -> None:
+    def _complete_clocks(self, slot: Slot) -> None:
         """BSP: apply each clock's mean gradient once every live worker pushed it (clocks in order)."""
-        sums = self.sums.get(key)
+        sums = self.sums.get(slot)
         if not sums:
             return
-        slowest = self.clocks.slowest(key)
-        shard = self.shards[key]
+        slowest = self.clocks.slowest(slot)
+        shard = self.shards[slot]
         for clock in sorted(c for c in sums if c <= slowest):
             total, count = sums.pop(clock)
-            self._writable(key)
+            self._writable(slot)
             self.optimizer.apply(shard.param, total, shard.opt_state, 1.0 / count)
             self.updates += 1
 
-    def _progress(self, key: int | None = None) -> None:
-        for k in ([key] if key is not None else list(self.shards)):
-            self._complete_clocks(k)
+    def _progress(self, slot: Slot | None = None) -> None:
+        for s in ([slot] if slot is not None else list(self.shards)):
+            self._complete_clocks(s)
         for ident, (peer, header) in list(self.pending.items()):
-            if (key is None or header.key == key) and self.clocks.ready(header.key, header.clock, self.consistency):
+            waits_on = slot_of(header)
+            if (slot is None or waits_on == slot) and self.clocks.ready(waits_on, header.clock, self.consistency):
                 del self.pending[ident]
                 self._answer_pull(peer, header)
         every = self.config.checkpoint_every

@@ -5,11 +5,21 @@ contiguous ranges of equal size (±1 element), as ps-lite cuts its key space int
 therefore split across servers (a worker splits its push and gathers its pull), small keys stay whole, and every
 server holds the same number of elements whatever the layer sizes are. Every worker computes the same plan from
 the same keys, so no coordinator is needed.
+
+A server's range of one key is further cut into pieces of at most `max_piece` elements, each with its own clock on
+the server: a big push then streams as several messages, and the server applies piece i while piece i+1 is still on
+the wire (the update overlaps the transfer instead of following it; benchmarks/ps_throughput.py). The pieces of a
+key are updated independently, as pieces on different servers always were: under ASP a pull may mix versions
+across pieces; under BSP/SSP every piece honours the bound.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# 2 MiB of float32 per message: big enough that per-message costs vanish, small enough that a server applies one
+# piece while the next is on the wire (measured in benchmarks/ps_throughput.py).
+DEFAULT_PIECE_NUMEL = 1 << 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,9 +29,12 @@ class Piece:
     numel: int
 
 
-def plan_shards(sizes: dict[int, int], num_servers: int) -> dict[int, list[Piece]]:
+def plan_shards(sizes: dict[int, int], num_servers: int, max_piece: int = 0) -> dict[int, list[Piece]]:
+    """key -> its pieces in order; `max_piece` 0 keeps each server's range of a key whole."""
     if num_servers < 1:
         raise ValueError(f"sync.servers must be >= 1, got {num_servers}")
+    if max_piece < 0:
+        raise ValueError(f"sync.piece_numel must be >= 0 (0: no limit), got {max_piece}")
     for key, size in sizes.items():
         if size < 1:
             raise ValueError(f"ps init: key {key} is empty")
@@ -35,7 +48,8 @@ def plan_shards(sizes: dict[int, int], num_servers: int) -> dict[int, list[Piece
         for server in range(num_servers):
             lo, hi = max(start, bounds[server]), min(start + size, bounds[server + 1])
             if lo < hi:
-                pieces.append(Piece(server, lo - start, hi - lo))
+                step = max_piece or hi - lo
+                pieces += [Piece(server, at - start, min(step, hi - at)) for at in range(lo, hi, step)]
         plan[key] = pieces
         start += size
     return plan

@@ -1,7 +1,7 @@
 """A worker's training loop over the KVStore: pull weights, compute a gradient, push it, repeat.
 
-The model's trainable parameters are one flat float32 key (key 0), as DDP's buckets: one message per server per
-step. Worker r reads the r-th of N interleaved slices of the training set; the batch of step t is drawn by a
+The model's trainable parameters are one flat float32 key (key 0), as DDP's buckets: one message per piece (2 MiB
+at most, see kvstore.py) per step. Worker r reads the r-th of N interleaved slices of the training set; the batch of step t is drawn by a
 generator seeded with (seed, r, t), so a resumed worker draws the same batches it would have.
 """
 
@@ -91,7 +91,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     data = load_split(config, "train", rank, num_workers)
     model, weights, spec = build_flat_model(config)
     sync = config.sync
-    kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s)
+    kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s, piece_numel=sync.piece_numel)
     kv.init(PARAMS_KEY, weights)
     first = kv.clock(PARAMS_KEY) + 1  # > 0 when the servers resumed from checkpoints
     kv.wait(kv.pull(PARAMS_KEY, weights))
@@ -114,10 +114,8 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             if is_slowed(config, rank, step, num_workers):
                 time.sleep((config.straggler.factor - 1) * compute_s)
             wait_before = kv.stats.wait_s
-            push = kv.push(PARAMS_KEY, grad)       # `grad` stays untouched until the push is acknowledged
-            pull = kv.pull(PARAMS_KEY, weights)    # sent right behind the push: one round trip per server
-            kv.wait(push)
-            kv.wait(pull)
+            # `grad` stays untouched until acknowledged; each piece's pull goes right behind its push.
+            kv.wait(kv.pushpull(PARAMS_KEY, grad, weights))
             now = time.perf_counter()
             # One host sync per step, for the log only.
             log.write({"step": step, "worker": rank, "loss": float(loss), "staleness": kv.stats.last_staleness,

@@ -22,6 +22,8 @@ class Op(enum.IntEnum):
     PULL = 3       # worker → server: want the piece as of clock `clock` (under the consistency model)
     BYE = 4        # worker → server: this worker finished; leave the clock
     SHUTDOWN = 5   # launcher → server: write a final checkpoint and exit
+    PUSHPULL = 6   # worker → server: PUSH then PULL of one piece in one message, answered by the VALUE alone (or
+                   # an ACK first when the pull has to wait: the worker then resends only the pull)
     ACK = 16       # server → worker: INIT / PUSH / BYE done (`extra` = the worker's clock on that key for INIT)
     VALUE = 17     # server → worker: a PULL's answer (`extra` = staleness seen, `clock` = slowest live clock)
     ERROR = 18     # server → worker: a request failed; the payload is a UTF-8 message
