@@ -30,7 +30,7 @@ def test_client_update_equals_plain_torch_sgd():
     # Execute
     update = client_update(model, spec, global_params, data, plan)
     _reference_sgd(model, data, plan)
-    # Assert: same weights as the reference; the module itself is not changed by client_update's functional call
+    # Assert: same weights as the reference; the module itself is left as it was by client_update
     reference, _ = flat_params(model)
     assert torch.allclose(global_params + update.delta, reference, atol=1e-5)
     assert update.num_examples == 45 and update.metrics["steps"] == 10
