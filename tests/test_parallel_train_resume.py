@@ -121,21 +121,8 @@ def test_killed_rank_under_torchrun_restarts_from_checkpoint(reference):
     assert torch.equal(_final_params(tmp, "killed"), params)
 
 
-COMPRESSED = """
-[run]
-name = "dp"
-root = "{root}"
-[parallel]
-allreduce = "ring"
-bucket_mb = 0.25
-[train]
-steps = {steps}
-batch_size = 16
-lr = 0.05
-log_every = 5
-checkpoint_every = 10
-eval_at_end = false
-[compression]
+# The same run without stragglers, its gradients top-k compressed with error feedback.
+COMPRESSED = CONFIG[:CONFIG.index("[stragglers]")] + """[compression]
 codec = "topk"
 ratio = 0.05
 error_feedback = true

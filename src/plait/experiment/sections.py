@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(kw_only=True, slots=True)
@@ -19,3 +20,10 @@ class RunSection:
             raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
         if self.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.threads}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ImageModelSection:
+    """`[model]` of the cluster planes (data parallel, parameter server): a FedAvg-paper image model."""
+
+    name: Literal["2nn", "cnn"] = "2nn"

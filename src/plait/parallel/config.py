@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.experiment.sections import ImageModelSection as ModelSection
 from plait.parallel.collectives import ALGORITHMS
 
 
@@ -45,11 +46,6 @@ class SyncSection:
     def __post_init__(self) -> None:
         if self.local_steps < 1:
             raise ValueError(f"sync.local_steps must be >= 1, got {self.local_steps}")
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelSection:
-    name: Literal["2nn", "cnn"] = "2nn"
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.experiment.sections import ImageModelSection as ModelSection
 from plait.experiment.sections import RunSection as BaseRunSection
 from plait.ps.consistency import Consistency
 from plait.ps.optim import OptimizerConfig
@@ -15,11 +16,6 @@ from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 class RunSection(BaseRunSection):
     name: str = "ps"
     threads: int = 1            # torch threads per worker (the small models run best on one)
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelSection:
-    name: Literal["2nn", "cnn"] = "2nn"
 
 
 @dataclass(kw_only=True, slots=True)
