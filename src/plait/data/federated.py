@@ -42,43 +42,55 @@ class DataConfig:
 
 
 class FederatedData:
-    """Clients' local data. `client(i)` returns (train_x, train_y, eval_x, eval_y) tensors for client i."""
+    """Clients' local data. `client_train(i)` / `client_eval(i)` return client i's (x, y) tensors.
+
+    The training tensors are stored client-major: each client's training examples, then each client's held-out
+    examples, lie in one contiguous run (in their original order), the examples no client holds at the end. A
+    client's data is then a view, not a gathered copy: nothing is copied per round, and a process pool shares the
+    whole set once (its storage moves to shared memory at the first send; later tasks send only an offset).
+    """
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int,
                  held_out_last: bool = False):
         """`held_out_last`: hold out each client's last examples (time order: overlapping text windows must not
         straddle the split) instead of a random share."""
-        self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         rng = np.random.default_rng(seed + 1)
-        self._train_parts, self._eval_parts = [], []
+        train_parts, eval_parts = [], []
         for part in parts:
             held = min(int(round(len(part) * eval_fraction)), len(part) - 1)  # every client keeps one to train on
             if held_out_last:
-                self._eval_parts.append(part[len(part) - held :] if held else part[:0])
-                self._train_parts.append(part[: max(1, len(part) - held - (SEQ_LEN if held else 0))])
+                eval_parts.append(part[len(part) - held :] if held else part[:0])
+                train_parts.append(part[: max(1, len(part) - held - (SEQ_LEN if held else 0))])
                 continue
             shuffled = rng.permutation(part)
-            self._eval_parts.append(np.sort(shuffled[:held]))
-            self._train_parts.append(np.sort(shuffled[held:]))
+            eval_parts.append(np.sort(shuffled[:held]))
+            train_parts.append(np.sort(shuffled[held:]))
+        held_by_clients = np.concatenate([*train_parts, *eval_parts]).astype(np.int64)
+        rest = np.setdiff1d(np.arange(len(train_y)), held_by_clients, assume_unique=True)
+        order = torch.from_numpy(np.concatenate([held_by_clients, rest]))
+        self.train_x, self.train_y = train_x[order], train_y[order]
+        bounds = np.cumsum([0] + [len(p) for p in train_parts] + [len(p) for p in eval_parts])
+        self._train_runs = list(zip(bounds[: len(parts)], bounds[1 : len(parts) + 1]))
+        self._eval_runs = list(zip(bounds[len(parts) : -1], bounds[len(parts) + 1 :]))
 
     @property
     def num_clients(self) -> int:
-        return len(self._train_parts)
+        return len(self._train_runs)
 
     def num_examples(self, client: int) -> int:
-        return len(self._train_parts[client])
+        start, stop = self._train_runs[client]
+        return int(stop - start)
 
     def client_train(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self._train_parts[client])
-        return self.train_x[idx], self.train_y[idx]
+        start, stop = self._train_runs[client]
+        return self.train_x[start:stop], self.train_y[start:stop]
 
     def client_eval(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self._eval_parts[client])
-        return self.train_x[idx], self.train_y[idx]
-
+        start, stop = self._eval_runs[client]
+        return self.train_x[start:stop], self.train_y[start:stop]
 
 
 def _image_parts(config: DataConfig, labels: np.ndarray) -> list[np.ndarray]:
