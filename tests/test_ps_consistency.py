@@ -166,3 +166,28 @@ def test_pulls_of_large_keys_are_never_torn_by_concurrent_updates(tmp_path):
     finally:
         for proc in servers:
             proc.kill()
+
+
+def test_a_resent_pushpull_waiting_under_bsp_still_returns_the_new_value(tmp_path):
+    """A PUSHPULL sent twice (a resend racing the first answer) while its pull waits for the other workers: the
+    gradient counts once, and the wait ends only with the value of the completed clock, never on an ACK."""
+    servers, endpoints = start_servers(tmp_path, 1, "bsp")
+    try:
+        stores = [KVStore(endpoints, rank, retry_s=5.0, timeout_s=30.0) for rank in range(NUM_WORKERS)]
+        for kv in stores:
+            kv.init(0, np.zeros(4, np.float32))
+        out = np.full(4, -7.0, np.float32)
+        first = stores[0].pushpull(0, np.full(4, 3.0, np.float32), out)
+        (request,) = stores[0]._outstanding.values()
+        stores[0].transport.send_msg(request.server, request.header, request.payload)  # the same request again
+        time.sleep(0.3)  # both copies parked at the server: the others have not pushed clock 0 yet
+        others = [kv.pushpull(0, np.zeros(4, np.float32), np.empty(4, np.float32)) for kv in stores[1:]]
+        stores[0].wait(first)
+        for kv, ts in zip(stores[1:], others):
+            kv.wait(ts)
+        np.testing.assert_array_equal(out, np.full(4, -1.0, np.float32))  # lr 1 × mean of (3, 0, 0), applied once
+        for kv in stores:
+            kv.close()
+    finally:
+        for proc in servers:
+            proc.kill()

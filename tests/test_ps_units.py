@@ -168,3 +168,23 @@ def test_example_config_loads_and_unknown_keys_are_errors():
         from_dict(PSRunConfig, {"sync": {"consistency": "ssp"}})
     with pytest.raises(ValueError, match="straggler.worker = 4"):
         from_dict(PSRunConfig, {"straggler": {"worker": 4}}).check_workers(4)
+
+
+def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
+    from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
+
+    shards = {(0, 0): ShardState(0, np.arange(3, dtype=np.float32), {"m": np.ones(3, np.float32)}, [4, 5]),
+              (0, 3): ShardState(3, np.arange(2, dtype=np.float32), {"m": np.zeros(2, np.float32)}, [4, 4]),
+              (7, 10): ShardState(10, np.full(1, 2.0, np.float32), {}, [1, -1])}
+    save_shards(tmp_path / "new.npz", ServerSnapshot(shards, [1], 9))
+    back = load_shards(tmp_path / "new.npz")
+    assert sorted(back.shards) == sorted(shards) and back.finished == [1] and back.updates == 9
+    for slot, shard in shards.items():
+        np.testing.assert_array_equal(back.shards[slot].param, shard.param)
+        assert back.shards[slot].offset == shard.offset and back.shards[slot].clocks == shard.clocks
+        assert set(back.shards[slot].opt_state) == set(shard.opt_state) | {"scratch"}
+    # one piece per key and server, its offset in a field of its own
+    np.savez(tmp_path / "old.npz", finished=np.zeros(0, np.int64), updates=np.array([5]),
+             **{"k2.offset": np.array([6]), "k2.param": np.zeros(3, np.float32), "k2.clocks": np.array([4, 4])})
+    old = load_shards(tmp_path / "old.npz")
+    assert list(old.shards) == [(2, 6)] and old.shards[2, 6].offset == 6 and old.shards[2, 6].clocks == [4, 4]

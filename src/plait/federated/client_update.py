@@ -45,10 +45,10 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     grad = torch.zeros_like(w)
     params = dict(model.named_parameters())
     originals = {name: (p.data, p.grad) for name, p in params.items()}
-    for (name, view), grad_view in zip(split_views(w, spec).items(), split_views(grad, spec).values()):
-        params[name].data = view
-        params[name].grad = grad_view
     try:
+        for (name, view), grad_view in zip(split_views(w, spec).items(), split_views(grad, spec).values()):
+            params[name].data = view
+            params[name].grad = grad_view
         steps, loss_sum = _train(model, w, grad, global_params, data, plan)
     finally:
         for name, (memory, old_grad) in originals.items():

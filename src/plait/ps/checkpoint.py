@@ -49,9 +49,12 @@ def load_shards(path: Path) -> ServerSnapshot:
     with np.load(Path(path), allow_pickle=False) as npz:
         data = {name: npz[name] for name in npz.files}
     snapshot = ServerSnapshot(finished=[int(w) for w in data.pop("finished")], updates=int(data.pop("updates")[0]))
-    slots = sorted({tuple(int(part) for part in name.split(".")[0][1:].split("_")) for name in data})
-    for key, offset in slots:
-        prefix = f"k{key}_{offset}."
+    prefixes = sorted({name.split(".")[0] + "." for name in data})
+    for prefix in prefixes:
+        if "_" in prefix:
+            key, offset = (int(part) for part in prefix[1:-1].split("_"))
+        else:  # written before keys had several pieces per server: one piece, its offset stored beside it
+            key, offset = int(prefix[1:-1]), int(data.pop(prefix + "offset")[0])
         opt = {name[len(prefix) + 4:]: value for name, value in data.items() if name.startswith(prefix + "opt.")}
         param = data[prefix + "param"].copy()  # writable
         opt = {name: value.copy() for name, value in opt.items()}

@@ -259,10 +259,11 @@ class KVStore:
         request = self._outstanding.get(header.req)
         if request is None:
             return  # the answer to a resent duplicate, already handled
-        if header.op == Op.ACK and request.header.op == Op.PUSHPULL:
-            # The push is in; the pull waits on the consistency model. Resend only the pull from now on.
-            request.header = request.header.reply(Op.PULL)
-            request.payload = None
+        if header.op == Op.ACK and request.out is not None:
+            # A PUSHPULL's push is in and its pull waits on the consistency model: resend only the pull from now on.
+            # Never does an ACK finish a request that expects a value (a resent PUSHPULL can be ACKed twice).
+            if request.header.op == Op.PUSHPULL:
+                request.header, request.payload = request.header.reply(Op.PULL), None
             return
         del self._outstanding[header.req]
         if header.op == Op.ERROR:

@@ -236,11 +236,11 @@ class ParameterServer:
         slot = slot_of(header)
         if header.clock >= 0:
             self.clocks.advance(slot, header.worker, header.clock)
-        self._complete_clocks(slot)
+        self._progress(slot)  # a pull that stands in for a push lost to a restart can release others' pulls
         if self.clocks.ready(slot, header.clock, self.consistency):
             self._answer_pull(peer, header)
         else:
-            if ack_if_parked:
+            if ack_if_parked and (header.worker, header.req) not in self.pending:  # a resend is ACKed once
                 self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
             self.pending[(header.worker, header.req)] = (peer, header)  # a resend replaces its first copy
 
