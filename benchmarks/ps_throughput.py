@@ -54,11 +54,11 @@ def raw_round(socket: zmq.Socket, payload: np.ndarray, iterations: int) -> float
     return 2 * payload.nbytes * iterations / (time.perf_counter() - started)
 
 
-def raw_pieces_round(socket: zmq.Socket, payload: np.ndarray, iterations: int) -> float:
-    """The reference cut as Plait cuts a key: one message per piece of at most DEFAULT_PIECE_NUMEL elements, all in
+def raw_pieces_round(socket: zmq.Socket, payload: np.ndarray, iterations: int, piece: int) -> float:
+    """The reference cut as Plait cuts a key: one message per piece of at most `piece` elements, all in
     flight together. Large single messages are slow on this machine (one 40 MB buffer per receive), so at 1e7
     floats this, not the whole-message echo, is the like-for-like reference."""
-    pieces = [payload[i : i + DEFAULT_PIECE_NUMEL] for i in range(0, payload.size, DEFAULT_PIECE_NUMEL)]
+    pieces = [payload[i : i + piece] for i in range(0, payload.size, piece)]
     started = time.perf_counter()
     for _ in range(iterations):
         for piece in pieces:
@@ -97,6 +97,8 @@ def start_ps(state_dir: str, num_servers: int) -> tuple[list, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--piece-numel", type=int, default=DEFAULT_PIECE_NUMEL,
+                        help="sync.piece_numel for Plait and the pieced raw reference")
     args = parser.parse_args()
     sizes = [100_000, 1_000_000, 4_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
     rounds = 15 if args.quick else 25
@@ -110,9 +112,10 @@ def main() -> None:
     raw.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
     state_dir = tempfile.mkdtemp(prefix="ps-throughput-")
     servers, endpoints = start_ps(state_dir, 1)
-    kv = KVStore(endpoints, 0)
+    piece = args.piece_numel
+    kv = KVStore(endpoints, 0, piece_numel=piece)
     servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2)
-    kv2 = KVStore(endpoints2, 0)
+    kv2 = KVStore(endpoints2, 0, piece_numel=piece)
 
     lines = []
     for key, numel in enumerate(sizes):
@@ -128,7 +131,7 @@ def main() -> None:
         runs = [lambda: raw_rates.append(raw_round(raw, grad, iterations)),
                 lambda: ps_rates.append(ps_round(kv, key, grad, out, iterations)),
                 lambda: ps2_rates.append(ps_round(kv2, key, grad, out, iterations)),
-                lambda: pieces_rates.append(raw_pieces_round(raw, grad, iterations))]
+                lambda: pieces_rates.append(raw_pieces_round(raw, grad, iterations, piece or grad.size))]
         for index in range(rounds):  # rotate the order, so none of them always runs first after a pause
             for run in runs[index % 4:] + runs[:index % 4]:
                 run()
@@ -141,7 +144,7 @@ def main() -> None:
         print(f"{'':>10}         raw ZeroMQ in the same pieces {pieces_gbs:.2f} GB/s: PS 1 server {ratio_pieces:.2f}x",
               flush=True)
         lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, 1 server, vs raw "
-                      f"ZeroMQ in the same {DEFAULT_PIECE_NUMEL}-float pieces", "plait": round(ps_gbs, 3),
+                      f"ZeroMQ in the same {piece}-float pieces", "plait": round(ps_gbs, 3),
                       "reference": round(pieces_gbs, 3), "ratio": round(ratio_pieces, 3), "goal": 0.7})
         for count, gbs, ratio in ((2, ps2_gbs, ratio2), (1, ps_gbs, ratio1)):
             lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, {count} "

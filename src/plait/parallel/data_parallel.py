@@ -151,16 +151,22 @@ class DataParallel:
             self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
-    def residual_flat(self) -> torch.Tensor | None:
-        """This rank's error-feedback residuals as one flat tensor (None: no compression with error feedback)."""
+    @property
+    def has_residuals(self) -> bool:
+        """Whether gradients are compressed with error feedback (the residuals are then training state)."""
+        return self.grad_sync.op == "compressed" and self.grad_sync.compressor.error_feedback
+
+    def residual_flat(self) -> torch.Tensor:
+        """This rank's error-feedback residuals as one flat tensor, laid out as the flat gradient."""
         sync = self.grad_sync
-        if sync.op != "compressed" or not sync.compressor.error_feedback:
-            return None
-        return sync.compressor.residuals([(b.start, b.stop) for b in sync.buckets], sync.flat_grad)
+        return sync.compressor.residuals(self._bucket_bounds(), sync.flat_grad)
 
     def load_residual_flat(self, flat: torch.Tensor) -> None:
         sync = self.grad_sync
-        sync.compressor.load_residuals(flat.to(sync.flat_grad.device), [(b.start, b.stop) for b in sync.buckets])
+        sync.compressor.load_residuals(flat.to(sync.flat_grad.device), self._bucket_bounds())
+
+    def _bucket_bounds(self) -> list[tuple[int, int]]:
+        return [(bucket.start, bucket.stop) for bucket in self.grad_sync.buckets]
 
     def close(self) -> None:
         self.grad_sync.close()

@@ -148,9 +148,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank: int) -> None:
     """Rank 0 writes; with error feedback every rank takes part (its residuals are gathered into the file)."""
-    residual = dp.residual_flat()
     residuals = None
-    if residual is not None:
+    if dp.has_residuals:
+        residual = dp.residual_flat()
         residuals = [torch.empty_like(residual) for _ in range(world_size)] if rank == 0 else None
         dist.gather(residual, residuals, dst=0)
     if rank != 0:
@@ -174,7 +174,7 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
         if ckpt["params"].numel() != dp.flat_param.numel():
             raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
                              f"model has {dp.flat_param.numel()}: was model.name changed?")
-        residuals = "residuals" in ckpt and dp.residual_flat() is not None
+        residuals = "residuals" in ckpt and dp.has_residuals
         if residuals and ckpt["world_size"] != world_size:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)

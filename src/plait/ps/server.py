@@ -234,9 +234,10 @@ class ParameterServer:
         if self._shard(peer, header) is None:
             return
         slot = slot_of(header)
-        if header.clock >= 0:
+        if header.clock > self.clocks.clocks[slot][header.worker]:
+            # It stands in for a push lost to a restart: that can complete a BSP clock and release others' pulls.
             self.clocks.advance(slot, header.worker, header.clock)
-        self._progress(slot)  # a pull that stands in for a push lost to a restart can release others' pulls
+            self._progress(slot)
         if self.clocks.ready(slot, header.clock, self.consistency):
             self._answer_pull(peer, header)
         else:
