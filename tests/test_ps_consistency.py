@@ -22,13 +22,15 @@ NUM_WORKERS = 3
 CLOCKS = 12
 
 
-def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_s: float = 30.0):
+def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_s: float = 30.0,
+                  num_workers: int = NUM_WORKERS, checkpoint_every: int = 0):
     ctx = mp.get_context("spawn")
     procs = []
     for index in range(count):
-        config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=NUM_WORKERS,
+        config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=num_workers,
                               consistency=consistency, optimizer=OptimizerConfig(name="sgd", lr=1.0),
-                              checkpoint_every=0, worker_timeout_s=worker_timeout_s, state_dir=str(state_dir),
+                              checkpoint_every=checkpoint_every, worker_timeout_s=worker_timeout_s,
+                              state_dir=str(state_dir),
                               resume=False)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
@@ -189,5 +191,142 @@ def test_a_resent_pushpull_waiting_under_bsp_still_returns_the_new_value(tmp_pat
         for kv in stores:
             kv.close()
     finally:
+        for proc in servers:
+            proc.kill()
+
+
+@pytest.mark.parametrize("consistency", ["asp", "bsp"])
+def test_checkpoint_every_counts_updates_of_the_whole_shard_not_of_its_pieces(tmp_path, consistency):
+    """A key cut into 3 pieces: 4 steps are 12 piece updates but 4 updates of the shard, so checkpoint_every = 2
+    writes 2 checkpoints (after steps 2 and 4), not 6. BSP applies a piece's update once its clock completes."""
+    from plait.experiment.metrics import read_metrics
+    from plait.ps.checkpoint import load_shards
+
+    servers, endpoints = start_servers(tmp_path, 1, consistency, num_workers=1, checkpoint_every=2)
+    try:
+        kv = KVStore(endpoints, 0, retry_s=1.0, timeout_s=20.0, piece_numel=4)
+        weights = np.zeros(12, np.float32)
+        kv.init(0, weights)
+        for _ in range(4):
+            kv.wait(kv.pushpull(0, np.full(12, -1.0, np.float32), weights))
+        np.testing.assert_array_equal(weights, np.full(12, 4.0, np.float32))  # SGD, lr 1: every piece 4 times
+        deadline = time.monotonic() + 20
+        while len([r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "checkpoint"]) < 2:
+            assert time.monotonic() < deadline, "the server wrote fewer than 2 checkpoints"
+            time.sleep(0.02)
+        time.sleep(0.2)  # a third checkpoint, if the count were wrong, would have followed at once
+        checkpoints = [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "checkpoint"]
+        assert [r["updates"] for r in checkpoints] == [6, 12]
+        snapshot = load_shards(tmp_path / "server-0.npz")
+        assert len(snapshot.shards) == 3
+        for shard in snapshot.shards.values():
+            np.testing.assert_array_equal(shard.param, np.full(4, 4.0, np.float32))
+        kv.close()
+    finally:
+        for proc in servers:
+            proc.kill()
+
+
+def test_server_survives_garbage_and_answers_inconsistent_requests_with_errors(tmp_path):
+    """A raw ZeroMQ peer sends what no KVStore would: the server logs and drops what is not a request, answers a
+    request whose payload contradicts its header with an ERROR naming the key, and a real worker trains on after."""
+    import zmq
+
+    from plait.experiment.metrics import read_metrics
+    from plait.ps.wire import HEADER_BYTES, Header, Op
+
+    servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1)
+    context = zmq.Context()
+    rogue = context.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        kv = KVStore(endpoints, 0, retry_s=1.0, timeout_s=20.0)
+        weights = np.zeros(8, np.float32)
+        kv.init(0, weights)
+        rogue.connect(endpoints[0])
+        bad_version = bytearray(Header(Op.PULL, worker=0, numel=8).pack())
+        bad_version[0] = 99
+        bad_op = bytearray(Header(Op.PULL, worker=0, numel=8).pack())
+        bad_op[1] = 77
+        for frames in ([b"x" * 3], [b""], [bytes(bad_version)], [bytes(bad_op)], [b"\xff" * HEADER_BYTES]):
+            rogue.send_multipart(frames)  # not requests: dropped, nothing to answer
+        short = Header(Op.PUSH, worker=0, key=0, clock=0, req=1, numel=8)
+        rogue.send_multipart([short.pack(), np.zeros(5, np.float32).tobytes()])  # 5 values where it says 8
+        odd = Header(Op.PUSH, worker=0, key=0, clock=0, req=2, numel=8)
+        rogue.send_multipart([odd.pack(), b"\x00" * 7])  # not a whole number of float32
+        empty = Header(Op.INIT, worker=0, key=3, req=3, numel=0)
+        rogue.send_multipart([empty.pack(), b""])
+        huge = Header(Op.PULL, worker=0, key=0, clock=2**63 - 1, req=4, numel=8)  # its staleness fits no field
+        rogue.send_multipart([huge.pack()])
+        spy = Header(Op.PUSH, worker=0, key=0, clock=5, req=5, numel=8, flags=1)  # an observer may only pull
+        rogue.send_multipart([spy.pack(), np.zeros(8, np.float32).tobytes()])
+        answers = {}
+        while len(answers) < 5:
+            assert rogue.poll(10_000), f"no ERROR answer, got {answers}"
+            header_frame, *rest = rogue.recv_multipart()
+            header = Header.unpack(header_frame)
+            answers[header.req] = (header.op, rest[0].decode() if rest else "")
+        assert answers[1][0] == Op.ERROR and "PUSH key 0" in answers[1][1]
+        assert "says 8 float32 elements, the payload holds 20 bytes" in answers[1][1]
+        assert answers[2][0] == Op.ERROR and "PUSH key 0" in answers[2][1]
+        assert answers[3][0] == Op.ERROR and "empty piece" in answers[3][1]
+        assert answers[4][0] == Op.ERROR and "clock 9223372036854775807 outside" in answers[4][1]
+        assert answers[5][0] == Op.ERROR and "observer may only PULL" in answers[5][1]
+        # The server still serves, and the refused pushes changed nothing: two SGD steps of -1 give 2.
+        for _ in range(2):
+            kv.wait(kv.pushpull(0, np.full(8, -1.0, np.float32), weights))
+        np.testing.assert_array_equal(weights, np.full(8, 2.0, np.float32))
+        assert servers[0].is_alive()
+        refused = [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "refused"]
+        assert len(refused) == 10 and all(r["peer"] for r in refused)
+        assert any("version 99" in r["reason"] for r in refused) and any("op code 77" in r["reason"] for r in refused)
+        kv.close()
+    finally:
+        rogue.close()
+        context.term()
+        for proc in servers:
+            proc.kill()
+
+
+def test_a_refused_request_naming_a_dropped_worker_does_not_bring_it_back(tmp_path):
+    """Under BSP a dropped worker that rejoined would hold the others back again; a message that is refused must
+    not count as a sign of life."""
+    import zmq
+
+    from plait.experiment.metrics import read_metrics
+    from plait.ps.wire import Header, Op
+
+    servers, endpoints = start_servers(tmp_path, 1, "bsp", worker_timeout_s=0.3, num_workers=2)
+    context = zmq.Context()
+    rogue = context.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        silent = KVStore(endpoints, 1, retry_s=1.0, timeout_s=20.0)
+        silent.init(0, np.zeros(4, np.float32))  # worker 1 is heard once, then never again
+
+        def events(name):
+            return [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == name]
+
+        deadline = time.monotonic() + 20
+        while not any(r["worker"] == 1 for r in events("dropped")):
+            assert time.monotonic() < deadline, "worker 1 was never dropped"
+            time.sleep(0.05)
+        rogue.connect(endpoints[0])
+        bad = Header(Op.PUSH, worker=1, key=0, clock=0, req=1, numel=4)
+        rogue.send_multipart([bad.pack(), np.zeros(3, np.float32).tobytes()])  # a wrong length: refused
+        assert rogue.poll(10_000), "no answer to the refused push"
+        assert Header.unpack(rogue.recv_multipart()[0]).op == Op.ERROR
+        assert not any(r["worker"] == 1 for r in events("rejoined"))
+        # Worker 0 alone now completes BSP clocks: its pull is answered without waiting for worker 1.
+        kv = KVStore(endpoints, 0, retry_s=1.0, timeout_s=20.0)
+        out = np.zeros(4, np.float32)
+        kv.init(0, out)
+        kv.wait(kv.pushpull(0, np.full(4, -1.0, np.float32), out))
+        np.testing.assert_array_equal(out, np.full(4, 1.0, np.float32))
+        kv.close()
+        silent.close(goodbye=False)
+    finally:
+        rogue.close()
+        context.term()
         for proc in servers:
             proc.kill()

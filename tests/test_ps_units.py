@@ -170,6 +170,21 @@ def test_example_config_loads_and_unknown_keys_are_errors():
         from_dict(PSRunConfig, {"straggler": {"worker": 4}}).check_workers(4)
 
 
+def test_straggler_step_time_by_hand():
+    from plait.ps.config import StragglerSection
+
+    fixed = StragglerSection(worker=1, factor=3.0)
+    assert fixed.step_time(0.01, rank=1, step=5, num_workers=4) == pytest.approx(0.03)  # slowed: 3x its compute
+    assert fixed.step_time(0.01, rank=0, step=5, num_workers=4) == 0.01                  # the others: as computed
+    rotating = StragglerSection(factor=3.0, mode="rotating", step_s=0.02)  # an emulated 20 ms device
+    assert rotating.step_time(0.005, rank=2, step=6, num_workers=4) == pytest.approx(0.06)  # 6 mod 4 = 2: slowed
+    assert rotating.step_time(0.005, rank=1, step=6, num_workers=4) == 0.02                 # padded to 20 ms
+    assert rotating.step_time(0.03, rank=1, step=6, num_workers=4) == 0.03                  # never shortened
+    assert StragglerSection(step_s=0.02).step_time(0.005, rank=0, step=0, num_workers=1) == 0.02  # no straggler
+    with pytest.raises(ValueError, match="straggler.step_s"):
+        StragglerSection(step_s=-1)
+
+
 def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
     from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
 

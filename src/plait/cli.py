@@ -1,8 +1,9 @@
-"""The `plait` command: demo, run, plot, train, fl.
+"""The `plait` command: demo, run, plot, compare, train, fl.
 
     plait demo                                  FedAvg on MNIST, 100 non-IID clients, embedded defaults
     plait run CONFIG.toml [--resume] [--set fl.rounds=5]
     plait plot runs/NAME
+    plait compare runs/A runs/B [...] [--out DIR]   the settings that differ, final figures, curves overlaid
     plait train CONFIG.toml --nproc N           cluster training (data / model / pipeline parallel, parameter server)
 """
 
@@ -71,6 +72,34 @@ def plot(run_dir: Path = typer.Argument(..., help="a run directory, e.g. runs/de
         _fail(str(err))
     for path in paths:
         console.print(f"plot: {path}")
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run directories, e.g. runs/a runs/b"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: runs/compare-A-B...)")
+            ) -> None:
+    """Compare runs: the settings in which they differ, their final figures, their curves on shared plots."""
+    from rich.table import Table
+
+    from plait.experiment.compare import HEADLINE, compare_runs, format_cell
+
+    if out is None:
+        out = run_dirs[0].parent / ("compare-" + "-".join(p.name for p in run_dirs))[:120]
+    try:
+        result = compare_runs(run_dirs, out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print("settings that differ: " + (", ".join(result.settings) if result.settings else "none"))
+    table = Table()  # the settings and the headline figures; compare.md has every column
+    columns = [c for c in dict.fromkeys(k for row in result.rows for k in row)
+               if c == "run" or c in result.settings or c in HEADLINE]
+    for column in columns:
+        table.add_column(column)
+    for row in result.rows:
+        table.add_row(*(format_cell(row.get(c)) for c in columns))
+    console.print(table)
+    for path in result.files:
+        console.print(f"written: {path}")
 
 
 # Cluster-training entry points, chosen from the config's [parallel] mode and [sync] kind. Each is

@@ -1,1 +1,1 @@
-"""Run directories, typed configs from TOML, metrics, checkpoints, plots and progress."""
+"""Run directories, typed configs from TOML, metrics, checkpoints, plots, comparison of runs and progress."""

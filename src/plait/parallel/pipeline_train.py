@@ -14,6 +14,7 @@ then commits `checkpoint.pt`, which names the step all stage files belong to.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
             truncate_metrics(run.metrics_path, "step", start)  # steps after the checkpoint are redone, not doubled
         log = MetricsLog(run.metrics_path)
     final: dict[str, Any] = {}
+    started = time.perf_counter()
     try:
         for step in range(start, train.steps):
             idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
@@ -158,7 +160,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                     wall = float(span[0] + span[1])
                     final = {"step": done, "loss": float(loss), "step_seconds": wall,
                              "bubble": 1.0 - float(span[2]) / (world_size * wall),
-                             "samples_per_s": config.data.batch_size / wall}
+                             "samples_per_s": config.data.batch_size / wall,
+                             "elapsed_s": time.perf_counter() - started}
                     log.write(final)
             if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
                 count = min(train.eval_examples, len(test_x))
@@ -167,7 +170,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                 if log is not None:
                     accuracy = float((logits.argmax(1) == test_y[:count]).float().mean())
                     final = {**final, "accuracy": accuracy}
-                    log.write({"step": done, "accuracy": accuracy})
+                    log.write({"step": done, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started})
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
                 _checkpoint(run, rank, replica, stage_index, done, module, optimizer, boundaries, par.stages)
     finally:

@@ -263,7 +263,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                               "bytes_recv": [int(v) for v in per_rank[:, 2]],
                               "compute_s": [round(float(v), 6) for v in per_rank[:, 3]],
                               "comm_s": [round(float(v), 6) for v in per_rank[:, 4]],
-                              "step_s": elapsed / window_steps, "restart": restarts}
+                              "step_s": elapsed / window_steps, "restart": restarts,
+                              "elapsed_s": time.perf_counter() - started}
                     if accuracy is not None:
                         record["accuracy"] = accuracy
                     log.write(record)

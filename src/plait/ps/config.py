@@ -49,7 +49,7 @@ class SyncSection:
     servers: int = 1
     consistency: str = "bsp"         # "bsp", "ssp:S" (e.g. "ssp:3") or "asp"
     host: str = "127.0.0.1"          # where the local servers bind
-    checkpoint_every: int = 200      # piece updates between a server's checkpoints (0: only at the end)
+    checkpoint_every: int = 200      # updates of a server's whole shard between its checkpoints (0: only at the end)
     worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
     retry_s: float = 1.0             # a worker resends an unanswered request after this long
     wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long
@@ -69,14 +69,28 @@ class SyncSection:
 
 @dataclass(kw_only=True, slots=True)
 class StragglerSection:
-    """Slow a worker by `factor`: after computing a step it sleeps (factor - 1) x the compute time."""
+    """Slow a worker by `factor`: after computing a step it sleeps until the step took factor x its compute time.
+
+    `step_s` emulates a cluster of separate machines on one shared host: every worker's step is padded to at least
+    `step_s` of compute (a slowed one to factor x that), so the straggling is a fixed time instead of a multiple of
+    compute times that the workers' contention for the host's cores stretches differently under each consistency.
+    """
     worker: int = -1                 # the slowed worker (-1: none)
     factor: float = 1.0
     mode: Literal["fixed", "rotating"] = "fixed"   # rotating: at clock c, worker c mod N is the slow one
+    step_s: float = 0.0              # > 0: pad every worker's compute to at least this many seconds
 
     def __post_init__(self) -> None:
         if self.factor < 1:
             raise ValueError(f"straggler.factor must be >= 1, got {self.factor}")
+        if self.step_s < 0:
+            raise ValueError(f"straggler.step_s must be >= 0, got {self.step_s}")
+
+    def step_time(self, compute_s: float, rank: int, step: int, num_workers: int) -> float:
+        """How long this worker's step should take, compute included (sleep the rest)."""
+        base = max(compute_s, self.step_s)
+        slowed = self.factor > 1 and (step % num_workers == rank if self.mode == "rotating" else rank == self.worker)
+        return base * self.factor if slowed else base
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,8 +10,8 @@
 Values are 1-D-able numpy arrays or CPU torch tensors (used through `.numpy()` views, no copy). Each key is split
 across the servers by `plan_shards`, and each server's range into pieces of at most `piece_numel` elements; a push
 sends every piece, a pull gathers every piece straight into `out`. `pushpull` sends push and pull piece by piece,
-so a server answers piece i's pull while piece i+1's push is still arriving. The n-th push of a key carries clock n-1, and a pull carries the last clock pushed, so the
-servers enforce the consistency model without extra messages.
+so a server answers piece i's pull while piece i+1's push is still arriving. The n-th push of a key carries clock
+n-1, and a pull carries the last clock pushed, so the servers enforce the consistency model without extra messages.
 
 Fault tolerance: every request is kept until answered and resent (same request id, same clock) when no answer came
 within `retry_s` (doubling up to 8x). ZeroMQ reconnects to a restarted server by itself; the server drops the

@@ -13,13 +13,15 @@ State machine per request:
              push is ACKed at once (the worker stops resending the gradient) and the VALUE follows later.
     BYE   -> the worker leaves the clock.
 
-Every `checkpoint_every` optimizer updates the shard is checkpointed atomically; a restarted server resumes from it
-and workers simply resend what was not acknowledged (see kvstore.py).
+Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically; a
+restarted server resumes from it and workers simply resend what was not acknowledged (see kvstore.py). A message
+that is not a request is logged and dropped; a request that contradicts itself gets an ERROR; the loop goes on.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,10 @@ from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_sh
 from plait.ps.consistency import ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.transport import ServerTransport
-from plait.ps.wire import DTYPES, Flag, Header, Op, payload_array
+from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
+
+MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
+MAX_CLOCK = 2**62          # clocks at or above are refused: it stands for "no live worker", and fits every field
 
 Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
 
@@ -47,7 +52,7 @@ class ServerConfig:
     num_workers: int
     consistency: str = "bsp"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    checkpoint_every: int = 100        # optimizer updates (one piece each) between checkpoints (0: at shutdown)
+    checkpoint_every: int = 100        # updates of the whole shard between checkpoints (0: at shutdown)
     worker_timeout_s: float = 30.0
     state_dir: str = "."               # checkpoint, endpoint file and event log live here
     resume: bool = True                # start from this server's checkpoint when one exists
@@ -86,6 +91,7 @@ class ParameterServer:
         self.updates = 0
         self.updates_at_checkpoint = 0
         self.bytes_in = self.bytes_out = 0
+        self.refused = 0                                 # malformed or inconsistent messages, logged and dropped
         self.transport = ServerTransport()
         self.log = MetricsLog(config.log_path)
         self.running = True
@@ -124,28 +130,88 @@ class ParameterServer:
         poll_s = min(0.1, self.config.worker_timeout_s / 4)
         try:
             while self.running:
-                message = self.transport.recv_msg(poll_s)
+                try:
+                    message = self.transport.recv_msg(poll_s)
+                except MalformedMessage as error:  # not a request: nothing to answer, keep serving
+                    self._refuse(error.peer, None, str(error))
+                    message = None
                 if message is not None:
-                    self.handle(*message)
+                    self.handle_safely(*message)
                 self._drop_silent()
         finally:
-            self._event("stopped", updates=self.updates, bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+            self._event("stopped", updates=self.updates, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                        refused=self.refused)
             self.transport.close()
             self.log.close()
 
+    def handle_safely(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
+        """`handle` behind a check of the whole request (`_problem`): a request that cannot be served is answered
+        with an ERROR naming the key and changes no state (a dropped worker named in it does not even rejoin).
+        The try is a last net, so that one request the checks missed cannot end the server."""
+        problem = self._problem(header, payload)
+        if problem is None:
+            try:
+                self.handle(peer, header, payload)
+                return
+            except (ValueError, struct.error) as error:
+                problem = str(error)
+        self._refuse(peer, header, problem)
+        self._error(peer, header, problem)
+
+    def _problem(self, header: Header, payload: memoryview | None) -> str | None:
+        """What makes this request unservable, or None. Reads state, never changes it."""
+        op = header.op
+        if header.flags & Flag.OBSERVER:
+            return None if op == Op.PULL else f"an observer may only PULL, not {op.name}"
+        if op == Op.SHUTDOWN:
+            return None
+        if op not in (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL, Op.BYE):
+            return f"unexpected op {op.name}"
+        if not 0 <= header.worker < self.config.num_workers:
+            return f"worker id {header.worker} outside 0..{self.config.num_workers - 1}"
+        if not -1 <= header.clock < MAX_CLOCK:
+            return f"clock {header.clock} outside [-1, 2**62)"
+        if op == Op.BYE:
+            return None
+        if op in (Op.INIT, Op.PUSH, Op.PUSHPULL):
+            if payload is None:
+                return f"{op.name} without a value"
+            if len(payload) != header.numel * DTYPES[header.dtype].itemsize:
+                return (f"says {header.numel} {DTYPES[header.dtype]} elements, the payload holds {len(payload)} "
+                        "bytes")
+        if op == Op.INIT:
+            if header.numel < 1:
+                return "INIT of an empty piece (numel 0)"
+            if slot_of(header) not in self.shards and not self._overlaps_stored(header):
+                return None  # a new piece
+        return self._shard_problem(header)
+
+    def _shard_problem(self, header: Header) -> str | None:
+        shard = self.shards.get(slot_of(header))
+        if shard is not None and shard.param.size == header.numel and shard.param.dtype == DTYPES[header.dtype]:
+            return None
+        stored = [f"[{s.offset}, +{s.param.size})" for (k, _), s in sorted(self.shards.items()) if k == header.key]
+        if not stored:
+            return "key was never initialised (call init first)"
+        return (f"piece [{header.offset}, +{header.numel}) does not match the stored pieces {', '.join(stored)}: "
+                "do all workers use the same sharding?")
+
+    def _refuse(self, peer: bytes, header: Header | None, reason: str) -> None:
+        self.refused += 1
+        if self.refused <= MAX_REFUSALS_LOGGED:  # a flood of garbage must not fill the disk; the total is logged
+            self._event("refused", peer=peer.hex(), op=header.op.name if header else None,
+                        key=header.key if header else None, reason=reason)
+
     def handle(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
+        """Serve a request that passed `_problem`."""
         self.bytes_in += len(payload) if payload is not None else 0
         if header.flags & Flag.OBSERVER:
-            if header.op == Op.PULL:
-                self._answer_pull(peer, header, observer=True)
+            self._answer_pull(peer, header, observer=True)
             return
         if header.op == Op.SHUTDOWN:
             self.checkpoint()
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self.running = False
-            return
-        if not 0 <= header.worker < self.config.num_workers:
-            self._error(peer, header, f"worker id {header.worker} outside 0..{self.config.num_workers - 1}")
             return
         if self.clocks.seen(header.worker, time.monotonic()):
             self._event("rejoined", worker=header.worker)
@@ -156,60 +222,39 @@ class ParameterServer:
         elif header.op == Op.PULL:
             self._pull(peer, header)
         elif header.op == Op.PUSHPULL:
-            if self._push(peer, header, payload, ack=False):
-                self._pull(peer, header, ack_if_parked=True)
+            self._push(peer, header, payload, ack=False)
+            self._pull(peer, header, ack_if_parked=True)
         elif header.op == Op.BYE:
             self.clocks.finish(header.worker)
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self._event("finished", worker=header.worker)
             self._progress()
-        else:
-            self._error(peer, header, f"unexpected op {header.op.name}")
 
     def _error(self, peer: bytes, header: Header, text: str) -> None:
         message = f"server {self.config.index}, {header.op.name} key {header.key}: {text}"
         self.transport.send_msg(peer, header.reply(Op.ERROR, numel=0), np.frombuffer(message.encode(), np.uint8))
 
-    def _shard(self, peer: bytes, header: Header) -> ShardState | None:
-        shard = self.shards.get(slot_of(header))
-        if shard is None or shard.param.size != header.numel or shard.param.dtype != DTYPES[header.dtype]:
-            stored = [f"[{s.offset}, +{s.param.size})" for (k, _), s in sorted(self.shards.items()) if k == header.key]
-            if not stored:
-                self._error(peer, header, "key was never initialised (call init first)")
-            else:
-                self._error(peer, header, f"piece [{header.offset}, +{header.numel}) does not match the stored "
-                                          f"pieces {', '.join(stored)}: do all workers use the same sharding?")
-            return None
-        return shard
-
-    def _init(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
+    # The handlers below serve requests that passed `_problem`: the piece exists (or is a new INIT) and matches,
+    # the payload is there and has the stated length.
+    def _init(self, peer: bytes, header: Header, payload: memoryview) -> None:
         slot = slot_of(header)
-        if slot not in self.shards and not self._overlaps_stored(header):  # first writer wins, piece by piece
-            if payload is None:
-                self._error(peer, header, "INIT without a value")
-                return
+        if slot not in self.shards:  # first writer wins, piece by piece
             param = payload_array(header, payload).copy()  # owned and writable
             self.shards[slot] = ShardState(header.offset, param, self.optimizer.init(param), [])
             self.clocks.add_key(slot)
-        if self._shard(peer, header) is not None:
-            clock = self.clocks.clocks[slot][header.worker]
-            self.transport.send_msg(peer, header.reply(Op.ACK, extra=clock))
+        clock = self.clocks.clocks[slot][header.worker]
+        self.transport.send_msg(peer, header.reply(Op.ACK, extra=clock))
 
     def _overlaps_stored(self, header: Header) -> bool:
         """A new piece overlapping a stored one means the workers' sharding differs (servers, piece size, key size):
-        `_shard` then refuses it, naming the stored pieces, instead of keeping two copies of some elements."""
+        `_problem` then refuses it, naming the stored pieces, instead of keeping two copies of some elements."""
         lo, hi = header.offset, header.offset + header.numel
         return any(k == header.key and s.offset < hi and lo < s.offset + s.param.size
                    for (k, _), s in self.shards.items())
 
-    def _push(self, peer: bytes, header: Header, payload: memoryview | None, ack: bool = True) -> bool:
-        shard = self._shard(peer, header)
-        if shard is None:
-            return False
-        if payload is None:
-            self._error(peer, header, f"{header.op.name} without a gradient")
-            return False
+    def _push(self, peer: bytes, header: Header, payload: memoryview, ack: bool = True) -> None:
         slot = slot_of(header)
+        shard = self.shards[slot]
         if header.clock > self.clocks.clocks[slot][header.worker]:  # else a resent duplicate: ACK, do not apply
             grad = payload_array(header, payload)
             if self.consistency.aggregates:
@@ -228,11 +273,8 @@ class ParameterServer:
         if ack:
             self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
         self._progress(slot)
-        return True
 
     def _pull(self, peer: bytes, header: Header, ack_if_parked: bool = False) -> None:
-        if self._shard(peer, header) is None:
-            return
         slot = slot_of(header)
         if header.clock > self.clocks.clocks[slot][header.worker]:
             # It stands in for a push lost to a restart: that can complete a BSP clock and release others' pulls.
@@ -248,7 +290,7 @@ class ParameterServer:
     def _answer_pull(self, peer: bytes, header: Header, observer: bool = False) -> None:
         slot = slot_of(header)
         shard = self.shards.get(slot)
-        if shard is None:  # an observer asks without init; workers were checked by `_shard`
+        if shard is None:  # an observer asks without init; workers were checked by `_problem`
             self._error(peer, header, "piece was never initialised (call init first)")
             return
         staleness = 0 if observer else self.clocks.staleness_seen(slot, header.clock)
@@ -292,7 +334,8 @@ class ParameterServer:
             if (slot is None or waits_on == slot) and self.clocks.ready(waits_on, header.clock, self.consistency):
                 del self.pending[ident]
                 self._answer_pull(peer, header)
-        every = self.config.checkpoint_every
+        # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
+        every = self.config.checkpoint_every * max(1, len(self.shards))
         if every and self.updates - self.updates_at_checkpoint >= every:
             self.checkpoint()
 

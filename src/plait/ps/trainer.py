@@ -1,8 +1,8 @@
 """A worker's training loop over the KVStore: pull weights, compute a gradient, push it, repeat.
 
 The model's trainable parameters are one flat float32 key (key 0), as DDP's buckets: one message per piece (2 MiB
-at most, see kvstore.py) per step. Worker r reads the r-th of N interleaved slices of the training set; the batch of step t is drawn by a
-generator seeded with (seed, r, t), so a resumed worker draws the same batches it would have.
+at most, see kvstore.py) per step. Worker r reads the r-th of N interleaved slices of the training set; the batch
+of step t is drawn by a generator seeded with (seed, r, t), so a resumed worker draws the same batches it would have.
 """
 
 from __future__ import annotations
@@ -64,15 +64,6 @@ def evaluate(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, data
     return float(loss), float(accuracy)
 
 
-def is_slowed(config: PSRunConfig, rank: int, step: int, num_workers: int) -> bool:
-    straggler = config.straggler
-    if straggler.factor <= 1:
-        return False
-    if straggler.mode == "rotating":
-        return step % num_workers == rank
-    return rank == straggler.worker
-
-
 def wait_for_start(run_dir: Path, rank: int, timeout_s: float) -> None:
     """The local launcher's start barrier: say this worker is ready, wait for the go. Process start-up on a busy
     machine can differ by seconds between workers, which would otherwise count as (or hide) straggling."""
@@ -111,16 +102,17 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
             loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])
             compute_s = time.perf_counter() - step_start
-            if is_slowed(config, rank, step, num_workers):
-                time.sleep((config.straggler.factor - 1) * compute_s)
+            pad_s = config.straggler.step_time(compute_s, rank, step, num_workers) - compute_s
+            if pad_s > 0:
+                time.sleep(pad_s)  # an injected straggler, or an emulated device of fixed speed
             wait_before = kv.stats.wait_s
             # `grad` stays untouched until acknowledged; each piece's pull goes right behind its push.
             kv.wait(kv.pushpull(PARAMS_KEY, grad, weights))
             now = time.perf_counter()
             # One host sync per step, for the log only.
             log.write({"step": step, "worker": rank, "loss": float(loss), "staleness": kv.stats.last_staleness,
-                       "compute_s": compute_s, "wait_s": kv.stats.wait_s - wait_before, "step_s": now - step_start,
-                       "wall_start": time.time() - (now - step_start), "elapsed_s": now - started,
-                       "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
+                       "compute_s": compute_s, "pad_s": max(pad_s, 0.0), "wait_s": kv.stats.wait_s - wait_before,
+                       "step_s": now - step_start, "wall_start": time.time() - (now - step_start),
+                       "elapsed_s": now - started, "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
                        "bytes_received": kv.stats.bytes_received})
     kv.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from plait.ps.wire import Header
+from plait.ps.wire import Header, MalformedMessage
 
 # Below this size ZeroMQ copies anyway and a tracker costs more than the copy.
 TRACK_MIN_BYTES = 1 << 16
@@ -51,10 +51,18 @@ class ServerTransport:
             self._socket.send_multipart(frames, copy=False)
 
     def recv_msg(self, timeout_s: float) -> tuple[bytes, Header, memoryview | None] | None:
+        """The next request, or None after `timeout_s`; raises MalformedMessage (naming the sender) for one that
+        is not a request at all. ROUTER always prepends the sender's identity frame."""
         if not self._socket.poll(int(timeout_s * 1000)):
             return None
         frames = self._socket.recv_multipart(copy=False)
-        peer, header = frames[0].bytes, Header.unpack(frames[1].buffer)
+        peer = frames[0].bytes
+        if len(frames) < 2:
+            raise MalformedMessage(peer, "ps wire: a message without a header frame")
+        try:
+            header = Header.unpack(frames[1].buffer)
+        except ValueError as error:
+            raise MalformedMessage(peer, str(error)) from None
         return peer, header, frames[2].buffer if len(frames) > 2 else None
 
     def close(self) -> None:

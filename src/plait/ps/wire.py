@@ -29,6 +29,15 @@ class Op(enum.IntEnum):
     ERROR = 18     # server → worker: a request failed; the payload is a UTF-8 message
 
 
+class MalformedMessage(ValueError):
+    """A message that cannot be read as a request (no header frame, a header of the wrong size or version, an
+    unknown op or dtype): the server logs it with the sender's identity and drops it; there is nothing to answer."""
+
+    def __init__(self, peer: bytes, reason: str):
+        super().__init__(reason)
+        self.peer = peer
+
+
 class Flag(enum.IntFlag):
     NONE = 0
     OBSERVER = 1   # a pull from an evaluator: answered at once, never counted in the clocks
@@ -68,6 +77,8 @@ class Header:
             raise ValueError(f"ps wire: message version {version}, this build speaks {VERSION}")
         if dtype not in DTYPES:
             raise ValueError(f"ps wire: unknown dtype code {dtype}")
+        if op not in Op._value2member_map_:
+            raise ValueError(f"ps wire: unknown op code {op}")
         return cls(Op(op), worker, key, clock, req, offset, numel, extra, dtype, flags)
 
     def reply(self, op: Op, **fields) -> "Header":

@@ -1,0 +1,88 @@
+"""`plait compare`: the settings that differ, the figures of each run (checked against hand-written metrics), the
+tables and plots written, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import tomli_w
+from typer.testing import CliRunner
+
+from plait.cli import app
+from plait.experiment.compare import compare_runs, differing_settings, flatten, load_run
+
+
+def make_run(root, name, config, records):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.toml").write_bytes(tomli_w.dumps(config).encode())
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def config(lr, partition="iid", name="x"):
+    return {"run": {"name": name, "root": "runs", "seed": 0},
+            "data": {"partition": partition}, "fl": {"rounds": 3, "plan": {"lr": lr, "epochs": 1}}}
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = make_run(tmp_path, "a", config(0.1, name="a"), [
+        {"round": 1, "accuracy": 0.5, "loss": 1.2, "bytes_up": 100, "bytes_down": 200, "elapsed_s": 1.0},
+        {"round": 2, "accuracy": 0.7, "loss": 0.9, "bytes_up": 100, "bytes_down": 200, "elapsed_s": 2.0},
+        {"round": 3, "accuracy": 0.6, "loss": 0.8, "bytes_up": 50, "bytes_down": 200, "elapsed_s": 3.5}])
+    b = make_run(tmp_path, "b", config(0.05, "shards", name="b"), [
+        {"round": 1, "loss": 1.5, "skipped": True, "elapsed_s": 0.5},
+        {"round": 2, "accuracy": 0.4, "loss": 1.1, "elapsed_s": 1.5}])
+    return a, b
+
+
+def test_flatten_and_the_settings_that_differ(two_runs):
+    assert flatten({"fl": {"plan": {"lr": 0.1}}, "x": 1}) == {"fl.plan.lr": 0.1, "x": 1}
+    runs = [load_run(path) for path in two_runs]
+    # run.name differs too, but says nothing about the design; fl.rounds and fl.plan.epochs are equal
+    assert differing_settings(runs) == ["data.partition", "fl.plan.lr"]
+
+
+def test_rows_tables_and_plots_by_hand(two_runs, tmp_path):
+    result = compare_runs(list(two_runs), tmp_path / "out")
+    a, b = result.rows
+    assert a == {"run": "a", "data.partition": "iid", "fl.plan.lr": 0.1, "round": 3, "final accuracy": 0.6,
+                 "best accuracy": 0.7, "final loss": 0.8, "seconds": 3.5, "MB up": 250e-6, "MB down": 600e-6}
+    assert b["final accuracy"] == 0.4 and b["best accuracy"] == 0.4 and b["round"] == 2
+    assert b["MB up"] is None and b["seconds"] == 1.5  # no traffic logged: no figure, not zero
+    names = {path.name for path in result.files}
+    assert {"compare.md", "compare.csv", "accuracy.png", "loss.png", "bytes_up.png", "accuracy_vs_time.png"} <= names
+    assert "epsilon.png" not in names  # no run logs it
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "Settings that differ: `data.partition`, `fl.plan.lr`" in md
+    assert "| a | iid | 0.1 | 3 | 0.6 | 0.7 | 0.8 | 3.5 | 0.00025 | 0.0006 |" in md
+    with open(tmp_path / "out" / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["a", "b"] and rows[1]["fl.plan.lr"] == "0.05"
+
+
+def test_runs_with_the_same_name_are_told_apart_by_their_parent(tmp_path):
+    first = make_run(tmp_path / "monday", "demo", config(0.1), [{"round": 1, "accuracy": 0.5}])
+    second = make_run(tmp_path / "tuesday", "demo", config(0.2), [{"round": 1, "accuracy": 0.6}])
+    result = compare_runs([first, second], tmp_path / "out")
+    assert [row["run"] for row in result.rows] == ["monday/demo", "tuesday/demo"]
+
+
+def test_errors_name_the_problem(two_runs, tmp_path):
+    with pytest.raises(ValueError, match="at least two run directories"):
+        compare_runs([two_runs[0]], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics in .*empty"):
+        compare_runs([two_runs[0], tmp_path / "empty"], tmp_path / "out")
+
+
+def test_cli_prints_the_table_and_writes_next_to_the_runs(two_runs, tmp_path):
+    result = CliRunner().invoke(app, ["compare", str(two_runs[0]), str(two_runs[1])])
+    assert result.exit_code == 0, result.output
+    assert "settings that differ: data.partition, fl.plan.lr" in result.output
+    assert (tmp_path / "compare-a-b" / "compare.md").exists()
+    bad = CliRunner().invoke(app, ["compare", str(two_runs[0]), str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "no metrics in" in bad.output
