@@ -34,6 +34,8 @@ VARIANTS = {
     "local_sgd_h3": (dict(kind="local_sgd", local_steps=3), 1, 6),
     "fp16": (dict(compressor=("fp16", 1.0)), 1, STEPS),
     "topk": (dict(compressor=("topk", 0.1)), 1, STEPS),
+    "adam": (dict(allreduce="ring", optimizer="adam", lr=0.01, weight_decay=0.01), 2, STEPS),
+    "adamw_ps_one_device": (dict(kind="ps_one_device", optimizer="adamw", lr=0.01, weight_decay=0.01), 1, STEPS),
 }
 
 
@@ -61,7 +63,7 @@ def _train_rank(rank: int, world_size: int) -> dict:
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
-        dp = DataParallel(model, dims, bucket_bytes=1024, lr=LR, momentum=MOMENTUM, **kwargs)
+        dp = DataParallel(model, dims, **{"bucket_bytes": 1024, "lr": LR, "momentum": MOMENTUM, **kwargs})
         dp.broadcast_params()
         sampler = ShardedSampler(NUM_EXAMPLES, batch_size=BATCH, accumulate=accumulate, rank=rank,
                                  world_size=world_size, seed=11)
@@ -75,11 +77,12 @@ def _train_rank(rank: int, world_size: int) -> dict:
     return out
 
 
-def _reference_sgd(accumulate: int, steps: int) -> np.ndarray:
-    """One process, one model, the combined batch of both ranks at every step."""
+def _reference_sgd(accumulate: int, steps: int, make_optimizer=None) -> np.ndarray:
+    """One process, one model, the combined batch of both ranks at every step (torch.optim.SGD unless given)."""
     x, y = _data()
     model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    make_optimizer = make_optimizer or (lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM))
+    opt = make_optimizer(model.parameters())
     sampler = ShardedSampler(NUM_EXAMPLES, batch_size=BATCH, accumulate=accumulate, rank=0, world_size=2, seed=11)
     for step in range(1, steps + 1):
         idx = sampler.step_indices(step).reshape(-1)
@@ -126,6 +129,19 @@ def test_two_ranks_match_single_process_on_combined_batch(trained, name):
     start = _model()
     moved = np.abs(reference - torch.cat([p.detach().reshape(-1) for p in start.parameters()]).numpy()).max()
     assert moved > 1e-2  # training really changed the parameters
+
+
+@pytest.mark.parametrize("name,make_optimizer", [
+    ("adam", lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=0.01)),
+    ("adamw_ps_one_device", lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.01))])
+def test_adam_and_adamw_match_torch_optim_on_the_combined_batch(trained, name, make_optimizer):
+    _, accumulate, steps = VARIANTS[name]
+    reference = _reference_sgd(accumulate, steps, make_optimizer)
+    sgd = _reference_sgd(accumulate, steps)
+    for rank in range(2):
+        # Adam divides by the root of the second moment, which magnifies float-summation differences a little
+        np.testing.assert_allclose(trained[rank][name]["params"], reference, atol=2e-5, rtol=0)
+    assert np.abs(reference - sgd).max() > 1e-2  # really another optimizer than the SGD default
 
 
 def test_buckets_are_several_and_gradients_stay_views(trained):

@@ -149,3 +149,39 @@ def test_resume_with_topk_error_feedback_restores_each_ranks_residuals(tmp_path)
     assert resumed["step"] == straight["step"] == 30
     assert torch.equal(resumed["params"], straight["params"])
     assert torch.equal(resumed["residuals"], straight["residuals"])
+
+
+def test_resume_with_adam_restores_both_moments_and_the_step_count(tmp_path):
+    plain = CONFIG[:CONFIG.index("[stragglers]")]
+    adam = ["train.optimizer=\"adam\"", "train.lr=0.002", "train.weight_decay=0.001"]
+
+    def config(name: str, steps: int) -> Path:
+        path = tmp_path / f"{name}-{steps}.toml"
+        path.write_text(plain.format(root=(tmp_path / name).as_posix(), steps=steps))
+        return path
+
+    main(config("straight", 30), nproc=2, resume=False, overrides=adam, allreduce=None)
+    main(config("resumed", 20), nproc=2, resume=False, overrides=adam, allreduce=None)
+    stopped = load_checkpoint(tmp_path / "resumed" / "dp" / "checkpoint.pt")
+    assert set(stopped["optim"]) == {"step", "exp_avg", "exp_avg_sq"} and float(stopped["optim"]["step"]) == 20
+    main(config("resumed", 30), nproc=2, resume=True, overrides=adam, allreduce=None)
+    straight = load_checkpoint(tmp_path / "straight" / "dp" / "checkpoint.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "dp" / "checkpoint.pt")
+    assert resumed["step"] == straight["step"] == 30
+    assert torch.equal(resumed["params"], straight["params"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(resumed["optim"][key], straight["optim"][key])
+
+
+def test_a_checkpoint_from_before_adam_still_resumes_sgd_momentum(reference):
+    """Checkpoints written before the optimizer choice held SGD's momentum as `momentum`: they still resume."""
+    from plait.experiment.checkpoint import save_checkpoint
+
+    tmp, params = reference
+    main(_config(tmp, "legacy", steps=40), nproc=2, resume=False, overrides=[], allreduce=None)
+    path = tmp / "legacy" / "dp" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["momentum"] = ckpt.pop("optim")["momentum_buffer"]
+    save_checkpoint(path, ckpt)
+    main(_config(tmp, "legacy"), nproc=2, resume=True, overrides=[], allreduce=None)
+    assert torch.equal(_final_params(tmp, "legacy"), params)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from plait.experiment.sections import ImageModelSection as ModelSection
 from plait.parallel.collectives import ALGORITHMS
+from plait.parallel.optim import check_optimizer_settings
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,9 +61,13 @@ class TrainSection:
     steps: int = 200
     batch_size: int = 32               # per rank and per micro-batch
     accumulate: int = 1                # micro-batches per step; gradients sync once, after the last
+    optimizer: str = "sgd"             # sgd | adam | adamw
     lr: float = 0.05
-    momentum: float = 0.0
+    momentum: float = 0.0              # sgd
     weight_decay: float = 0.0
+    beta1: float = 0.9                 # adam, adamw
+    beta2: float = 0.999
+    eps: float = 1e-8
     log_every: int = 1                 # metrics record every k steps (each costs one small all-gather)
     checkpoint_every: int = 50         # 0: only at the end
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
@@ -77,6 +82,7 @@ class TrainSection:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        check_optimizer_settings(self, "train")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,8 +9,8 @@
   then broadcasts the weights (`dist.broadcast`).
 
 Parameters are views into one flat buffer (`flat_param`), so averaging, broadcasting and checkpointing move one
-tensor. The optimizer is SGD (momentum, weight decay): its state is one flat momentum buffer, checkpointed and
-broadcast as a tensor.
+tensor. The optimizer is SGD (momentum, weight decay), Adam or AdamW (optim.py): its state travels as one flat tensor
+per kind (momentum, Adam's two moments), checkpointed and broadcast as such.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from plait.parallel.collectives import CommStats, make_allreduce
 from plait.parallel.dims import ParallelDims
 from plait.parallel.grad_sync import GradSync
+from plait.parallel.optim import build_optimizer, flat_state, load_flat_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,8 +51,9 @@ def _flatten_params_into_buffer(model: nn.Module) -> tuple[torch.Tensor, list[nn
 
 class DataParallel:
     def __init__(self, model: nn.Module, dims: ParallelDims, *, kind: str = "allreduce", allreduce: str = "native",
-                 local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, lr: float = 0.05,
-                 momentum: float = 0.0, weight_decay: float = 0.0, compressor=None,
+                 local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, optimizer: str = "sgd",
+                 lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, compressor=None,
                  loss_fn: LossFn = nn.functional.cross_entropy):
         if kind not in ("allreduce", "local_sgd", "ps_one_device"):
             raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
@@ -67,7 +69,8 @@ class DataParallel:
         self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
                                   compressor=compressor)
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
-        self.optimizer = (torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.optimizer = (build_optimizer(self.params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                          betas=betas, eps=eps)
                           if kind != "ps_one_device" or self.rank == 0 else None)
         self.broadcast_stats = CommStats()
 
@@ -134,22 +137,13 @@ class DataParallel:
             stats.append(self.grad_sync.stats)
         return sum(s.bytes_sent for s in stats), sum(s.bytes_recv for s in stats)
 
-    def momentum_flat(self) -> torch.Tensor | None:
-        """The optimizer's momentum buffers as one flat tensor (None: no momentum yet, or no optimizer here)."""
-        if self.optimizer is None:
-            return None
-        buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
-        if any(b is None for b in buffers):
-            return None
-        return torch.cat([b.reshape(-1) for b in buffers])
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state as flat tensors, laid out as `flat_param` (empty: no state yet, or no optimizer)."""
+        return flat_state(self.optimizer, self.params) if self.optimizer is not None else {}
 
-    def load_momentum(self, flat: torch.Tensor) -> None:
-        if self.optimizer is None:
-            return
-        offset = 0
-        for p in self.params:
-            self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+    def load_optimizer_state(self, flat: dict[str, torch.Tensor]) -> None:
+        if self.optimizer is not None:
+            load_flat_state(self.optimizer, self.params, flat)
 
     @property
     def has_residuals(self) -> bool:

@@ -29,6 +29,7 @@ from plait.experiment.config import apply_overrides, from_dict, load_toml, to_di
 from plait.experiment.metrics import MetricsLog, truncate_metrics
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.launch import run_from_env, spawn_ranks
+from plait.parallel.optim import build_optimizer
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
@@ -116,8 +117,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     boundaries = choose_boundaries(config, model, sample)
     module = split_layers(as_layers(model), boundaries)[stage_index]
     del model
-    optimizer = torch.optim.SGD(module.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay)
+    optimizer = build_optimizer(module.parameters(), train.optimizer, lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay, betas=(train.beta1, train.beta2), eps=train.eps)
     stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,
                           recompute=par.recompute)
 

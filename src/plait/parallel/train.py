@@ -156,19 +156,32 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
     if rank != 0:
         return
     state: dict[str, Any] = {"step": step, "params": dp.flat_param.detach().cpu().clone(), "world_size": world_size}
-    momentum = dp.momentum_flat()
-    if momentum is not None:
-        state["momentum"] = momentum.cpu()
+    optim = dp.optimizer_state()
+    if optim:
+        state["optim"] = {key: value.cpu() for key, value in optim.items()}
     if residuals is not None:
         state["residuals"] = torch.stack(residuals).cpu()  # [world_size, numel]: rank r's row is its own
     save_checkpoint(run.checkpoint_path, state)
 
 
+def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's named tensors on every rank: names, shapes and dtypes first (one small object), then the data."""
+    layout = [[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] if rank == 0 else None]
+    dist.broadcast_object_list(layout, src=0)
+    out = {}
+    for name, shape, dtype in layout[0]:
+        tensor = tensors[name].to(device) if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        out[name] = tensor
+    return out
+
+
 def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
     gets back its own error-feedback residuals."""
-    meta = torch.zeros(3, dtype=torch.int64)  # [step, has momentum, has residuals for this world size]
+    meta = torch.zeros(2, dtype=torch.int64)  # [step, has residuals for this world size]
     ckpt: dict[str, Any] = {}
+    optim: dict[str, torch.Tensor] = {}
     if rank == 0:
         ckpt = load_checkpoint(run.checkpoint_path)
         if ckpt["params"].numel() != dp.flat_param.numel():
@@ -179,15 +192,14 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)
             residuals = False
-        meta[:] = torch.tensor([ckpt["step"], int("momentum" in ckpt), int(residuals)])
+        meta[:] = torch.tensor([ckpt["step"], int(residuals)])
         dp.flat_param.copy_(ckpt["params"])
+        # checkpoints from before Adam held SGD's momentum alone
+        optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
     dist.broadcast(meta, src=0)
     dist.broadcast(dp.flat_param, src=0)
+    dp.load_optimizer_state(_broadcast_tensors(optim, rank, dp.flat_param.device))
     if meta[1]:
-        momentum = ckpt["momentum"].to(dp.flat_param.device) if rank == 0 else torch.empty_like(dp.flat_param)
-        dist.broadcast(momentum, src=0)
-        dp.load_momentum(momentum)
-    if meta[2]:
         mine = torch.empty_like(dp.flat_param)
         rows = list(ckpt["residuals"].to(mine.device).unbind()) if rank == 0 else None
         dist.scatter(mine, rows, src=0)
@@ -218,8 +230,9 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                                     seed=config.run.seed * 1000 + rank)
     dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
                       local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
-                      overlap=config.parallel.overlap, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                      weight_decay=train_cfg.weight_decay, compressor=compressor)
+                      overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
+                      momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                      betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from plait.experiment.sections import RunSection as BaseRunSection
+from plait.parallel.optim import check_optimizer_settings
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,9 +42,13 @@ class DataSection:
 @dataclass(kw_only=True, slots=True)
 class TrainSection:
     steps: int = 300
+    optimizer: str = "sgd"      # sgd | adam | adamw
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9       # sgd
     weight_decay: float = 0.0
+    beta1: float = 0.9          # adam, adamw
+    beta2: float = 0.999
+    eps: float = 1e-8
     log_every: int = 10         # loss and bubble into metrics.jsonl every k steps
     eval_every: int = 100       # test accuracy by pipelined inference every k steps (0: only at the end)
     eval_examples: int = 10000  # test examples used for evaluation
@@ -63,6 +68,7 @@ class TrainSection:
             raise ValueError("train.log_every must be >= 1")
         if self.eval_examples < 1:
             raise ValueError(f"train.eval_examples must be >= 1, got {self.eval_examples}")
+        check_optimizer_settings(self, "train")
 
 
 @dataclass(kw_only=True, slots=True)
