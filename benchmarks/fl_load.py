@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import random
 import secrets
 import socket
 import statistics
@@ -64,6 +65,8 @@ class LightClient:
         self.errors: dict[str, int] = {}
 
     async def _heartbeats(self) -> None:
+        # A random phase: clients that registered together would otherwise all beat in the same instant.
+        await asyncio.sleep(random.uniform(0, self.heartbeat_s))
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:

@@ -1,18 +1,19 @@
 """Push+pull throughput of the parameter server against raw ZeroMQ bandwidth, same machine, same run.
 
-    .venv/bin/python benchmarks/ps_throughput.py [--quick]
+    .venv/bin/python benchmarks/ps_throughput.py [--quick] [--piece-numel P] [--curve]
 
 Reference: a DEALER client sends N bytes to a ROUTER process that echoes the frame back (zero-copy both ways): the
 most a request/reply over ZeroMQ TCP on this machine can move. A second reference sends the same bytes cut into the
-pieces Plait uses (one message each, all in flight), the like-for-like one where one huge message is slow. Plait: a KVStore worker pushes N bytes of gradient
-to a server process (ASP, SGD applied to the shard) and pulls N bytes of weights back with `pushpull`, as the
-trainer does: in pieces of at most 2 MiB, each piece's pull right behind its push, so the server applies piece i
-while piece i+1 is on the wire. Both count 2N bytes per iteration, with the same socket pattern (DEALER to ROUTER
+pieces Plait uses (one message each, all in flight), the like-for-like one where one huge message is slow. Plait:
+a KVStore worker pushes N bytes of gradient to a server process (ASP, SGD applied to the shard) and pulls N bytes
+of weights back with `pushpull`, as the trainer does: in pieces of at most 2 MiB, each piece's pull right behind
+its push, so the server applies piece i while piece i+1 is on the wire. Both count 2N bytes per iteration, with the same socket pattern (DEALER to ROUTER
 over TCP on 127.0.0.1) and the same zero-copy sends. The reference does strictly less work: its server touches no
 bytes, and its client drops the reply where the KVStore copies it into the caller's `out`. Rounds of the three
 (reference, 1 server, 2 servers) alternate in a rotating order; the ratio reported is the median over rounds of
 each round's ratio (Plait's rate over the reference's in the same round), which cancels the slow drifts of a
-shared machine that a ratio of two medians keeps.
+shared machine that a ratio of two medians keeps. `--curve` runs both sides over CurveZMQ (sync.curve_keys):
+compare its raw GB/s with a plain run's for the cost of encryption itself.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ import zmq
 
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
+from plait.ps.security import CurveKeys, make_keys
 from plait.ps.server import ServerConfig, run_server
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 
 
-def echo_server(port_queue) -> None:
-    socket = zmq.Context.instance().socket(zmq.ROUTER)
+def echo_server(port_queue, curve_keys: str) -> None:
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.ROUTER)
+    keys = CurveKeys.from_setting(curve_keys)
+    if keys is not None:
+        keys.secure_server(socket, context)
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     port_queue.put(port)
     while True:
@@ -76,13 +82,13 @@ def ps_round(kv: KVStore, key: int, grad: np.ndarray, out: np.ndarray, iteration
     return 2 * grad.nbytes * iterations / (time.perf_counter() - started)
 
 
-def start_ps(state_dir: str, num_servers: int) -> tuple[list, list[str]]:
+def start_ps(state_dir: str, num_servers: int, curve_keys: str) -> tuple[list, list[str]]:
     ctx = mp.get_context("spawn")
     procs, endpoints = [], []
     for index in range(num_servers):
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency="asp",
                               optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
-                              state_dir=state_dir, resume=False)
+                              state_dir=state_dir, resume=False, curve_keys=curve_keys)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         procs.append(proc)
@@ -99,23 +105,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--piece-numel", type=int, default=DEFAULT_PIECE_NUMEL,
                         help="sync.piece_numel for Plait and the pieced raw reference")
+    parser.add_argument("--curve", action="store_true",
+                        help="CurveZMQ (sync.curve_keys) on Plait's sockets and on the raw reference's alike")
     args = parser.parse_args()
+    curve_keys = str(make_keys(Path(tempfile.mkdtemp(prefix="ps-keys-")) / "keys").directory) if args.curve else ""
+    label = ", CurveZMQ" if args.curve else ""
     sizes = [100_000, 1_000_000, 4_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
     rounds = 15 if args.quick else 25
     target_bytes = 200e6 if args.quick else 400e6  # per round
 
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    echo = ctx.Process(target=echo_server, args=(ports,), daemon=True)
+    echo = ctx.Process(target=echo_server, args=(ports, curve_keys), daemon=True)
     echo.start()
     raw = zmq.Context.instance().socket(zmq.DEALER)
+    if curve_keys:
+        CurveKeys(Path(curve_keys)).secure_client(raw)
     raw.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
     state_dir = tempfile.mkdtemp(prefix="ps-throughput-")
-    servers, endpoints = start_ps(state_dir, 1)
+    servers, endpoints = start_ps(state_dir, 1, curve_keys)
     piece = args.piece_numel
-    kv = KVStore(endpoints, 0, piece_numel=piece)
-    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2)
-    kv2 = KVStore(endpoints2, 0, piece_numel=piece)
+    kv = KVStore(endpoints, 0, piece_numel=piece, curve_keys=curve_keys)
+    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys)
+    kv2 = KVStore(endpoints2, 0, piece_numel=piece, curve_keys=curve_keys)
 
     lines = []
     for key, numel in enumerate(sizes):
@@ -144,11 +156,12 @@ def main() -> None:
         print(f"{'':>10}         raw ZeroMQ in the same pieces {pieces_gbs:.2f} GB/s: PS 1 server {ratio_pieces:.2f}x",
               flush=True)
         lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, 1 server, vs raw "
-                      f"ZeroMQ in the same {piece}-float pieces", "plait": round(ps_gbs, 3),
+                      f"ZeroMQ in the same {piece}-float pieces{label}", "plait": round(ps_gbs, 3),
                       "reference": round(pieces_gbs, 3), "ratio": round(ratio_pieces, 3), "goal": 0.7})
         for count, gbs, ratio in ((2, ps2_gbs, ratio2), (1, ps_gbs, ratio1)):
             lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, {count} "
-                          f"server{'s' if count > 1 else ''}", "plait": round(gbs, 3), "reference": round(raw_gbs, 3),
+                          f"server{'s' if count > 1 else ''}{label}", "plait": round(gbs, 3),
+                          "reference": round(raw_gbs, 3),
                           "ratio": round(ratio, 3), "goal": 0.7})
 
     kv.close()
@@ -156,7 +169,7 @@ def main() -> None:
     raw.send_multipart([b"x", b"stop"])
     for proc in servers + servers2 + [echo]:
         proc.kill()
-    headline = next(line for line in lines if line["metric"] == "push+pull GB/s, 1000000 floats, 1 server")
+    headline = next(line for line in lines if line["metric"] == f"push+pull GB/s, 1000000 floats, 1 server{label}")
     for line in lines:
         if line is not headline:
             print(json.dumps(line))

@@ -50,7 +50,7 @@ def run_one(root: Path, consistency: str, scenario: str, steps: int, target: flo
     config.optimizer.name, config.optimizer.lr = "sgd", 0.2
     config.straggler.factor, config.straggler.worker, config.straggler.mode = 3.0, 0, scenario
     config.straggler.step_s = step_s
-    summary = run_ps(config, workers, timeout_s=900)
+    summary = run_ps(config, workers, timeout_s=900, show_progress=False)
     run_dir = root / config.run.name
     t0 = min(read_metrics(run_dir / f"worker-{rank}.jsonl")[0]["wall_start"] for rank in range(workers))
     curve = [(r["wall"] - t0, r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]

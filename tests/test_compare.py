@@ -86,3 +86,28 @@ def test_cli_prints_the_table_and_writes_next_to_the_runs(two_runs, tmp_path):
     assert (tmp_path / "compare-a-b" / "compare.md").exists()
     bad = CliRunner().invoke(app, ["compare", str(two_runs[0]), str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "no metrics in" in bad.output
+
+
+def test_edge_cases_nan_no_axis_no_config_same_folder_twice(tmp_path):
+    a = make_run(tmp_path, "a", config(0.1), [
+        {"round": 1, "accuracy": None, "bytes_up": None}, {"round": 2, "accuracy": 0.9, "bytes_up": None},
+        {"round": 3, "accuracy": float("nan")}])
+    bare = tmp_path / "bare"  # no config.toml, and no round/step/clock key: drawn against the record number
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text('{"accuracy": 0.2, "ok": true}\n{"accuracy": 0.3, "ok": false}\n')
+    b = make_run(tmp_path, "b", config(0.2), [{"round": 1, "accuracy": 0.5}])
+    result = compare_runs([a, bare, b, b], tmp_path / "out")
+    rows = {row["run"]: row for row in result.rows}
+    assert rows["a"]["best accuracy"] == 0.9 and rows["a"]["final accuracy"] == 0.9  # NaN and None skipped
+    assert rows["a"]["MB up"] is None  # only None logged: no figure
+    assert rows["bare"]["record"] == 2 and rows["bare"]["best accuracy"] == 0.3
+    assert result.settings == ["fl.plan.lr"]  # the run without a config does not make every setting differ
+    assert len(rows) == 4 and sorted(label[-6:] for label in rows if "b (" in label) == ["/b (3)", "/b (4)"]
+    assert (tmp_path / "out" / "accuracy.png").exists()
+
+
+def test_a_glob_that_catches_an_earlier_comparison_skips_it(two_runs, tmp_path):
+    assert CliRunner().invoke(app, ["compare", str(two_runs[0]), str(two_runs[1])]).exit_code == 0
+    again = CliRunner().invoke(app, ["compare", *sorted(str(p) for p in tmp_path.iterdir())])  # runs/* style
+    assert again.exit_code == 0, again.output
+    assert "settings that differ: data.partition, fl.plan.lr" in again.output

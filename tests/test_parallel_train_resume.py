@@ -185,3 +185,16 @@ def test_a_checkpoint_from_before_adam_still_resumes_sgd_momentum(reference):
     save_checkpoint(path, ckpt)
     main(_config(tmp, "legacy"), nproc=2, resume=True, overrides=[], allreduce=None)
     assert torch.equal(_final_params(tmp, "legacy"), params)
+
+
+def test_resuming_with_another_optimizer_starts_its_state_fresh(tmp_path, capfd):
+    plain = CONFIG[:CONFIG.index("[stragglers]")]
+    path = tmp_path / "switch.toml"
+    path.write_text(plain.format(root=tmp_path.as_posix(), steps=20))
+    main(path, nproc=2, resume=False, overrides=["train.steps=10"], allreduce=None)  # SGD with momentum
+    assert load_checkpoint(tmp_path / "dp" / "checkpoint.pt")["optimizer"] == "sgd"
+    main(path, nproc=2, resume=True, overrides=["train.optimizer=\"adam\"", "train.lr=0.001"], allreduce=None)
+    assert "the checkpoint's optimizer state is sgd's, this run uses train.optimizer = 'adam'" in capfd.readouterr().out
+    resumed = load_checkpoint(tmp_path / "dp" / "checkpoint.pt")
+    assert resumed["step"] == 20 and resumed["optimizer"] == "adam"
+    assert float(resumed["optim"]["step"]) == 10  # Adam's own count: its state began at the resume

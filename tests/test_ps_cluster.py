@@ -46,6 +46,23 @@ def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
     assert (tmp_path / "bsp1" / "plots" / "loss.png").exists()
 
 
+def test_a_run_with_curve_keys_is_the_same_run_encrypted(tmp_path):
+    """sync.curve_keys: servers, workers, the launcher's evaluator and its shutdown all speak CurveZMQ; the run ends
+    where the plain one ends (BSP, 2 servers)."""
+    from plait.ps.security import make_keys
+
+    keys = make_keys(tmp_path / "keys").directory
+    config = make_config(tmp_path, "curve", sync={"servers": 2, "consistency": "bsp", "curve_keys": str(keys)})
+    summary = run_ps(config, num_workers=2, timeout_s=240)
+    assert summary.failed_workers == [] and summary.server_restarts == 0
+    # summary.weights are what the launcher's evaluator pulled at the end, over CurveZMQ too
+    np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+    assert summary.final["step"] == config.train.steps
+    for index in range(2):  # the launcher's SHUTDOWN got through: each server wrote its final checkpoint
+        events = [r["event"] for r in read_metrics(tmp_path / "curve" / "servers" / f"server-{index}.jsonl")]
+        assert events[-2:] == ["checkpoint", "stopped"]
+
+
 def test_sharded_servers_match_one_server(tmp_path):
     """Three servers, each holding its range of the 199,210 weights as three pieces (at most 25,000 elements,
     pushed and pulled piece by piece), end where one server holding one piece ends."""

@@ -23,15 +23,14 @@ CLOCKS = 12
 
 
 def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_s: float = 30.0,
-                  num_workers: int = NUM_WORKERS, checkpoint_every: int = 0):
+                  num_workers: int = NUM_WORKERS, checkpoint_every: int = 0, curve_keys: str = ""):
     ctx = mp.get_context("spawn")
     procs = []
     for index in range(count):
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=num_workers,
                               consistency=consistency, optimizer=OptimizerConfig(name="sgd", lr=1.0),
                               checkpoint_every=checkpoint_every, worker_timeout_s=worker_timeout_s,
-                              state_dir=str(state_dir),
-                              resume=False)
+                              state_dir=str(state_dir), resume=False, curve_keys=curve_keys)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         procs.append(proc)
@@ -327,6 +326,51 @@ def test_a_refused_request_naming_a_dropped_worker_does_not_bring_it_back(tmp_pa
         silent.close(goodbye=False)
     finally:
         rogue.close()
+        context.term()
+        for proc in servers:
+            proc.kill()
+
+
+def test_curve_keys_serve_only_peers_with_the_jobs_client_key(tmp_path):
+    """With sync.curve_keys, a worker holding the job's keys trains; a plain peer and a peer with its own, unknown
+    client key complete no handshake: the server never sees their messages and they time out with a hint."""
+    import shutil
+
+    import zmq
+
+    from plait.experiment.metrics import read_metrics
+    from plait.ps.security import make_keys
+    from plait.ps.wire import Header, Op
+
+    keys = make_keys(tmp_path / "keys").directory
+    stranger = make_keys(tmp_path / "stranger").directory
+    shutil.copy(keys / "server.key", stranger / "server.key")  # it knows the server, the server does not know it
+    servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1, curve_keys=str(keys))
+    context = zmq.Context()
+    plain = context.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    try:
+        kv = KVStore(endpoints, 0, retry_s=1.0, timeout_s=20.0, curve_keys=keys)
+        weights = np.zeros(6, np.float32)
+        kv.init(0, weights)
+        kv.wait(kv.pushpull(0, np.full(6, -2.0, np.float32), weights))
+        np.testing.assert_array_equal(weights, np.full(6, 2.0, np.float32))
+        for curve_keys, hint in ((None, "no keys"), (stranger, "the job's keys in")):
+            outsider = KVStore(endpoints, 0, retry_s=0.2, timeout_s=1.5, curve_keys=curve_keys)
+            with pytest.raises(TimeoutError, match=f"server 0 never answered at all.*{hint}"):
+                outsider.init(0, np.zeros(6, np.float32))
+            outsider.close(goodbye=False)
+        plain.connect(endpoints[0])
+        plain.send_multipart([b"garbage"])  # a plain peer's message: it never gets past the handshake
+        plain.send_multipart([Header(Op.SHUTDOWN, req=1).pack()])  # not even a shutdown
+        time.sleep(0.5)
+        assert servers[0].is_alive()
+        assert not [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "refused"]
+        kv.wait(kv.pushpull(0, np.full(6, -2.0, np.float32), weights))  # the job's worker still trains
+        np.testing.assert_array_equal(weights, np.full(6, 4.0, np.float32))
+        kv.close()
+    finally:
+        plain.close()
         context.term()
         for proc in servers:
             proc.kill()

@@ -203,3 +203,43 @@ def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
              **{"k2.offset": np.array([6]), "k2.param": np.zeros(3, np.float32), "k2.clocks": np.array([4, 4])})
     old = load_shards(tmp_path / "old.npz")
     assert list(old.shards) == [(2, 6)] and old.shards[2, 6].offset == 6 and old.shards[2, 6].clocks == [4, 4]
+
+
+def test_curve_key_directory_is_made_once_and_missing_keys_name_the_setting(tmp_path):
+    import zmq
+
+    from plait.ps.node import main as node_main
+    from plait.ps.security import CurveKeys
+
+    node_main(["keys", str(tmp_path / "keys")])
+    made = {p.relative_to(tmp_path / "keys").as_posix() for p in (tmp_path / "keys").rglob("*") if p.is_file()}
+    assert made == {"server.key", "server.key_secret", "client.key", "client.key_secret", "authorized/client.key"}
+    assert (tmp_path / "keys" / "client.key_secret").stat().st_mode & 0o077 == 0  # secrets are private
+    with pytest.raises(SystemExit, match="already holds keys"):
+        node_main(["keys", str(tmp_path / "keys")])
+    worker_host = tmp_path / "worker-host"  # given the public server key only: it cannot act as a server
+    worker_host.mkdir()
+    (worker_host / "server.key").write_bytes((tmp_path / "keys" / "server.key").read_bytes())
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        with pytest.raises(FileNotFoundError, match="sync.curve_keys: .*server.key_secret is missing"):
+            CurveKeys(worker_host).secure_server(socket, zmq.Context.instance())
+        (worker_host / "client.key_secret").write_text("not a certificate")
+        with pytest.raises(ValueError, match="sync.curve_keys: .*client.key_secret is not a CurveZMQ certificate"):
+            CurveKeys(worker_host).secure_client(socket)
+    finally:
+        socket.close(linger=0)
+
+
+def test_curve_servers_in_one_process_each_have_their_own_authenticator(tmp_path):
+    from plait.ps.security import make_keys
+    from plait.ps.transport import ServerTransport
+
+    keys = make_keys(tmp_path / "keys")
+    first, second = ServerTransport(curve=keys), ServerTransport(curve=keys)  # two at once
+    first.bind("tcp://127.0.0.1:0")
+    second.bind("tcp://127.0.0.1:0")
+    first.close()
+    second.close()
+    again = ServerTransport(curve=keys)  # and one right after a close, as a restart would
+    again.close()

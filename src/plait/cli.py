@@ -81,9 +81,10 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
     """Compare runs: the settings in which they differ, their final figures, their curves on shared plots."""
     from rich.table import Table
 
-    from plait.experiment.compare import HEADLINE, compare_runs, format_cell
+    from plait.experiment.compare import HEADLINE, compare_runs, format_cell, is_comparison
 
-    if out is None:
+    run_dirs = [path for path in run_dirs if not is_comparison(path)]  # `runs/*` also matches earlier outputs
+    if out is None and run_dirs:
         out = run_dirs[0].parent / ("compare-" + "-".join(p.name for p in run_dirs))[:120]
     try:
         result = compare_runs(run_dirs, out)

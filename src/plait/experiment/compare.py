@@ -27,7 +27,8 @@ from plait.experiment.config import ConfigError, load_toml  # noqa: E402
 from plait.experiment.metrics import read_metrics  # noqa: E402
 from plait.experiment.plots import DEFAULT_SERIES, X_KEYS  # noqa: E402
 
-TIME_KEYS = ("elapsed_s",)                          # seconds since the run started, cumulative
+TIME_KEYS = ("elapsed_s",)                          # seconds since the run (or its last resume) started
+RECORD_AXIS = "record"                              # the axis of a log with no round/step/clock key
 IGNORED_SETTINGS = {"run.name", "run.root"}         # differ between any two runs; say nothing about the design
 TRAFFIC_KEYS = ("bytes_up", "bytes_down")           # per record; summed over the run, shown in MB
 HEADLINE = ("final accuracy", "final loss", "seconds")  # what the console shows beside the settings
@@ -39,15 +40,18 @@ class RunView:
     settings: dict[str, Any]        # the resolved config, flattened to "section.key" (empty if none was saved)
     records: list[dict[str, Any]]
 
-    def x_key(self) -> str | None:
-        return next((k for k in X_KEYS if any(k in r for r in self.records)), None)
+    def x_key(self) -> str:
+        """The round/step/clock axis; a log with none of them is drawn against its record number."""
+        return next((k for k in X_KEYS if any(k in r for r in self.records)), RECORD_AXIS)
 
     def time_key(self) -> str | None:
         return next((k for k in TIME_KEYS if any(k in r for r in self.records)), None)
 
     def series(self, name: str, x_key: str) -> list[tuple[float, float]]:
-        return [(r[x_key], r[name]) for r in self.records
-                if x_key in r and isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool)]
+        """(x, value) for the records carrying a finite number under `name` (NaN, None and booleans skipped)."""
+        return [(index if x_key == RECORD_AXIS else r[x_key], r[name])
+                for index, r in enumerate(self.records, start=1)
+                if (x_key == RECORD_AXIS or x_key in r) and _number(r.get(name)) is not None]
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,6 +63,11 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def is_comparison(path: str | Path) -> bool:
+    """An earlier comparison's output folder (a `runs/*` glob picks it up beside the runs)."""
+    return (Path(path) / "compare.md").exists() and not (Path(path) / "metrics.jsonl").exists()
 
 
 def load_run(path: str | Path) -> RunView:
@@ -75,14 +84,22 @@ def load_run(path: str | Path) -> RunView:
 
 
 def differing_settings(runs: list[RunView]) -> list[str]:
-    """The config keys whose values are not the same in every run (a key missing from a run counts as differing)."""
-    keys = sorted(set().union(*(run.settings for run in runs)) - IGNORED_SETTINGS)
+    """The config keys whose values are not the same in every run that saved a config (a key missing from one of
+    them counts as differing; a run without config.toml has nothing to compare)."""
+    configured = [run for run in runs if run.settings]
+    keys = sorted(set().union(*(run.settings for run in configured)) - IGNORED_SETTINGS)
     missing = object()
-    return [k for k in keys if len({repr(run.settings.get(k, missing)) for run in runs}) > 1]
+    return [k for k in keys if len({repr(run.settings.get(k, missing)) for run in configured}) > 1]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 def _last(run: RunView, name: str) -> float | None:
-    values = [r[name] for r in run.records if isinstance(r.get(name), (int, float)) and not isinstance(r[name], bool)]
+    values = [v for r in run.records if (v := _number(r.get(name))) is not None]
     return values[-1] if values else None
 
 
@@ -90,16 +107,16 @@ def summary_row(run: RunView, settings: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run.label}
     row.update({k: run.settings.get(k, "") for k in settings})
     x_key = run.x_key()
-    row[x_key or "records"] = _last(run, x_key) if x_key else len(run.records)
-    accuracies = [v for _, v in run.series("accuracy", x_key)] if x_key else []
+    row[x_key] = len(run.records) if x_key == RECORD_AXIS else _last(run, x_key)
+    accuracies = [v for _, v in run.series("accuracy", x_key)]
     row["final accuracy"] = _last(run, "accuracy")
     row["best accuracy"] = max(accuracies) if accuracies else None
     row["final loss"] = _last(run, "loss")
     time_key = run.time_key()
     row["seconds"] = _last(run, time_key) if time_key else None
     for key in TRAFFIC_KEYS:
-        total = sum(r[key] for r in run.records if isinstance(r.get(key), (int, float)))
-        row[f"MB {key[6:]}"] = total / 1e6 if any(key in r for r in run.records) else None
+        values = [v for r in run.records if (v := _number(r.get(key))) is not None]
+        row[f"MB {key[6:]}"] = sum(values) / 1e6 if values else None  # no traffic logged: no figure, not zero
     return row
 
 
@@ -170,6 +187,7 @@ class Comparison:
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Comparison:
+    run_dirs = [path for path in run_dirs if not is_comparison(path)]
     if len(run_dirs) < 2:
         raise ValueError("compare: give at least two run directories")
     runs = [load_run(path) for path in run_dirs]
@@ -177,6 +195,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Comparison:
     for run, path in zip(runs, run_dirs):  # two runs named alike (a/demo, b/demo): tell them apart by their parent
         if labels.count(run.label) > 1:
             run.label = f"{Path(path).parent.name}/{run.label}"
+    labels = [run.label for run in runs]
+    for index, run in enumerate(runs):  # still alike (the same folder twice): number them
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({index + 1})"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = differing_settings(runs)

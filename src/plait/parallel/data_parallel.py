@@ -69,6 +69,7 @@ class DataParallel:
         self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
                                   compressor=compressor)
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
+        self.optimizer_name = optimizer
         self.optimizer = (build_optimizer(self.params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                           betas=betas, eps=eps)
                           if kind != "ps_one_device" or self.rank == 0 else None)

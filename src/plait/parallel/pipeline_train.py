@@ -13,6 +13,7 @@ then commits `checkpoint.pt`, which names the step all stage files belong to.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -27,6 +28,7 @@ from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
 from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer
@@ -131,7 +133,12 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
         start = int(ckpt["step"])
         state = load_checkpoint(_stage_file(run, stage_index, start))
         module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
+        saved = state.get("optimizer", "sgd")  # stage files from before the optimizer choice were SGD's
+        if saved == train.optimizer:
+            optimizer.load_state_dict(state["optim"])
+        elif rank == 0:
+            print(f"note: the checkpoint's optimizer state is {saved}'s, this run uses train.optimizer = "
+                  f"{train.optimizer!r}: its state starts again from zero", flush=True)
 
     metrics_rank = layout.rank_of(0, par.stages - 1)
     log = None
@@ -141,6 +148,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
         log = MetricsLog(run.metrics_path)
     final: dict[str, Any] = {}
     started = time.perf_counter()
+    stack = contextlib.ExitStack()
+    bar = stack.enter_context(progress_bar("steps", train.steps, start, enabled=log is not None))
     try:
         for step in range(start, train.steps):
             idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
@@ -164,6 +173,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                              "samples_per_s": config.data.batch_size / wall,
                              "elapsed_s": time.perf_counter() - started}
                     log.write(final)
+                    bar.advance(done, f"loss {float(loss):.4f}, bubble {final['bubble']:.2f}")
             if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
                 count = min(train.eval_examples, len(test_x))
                 inputs = images_to_float(test_x[:count]) if placement.is_first else None
@@ -175,6 +185,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
                 _checkpoint(run, rank, replica, stage_index, done, module, optimizer, boundaries, par.stages)
     finally:
+        stack.close()
         if log is not None:
             log.close()
     return final if rank == metrics_rank else None
@@ -184,7 +195,8 @@ def _checkpoint(run: RunDir, rank: int, replica: int, stage_index: int, step: in
                 boundaries: list[int], num_stages: int) -> None:
     if replica == 0:  # replicas hold identical weights: one copy per stage
         save_checkpoint(_stage_file(run, stage_index, step),
-                        {"model": module.state_dict(), "optim": optimizer.state_dict()})
+                        {"model": module.state_dict(), "optim": optimizer.state_dict(),
+                         "optimizer": type(optimizer).__name__.lower()})
     dist.barrier()  # every stage file of this step is on disk before the checkpoint names the step
     if rank == 0:
         save_checkpoint(run.checkpoint_path, {"step": step, "stages": num_stages,

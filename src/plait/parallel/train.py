@@ -19,6 +19,7 @@ Under torchrun `--nproc` is ignored (torchrun decides the world), and a restarte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -34,6 +35,7 @@ from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
 from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
@@ -91,11 +93,12 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
 
 
 # ---- one rank -------------------------------------------------------------------------------------------------------
-def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int) -> tuple[RunDir, bool]:
+def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
+                 device: torch.device) -> tuple[RunDir, bool]:
     """Rank 0 prepares the run directory; every rank learns whether a checkpoint is resumed."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     run = RunDir(Path(config.run.root) / config.run.name)
-    status = torch.zeros(2, dtype=torch.int64)  # [ok, resuming]
+    status = torch.zeros(2, dtype=torch.int64, device=device)  # [ok, resuming]; NCCL sends device tensors only
     error = ""
     if rank == 0:
         try:
@@ -105,7 +108,7 @@ def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int) -> tupl
             run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
             if not resuming:
                 run.write_config(config)
-            status[:] = torch.tensor([1, int(resuming)])
+            status[:] = torch.tensor([1, int(resuming)], device=device)
         except (FileExistsError, FileNotFoundError, OSError) as err:
             error = str(err)
     dist.broadcast(status, src=0)
@@ -159,6 +162,7 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
     optim = dp.optimizer_state()
     if optim:
         state["optim"] = {key: value.cpu() for key, value in optim.items()}
+        state["optimizer"] = dp.optimizer_name
     if residuals is not None:
         state["residuals"] = torch.stack(residuals).cpu()  # [world_size, numel]: rank r's row is its own
     save_checkpoint(run.checkpoint_path, state)
@@ -196,6 +200,11 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
         dp.flat_param.copy_(ckpt["params"])
         # checkpoints from before Adam held SGD's momentum alone
         optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
+        saved = ckpt.get("optimizer", "sgd")
+        if optim and saved != dp.optimizer_name:
+            print(f"note: the checkpoint's optimizer state is {saved}'s, this run uses train.optimizer = "
+                  f"{dp.optimizer_name!r}: its state starts again from zero", flush=True)
+            optim = {}
     dist.broadcast(meta, src=0)
     dist.broadcast(dp.flat_param, src=0)
     dp.load_optimizer_state(_broadcast_tensors(optim, rank, dp.flat_param.device))
@@ -214,7 +223,9 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     dims = ParallelDims(world_size=world_size).build()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if dist.get_backend() == "nccl" else torch.device("cpu"))
-    run, resuming = _prepare_run(config, resume, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # object collectives and NCCL's own buffers use the current device
+    run, resuming = _prepare_run(config, resume, rank, device)
     pid_dir = run.path / "ranks"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets an operator (or a test) kill one rank
@@ -246,6 +257,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
     loss_value, accuracy = float("nan"), None
+    stack = contextlib.ExitStack()
+    bar = stack.enter_context(progress_bar("steps", train_cfg.steps, start_step, enabled=rank == 0))
     try:
         for step in range(start_step + 1, train_cfg.steps + 1):
             idx = sampler.indices(step)
@@ -281,12 +294,14 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                     if accuracy is not None:
                         record["accuracy"] = accuracy
                     log.write(record)
+                    bar.advance(step, f"loss {loss_value:.4f}")
                 window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or final:
                 _checkpoint(run, dp, step, world_size, rank)
         dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
     finally:
+        stack.close()
         if log is not None:
             log.close()
         dp.close()

@@ -6,6 +6,7 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
 
     wire.py         the message: a fixed struct header, then raw array bytes (never pickle)
     transport.py    ZeroMQ sockets: bind / connect / send_msg / recv_msg
+    security.py     CurveZMQ keys (sync.curve_keys): encrypted traffic, servers that accept only known peers
     sharding.py     which server holds which element range of each key
     consistency.py  BSP / SSP(s) / ASP and the per-key, per-worker clock table
     optim.py        server-side SGD, momentum and Adam on numpy shards
@@ -14,5 +15,5 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
     launcher.py     start servers and workers on localhost, supervise, restart servers
     trainer.py      a worker's training loop (FedAvg models on MNIST); train.py the `plait train` entry
-    node.py         `python -m plait.ps.node server|worker ...` to start one process on any host
+    node.py         `python -m plait.ps.node server|worker|keys ...` to start one process on any host
 """

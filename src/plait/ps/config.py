@@ -56,6 +56,7 @@ class SyncSection:
     max_server_restarts: int = 3     # per server, by the local launcher
     piece_numel: int = DEFAULT_PIECE_NUMEL  # elements per message at most: a server updates one while the next
                                             # arrives (0: one piece per server and key)
+    curve_keys: str = ""             # a CurveZMQ key directory: encrypted, authenticated traffic ("" : plain TCP)
 
     def __post_init__(self) -> None:
         if self.servers < 1:

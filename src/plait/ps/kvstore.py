@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from plait.ps.security import CurveKeys
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL, Piece, plan_shards
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
@@ -61,9 +63,9 @@ class _Key:
 
 @dataclass(slots=True)
 class KVStats:
-    bytes_sent: int = 0
+    bytes_sent: int = 0           # payload bytes handed to ZeroMQ, resends included
     bytes_received: int = 0
-    resends: int = 0
+    resends: int = 0              # requests sent again (a send that could not be queued is not counted)
     last_staleness: int = 0       # staleness the last waited pull saw (max over its pieces)
     max_staleness: int = 0
     wait_s: float = 0.0           # time spent blocked in wait()
@@ -84,7 +86,7 @@ def _as_array(value: Any, what: str) -> np.ndarray:
 
 class KVStore:
     def __init__(self, endpoints: list[str], worker: int, *, retry_s: float = 1.0, timeout_s: float = 300.0,
-                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL):
+                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL, curve_keys: str | Path | None = None):
         if not endpoints:
             raise ValueError("ps: at least one server endpoint is needed")
         if retry_s <= 0 or timeout_s <= 0:
@@ -94,13 +96,15 @@ class KVStore:
         self.observer = observer
         self.retry_s, self.timeout_s = retry_s, timeout_s
         self.piece_numel = piece_numel
-        self.transport = WorkerTransport()
+        self.curve = CurveKeys.from_setting(curve_keys)  # CurveZMQ when set (see security.py)
+        self.transport = WorkerTransport(curve=self.curve)
         self.transport.connect(self.endpoints)
         self.keys: dict[int, _Key] = {}
         self.stats = KVStats()
         self._ids = itertools.count(1)
         self._outstanding: dict[int, _Request] = {}   # request id -> request, in sending order
         self._tickets: dict[int, list[_Request]] = {}
+        self._heard: set[int] = set()                  # servers that ever answered
 
     # -- API ----------------------------------------------------------------------------------------------------
     def init(self, key: int | dict[int, Any], value: Any = None) -> None:
@@ -180,7 +184,8 @@ class KVStore:
                 raise TimeoutError(
                     f"ps worker {self.worker}: {late.header.op.name} of key {late.header.key} at clock "
                     f"{late.header.clock} unanswered by server {late.server} ({self.endpoints[late.server]}) "
-                    f"after {self.timeout_s} s (stage: wait; raise sync.wait_timeout_s if a straggler is expected)")
+                    f"after {self.timeout_s} s (stage: wait; raise sync.wait_timeout_s if a straggler is expected"
+                    f"{self._never_heard_hint(late.server)})")
             self._resend_due(now)
             message = self.transport.recv_msg(min(self.retry_s, max(deadline - now, 0.001)) / 2)
             if message is not None:
@@ -191,6 +196,13 @@ class KVStore:
             self.stats.last_slowest = min(reply.clock for reply in pulls)
             self.stats.max_staleness = max(self.stats.max_staleness, self.stats.last_staleness)
         self.stats.wait_s += time.perf_counter() - started
+
+    def _never_heard_hint(self, server: int) -> str:
+        if server in self._heard:
+            return ""
+        keys = f"the job's keys in {self.curve.directory}" if self.curve else "no keys (sync.curve_keys unset)"
+        return (f"; server {server} never answered at all: check its endpoint, and that it expects CurveZMQ "
+                f"exactly when this worker uses it, here with {keys}")
 
     def cancel_all(self) -> None:
         """Forget every unanswered request (an evaluator that gave up on a wait; late answers are ignored)."""
@@ -237,8 +249,8 @@ class KVStore:
                         flags=Flag.OBSERVER if self.observer else Flag.NONE)
         request = _Request(server, header, payload, out, time.monotonic())
         self._outstanding[header.req] = request
-        self.transport.send_msg(server, header, payload)
-        self.stats.bytes_sent += payload.nbytes if payload is not None else 0
+        if self.transport.send_msg(server, header, payload):  # else not queued now: resent after retry_s
+            self.stats.bytes_sent += payload.nbytes if payload is not None else 0
         return [request]
 
     def _ticket(self, requests: list[_Request]) -> Ts:
@@ -251,11 +263,13 @@ class KVStore:
         for request in list(self._outstanding.values()):  # in sending order: a push goes again before its pull
             interval = self.retry_s * min(2 ** (request.attempts - 1), 8)
             if now - request.sent_at > interval:
-                self.transport.send_msg(request.server, request.header, request.payload)
+                if self.transport.send_msg(request.server, request.header, request.payload):
+                    self.stats.resends += 1
+                    self.stats.bytes_sent += request.payload.nbytes if request.payload is not None else 0
                 request.sent_at, request.attempts = now, request.attempts + 1
-                self.stats.resends += 1
 
     def _on_reply(self, server: int, header: Header, payload: memoryview | None) -> None:
+        self._heard.add(server)
         request = self._outstanding.get(header.req)
         if request is None:
             return  # the answer to a resent duplicate, already handled

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from plait.experiment.metrics import MetricsLog, read_metrics
+from plait.experiment.progress import progress_bar
 from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
+from plait.ps.security import CurveKeys
 from plait.ps.trainer import PARAMS_KEY, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
@@ -56,10 +58,11 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 class LocalCluster:
     def __init__(self, config: PSRunConfig, config_path: Path, run_dir: Path, num_workers: int, resume: bool = False,
-                 timeout_s: float = 3600.0):
+                 timeout_s: float = 3600.0, show_progress: bool = True):
         config.check_workers(num_workers)
         self.config, self.config_path, self.run_dir = config, Path(config_path), Path(run_dir)
         self.num_workers, self.resume, self.timeout_s = num_workers, resume, timeout_s
+        self.show_progress = show_progress  # a bar over the slowest worker's clock, as the evaluator sees it
         self.state_dir = self.run_dir / "servers"
         self.logs_dir = self.run_dir / "logs"
         self.servers: list[subprocess.Popen] = []
@@ -134,7 +137,7 @@ class LocalCluster:
 
     def _shutdown_servers(self) -> None:
         """Ask each server for a final checkpoint and exit; kill those that do not answer."""
-        transport = WorkerTransport()
+        transport = WorkerTransport(curve=CurveKeys.from_setting(self.config.sync.curve_keys))
         transport.connect(self.endpoints)
         for index in range(len(self.endpoints)):
             transport.send_msg(index, Header(Op.SHUTDOWN, req=index + 1))
@@ -152,7 +155,7 @@ class LocalCluster:
         started = time.perf_counter()
         self.start()
         observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0,
-                           piece_numel=cfg.sync.piece_numel)
+                           piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys)
         observer.init(PARAMS_KEY, weights)
         failed: list[int] = []
         time_to_target = None
@@ -161,7 +164,8 @@ class LocalCluster:
         last: dict[str, Any] = {}
         next_eval = 0.0
         try:
-            with MetricsLog(self.run_dir / "metrics.jsonl") as log:
+            with MetricsLog(self.run_dir / "metrics.jsonl") as log, \
+                    progress_bar("clocks", cfg.train.steps, enabled=self.show_progress) as bar:
                 while any(p.poll() is None for p in self.workers):
                     if time.perf_counter() - started > self.timeout_s:
                         raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
@@ -181,6 +185,8 @@ class LocalCluster:
                         if record is not None:
                             log.write(record)
                             last = record
+                            bar.advance(record["step"], f"loss {record['loss']:.4f}, "
+                                                        f"accuracy {record['accuracy']:.4f}")
                             if time_to_target is None and cfg.train.target_loss and \
                                     record["loss"] <= cfg.train.target_loss:
                                 time_to_target = record["elapsed_s"]

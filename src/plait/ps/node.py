@@ -3,6 +3,7 @@
     python -m plait.ps.node server --config CFG.toml --index 0 --workers 4 --bind tcp://0.0.0.0:5000
     python -m plait.ps.node worker --config CFG.toml --rank 0 --workers 4 \\
         --servers tcp://host-a:5000,tcp://host-b:5000
+    python -m plait.ps.node keys DIR      CurveZMQ keys for `sync.curve_keys = "DIR"` (see security.py)
 
 Every process reads the same config; the workers list the servers in the same order. `plait train` runs exactly
 these commands on localhost (see launcher.py). A server resumes from its checkpoint in --state-dir when one
@@ -29,7 +30,8 @@ def server_config(config: PSRunConfig, index: int, workers: int, bind: str, stat
 
     return ServerConfig(index=index, endpoint=bind, num_workers=workers, consistency=config.sync.consistency,
                         optimizer=config.optimizer, checkpoint_every=config.sync.checkpoint_every,
-                        worker_timeout_s=config.sync.worker_timeout_s, state_dir=str(state_dir), resume=not fresh)
+                        worker_timeout_s=config.sync.worker_timeout_s, state_dir=str(state_dir), resume=not fresh,
+                        curve_keys=config.sync.curve_keys)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--run-dir", default=None, help="where the worker's metrics go (default runs/<name>)")
     worker.add_argument("--wait-start", action="store_true",
                         help="after init, write <run-dir>/ready-<rank> and wait for <run-dir>/start (local launcher)")
+    keys = roles.add_parser("keys", help="make a CurveZMQ key directory for sync.curve_keys")
+    keys.add_argument("directory", help="where to write the keys (created)")
     args = parser.parse_args(argv)
+    if args.role == "keys":
+        from plait.ps.security import make_keys
+
+        try:
+            made = make_keys(args.directory)
+        except FileExistsError as err:
+            raise SystemExit(str(err)) from None
+        print(f"keys in {made.directory}: copy server.key_secret and authorized/ to the server hosts, server.key "
+              f"and client.key_secret to the worker hosts; set sync.curve_keys = \"{made.directory}\" in the config")
+        return
 
     config = load_config(args.config, args.overrides)
     config.check_workers(args.workers)

@@ -32,6 +32,7 @@ from plait.experiment.metrics import MetricsLog
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
 from plait.ps.consistency import ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
+from plait.ps.security import CurveKeys
 from plait.ps.transport import ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
 
@@ -56,6 +57,7 @@ class ServerConfig:
     worker_timeout_s: float = 30.0
     state_dir: str = "."               # checkpoint, endpoint file and event log live here
     resume: bool = True                # start from this server's checkpoint when one exists
+    curve_keys: str = ""               # CurveZMQ key directory (security.py); "" serves plain TCP
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -92,7 +94,7 @@ class ParameterServer:
         self.updates_at_checkpoint = 0
         self.bytes_in = self.bytes_out = 0
         self.refused = 0                                 # malformed or inconsistent messages, logged and dropped
-        self.transport = ServerTransport()
+        self.transport = ServerTransport(curve=CurveKeys.from_setting(config.curve_keys))
         self.log = MetricsLog(config.log_path)
         self.running = True
         if config.resume and config.checkpoint_path.exists():

@@ -26,7 +26,8 @@ def load_run_config(config_path: Path, overrides: list[str]) -> PSRunConfig:
     return from_dict(PSRunConfig, apply_overrides(load_toml(config_path), overrides))
 
 
-def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_s: float = 3600.0) -> ClusterSummary:
+def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_s: float = 3600.0,
+           show_progress: bool = True) -> ClusterSummary:
     """Run a whole parameter-server job on localhost and return its summary."""
     config.check_workers(num_workers)
     if resume:
@@ -36,7 +37,7 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
     else:
         run = prepare_run_dir(config.run.root, config.run.name, resume=False)
     run.write_config(config)  # the processes read the resolved config from here
-    summary = LocalCluster(config, run.config_path, run.path, num_workers, resume, timeout_s).run()
+    summary = LocalCluster(config, run.config_path, run.path, num_workers, resume, timeout_s, show_progress).run()
     plot_run(run.path, ("loss", "accuracy"))
     return summary
 

@@ -82,7 +82,8 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     data = load_split(config, "train", rank, num_workers)
     model, weights, spec = build_flat_model(config)
     sync = config.sync
-    kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s, piece_numel=sync.piece_numel)
+    kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s, piece_numel=sync.piece_numel,
+                 curve_keys=sync.curve_keys)
     kv.init(PARAMS_KEY, weights)
     first = kv.clock(PARAMS_KEY) + 1  # > 0 when the servers resumed from checkpoints
     kv.wait(kv.pull(PARAMS_KEY, weights))

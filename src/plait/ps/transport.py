@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
+from plait.ps.security import CurveKeys
 from plait.ps.wire import Header, MalformedMessage
 
 # Below this size ZeroMQ copies anyway and a tracker costs more than the copy.
@@ -31,12 +32,22 @@ def _payload_frames(header: Header, payload: np.ndarray | None) -> list:
 
 
 class ServerTransport:
-    def __init__(self, context: zmq.Context | None = None):
-        self._context = context or zmq.Context.instance()
+    def __init__(self, context: zmq.Context | None = None, curve: CurveKeys | None = None):
+        # A CURVE server gets a context of its own: its authenticator binds the context's one ZAP address, so two
+        # servers (or a server and its restart) in one process could not share a context.
+        self._own_context = curve is not None and context is None
+        self._context = zmq.Context() if self._own_context else context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply: queues are bounded by the workers
         self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._auth = None
+        if curve is not None:
+            try:
+                self._auth = curve.secure_server(self._socket, self._context)
+            except Exception:
+                self.close()
+                raise
 
     def bind(self, endpoint: str) -> str:
         """Bind and return the endpoint actually bound (a port of 0 or * picks a free port)."""
@@ -67,12 +78,17 @@ class ServerTransport:
 
     def close(self) -> None:
         self._socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_context:
+            self._context.term()
 
 
 class WorkerTransport:
-    def __init__(self, context: zmq.Context | None = None, reconnect_ms: int = 50):
+    def __init__(self, context: zmq.Context | None = None, reconnect_ms: int = 50, curve: CurveKeys | None = None):
         self._context = context or zmq.Context.instance()
         self._reconnect_ms = reconnect_ms
+        self._curve = curve
         self._sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
         self._index: dict[zmq.Socket, int] = {}
@@ -85,6 +101,8 @@ class WorkerTransport:
             socket.setsockopt(zmq.RCVHWM, 0)
             socket.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ms)
             socket.setsockopt(zmq.RECONNECT_IVL_MAX, 10 * self._reconnect_ms)
+            if self._curve is not None:
+                self._curve.secure_client(socket)
             socket.connect(endpoint)
             self._index[socket] = len(self._sockets)
             self._sockets.append(socket)
@@ -94,8 +112,14 @@ class WorkerTransport:
     def num_servers(self) -> int:
         return len(self._sockets)
 
-    def send_msg(self, server: int, header: Header, payload: np.ndarray | None = None) -> None:
-        self._sockets[server].send_multipart(_payload_frames(header, payload), copy=False)
+    def send_msg(self, server: int, header: Header, payload: np.ndarray | None = None) -> bool:
+        """Queue a request; False when the server has no usable connection right now (a CurveZMQ handshake it
+        refused leaves none, and a blocking send would then hang): the caller resends later, as for a lost one."""
+        try:
+            self._sockets[server].send_multipart(_payload_frames(header, payload), copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     def recv_msg(self, timeout_s: float) -> tuple[int, Header, memoryview | None] | None:
         """One message from whichever server answers first, or None after `timeout_s`."""

@@ -219,7 +219,8 @@ class NetClient:
                     delay = min(self.opts.backoff_max_s, self.opts.backoff_s * 2 ** attempt)
                     delay *= 0.5 + self._rng.random()  # jitter: restarting servers are not hit all at once
                     attempt += 1
-                    self.session = None
+                    # The session is kept: a server that restarted and forgot it answers NOT_FOUND (above), and a
+                    # call the server refused under load (CANCELLED) must not cost a fresh registration too.
                     log.warning("client %d: %s (%s); retrying in %.2f s", self.opts.client_id, code.name,
                                 err.details(), delay)
                     time.sleep(delay)

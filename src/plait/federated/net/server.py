@@ -62,6 +62,9 @@ from plait.federated.strategy import make_aggregator
 
 log = logging.getLogger("plait.fl.server")
 
+# Incoming calls gRPC core may queue before this process takes them (see serve): tens of thousands of clients.
+_MAX_PENDING_RPCS = 100_000
+
 _CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
           "replay": grpc.StatusCode.UNAUTHENTICATED}
 
@@ -567,7 +570,14 @@ class NetServer:
     async def serve(self) -> RunDir:
         net = self.config.net
         self._wakeup = asyncio.Event()
-        server = grpc.aio.server(options=grpc_options(net.chunk_bytes) + [("grpc.so_reuseport", 0)])
+        # grpc.aio takes incoming calls from gRPC core one at a time on this event loop; calls that arrive while it
+        # is busy wait in core's queue of unrequested calls, and past grpc.server.max_pending_requests (default
+        # 1000; randomly more of them up to the hard limit, default 3000) core refuses them with CANCELLED before
+        # any handler runs. Every connected client can have a register, a heartbeat and a poll arriving at once
+        # (a server start, synchronized heartbeats), so the queue must hold several calls per client.
+        pending = [("grpc.server.max_pending_requests", _MAX_PENDING_RPCS),
+                   ("grpc.server.max_pending_requests_hard_limit", 2 * _MAX_PENDING_RPCS)]
+        server = grpc.aio.server(options=grpc_options(net.chunk_bytes) + pending + [("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self._handlers(),))
         address = f"[{net.host}]:{net.port}" if ":" in net.host else f"{net.host}:{net.port}"
         if net.use_tls:
