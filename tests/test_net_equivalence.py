@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
 from plait.federated.net.certs import make_certs
-from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import cluster, read_records, simulate, small_config, write_config
+from plait.federated.net.local import run_against_simulation, small_config
 
 NUM_CLIENTS, ROUNDS = 5, 3
 
@@ -21,21 +18,16 @@ def test_five_clients_three_rounds_match_simulation(tmp_path):
     certs = make_certs(tmp_path / "certs", NUM_CLIENTS)
     raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=ROUNDS, tls="on", auth="hmac",
                        client_certs=True, cert_dir=str(certs))
-    path = write_config(tmp_path / "fl.toml", raw)
-    with cluster(path, tmp_path, tmp_path / "runs" / "net", NUM_CLIENTS,
-                 lambda cid: {"certs": certs, "tls": True}) as (server, info, clients):
-        assert info["tls"] is True
-        # Execute: the reference simulation runs meanwhile, in this process.
-        reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
-        assert server.wait(timeout=100) == 0, (tmp_path / "server.log").read_text()
-        codes = [c.wait(timeout=30) for c in clients]
-    # Assert: every client finished cleanly, every round had the simulator's participants, same final weights.
-    assert codes == [0] * NUM_CLIENTS, [(tmp_path / f"client{c}.log").read_text()[-2000:] for c in range(NUM_CLIENTS)]
-    records = read_records(tmp_path / "runs" / "net")
+    # Execute: the networked run, and the reference simulation meanwhile in this process.
+    run = run_against_simulation(raw, tmp_path, NUM_CLIENTS, lambda cid: {"certs": certs, "tls": True})
+    # Assert: TLS on, every process finished cleanly, every round had the simulator's participants, same weights.
+    assert run.server_code == 0, run.log("server.log")
+    assert run.info["tls"] is True
+    assert run.client_codes == [0] * NUM_CLIENTS, [run.log(f"client{c}.log") for c in range(NUM_CLIENTS)]
+    records, ref_records = run.records, run.ref_records
     assert [r["round"] for r in records] == [1, 2, 3]
     assert [r["participants"] for r in records] == [r["participants"] for r in ref_records] == [3, 3, 3]
-    ckpt = load_checkpoint(tmp_path / "runs" / "net" / "checkpoint.pt")
-    assert ckpt["round"] == ROUNDS
-    torch.testing.assert_close(ckpt["params"], reference.params, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(ckpt["params"], initial, atol=1e-4)  # training moved the model
+    assert run.checkpoint["round"] == ROUNDS
+    torch.testing.assert_close(run.checkpoint["params"], run.reference.params, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(run.checkpoint["params"], run.initial, atol=1e-4)  # training moved the model
     assert records[-1]["accuracy"] == pytest.approx(ref_records[-1]["accuracy"], abs=2e-4)

@@ -9,10 +9,7 @@ import math
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
-from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import cluster, read_records, simulate, small_config, write_config
+from plait.federated.net.local import run_against_simulation, small_config
 from plait.federated.privacy.accounting import epsilon_after
 
 NUM_CLIENTS = 3
@@ -20,15 +17,10 @@ NUM_CLIENTS = 3
 
 def run_both(tmp_path, raw):
     """The networked run (server + NUM_CLIENTS client processes) and the simulation of the same config."""
-    path = write_config(tmp_path / "fl.toml", raw)
-    run_dir = tmp_path / "runs" / "net"
-    with cluster(path, tmp_path, run_dir, NUM_CLIENTS) as (server, _, clients):
-        state, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
-        assert server.wait(timeout=100) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        codes = [c.wait(timeout=30) for c in clients]
-    assert codes == [0] * NUM_CLIENTS, [(tmp_path / f"client{c}.log").read_text()[-1500:] for c in range(NUM_CLIENTS)]
-    records = read_records(run_dir)
-    return records, ref_records, load_checkpoint(run_dir / "checkpoint.pt"), state, initial
+    run = run_against_simulation(raw, tmp_path, NUM_CLIENTS)
+    assert run.server_code == 0, run.log("server.log")
+    assert run.client_codes == [0] * NUM_CLIENTS, [run.log(f"client{c}.log") for c in range(NUM_CLIENTS)]
+    return run.records, run.ref_records, run.checkpoint, run.reference, run.initial
 
 
 @pytest.mark.timeout(150)

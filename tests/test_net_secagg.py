@@ -20,8 +20,8 @@ from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import (cluster, fetch_status, read_records, simulate, small_config, wait_until,
-                                      write_config)
+from plait.federated.net.local import (cluster, fetch_status, read_records, run_against_simulation, small_config,
+                                      wait_until, write_config)
 from plait.federated.seeds import client_seed
 
 NUM_CLIENTS = 5
@@ -36,27 +36,23 @@ def test_secagg_five_clients_over_grpc_match_simulation(tmp_path):
     # Prepare: complete-graph SecAgg, every client selected, FedAvg weighted by examples through the masked sum.
     raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=2)
     raw["fl"].update(fraction=1.0, strategy={"name": "secagg", "secagg": {"threshold": 0.6, "max_weight": 20000}})
-    path = write_config(tmp_path / "fl.toml", raw)
-    run_dir = tmp_path / "runs" / "net"
-    with cluster(path, tmp_path, run_dir, NUM_CLIENTS) as (server, _, clients):
-        # Execute: the in-process simulation (SecureAggregator) runs meanwhile as the reference.
-        reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, raw))
-        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        codes = [c.wait(timeout=30) for c in clients]
+    # Execute: the networked run; the in-process simulation (SecureAggregator) runs meanwhile as the reference.
+    run = run_against_simulation(raw, tmp_path, NUM_CLIENTS, server_timeout=120)
     # Assert: all rounds aggregated under secure aggregation with every client, the protocol's traffic counted as
     # the simulator counts it (encoded message sizes), and the same model within the fixed-point quantisation.
-    assert codes == [0] * NUM_CLIENTS, logs(tmp_path, NUM_CLIENTS)
-    records = read_records(run_dir)
+    assert run.server_code == 0, run.log("server.log")
+    assert run.client_codes == [0] * NUM_CLIENTS, logs(tmp_path, NUM_CLIENTS)
+    records, ref_records = run.records, run.ref_records
     assert [r["round"] for r in records] == [1, 2]
     assert all(not r.get("skipped") and r["secagg_dropped"] == 0 for r in records), records
     assert [r["participants"] for r in records] == [r["participants"] for r in ref_records] == [5, 5]
     assert [r["bytes_up"] for r in records] == [r["bytes_up"] for r in ref_records]
     assert [r["bytes_down"] for r in records] == [r["bytes_down"] for r in ref_records]
-    params = load_checkpoint(run_dir / "checkpoint.pt")["params"]
+    params = run.checkpoint["params"]
     scale = raw["fl"]["strategy"]["secagg"].get("scale", 2.0**16)
     # each round's mean is exact up to 0.5 / scale per coordinate (rounding), plus float32 sums
-    torch.testing.assert_close(params, reference.params, rtol=0, atol=2 * 0.5 / scale + 1e-6)
-    assert not torch.allclose(params, initial, atol=1e-4)  # training moved the model
+    torch.testing.assert_close(params, run.reference.params, rtol=0, atol=2 * 0.5 / scale + 1e-6)
+    assert not torch.allclose(params, run.initial, atol=1e-4)  # training moved the model
     log = (tmp_path / "server.log").read_text()
     assert "SecAggPush" not in log or "refused" not in log
 

@@ -99,7 +99,8 @@ def test_killed_server_restarts_from_its_checkpoint_and_the_run_finishes(tmp_pat
 
 
 def test_worker_death_under_ssp_does_not_hang_the_others(tmp_path):
-    config = make_config(tmp_path, "death", sync={"servers": 1, "consistency": "ssp:2", "worker_timeout_s": 2.0},
+    config = make_config(tmp_path, "death", sync={"servers": 1, "consistency": "ssp:2", "worker_timeout_s": 2.0,
+                                                  "max_worker_restarts": 0},  # the dead worker stays dead
                          train={"steps": 40}, fault={"kill_worker": 2, "kill_worker_at_step": 5})
     summary = run_ps(config, num_workers=3, timeout_s=120)
     assert summary.failed_workers == [2]
@@ -113,3 +114,33 @@ def test_worker_death_under_ssp_does_not_hang_the_others(tmp_path):
         assert steps == list(range(40))
     assert max(r["step"] for r in read_metrics(tmp_path / "death" / "worker-2.jsonl")) == 4
     assert summary.max_staleness[0] <= 2 and summary.max_staleness[1] <= 2
+
+
+def test_a_dead_worker_is_restarted_and_rejoins_the_bsp_clock(tmp_path):
+    """Worker 1 dies at step 8. The launcher restarts it; it resumes where the servers' clocks say: after its last
+    push, or, if the servers had dropped it meanwhile, at worker 0's clock (each step takes at least 50 ms, so
+    worker 0 is still training when worker 1 is back). Either way the run finishes with every worker at the last
+    step, nobody failed, and BSP never read stale weights."""
+    steps_total = 80
+    config = make_config(tmp_path, "revive", sync={"servers": 2, "consistency": "bsp", "worker_timeout_s": 1.0},
+                         train={"steps": steps_total}, straggler={"step_s": 0.05},
+                         fault={"kill_worker": 1, "kill_worker_at_step": 8})
+    summary = run_ps(config, num_workers=2, timeout_s=240)
+    assert summary.failed_workers == [] and summary.worker_restarts == {1: 1}
+    events = read_metrics(tmp_path / "revive" / "metrics.jsonl")
+    assert [(e["worker"], e["exit_code"]) for e in events if e.get("event") == "worker_restarted"] == [(1, 3)]
+    assert [r["step"] for r in read_metrics(tmp_path / "revive" / "worker-0.jsonl")] == list(range(steps_total))
+    steps = [r["step"] for r in read_metrics(tmp_path / "revive" / "worker-1.jsonl")]
+    assert steps[:8] == list(range(8)) and steps[-1] == steps_total - 1 and steps == sorted(set(steps))
+    # Each server tells the restarted worker its clock there: its last push (7), or worker 0's clock if that
+    # server had dropped it meanwhile (None: worker 0 had already finished, so nothing to catch up with); the
+    # worker goes on after the lowest, so its log may skip steps.
+    resumed_at = []
+    for index in range(2):
+        rejoins = [e for e in read_metrics(tmp_path / "revive" / "servers" / f"server-{index}.jsonl")
+                   if e["event"] == "rejoined" and e["worker"] == 1]
+        assert all(e["clock"] is None or e["clock"] >= 7 for e in rejoins)
+        resumed_at.append(rejoins[0]["clock"] if rejoins and rejoins[0]["clock"] is not None else 7)
+    assert steps[8] == min(resumed_at) + 1
+    assert summary.max_staleness == {0: 0, 1: 0}
+    assert events[-1]["step"] == steps_total and events[-1]["loss"] < events[0]["loss"]

@@ -170,6 +170,22 @@ def test_example_config_loads_and_unknown_keys_are_errors():
         from_dict(PSRunConfig, {"straggler": {"worker": 4}}).check_workers(4)
 
 
+def test_a_rejoining_worker_catches_up_to_the_slowest_other_live_worker():
+    from plait.ps.consistency import ClockTable
+
+    table = ClockTable(3, worker_timeout_s=1.0, now=0.0, join_grace_s=0.0)
+    table.add_key("a", [9, 4, 7])
+    table.add_key("b", [9, 4, 5])
+    assert table.drop_silent(now=10.0, busy={0, 2}) == [1]  # worker 1 went silent at clock 4
+    table.seen(1, now=11.0)
+    assert table.catch_up(1) == 5  # up to min(9, 7) on "a" and min(9, 5) on "b"
+    assert table.clocks == {"a": [9, 7, 7], "b": [9, 5, 5]}
+    assert table.catch_up(1) == 5  # never moves a clock down
+    alone = ClockTable(1, 1.0, 0.0)
+    alone.add_key("a", [3])
+    assert alone.catch_up(0) is None and alone.clocks["a"] == [3]
+
+
 def test_straggler_step_time_by_hand():
     from plait.ps.config import StragglerSection
 

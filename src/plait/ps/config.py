@@ -54,6 +54,7 @@ class SyncSection:
     retry_s: float = 1.0             # a worker resends an unanswered request after this long
     wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long
     max_server_restarts: int = 3     # per server, by the local launcher
+    max_worker_restarts: int = 3     # per worker, by the local launcher (it resumes at the clock the servers hold)
     piece_numel: int = DEFAULT_PIECE_NUMEL  # elements per message at most: a server updates one while the next
                                             # arrives (0: one piece per server and key)
     curve_keys: str = ""             # a CurveZMQ key directory: encrypted, authenticated traffic ("" : plain TCP)
@@ -62,8 +63,9 @@ class SyncSection:
         if self.servers < 1:
             raise ValueError(f"sync.servers must be >= 1, got {self.servers}")
         Consistency.parse(self.consistency)
-        if self.checkpoint_every < 0 or self.max_server_restarts < 0 or self.piece_numel < 0:
-            raise ValueError("sync.checkpoint_every, sync.max_server_restarts and sync.piece_numel must be >= 0")
+        if min(self.checkpoint_every, self.max_server_restarts, self.max_worker_restarts, self.piece_numel) < 0:
+            raise ValueError("sync.checkpoint_every, sync.max_server_restarts, sync.max_worker_restarts and "
+                             "sync.piece_numel must be >= 0")
         if min(self.worker_timeout_s, self.retry_s, self.wait_timeout_s) <= 0:
             raise ValueError("sync.worker_timeout_s, sync.retry_s and sync.wait_timeout_s must be > 0")
 

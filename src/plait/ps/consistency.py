@@ -73,6 +73,19 @@ class ClockTable:
             return True
         return False
 
+    def catch_up(self, worker: int) -> int | None:
+        """A dropped worker is back (restarted, or it was only stalled): move its clock on every key up to the
+        slowest of the other live workers, so it does not hold back (BSP, SSP) clocks they completed without it.
+        Its pushes for the skipped clocks then count as duplicates. Returns its lowest clock after, or None when
+        no other worker is live."""
+        lowest = None
+        for row in self.clocks.values():
+            others = [row[w] for w in self.live if w != worker]
+            if others:
+                row[worker] = max(row[worker], min(others))
+                lowest = row[worker] if lowest is None else min(lowest, row[worker])
+        return lowest
+
     def advance(self, key: Hashable, worker: int, clock: int) -> None:
         row = self.clocks[key]
         row[worker] = max(row[worker], clock)

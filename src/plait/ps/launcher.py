@@ -4,7 +4,9 @@ The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node serve
 a local run and a multi-host run start the same programs. While the workers train it:
 
 - restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend);
-- notes a worker that died and carries on (the servers drop it from the clocks after sync.worker_timeout_s);
+- restarts a worker that died (sync.max_worker_restarts times): it resumes at the clock the servers recorded for
+  it, or, if they had dropped it meanwhile (sync.worker_timeout_s), at the slowest other worker's; past the limit
+  it is noted as failed and the others carry on without it;
 - every train.eval_every_s pulls the weights as an *observer* (never counted in the clocks) and scores them on a
   fixed test subset: these records, with wall time, are the run's metrics.jsonl;
 - injects the configured faults (SIGKILL a server at a step).
@@ -30,7 +32,7 @@ from plait.experiment.progress import progress_bar
 from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
 from plait.ps.security import CurveKeys
-from plait.ps.trainer import PARAMS_KEY, build_flat_model, evaluate, load_split
+from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
 
@@ -47,6 +49,7 @@ class ClusterSummary:
     failed_workers: list[int]
     max_staleness: dict[int, int]
     weights: np.ndarray = field(repr=False)
+    worker_restarts: dict[int, int] = field(default_factory=dict)  # rank -> restarts, for those restarted
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -69,15 +72,21 @@ class LocalCluster:
         self.workers: list[subprocess.Popen] = []
         self.endpoints: list[str] = []
         self.restarts = [0] * config.sync.servers
+        self.worker_restarts = [0] * num_workers
         self._files: list = []
 
     # -- processes ----------------------------------------------------------------------------------------------
-    def _spawn(self, role: str, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, role: str, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs_dir / log_name, "ab")
         self._files.append(log)
         cmd = [sys.executable, "-m", "plait.ps.node", role, "--config", str(self.config_path),
                "--workers", str(self.num_workers), *args]
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def _start_worker(self, rank: int, restart: int = 0) -> subprocess.Popen:
+        args = ["--rank", str(rank), "--servers", ",".join(self.endpoints), "--run-dir", str(self.run_dir)]
+        return self._spawn("worker", args + ([] if restart else ["--wait-start"]), f"worker-{rank}.log",
+                           env={RESTART_ENV: str(restart)})
 
     def _start_server(self, index: int, bind: str, fresh: bool) -> subprocess.Popen:
         args = ["--index", str(index), "--bind", bind, "--state-dir", str(self.state_dir)]
@@ -92,10 +101,7 @@ class LocalCluster:
             (self.state_dir / f"server-{index}.endpoint").unlink(missing_ok=True)
             self.servers.append(self._start_server(index, f"tcp://{self.config.sync.host}:0", fresh=not self.resume))
         self.endpoints = [self._await_endpoint(index) for index in range(self.config.sync.servers)]
-        servers = ",".join(self.endpoints)
-        self.workers = [self._spawn("worker", ["--rank", str(rank), "--servers", servers, "--run-dir",
-                                               str(self.run_dir), "--wait-start"], f"worker-{rank}.log")
-                        for rank in range(self.num_workers)]
+        self.workers = [self._start_worker(rank) for rank in range(self.num_workers)]
 
     def _await_endpoint(self, index: int) -> str:
         path = self.state_dir / f"server-{index}.endpoint"
@@ -125,6 +131,23 @@ class LocalCluster:
             self.servers[index] = self._start_server(index, self.endpoints[index], fresh=False)
             log.write({"event": "server_restarted", "server": index, "exit_code": proc.returncode,
                        "wall": time.time()})
+
+    def _supervise_workers(self, log: MetricsLog, failed: list[int]) -> bool:
+        """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
+        failed; True while any worker is still running."""
+        for rank, proc in enumerate(self.workers):
+            if proc.poll() in (None, 0) or rank in failed:
+                continue
+            if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
+                self.worker_restarts[rank] += 1
+                self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
+                log.write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
+                           "wall": time.time()})
+            else:
+                failed.append(rank)
+                log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
+                           "wall": time.time()})
+        return any(p.poll() is None for p in self.workers)
 
     def stop(self) -> None:
         for proc in self.workers + self.servers:
@@ -166,7 +189,7 @@ class LocalCluster:
         try:
             with MetricsLog(self.run_dir / "metrics.jsonl") as log, \
                     progress_bar("clocks", cfg.train.steps, enabled=self.show_progress) as bar:
-                while any(p.poll() is None for p in self.workers):
+                while self._supervise_workers(log, failed):
                     if time.perf_counter() - started > self.timeout_s:
                         raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
                     self._supervise_servers(log)
@@ -174,11 +197,6 @@ class LocalCluster:
                                                    for rank, proc in enumerate(self.workers)):
                         (self.run_dir / "start").touch()  # every worker is up: start them together
                         started_workers = True
-                    for rank, proc in enumerate(self.workers):
-                        if proc.returncode not in (None, 0) and rank not in failed:
-                            failed.append(rank)
-                            log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                                       "wall": time.time()})
                     if time.perf_counter() >= next_eval:
                         next_eval = time.perf_counter() + cfg.train.eval_every_s
                         record = self._evaluate(observer, model, weights, spec, test, started)
@@ -196,10 +214,6 @@ class LocalCluster:
                                 log.write({"event": "server_killed", "server": cfg.fault.kill_server,
                                            "step": record["step"], "wall": time.time()})
                     time.sleep(0.01)
-                for rank, proc in enumerate(self.workers):
-                    if proc.returncode != 0 and rank not in failed:
-                        failed.append(rank)
-                        log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode})
                 self._supervise_servers(log)
                 final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
                 if final is not None:
@@ -216,11 +230,13 @@ class LocalCluster:
         for rank in range(self.num_workers):
             records = read_metrics(self.run_dir / f"worker-{rank}.jsonl")
             staleness[rank] = max((r.get("staleness", 0) for r in records), default=0)
+        restarted = {rank: n for rank, n in enumerate(self.worker_restarts) if n}
         summary = ClusterSummary(self.run_dir, time.perf_counter() - started, last, time_to_target,
-                                 sum(self.restarts), failed, staleness, weights.numpy().copy())
+                                 sum(self.restarts), failed, staleness, weights.numpy().copy(), restarted)
         (self.run_dir / "summary.json").write_text(json.dumps({
             "elapsed_s": summary.elapsed_s, "final": last, "time_to_target_s": time_to_target,
             "server_restarts": summary.server_restarts, "failed_workers": failed,
+            "worker_restarts": {str(k): v for k, v in restarted.items()},
             "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
         return summary
 

@@ -216,7 +216,9 @@ class ParameterServer:
             self.running = False
             return
         if self.clocks.seen(header.worker, time.monotonic()):
-            self._event("rejoined", worker=header.worker)
+            # Under ASP nobody waits on clocks: a stalled worker's late gradients still count, so no jump there.
+            clock = self.clocks.catch_up(header.worker) if self.consistency.name != "asp" else None
+            self._event("rejoined", worker=header.worker, clock=clock)
         if header.op == Op.INIT:
             self._init(peer, header, payload)
         elif header.op == Op.PUSH:

@@ -53,7 +53,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
                   f"[bold]{final.get('loss', float('nan')):.4f}[/], accuracy {final.get('accuracy', float('nan')):.4f} "
                   f"in {summary.elapsed_s:.1f} s")
     console.print(f"max staleness seen per worker: {summary.max_staleness}; server restarts: "
-                  f"{summary.server_restarts}; failed workers: {summary.failed_workers or 'none'}")
+                  f"{summary.server_restarts}; worker restarts: {summary.worker_restarts or 'none'}; failed workers: "
+                  f"{summary.failed_workers or 'none'}")
     if summary.time_to_target_s is not None:
         console.print(f"target loss {config.train.target_loss} reached after {summary.time_to_target_s:.2f} s")
     console.print(f"run directory: {summary.run_dir}")

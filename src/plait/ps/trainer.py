@@ -25,6 +25,7 @@ from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
 
 PARAMS_KEY = 0
+RESTART_ENV = "PLAIT_PS_WORKER_RESTART"  # set by the local launcher: how many times this worker was restarted
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
                start_barrier: bool = False) -> None:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    restarted = int(os.environ.get(RESTART_ENV, "0")) > 0
     data = load_split(config, "train", rank, num_workers)
     model, weights, spec = build_flat_model(config)
     sync = config.sync
@@ -96,8 +98,8 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     started = time.perf_counter()
     with MetricsLog(log_path) as log:
         for step in range(first, config.train.steps):
-            if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step:
-                os._exit(3)  # an abrupt death: no goodbye, no flush, as a crash
+            if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step and not restarted:
+                os._exit(3)  # an abrupt death: no goodbye, no flush, as a crash (once: not again after a restart)
             step_start = time.perf_counter()
             rng = np.random.default_rng([config.run.seed, rank, step])
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -138,3 +139,51 @@ def simulate(config) -> tuple[Any, list[dict[str, Any]], Any]:
         if record.get("stop"):
             break
     return state, records, server.initial_params
+
+
+@dataclass(slots=True)
+class NetworkAndSimulation:
+    """A networked run next to the in-process simulation of the same config: what a test compares."""
+    server_code: int | None          # the server process's exit code (None: still running at the deadline)
+    client_codes: list[int | None]
+    records: list[dict[str, Any]]    # the networked run's metrics.jsonl
+    checkpoint: dict[str, Any]       # its checkpoint.pt (empty if none was written)
+    reference: Any                   # the simulation's final state
+    ref_records: list[dict[str, Any]]
+    initial: Any                     # the initial parameters
+    info: dict[str, Any]             # the server's server.json (port, tls, ...)
+    log_dir: Path
+
+    def log(self, name: str, tail: int = 3000) -> str:
+        """The end of server.log or client<K>.log, for assertion messages."""
+        path = self.log_dir / name
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+
+def run_against_simulation(config: dict[str, Any], work_dir: Path, num_clients: int,
+                           client_args: Callable[[int], dict[str, Any]] = lambda cid: {},
+                           server_timeout: float = 100, client_timeout: float = 30) -> NetworkAndSimulation:
+    """Write `config` (as `small_config` makes it), start a server and `num_clients` clients on it (logs in
+    `work_dir`), simulate the same config in this process meanwhile, wait for every process, and read the
+    results; the caller asserts on what comes back."""
+    from plait.experiment.checkpoint import load_checkpoint
+    from plait.experiment.config import from_dict
+    from plait.federated.net.config import NetworkRunConfig
+
+    work_dir = Path(work_dir)
+    path = write_config(work_dir / "fl.toml", config)
+    run_dir = Path(config["run"]["root"]) / config["run"]["name"]
+    with cluster(path, work_dir, run_dir, num_clients, client_args) as (server, info, clients):
+        reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, config))
+        server_code = _wait(server, server_timeout)
+        client_codes = [_wait(client, client_timeout) for client in clients]
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else {}
+    return NetworkAndSimulation(server_code, client_codes, read_records(run_dir), checkpoint, reference,
+                                ref_records, initial, info, work_dir)
+
+
+def _wait(process: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
