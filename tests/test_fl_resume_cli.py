@@ -144,7 +144,9 @@ def test_resume_with_error_feedback_is_exact(tmp_path):
     # Execute: the same run stopped after round 1, then resumed in a fresh process state
     first = from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "ef2", rounds=3, extra=extra)))
     first.fl.rounds = 1
-    run_federated(first, show_progress=False)
+    stopped = run_federated(first, show_progress=False)
+    log = stopped.run_dir / "metrics.jsonl"  # say round 1 took 1000 s, to see the resumed clock go on from there
+    log.write_text(json.dumps({**json.loads(log.read_text().splitlines()[0]), "elapsed_s": 1000.0}) + "\n")
     resumed = run_federated(from_dict(FederatedRunConfig, load_toml(_write(tmp_path, "ef2", rounds=3, extra=extra))),
                             resume=True, show_progress=False)
     # Assert
@@ -152,6 +154,9 @@ def test_resume_with_error_feedback_is_exact(tmp_path):
     b = torch.load(resumed.run_dir / "checkpoint.pt", weights_only=True)
     assert torch.equal(a["params"], b["params"]) and a["residuals"].keys() == b["residuals"].keys()
     assert len(a["residuals"]) > 0
+    # the resumed log's clock goes on from round 1's, so elapsed_s stays the run's training time
+    elapsed = [json.loads(line)["elapsed_s"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed[0] == 1000.0 and 1000.0 < elapsed[1] < elapsed[2] < 1000.0 + 120
 
 
 def test_train_dispatch_follows_set_overrides(tmp_path):
