@@ -87,6 +87,8 @@ def test_stop_and_resume_reaches_the_same_parameters(reference):
     main(_config(tmp, "resumed"), nproc=2, resume=True, overrides=[], allreduce=None)
     records = read_metrics(tmp / "resumed" / "dp" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)  # the resumed clock goes on from step 40's
     assert torch.equal(_final_params(tmp, "resumed"), params)
 
 

@@ -69,6 +69,8 @@ def test_cli_pipeline_run_and_resume(tmp_path):
             torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     resumed = _metrics(cut / "metrics.jsonl")
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in records if "loss" in r]
+    elapsed = [r["elapsed_s"] for r in resumed]
+    assert elapsed == sorted(elapsed)  # the resumed clock goes on from step 2's
 
 
 def test_cli_rejects_a_world_size_that_does_not_fit(tmp_path):

@@ -58,3 +58,10 @@ def truncate_metrics(path: Path, key: str, last: int) -> None:
     kept = [r for r in read_metrics(path) if r.get(key, -1) <= last]
     text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
     atomic_write_bytes(Path(path), lambda f: f.write(text))  # a crash here must not lose the rounds kept
+
+
+def elapsed_so_far(path: Path) -> float:
+    """The last `elapsed_s` a (truncated, resumed) log holds: where a resumed run's clock goes on from, so that
+    `elapsed_s` stays the run's training time across stops."""
+    return next((r["elapsed_s"] for r in reversed(read_metrics(path)) if isinstance(r.get("elapsed_s"), (int, float))),
+                0.0)

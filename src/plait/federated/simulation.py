@@ -13,7 +13,7 @@ import torch
 from plait.core.models import build_model
 from plait.data.federated import load_federated
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
-from plait.experiment.metrics import MetricsLog, read_metrics, truncate_metrics
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
@@ -81,9 +81,8 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
         state = _resume_state(run, server) if resume else server.initial_state()
         if not resume:
             run.write_config(config)
-        # a resumed run's clock goes on from the rounds it keeps, so elapsed_s stays the run's training time
-        kept = [r["elapsed_s"] for r in read_metrics(run.metrics_path) if "elapsed_s" in r] if resume else []
-        started -= kept[-1] if kept else 0.0
+        if resume:
+            started -= elapsed_so_far(run.metrics_path)  # the clock goes on from the rounds the log keeps
         with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
             while state.round < total:
                 state, record = server.run_round(state)

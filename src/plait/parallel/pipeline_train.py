@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
-from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.launch import run_from_env, spawn_ranks
@@ -147,7 +147,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
             truncate_metrics(run.metrics_path, "step", start)  # steps after the checkpoint are redone, not doubled
         log = MetricsLog(run.metrics_path)
     final: dict[str, Any] = {}
-    started = time.perf_counter()
+    started = time.perf_counter() - (elapsed_so_far(run.metrics_path) if log is not None and resume else 0.0)
     stack = contextlib.ExitStack()
     bar = stack.enter_context(progress_bar("steps", train.steps, start, enabled=log is not None))
     try:

@@ -34,7 +34,7 @@ from plait.core.models import build_model
 from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
-from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.compression import GradCompressor
@@ -248,6 +248,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
         truncate_metrics(run.metrics_path, "step", start_step)  # steps after the checkpoint are redone once
+        started -= elapsed_so_far(run.metrics_path)  # elapsed_s goes on from the steps the log keeps
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
