@@ -144,3 +144,27 @@ def test_a_dead_worker_is_restarted_and_rejoins_the_bsp_clock(tmp_path):
     assert steps[8] == min(resumed_at) + 1
     assert summary.max_staleness == {0: 0, 1: 0}
     assert events[-1]["step"] == steps_total and events[-1]["loss"] < events[0]["loss"]
+
+
+def test_a_worker_that_dies_before_the_start_barrier_is_restarted_into_it(tmp_path, monkeypatch):
+    """Worker 1's first life dies during start-up, before it says it is ready. Its restart joins the start barrier,
+    so both workers still train together from step 0: BSP ends exactly as single-process SGD does."""
+    import subprocess
+    import sys
+
+    from plait.ps import launcher
+
+    start_worker = launcher.LocalCluster._start_worker
+
+    def crash_first_life_of_worker_1(self, rank, restart=0):
+        if rank == 1 and restart == 0:
+            return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+        return start_worker(self, rank, restart)
+
+    monkeypatch.setattr(launcher.LocalCluster, "_start_worker", crash_first_life_of_worker_1)
+    config = make_config(tmp_path, "early", sync={"servers": 1, "consistency": "bsp", "worker_timeout_s": 2.0})
+    summary = run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    assert summary.worker_restarts == {1: 1} and summary.failed_workers == []
+    for rank in range(2):
+        assert [r["step"] for r in read_metrics(tmp_path / "early" / f"worker-{rank}.jsonl")] == list(range(8))
+    np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)

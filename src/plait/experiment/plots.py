@@ -21,7 +21,7 @@ def plot_run(run_dir: str | Path, series: tuple[str, ...] = DEFAULT_SERIES) -> l
     records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         raise FileNotFoundError(f"no metrics in {run_dir / 'metrics.jsonl'}")
-    x_key = next((k for k in X_KEYS if k in records[0]), None)
+    x_key = next((k for r in records for k in X_KEYS if k in r), None)  # the first line may be an event
     if x_key is None:
         raise ValueError(f"metrics in {run_dir} have none of the axis keys {X_KEYS}")
     out_dir = run_dir / "plots"

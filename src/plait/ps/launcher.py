@@ -84,9 +84,11 @@ class LocalCluster:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def _start_worker(self, rank: int, restart: int = 0) -> subprocess.Popen:
-        args = ["--rank", str(rank), "--servers", ",".join(self.endpoints), "--run-dir", str(self.run_dir)]
-        return self._spawn("worker", args + ([] if restart else ["--wait-start"]), f"worker-{rank}.log",
-                           env={RESTART_ENV: str(restart)})
+        # A restart joins the start barrier too: if its first life died before saying ready, the others are still
+        # waiting there (once the start is given, the barrier lets it through at once).
+        args = ["--rank", str(rank), "--servers", ",".join(self.endpoints), "--run-dir", str(self.run_dir),
+                "--wait-start"]
+        return self._spawn("worker", args, f"worker-{rank}.log", env={RESTART_ENV: str(restart)})
 
     def _start_server(self, index: int, bind: str, fresh: bool) -> subprocess.Popen:
         args = ["--index", str(index), "--bind", bind, "--state-dir", str(self.state_dir)]

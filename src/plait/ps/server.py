@@ -215,7 +215,7 @@ class ParameterServer:
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self.running = False
             return
-        if self.clocks.seen(header.worker, time.monotonic()):
+        if header.op != Op.BYE and self.clocks.seen(header.worker, time.monotonic()):  # a goodbye is no rejoin
             # Under ASP nobody waits on clocks: a stalled worker's late gradients still count, so no jump there.
             clock = self.clocks.catch_up(header.worker) if self.consistency.name != "asp" else None
             self._event("rejoined", worker=header.worker, clock=clock)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from plait.core.flat import FlatSpec, flat_params, split_views
 from plait.core.models import build_model
 from plait.data.images import load_image_set
-from plait.experiment.metrics import MetricsLog, truncate_metrics
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
 
@@ -93,9 +93,10 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
         wait_for_start(run_dir, rank, config.sync.wait_timeout_s)
         kv.wait(kv.pull(PARAMS_KEY, weights))  # on a resumed run other workers may have pushed meanwhile
     log_path = Path(run_dir) / f"worker-{rank}.jsonl"
+    started = time.perf_counter()
     if first:
         truncate_metrics(log_path, "step", first - 1)
-    started = time.perf_counter()
+        started -= elapsed_so_far(log_path)  # a resumed or restarted worker's clock goes on
     with MetricsLog(log_path) as log:
         for step in range(first, config.train.steps):
             if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step and not restarted:

@@ -176,7 +176,9 @@ def run_against_simulation(config: dict[str, Any], work_dir: Path, num_clients: 
     with cluster(path, work_dir, run_dir, num_clients, client_args) as (server, info, clients):
         reference, ref_records, initial = simulate(from_dict(NetworkRunConfig, config))
         server_code = _wait(server, server_timeout)
-        client_codes = [_wait(client, client_timeout) for client in clients]
+        # One deadline for all clients; after a failed server only a glance: they would retry for minutes.
+        deadline = time.monotonic() + (client_timeout if server_code == 0 else 1.0)
+        client_codes = [_wait(client, max(deadline - time.monotonic(), 0.01)) for client in clients]
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else {}
     return NetworkAndSimulation(server_code, client_codes, read_records(run_dir), checkpoint, reference,
                                 ref_records, initial, info, work_dir)
