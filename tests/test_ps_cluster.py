@@ -168,3 +168,26 @@ def test_a_worker_that_dies_before_the_start_barrier_is_restarted_into_it(tmp_pa
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "early" / f"worker-{rank}.jsonl")] == list(range(8))
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+
+
+def test_a_stalled_worker_that_was_dropped_follows_the_clock_it_is_given(tmp_path):
+    """Worker 1 pauses 2.5 s at step 5 (alive, silent); the servers drop it after 1 s and worker 0 trains on alone
+    (30 ms steps: it is still training when worker 1 is back). When worker 1 speaks again, BSP moves its clock up to
+    worker 0's; its pull's answer says so, and it goes on from there instead of stepping through the clocks
+    completed without it."""
+    total = 120
+    config = make_config(tmp_path, "stall", sync={"servers": 2, "consistency": "bsp", "worker_timeout_s": 1.0},
+                         train={"steps": total}, straggler={"step_s": 0.03},
+                         fault={"stall_worker": 1, "stall_at_step": 5, "stall_s": 2.5})
+    summary = run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    assert summary.failed_workers == [] and summary.worker_restarts == {}
+    assert [r["step"] for r in read_metrics(tmp_path / "stall" / "worker-0.jsonl")] == list(range(total))
+    steps = [r["step"] for r in read_metrics(tmp_path / "stall" / "worker-1.jsonl")]
+    skip = steps.index(5) + 1
+    assert steps[:skip] == list(range(6)) and steps[skip] > 10  # it jumped over what worker 0 did alone
+    assert steps[skip:] == list(range(steps[skip], total))      # then went on clock by clock to the end
+    for index in range(2):  # each server moved it up to worker 0's clock there; it follows the lowest
+        rejoined = [e for e in read_metrics(tmp_path / "stall" / "servers" / f"server-{index}.jsonl")
+                    if e["event"] == "rejoined" and e["worker"] == 1]  # (worker 0 may be, too, on a busy machine)
+        assert len(rejoined) == 1 and rejoined[0]["clock"] >= steps[skip] - 1
+    assert summary.max_staleness == {0: 0, 1: 0}

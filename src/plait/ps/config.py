@@ -98,11 +98,18 @@ class StragglerSection:
 
 @dataclass(kw_only=True, slots=True)
 class FaultSection:
-    """Failure injection, to see fault tolerance work: SIGKILL a server, or end a worker abruptly."""
+    """Failure injection, to see fault tolerance work: SIGKILL a server, end a worker abruptly, or stall one."""
     kill_server: int = -1            # the launcher kills this server once the slowest worker reached kill_at_step
     kill_at_step: int = 0
     kill_worker: int = -1            # this worker exits abruptly (no goodbye) at kill_worker_at_step
     kill_worker_at_step: int = 0
+    stall_worker: int = -1           # this worker pauses for stall_s seconds (alive, silent) at stall_at_step
+    stall_at_step: int = 0
+    stall_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.stall_s < 0:
+            raise ValueError(f"fault.stall_s must be >= 0, got {self.stall_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -120,7 +127,8 @@ class PSRunConfig:
         """The settings that depend on the number of workers, checked once it is known."""
         if num_workers < 1:
             raise ValueError(f"--nproc (workers) must be >= 1, got {num_workers}")
-        for name, value in (("straggler.worker", self.straggler.worker), ("fault.kill_worker", self.fault.kill_worker)):
+        for name, value in (("straggler.worker", self.straggler.worker), ("fault.kill_worker", self.fault.kill_worker),
+                            ("fault.stall_worker", self.fault.stall_worker)):
             if value >= num_workers:
                 raise ValueError(f"{name} = {value} but there are only {num_workers} workers")
         if self.fault.kill_server >= self.sync.servers:

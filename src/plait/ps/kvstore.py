@@ -66,6 +66,7 @@ class KVStats:
     bytes_sent: int = 0           # payload bytes handed to ZeroMQ, resends included
     bytes_received: int = 0
     resends: int = 0              # requests sent again (a send that could not be queued is not counted)
+    caught_up: int = 0            # times the servers moved this worker's clock on (after it had been dropped)
     last_staleness: int = 0       # staleness the last waited pull saw (max over its pieces)
     max_staleness: int = 0
     wait_s: float = 0.0           # time spent blocked in wait()
@@ -195,7 +196,20 @@ class KVStore:
             self.stats.last_staleness = max(reply.extra for reply in pulls)
             self.stats.last_slowest = min(reply.clock for reply in pulls)
             self.stats.max_staleness = max(self.stats.max_staleness, self.stats.last_staleness)
+            if not self.observer:
+                self._follow_catch_up(pulls)
         self.stats.wait_s += time.perf_counter() - started
+
+    def _follow_catch_up(self, pulls: list[Header]) -> None:
+        """A live worker's own clock is never below the slowest live clock, unless the servers moved it on: it had
+        been dropped and, back under BSP or SSP, was caught up with the others (consistency.ClockTable.catch_up).
+        Then this worker's clock follows, and the trainer skips the clocks that were completed without it."""
+        for key in {reply.key for reply in pulls}:
+            slowest = min(reply.clock for reply in pulls if reply.key == key)
+            spec = self.keys.get(key)
+            if spec is not None and spec.clock < slowest < 2**61:  # 2**62: no live worker to follow
+                spec.clock = slowest
+                self.stats.caught_up += 1
 
     def _never_heard_hint(self, server: int) -> str:
         if server in self._heard:

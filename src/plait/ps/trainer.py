@@ -97,10 +97,13 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     if first:
         truncate_metrics(log_path, "step", first - 1)
         started -= elapsed_so_far(log_path)  # a resumed or restarted worker's clock goes on
+    step = first
     with MetricsLog(log_path) as log:
-        for step in range(first, config.train.steps):
+        while step < config.train.steps:
             if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step and not restarted:
                 os._exit(3)  # an abrupt death: no goodbye, no flush, as a crash (once: not again after a restart)
+            if rank == config.fault.stall_worker and step == config.fault.stall_at_step:
+                time.sleep(config.fault.stall_s)  # a stalled worker (a long pause), alive but silent
             step_start = time.perf_counter()
             rng = np.random.default_rng([config.run.seed, rank, step])
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
@@ -119,4 +122,6 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
                        "step_s": now - step_start, "wall_start": time.time() - (now - step_start),
                        "elapsed_s": now - started, "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
                        "bytes_received": kv.stats.bytes_received})
+            # Next clock; further on if the servers moved this worker on after it had been dropped (BSP, SSP).
+            step = max(step + 1, kv.clock(PARAMS_KEY) + 1)
     kv.close()
