@@ -191,3 +191,20 @@ def test_a_stalled_worker_that_was_dropped_follows_the_clock_it_is_given(tmp_pat
                     if e["event"] == "rejoined" and e["worker"] == 1]  # (worker 0 may be, too, on a busy machine)
         assert len(rejoined) == 1 and rejoined[0]["clock"] >= steps[skip] - 1
     assert summary.max_staleness == {0: 0, 1: 0}
+
+
+def test_resume_continues_from_the_servers_checkpoints_as_if_never_stopped(tmp_path):
+    """`plait train --resume` on the PS plane: a BSP run stopped after 5 clocks and resumed to 10 ends where
+    single-process SGD over 10 steps ends (workers learn their clock from the servers and draw the same batches);
+    the logs hold every step once and the evaluator's clock goes on."""
+    config = make_config(tmp_path, "resume", sync={"servers": 2, "consistency": "bsp"}, train={"steps": 5})
+    run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    config.train.steps = 10
+    summary = run_ps(config, num_workers=2, resume=True, timeout_s=240, show_progress=False)
+    np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+    for rank in range(2):
+        assert [r["step"] for r in read_metrics(tmp_path / "resume" / f"worker-{rank}.jsonl")] == list(range(10))
+    evals = [r for r in read_metrics(tmp_path / "resume" / "metrics.jsonl") if "loss" in r]
+    assert evals[-1]["step"] == 10
+    elapsed = [r["elapsed_s"] for r in evals]
+    assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from the first part's

@@ -184,6 +184,9 @@ def test_a_rejoining_worker_catches_up_to_the_slowest_other_live_worker():
     alone = ClockTable(1, 1.0, 0.0)
     alone.add_key("a", [3])
     assert alone.catch_up(0) is None and alone.clocks["a"] == [3]
+    table.finish(2)  # said goodbye: nobody waits for it, until it registers again
+    assert table.slowest("b") == 5 and 2 not in table.live
+    assert table.start_again(2, now=12.0) and 2 in table.live and not table.start_again(0, now=12.0)
 
 
 def test_straggler_step_time_by_hand():

@@ -94,6 +94,15 @@ class ClockTable:
         self.finished.add(worker)
         self.live.discard(worker)
 
+    def start_again(self, worker: int, now: float) -> bool:
+        """A worker that had said goodbye registers again (a resumed job): it is live once more. True if it had."""
+        if worker not in self.finished:
+            return False
+        self.finished.discard(worker)
+        self.live.add(worker)
+        self.last_seen[worker] = now
+        return True
+
     def drop_silent(self, now: float, busy: set[int]) -> list[int]:
         """Drop live workers silent for longer than the timeout (a worker blocked in a pull here is `busy`)."""
         dropped = [w for w in sorted(self.live)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plait.experiment.metrics import MetricsLog, read_metrics
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, read_metrics
 from plait.experiment.progress import progress_bar
 from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
@@ -178,6 +178,8 @@ class LocalCluster:
         model, weights, spec = build_flat_model(cfg)
         test = load_split(cfg, "test", limit=cfg.data.test_examples)
         started = time.perf_counter()
+        if self.resume:  # the evaluator's clock goes on from the run it resumes
+            started -= elapsed_so_far(self.run_dir / "metrics.jsonl")
         self.start()
         observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0,
                            piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys)

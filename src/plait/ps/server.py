@@ -105,8 +105,11 @@ class ParameterServer:
         self.shards = snapshot.shards
         for slot, shard in self.shards.items():
             self.clocks.add_key(slot, shard.clocks)
-        for worker in snapshot.finished:
-            self.clocks.finish(worker)
+        # A crash mid-run keeps who had finished (nobody waits for them); a checkpoint where every worker had
+        # finished is a completed job being resumed for more steps: every worker is expected again, as at a start.
+        if len(snapshot.finished) < self.config.num_workers:
+            for worker in snapshot.finished:
+                self.clocks.finish(worker)
         self.updates = self.updates_at_checkpoint = snapshot.updates
         self._event("restored", pieces=len(self.shards), updates=self.updates)
 
@@ -215,6 +218,8 @@ class ParameterServer:
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self.running = False
             return
+        if header.op == Op.INIT and self.clocks.start_again(header.worker, time.monotonic()):
+            self._event("started_again", worker=header.worker)  # it had said goodbye; a resumed job needs it
         if header.op != Op.BYE and self.clocks.seen(header.worker, time.monotonic()):  # a goodbye is no rejoin
             # Under ASP nobody waits on clocks: a stalled worker's late gradients still count, so no jump there.
             clock = self.clocks.catch_up(header.worker) if self.consistency.name != "asp" else None
