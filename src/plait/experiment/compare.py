@@ -18,14 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from plait.experiment.config import ConfigError, load_toml  # noqa: E402
-from plait.experiment.metrics import read_metrics  # noqa: E402
-from plait.experiment.plots import DEFAULT_SERIES, X_KEYS  # noqa: E402
+from plait.experiment.config import ConfigError, load_toml
+from plait.experiment.metrics import read_metrics
+from plait.experiment.plots import DEFAULT_SERIES, X_KEYS, save_line_plot
 
 TIME_KEYS = ("elapsed_s",)                          # seconds since the run (or its last resume) started
 RECORD_AXIS = "record"                              # the axis of a log with no round/step/clock key
@@ -145,24 +140,11 @@ def write_tables(rows: list[dict[str, Any]], settings: list[str], out_dir: Path)
 
 
 def _plot(runs: list[RunView], name: str, x_of, x_label: str, path: Path) -> bool:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
-    for run in runs:
-        x_key = x_of(run)
-        points = run.series(name, x_key) if x_key else []
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=run.label, marker="." if len(xs) < 40 else None)
-            drawn += 1
-    if drawn:
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return bool(drawn)
+    """A line per run that logs `name`; False (nothing written) when none does."""
+    lines = [(run.label, points) for run in runs if (x_key := x_of(run)) and (points := run.series(name, x_key))]
+    if lines:
+        save_line_plot(path, lines, x_label, name, legend=True, figsize=(7, 4.5), markers_below=40)
+    return bool(lines)
 
 
 def plot_comparison(runs: list[RunView], out_dir: Path) -> list[Path]:

@@ -31,16 +31,27 @@ def plot_run(run_dir: str | Path, series: tuple[str, ...] = DEFAULT_SERIES) -> l
         points = [(r[x_key], r[name]) for r in records if isinstance(r.get(name), (int, float)) and x_key in r]
         if not points:
             continue
-        xs, ys = zip(*points)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(xs, ys, marker="." if len(xs) < 60 else None)
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(name)
-        ax.set_title(f"{run_dir.name}: {name}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_line_plot(path, [(name, points)], x_key, name, title=f"{run_dir.name}: {name}")
         written.append(path)
     return written
+
+
+def save_line_plot(path: Path, lines: list[tuple[str, list[tuple[float, float]]]], x_label: str, y_label: str, *,
+                   title: str | None = None, legend: bool = False, figsize: tuple[float, float] = (6, 4),
+                   markers_below: int = 60) -> None:
+    """One PNG with a line per (label, points); short lines get a marker on every point."""
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, points in lines:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=label, marker="." if len(xs) < markers_below else None)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -27,6 +27,20 @@ def check_optimizer_settings(config, section: str) -> None:
         raise ValueError(f"{section}.eps must be > 0, got {config.eps}")
 
 
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The `train.optimizer` name of an optimizer `build_optimizer` made (stored in checkpoints with its state)."""
+    return type(optimizer).__name__.lower()
+
+
+def state_matches(saved: str, wanted: str, say: bool) -> bool:
+    """Whether a checkpoint's optimizer state (written by `saved`) can be loaded into `wanted`; if not, the state
+    starts again from zero, and `say` prints a note saying so (one rank says it)."""
+    if saved != wanted and say:
+        print(f"note: the checkpoint's optimizer state is {saved}'s, this run uses train.optimizer = {wanted!r}: its "
+              "state starts again from zero", flush=True)
+    return saved == wanted
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "sgd", *, lr: float, momentum: float = 0.0,
                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:

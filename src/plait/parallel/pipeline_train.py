@@ -31,7 +31,7 @@ from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metric
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.launch import run_from_env, spawn_ranks
-from plait.parallel.optim import build_optimizer
+from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
@@ -133,12 +133,9 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
         start = int(ckpt["step"])
         state = load_checkpoint(_stage_file(run, stage_index, start))
         module.load_state_dict(state["model"])
-        saved = state.get("optimizer", "sgd")  # stage files from before the optimizer choice were SGD's
-        if saved == train.optimizer:
+        # stage files from before the optimizer choice were SGD's
+        if state_matches(state.get("optimizer", "sgd"), train.optimizer, say=rank == 0):
             optimizer.load_state_dict(state["optim"])
-        elif rank == 0:
-            print(f"note: the checkpoint's optimizer state is {saved}'s, this run uses train.optimizer = "
-                  f"{train.optimizer!r}: its state starts again from zero", flush=True)
 
     metrics_rank = layout.rank_of(0, par.stages - 1)
     log = None
@@ -196,7 +193,7 @@ def _checkpoint(run: RunDir, rank: int, replica: int, stage_index: int, step: in
     if replica == 0:  # replicas hold identical weights: one copy per stage
         save_checkpoint(_stage_file(run, stage_index, step),
                         {"model": module.state_dict(), "optim": optimizer.state_dict(),
-                         "optimizer": type(optimizer).__name__.lower()})
+                         "optimizer": optimizer_name(optimizer)})
     dist.barrier()  # every stage file of this step is on disk before the checkpoint names the step
     if rank == 0:
         save_checkpoint(run.checkpoint_path, {"step": step, "stages": num_stages,

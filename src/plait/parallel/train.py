@@ -42,6 +42,7 @@ from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import run_from_env, spawn_ranks
+from plait.parallel.optim import state_matches
 from plait.parallel.sampler import ShardedSampler
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
@@ -183,7 +184,8 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torc
 def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
     gets back its own error-feedback residuals."""
-    meta = torch.zeros(2, dtype=torch.int64)  # [step, has residuals for this world size]
+    device = dp.flat_param.device  # NCCL broadcasts device tensors only
+    meta = torch.zeros(2, dtype=torch.int64, device=device)  # [step, has residuals for this world size]
     ckpt: dict[str, Any] = {}
     optim: dict[str, torch.Tensor] = {}
     if rank == 0:
@@ -196,18 +198,15 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)
             residuals = False
-        meta[:] = torch.tensor([ckpt["step"], int(residuals)])
+        meta[:] = torch.tensor([ckpt["step"], int(residuals)], device=device)
         dp.flat_param.copy_(ckpt["params"])
         # checkpoints from before Adam held SGD's momentum alone
         optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
-        saved = ckpt.get("optimizer", "sgd")
-        if optim and saved != dp.optimizer_name:
-            print(f"note: the checkpoint's optimizer state is {saved}'s, this run uses train.optimizer = "
-                  f"{dp.optimizer_name!r}: its state starts again from zero", flush=True)
+        if optim and not state_matches(ckpt.get("optimizer", "sgd"), dp.optimizer_name, say=True):
             optim = {}
     dist.broadcast(meta, src=0)
     dist.broadcast(dp.flat_param, src=0)
-    dp.load_optimizer_state(_broadcast_tensors(optim, rank, dp.flat_param.device))
+    dp.load_optimizer_state(_broadcast_tensors(optim, rank, device))
     if meta[1]:
         mine = torch.empty_like(dp.flat_param)
         rows = list(ckpt["residuals"].to(mine.device).unbind()) if rank == 0 else None

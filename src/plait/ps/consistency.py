@@ -52,6 +52,9 @@ class Consistency:
         return self.name if self.name != "ssp" else f"ssp:{int(self.staleness)}"
 
 
+NO_LIVE_WORKER = 2**62  # what `slowest` reports when no worker is live; real clocks stay below it (server.py)
+
+
 class ClockTable:
     def __init__(self, num_workers: int, worker_timeout_s: float, now: float, join_grace_s: float = 60.0):
         self.num_workers = num_workers
@@ -113,7 +116,7 @@ class ClockTable:
     def slowest(self, key: Hashable) -> int:
         """The lowest clock among live workers on `key` (a large number when no worker is live)."""
         row = self.clocks[key]
-        return min((row[w] for w in self.live), default=2**62)
+        return min((row[w] for w in self.live), default=NO_LIVE_WORKER)
 
     def ready(self, key: Hashable, clock: int, consistency: Consistency) -> bool:
         return consistency.staleness == math.inf or self.slowest(key) >= clock - consistency.staleness

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.security import CurveKeys
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL, Piece, plan_shards
 from plait.ps.transport import WorkerTransport
@@ -207,7 +208,7 @@ class KVStore:
         for key in {reply.key for reply in pulls}:
             slowest = min(reply.clock for reply in pulls if reply.key == key)
             spec = self.keys.get(key)
-            if spec is not None and spec.clock < slowest < 2**61:  # 2**62: no live worker to follow
+            if spec is not None and spec.clock < slowest < NO_LIVE_WORKER:
                 spec.clock = slowest
                 self.stats.caught_up += 1
 

@@ -30,6 +30,7 @@ import torch
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, read_metrics
 from plait.experiment.progress import progress_bar
 from plait.ps.config import PSRunConfig
+from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.kvstore import KVStore
 from plait.ps.security import CurveKeys
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
@@ -260,7 +261,7 @@ class LocalCluster:
             return None
         loss, accuracy = evaluate(model, spec, weights, test)
         slowest = observer.stats.last_slowest
-        step = self.config.train.steps - 1 if slowest >= 2**61 else slowest
+        step = self.config.train.steps - 1 if slowest >= NO_LIVE_WORKER else slowest
         return {"step": step + 1, "loss": loss, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started,
                 "wall": time.time(), "server_restarts": sum(self.restarts)}
 

@@ -30,14 +30,13 @@ import numpy as np
 
 from plait.experiment.metrics import MetricsLog
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
-from plait.ps.consistency import ClockTable, Consistency
+from plait.ps.consistency import NO_LIVE_WORKER, ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.security import CurveKeys
 from plait.ps.transport import ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
 
 MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
-MAX_CLOCK = 2**62          # clocks at or above are refused: it stands for "no live worker", and fits every field
 
 Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
 
@@ -174,7 +173,7 @@ class ParameterServer:
             return f"unexpected op {op.name}"
         if not 0 <= header.worker < self.config.num_workers:
             return f"worker id {header.worker} outside 0..{self.config.num_workers - 1}"
-        if not -1 <= header.clock < MAX_CLOCK:
+        if not -1 <= header.clock < NO_LIVE_WORKER:  # clocks stay below it, and so fit every field of a reply
             return f"clock {header.clock} outside [-1, 2**62)"
         if op == Op.BYE:
             return None
@@ -218,9 +217,10 @@ class ParameterServer:
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self.running = False
             return
-        if header.op == Op.INIT and self.clocks.start_again(header.worker, time.monotonic()):
+        now = time.monotonic()
+        if header.op == Op.INIT and self.clocks.start_again(header.worker, now):
             self._event("started_again", worker=header.worker)  # it had said goodbye; a resumed job needs it
-        if header.op != Op.BYE and self.clocks.seen(header.worker, time.monotonic()):  # a goodbye is no rejoin
+        if header.op != Op.BYE and self.clocks.seen(header.worker, now):  # a goodbye is no rejoin
             # Under ASP nobody waits on clocks: a stalled worker's late gradients still count, so no jump there.
             clock = self.clocks.catch_up(header.worker) if self.consistency.name != "asp" else None
             self._event("rejoined", worker=header.worker, clock=clock)
@@ -303,8 +303,7 @@ class ParameterServer:
             self._error(peer, header, "piece was never initialised (call init first)")
             return
         staleness = 0 if observer else self.clocks.staleness_seen(slot, header.clock)
-        slowest = min(self.clocks.slowest(slot), 2**62)
-        reply = header.reply(Op.VALUE, numel=shard.param.size, extra=staleness, clock=slowest)
+        reply = header.reply(Op.VALUE, numel=shard.param.size, extra=staleness, clock=self.clocks.slowest(slot))
         # Zero-copy: ZeroMQ reads the live weights while sending; `_writable` copies them first if an update
         # comes before the send is done.
         tracker = self.transport.send_msg(peer, reply, shard.param, track=True)

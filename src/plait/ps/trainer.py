@@ -109,7 +109,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
             loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])
             compute_s = time.perf_counter() - step_start
-            pad_s = config.straggler.step_time(compute_s, rank, step, num_workers) - compute_s
+            pad_s = config.straggler.step_time(compute_s, rank, step, num_workers) - compute_s  # never negative
             if pad_s > 0:
                 time.sleep(pad_s)  # an injected straggler, or an emulated device of fixed speed
             wait_before = kv.stats.wait_s
@@ -118,7 +118,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             now = time.perf_counter()
             # One host sync per step, for the log only.
             log.write({"step": step, "worker": rank, "loss": float(loss), "staleness": kv.stats.last_staleness,
-                       "compute_s": compute_s, "pad_s": max(pad_s, 0.0), "wait_s": kv.stats.wait_s - wait_before,
+                       "compute_s": compute_s, "pad_s": pad_s, "wait_s": kv.stats.wait_s - wait_before,
                        "step_s": now - step_start, "wall_start": time.time() - (now - step_start),
                        "elapsed_s": now - started, "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
                        "bytes_received": kv.stats.bytes_received})

@@ -77,9 +77,11 @@ class Header:
             raise ValueError(f"ps wire: message version {version}, this build speaks {VERSION}")
         if dtype not in DTYPES:
             raise ValueError(f"ps wire: unknown dtype code {dtype}")
-        if op not in Op._value2member_map_:
-            raise ValueError(f"ps wire: unknown op code {op}")
-        return cls(Op(op), worker, key, clock, req, offset, numel, extra, dtype, flags)
+        try:
+            op = Op(op)
+        except ValueError:
+            raise ValueError(f"ps wire: unknown op code {op}") from None
+        return cls(op, worker, key, clock, req, offset, numel, extra, dtype, flags)
 
     def reply(self, op: Op, **fields) -> "Header":
         """The answer's header: same worker, key, request id and piece."""
