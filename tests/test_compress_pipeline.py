@@ -58,7 +58,7 @@ def test_error_feedback_residual_per_client():
 
 def test_robust_strategy_under_sign_flip_in_the_round():
     server = _server({}, strategy={"name": "median"}, attack={"kind": "sign_flip", "fraction": 0.2})
-    assert len(server.attackers) == 2
+    assert len(server.backend.attackers) == 2
     state, record = server.run_round(server.initial_state())
     assert record["participants"] == 5 and 0 <= record["attackers"] <= 2
 

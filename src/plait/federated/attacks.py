@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from plait.federated.seeds import ATTACKERS, stream
+
 
 @dataclass(kw_only=True, slots=True)
 class AttackConfig:
@@ -33,7 +35,7 @@ def attacker_ids(config: AttackConfig, num_clients: int) -> frozenset[int]:
     if config.kind == "none":
         return frozenset()
     count = math.floor(config.fraction * num_clients + 1e-9)
-    order = np.random.default_rng([config.seed, 29]).permutation(num_clients)
+    order = stream(config.seed, ATTACKERS).permutation(num_clients)
     return frozenset(int(cid) for cid in order[:count])
 
 

@@ -24,7 +24,7 @@ from plait.data.federated import FederatedData
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import SequentialExecutor
-from plait.federated.seeds import client_seed
+from plait.federated.seeds import NODE_EVAL_SAMPLE, client_seed, selection_rng, stream
 from plait.federated.server import ServerState
 from plait.federated.topology import mixing_matrix, neighbours
 
@@ -45,11 +45,20 @@ class GossipRunner:
     def initial_state(self) -> ServerState:
         return ServerState(0, self.initial_params.clone(), {})
 
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {}
+
+    def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.executor.close()
+
     def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         cfg, round_idx = self.config, state.round + 1
         start = time.perf_counter()
         nodes = self.data.num_clients
-        rng = np.random.default_rng([self.seed, 3, round_idx])
+        rng = selection_rng(self.seed, round_idx)
         count = max(1, min(nodes, math.ceil(cfg.fraction * nodes)))
         trained = sorted(rng.choice(nodes, size=count, replace=False).tolist())
         params = state.params.clone()
@@ -80,7 +89,7 @@ class GossipRunner:
         test_x, test_y = self.data.test_x, self.data.test_y
         average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y)
         out = {"accuracy": average["accuracy"], "loss": average["loss"]}  # the average model's
-        picks = np.random.default_rng([self.seed, 5]).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]
+        picks = stream(self.seed, NODE_EVAL_SAMPLE).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]
         if len(picks):
             scores = [evaluate(self.model, self.spec, state.params[int(i)], test_x, test_y)["accuracy"] for i in picks]
             out["node_accuracy_mean"] = float(np.mean(scores))

@@ -15,7 +15,20 @@ import secrets
 import numpy as np
 import torch
 
-CLIENT_PLAN, PIPELINE_STAGE, SELECTION = 1, 2, 3  # purposes (selection: np.random.default_rng([seed, 3, round]))
+# Purposes, one per stream: every stream of a run is [seed, purpose, ...], and each purpose is used with one number
+# of ids only (SeedSequence pads with zeros: [s, p] and [s, p, 0] would be the same stream).
+CLIENT_PLAN, PIPELINE_STAGE, SELECTION, NODE_EVAL_SAMPLE, DEVICE_SPEEDS, DEVICE_STATES = 1, 2, 3, 5, 7, 11
+TOPOLOGY, BACKOFF_JITTER, ATTACKERS = 17, 23, 29
+
+
+def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:
+    """A numpy generator for one purpose (and round, client, ...) of the run seeded `seed`."""
+    return np.random.default_rng([seed, purpose, *ids])
+
+
+def selection_rng(seed: int, round_idx: int) -> np.random.Generator:
+    """The stream that selects a round's clients: the same in simulation and over the network."""
+    return stream(seed, SELECTION, round_idx)
 
 
 def derive_seed(seed: int, purpose: int, *ids: int) -> int:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from plait.federated.seeds import DEVICE_SPEEDS, DEVICE_STATES, stream
+
 
 @dataclass(kw_only=True, slots=True)
 class DeviceConfig:
@@ -34,14 +36,14 @@ class DevicePool:
 
     def __init__(self, config: DeviceConfig, num_clients: int, seed: int):
         self.config = config
-        rng = np.random.default_rng([seed, 7])
+        rng = stream(seed, DEVICE_SPEEDS)
         self.speed = rng.lognormal(0.0, config.speed_sigma, num_clients) if config.speed_sigma else np.ones(num_clients)
         self.bandwidth = (rng.lognormal(0.0, 0.5, num_clients) * config.bandwidth_mbps
                           if config.bandwidth_mbps else np.full(num_clients, np.inf))
         self.seed = seed
 
     def properties(self, round_idx: int) -> dict[int, dict[str, bool]]:
-        rng = np.random.default_rng([self.seed, 11, round_idx])
+        rng = stream(self.seed, DEVICE_STATES, round_idx)
         draws = rng.random((len(self.speed), 3))
         c = self.config
         return {cid: {"charging": bool(d[0] < c.p_charging), "idle": bool(d[1] < c.p_idle),

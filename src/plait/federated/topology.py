@@ -9,6 +9,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from plait.federated.seeds import TOPOLOGY, stream
+
 Topology = Literal["none", "ring", "torus", "random_regular", "complete"]
 
 
@@ -56,7 +58,7 @@ def neighbours(topology: Topology, num_nodes: int, degree: int, seed: int) -> li
         if degree >= num_nodes or (degree * num_nodes) % 2:
             raise ValueError(f"fl.gossip.degree = {degree}: a random regular graph on {num_nodes} nodes needs "
                              "degree < nodes and degree × nodes even")
-        rng = np.random.default_rng([seed, 17])
+        rng = stream(seed, TOPOLOGY)
         for _attempt in range(1000):  # pairing model: retry until simple (no loops, no multi-edges)
             stubs = rng.permutation(np.repeat(np.arange(num_nodes), degree)).reshape(-1, 2)
             if (stubs[:, 0] != stubs[:, 1]).all() and len({tuple(sorted(p)) for p in stubs.tolist()}) == len(stubs):

@@ -1,8 +1,9 @@
 """The network client: `plait fl client --server HOST:PORT --data CONFIG.toml --id K`.
 
 It dials out (so it may sit behind NAT), registers with its device properties, beats from a background thread,
-long-polls for its task, runs the same `client_update` as the simulator on its own partition (taken by --id from the
-[data] section), and streams the delta back. Lost connections are retried with jittered exponential backoff,
+long-polls for its task, runs the same client program as the simulator (`client_program.py`: train, clip, noise,
+compress) on its own partition (taken by --id from the [data] section), and streams the update back; an evaluation
+task is answered with the accuracy and loss on its held-out data. Lost connections are retried with jittered exponential backoff,
 re-registering each time, so clients ride out a server restart by themselves.
 """
 
@@ -21,7 +22,9 @@ import torch
 from plait.core.flat import flat_params
 from plait.core.models import build_model
 from plait.data.federated import load_federated
-from plait.federated.client_update import ClientData, client_update
+from plait.federated.client_program import ClientProgram
+from plait.federated.client_update import ClientData
+from plait.federated.evaluate import evaluate
 from plait.federated.secagg import messages
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.net import plait_fl_pb2 as pb
@@ -29,8 +32,8 @@ from plait.federated.net.auth import read_key
 from plait.federated.net.config import LOOPBACK, NetworkRunConfig
 from plait.federated.net.connection import Connection, SecAggTask, Task
 from plait.federated.net.pipeline import pipeline_fingerprint
-from plait.federated.pipeline import ClientStages
 from plait.federated.net.tls import client_credentials
+from plait.federated.seeds import BACKOFF_JITTER, stream
 
 log = logging.getLogger("plait.fl.client")
 
@@ -90,6 +93,7 @@ class NetClient:
         if opts.client_id >= data.num_clients:
             raise ValueError(f"--id {opts.client_id}: data.num_clients is {data.num_clients}")
         self.data = ClientData(*data.client_train(opts.client_id))
+        self.eval_data = ClientData(*data.client_eval(opts.client_id))  # held out, for federated evaluation
         extra = {"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}
         self.model = build_model(config.model.name, **extra)
         _, self.spec = flat_params(self.model)
@@ -100,10 +104,11 @@ class NetClient:
         self.conn = connect(opts, config.net.chunk_bytes)
         self.session: str | None = None
         self._stop = threading.Event()
-        self._rng = np.random.default_rng([config.run.seed, 17, opts.client_id])  # backoff jitter
+        self._rng = stream(config.run.seed, BACKOFF_JITTER, opts.client_id)
         self.rounds_done = 0
-        # The client half of the update pipeline; its error-feedback residuals live here, across rounds.
-        self.stages = ClientStages(config.fl.privacy, config.fl.compression, config.run.seed)
+        # The client program (train, then the update pipeline's client half); its error-feedback residuals live
+        # here, across rounds.
+        self.program = ClientProgram(config.fl, config.run.seed)
         self.secagg = None  # this round's SecAggClient (fl.strategy.name = "secagg")
         self._secagg_round = -1
 
@@ -133,11 +138,19 @@ class NetClient:
             except grpc.RpcError:
                 pass  # the main loop sees the same failure and reconnects
 
+    def _evaluate_and_push(self, task: Task) -> None:
+        held_out = self.eval_data
+        figures = evaluate(self.model, self.spec, task.params, held_out.x, held_out.y) if len(held_out) else {}
+        reply = self.conn.push_evaluation(self.session, task, len(held_out), figures.get("accuracy", 0.0),
+                                          figures.get("loss", 0.0))
+        log.info("client %d: round %d evaluated on %d held-out examples (%s)", self.opts.client_id, task.round,
+                 len(held_out), reply.message)
+
     def _train_and_push(self, task: Task) -> None:
-        update = client_update(self.model, self.spec, task.params, self.data, task.plan)
+        update = self.program.train(self.model, self.spec, task.params, self.data, task.plan)
         loss, cid = float(update.metrics.get("train_loss", 0.0)), self.opts.client_id
-        # client stages as simulated: local DP, then compression (error feedback kept by this process)
-        encoded = self.stages.encode(cid, update.delta, task.round)
+        # the client program's stages, as simulated: local DP, then compression (error feedback kept here)
+        encoded = self.program.finish(cid, update.delta, task.round)
         if self.opts.slow_s:
             time.sleep(self.opts.slow_s)
         if self.config.fl.strategy.name == "secagg":
@@ -145,7 +158,7 @@ class NetClient:
                 raise RuntimeError(f"client {cid}: a round {task.round} task without this round's key agreement")
             weight = update.num_examples if self.config.fl.strategy.weighting == "examples" else 1
             try:
-                masked = self.secagg.masked_input(self.stages.decode(cid, encoded), weight)
+                masked = self.secagg.masked_input(self.program.decode(cid, encoded), weight)
             except SecAggError as err:  # e.g. more examples than secagg.max_weight: the server drops this client
                 log.error("client %d: round %d: %s", cid, task.round, err)
                 return
@@ -194,6 +207,8 @@ class NetClient:
                     failing_since, attempt = None, 0
                     if isinstance(task, SecAggTask):
                         self._secagg_step(task)
+                    elif isinstance(task, Task) and task.plan is None:
+                        self._evaluate_and_push(task)
                     elif isinstance(task, Task):
                         self._train_and_push(task)
                     elif task.kind == pb.TaskHeader.DONE:

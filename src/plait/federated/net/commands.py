@@ -43,7 +43,7 @@ def server(config: Path = typer.Argument(..., help="the run's TOML config (table
            resume: bool = typer.Option(False, "--resume", help="continue after the last finished round"),
            set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set net.port=0")) -> None:
     """Run the federated server: clients dial in, rounds run, metrics and checkpoints go to runs/NAME."""
-    from plait.federated.net.server import run_server
+    from plait.federated.net.serve import run_server
 
     _logging()
     try:

@@ -76,9 +76,9 @@ class NetworkRunConfig:
     net: NetSection = field(default_factory=NetSection)
 
     def __post_init__(self) -> None:
-        if self.fl.federated_eval_every:
-            raise ValueError("fl.federated_eval_every is not supported over the network: clients' held-out data "
-                             "stays on the clients; use fl.eval_every (central test set)")
+        if self.fl.federated_eval_every and not self.data.eval_fraction:
+            raise ValueError("fl.federated_eval_every needs data.eval_fraction > 0: each client evaluates on the "
+                             "share of its own data it holds out")
         # Secure aggregation, local DP and compression run in the client processes, central DP on the server.
         # Attacks are an experiment of the simulator: a real deployment does not poison its own clients.
         if self.fl.attack != type(self.fl.attack)():

@@ -12,7 +12,8 @@ import torch
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import sign
 from plait.federated.net.wire import SERVICE, DataChunk, Malformed, TensorAssembler, WireError, check_header, \
-    chunk_data, chunk_parser, data_chunks, grpc_options, part_headers, serialize, tensor_data_chunks, tensor_header
+    chunk_data, chunk_parser, data_chunks, grpc_options, part_headers, plan_from_message, serialize, \
+    tensor_data_chunks, tensor_header
 from plait.federated.plan import TrainingPlan
 
 # The channel's own reconnect backoff stays short; the client's loop adds its own, jittered, on top.
@@ -24,7 +25,7 @@ _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_b
 class Task:
     round: int
     task_id: str
-    plan: TrainingPlan
+    plan: TrainingPlan | None     # None: an evaluation task (evaluate `params` on the held-out data)
     params: torch.Tensor
 
 
@@ -68,7 +69,7 @@ class Connection:
 
     def get_task(self, session: str, wait_s: float, num_params: int,
                  out: torch.Tensor | None = None) -> pb.TaskHeader | Task | SecAggTask:
-        """A TRAIN task with its weights, a SECAGG message, or the bare header of a WAIT / DONE answer.
+        """A TRAIN or EVALUATE task with its weights, a SECAGG message, or the bare header of a WAIT / DONE answer.
 
         `out`: a float32[num_params] tensor the weights are received into (the task's params are then a view of
         it), so that a client reuses one buffer across rounds instead of mapping fresh pages for every model.
@@ -91,7 +92,7 @@ class Connection:
                 raise ValueError(f"GetTask: secure-aggregation message ended after {len(payload)} of "
                                  f"{header.secagg_bytes} bytes")
             return SecAggTask(header.round, header.task_id, bytes(payload))
-        if header.kind != pb.TaskHeader.TRAIN:
+        if header.kind not in (pb.TaskHeader.TRAIN, pb.TaskHeader.EVALUATE):
             stream.cancel()
             return header
         what = f"round {header.round} weights from the server"
@@ -99,9 +100,10 @@ class Connection:
         assembler = TensorAssembler(header.tensor, what, out)
         for chunk in stream:
             assembler.add(_data(chunk))
-        p = header.plan
-        plan = TrainingPlan(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
-                            weight_decay=p.weight_decay, prox_mu=p.prox_mu, max_steps=p.max_steps, seed=p.seed)
+        try:
+            plan = plan_from_message(header.plan) if header.kind == pb.TaskHeader.TRAIN else None
+        except ValueError as err:
+            raise ValueError(f"GetTask: the server's plan for round {header.round}: {err}") from err
         return Task(header.round, header.task_id, plan, assembler.tensor())
 
     def push_update(self, session: str, task: Task, delta: torch.Tensor, num_examples: int,
@@ -112,6 +114,14 @@ class Connection:
         # each chunk once while the next is being written.
         return self.push_chunks(chain([pb.UpdateChunk(header=header)], tensor_data_chunks(delta, self.chunk_bytes)),
                                 timeout)
+
+    def push_evaluation(self, session: str, task: Task, num_examples: int, accuracy: float, loss: float,
+                        timeout: float = 60) -> pb.PushReply:
+        """An evaluation task's answer: figures on the held-out data, no tensor."""
+        header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
+                                 num_examples=num_examples, evaluation=True, eval_accuracy=accuracy,
+                                 eval_loss=loss)
+        return self.push_chunks([pb.UpdateChunk(header=header)], timeout)
 
     def push_compressed(self, session: str, task: Task, codec: str, tensors: dict[str, torch.Tensor],
                         num_examples: int, train_loss: float, timeout: float = 120) -> pb.PushReply:

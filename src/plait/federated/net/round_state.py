@@ -1,7 +1,9 @@
-"""One network round's bookkeeping: who was selected, who reported, who was dropped, the running aggregate.
+"""One network round's bookkeeping: who was selected, who reported, who was dropped or refused, the running
+aggregate (or, for a federated-evaluation round, each client's figures).
 
 Updates are folded into the aggregator as they arrive (the server never holds all of them); the round closes when
-`target` clients reported, when every selected client still alive reported, or at the deadline.
+`target` clients reported, when every selected client still alive reported or was refused, or at the deadline. A
+client whose update is refused has ended its task for the round: it is not sent the task again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from plait.federated.client_update import Update
 from plait.federated.plan import TrainingPlan
+from plait.federated.round_loop import Evaluation
 from plait.federated.strategy import Aggregator
 
 
@@ -43,9 +46,11 @@ class RoundState:
     bytes_down: int = 0
     bytes_up: int = 0
     closed: bool = False
-    complete: asyncio.Event = field(default_factory=asyncio.Event)
     secagg: Any = None            # SecAggRound when fl.strategy.name = "secagg": updates arrive masked
-    changed: asyncio.Event = field(default_factory=asyncio.Event)     # set on every accepted client message
+    evaluation: bool = False      # a federated-evaluation round: clients send figures, not updates
+    evaluations: dict[int, Evaluation] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)   # client -> why its update was refused
+    changed: asyncio.Event = field(default_factory=asyncio.Event)     # set on every client message that counts
 
     def __post_init__(self) -> None:
         self.task_ids = {cid: secrets.token_hex(8) for cid in self.selected}
@@ -69,5 +74,14 @@ class RoundState:
         self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
         self.examples += update.num_examples
         self.bytes_up += num_bytes
-        if len(self.reported) >= self.target:
-            self.complete.set()
+
+    def add_evaluation(self, evaluation: Evaluation) -> None:
+        self.evaluations[evaluation.client_id] = evaluation
+        self.reported.append(evaluation.client_id)
+        self.changed.set()
+
+    def refuse(self, cid: int, reason: str) -> None:
+        """The client's update was refused: its task for this round ends (counted once, never re-sent)."""
+        self.refused[cid] = reason
+        self.gone.add(cid)
+        self.changed.set()

@@ -8,13 +8,14 @@ can answer that client clearly and count it.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator, TypeVar
 
 import torch
 from google.protobuf.message import DecodeError, Message
 
 from plait.federated.net import plait_fl_pb2 as pb
+from plait.federated.plan import TrainingPlan
 
 assert sys.byteorder == "little", "the wire format is little-endian raw bytes"
 
@@ -59,6 +60,16 @@ def safe_parser(message_type: type[M]) -> Callable[[bytes], M | Malformed]:
         return msg
 
     return parse
+
+
+def plan_message(plan: TrainingPlan) -> pb.Plan:
+    """The plan as its protobuf message: the fields share their names, so neither side lists them."""
+    return pb.Plan(**{f.name: getattr(plan, f.name) for f in fields(TrainingPlan)})
+
+
+def plan_from_message(message: pb.Plan) -> TrainingPlan:
+    """A received plan; TrainingPlan checks every value (a ValueError names the bad one)."""
+    return TrainingPlan(**{f.name: getattr(message, f.name) for f in fields(TrainingPlan)})
 
 
 def tensor_header(tensor: torch.Tensor) -> pb.TensorHeader:

@@ -10,6 +10,8 @@ amplification by sampling is claimed (the server knows who took part), and every
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 
 # Integer orders only: dp-accounting's fractional orders near 1 fail to converge for small q and log warnings.
 ORDERS = tuple(range(2, 64)) + (80, 96, 128, 192, 256, 512, 1024)
@@ -35,6 +37,24 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
 
     accountant = rdp.RdpAccountant(ORDERS)
     accountant.compose(_event(noise_multiplier, sample_rate), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_of_rates(rates: Sequence[float], noise_multiplier: float, delta: float) -> float:
+    """ε at `delta` after one sampled Gaussian round per entry of `rates` (each round's own sampling rate q):
+    the rounds compose in RDP whatever their q, so a federation whose connected clients change is accounted at
+    the rate it really sampled, round by round."""
+    if not rates:
+        return 0.0
+    if any(not 0 < q <= 1 for q in rates):
+        raise ValueError(f"privacy accounting: every sampling rate must be in (0, 1], got {sorted(set(rates))}")
+    if noise_multiplier <= 0:
+        return math.inf
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant(ORDERS)
+    for q, count in sorted(Counter(round(float(q), 12) for q in rates).items()):
+        accountant.compose(_event(noise_multiplier, q), count)
     return float(accountant.get_epsilon(delta))
 
 

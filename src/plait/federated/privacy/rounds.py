@@ -1,9 +1,10 @@
-"""Per-round privacy bookkeeping, shared by the simulator and the network server.
+"""Per-round privacy bookkeeping, for the one round loop (simulation and network alike).
 
-It fixes the accountant's inputs once (the expected clients per round, the fixed denominator of central DP, and the
-sampling rate q), wraps a round's aggregator in central DP, counts released rounds, moves the adaptive clip norm,
-and says when one more release would overspend the ε budget. Its state (`dp_rounds`, `dp_clip_norm`) rides in the
-server optimizer's state dict, so checkpoints keep it.
+It fixes central DP's inputs once (the expected clients per round, the fixed denominator), wraps a round's
+aggregator in central DP, counts released rounds with the sampling rate each one really had (selected over the
+eligible clients that could be selected: in a network run, those connected), moves the adaptive clip norm, and says
+when one more release would overspend the ε budget. Its state (`dp_rounds`, `dp_rates`, `dp_clip_norm`) rides in
+the server optimizer's state dict, so checkpoints keep it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from plait.federated.privacy.accounting import epsilon_after
+from plait.federated.privacy.accounting import epsilon_after, epsilon_of_rates
 from plait.federated.privacy.central import CentralDPAggregator, delta_noise_multiplier
 from plait.federated.seeds import noise_generator
 from plait.federated.selection import share_of, target_clients
@@ -28,8 +29,8 @@ class RoundPrivacy:
         self.config, self.seed = fl.privacy, seed
         target = min(target_clients(fl.fraction, fl.min_clients, num_clients), num_clients)
         self.expected_clients = self.config.expected_clients or target  # central DP's fixed denominator
-        # q of the accountant: the share of all clients sampled each round, over-selected ones included. (Eligibility
-        # rules would raise it per eligible client; FLConfig refuses them with central DP.)
+        # The configured q (the share of all clients sampled, over-selected ones included): only for checkpoints
+        # written before each round's own q was kept. A round's real q is passed to `after_release`.
         self.sample_rate = min(1.0, share_of(1 + fl.over_selection, target) / num_clients)
         if self.config.mode == "central" and self.config.adaptive:
             delta_noise_multiplier(self.config.noise_multiplier, self.count_stddev)  # fail at start, naming the key
@@ -47,20 +48,27 @@ class RoundPrivacy:
         if self.enabled:
             opt_state["dp_rounds"] = torch.zeros((), dtype=torch.int64)
             opt_state["dp_clip_norm"] = torch.tensor(self.config.clip_norm, dtype=torch.float64)
+            opt_state["dp_rates"] = torch.zeros(0, dtype=torch.float64)
         return opt_state
 
-    def epsilon(self, dp_rounds: int) -> float:
-        """ε at privacy.delta after `dp_rounds` released aggregates."""
+    def rates(self, opt_state: dict[str, torch.Tensor]) -> list[float]:
+        """The sampling rate of every released round so far."""
+        if "dp_rates" in opt_state:
+            return opt_state["dp_rates"].tolist()
+        return [self.sample_rate] * int(opt_state["dp_rounds"])  # a checkpoint from before rates were kept
+
+    def epsilon(self, rates: list[float]) -> float:
+        """ε at privacy.delta after one released aggregate per entry of `rates`."""
         p = self.config
         if p.mode == "local":  # sensitivity 2C: multiplier z/2; no sampling amplification claimed
-            return epsilon_after(dp_rounds, p.noise_multiplier / 2, 1.0, p.delta)
-        return epsilon_after(dp_rounds, p.noise_multiplier, self.sample_rate, p.delta)
+            return epsilon_after(len(rates), p.noise_multiplier / 2, 1.0, p.delta)
+        return epsilon_of_rates(rates, p.noise_multiplier, p.delta)
 
-    def budget_spent(self, opt_state: dict[str, torch.Tensor]) -> bool:
-        """True when one more round would take ε past privacy.epsilon_budget."""
+    def budget_spent(self, opt_state: dict[str, torch.Tensor], sample_rate: float) -> bool:
+        """True when one more round, sampling at `sample_rate`, would take ε past privacy.epsilon_budget."""
         if not self.enabled or not self.config.epsilon_budget:
             return False
-        return self.epsilon(int(opt_state["dp_rounds"]) + 1) > self.config.epsilon_budget
+        return self.epsilon(self.rates(opt_state) + [sample_rate]) > self.config.epsilon_budget
 
     def wrap(self, inner, opt_state: dict[str, torch.Tensor], round_idx: int):
         """The round's aggregator: `inner`, wrapped by central DP when it is on."""
@@ -72,11 +80,14 @@ class RoundPrivacy:
         return CentralDPAggregator(inner, float(opt_state["dp_clip_norm"]), p.noise_multiplier,
                                    self.expected_clients, generator, count_std)
 
-    def after_release(self, aggregator, opt_state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-        """Count the released round; log and adapt the clip norm."""
+    def after_release(self, aggregator, opt_state: dict[str, torch.Tensor], record: dict[str, Any],
+                      sample_rate: float) -> None:
+        """Count the released round at its sampling rate; log and adapt the clip norm."""
         p = self.config
         if self.enabled:
-            opt_state["dp_rounds"] = opt_state["dp_rounds"] + 1
+            rates = torch.tensor(self.rates(opt_state) + [sample_rate], dtype=torch.float64)
+            opt_state["dp_rounds"], opt_state["dp_rates"] = opt_state["dp_rounds"] + 1, rates
+            record["dp_sample_rate"] = sample_rate
         if isinstance(aggregator, CentralDPAggregator):
             record["dp_clip_norm"] = aggregator.clip_norm
             record["dp_unclipped_fraction"] = aggregator.unclipped_fraction
@@ -86,4 +97,4 @@ class RoundPrivacy:
 
     def record_epsilon(self, opt_state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
         if self.enabled:
-            record["epsilon"] = self.epsilon(int(opt_state["dp_rounds"]))
+            record["epsilon"] = self.epsilon(self.rates(opt_state))

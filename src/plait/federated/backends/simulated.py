@@ -1,0 +1,96 @@
+"""Simulated clients for the round loop: every registered client's data in this process, simulated devices
+(speed, bandwidth, per-round states) that decide before training who misses the deadline, simulated attackers,
+and a `ClientExecutor` (sequential or a worker pool) that trains the ones kept.
+
+A fast simulator decides who is late before training and skips them; the first `target` to finish in simulated time
+are kept, the rest (over-selected surplus, stragglers) are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from plait.data.federated import FederatedData
+from plait.federated.attacks import attacker_ids, flip_labels, poison_delta
+from plait.federated.client_program import ClientProgram
+from plait.federated.client_update import ClientData, Update
+from plait.federated.config import FLConfig
+from plait.federated.evaluate import evaluate
+from plait.federated.executor import ClientExecutor, ClientTask
+from plait.federated.round_loop import Collected, Evaluation, RoundTasks
+from plait.federated.seeds import stage_seed
+from plait.federated.stragglers import DevicePool, split_on_time
+
+ATTACK_STAGE = 3  # stage index in plait.federated.seeds.stage_seed (1: codecs and local DP, 2: central DP)
+
+
+class SimulatedBackend:
+    aggregates_secagg = False  # simulated secure aggregation is an aggregator (secagg/aggregator.py)
+
+    def __init__(self, config: FLConfig, model: torch.nn.Module, spec, data: FederatedData,
+                 executor: ClientExecutor, seed: int, num_params: int):
+        self.config, self.model, self.spec, self.data, self.executor, self.seed = config, model, spec, data, executor, seed
+        self.devices = DevicePool(config.devices, data.num_clients, seed)
+        self.program = ClientProgram(config, seed)
+        self.model_bytes = num_params * 4
+        # what one compressed update costs on the uplink, for the simulated devices' transfer times
+        self.upload_bytes = self.program.stages.codec.encode(torch.ones(num_params)).nbytes
+        self.attackers = attacker_ids(config.attack, data.num_clients)
+
+    def candidates(self, round_idx: int) -> dict[int, dict[str, bool]]:
+        return self.devices.properties(round_idx)
+
+    def _client_data(self, cid: int) -> ClientData:
+        x, y = self.data.client_train(cid)
+        if self.config.attack.kind == "label_flip" and cid in self.attackers:
+            y = flip_labels(y, self.data.num_classes)
+        return ClientData(x, y)
+
+    def collect(self, tasks: RoundTasks, record: dict[str, Any]) -> Collected:
+        plans, round_idx = tasks.plans, tasks.round_idx
+        finish = {cid: self.devices.finish_time(cid, plans[cid].num_steps(self.data.num_examples(cid)),
+                                                self.model_bytes, self.upload_bytes) for cid in tasks.selected}
+        kept, dropped = split_on_time(finish, tasks.target, self.config.devices.deadline_s)
+        record["bytes_down"] = self.model_bytes * len(tasks.selected)
+        if len(kept) < tasks.quorum:  # the round cannot reach its quorum: nobody needs to train
+            return Collected(participants=0, dropped=len(dropped))
+        record["sim_time_s"] = max(finish[cid] for cid in kept)
+        if self.attackers:
+            record["attackers"] = 0
+        got = Collected(participants=0, dropped=len(dropped))
+        runs = self.executor.run(self.model, self.spec, tasks.params,
+                                 [ClientTask(cid, plans[cid], self._client_data(cid)) for cid in kept])
+        for task, update in runs:
+            cid, delta = task.client_id, update.delta
+            if cid in self.attackers:
+                record["attackers"] += 1
+                generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, cid, ATTACK_STAGE))
+                delta = poison_delta(self.config.attack.kind, delta, self.config.attack.scale, generator)
+            encoded = self.program.finish(cid, delta, round_idx)  # the client program's stages, as on a device
+            record["bytes_up"] += encoded.nbytes
+            tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), update.num_examples, update.metrics))
+            got.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
+            got.examples += update.num_examples
+            got.participants += 1
+        return got
+
+    def evaluate(self, params: torch.Tensor, client_ids: list[int], round_idx: int) -> list[Evaluation]:
+        out = []
+        for cid in client_ids:
+            x, y = self.data.client_eval(cid)
+            if len(y):
+                m = evaluate(self.model, self.spec, params, x, y)
+                out.append(Evaluation(cid, len(y), m["accuracy"], m["loss"]))
+        return out
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        # simulated clients' error-feedback residuals: real clients keep their own
+        return {"residuals": self.program.stages.residuals()}
+
+    def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
+        self.program.stages.load_residuals(ckpt.get("residuals", {}))
+
+    def close(self) -> None:
+        self.executor.close()

@@ -1,0 +1,60 @@
+"""Drive a federated run's rounds in its run directory, for the simulator and the network server alike: resume from
+the checkpoint (metrics after it are redone once, `elapsed_s` goes on), one metrics line and one atomic checkpoint
+per round, a progress bar, and an early stop when a round says so (the privacy budget is spent)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Protocol
+
+import torch
+
+from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
+from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
+from plait.experiment.progress import progress_bar
+from plait.experiment.rundir import RunDir
+from plait.federated.round_loop import ServerState
+
+
+class Rounds(Protocol):
+    """What the driver runs: the round loop, or the server-less gossip runner."""
+    initial_params: torch.Tensor
+
+    def initial_state(self) -> ServerState: ...
+    def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]: ...
+    def checkpoint_extra(self) -> dict[str, Any]: ...
+    def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None: ...
+
+
+def resume_state(run: RunDir, rounds: Rounds) -> ServerState:
+    ckpt = load_checkpoint(run.checkpoint_path)
+    if ckpt["params"].shape != rounds.initial_params.shape:
+        raise ValueError(f"{run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the model has "
+                         f"{rounds.initial_params.numel()}: was the config's model changed?")
+    truncate_metrics(run.metrics_path, "round", ckpt["round"])  # rounds after the checkpoint are redone once
+    rounds.load_checkpoint_extra(ckpt)
+    return ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
+
+
+def drive_rounds(rounds: Rounds, run: RunDir, total: int, *, resume: bool, show_progress: bool = True,
+                 on_record: Callable[[ServerState, dict[str, Any]], None] | None = None
+                 ) -> tuple[ServerState, dict[str, Any]]:
+    """Run rounds until `total` are done (or one says stop); returns the final state and the last record."""
+    state = resume_state(run, rounds) if resume else rounds.initial_state()
+    started = time.perf_counter() - (elapsed_so_far(run.metrics_path) if resume else 0.0)
+    last: dict[str, Any] = {}
+    with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
+        while state.round < total:
+            state, record = rounds.run_round(state)
+            record["elapsed_s"] = time.perf_counter() - started
+            log.write(record)
+            save_checkpoint(run.checkpoint_path, {"round": state.round, "params": state.params,
+                                                  "opt_state": state.opt_state, **rounds.checkpoint_extra()})
+            last = record
+            if on_record is not None:
+                on_record(state, record)
+            acc = record.get("accuracy")
+            bar.advance(state.round, f"acc {acc:.4f}" if acc is not None else "")
+            if record.get("stop"):  # e.g. the privacy budget is spent: no further round may release anything
+                break
+    return state, last

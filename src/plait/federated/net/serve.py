@@ -1,0 +1,126 @@
+"""`plait fl server CONFIG.toml [--resume]`: the one round loop over real clients.
+
+One asyncio process: the gRPC service (`server.py`) and the status page run on its event loop; the round loop
+(`round_loop.py`) runs in a thread under the same driver as the simulator (`driver.py`: metrics, checkpoints,
+resume, `elapsed_s` that goes on across a resume), reaching the clients through `backend.py`. Randomness comes from
+(seed, round, client) as in the simulator, so with the same clients connected a networked run reproduces the
+simulation, and a resumed run the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from plait.core.flat import flat_params
+from plait.core.models import build_model
+from plait.data.federated import load_federated
+from plait.experiment.metrics import read_metrics
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.federated.driver import drive_rounds
+from plait.federated.net.backend import NetBackend
+from plait.federated.net.config import NetworkRunConfig
+from plait.federated.net.server import NetServer
+from plait.federated.net.status import serve_status
+from plait.federated.net.tls import server_credentials
+from plait.federated.net.wire import grpc_options
+from plait.federated.round_loop import RoundLoop, ServerState
+
+log = logging.getLogger("plait.fl.server")
+
+# Incoming calls gRPC core may queue before this process takes them: tens of thousands of clients.
+_MAX_PENDING_RPCS = 100_000
+_HISTORY_KEYS = ("round", "accuracy", "loss", "participants", "dropped")
+
+
+def run_server(config: NetworkRunConfig, resume: bool = False) -> RunDir:
+    return asyncio.run(_serve(config, resume))
+
+
+async def _start_grpc(server: NetServer) -> grpc.aio.Server:
+    net = server.config.net
+    # grpc.aio takes incoming calls from gRPC core one at a time on this event loop; calls that arrive while it is
+    # busy wait in core's queue of unrequested calls, and past grpc.server.max_pending_requests (default 1000;
+    # randomly more of them up to the hard limit, default 3000) core refuses them with CANCELLED before any handler
+    # runs. Every connected client can have a register, a heartbeat and a poll arriving at once (a server start,
+    # synchronized heartbeats), so the queue must hold several calls per client.
+    pending = [("grpc.server.max_pending_requests", _MAX_PENDING_RPCS),
+               ("grpc.server.max_pending_requests_hard_limit", 2 * _MAX_PENDING_RPCS)]
+    service = grpc.aio.server(options=grpc_options(net.chunk_bytes) + pending + [("grpc.so_reuseport", 0)])
+    service.add_generic_rpc_handlers((server.handlers(),))
+    address = f"[{net.host}]:{net.port}" if ":" in net.host else f"{net.host}:{net.port}"
+    if net.use_tls:
+        server.port = service.add_secure_port(address, server_credentials(net.cert_dir, net.client_certs))
+    else:
+        server.port = service.add_insecure_port(address)
+    if not server.port:
+        raise OSError(f"net.port: could not bind {address}")
+    await service.start()
+    return service
+
+
+async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
+    net = config.net
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    run = prepare_run_dir(config.run.root, config.run.name, resume)
+    data = load_federated(config.data)  # the server keeps only the central test set
+    torch.manual_seed(config.run.seed)  # the initial global model, as the simulator draws it
+    model = build_model(config.model.name, **({"vocab_size": data.num_classes}
+                                               if config.model.name == "char_lstm" else {}))
+    initial, spec = flat_params(model)
+    if config.fl.strategy.name == "secagg" and config.fl.strategy.weighting == "examples":
+        config.fl.strategy.secagg.check_weights(max(data.num_examples(c) for c in range(data.num_clients)))
+    server = NetServer(config, initial.numel())
+    rounds = RoundLoop(config.fl, NetBackend(server, asyncio.get_running_loop()), model=model, spec=spec,
+                       initial_params=initial, seed=config.run.seed, num_clients=data.num_clients,
+                       test_set=(data.test_x, data.test_y))
+    if not resume:
+        run.write_config(config)
+    server.history = [{k: r.get(k) for k in _HISTORY_KEYS} for r in read_metrics(run.metrics_path)]
+    service = await _start_grpc(server)
+    httpd = None
+    if net.status_port >= 0:
+        httpd = await asyncio.to_thread(serve_status, server.board, net.status_host, net.status_port)
+        server.status_port = httpd.server_address[1]
+    (run.path / "server.json").write_text(json.dumps(
+        {"host": net.host, "port": server.port, "status_port": server.status_port, "pid": os.getpid(),
+         "tls": net.use_tls}), encoding="utf-8")
+    log.info("serving on %s:%d (%s, auth %s); status on http://%s:%d/", net.host, server.port,
+             "TLS" if net.use_tls else "no TLS", net.auth, net.status_host, server.status_port)
+    publisher = asyncio.create_task(server.publish_forever())
+
+    def on_record(state: ServerState, record: dict[str, Any]) -> None:  # in the driver's thread
+        server.rounds_done = state.round
+        server.history.append({k: record.get(k) for k in _HISTORY_KEYS})
+        if record.get("stop"):
+            log.info("round %d: privacy budget spent (epsilon %.3f), stopping", state.round,
+                     record.get("epsilon", math.nan))
+        else:
+            log.info("round %d: %d/%d reported, %d dropped%s", state.round, record["participants"],
+                     record["selected"], record["dropped"],
+                     f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
+
+    try:
+        await asyncio.to_thread(drive_rounds, rounds, run, config.fl.rounds, resume=resume, show_progress=False,
+                                on_record=on_record)
+        server.done, server.phase = True, "done"
+        server.wake_pollers()
+        linger_until = time.monotonic() + net.linger_s
+        while time.monotonic() < linger_until and any(not c.told_done for c in server.alive().values()):
+            await asyncio.sleep(0.05)
+        server.board.publish(server.snapshot())
+    finally:
+        publisher.cancel()
+        await service.stop(grace=1.0)
+        if httpd is not None:
+            httpd.shutdown()
+    return run

@@ -1,0 +1,206 @@
+"""The federated round loop, written once for every backend:
+
+    select (among the clients the backend offers) → plan per client → the backend broadcasts, trains and collects
+    (dropping stragglers) → aggregate (strategy, wrapped by central DP) → server optimizer → privacy accounting at the
+    round's real sampling rate → evaluation (central test set, and on clients' held-out data)
+
+A backend (`ClientBackend`) is where clients live: simulated in this process or a worker pool
+(`backends/simulated.py`), or real processes over gRPC (`net/backend.py`). It says who may be selected, runs one
+round's tasks, and runs federated evaluation; the loop does everything else, so a strategy, a privacy stage or a
+codec is added once and works in simulation and over the network alike.
+
+Randomness is derived from (seed, purpose, round, client), never from a running generator, so a run resumed from
+its checkpoint after round r does exactly what the uninterrupted run would have done from round r+1, and the
+network reproduces the simulation when the same clients are connected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from plait.federated.config import FLConfig
+from plait.federated.evaluate import evaluate
+from plait.federated.plan import TrainingPlan
+from plait.federated.privacy.rounds import RoundPrivacy
+from plait.federated.secagg.protocol import SecAggError
+from plait.federated.seeds import client_seed, selection_rng
+from plait.federated.selection import Properties, requires, select_clients
+from plait.federated.server_opt import build_server_opt
+from plait.federated.strategy import Aggregator, TooFewUpdates, make_aggregator
+
+
+@dataclass(slots=True)
+class ServerState:
+    round: int                     # rounds finished so far
+    params: torch.Tensor           # global weights, flat
+    opt_state: dict[str, torch.Tensor]
+
+
+@dataclass(slots=True)
+class RoundTasks:
+    """What a backend runs in one round: every selected client trains from `params` with its own plan."""
+    round_idx: int
+    selected: list[int]            # over-selection included
+    target: int                    # reports wanted; the surplus is dropped
+    quorum: int                    # fewer reports than this and the round is skipped
+    plans: dict[int, TrainingPlan]
+    params: torch.Tensor
+    aggregator: Aggregator | None  # None: the backend aggregates itself (secure aggregation with real clients)
+
+
+@dataclass(slots=True)
+class Collected:
+    """What a backend brought back from a round (it folded the updates into `RoundTasks.aggregator`)."""
+    participants: int
+    dropped: int
+    loss_sum: float = 0.0          # Σ train_loss · n_k over the participants
+    examples: int = 0
+    mean: torch.Tensor | None = None   # the aggregate, when the backend computed it (secure aggregation)
+    error: str = ""                    # why the backend could not aggregate: the round is skipped
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """One client's figures on its own held-out data."""
+    client_id: int
+    num_examples: int
+    accuracy: float
+    loss: float
+
+
+class ClientBackend(Protocol):
+    aggregates_secagg: bool  # True: secure aggregation runs between real clients and the backend returns the mean
+
+    def candidates(self, round_idx: int) -> Mapping[int, Properties]:
+        """The clients that may be selected this round (registered, or connected), with their device properties."""
+        ...
+
+    def collect(self, tasks: RoundTasks, record: dict[str, Any]) -> Collected:
+        """Broadcast, train, collect; adds what only it knows to `record` (bytes, simulated time, refusals)."""
+        ...
+
+    def evaluate(self, params: torch.Tensor, client_ids: list[int], round_idx: int) -> list[Evaluation]: ...
+
+    def close(self) -> None: ...
+
+
+class RoundLoop:
+    """One round per call of `run_round(state)`; the state passed in is left as it was."""
+
+    def __init__(self, config: FLConfig, backend: ClientBackend, *, model: torch.nn.Module, spec,
+                 initial_params: torch.Tensor, seed: int, num_clients: int,
+                 test_set: tuple[torch.Tensor, torch.Tensor] | None):
+        self.config, self.backend, self.seed = config, backend, seed
+        self.model, self.spec, self.initial_params, self.test_set = model, spec, initial_params, test_set
+        self.server_opt = build_server_opt(config.server_opt)
+        self.eligible = requires(**config.eligibility)
+        self.privacy = RoundPrivacy(config, seed, num_clients)
+
+    def initial_state(self) -> ServerState:
+        params = self.initial_params.clone()
+        return ServerState(0, params, self.privacy.init_state(self.server_opt.init(params)))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What the backend keeps in the run's checkpoint besides the state (simulated clients' residuals)."""
+        extra = getattr(self.backend, "checkpoint_extra", None)
+        return extra() if extra is not None else {}
+
+    def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
+        load = getattr(self.backend, "load_checkpoint_extra", None)
+        if load is not None:
+            load(ckpt)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def run_round(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        cfg, round_idx = self.config, state.round + 1
+        state = ServerState(state.round, state.params, {k: v.clone() for k, v in state.opt_state.items()})
+        start = time.perf_counter()
+        candidates = self.backend.candidates(round_idx)
+        selection = select_clients(candidates, cfg.fraction, cfg.min_clients, cfg.over_selection, self.eligible,
+                                   selection_rng(self.seed, round_idx))
+        record: dict[str, Any] = {"round": round_idx, "eligible": selection.num_eligible,
+                                  "selected": len(selection.selected), "participants": 0, "dropped": 0,
+                                  "bytes_down": 0, "bytes_up": 0}
+        # q of the accountant: the share of the clients that could be selected that were (over-selection included)
+        sample_rate = len(selection.selected) / selection.num_eligible if selection.selected else 1.0
+        if self.privacy.budget_spent(state.opt_state, sample_rate):
+            record["skipped"] = record["stop"] = True  # the privacy budget is spent: no more releases
+        elif not selection.selected:
+            record["skipped"] = True  # fewer eligible clients than the quorum: the global model stays as it is
+        else:
+            state = self._train_and_aggregate(state, selection.selected, selection.target, record, sample_rate)
+        self.privacy.record_epsilon(state.opt_state, record)
+        state = ServerState(round_idx, state.params, state.opt_state)
+        record.update(self._evaluate(state.params, round_idx, candidates, final=bool(record.get("stop"))))
+        record["wall_s"] = time.perf_counter() - start
+        return state, record
+
+    def _train_and_aggregate(self, state: ServerState, selected: list[int], target: int, record: dict[str, Any],
+                             sample_rate: float) -> ServerState:
+        cfg, round_idx = self.config, state.round + 1
+        plans = {cid: cfg.plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selected}
+        aggregator = None
+        if not (cfg.strategy.name == "secagg" and self.backend.aggregates_secagg):
+            inner = make_aggregator(cfg.strategy, state.params.numel(), seed=self.seed, round_idx=round_idx)
+            aggregator = self.privacy.wrap(inner, state.opt_state, round_idx)
+            try:
+                if hasattr(aggregator, "begin"):  # e.g. simulated secure aggregation sets up keys with the selected
+                    aggregator.begin(list(selected))
+            except SecAggError as err:  # e.g. too few clients selected to hide any one of them
+                record["skipped"], record["aggregation_error"] = True, str(err)
+                return state
+        tasks = RoundTasks(round_idx, selected, target, cfg.min_clients, plans, state.params, aggregator)
+        got = self.backend.collect(tasks, record)
+        record["participants"], record["dropped"] = got.participants, got.dropped
+        if got.participants:
+            record["train_loss"] = got.loss_sum / max(got.examples, 1)
+        if got.error:
+            record["skipped"], record["aggregation_error"] = True, got.error
+            return state
+        if got.participants < cfg.min_clients:
+            record["skipped"] = True  # quorum not reached: the global model stays as it is
+            return state
+        mean = got.mean
+        if mean is None:
+            try:
+                mean = aggregator.result()
+            except (SecAggError, TooFewUpdates) as err:  # e.g. too many dropouts: this round releases nothing
+                record["skipped"], record["aggregation_error"] = True, str(err)
+                return state
+        if hasattr(aggregator, "traffic"):  # simulated secure aggregation: count the protocol's own messages
+            traffic = aggregator.traffic()
+            record["bytes_up"] = traffic["bytes_up"]
+            record["bytes_down"] += traffic["bytes_down"]
+        params, opt_state = self.server_opt.apply(state.params, mean, state.opt_state)
+        self.privacy.after_release(aggregator, opt_state, record, sample_rate)
+        return ServerState(state.round, params, opt_state)
+
+    def _evaluate(self, params: torch.Tensor, round_idx: int, candidates: Mapping[int, Properties],
+                  final: bool) -> dict[str, float]:
+        cfg, out = self.config, {}
+        last = final or round_idx == cfg.rounds
+        if self.test_set is not None and (last or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
+            metrics = evaluate(self.model, self.spec, params, *self.test_set)
+            out.update(accuracy=metrics["accuracy"], loss=metrics["loss"])
+        if cfg.federated_eval_every and (last or round_idx % cfg.federated_eval_every == 0):
+            out.update(self.federated_evaluate(params, sorted(candidates), round_idx))
+        return out
+
+    def federated_evaluate(self, params: torch.Tensor, client_ids: list[int], round_idx: int) -> dict[str, float]:
+        """Accuracy and loss on the clients' own held-out data, weighted by its size."""
+        results = [r for r in self.backend.evaluate(params, client_ids, round_idx) if r.num_examples]
+        total = sum(r.num_examples for r in results)
+        if not total:  # e.g. no client answered in time: nothing to report this round
+            return {"fed_clients": 0}
+        return {"fed_accuracy": sum(r.accuracy * r.num_examples for r in results) / total,
+                "fed_loss": sum(r.loss * r.num_examples for r in results) / total,
+                "fed_clients": len(results)}
+
