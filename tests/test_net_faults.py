@@ -80,6 +80,9 @@ def test_server_sigkill_then_resume_continues_at_last_finished_round(tmp_path):
     assert codes == [0, 0, 0], [(tmp_path / f"client{c}.log").read_text()[-1500:] for c in range(3)]
     records = read_records(run_dir)
     assert [r["round"] for r in records] == list(range(1, rounds + 1))  # none lost, none repeated
+    # elapsed_s is the run's training time: it goes on across the resume instead of restarting at zero
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[killed_after] > elapsed[killed_after - 1], elapsed
     assert "re-registered" not in (tmp_path / "server2.log").read_text()  # a fresh server: clients registered anew
     assert all(f"client {c}: " in (tmp_path / f"client{c}.log").read_text() for c in range(3))
     # Same model as the uninterrupted simulation: resumed randomness comes from (seed, round, client).

@@ -17,7 +17,7 @@ from plait.federated.client_update import Update
 from plait.federated.config import FLConfig
 from plait.federated.executor import SequentialExecutor
 from plait.federated.privacy import CentralDPAggregator, LocalDP, PrivacyConfig, epsilon_after, update_clip_norm
-from plait.federated.privacy.accounting import rounds_within_budget
+from plait.federated.privacy.accounting import rounds_within_budget, epsilon_of_rates
 from plait.federated.privacy.audit import loss_threshold_attack
 from plait.federated.privacy.central import delta_noise_multiplier
 from plait.federated.server import FederatedServer
@@ -162,3 +162,29 @@ def test_loss_threshold_attack_by_hand():
     assert out["best_advantage"] == pytest.approx(0.75)  # threshold 0.3: 3/4 − 0
     same = loss_threshold_attack(members, members.clone())
     assert same["advantage"] == 0.0
+
+
+def test_rounds_of_different_sampling_rates_compose():
+    # two rounds at q = 1 and one at q = 0.5 compose as dp-accounting composes the three events
+    z, delta = 1.3, 1e-5
+    accountant = rdp.RdpAccountant(list(range(2, 64)) + [80, 96, 128, 192, 256, 512, 1024])
+    accountant.compose(dp_accounting.GaussianDpEvent(z), 2)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)), 1)
+    assert epsilon_of_rates([1.0, 0.5, 1.0], z, delta) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert epsilon_of_rates([0.3] * 7, z, delta) == pytest.approx(epsilon_after(7, z, 0.3, delta), rel=1e-9)
+    assert epsilon_of_rates([], z, delta) == 0.0
+    with pytest.raises(ValueError, match="sampling rate"):
+        epsilon_of_rates([0.0], z, delta)
+
+
+def test_each_round_is_accounted_at_its_own_rate_and_old_checkpoints_still_count():
+    server = _tiny_server({"mode": "central", "noise_multiplier": 2.0, "clip_norm": 0.5})
+    state = server.initial_state()
+    for _ in range(2):
+        state, record = server.run_round(state)
+    # 3 of 10 clients selected each round: q = 0.3, kept per released round
+    assert state.opt_state["dp_rates"].tolist() == [0.3, 0.3] and record["dp_sample_rate"] == 0.3
+    assert record["epsilon"] == pytest.approx(epsilon_after(2, 2.0, 0.3, 1e-5))
+    # a checkpoint written before the rates were kept holds only the count: the configured q stands in
+    legacy = {k: v for k, v in state.opt_state.items() if k != "dp_rates"}
+    assert server.privacy.rates(legacy) == [server.privacy.sample_rate] * 2
