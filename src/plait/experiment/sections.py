@@ -14,6 +14,7 @@ class RunSection:
     root: str = "runs"
     seed: int = 0
     threads: int = 0            # torch threads per process (0: torch's default)
+    tensorboard: bool = True    # also write TensorBoard event files to the run's tb/ (metrics.jsonl and .csv always)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

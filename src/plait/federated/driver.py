@@ -1,6 +1,7 @@
 """Drive a federated run's rounds in its run directory, for the simulator and the network server alike: resume from
-the checkpoint (metrics after it are redone once, `elapsed_s` goes on), one metrics line and one atomic checkpoint
-per round, a progress bar, and an early stop when a round says so (the privacy budget is spent)."""
+the checkpoint (metrics after it are redone once, `elapsed_s` goes on), one record to every metric sink (JSONL, CSV,
+TensorBoard) and one atomic checkpoint per round, a progress bar, and an early stop when a round says so (the
+privacy budget is spent)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any, Callable, Protocol
 import torch
 
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
-from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
+from plait.experiment.metrics import elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir
+from plait.experiment.sinks import MetricSinks
 from plait.federated.round_loop import ServerState
 
 
@@ -37,13 +39,14 @@ def resume_state(run: RunDir, rounds: Rounds) -> ServerState:
 
 
 def drive_rounds(rounds: Rounds, run: RunDir, total: int, *, resume: bool, show_progress: bool = True,
-                 on_record: Callable[[ServerState, dict[str, Any]], None] | None = None
+                 tensorboard: bool = True, on_record: Callable[[ServerState, dict[str, Any]], None] | None = None
                  ) -> tuple[ServerState, dict[str, Any]]:
     """Run rounds until `total` are done (or one says stop); returns the final state and the last record."""
     state = resume_state(run, rounds) if resume else rounds.initial_state()
     started = time.perf_counter() - (elapsed_so_far(run.metrics_path) if resume else 0.0)
     last: dict[str, Any] = {}
-    with MetricsLog(run.metrics_path) as log, progress_bar("rounds", total, state.round, show_progress) as bar:
+    sinks = MetricSinks(run.path, "round", resume_after=state.round if resume else None, tensorboard=tensorboard)
+    with sinks as log, progress_bar("rounds", total, state.round, show_progress) as bar:
         while state.round < total:
             state, record = rounds.run_round(state)
             record["elapsed_s"] = time.perf_counter() - started

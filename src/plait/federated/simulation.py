@@ -65,7 +65,8 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     try:
         if not resume:
             run.write_config(config)
-        state, last = drive_rounds(server, run, config.fl.rounds, resume=resume, show_progress=show_progress)
+        state, last = drive_rounds(server, run, config.fl.rounds, resume=resume, show_progress=show_progress,
+                                    tensorboard=config.run.tensorboard)
     finally:
         server.close()
     plots = plot_run(run.path)

@@ -111,7 +111,7 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
 
     try:
         await asyncio.to_thread(drive_rounds, rounds, run, config.fl.rounds, resume=resume, show_progress=False,
-                                on_record=on_record)
+                                tensorboard=config.run.tensorboard, on_record=on_record)
         server.done, server.phase = True, "done"
         server.wake_pollers()
         linger_until = time.monotonic() + net.linger_s
