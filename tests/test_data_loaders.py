@@ -65,7 +65,8 @@ def test_missing_data_path_names_the_setting(tmp_path):
 
 
 def test_parse_play_speakers_and_stage_directions():
-    text = "# Play\n\n## ACT I\n\n_Enter LEAR_\n\n**LEAR**  \nNothing will come  \nof nothing.\n\n**FOOL**  \nNuncle!\n_Exit_\n"
+    text = ("# Play\n\n## ACT I\n\n_Enter LEAR_\n\n**LEAR**  \nNothing will come  \nof nothing.\n\n"
+            "**FOOL**  \nNuncle!\n_Exit_\n")
     assert parse_play(text) == {"LEAR": "Nothing will come of nothing.", "FOOL": "Nuncle!"}
     assert VOCAB[encode("Ab")[0]] == "A" and VOCAB[encode("Ab")[1]] == "b"
 
@@ -89,7 +90,8 @@ def test_federated_mnist_eval_split(tmp_path):
 
 def test_shakespeare_more_clients_than_roles_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="data.num_clients"):
-        load_federated(DataConfig(name="shakespeare", partition="natural", num_clients=100_000, cache_dir=str(tmp_path)))
+        load_federated(DataConfig(name="shakespeare", partition="natural", num_clients=100_000,
+                                  cache_dir=str(tmp_path)))
 
 
 def test_unknown_characters_become_spaces():

@@ -15,7 +15,8 @@ def test_mixing_matrix_is_symmetric_doubly_stochastic_on_the_graph(topology, nod
     adj = neighbours(topology, nodes, degree, seed=0)
     weights = mixing_matrix(adj)
     assert torch.allclose(weights, weights.T)
-    assert torch.allclose(weights.sum(0), torch.ones(nodes, dtype=torch.float64)) and torch.allclose(weights.sum(1), torch.ones(nodes, dtype=torch.float64))
+    ones = torch.ones(nodes, dtype=torch.float64)
+    assert torch.allclose(weights.sum(0), ones) and torch.allclose(weights.sum(1), ones)
     assert (weights >= 0).all()
     off_graph = [(i, j) for i in range(nodes) for j in range(nodes) if i != j and j not in adj[i]]
     assert all(weights[i, j] == 0 for i, j in off_graph)
@@ -65,7 +66,8 @@ def test_gossip_preserves_the_average_and_moves_towards_consensus(tmp_path):
     before = state.params.clone()
     mixed = runner.mixing.to(before.dtype) @ before
     assert torch.allclose(mixed.mean(0), before.mean(0), atol=1e-6)
-    spread = lambda x: (x - x.mean(0)).pow(2).sum()
+    def spread(x):
+        return (x - x.mean(0)).pow(2).sum()
     assert spread(mixed) < spread(before)
 
 

@@ -37,7 +37,8 @@ def test_selection_skips_round_without_quorum():
 
 def test_selection_is_seeded():
     props = _props(100, charging_every=1)
-    pick = lambda seed: select_clients(props, 0.1, 1, 0.0, requires(), np.random.default_rng(seed)).selected
+    def pick(seed):
+        return select_clients(props, 0.1, 1, 0.0, requires(), np.random.default_rng(seed)).selected
     assert pick(4) == pick(4) and pick(4) != pick(5)
 
 
@@ -68,7 +69,7 @@ def test_plan_is_one_immutable_object_per_client():
     a, b = plan.for_client(1), plan.for_client(2)
     assert a is not b and (a.seed, b.seed) == (1, 2) and a.epochs == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
-        a.lr = 1.0  # type: ignore[misc]
+        a.lr = 1.0  # frozen: assignment must fail
     assert plan.num_steps(95) == 2 * 10 and TrainingPlan(batch_size=0).num_steps(95) == 1
 
 

@@ -30,7 +30,8 @@ def test_one_round_is_fedavg_of_the_selected_clients(tmp_path):
     deltas, weights = [], []
     for cid in chosen:
         plan = server.config.plan.for_client(client_seed(3, 1, cid))
-        update = client_update(server.model, server.spec, state.params, ClientData(*server.data.client_train(cid)), plan)
+        data = ClientData(*server.data.client_train(cid))
+        update = client_update(server.model, server.spec, state.params, data, plan)
         deltas.append(update.delta)
         weights.append(update.num_examples)
     expected = state.params + weighted_mean(deltas, weights)  # FedAvg: server SGD with lr 1 on the mean delta

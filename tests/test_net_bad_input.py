@@ -17,8 +17,16 @@ from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import derive_client_key, sign
 from plait.federated.net.client import EXIT_REFUSED
 from plait.federated.net.connection import Connection, Task, raw_call
-from plait.federated.net.local import fetch_status, small_config, start_client, start_server, stop, \
-    wait_for_server, wait_until, write_config
+from plait.federated.net.local import (
+    fetch_status,
+    small_config,
+    start_client,
+    start_server,
+    stop,
+    wait_for_server,
+    wait_until,
+    write_config,
+)
 from plait.federated.net.wire import iter_chunks
 
 ROGUE = 2
@@ -58,9 +66,11 @@ def test_bad_inputs_are_refused_counted_and_others_served(tmp_path):
     try:
         info = wait_for_server(tmp_path / "runs" / "net", server)
         address = f"127.0.0.1:{info['port']}"
-        procs = [start_client(path, address, cid, tmp_path / f"client{cid}.log", extra=["--key", str(tmp_path / f"client-{cid}.key")])
+        procs = [start_client(path, address, cid, tmp_path / f"client{cid}.log",
+                              extra=["--key", str(tmp_path / f"client-{cid}.key")])
                  for cid in (0, 1)]
-        impostor = start_client(path, address, 0, tmp_path / "impostor.log", extra=["--key", str(tmp_path / "wrong.key")])
+        impostor = start_client(path, address, 0, tmp_path / "impostor.log",
+                                extra=["--key", str(tmp_path / "wrong.key")])
         procs.append(impostor)
 
         # Unauthenticated, forged and replayed requests.
@@ -76,7 +86,8 @@ def test_bad_inputs_are_refused_counted_and_others_served(tmp_path):
         expect_refusal(lambda: rogue._register(request, metadata=metadata, timeout=10),
                        grpc.StatusCode.UNAUTHENTICATED, "replay")
         # Malformed protobuf.
-        expect_refusal(lambda: raw_call(rogue.channel, "Register", b"\x0a\xff\xff\xff", sign(rogue.key, "Register", ROGUE)),
+        garbage = b"\x0a\xff\xff\xff"
+        expect_refusal(lambda: raw_call(rogue.channel, "Register", garbage, sign(rogue.key, "Register", ROGUE)),
                        grpc.StatusCode.INVALID_ARGUMENT, "malformed")
 
         def next_task(after: int) -> Task:  # the rogue is selected every round with the honest clients

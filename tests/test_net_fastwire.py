@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from plait.federated.net import plait_fl_pb2 as pb
-from plait.federated.net.wire import (DataChunk, Malformed, TensorAssembler, WireError, chunk_data, chunk_parser,
-                                      data_chunks, serialize, tensor_data_chunks, tensor_header)
+from plait.federated.net.wire import (
+    DataChunk,
+    Malformed,
+    TensorAssembler,
+    WireError,
+    chunk_data,
+    chunk_parser,
+    data_chunks,
+    serialize,
+    tensor_data_chunks,
+    tensor_header,
+)
 
 CHUNK_TYPES = (pb.TaskChunk, pb.UpdateChunk, pb.SecAggChunk)
 

@@ -14,8 +14,18 @@ import torch
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import cluster, fetch_status, read_records, small_config, start_client, \
-    start_server, stop, wait_for_server, wait_until, write_config
+from plait.federated.net.local import (
+    cluster,
+    fetch_status,
+    read_records,
+    small_config,
+    start_client,
+    start_server,
+    stop,
+    wait_for_server,
+    wait_until,
+    write_config,
+)
 from plait.federated.simulation import build_server
 
 
@@ -25,7 +35,8 @@ def test_client_killed_mid_round_is_dropped_and_round_completes(tmp_path):
     raw["fl"]["fraction"] = 1.0
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    slow_client_2 = lambda cid: {"extra": ["--slow-s", "60"] if cid == 2 else []}  # noqa: E731
+    def slow_client_2(cid):
+        return {"extra": ["--slow-s", "60"] if cid == 2 else []}
     with cluster(path, tmp_path, run_dir, 3, slow_client_2) as (server, info, clients):
 
         def others_reported():  # client 2 holds its task, trained, and now sits in its 60 s "slow device" sleep

@@ -20,8 +20,15 @@ from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import (cluster, fetch_status, read_records, run_against_simulation, small_config,
-                                      wait_until, write_config)
+from plait.federated.net.local import (
+    cluster,
+    fetch_status,
+    read_records,
+    run_against_simulation,
+    small_config,
+    wait_until,
+    write_config,
+)
 from plait.federated.seeds import client_seed
 
 NUM_CLIENTS = 5
@@ -85,7 +92,8 @@ def test_client_killed_after_key_sharing_is_unmasked_by_survivors(tmp_path):
                                                                         "max_weight": 20000}})
     path = write_config(tmp_path / "fl.toml", raw)
     run_dir = tmp_path / "runs" / "net"
-    slow_client_2 = lambda cid: {"extra": ["--slow-s", "60"] if cid == 2 else []}  # noqa: E731
+    def slow_client_2(cid):
+        return {"extra": ["--slow-s", "60"] if cid == 2 else []}
     with cluster(path, tmp_path, run_dir, NUM_CLIENTS, slow_client_2) as (server, info, clients):
 
         def others_masked():

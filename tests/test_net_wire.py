@@ -15,8 +15,15 @@ from plait.federated.net.auth import Verifier, derive_client_key, sign
 from plait.federated.net.certs import make_certs
 from plait.federated.net.config import NetSection, NetworkRunConfig
 from plait.federated.net.local import small_config
-from plait.federated.net.wire import Malformed, TensorAssembler, WireError, check_header, iter_chunks, safe_parser, \
-    tensor_header
+from plait.federated.net.wire import (
+    Malformed,
+    TensorAssembler,
+    WireError,
+    check_header,
+    iter_chunks,
+    safe_parser,
+    tensor_header,
+)
 
 
 def test_chunks_round_trip_bytes_exactly():

@@ -3,13 +3,12 @@ and the membership-inference audit."""
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import dp_accounting
 from dp_accounting import rdp
+from torch import nn
 
 from plait.data.federated import FederatedData
 from plait.experiment.config import ConfigError, from_dict
@@ -17,7 +16,7 @@ from plait.federated.client_update import Update
 from plait.federated.config import FLConfig
 from plait.federated.executor import SequentialExecutor
 from plait.federated.privacy import CentralDPAggregator, LocalDP, PrivacyConfig, epsilon_after, update_clip_norm
-from plait.federated.privacy.accounting import rounds_within_budget, epsilon_of_rates
+from plait.federated.privacy.accounting import epsilon_of_rates, rounds_within_budget
 from plait.federated.privacy.audit import loss_threshold_attack
 from plait.federated.privacy.central import delta_noise_multiplier
 from plait.federated.server import FederatedServer
@@ -84,7 +83,8 @@ def test_epsilon_of_the_gaussian_mechanism_by_hand():
     # ε = RDP(α) + log((α−1)/α) − (log δ + log α)/(α − 1), minimised over the orders
     z, delta = 2.0, 1e-5
     orders = np.array(list(range(2, 64)) + [80, 96, 128, 192, 256, 512, 1024], dtype=float)
-    by_hand = np.min(orders / (2 * z * z) + np.log((orders - 1) / orders) - (np.log(delta) + np.log(orders)) / (orders - 1))
+    by_hand = np.min(orders / (2 * z * z) + np.log((orders - 1) / orders)
+                     - (np.log(delta) + np.log(orders)) / (orders - 1))
     assert epsilon_after(1, z, 1.0, delta) == pytest.approx(by_hand, rel=1e-6)
     # ε grows with rounds and shrinks with noise
     assert epsilon_after(10, z, 0.1, delta) < epsilon_after(20, z, 0.1, delta)

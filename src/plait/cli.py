@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.federated.net.commands import fl_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
 console = Console()
@@ -48,7 +48,7 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
 
 
 @app.command()
-def demo(rounds: Optional[int] = typer.Option(None, help="override fl.rounds")) -> None:
+def demo(rounds: int | None = typer.Option(None, help="override fl.rounds")) -> None:
     """FedAvg on real MNIST: 100 clients, pathological non-IID shards, C=0.1."""
     _run_fl(DEMO_CONFIG, resume=False, overrides=[f"fl.rounds={rounds}"] if rounds else [], fresh_name=True)
 
@@ -76,7 +76,7 @@ def plot(run_dir: Path = typer.Argument(..., help="a run directory, e.g. runs/de
 
 @app.command()
 def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run directories, e.g. runs/a runs/b"),
-            out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: runs/compare-A-B...)")
+            out: Path | None = typer.Option(None, "--out", help="output folder (default: runs/compare-A-B...)")
             ) -> None:
     """Compare runs: the settings in which they differ, their final figures, their curves on shared plots."""
     from rich.table import Table
@@ -115,7 +115,7 @@ _TRAIN_ENTRIES = {
 @app.command()
 def train(config: Path = typer.Argument(..., help="a cluster-training TOML config"),
           nproc: int = typer.Option(1, "--nproc", help="number of local ranks (workers) to spawn"),
-          allreduce: Optional[str] = typer.Option(None, "--allreduce", help="native | ring | tree | naive"),
+          allreduce: str | None = typer.Option(None, "--allreduce", help="native | ring | tree | naive"),
           resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
           set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
     """Train in a cluster: data, model or pipeline parallel; all-reduce or parameter-server sync."""
@@ -141,8 +141,6 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
 
 
 # `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).
-from plait.federated.net.commands import fl_app  # noqa: E402
-
 app.add_typer(fl_app, name="fl")
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ adds back what earlier calls dropped, so nothing is lost for good.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -76,10 +77,10 @@ class _Base:
 class NoCodec(_Base):
     name = "none"
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         return self._wrap(x, {"values": x.detach().reshape(-1)})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         return enc.tensors["values"].view(enc.shape)
 
@@ -87,10 +88,10 @@ class NoCodec(_Base):
 class Fp16Codec(_Base):
     name = "fp16"
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         return self._wrap(x, {"values": x.detach().reshape(-1).to(torch.float16)})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         return enc.tensors["values"].to(enc.dtype).view(enc.shape)
 
@@ -111,14 +112,14 @@ class Int8Codec(_Base):
         pad = -flat.numel() % size
         return torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         blocks = self._blocks(x.detach().reshape(-1).float())
         scale = blocks.abs().amax(dim=1, keepdim=True) / 127.0
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero block: any scale decodes to 0
         q = torch.round(blocks / safe).clamp_(-127, 127).to(torch.int8)
         return self._wrap(x, {"q": q.reshape(-1)[: x.numel()], "scale": scale.reshape(-1)})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         q, scale = enc.tensors["q"], enc.tensors["scale"]
         numel = q.numel()
@@ -137,7 +138,7 @@ class QSGDCodec(_Base):
             raise ValueError(f"compression.levels must be in [1, 32767], got {levels}")
         self.levels = levels
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         flat = x.detach().reshape(-1).float()
         norm = flat.norm().reshape(1)
         scaled = flat.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * self.levels
@@ -148,7 +149,7 @@ class QSGDCodec(_Base):
         signed = (level * flat.sign()).to(dtype)
         return self._wrap(x, {"levels": signed, "norm": norm})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         values = enc.tensors["levels"].float() * (enc.tensors["norm"] / self.levels)
         return values.to(enc.dtype).view(enc.shape)
@@ -163,13 +164,13 @@ class TopKCodec(_Base):
             raise ValueError(f"compression.ratio must be in (0, 1], got {ratio}")
         self.ratio = ratio
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         flat = x.detach().reshape(-1)
         k = max(1, math.ceil(self.ratio * flat.numel()))
         _, idx = flat.abs().topk(k, sorted=False)
         return self._wrap(x, {"indices": idx.to(torch.int32), "values": flat[idx]})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         out = torch.zeros(math.prod(enc.shape), dtype=enc.dtype, device=enc.tensors["values"].device)
         out[enc.tensors["indices"].long()] = enc.tensors["values"].to(enc.dtype)
@@ -186,11 +187,11 @@ class RandKCodec(_Base):
         self.ratio, self.unbiased = ratio, unbiased
 
     @staticmethod
-    def _indices(seed: int, numel: int, k: int, device) -> torch.Tensor:
+    def _indices(seed: int, numel: int, k: int, device: torch.device) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same indices on both ends, any device
         return torch.randperm(numel, generator=g)[:k].to(device)
 
-    def encode(self, x, generator=None):
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         flat = x.detach().reshape(-1)
         k = max(1, math.ceil(self.ratio * flat.numel()))
         seed = torch.randint(0, 2**62, (1,), generator=self._generator(x, generator), device=x.device).cpu()
@@ -199,7 +200,7 @@ class RandKCodec(_Base):
             values = values * (flat.numel() / k)
         return self._wrap(x, {"seed": seed, "values": values})
 
-    def decode(self, enc):
+    def decode(self, enc: Encoded) -> torch.Tensor:
         self._check(enc)
         values = enc.tensors["values"]
         numel = math.prod(enc.shape)
@@ -208,9 +209,10 @@ class RandKCodec(_Base):
         return out.view(enc.shape)
 
 
-def make_codec(name: str, **options) -> Codec:
+def make_codec(name: str, **options: Any) -> Codec:
     """A codec by name; options are the constructor's keywords (levels, ratio, block_size, unbiased, seed)."""
-    classes = {"none": NoCodec, "fp16": Fp16Codec, "int8": Int8Codec, "qsgd": QSGDCodec, "topk": TopKCodec,
+    classes: dict[str, Callable[..., Codec]] = {"none": NoCodec, "fp16": Fp16Codec, "int8": Int8Codec,
+                                                "qsgd": QSGDCodec, "topk": TopKCodec,
                "randk": RandKCodec}
     if name not in classes:
         raise ValueError(f"compression.codec = {name!r} is unknown; choose one of {list(classes)}")

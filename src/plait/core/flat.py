@@ -55,7 +55,8 @@ def make_spec(tensors: dict[str, torch.Tensor]) -> FlatSpec:
     return FlatSpec(tuple(slots), dict(offsets))
 
 
-def flatten(tensors: dict[str, torch.Tensor], spec: FlatSpec | None = None) -> tuple[dict[torch.dtype, torch.Tensor], FlatSpec]:
+def flatten(tensors: dict[str, torch.Tensor],
+            spec: FlatSpec | None = None) -> tuple[dict[torch.dtype, torch.Tensor], FlatSpec]:
     """Copy `tensors` into one new contiguous buffer per dtype. Returns (buffers, spec)."""
     spec = spec or make_spec(tensors)
     if set(tensors) != set(spec.names):
@@ -80,7 +81,8 @@ def unflatten(buffers: dict[torch.dtype, torch.Tensor], spec: FlatSpec) -> dict[
     for slot in spec.slots:
         buffer = buffers[slot.dtype]
         if buffer.numel() != spec.sizes[slot.dtype]:
-            raise ValueError(f"flat buffer of {slot.dtype} has {buffer.numel()} elements, spec wants {spec.sizes[slot.dtype]}")
+            raise ValueError(f"flat buffer of {slot.dtype} has {buffer.numel()} elements, "
+                             f"spec wants {spec.sizes[slot.dtype]}")
         out[slot.name] = buffer[slot.offset : slot.offset + slot.numel].view(slot.shape)
     return out
 
@@ -93,13 +95,13 @@ def split_views(flat: torch.Tensor, spec: FlatSpec) -> dict[str, torch.Tensor]:
     """
     if len(spec.sizes) != 1:
         raise ValueError(f"split_views needs a single-dtype spec, got dtypes {list(spec.sizes)}")
-    pieces = flat.split([slot.numel for slot in spec.slots])
+    pieces = torch.split(flat, [slot.numel for slot in spec.slots])
     return {slot.name: piece.view(slot.shape) for slot, piece in zip(spec.slots, pieces)}
 
 
 def flat_params(module: torch.nn.Module) -> tuple[torch.Tensor, FlatSpec]:
     """The trainable parameters of `module` as one float buffer (a copy) and its spec."""
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    params: dict[str, torch.Tensor] = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters")
     buffers, spec = flatten(params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -38,13 +41,14 @@ class CharLSTM(nn.Module):
 
     def forward(self, chars: torch.Tensor) -> torch.Tensor:  # chars: [batch, seq] int64
         out, _ = self.lstm(self.embed(chars))
-        return self.head(out[:, -1])  # predict the character after the sequence
+        logits: torch.Tensor = self.head(out[:, -1])  # predict the character after the sequence
+        return logits
 
 
-MODELS = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM}
+MODELS: dict[str, Callable[..., nn.Module]] = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM}
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"model = {name!r} is not known; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)

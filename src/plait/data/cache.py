@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -14,7 +14,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PLAIT_CACHE", Path.home() / ".cache" / "plait"))
 
 
-def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]], cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]],
+                  cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Return the arrays cached as `<cache_dir>/<name>.npz`, building and writing them on first use."""
     path = Path(cache_dir or default_cache_dir()) / f"{name}.npz"
     if path.exists():

@@ -138,8 +138,10 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
             windows = windows[: config.max_examples_per_client]
         cut = max(1, int(len(windows) * 0.9))
         train = windows[: max(1, cut - SEQ_LEN)]  # a gap of SEQ_LEN windows: no character in both splits
-        xs.append(train[:, :SEQ_LEN]); ys.append(train[:, SEQ_LEN])
-        test_x.append(windows[cut:, :SEQ_LEN]); test_y.append(windows[cut:, SEQ_LEN])
+        xs.append(train[:, :SEQ_LEN])
+        ys.append(train[:, SEQ_LEN])
+        test_x.append(windows[cut:, :SEQ_LEN])
+        test_y.append(windows[cut:, SEQ_LEN])
         parts.append(np.arange(count, count + len(train)))
         count += len(train)
     return FederatedData(torch.cat(xs), torch.cat(ys), torch.cat(test_x), torch.cat(test_y), parts,

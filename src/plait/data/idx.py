@@ -47,6 +47,7 @@ def find_idx_pair(directory: Path, prefix: str) -> tuple[Path, Path]:
         candidates += [directory / f"{prefix}-{kind}.idx{dims}-ubyte{ext}" for ext in ("", ".gz")]
         hit = next((c for c in candidates if c.exists()), None)
         if hit is None:
-            raise FileNotFoundError(f"no {prefix} {kind} IDX file in {directory} (looked for {candidates[0].name}[.gz])")
+            raise FileNotFoundError(f"no {prefix} {kind} IDX file in {directory} "
+                                    f"(looked for {candidates[0].name}[.gz])")
         found.append(hit)
     return found[0], found[1]

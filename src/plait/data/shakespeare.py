@@ -68,7 +68,8 @@ def _build(directory: Path, min_chars: int) -> dict[str, np.ndarray]:
     return {"text": np.concatenate(texts), "offsets": offsets, "names": np.array(names)}
 
 
-def load_shakespeare(path: str | Path | None = None, cache_dir: Path | None = None, min_chars: int = SEQ_LEN + 2) -> dict[str, np.ndarray]:
+def load_shakespeare(path: str | Path | None = None, cache_dir: Path | None = None,
+                     min_chars: int = SEQ_LEN + 2) -> dict[str, np.ndarray]:
     """Arrays: text (all roles' characters, vocabulary indices), offsets [num_roles+1], names [num_roles]."""
     directory = Path(path) if path else _plays_dir()
     if not directory.is_dir():

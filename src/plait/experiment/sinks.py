@@ -52,10 +52,8 @@ class CsvSink:
         return bool(new)
 
     def _rewrite(self) -> None:
-        def write(f) -> None:
-            text = _table(self.columns, self.rows)
-            f.write(text.encode("utf-8"))
-        atomic_write_bytes(self.path, write)
+        text = _table(self.columns, self.rows).encode("utf-8")
+        atomic_write_bytes(self.path, lambda f: f.write(text))
 
     def write(self, record: dict[str, Any]) -> None:
         if self._remember(record) or not self.path.exists():
@@ -135,8 +133,8 @@ class MetricSinks:
         for sink in self.sinks:
             sink.close()
 
-    def __enter__(self) -> "MetricSinks":
+    def __enter__(self) -> MetricSinks:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.experiment.sections import RunSection as BaseRunSection
 from plait.data.federated import DataConfig
+from plait.experiment.sections import RunSection as BaseRunSection
 from plait.federated.attacks import AttackConfig
 from plait.federated.pipeline import CompressionConfig
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.config import PrivacyConfig
 from plait.federated.server_opt import ServerOptConfig
-from plait.federated.strategy import StrategyConfig
 from plait.federated.stragglers import DeviceConfig
+from plait.federated.strategy import StrategyConfig
 from plait.federated.topology import GossipConfig
 
 
@@ -84,9 +84,12 @@ class FLConfig:
 
     def _check_gossip(self) -> None:
         """Server-less rounds have no server: the server-side choices cannot apply."""
-        server_side = {"fl.strategy.name": (self.strategy.name, "fedavg"), "fl.privacy.mode": (self.privacy.mode, "none"),
-                       "fl.compression.codec": (self.compression.codec, "none"), "fl.attack.kind": (self.attack.kind, "none"),
-                       "fl.executor": (self.executor, "sequential"), "fl.server_opt.name": (self.server_opt.name, "sgd")}
+        server_side = {"fl.strategy.name": (self.strategy.name, "fedavg"),
+                       "fl.privacy.mode": (self.privacy.mode, "none"),
+                       "fl.compression.codec": (self.compression.codec, "none"),
+                       "fl.attack.kind": (self.attack.kind, "none"),
+                       "fl.executor": (self.executor, "sequential"),
+                       "fl.server_opt.name": (self.server_opt.name, "sgd")}
         for key, (value, default) in server_side.items():
             if value != default:
                 raise ValueError(f"{key} = {value!r} needs a server; fl.gossip.topology = {self.gossip.topology!r} "

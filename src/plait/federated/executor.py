@@ -5,8 +5,9 @@ Every backend runs the same `client_update`; the server does not know which one 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 

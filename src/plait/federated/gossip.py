@@ -28,6 +28,7 @@ from plait.federated.seeds import NODE_EVAL_SAMPLE, client_seed, selection_rng, 
 from plait.federated.server import ServerState
 from plait.federated.topology import mixing_matrix, neighbours
 
+
 class GossipRunner:
     """Server-less rounds: local training on a fraction of the nodes, then gossip along the graph."""
 

@@ -34,7 +34,8 @@ class CompressionConfig:
         self.build()  # validates the options (ValueError naming compression.*)
 
     def build(self) -> Codec:
-        options = {"qsgd": {"levels": self.levels}, "topk": {"ratio": self.ratio}, "int8": {"block_size": self.block_size},
+        options = {"qsgd": {"levels": self.levels}, "topk": {"ratio": self.ratio},
+                   "int8": {"block_size": self.block_size},
                    "randk": {"ratio": self.ratio, "unbiased": self.unbiased}}.get(self.codec, {})
         return make_codec(self.codec, **options)
 

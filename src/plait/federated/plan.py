@@ -28,7 +28,7 @@ class TrainingPlan:
         if self.weight_decay < 0 or self.prox_mu < 0 or self.max_steps < 0:
             raise ValueError("plan.weight_decay, plan.prox_mu and plan.max_steps must be >= 0")
 
-    def for_client(self, seed: int) -> "TrainingPlan":
+    def for_client(self, seed: int) -> TrainingPlan:
         """A new plan object for one client (plans are immutable; no client shares a mutable instruction)."""
         return replace(self, seed=seed)
 

@@ -8,7 +8,7 @@ clients per second of one process. Tensors cross the process boundary through sh
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.multiprocessing as mp

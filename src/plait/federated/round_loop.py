@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
+from plait.core.flat import FlatSpec
 from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.plan import TrainingPlan
@@ -93,7 +93,7 @@ class ClientBackend(Protocol):
 class RoundLoop:
     """One round per call of `run_round(state)`; the state passed in is left as it was."""
 
-    def __init__(self, config: FLConfig, backend: ClientBackend, *, model: torch.nn.Module, spec,
+    def __init__(self, config: FLConfig, backend: ClientBackend, *, model: torch.nn.Module, spec: FlatSpec,
                  initial_params: torch.Tensor, seed: int, num_clients: int,
                  test_set: tuple[torch.Tensor, torch.Tensor] | None):
         self.config, self.backend, self.seed = config, backend, seed
@@ -170,12 +170,13 @@ class RoundLoop:
             return state
         mean = got.mean
         if mean is None:
+            assert aggregator is not None  # only a backend that aggregates itself leaves it out, and it sets the mean
             try:
                 mean = aggregator.result()
             except (SecAggError, TooFewUpdates) as err:  # e.g. too many dropouts: this round releases nothing
                 record["skipped"], record["aggregation_error"] = True, str(err)
                 return state
-        if hasattr(aggregator, "traffic"):  # simulated secure aggregation: count the protocol's own messages
+        if aggregator is not None and hasattr(aggregator, "traffic"):  # simulated secure aggregation: its messages
             traffic = aggregator.traffic()
             record["bytes_up"] = traffic["bytes_up"]
             record["bytes_down"] += traffic["bytes_down"]
@@ -185,7 +186,7 @@ class RoundLoop:
 
     def _evaluate(self, params: torch.Tensor, round_idx: int, candidates: Mapping[int, Properties],
                   final: bool) -> dict[str, float]:
-        cfg, out = self.config, {}
+        cfg, out = self.config, dict[str, float]()
         last = final or round_idx == cfg.rounds
         if self.test_set is not None and (last or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
             metrics = evaluate(self.model, self.spec, params, *self.test_set)

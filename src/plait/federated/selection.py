@@ -4,8 +4,9 @@ reported properties pass the eligibility predicate (e.g. charging, idle, on an u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

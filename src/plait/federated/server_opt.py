@@ -17,7 +17,7 @@ Optimizers read and write only their own keys of `state`, so other stages may ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -81,7 +81,7 @@ class ServerAdaptive:
         return params + c.lr * m / (v.sqrt() + c.tau), state
 
 
-ServerOptimizer = Union[ServerSGD, ServerAdaptive]
+ServerOptimizer = ServerSGD | ServerAdaptive
 
 
 def build_server_opt(config: ServerOptConfig) -> ServerOptimizer:

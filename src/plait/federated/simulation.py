@@ -44,7 +44,8 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         torch.set_num_threads(config.run.threads)
     data = load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
-    model = build_model(config.model.name, **({"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}))
+    model = build_model(config.model.name,
+                        **({"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}))
     if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
         from plait.federated.gossip import GossipRunner
 

@@ -31,7 +31,8 @@ class SimulatedBackend:
 
     def __init__(self, config: FLConfig, model: torch.nn.Module, spec, data: FederatedData,
                  executor: ClientExecutor, seed: int, num_params: int):
-        self.config, self.model, self.spec, self.data, self.executor, self.seed = config, model, spec, data, executor, seed
+        self.config, self.model, self.spec, self.data = config, model, spec, data
+        self.executor, self.seed = executor, seed
         self.devices = DevicePool(config.devices, data.num_clients, seed)
         self.program = ClientProgram(config, seed)
         self.model_bytes = num_params * 4

@@ -13,8 +13,8 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from plait.federated.net.wire import WireError
 

@@ -141,7 +141,7 @@ class NetBackend:
             rnd.changed.clear()
             try:
                 await asyncio.wait_for(rnd.changed.wait(), min(remaining, 0.1))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         rnd.closed = True
 
@@ -162,13 +162,14 @@ class NetBackend:
             rnd.changed.clear()
             try:
                 await asyncio.wait_for(rnd.changed.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _collect_secagg(self, rnd: RoundState, record: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
         """Run the protocol's stages with the selected clients: (the weighted mean, "") or (None, why not)."""
         deadline = time.monotonic() + self.server.config.net.round_timeout_s
-        wait = lambda pending, enough: self._wait_stage(rnd, pending, enough, deadline)  # noqa: E731
+        def wait(pending, enough):
+            return self._wait_stage(rnd, pending, enough, deadline)
         try:
             outcome = await rnd.secagg.run(rnd.selected, rnd.target, wait, rnd.gone)
             mean = weighted_mean(outcome)

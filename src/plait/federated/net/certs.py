@@ -45,7 +45,7 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 def _issue(subject: str, public_key, ca_key, ca_name: x509.Name, days: int, *, is_ca: bool = False,
            hosts: tuple[str, ...] = (), usage=None) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(ca_name)
                .public_key(public_key).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))

@@ -3,7 +3,8 @@
 It dials out (so it may sit behind NAT), registers with its device properties, beats from a background thread,
 long-polls for its task, runs the same client program as the simulator (`client_program.py`: train, clip, noise,
 compress) on its own partition (taken by --id from the [data] section), and streams the update back; an evaluation
-task is answered with the accuracy and loss on its held-out data. Lost connections are retried with jittered exponential backoff,
+task is answered with the accuracy and loss on its held-out data. Lost connections are retried with jittered
+exponential backoff,
 re-registering each time, so clients ride out a server restart by themselves.
 """
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 import torch
 
 from plait.core.flat import flat_params
@@ -25,14 +25,14 @@ from plait.data.federated import load_federated
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData
 from plait.federated.evaluate import evaluate
-from plait.federated.secagg import messages
-from plait.federated.secagg.protocol import SecAggError
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import read_key
 from plait.federated.net.config import LOOPBACK, NetworkRunConfig
 from plait.federated.net.connection import Connection, SecAggTask, Task
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.tls import client_credentials
+from plait.federated.secagg import messages
+from plait.federated.secagg.protocol import SecAggError
 from plait.federated.seeds import BACKOFF_JITTER, stream
 
 log = logging.getLogger("plait.fl.client")

@@ -6,7 +6,6 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -57,9 +56,9 @@ def server(config: Path = typer.Argument(..., help="the run's TOML config (table
 def client(server: str = typer.Option(..., "--server", help="the server's HOST:PORT"),
            data: Path = typer.Option(..., "--data", help="the run's TOML config (its model, data, run and net tables)"),
            id_: int = typer.Option(..., "--id", help="this client's id: its partition of [data] and its key"),
-           certs: Optional[Path] = typer.Option(None, "--certs", help="directory from `plait fl certs`"),
-           key: Optional[Path] = typer.Option(None, "--key", help="HMAC key file (default: CERTS/clients/...)"),
-           tls: Optional[bool] = typer.Option(None, "--tls/--no-tls", help="default: on unless HOST is loopback"),
+           certs: Path | None = typer.Option(None, "--certs", help="directory from `plait fl certs`"),
+           key: Path | None = typer.Option(None, "--key", help="HMAC key file (default: CERTS/clients/...)"),
+           tls: bool | None = typer.Option(None, "--tls/--no-tls", help="default: on unless HOST is loopback"),
            prop: list[str] = typer.Option([], "--property", help="device property, e.g. charging=false"),
            slow_s: float = typer.Option(0.0, "--slow-s", help="sleep before each push (a slow device)"),
            max_retry_s: float = typer.Option(120.0, "--max-retry-s", help="give up after this long unreachable"),

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable
 
 import grpc
 import torch
 
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import sign
-from plait.federated.net.wire import SERVICE, DataChunk, Malformed, TensorAssembler, WireError, check_header, \
-    chunk_data, chunk_parser, data_chunks, grpc_options, part_headers, plan_from_message, serialize, \
-    tensor_data_chunks, tensor_header
+from plait.federated.net.wire import (
+    SERVICE,
+    DataChunk,
+    Malformed,
+    TensorAssembler,
+    WireError,
+    check_header,
+    chunk_data,
+    chunk_parser,
+    data_chunks,
+    grpc_options,
+    part_headers,
+    plan_from_message,
+    serialize,
+    tensor_data_chunks,
+    tensor_header,
+)
 from plait.federated.plan import TrainingPlan
 
 # The channel's own reconnect backoff stays short; the client's loop adds its own, jittered, on top.
@@ -47,7 +61,8 @@ class Connection:
         options = grpc_options(chunk_bytes) + _RECONNECT
         self.channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
                         else grpc.insecure_channel(address, options))
-        method = lambda name: f"/{SERVICE}/{name}"  # noqa: E731
+        def method(name: str) -> str:
+            return f"/{SERVICE}/{name}"
         self._register = self.channel.unary_unary(method("Register"), serialize, pb.RegisterReply.FromString)
         self._heartbeat = self.channel.unary_unary(method("Heartbeat"), serialize, pb.HeartbeatReply.FromString)
         self._get_task = self.channel.unary_stream(method("GetTask"), serialize, chunk_parser(pb.TaskChunk))

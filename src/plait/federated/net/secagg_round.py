@@ -14,7 +14,7 @@ the survivors' shares of its mask key remove its pair masks from the sum.
 from __future__ import annotations
 
 from collections import deque
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from plait.federated.secagg import messages
 from plait.federated.secagg.aggregator import round_server

@@ -33,8 +33,23 @@ from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
 from plait.federated.net.status import StatusBoard
-from plait.federated.net.wire import REASONS, plan_message, SERVICE, DataChunk, Malformed, TensorAssembler, WireError, \
-    check_header, check_parts, chunk_data, chunk_parser, data_chunks, safe_parser, serialize, split_parts
+from plait.federated.net.wire import (
+    REASONS,
+    SERVICE,
+    DataChunk,
+    Malformed,
+    TensorAssembler,
+    WireError,
+    check_header,
+    check_parts,
+    chunk_data,
+    chunk_parser,
+    data_chunks,
+    plan_message,
+    safe_parser,
+    serialize,
+    split_parts,
+)
 from plait.federated.round_loop import Evaluation
 from plait.federated.secagg.messages import MaskedInput
 from plait.federated.secagg.protocol import SecAggError
@@ -181,7 +196,7 @@ class NetServer:
                 return
             try:
                 await asyncio.wait_for(wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _stream_task(self, rnd: RoundState, cid: int):
@@ -259,7 +274,7 @@ class NetServer:
             if h.num_examples < 0 or not 0 <= h.eval_accuracy <= 1 or not math.isfinite(h.eval_loss):
                 raise WireError("malformed", f"{what}: num_examples {h.num_examples}, accuracy {h.eval_accuracy}, "
                                              f"loss {h.eval_loss}")
-            async for chunk in stream:
+            async for _ in stream:
                 raise WireError("malformed", f"{what}: data after an evaluation's header")
         except WireError as err:
             await self._refuse(context, err, f"client {cid}")

@@ -50,7 +50,7 @@ def _fmt(value: Any) -> str:
 def serve_status(board: StatusBoard, host: str, port: int) -> ThreadingHTTPServer:
     """Start the page in a daemon thread; the returned server's `server_address` has the bound port."""
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server's name for it
             snapshot = board.snapshot()
             if self.path.split("?")[0] == "/status.json":
                 body, kind = json.dumps(snapshot).encode(), "application/json"

@@ -8,8 +8,9 @@ can answer that client clearly and count it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 from google.protobuf.message import DecodeError, Message

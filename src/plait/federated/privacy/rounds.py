@@ -25,7 +25,7 @@ SERVER_NOISE_STAGE = 2  # stage index in plait.federated.seeds.stage_seed (1: lo
 
 
 class RoundPrivacy:
-    def __init__(self, fl: "FLConfig", seed: int, num_clients: int):
+    def __init__(self, fl: FLConfig, seed: int, num_clients: int):
         self.config, self.seed = fl.privacy, seed
         target = min(target_clients(fl.fraction, fl.min_clients, num_clients), num_clients)
         self.expected_clients = self.config.expected_clients or target  # central DP's fixed denominator

@@ -14,8 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from plait.federated.secagg import crypto, fixedpoint, shamir
 from plait.federated.secagg.config import SecAggConfig
-from plait.federated.secagg.messages import (AdvertiseKeys, EncryptedShares, KeysBroadcast, MaskedInput,
-                                             SharesForward, UnmaskRequest, UnmaskShares)
+from plait.federated.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShares,
+    KeysBroadcast,
+    MaskedInput,
+    SharesForward,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from plait.federated.secagg.protocol import SecAggError, Stage, expect, pair_info, pair_sign, share_aad
 
 

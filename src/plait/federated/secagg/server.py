@@ -11,8 +11,15 @@ import torch
 
 from plait.federated.secagg import crypto, fixedpoint, graph, shamir
 from plait.federated.secagg.config import SecAggConfig
-from plait.federated.secagg.messages import (AdvertiseKeys, EncryptedShares, KeysBroadcast, MaskedInput,
-                                             SharesForward, UnmaskRequest, UnmaskShares)
+from plait.federated.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShares,
+    KeysBroadcast,
+    MaskedInput,
+    SharesForward,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from plait.federated.secagg.protocol import SecAggError, Stage, expect, pair_info, pair_sign
 
 
