@@ -26,6 +26,12 @@ class FlatSpec:
 
     slots: tuple[TensorSlot, ...]
     sizes: dict[torch.dtype, int]  # total elements per dtype
+    buffers: tuple[str, ...] = ()  # names of the slots that are module buffers (not parameters), if any
+
+    @property
+    def num_params(self) -> int:
+        """Elements of the slots that are parameters (buffers, when present, follow them)."""
+        return sum(slot.numel for slot in self.slots if slot.name not in self.buffers)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -45,14 +51,14 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def make_spec(tensors: dict[str, torch.Tensor]) -> FlatSpec:
+def make_spec(tensors: dict[str, torch.Tensor], buffers: tuple[str, ...] = ()) -> FlatSpec:
     offsets: dict[torch.dtype, int] = {}
     slots = []
     for name, tensor in tensors.items():
         offset = offsets.get(tensor.dtype, 0)
         slots.append(TensorSlot(name, tuple(tensor.shape), tensor.dtype, offset, tensor.numel()))
         offsets[tensor.dtype] = offset + tensor.numel()
-    return FlatSpec(tuple(slots), dict(offsets))
+    return FlatSpec(tuple(slots), dict(offsets), buffers)
 
 
 def flatten(tensors: dict[str, torch.Tensor],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -12,6 +12,8 @@ import torch
 from plait.data import partition
 from plait.data.images import load_image_set
 from plait.data.shakespeare import SEQ_LEN, VOCAB, load_shakespeare
+from plait.data.user import Inputs, Labelled, UserData, as_labelled, labelled_file, load_user_data, take
+from plait.user_code import accepts, is_reference, resolve_callable
 
 # Per-pixel statistics of the MNIST training set, used for both image sets (Fashion's are close enough for SGD).
 _MEAN, _STD = 0.1307, 0.3081
@@ -19,7 +21,14 @@ _MEAN, _STD = 0.1307, 0.3081
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
+    """`[data]`: a built-in data set by `name`, or the user's own by `source` (see data/user.py): a reference to a
+    loader (`"package.module:load"`), a .npz file, or a folder of per-client .npz files. `data = "pkg:load"` is
+    short for `[data] source = ...`."""
+
+    SHORTHAND: ClassVar[str] = "source"
     name: Literal["mnist", "fashion_mnist", "shakespeare"] = "mnist"
+    source: str = ""                 # the user's own data (overrides name)
+    test_path: str = ""              # a .npz test set (x, y) the network server evaluates on (it reads no client data)
     path: str = ""                   # a directory with the user's own copy (IDX files, or the plays' .md files)
     cache_dir: str = ""              # where .npz caches live; default ~/.cache/plait or $PLAIT_CACHE
     num_clients: int = 100
@@ -37,7 +46,7 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.name == "shakespeare" and self.partition != "natural":
             raise ValueError("data.partition must be 'natural' for shakespeare (one client per play and role)")
-        if self.name != "shakespeare" and self.partition == "natural":
+        if self.name != "shakespeare" and self.partition == "natural" and not self.source:
             raise ValueError(f"data.partition = 'natural' needs a data set with writers or roles, not {self.name}")
 
 
@@ -71,7 +80,7 @@ class FederatedData:
         held_by_clients = np.concatenate([*train_parts, *eval_parts]).astype(np.int64)
         rest = np.setdiff1d(np.arange(len(train_y)), held_by_clients, assume_unique=True)
         order = torch.from_numpy(np.concatenate([held_by_clients, rest]))
-        self.train_x, self.train_y = train_x[order], train_y[order]
+        self.train_x, self.train_y = take(train_x, order), train_y[order]
         bounds = np.cumsum([0] + [len(p) for p in train_parts] + [len(p) for p in eval_parts])
         self._train_runs = list(zip(bounds[: len(parts)], bounds[1 : len(parts) + 1]))
         self._eval_runs = list(zip(bounds[len(parts) : -1], bounds[len(parts) + 1 :]))
@@ -84,13 +93,13 @@ class FederatedData:
         start, stop = self._train_runs[client]
         return int(stop - start)
 
-    def client_train(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
         start, stop = self._train_runs[client]
-        return self.train_x[start:stop], self.train_y[start:stop]
+        return take(self.train_x, slice(start, stop)), self.train_y[start:stop]
 
-    def client_eval(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
         start, stop = self._eval_runs[client]
-        return self.train_x[start:stop], self.train_y[start:stop]
+        return take(self.train_x, slice(start, stop)), self.train_y[start:stop]
 
 
 def _image_parts(config: DataConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -108,6 +117,8 @@ def _images_to_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 def load_federated(config: DataConfig) -> FederatedData:
+    if config.source:
+        return _from_user_data(config, load_user_data(config.source))
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     if config.name == "shakespeare":
         return _load_shakespeare(config, cache_dir)
@@ -146,3 +157,84 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
         count += len(train)
     return FederatedData(torch.cat(xs), torch.cat(ys), torch.cat(test_x), torch.cat(test_y), parts,
                          config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)
+
+
+def _concat(sets: list[Labelled]) -> Labelled:
+    columns = [s.x if isinstance(s.x, tuple) else (s.x,) for s in sets]
+    stacked = tuple(torch.cat([c[i] for c in columns]) for i in range(len(columns[0])))
+    return Labelled(stacked if isinstance(sets[0].x, tuple) else stacked[0], torch.cat([s.y for s in sets]))
+
+
+def _from_user_data(config: DataConfig, data: UserData) -> FederatedData:
+    """The user's data as FederatedData: per-client sets kept as they are (`natural`), one pooled set partitioned."""
+    if data.clients is not None:
+        if config.num_clients > len(data.clients):
+            raise ValueError(f"data.num_clients = {config.num_clients}, but data.source has {len(data.clients)} "
+                             "clients")
+        clients = data.clients[: config.num_clients]
+        empty = [k for k, c in enumerate(clients) if len(c) == 0]
+        if empty:
+            raise ValueError(f"data.source: clients {empty[:10]} have no examples")
+        pooled = _concat(clients)
+        bounds = np.cumsum([0] + [len(c) for c in clients])
+        parts = [np.arange(bounds[k], bounds[k + 1]) for k in range(len(clients))]
+    else:
+        assert data.pooled is not None
+        pooled = data.pooled
+        labels = pooled.y.numpy()
+        if config.partition in ("shards", "dirichlet") and pooled.y.is_floating_point():
+            raise ValueError(f"data.partition = {config.partition!r} skews labels and needs integer class labels; "
+                             "use 'iid' or 'quantity' for regression targets")
+        if config.partition == "natural":
+            raise ValueError("data.partition = 'natural' needs per-client data (a folder of client files, or a "
+                             "loader returning one set per client)")
+        parts = _image_parts(config, labels)
+    test = data.test or Labelled(take(pooled.x, slice(0, 0)), pooled.y[:0])
+    classification = not pooled.y.is_floating_point()
+    if classification and len(pooled.y) and int(pooled.y.min()) < 0:
+        raise ValueError("data.source: class labels must be >= 0")
+    num_classes = int(max(pooled.y.max(), test.y.max() if len(test.y) else 0)) + 1 if classification else 0
+    return FederatedData(pooled.x, pooled.y, test.x, test.y, parts, config.eval_fraction, config.seed,
+                         num_classes=num_classes)
+
+
+def load_test_set(config: DataConfig) -> tuple[Inputs, torch.Tensor, int] | None:
+    """The network server's own test set (x, y, number of classes), reading no client's data: `data.test_path`,
+    the built-in set's test split, or None when the run's data is the users' own without a test_path."""
+    if config.test_path:
+        test = labelled_file(Path(config.test_path), "data.test_path")
+        return test.x, test.y, 0 if test.y.is_floating_point() else int(test.y.max()) + 1 if len(test.y) else 0
+    if config.source:
+        return None
+    if config.name == "shakespeare":
+        data = load_federated(config)
+        return data.test_x, data.test_y, data.num_classes
+    arrays = load_image_set(config.name, config.path or None, Path(config.cache_dir) if config.cache_dir else None)
+    return _images_to_tensor(arrays["test_x"]), torch.from_numpy(arrays["test_y"]), 10
+
+
+def load_own_data(config: DataConfig, client_id: int, path: str = "") -> tuple[Labelled, Labelled, int]:
+    """One network client's (training set, held-out set, number of classes): a .npz file or a folder holding
+    `data.npz` given on its command line; else `data.source`'s loader called with `client_id=`; else (trying things
+    out on one machine) partition `client_id` of the configured data set. The held-out share is
+    `data.eval_fraction`."""
+    if not path and not (config.source and is_reference(config.source) and accepts(config.source, "client_id")):
+        everyone = load_federated(config)
+        if client_id >= everyone.num_clients:
+            raise ValueError(f"--id {client_id}: data.num_clients is {everyone.num_clients}")
+        return (Labelled(*everyone.client_train(client_id)), Labelled(*everyone.client_eval(client_id)),
+                everyone.num_classes)
+    if path:
+        file = Path(path) / "data.npz" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise ValueError(f"--data-path {path!r}: no such file (a .npz with x and y, or a folder with data.npz)")
+        own = labelled_file(file, "--data-path")
+    else:
+        loader = resolve_callable(config.source, "data.source", {"client_id": client_id})
+        own = as_labelled(loader(client_id=client_id), f"data.source for client {client_id}")
+    if len(own) == 0:
+        raise ValueError(f"client {client_id}: its data holds no examples")
+    classes = 0 if own.y.is_floating_point() else int(own.y.max()) + 1
+    split = FederatedData(own.x, own.y, take(own.x, slice(0, 0)), own.y[:0], [np.arange(len(own))],
+                          config.eval_fraction, config.seed, classes)
+    return Labelled(*split.client_train(0)), Labelled(*split.client_eval(0)), classes

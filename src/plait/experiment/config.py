@@ -44,6 +44,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def _convert(hint: Any, value: Any, name: str) -> Any:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        shorthand = getattr(hint, "SHORTHAND", None)  # `model = "pkg:make"` for `[model] factory = "pkg:make"`
+        if isinstance(value, str) and shorthand:
+            value = {shorthand: value}
         return from_dict(hint, value, name)
     if origin is Literal:
         if value not in get_args(hint):
@@ -98,13 +101,28 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The config file's tables. A user-code reference to a file (`"models.py:make_net"`) with a relative path is
+    taken from the config file's folder, so a config and its code can travel together."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    return _anchor_file_references(data, path.resolve().parent)
+
+
+def _anchor_file_references(value: Any, folder: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _anchor_file_references(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchor_file_references(v, folder) for v in value]
+    if isinstance(value, str) and ".py:" in value:
+        file, _, name = value.rpartition(":")
+        if file.endswith(".py") and name.isidentifier() and not Path(file).is_absolute():
+            return f"{folder / file}:{name}"
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

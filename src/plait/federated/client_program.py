@@ -18,6 +18,7 @@ from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.config import FLConfig
 from plait.federated.pipeline import ClientStages
 from plait.federated.plan import TrainingPlan
+from plait.federated.task import Task
 
 
 class ClientProgram:
@@ -25,8 +26,9 @@ class ClientProgram:
         self.stages = ClientStages(fl.privacy, fl.compression, seed)
 
     def train(self, model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
-              plan: TrainingPlan) -> Update:
-        return client_update(model, spec, params, data, plan)
+              plan: TrainingPlan, task: Task | None = None,
+              local: tuple[torch.Tensor, FlatSpec] | None = None) -> Update:
+        return client_update(model, spec, params, data, plan, task, local)
 
     def finish(self, client_id: int, delta: torch.Tensor, round_idx: int) -> Encoded:
         """The update pipeline's client half on a trained delta: what goes on the wire."""

@@ -14,15 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from plait.core.flat import FlatSpec, split_views
+from plait.core.flat import FlatSpec
 from plait.federated.plan import TrainingPlan
+from plait.federated.task import Inputs, Task, take
+from plait.federated.weights import pointed_at
 
 
 @dataclass(slots=True)
 class ClientData:
-    x: torch.Tensor
+    x: Inputs                    # one tensor, or a tuple of tensors for a model with several inputs
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -34,34 +35,40 @@ class Update:
     delta: torch.Tensor          # local weights minus the global weights, flat
     num_examples: int            # n_k, the client's weight in FedAvg
     metrics: dict[str, float] = field(default_factory=dict)
+    local_buffers: torch.Tensor | None = None  # the client's own buffers after training (fl.buffers = "local")
 
 
 def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.Tensor, data: ClientData,
-                  plan: TrainingPlan) -> Update:
+                  plan: TrainingPlan, task: Task | None = None,
+                  local: tuple[torch.Tensor, FlatSpec] | None = None) -> Update:
+    """`plan`'s local SGD from `global_params` on `data`, with `task`'s loss (default: classification). `local`:
+    the client's own buffers (vector, spec), trained in place of the model's and returned in the update."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
+    task = task or Task()
     global_params = global_params.detach()
     w = global_params.clone()
     grad = torch.zeros_like(w)
-    params = dict(model.named_parameters())
-    originals = {name: (p.data, p.grad) for name, p in params.items()}
-    try:
-        for (name, view), grad_view in zip(split_views(w, spec).items(), split_views(grad, spec).values()):
-            params[name].data = view
-            params[name].grad = grad_view
-        steps, loss_sum = _train(model, w, grad, global_params, data, plan)
-    finally:
-        for name, (memory, old_grad) in originals.items():
-            params[name].data, params[name].grad = memory, old_grad
+    own = (local[0].clone(), local[1]) if local is not None else None
+    with pointed_at(model, spec, w, grad, own):
+        was_training = model.training
+        model.train()
+        try:
+            steps, loss_sum = _train(model, task, w, grad, global_params, spec.num_params, data, plan)
+        finally:
+            model.train(was_training)
     delta = w - global_params
     # One host sync per client, for the log only.
-    return Update(delta, len(data), {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps})
+    return Update(delta, len(data), {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps},
+                  own[0] if own is not None else None)
 
 
-def _train(model: torch.nn.Module, w: torch.Tensor, grad: torch.Tensor, global_params: torch.Tensor, data: ClientData,
-           plan: TrainingPlan) -> tuple[int, torch.Tensor]:
-    """The local SGD steps on `w` (the model's parameters point into it, their gradients into `grad`)."""
-    velocity = torch.zeros_like(w) if plan.momentum else None
+def _train(model: torch.nn.Module, task: Task, w: torch.Tensor, grad: torch.Tensor, global_params: torch.Tensor,
+           num_params: int, data: ClientData, plan: TrainingPlan) -> tuple[int, torch.Tensor]:
+    """The local SGD steps on `w` (the model's parameters point into it, their gradients into `grad`). Only the
+    first `num_params` elements are parameters; federated buffers after them change in the forward passes."""
+    w_params, grad_params, global_w = w[:num_params], grad[:num_params], global_params[:num_params]
+    velocity = torch.zeros_like(w_params) if plan.momentum else None
     generator = torch.Generator().manual_seed(plan.seed)
     num_examples = len(data)
     batch = num_examples if plan.batch_size == 0 else plan.batch_size
@@ -75,17 +82,17 @@ def _train(model: torch.nn.Module, w: torch.Tensor, grad: torch.Tensor, global_p
                 break
             idx = order[start : start + batch]
             grad.zero_()
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            loss = task.train_loss(model, take(data.x, idx), data.y[idx])
             loss.backward()  # accumulates into `grad` through the views
             with torch.no_grad():
-                step = grad
+                step = grad_params
                 if plan.weight_decay:
-                    step = step.add(w, alpha=plan.weight_decay)
+                    step = step.add(w_params, alpha=plan.weight_decay)
                 if plan.prox_mu:
-                    step = step.add(w - global_params, alpha=plan.prox_mu)
+                    step = step.add(w_params - global_w, alpha=plan.prox_mu)
                 if velocity is not None:
                     step = velocity.mul_(plan.momentum).add_(step)
-                w.sub_(step, alpha=plan.lr)
+                w_params.sub_(step, alpha=plan.lr)
             loss_sum += loss.detach()
             steps += 1
     return steps, loss_sum

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from plait.data.federated import DataConfig
 from plait.experiment.sections import RunSection as BaseRunSection
+from plait.user_code import is_reference
 from plait.federated.attacks import AttackConfig
 from plait.federated.pipeline import CompressionConfig
 from plait.federated.plan import TrainingPlan
@@ -24,7 +25,24 @@ class RunSection(BaseRunSection):
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    """`[model]`: a built-in preset by `name`, or the user's own model: `factory = "package.module:make_model"`
+    (or `"file.py:make_model"`), called with `options` as keywords. `model = "pkg.mod:make_model"` is short for
+    `[model] factory = ...`."""
+
+    SHORTHAND: ClassVar[str] = "factory"
     name: Literal["2nn", "cnn", "char_lstm"] = "2nn"
+    factory: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.factory and not is_reference(self.factory):
+            raise ValueError(f"model.factory = {self.factory!r} must look like 'package.module:name' or "
+                             "'file.py:name'")
+
+    @property
+    def label(self) -> str:
+        """What names the model to a person (and to a client checking it trains the server's model)."""
+        return self.factory or self.name
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,10 +64,15 @@ class FLConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)  # topology != "none": server-less rounds
+    task: str = "classification"       # how the model learns: classification | regression | "pkg.module:MyTask"
+    buffers: Literal["federated", "local"] = "federated"  # BatchNorm statistics: averaged, or kept per client
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"fl.rounds must be >= 1, got {self.rounds}")
+        if self.task not in ("classification", "regression") and not is_reference(self.task):
+            raise ValueError(f"fl.task = {self.task!r}: use 'classification', 'regression' or a reference to your "
+                             "Task class, 'package.module:MyTask'")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fl.fraction must be in (0, 1], got {self.fraction}")
         if self.min_clients < 1:

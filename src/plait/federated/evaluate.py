@@ -1,25 +1,18 @@
-"""Evaluation of flat parameters on a labelled set: mean cross-entropy and accuracy."""
+"""Evaluation of a flat model state on a data set, with the task's metrics (default: mean cross-entropy and
+accuracy), the model in eval mode."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from plait.core.flat import FlatSpec, split_views
+from plait.core.flat import FlatSpec
+from plait.federated.task import Inputs, Task, evaluate_batches
+from plait.federated.weights import pointed_at
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, y: torch.Tensor,
+             task: Task | None = None, local: tuple[torch.Tensor, FlatSpec] | None = None,
              batch_size: int = 2000) -> dict[str, float]:
-    if len(y) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
-    views = split_views(params, spec)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    for start in range(0, len(y), batch_size):
-        logits = functional_call(model, views, (x[start : start + batch_size],))
-        target = y[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == target).sum()
-    return {"loss": float(loss_sum) / len(y), "accuracy": int(correct) / len(y), "num_examples": len(y)}
+    """The task's metrics of the weights `params` (and, with `local`, a client's own buffers) on (x, y)."""
+    with pointed_at(model, spec, params.detach(), local=local):
+        return evaluate_batches(task or Task(), model, x, y, batch_size)

@@ -14,6 +14,7 @@ import torch
 from plait.core.flat import FlatSpec
 from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.plan import TrainingPlan
+from plait.federated.task import Task
 
 
 @dataclass(slots=True)
@@ -21,6 +22,8 @@ class ClientTask:
     client_id: int
     plan: TrainingPlan
     data: ClientData
+    task: Task | None = None                          # the user's task (default: classification)
+    local: tuple[torch.Tensor, FlatSpec] | None = None  # the client's own buffers (fl.buffers = "local")
 
 
 class ClientExecutor(Protocol):
@@ -36,7 +39,7 @@ class SequentialExecutor:
     def run(self, model, spec, global_params, tasks):
         for task in tasks:
             try:
-                update = client_update(model, spec, global_params, task.data, task.plan)
+                update = client_update(model, spec, global_params, task.data, task.plan, task.task, task.local)
             except Exception as err:  # name the client and the stage in every error (fedjax's debug backend)
                 raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
             yield task, update

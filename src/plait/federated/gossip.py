@@ -19,23 +19,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from plait.core.flat import flat_params
 from plait.data.federated import FederatedData
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import SequentialExecutor
 from plait.federated.seeds import NODE_EVAL_SAMPLE, client_seed, selection_rng, stream
 from plait.federated.server import ServerState
+from plait.federated.task import Task
 from plait.federated.topology import mixing_matrix, neighbours
+from plait.federated.weights import flat_model_state
 
 
 class GossipRunner:
     """Server-less rounds: local training on a fraction of the nodes, then gossip along the graph."""
 
-    def __init__(self, config, model: torch.nn.Module, data: FederatedData, seed: int):
-        self.config, self.model, self.data, self.seed = config, model, data, seed
+    def __init__(self, config, model: torch.nn.Module, data: FederatedData, seed: int, task: Task | None = None):
+        self.config, self.model, self.data, self.seed, self.task = config, model, data, seed, task or Task()
         self.executor = SequentialExecutor()  # closed by the run loop like any executor
-        params, self.spec = flat_params(model)
+        params, self.spec = flat_model_state(model, buffers=True)
         num_nodes = data.num_clients
         self.adj = neighbours(config.gossip.topology, num_nodes, config.gossip.degree, seed)
         self.mixing = mixing_matrix(self.adj).to(params.dtype)
@@ -66,7 +67,8 @@ class GossipRunner:
         loss_sum = examples = 0.0
         for node in trained:
             plan = cfg.plan.for_client(client_seed(self.seed, round_idx, node))
-            update = client_update(self.model, self.spec, params[node], ClientData(*self.data.client_train(node)), plan)
+            data = ClientData(*self.data.client_train(node))
+            update = client_update(self.model, self.spec, params[node], data, plan, self.task)
             params[node] += update.delta
             loss_sum += update.metrics["train_loss"] * update.num_examples
             examples += update.num_examples
@@ -88,11 +90,12 @@ class GossipRunner:
         if not (round_idx == cfg.rounds or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
             return {}
         test_x, test_y = self.data.test_x, self.data.test_y
-        average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y)
-        out = {"accuracy": average["accuracy"], "loss": average["loss"]}  # the average model's
+        average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y, task=self.task)
+        out = {k: v for k, v in average.items() if k != "num_examples"}  # the average model's
         picks = stream(self.seed, NODE_EVAL_SAMPLE).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]
         if len(picks):
-            scores = [evaluate(self.model, self.spec, state.params[int(i)], test_x, test_y)["accuracy"] for i in picks]
+            scores = [evaluate(self.model, self.spec, state.params[int(i)], test_x, test_y, task=self.task)["accuracy"]
+                      for i in picks]
             out["node_accuracy_mean"] = float(np.mean(scores))
             out["node_accuracy_min"] = float(np.min(scores))
         return out

@@ -29,7 +29,8 @@ def _init_worker(model: torch.nn.Module, threads: int) -> None:
 def _run_task(args) -> tuple[int, Update | str]:
     spec, params, task = args
     try:
-        return task.client_id, client_update(_worker_model, spec, params, task.data, task.plan)
+        return task.client_id, client_update(_worker_model, spec, params, task.data, task.plan, task.task,
+                                             task.local)
     except Exception as err:  # returned, not raised: the parent names the client
         return task.client_id, f"{type(err).__name__}: {err}"
 

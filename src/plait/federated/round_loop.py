@@ -33,6 +33,7 @@ from plait.federated.seeds import client_seed, selection_rng
 from plait.federated.selection import Properties, requires, select_clients
 from plait.federated.server_opt import build_server_opt
 from plait.federated.strategy import Aggregator, TooFewUpdates, make_aggregator
+from plait.federated.task import Inputs, Task
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ class Evaluation:
     """One client's figures on its own held-out data."""
     client_id: int
     num_examples: int
-    accuracy: float
+    accuracy: float | None   # None for a task without accuracy (regression)
     loss: float
 
 
@@ -95,8 +96,8 @@ class RoundLoop:
 
     def __init__(self, config: FLConfig, backend: ClientBackend, *, model: torch.nn.Module, spec: FlatSpec,
                  initial_params: torch.Tensor, seed: int, num_clients: int,
-                 test_set: tuple[torch.Tensor, torch.Tensor] | None):
-        self.config, self.backend, self.seed = config, backend, seed
+                 test_set: tuple[Inputs, torch.Tensor] | None, task: Task | None = None):
+        self.config, self.backend, self.seed, self.task = config, backend, seed, task or Task()
         self.model, self.spec, self.initial_params, self.test_set = model, spec, initial_params, test_set
         self.server_opt = build_server_opt(config.server_opt)
         self.eligible = requires(**config.eligibility)
@@ -189,8 +190,8 @@ class RoundLoop:
         cfg, out = self.config, dict[str, float]()
         last = final or round_idx == cfg.rounds
         if self.test_set is not None and (last or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
-            metrics = evaluate(self.model, self.spec, params, *self.test_set)
-            out.update(accuracy=metrics["accuracy"], loss=metrics["loss"])
+            metrics = evaluate(self.model, self.spec, params, *self.test_set, task=self.task)
+            out.update({k: v for k, v in metrics.items() if k != "num_examples"})
         if cfg.federated_eval_every and (last or round_idx % cfg.federated_eval_every == 0):
             out.update(self.federated_evaluate(params, sorted(candidates), round_idx))
         return out
@@ -201,7 +202,8 @@ class RoundLoop:
         total = sum(r.num_examples for r in results)
         if not total:  # e.g. no client answered in time: nothing to report this round
             return {"fed_clients": 0}
-        return {"fed_accuracy": sum(r.accuracy * r.num_examples for r in results) / total,
-                "fed_loss": sum(r.loss * r.num_examples for r in results) / total,
-                "fed_clients": len(results)}
+        out = {"fed_loss": sum(r.loss * r.num_examples for r in results) / total, "fed_clients": len(results)}
+        if all(r.accuracy is not None for r in results):
+            out["fed_accuracy"] = sum((r.accuracy or 0.0) * r.num_examples for r in results) / total
+        return out
 

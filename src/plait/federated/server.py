@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from plait.core.flat import flat_params
 from plait.data.federated import FederatedData
 from plait.federated.backends.simulated import SimulatedBackend
 from plait.federated.config import FLConfig
 from plait.federated.executor import ClientExecutor
 from plait.federated.round_loop import RoundLoop, ServerState
 from plait.federated.seeds import client_seed
+from plait.federated.task import Task
+from plait.federated.weights import flat_model_state
 
 __all__ = ["FederatedServer", "ServerState", "client_seed"]
 
 
 class FederatedServer(RoundLoop):
     def __init__(self, config: FLConfig, model: torch.nn.Module, data: FederatedData, executor: ClientExecutor,
-                 seed: int):
-        initial_params, spec = flat_params(model)
-        backend = SimulatedBackend(config, model, spec, data, executor, seed, initial_params.numel())
+                 seed: int, task: Task | None = None):
+        initial_params, spec = flat_model_state(model, buffers=config.buffers == "federated")
+        backend = SimulatedBackend(config, model, spec, data, executor, seed, initial_params.numel(), task)
+        test_set = (data.test_x, data.test_y) if len(data.test_y) else None
         super().__init__(config, backend, model=model, spec=spec, initial_params=initial_params, seed=seed,
-                         num_clients=data.num_clients, test_set=(data.test_x, data.test_y))
+                         num_clients=data.num_clients, test_set=test_set, task=task)
         self.data = data
         if config.strategy.name == "secagg" and config.strategy.weighting == "examples":
             config.strategy.secagg.check_weights(max(data.num_examples(c) for c in range(data.num_clients)))

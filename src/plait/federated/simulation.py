@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from plait.core.models import build_model
 from plait.data.federated import load_federated
 from plait.experiment.plots import plot_run
 from plait.experiment.rundir import prepare_run_dir
+from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.config import FederatedRunConfig
 from plait.federated.driver import drive_rounds
 from plait.federated.executor import ClientExecutor, SequentialExecutor
@@ -44,15 +44,16 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         torch.set_num_threads(config.run.threads)
     data = load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
-    model = build_model(config.model.name,
-                        **({"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}))
+    model = build_model(config.model, data.num_classes)
+    task = build_task(config.fl)
+    check_model_fits(task, model, *data.client_train(0), data.num_classes)
     if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
         from plait.federated.gossip import GossipRunner
 
-        return GossipRunner(config.fl, model, data, config.run.seed)
+        return GossipRunner(config.fl, model, data, config.run.seed, task)
     executor = executor or build_executor(config, model)
     try:
-        return FederatedServer(config.fl, model, data, executor, config.run.seed)
+        return FederatedServer(config.fl, model, data, executor, config.run.seed, task)
     except Exception:
         executor.close()  # a worker pool must not outlive a server that failed to start
         raise

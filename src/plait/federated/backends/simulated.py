@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from plait.core.flat import FlatSpec
 from plait.data.federated import FederatedData
 from plait.federated.attacks import attacker_ids, flip_labels, poison_delta
 from plait.federated.client_program import ClientProgram
@@ -22,6 +23,8 @@ from plait.federated.executor import ClientExecutor, ClientTask
 from plait.federated.round_loop import Collected, Evaluation, RoundTasks
 from plait.federated.seeds import stage_seed
 from plait.federated.stragglers import DevicePool, split_on_time
+from plait.federated.task import Task
+from plait.federated.weights import local_buffer_state
 
 ATTACK_STAGE = 3  # stage index in plait.federated.seeds.stage_seed (1: codecs and local DP, 2: central DP)
 
@@ -29,8 +32,8 @@ ATTACK_STAGE = 3  # stage index in plait.federated.seeds.stage_seed (1: codecs a
 class SimulatedBackend:
     aggregates_secagg = False  # simulated secure aggregation is an aggregator (secagg/aggregator.py)
 
-    def __init__(self, config: FLConfig, model: torch.nn.Module, spec, data: FederatedData,
-                 executor: ClientExecutor, seed: int, num_params: int):
+    def __init__(self, config: FLConfig, model: torch.nn.Module, spec: FlatSpec, data: FederatedData,
+                 executor: ClientExecutor, seed: int, num_params: int, task: Task | None = None):
         self.config, self.model, self.spec, self.data = config, model, spec, data
         self.executor, self.seed = executor, seed
         self.devices = DevicePool(config.devices, data.num_clients, seed)
@@ -39,6 +42,15 @@ class SimulatedBackend:
         # what one compressed update costs on the uplink, for the simulated devices' transfer times
         self.upload_bytes = self.program.stages.codec.encode(torch.ones(num_params)).nbytes
         self.attackers = attacker_ids(config.attack, data.num_clients)
+        self.task = task or Task()
+        # fl.buffers = "local": each client's own buffers (BatchNorm statistics), from the model's initial ones
+        self.initial_local = local_buffer_state(model) if config.buffers == "local" else None
+        self.local: dict[int, torch.Tensor] = {}
+
+    def _local(self, cid: int) -> tuple[torch.Tensor, FlatSpec] | None:
+        if self.initial_local is None:
+            return None
+        return self.local.get(cid, self.initial_local[0]), self.initial_local[1]
 
     def candidates(self, round_idx: int) -> dict[int, dict[str, bool]]:
         return self.devices.properties(round_idx)
@@ -61,10 +73,11 @@ class SimulatedBackend:
         if self.attackers:
             record["attackers"] = 0
         got = Collected(participants=0, dropped=len(dropped))
-        runs = self.executor.run(self.model, self.spec, tasks.params,
-                                 [ClientTask(cid, plans[cid], self._client_data(cid)) for cid in kept])
-        for task, update in runs:
+        work = [ClientTask(cid, plans[cid], self._client_data(cid), self.task, self._local(cid)) for cid in kept]
+        for task, update in self.executor.run(self.model, self.spec, tasks.params, work):
             cid, delta = task.client_id, update.delta
+            if update.local_buffers is not None:
+                self.local[cid] = update.local_buffers
             if cid in self.attackers:
                 record["attackers"] += 1
                 generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, cid, ATTACK_STAGE))
@@ -82,16 +95,17 @@ class SimulatedBackend:
         for cid in client_ids:
             x, y = self.data.client_eval(cid)
             if len(y):
-                m = evaluate(self.model, self.spec, params, x, y)
-                out.append(Evaluation(cid, len(y), m["accuracy"], m["loss"]))
+                m = evaluate(self.model, self.spec, params, x, y, task=self.task, local=self._local(cid))
+                out.append(Evaluation(cid, len(y), m.get("accuracy"), m["loss"]))
         return out
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        # simulated clients' error-feedback residuals: real clients keep their own
-        return {"residuals": self.program.stages.residuals()}
+        # simulated clients' error-feedback residuals and own buffers: real clients keep theirs
+        return {"residuals": self.program.stages.residuals(), "local_buffers": dict(self.local)}
 
     def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
         self.program.stages.load_residuals(ckpt.get("residuals", {}))
+        self.local = {int(cid): t for cid, t in ckpt.get("local_buffers", {}).items()}
 
     def close(self) -> None:
         self.executor.close()

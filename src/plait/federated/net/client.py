@@ -19,11 +19,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from plait.core.flat import flat_params
-from plait.core.models import build_model
-from plait.data.federated import load_federated
+from plait.data.federated import load_own_data
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData
+from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.evaluate import evaluate
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import read_key
@@ -34,6 +33,7 @@ from plait.federated.net.tls import client_credentials
 from plait.federated.secagg import messages
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.seeds import BACKOFF_JITTER, stream
+from plait.federated.weights import flat_model_state, local_buffer_state
 
 log = logging.getLogger("plait.fl.client")
 
@@ -48,6 +48,7 @@ class ClientOptions:
     server: str                       # HOST:PORT
     client_id: int
     cert_dir: str = ""                # from `plait fl certs`: ca.pem and clients/client-<id>.*
+    data_path: str = ""               # this client's own data: a .npz (x, y) or a folder with data.npz
     key_file: str = ""                # HMAC key (default: cert_dir/clients/client-<id>.key)
     tls: bool | None = None           # None: on unless the server is a loopback address
     properties: dict[str, bool] = field(default_factory=lambda: {"charging": True, "idle": True,
@@ -89,14 +90,15 @@ class NetClient:
     def __init__(self, config: NetworkRunConfig, opts: ClientOptions):
         self.config, self.opts = config, opts
         torch.set_num_threads(config.run.threads or 1)
-        data = load_federated(config.data)
-        if opts.client_id >= data.num_clients:
-            raise ValueError(f"--id {opts.client_id}: data.num_clients is {data.num_clients}")
-        self.data = ClientData(*data.client_train(opts.client_id))
-        self.eval_data = ClientData(*data.client_eval(opts.client_id))  # held out, for federated evaluation
-        extra = {"vocab_size": data.num_classes} if config.model.name == "char_lstm" else {}
-        self.model = build_model(config.model.name, **extra)
-        _, self.spec = flat_params(self.model)
+        # Only this client's own data: its own file, its loader's share, or (one machine) its partition.
+        train, held_out, num_classes = load_own_data(config.data, opts.client_id, opts.data_path)
+        self.data = ClientData(train.x, train.y)
+        self.eval_data = ClientData(held_out.x, held_out.y)  # held out, for federated evaluation
+        self.task = build_task(config.fl)
+        self.model = build_model(config.model, num_classes)
+        check_model_fits(self.task, self.model, train.x, train.y, num_classes)
+        _, self.spec = flat_model_state(self.model, buffers=config.fl.buffers == "federated")
+        self.local = local_buffer_state(self.model) if config.fl.buffers == "local" else None  # this client's own
         self.num_params = self.spec.numel()
         # The global weights arrive into this one buffer every round (client_update copies them before training),
         # so a round maps no fresh pages for them.
@@ -114,9 +116,9 @@ class NetClient:
 
     def _register(self) -> None:
         reply = self.conn.register(self.opts.properties, len(self.data))
-        if reply.num_params != self.num_params or reply.model != self.config.model.name:
+        if reply.num_params != self.num_params or reply.model != self.config.model.label:
             raise ValueError(f"client {self.opts.client_id}: the server trains {reply.model} with "
-                             f"{reply.num_params} parameters, this client's config has {self.config.model.name} "
+                             f"{reply.num_params} parameters, this client's config has {self.config.model.label} "
                              f"with {self.num_params}: use the server's config file")
         mine = pipeline_fingerprint(self.config.fl)
         if reply.pipeline != mine:
@@ -140,14 +142,17 @@ class NetClient:
 
     def _evaluate_and_push(self, task: Task) -> None:
         held_out = self.eval_data
-        figures = evaluate(self.model, self.spec, task.params, held_out.x, held_out.y) if len(held_out) else {}
-        reply = self.conn.push_evaluation(self.session, task, len(held_out), figures.get("accuracy", 0.0),
+        figures = evaluate(self.model, self.spec, task.params, held_out.x, held_out.y, task=self.task,
+                           local=self.local) if len(held_out) else {}
+        reply = self.conn.push_evaluation(self.session, task, len(held_out), figures.get("accuracy"),
                                           figures.get("loss", 0.0))
         log.info("client %d: round %d evaluated on %d held-out examples (%s)", self.opts.client_id, task.round,
                  len(held_out), reply.message)
 
     def _train_and_push(self, task: Task) -> None:
-        update = self.program.train(self.model, self.spec, task.params, self.data, task.plan)
+        update = self.program.train(self.model, self.spec, task.params, self.data, task.plan, self.task, self.local)
+        if update.local_buffers is not None and self.local is not None:
+            self.local = (update.local_buffers, self.local[1])
         loss, cid = float(update.metrics.get("train_loss", 0.0)), self.opts.client_id
         # the client program's stages, as simulated: local DP, then compression (error feedback kept here)
         encoded = self.program.finish(cid, update.delta, task.round)

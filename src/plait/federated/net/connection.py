@@ -130,12 +130,13 @@ class Connection:
         return self.push_chunks(chain([pb.UpdateChunk(header=header)], tensor_data_chunks(delta, self.chunk_bytes)),
                                 timeout)
 
-    def push_evaluation(self, session: str, task: Task, num_examples: int, accuracy: float, loss: float,
+    def push_evaluation(self, session: str, task: Task, num_examples: int, accuracy: float | None, loss: float,
                         timeout: float = 60) -> pb.PushReply:
-        """An evaluation task's answer: figures on the held-out data, no tensor."""
+        """An evaluation task's answer: figures on the held-out data (no accuracy for regression), no tensor."""
         header = pb.UpdateHeader(client_id=self.client_id, session=session, round=task.round, task_id=task.task_id,
-                                 num_examples=num_examples, evaluation=True, eval_accuracy=accuracy,
-                                 eval_loss=loss)
+                                 num_examples=num_examples, evaluation=True, eval_loss=loss)
+        if accuracy is not None:
+            header.eval_accuracy = accuracy
         return self.push_chunks([pb.UpdateChunk(header=header)], timeout)
 
     def push_compressed(self, session: str, task: Task, codec: str, tensors: dict[str, torch.Tensor],

@@ -20,11 +20,10 @@ from typing import Any
 import grpc
 import torch
 
-from plait.core.flat import flat_params
-from plait.core.models import build_model
-from plait.data.federated import load_federated
+from plait.data.federated import load_test_set
 from plait.experiment.metrics import read_metrics
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.driver import drive_rounds
 from plait.federated.net.backend import NetBackend
 from plait.federated.net.config import NetworkRunConfig
@@ -33,6 +32,7 @@ from plait.federated.net.status import serve_status
 from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import grpc_options
 from plait.federated.round_loop import RoundLoop, ServerState
+from plait.federated.weights import flat_model_state
 
 log = logging.getLogger("plait.fl.server")
 
@@ -72,17 +72,17 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run = prepare_run_dir(config.run.root, config.run.name, resume)
-    data = load_federated(config.data)  # the server keeps only the central test set
+    test = load_test_set(config.data)  # the server's own test set, if any: it reads no client's data
+    num_classes = test[2] if test is not None else 0
     torch.manual_seed(config.run.seed)  # the initial global model, as the simulator draws it
-    model = build_model(config.model.name, **({"vocab_size": data.num_classes}
-                                               if config.model.name == "char_lstm" else {}))
-    initial, spec = flat_params(model)
-    if config.fl.strategy.name == "secagg" and config.fl.strategy.weighting == "examples":
-        config.fl.strategy.secagg.check_weights(max(data.num_examples(c) for c in range(data.num_clients)))
+    model, task = build_model(config.model, num_classes), build_task(config.fl)
+    if test is not None and len(test[1]):
+        check_model_fits(task, model, test[0], test[1], num_classes)
+    initial, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
     server = NetServer(config, initial.numel())
     rounds = RoundLoop(config.fl, NetBackend(server, asyncio.get_running_loop()), model=model, spec=spec,
-                       initial_params=initial, seed=config.run.seed, num_clients=data.num_clients,
-                       test_set=(data.test_x, data.test_y))
+                       initial_params=initial, seed=config.run.seed, num_clients=config.data.num_clients,
+                       test_set=(test[0], test[1]) if test is not None and len(test[1]) else None, task=task)
     if not resume:
         run.write_config(config)
     server.history = [{k: r.get(k) for k in _HISTORY_KEYS} for r in read_metrics(run.metrics_path)]

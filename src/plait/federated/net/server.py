@@ -147,13 +147,19 @@ class NetServer:
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def register(self, request, context):
         cid = await self._authenticate(context, "Register", request)
+        strategy = self.config.fl.strategy
+        if strategy.name == "secagg" and strategy.weighting == "examples" \
+                and request.num_examples > strategy.secagg.max_weight:  # its weight would not fit the ring
+            await self._refuse(context, WireError("malformed", f"client {cid}: {request.num_examples} examples is "
+                                                  f"above fl.strategy.secagg.max_weight = "
+                                                  f"{strategy.secagg.max_weight}"), f"client {cid}")
         props = {k: getattr(request.properties, k) for k in ("charging", "idle", "unmetered")}
         previous = self.clients.get(cid)
         self.clients[cid] = ClientInfo(secrets.token_hex(8), props, request.num_examples, time.monotonic())
         log.info("client %d %s (%d examples)", cid, "re-registered" if previous else "registered",
                  request.num_examples)
         return pb.RegisterReply(session=self.clients[cid].session, heartbeat_s=self.config.net.heartbeat_s,
-                                model=self.config.model.name, num_params=self.numel, pipeline=self.fingerprint)
+                                model=self.config.model.label, num_params=self.numel, pipeline=self.fingerprint)
 
     async def heartbeat(self, request, context):
         cid = await self._authenticate(context, "Heartbeat", request)
@@ -278,7 +284,8 @@ class NetServer:
                 raise WireError("malformed", f"{what}: data after an evaluation's header")
         except WireError as err:
             await self._refuse(context, err, f"client {cid}")
-        rnd.add_evaluation(Evaluation(cid, int(h.num_examples), h.eval_accuracy, h.eval_loss))
+        accuracy = h.eval_accuracy if h.HasField("eval_accuracy") else None
+        rnd.add_evaluation(Evaluation(cid, int(h.num_examples), accuracy, h.eval_loss))
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: evaluation {len(rnd.reported)}/{rnd.target}")
 
     def _check_codec(self, h, what: str) -> bool:

@@ -1,0 +1,77 @@
+"""What a model does with a batch: the user's to replace. `Task` is supervised classification (cross-entropy,
+accuracy); `Regression` is mean squared error. A user's task subclasses either and overrides what differs:
+
+    class MyTask(plait.federated.Task):
+        def loss(self, outputs, targets):
+            return torch.nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+Inputs may be one tensor or a tuple of tensors (a model with several inputs: `model(*inputs)`). The same task
+object runs in the simulator, in its worker processes (it is pickled: define it in an importable module) and
+behind `plait fl client`. Named in a config as `fl.task = "classification" | "regression" | "pkg.module:MyTask"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from plait.data.user import Inputs, take
+
+__all__ = ["BUILT_IN", "Inputs", "Regression", "Task", "evaluate_batches", "take"]
+
+
+class Task:
+    """Supervised classification: cross-entropy on the model's logits, accuracy by arg-max."""
+
+    def forward(self, model: torch.nn.Module, inputs: Inputs) -> Any:
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+    def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss over the batch (what training minimises)."""
+        return F.cross_entropy(outputs, targets)
+
+    def train_loss(self, model: torch.nn.Module, inputs: Inputs, targets: torch.Tensor) -> torch.Tensor:
+        """One training step's loss; override for anything beyond forward-then-loss."""
+        return self.loss(self.forward(model, inputs), targets)
+
+    def eval_sums(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sums over a batch of evaluation data, added up over batches and divided by the example count."""
+        return {"loss": self.loss(outputs, targets).double() * len(targets),
+                "accuracy": (outputs.argmax(dim=1) == targets).sum().double()}
+
+
+class Regression(Task):
+    """Mean squared error; the reported loss is the MSE (no accuracy)."""
+
+    def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs.reshape(targets.shape), targets)
+
+    def eval_sums(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss(outputs, targets).double() * len(targets)}
+
+
+BUILT_IN = {"classification": Task, "regression": Regression}
+
+
+@torch.inference_mode()
+def evaluate_batches(task: Task, model: torch.nn.Module, inputs: Inputs, targets: torch.Tensor,
+                     batch_size: int = 2000) -> dict[str, float]:
+    """The task's metrics over a whole set, in batches, with the model in eval mode (dropout off, BatchNorm on
+    its running statistics); the model's mode is restored afterwards."""
+    count = len(targets)
+    if count == 0:
+        return {"num_examples": 0}
+    was_training = model.training
+    model.eval()
+    try:
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, count, batch_size):
+            part = slice(start, start + batch_size)
+            batch_targets = targets[part]
+            for key, value in task.eval_sums(task.forward(model, take(inputs, part)), batch_targets).items():
+                sums[key] = sums[key] + value if key in sums else value
+    finally:
+        model.train(was_training)
+    return {**{key: float(value) / count for key, value in sums.items()}, "num_examples": count}
