@@ -75,6 +75,18 @@ def plot(run_dir: Path = typer.Argument(..., help="a run directory, e.g. runs/de
 
 
 @app.command()
+def export(run_dir: Path = typer.Argument(..., help="a federated run directory, e.g. runs/demo")) -> None:
+    """Write RUN_DIR/model.safetensors (the final model's state_dict) from the run's last checkpoint."""
+    from plait.federated.export import export_run
+
+    try:
+        path = export_run(run_dir)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"weights: {path}  (load with model.load_state_dict(safetensors.torch.load_file(path)))")
+
+
+@app.command()
 def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run directories, e.g. runs/a runs/b"),
             out: Path | None = typer.Option(None, "--out", help="output folder (default: runs/compare-A-B...)")
             ) -> None:

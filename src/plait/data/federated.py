@@ -118,7 +118,7 @@ def _images_to_tensor(x: np.ndarray) -> torch.Tensor:
 
 def load_federated(config: DataConfig) -> FederatedData:
     if config.source:
-        return _from_user_data(config, load_user_data(config.source))
+        return federated_from_user_data(config, load_user_data(config.source))
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     if config.name == "shakespeare":
         return _load_shakespeare(config, cache_dir)
@@ -165,7 +165,7 @@ def _concat(sets: list[Labelled]) -> Labelled:
     return Labelled(stacked if isinstance(sets[0].x, tuple) else stacked[0], torch.cat([s.y for s in sets]))
 
 
-def _from_user_data(config: DataConfig, data: UserData) -> FederatedData:
+def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedData:
     """The user's data as FederatedData: per-client sets kept as they are (`natural`), one pooled set partitioned."""
     if data.clients is not None:
         if config.num_clients > len(data.clients):

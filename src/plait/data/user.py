@@ -125,7 +125,7 @@ def load_user_data(source: str) -> UserData:
 
     if is_reference(source):
         loaded = resolve_callable(source, "data.source")()
-        return _from_loader(loaded, f"data.source = {source!r}")
+        return user_data_from(loaded, f"data.source = {source!r}")
     path = Path(source)
     if path.is_dir():
         clients = [labelled_file(f, "data.source") for f in _client_files(path)]
@@ -142,7 +142,7 @@ def load_user_data(source: str) -> UserData:
                      "a folder of client-<id>.npz files")
 
 
-def _from_loader(loaded: Any, what: str) -> UserData:
+def user_data_from(loaded: Any, what: str) -> UserData:
     if isinstance(loaded, UserData):
         return loaded
     if isinstance(loaded, dict) and loaded and all(isinstance(k, int) for k in loaded):

@@ -50,7 +50,11 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     w = global_params.clone()
     grad = torch.zeros_like(w)
     own = (local[0].clone(), local[1]) if local is not None else None
-    with pointed_at(model, spec, w, grad, own):
+    # The global generator (dropout masks, any randomness in the user's model) is seeded by the plan for the
+    # client's run and restored after it: a client's update depends on (seed, round, client) alone, whichever
+    # process or backend runs it, and resumed runs repeat.
+    with pointed_at(model, spec, w, grad, own), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed)
         was_training = model.training
         model.train()
         try:

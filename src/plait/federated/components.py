@@ -49,14 +49,22 @@ def check_model_fits(task: Task, model: torch.nn.Module, x: Inputs, y: torch.Ten
                      setting: str = "model.factory") -> None:
     """One forward and loss on two examples: the model must take the data and its output must fit the loss."""
     sample_x, sample_y = take(x, slice(0, 2)), y[:2]
+    was_training = model.training
+    model.eval()  # a check must not move BatchNorm's running statistics (they are part of the initial model)
     try:
         with torch.no_grad():
             outputs = task.forward(model, sample_x)
-            task.loss(outputs, sample_y)
     except Exception as err:
-        raise ValueError(f"{setting}: the model does not fit the data and the task's loss on a sample "
-                         f"({type(err).__name__}: {err})") from err
+        raise ValueError(f"{setting}: the model does not take the data's inputs ({type(err).__name__}: {err})") from err
+    finally:
+        model.train(was_training)
     if not isinstance(task, Regression) and isinstance(outputs, torch.Tensor) and outputs.dim() == 2 \
             and num_classes > outputs.shape[1]:
         raise ValueError(f"{setting}: the data's labels go up to {num_classes - 1} but the model has "
                          f"{outputs.shape[1]} outputs")
+    try:
+        with torch.no_grad():
+            task.loss(outputs, sample_y)
+    except Exception as err:
+        raise ValueError(f"{setting}: the model's output does not fit the task's loss on a sample "
+                         f"({type(err).__name__}: {err})") from err

@@ -7,7 +7,6 @@ from typing import Any, ClassVar, Literal
 
 from plait.data.federated import DataConfig
 from plait.experiment.sections import RunSection as BaseRunSection
-from plait.user_code import is_reference
 from plait.federated.attacks import AttackConfig
 from plait.federated.pipeline import CompressionConfig
 from plait.federated.plan import TrainingPlan
@@ -16,6 +15,7 @@ from plait.federated.server_opt import ServerOptConfig
 from plait.federated.stragglers import DeviceConfig
 from plait.federated.strategy import StrategyConfig
 from plait.federated.topology import GossipConfig
+from plait.user_code import is_reference
 
 
 @dataclass(kw_only=True, slots=True)

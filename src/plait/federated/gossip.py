@@ -93,7 +93,7 @@ class GossipRunner:
         average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y, task=self.task)
         out = {k: v for k, v in average.items() if k != "num_examples"}  # the average model's
         picks = stream(self.seed, NODE_EVAL_SAMPLE).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]
-        if len(picks):
+        if len(picks) and "accuracy" in average:  # per-node accuracy, for a task that has one
             scores = [evaluate(self.model, self.spec, state.params[int(i)], test_x, test_y, task=self.task)["accuracy"]
                       for i in picks]
             out["node_accuracy_mean"] = float(np.mean(scores))

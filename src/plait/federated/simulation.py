@@ -4,20 +4,24 @@ in a run directory (`driver.py`: metrics per round, checkpoint after every round
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from plait.data.federated import load_federated
+from plait.data.federated import federated_from_user_data, load_federated
+from plait.data.user import user_data_from
 from plait.experiment.plots import plot_run
 from plait.experiment.rundir import prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.config import FederatedRunConfig
 from plait.federated.driver import drive_rounds
 from plait.federated.executor import ClientExecutor, SequentialExecutor
+from plait.federated.export import save_weights
 from plait.federated.server import FederatedServer
+from plait.federated.task import Task
 
 
 @dataclass(slots=True)
@@ -37,16 +41,25 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> Client
     return SequentialExecutor()
 
 
-def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None) -> FederatedServer:
+def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None, *,
+                 model: Callable[[], torch.nn.Module] | None = None, data: Any = None,
+                 task: Task | None = None) -> FederatedServer:
     """The server with its data, model and client executor (sequential unless `fl.executor` says otherwise), or,
-    with `fl.gossip.topology` set, the server-less gossip runner, which has the same interface."""
+    with `fl.gossip.topology` set, the server-less gossip runner, which has the same interface.
+
+    From Python, `model` (a function returning a fresh module), `data` (what a `data.source` loader may return:
+    (x, y), a Dataset, per-client sets) and `task` stand in for the config's `model.factory`, `data.source` and
+    `fl.task`."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    data = load_federated(config.data)
+    fed = federated_from_user_data(config.data, user_data_from(data, "data")) if data is not None else load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
-    model = build_model(config.model, data.num_classes)
-    task = build_task(config.fl)
-    check_model_fits(task, model, *data.client_train(0), data.num_classes)
+    net = model() if model is not None else build_model(config.model, fed.num_classes)
+    if not isinstance(net, torch.nn.Module):
+        raise ValueError(f"model: the factory returned a {type(net).__name__}, not a torch.nn.Module")
+    task = task or build_task(config.fl)
+    check_model_fits(task, net, *fed.client_train(0), fed.num_classes, "model")
+    model, data = net, fed
     if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
         from plait.federated.gossip import GossipRunner
 
@@ -60,16 +73,21 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
 
 
 def run_federated(config: FederatedRunConfig, resume: bool = False, show_progress: bool = True,
-                  fresh_name: bool = False) -> RunSummary:
-    run = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
-    server = build_server(config)  # data and model before writing anything: bad paths fail at start
+                  fresh_name: bool = False, *, model: Callable[[], torch.nn.Module] | None = None,
+                  data: Any = None, task: Task | None = None) -> RunSummary:
+    """Run a federated simulation in its run directory; `model`, `data`, `task` as for `build_server`."""
+    if resume:
+        prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
+    server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing
     started = time.perf_counter()
     try:
+        run = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
         if not resume:
             run.write_config(config)
         state, last = drive_rounds(server, run, config.fl.rounds, resume=resume, show_progress=show_progress,
                                     tensorboard=config.run.tensorboard)
     finally:
         server.close()
+    save_weights(server.model, server.spec, state.params, run.path)
     plots = plot_run(run.path)
     return RunSummary(run.path, state.round, last, plots, time.perf_counter() - started)

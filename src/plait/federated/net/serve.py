@@ -25,6 +25,7 @@ from plait.experiment.metrics import read_metrics
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.driver import drive_rounds
+from plait.federated.export import save_weights
 from plait.federated.net.backend import NetBackend
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.server import NetServer
@@ -110,8 +111,10 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
                      f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
 
     try:
-        await asyncio.to_thread(drive_rounds, rounds, run, config.fl.rounds, resume=resume, show_progress=False,
-                                tensorboard=config.run.tensorboard, on_record=on_record)
+        final, _ = await asyncio.to_thread(drive_rounds, rounds, run, config.fl.rounds, resume=resume,
+                                           show_progress=False, tensorboard=config.run.tensorboard,
+                                           on_record=on_record)
+        await asyncio.to_thread(save_weights, model, spec, final.params, run.path)
         server.done, server.phase = True, "done"
         server.wake_pollers()
         linger_until = time.monotonic() + net.linger_s
