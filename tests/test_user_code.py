@@ -181,3 +181,18 @@ def test_flat_state_names_the_dtype_problem():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
     with pytest.raises(ValueError, match="several dtypes"):
         flat_model_state(model, buffers=True)
+
+
+@pytest.mark.parametrize("config, metric", [("fl.toml", "accuracy"), ("regression.toml", "loss")])
+def test_the_examples_run_as_written(tmp_path, config, metric):
+    from typer.testing import CliRunner
+
+    from plait.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(EXAMPLE / config), "--set", "fl.rounds=2",
+                                      "--set", f"run.root={str(tmp_path)!r}"])
+    assert result.exit_code == 0, result.output
+    run_dir = next(tmp_path.iterdir())
+    import json
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == 2 and metric in last and (run_dir / "model.safetensors").exists()

@@ -111,7 +111,8 @@ def labelled_file(path: Path, what: str) -> Labelled:
 
 
 def _client_files(folder: Path) -> list[Path]:
-    found = {int(m.group(1)): f for f in folder.glob("client-*.npz") if (m := re.fullmatch(r"client-(\d+)\.npz", f.name))}
+    pattern = re.compile(r"client-(\d+)\.npz")
+    found = {int(m.group(1)): f for f in folder.glob("client-*.npz") if (m := pattern.fullmatch(f.name))}
     if not found:
         raise ValueError(f"data.source = {str(folder)!r}: no client-<id>.npz files in the folder")
     missing = sorted(set(range(max(found) + 1)) - set(found))

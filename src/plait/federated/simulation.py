@@ -52,7 +52,10 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
     `fl.task`."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    fed = federated_from_user_data(config.data, user_data_from(data, "data")) if data is not None else load_federated(config.data)
+    if data is not None:
+        fed = federated_from_user_data(config.data, user_data_from(data, "data"))
+    else:
+        fed = load_federated(config.data)
     torch.manual_seed(config.run.seed)  # the initial global model
     net = model() if model is not None else build_model(config.model, fed.num_classes)
     if not isinstance(net, torch.nn.Module):

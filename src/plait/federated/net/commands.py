@@ -56,8 +56,8 @@ def server(config: Path = typer.Argument(..., help="the run's TOML config (table
 def client(server: str = typer.Option(..., "--server", help="the server's HOST:PORT"),
            data: Path = typer.Option(..., "--data", help="the run's TOML config (its model, data, run and net tables)"),
            id_: int = typer.Option(..., "--id", help="this client's id: its partition of [data] and its key"),
-           data_path: Path | None = typer.Option(None, "--data-path",
-                                                 help="this client's own data: a .npz (x, y) or a folder with data.npz"),
+           data_path: Path | None = typer.Option(
+               None, "--data-path", help="this client's own data: a .npz (x, y) or a folder with data.npz"),
            certs: Path | None = typer.Option(None, "--certs", help="directory from `plait fl certs`"),
            key: Path | None = typer.Option(None, "--key", help="HMAC key file (default: CERTS/clients/...)"),
            tls: bool | None = typer.Option(None, "--tls/--no-tls", help="default: on unless HOST is loopback"),
