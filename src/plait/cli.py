@@ -16,17 +16,19 @@ import typer
 from rich.console import Console
 
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.federated.bounds import Diverged
 from plait.federated.net.commands import fl_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
 console = Console()
+errors = Console(stderr=True)
 
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
 
 
 def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: bool = False) -> None:
@@ -38,6 +40,8 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
         summary = run_federated(config, resume=resume, fresh_name=fresh_name)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(str(err))
+    except Diverged as err:  # the run started and failed: exit 1, not the usage error's 2
+        _fail(str(err), code=1)
     final = summary.final
     if "accuracy" in final:
         console.print(f"final test accuracy: [bold]{final['accuracy']:.4f}[/] after {summary.rounds} rounds "

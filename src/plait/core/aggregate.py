@@ -11,12 +11,17 @@ import torch
 
 
 class RunningWeightedSum:
-    """Accumulates `sum_k weight_k * x_k` and `sum_k weight_k`, one update at a time, in float64-free fp32 maths."""
+    """Accumulates `sum_k weight_k * x_k` and `sum_k weight_k`, one update at a time.
 
-    __slots__ = ("total", "weight", "count")
+    The sum is kept in float64 and the mean rounded to the updates' dtype: a float32 update times an integer weight
+    is exact in float64, and the float64 sum's rounding is far below float32's, so the mean no longer depends on the
+    order in which updates arrive (over a network, the order of the clients' replies)."""
+
+    __slots__ = ("total", "weight", "count", "dtype")
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.total = torch.zeros(dim, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
         self.weight = 0.0
         self.count = 0
 
@@ -25,14 +30,14 @@ class RunningWeightedSum:
             raise ValueError(f"aggregation weight must be >= 0, got {weight}")
         if x.shape != self.total.shape:
             raise ValueError(f"update has shape {tuple(x.shape)}, aggregate expects {tuple(self.total.shape)}")
-        self.total.add_(x, alpha=float(weight))
+        self.total.add_(x, alpha=float(weight))  # x is promoted to float64 in the op: no copy
         self.weight += float(weight)
         self.count += 1
 
     def mean(self) -> torch.Tensor:
         if self.weight <= 0:
             raise ValueError("weighted mean of no updates (total weight 0)")
-        return self.total / self.weight
+        return (self.total / self.weight).to(self.dtype)
 
 
 def weighted_mean(updates: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

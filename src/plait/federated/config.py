@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from plait.data.federated import DataConfig
 from plait.experiment.sections import RunSection as BaseRunSection
 from plait.federated.attacks import AttackConfig
+from plait.federated.bounds import BoundsConfig
 from plait.federated.pipeline import CompressionConfig
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.config import PrivacyConfig
@@ -64,6 +65,7 @@ class FLConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)  # topology != "none": server-less rounds
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)  # what an update may claim; divergence handling
     task: str = "classification"       # how the model learns: classification | regression | "pkg.module:MyTask"
     buffers: Literal["federated", "local"] = "federated"  # BatchNorm statistics: averaged, or kept per client
 

@@ -16,6 +16,7 @@ from plait.experiment.metrics import elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir
 from plait.experiment.sinks import MetricSinks
+from plait.federated.bounds import Diverged
 from plait.federated.round_loop import ServerState
 
 
@@ -49,7 +50,13 @@ def drive_rounds(rounds: Rounds, run: RunDir, total: int, *, resume: bool, show_
     sinks = MetricSinks(run.path, "round", resume_after=state.round if resume else None, tensorboard=tensorboard)
     with sinks as log, progress_bar("rounds", total, state.round, show_progress) as bar:
         while state.round < total:
-            state, record = rounds.run_round(state)
+            try:
+                state, record = rounds.run_round(state)
+            except Diverged as err:  # the last good checkpoint stays as it is, for --resume with other settings
+                where = (f"the last good checkpoint is {run.checkpoint_path} (round {state.round})" if state.round
+                         else "no round finished: nothing to resume")
+                log.write({"round": state.round + 1, "diverged": str(err)})
+                raise Diverged(f"{err}; {where}") from err
             record["elapsed_s"] = time.perf_counter() - started
             log.write(record)
             save_checkpoint(run.checkpoint_path, {"round": state.round, "params": state.params,

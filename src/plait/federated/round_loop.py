@@ -16,6 +16,7 @@ network reproduces the simulation when the same clients are connected.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from plait.core.flat import FlatSpec
+from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.plan import TrainingPlan
@@ -34,6 +36,8 @@ from plait.federated.selection import Properties, requires, select_clients
 from plait.federated.server_opt import build_server_opt
 from plait.federated.strategy import Aggregator, TooFewUpdates, make_aggregator
 from plait.federated.task import Inputs, Task
+
+NO_NORMS = torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass(slots=True)
@@ -132,6 +136,7 @@ class RoundLoop:
                                   "bytes_down": 0, "bytes_up": 0}
         # q of the accountant: the share of the clients that could be selected that were (over-selection included)
         sample_rate = len(selection.selected) / selection.num_eligible if selection.selected else 1.0
+        before = state
         if self.privacy.budget_spent(state.opt_state, sample_rate):
             record["skipped"] = record["stop"] = True  # the privacy budget is spent: no more releases
         elif not selection.selected:
@@ -141,23 +146,36 @@ class RoundLoop:
         self.privacy.record_epsilon(state.opt_state, record)
         state = ServerState(round_idx, state.params, state.opt_state)
         record.update(self._evaluate(state.params, round_idx, candidates, final=bool(record.get("stop"))))
+        for key in ("loss", "fed_loss"):
+            if key in record and not math.isfinite(record[key]):
+                self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}")
+                state = ServerState(round_idx, before.params, before.opt_state)  # skip: the model stays as it was
         record["wall_s"] = time.perf_counter() - start
         return state, record
+
+    def _diverged(self, record: dict[str, Any], what: str) -> None:
+        """Stop the run (fl.bounds.on_divergence = "stop"), or mark the round skipped."""
+        if self.config.bounds.on_divergence == "stop":
+            raise Diverged(f"{what} (fl.bounds.on_divergence = 'stop'; lower fl.plan.lr, or set it to 'skip')")
+        record["skipped"], record["diverged"] = True, what
 
     def _train_and_aggregate(self, state: ServerState, selected: list[int], target: int, record: dict[str, Any],
                              sample_rate: float) -> ServerState:
         cfg, round_idx = self.config, state.round + 1
         plans = {cid: cfg.plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selected}
-        aggregator = None
+        aggregator = released = None
         if not (cfg.strategy.name == "secagg" and self.backend.aggregates_secagg):
             inner = make_aggregator(cfg.strategy, state.params.numel(), seed=self.seed, round_idx=round_idx)
-            aggregator = self.privacy.wrap(inner, state.opt_state, round_idx)
+            released = self.privacy.wrap(inner, state.opt_state, round_idx)
             try:
-                if hasattr(aggregator, "begin"):  # e.g. simulated secure aggregation sets up keys with the selected
-                    aggregator.begin(list(selected))
+                if hasattr(released, "begin"):  # e.g. simulated secure aggregation sets up keys with the selected
+                    released.begin(list(selected))
             except SecAggError as err:  # e.g. too few clients selected to hide any one of them
                 record["skipped"], record["aggregation_error"] = True, str(err)
                 return state
+            aggregator = released
+            if cfg.strategy.name != "secagg":  # masked updates cannot be checked (bounds.py)
+                aggregator = BoundedAggregator(released, cfg.bounds, state.opt_state.get("norm_history", NO_NORMS))
         tasks = RoundTasks(round_idx, selected, target, cfg.min_clients, plans, state.params, aggregator)
         got = self.backend.collect(tasks, record)
         record["participants"], record["dropped"] = got.participants, got.dropped
@@ -177,12 +195,21 @@ class RoundLoop:
             except (SecAggError, TooFewUpdates) as err:  # e.g. too many dropouts: this round releases nothing
                 record["skipped"], record["aggregation_error"] = True, str(err)
                 return state
-        if aggregator is not None and hasattr(aggregator, "traffic"):  # simulated secure aggregation: its messages
-            traffic = aggregator.traffic()
+        if not bool(torch.isfinite(mean).all()):
+            self._diverged(record, f"round {round_idx}: the aggregate of the clients' updates is not finite")
+            return state
+        if released is not None and hasattr(released, "traffic"):  # simulated secure aggregation: its messages
+            traffic = released.traffic()
             record["bytes_up"] = traffic["bytes_up"]
             record["bytes_down"] += traffic["bytes_down"]
         params, opt_state = self.server_opt.apply(state.params, mean, state.opt_state)
-        self.privacy.after_release(aggregator, opt_state, record, sample_rate)
+        if not bool(torch.isfinite(params).all()):
+            self._diverged(record, f"round {round_idx}: the server optimizer made the global model non-finite")
+            return state
+        if isinstance(aggregator, BoundedAggregator):
+            opt_state["norm_history"] = extend_history(opt_state.get("norm_history", NO_NORMS),
+                                                       aggregator.accepted_norms)
+        self.privacy.after_release(released, opt_state, record, sample_rate)
         return ServerState(state.round, params, opt_state)
 
     def _evaluate(self, params: torch.Tensor, round_idx: int, candidates: Mapping[int, Properties],

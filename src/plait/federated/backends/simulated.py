@@ -15,6 +15,7 @@ import torch
 from plait.core.flat import FlatSpec
 from plait.data.federated import FederatedData
 from plait.federated.attacks import attacker_ids, flip_labels, poison_delta
+from plait.federated.bounds import Diverged, UpdateRefused
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData, Update
 from plait.federated.config import FLConfig
@@ -84,11 +85,28 @@ class SimulatedBackend:
                 delta = poison_delta(self.config.attack.kind, delta, self.config.attack.scale, generator)
             encoded = self.program.finish(cid, delta, round_idx)  # the client program's stages, as on a device
             record["bytes_up"] += encoded.nbytes
-            tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), update.num_examples, update.metrics))
+            try:
+                tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), update.num_examples,
+                                                 update.metrics))
+            except UpdateRefused as refusal:
+                self._refused(refusal, round_idx, cid, update, record)
+                continue
             got.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
             got.examples += update.num_examples
             got.participants += 1
         return got
+
+    def _refused(self, refusal: UpdateRefused, round_idx: int, cid: int, update: Update,
+                 record: dict[str, Any]) -> None:
+        """A simulated client's update failed a bound: counted; a non-finite one from an honest client means its
+        local training diverged, which stops the run unless fl.bounds.on_divergence says skip."""
+        if refusal.reason == "nonfinite" and cid not in self.attackers \
+                and self.config.bounds.on_divergence == "stop":
+            raise Diverged(f"round {round_idx}: {refusal} (train loss {update.metrics.get('train_loss')}): its "
+                           "local training diverged (fl.bounds.on_divergence = 'stop'; lower fl.plan.lr, or set "
+                           "it to 'skip')")
+        record["refused"] = record.get("refused", 0) + 1
+        record[f"refused_{refusal.reason}"] = record.get(f"refused_{refusal.reason}", 0) + 1
 
     def evaluate(self, params: torch.Tensor, client_ids: list[int], round_idx: int) -> list[Evaluation]:
         out = []

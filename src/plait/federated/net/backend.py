@@ -43,6 +43,7 @@ class NetBackend:
     def __init__(self, server: NetServer, event_loop: asyncio.AbstractEventLoop):
         self.server, self.event_loop = server, event_loop
         self.connected = 0
+        self.patience_spent = False  # a missing client was waited for once: later rounds go on with the quorum
 
     def _on_service_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.event_loop).result()
@@ -62,7 +63,9 @@ class NetBackend:
     # ---- on the service's event loop ------------------------------------------------------------------------
     async def _wait_for_clients(self) -> dict[int, dict[str, bool]]:
         """Until `net.wait_for_clients` are connected, or for `net.wait_timeout_s` once the quorum
-        (`fl.min_clients`) is: a server with fewer clients than its quorum waits for them, burning no round."""
+        (`fl.min_clients`) is: a server with fewer clients than its quorum waits for them, burning no round. The
+        patience is spent once: a client that died is not waited for again every round, until the full count is
+        back."""
         net, fl = self.server.config.net, self.server.config.fl
         wanted, quorum = net.wait_for_clients or fl.min_clients, fl.min_clients
         patience_until = None
@@ -70,10 +73,16 @@ class NetBackend:
         while True:
             alive = self.server.alive()
             if len(alive) >= wanted:
+                self.patience_spent = False
                 break
             if len(alive) >= quorum:
+                if self.patience_spent:
+                    break
                 patience_until = patience_until or time.monotonic() + net.wait_timeout_s
                 if time.monotonic() >= patience_until:
+                    log.warning("%d of %d clients connected after %.0f s: going on with them (and not waiting again "
+                                "until all are back)", len(alive), wanted, net.wait_timeout_s)
+                    self.patience_spent = True
                     break
             await asyncio.sleep(0.05)
         self.connected = len(alive)

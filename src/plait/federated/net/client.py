@@ -206,19 +206,29 @@ class NetClient:
             while True:
                 try:
                     if self.session is None:
-                        self._register()
-                    task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params,
-                                              out=self._weights)
-                    failing_since, attempt = None, 0
-                    if isinstance(task, SecAggTask):
-                        self._secagg_step(task)
-                    elif isinstance(task, Task) and task.plan is None:
-                        self._evaluate_and_push(task)
-                    elif isinstance(task, Task):
-                        self._train_and_push(task)
-                    elif task.kind == pb.TaskHeader.DONE:
-                        log.info("client %d: training finished after round %d", self.opts.client_id, task.round)
-                        return EXIT_DONE
+                        try:
+                            self._register()
+                        except ValueError as err:  # this client's config does not match the server's: final
+                            log.error("%s", err)
+                            return EXIT_REFUSED
+                    try:
+                        task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params,
+                                                  out=self._weights)
+                        failing_since, attempt = None, 0
+                        if isinstance(task, SecAggTask):
+                            self._secagg_step(task)
+                        elif isinstance(task, Task) and task.plan is None:
+                            self._evaluate_and_push(task)
+                        elif isinstance(task, Task):
+                            self._train_and_push(task)
+                        elif task.kind == pb.TaskHeader.DONE:
+                            log.info("client %d: training finished after round %d", self.opts.client_id,
+                                     task.round)
+                            return EXIT_DONE
+                    except (ValueError, RuntimeError) as err:  # a bad task (e.g. non-finite weights) or training
+                        # that failed: say so and serve the next rounds; the server drops this one at its deadline
+                        log.error("client %d: this task failed, waiting for the next: %s", self.opts.client_id, err)
+                        time.sleep(min(self.config.net.poll_s, 1.0))
                 except grpc.RpcError as err:
                     code = err.code()
                     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

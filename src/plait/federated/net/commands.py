@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.federated.bounds import Diverged
 
 fl_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="Federated learning over the network: server, clients, certificates.")
@@ -49,6 +50,8 @@ def server(config: Path = typer.Argument(..., help="the run's TOML config (table
         run = run_server(_load(config, set_), resume=resume)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
         _fail(str(err))
+    except Diverged as err:
+        _fail(str(err), code=1)
     console.print(f"run directory: {run.path}")
 
 

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from plait.core.compress import Encoded
+from plait.federated.bounds import UpdateRefused
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import Update
 from plait.federated.net import plait_fl_pb2 as pb
@@ -147,7 +148,11 @@ class NetServer:
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def register(self, request, context):
         cid = await self._authenticate(context, "Register", request)
-        strategy = self.config.fl.strategy
+        strategy, cap = self.config.fl.strategy, self.config.fl.bounds.max_examples
+        if request.num_examples < 0 or (cap and request.num_examples > cap):
+            await self._refuse(context, WireError("malformed", f"client {cid}: {request.num_examples} examples is "
+                                                  f"outside [0, {cap or 'any'}] (fl.bounds.max_examples)"),
+                               f"client {cid}")
         if strategy.name == "secagg" and strategy.weighting == "examples" \
                 and request.num_examples > strategy.secagg.max_weight:  # its weight would not fit the ring
             await self._refuse(context, WireError("malformed", f"client {cid}: {request.num_examples} examples is "
@@ -248,8 +253,10 @@ class NetServer:
             compressed = self._check_codec(h, what)
             if not compressed:
                 check_header(h.tensor, self.numel, what)
-            if h.num_examples < 1:
-                raise WireError("malformed", f"{what}: num_examples must be >= 1, got {h.num_examples}")
+            declared = self.clients[cid].num_examples
+            if not 1 <= h.num_examples <= declared:  # its weight in the mean: never more than it registered
+                raise WireError("malformed", f"{what}: num_examples {h.num_examples} is outside [1, {declared}] "
+                                             "(what the client declared when it registered)")
             if not math.isfinite(h.train_loss):
                 raise WireError("nonfinite", f"{what}: train_loss is {h.train_loss}")
             total = check_parts(h.parts, self.numel * 8 + 64, what) if compressed else 0
@@ -266,7 +273,11 @@ class NetServer:
         if len(rnd.reported) >= rnd.target:
             rnd.late += 1  # over-selected surplus: the round already has its target
             return pb.PushReply(accepted=False, message=f"round {rnd.idx} already has its {rnd.target} updates")
-        rnd.add(cid, Update(delta, h.num_examples, {"train_loss": h.train_loss}), len(assembler.buffer))
+        try:
+            rnd.add(cid, Update(delta, h.num_examples, {"train_loss": h.train_loss}), len(assembler.buffer))
+        except UpdateRefused as refusal:  # a bound of fl.bounds (norm, non-finite): the task ends, counted once
+            rnd.refuse(cid, refusal.reason)
+            await self._refuse(context, WireError(refusal.reason, f"{what}: {refusal}"), f"client {cid}")
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: update {len(rnd.reported)}/{rnd.target}")
 
     async def _push_evaluation(self, stream, h, cid: int, context):
