@@ -80,7 +80,7 @@ def test_bad_inputs_are_refused_counted_and_others_served(tmp_path):
         expect_refusal(lambda: forged.register({}, 5), grpc.StatusCode.UNAUTHENTICATED, "bad signature")
         rogue = Connection(address, ROGUE, derive_client_key(master, ROGUE))
         metadata = sign(rogue.key, "Register", ROGUE)
-        request = pb.RegisterRequest(client_id=ROGUE, num_examples=5,
+        request = pb.RegisterRequest(client_id=ROGUE, num_examples=10,
                                      properties=pb.Properties(charging=True, idle=True, unmetered=True))
         session = rogue._register(request, metadata=metadata, timeout=10).session
         expect_refusal(lambda: rogue._register(request, metadata=metadata, timeout=10),
