@@ -24,6 +24,7 @@ from plait.core.flat import flat_params
 from plait.core.models import build_model
 from plait.data.federated import load_federated
 from plait.experiment.metrics import read_metrics
+from plait.experiment.plots import plot_run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.driver import drive_rounds
 from plait.federated.net.backend import NetBackend
@@ -123,4 +124,5 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
         await service.stop(grace=1.0)
         if httpd is not None:
             httpd.shutdown()
+    plot_run(run.path)  # the run's figures in runs/NAME/plots, as a simulated run draws them
     return run
