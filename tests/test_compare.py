@@ -148,6 +148,7 @@ def test_old_and_new_names_compare_alike_and_figures_have_titles_and_units(two_r
     assert figures["test_accuracy"].title == "test accuracy by round"
     assert figures["test_accuracy"].y_label == "test accuracy (%)" and figures["test_accuracy"].x_label == "round"
     assert figures["test_accuracy"].lines[0] == ("a", [(1, 50.0), (2, 70.0), (3, 60.0)])
+    assert figures["test_accuracy"].x_range == (1, 3) and figures["test_accuracy"].integer_x  # rounds 1..3 drawn
     assert figures["cumulative_bytes_up"].y_label == "uploaded so far (MB)"
     (label, points), = figures["accuracy_vs_mb"].lines
     assert label == "a" and points == [(pytest.approx(x), y) for x, y in [(1e-4, 50.0), (2e-4, 70.0), (2.5e-4, 60.0)]]

@@ -179,13 +179,18 @@ def comparison_figures(runs: list[RunView]) -> dict[str, Figure]:
     """By file stem: one figure per metric against the round/step axis, accuracy against MB uploaded and against
     time, loss against time; those no run logs are left out."""
     axis = " / ".join(dict.fromkeys(run.x_key() for run in runs))
+    xs = [x for run in runs for x, _ in series(run.records, run.x_key(), run.x_key())] if RECORD_AXIS not in axis \
+        else [1, max(len(run.records) for run in runs)]
+    x_range = (min(xs), max(xs)) if xs else None  # the runs' whole axis: a metric logged once is not a lone dot
     figures = {}
     for name in COMPARED:
         figures[name] = Figure(f"{TITLES[name]} by {axis}", axis, METRICS[name].label,
-                               _lines(runs, name, RunView.x_key), legend=True, integer_x=RECORD_AXIS not in axis)
+                               _lines(runs, name, RunView.x_key), legend=True, x_range=x_range)
+    against_mb = _against(runs, "cumulative_bytes_up")
     figures["accuracy_vs_mb"] = Figure("test accuracy against MB uploaded", METRICS["cumulative_bytes_up"].label,
-                                       METRICS["test_accuracy"].label,
-                                       _against(runs, "cumulative_bytes_up"), integer_x=False, legend=True)
+                                       METRICS["test_accuracy"].label, against_mb, integer_x=False, legend=True,
+                                       x_range=(0.0, max(x for _, pts in against_mb for x, _ in pts))
+                                       if against_mb else None)
     for name in ("test_accuracy", "test_loss", "train_loss"):
         figures[f"{name}_vs_time"] = Figure(f"{TITLES[name]} against time", METRICS["elapsed_s"].label,
                                             METRICS[name].label, _lines(runs, name, RunView.time_key),
