@@ -120,3 +120,33 @@ def test_the_dashboard_shows_rounds_clients_and_a_refusal(tmp_path):
     rogue_row = re.search(rf"<tr><td>{ROGUE}</td>.*?</tr>", table)
     assert rogue_row and "nonfinite × 1" in rogue_row.group(0), table[:2000]
     assert "phase: " in dom and "no data yet" not in accuracy
+
+
+def test_the_feed_reads_appended_rounds_waits_for_a_cut_line_and_rereads_after_a_resume(tmp_path):
+    from plait.experiment.config import from_dict
+    from plait.federated.net.config import NetworkRunConfig
+    from plait.federated.net.round_state import ClientInfo
+    from plait.federated.net.status import DashboardFeed
+
+    feed = DashboardFeed(from_dict(NetworkRunConfig, small_config(tmp_path, rounds=10, round_timeout_s=30.0)))
+    path = tmp_path / "net" / "metrics.jsonl"
+    path.parent.mkdir()
+    assert feed.series() == []  # no file yet
+    path.write_text('{"round": 1, "accuracy": 0.5, "bytes_up": 2000000, "elapsed_s": 2.0}\n{"round": 2, "acc')
+    assert feed.series() == [{"round": 1, "elapsed_s": 2.0, "test_accuracy": 0.5, "cumulative_bytes_up": 2e6}]
+    with open(path, "a") as f:  # the cut line is finished, another round follows
+        f.write('uracy": 0.6, "bytes_up": 2000000, "elapsed_s": 4.0}\n{"round": oops}\n{"round": 3, "loss": NaN}\n')
+    series = feed.series()
+    assert [(r["round"], r.get("test_accuracy"), r.get("cumulative_bytes_up")) for r in series] == \
+        [(1, 0.5, 2e6), (2, 0.6, 4e6), (3, None, None)]  # a line that is not JSON is skipped, not fatal
+    assert series[2] == {"round": 3, "test_loss": None}  # NaN would make status.json invalid JSON
+    fields = feed.fields(type("Server", (), {"clients": {}, "round": None})())
+    assert fields["eta_s"] is None  # the last round logged no elapsed_s
+    replaced = path.with_suffix(".new")  # a resume truncates by writing a new file over the old one
+    replaced.write_text('{"round": 1, "accuracy": 0.4, "elapsed_s": 2.5}\n')
+    replaced.replace(path)
+    assert [r["test_accuracy"] for r in feed.series()] == [0.4]
+    fields = feed.fields(type("Server", (), {"clients": {}, "round": None})())
+    assert fields["eta_s"] == 2.5 * 9 and fields["deadline_s"] is None  # 2.5 s a round, 9 rounds left
+    clients = {0: ClientInfo("s", {"charging": True}, 10, 0.0), 7: ClientInfo("t", {}, 5, 0.0, refusals={"shape": 2})}
+    assert [row["id"] for row in feed.client_rows(clients, None, 1.0)] == [7, 0]  # refused clients first

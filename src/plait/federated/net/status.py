@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from plait.experiment.metric_names import FEDERATED, canonical_records
-from plait.experiment.metrics import read_metrics
 
 # Per-round figures the charts draw, under their canonical names (metric_names.py).
 SERIES_KEYS = ("round", "elapsed_s", "test_accuracy", "test_loss", "train_loss", "fed_accuracy", "epsilon",
@@ -57,20 +56,34 @@ class DashboardFeed:
         dp = privacy.mode != "none" and privacy.noise_multiplier > 0
         self.budget, self.delta = (privacy.epsilon_budget or None, privacy.delta) if dp else (None, None)
         self.started = time.time()
-        self._stat: tuple[int, int] | None = None   # (inode, size) of metrics.jsonl when last read
+        self._inode, self._offset = -1, 0            # metrics.jsonl read up to this byte (complete lines)
+        self._records: list[dict[str, Any]] = []
         self._series: list[dict[str, Any]] = []
         self._round_seen: tuple[int, int, float] | None = None  # (id of the open round, its index, when first seen)
 
     def series(self) -> list[dict[str, Any]]:
-        """The run's records so far, re-read only when the file changed (a resume rewrites it, a round appends)."""
+        """The run's records so far: the lines appended since the last call are read (the whole file again when a
+        resume replaced it); a line still being written waits for the next call."""
         try:
             stat = self.metrics_path.stat()
         except OSError:
             return self._series
-        if (stat.st_ino, stat.st_size) != self._stat:
-            records = canonical_records(read_metrics(self.metrics_path), FEDERATED)
-            self._series = [{k: _finite(r[k]) for k in SERIES_KEYS if k in r} for r in records if "round" in r]
-            self._stat = (stat.st_ino, stat.st_size)
+        if stat.st_ino != self._inode or stat.st_size < self._offset:
+            self._inode, self._offset, self._records = stat.st_ino, 0, []
+        if stat.st_size == self._offset:
+            return self._series
+        with open(self.metrics_path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(stat.st_size - self._offset)
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                self._records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # not a record (the driver writes whole lines; a crash may cut the last one)
+        records = canonical_records(self._records, FEDERATED)
+        self._series = [{k: _finite(r[k]) for k in SERIES_KEYS if k in r} for r in records if "round" in r]
         return self._series
 
     def deadline_s(self, rnd: Any, now: float) -> float | None:
