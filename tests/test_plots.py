@@ -65,7 +65,7 @@ def test_a_five_round_run_draws_every_figure_with_titles_units_and_integer_round
     assert "test accuracy (%)" in svg_text(run / "plots" / "accuracy_vs_mb.png")
     assert "uploaded so far (MB)" in svg_text(run / "plots" / "accuracy_vs_mb.png")
     accuracy = svg_text(run / "plots" / "accuracy.png")
-    assert "accuracy (%)" in accuracy and "75" in accuracy and "federated" in accuracy  # fed_accuracy drawn
+    assert "accuracy (%)" in accuracy and "test (last 75)" in accuracy and "federated (last 70)" in accuracy
 
 
 def test_old_and_new_metric_names_draw_the_same_figures(tmp_path):

@@ -39,7 +39,7 @@ class Figure:
     integer_y: bool = False
     x_range: tuple[float, float] | None = None  # the run's whole axis, so a lone point is not drawn alone
     hlines: list[tuple[float, str]] = field(default_factory=list)   # (y, label), dashed: e.g. the ε budget
-    annotate_last: bool = False                 # write each line's last value beside it
+    annotate_last: bool = False                 # each line's last value in its legend entry
     legend: bool | None = None                  # None: when more than one line
 
 
@@ -163,10 +163,9 @@ def save_figure(path: Path, figure: Figure, *, figsize: tuple[float, float] = (6
     fig, ax = plt.subplots(figsize=figsize)
     for label, points in figure.lines:
         xs, ys = zip(*points)
-        (line,) = ax.plot(xs, ys, label=label, marker="o" if len(xs) < markers_below else None, markersize=4)
-        if figure.annotate_last:
-            ax.annotate(f"{ys[-1]:.4g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
-                        fontsize="small", color=line.get_color())
+        if figure.annotate_last:  # in the legend: a label beside the point would clip or overlap another
+            label = f"{label} (last {ys[-1]:.4g})"
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < markers_below else None, markersize=4)
     for y, label in figure.hlines:
         ax.axhline(y, linestyle="--", color="tab:red", linewidth=1, label=label)
     if figure.integer_x:
@@ -183,7 +182,7 @@ def save_figure(path: Path, figure: Figure, *, figsize: tuple[float, float] = (6
     ax.set_ylabel(figure.y_label)
     ax.set_title(figure.title)
     ax.grid(alpha=0.3)
-    if figure.legend or (figure.legend is None and len(figure.lines) + len(figure.hlines) > 1):
+    if figure.legend or figure.annotate_last or (figure.legend is None and len(figure.lines) + len(figure.hlines) > 1):
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
