@@ -14,6 +14,7 @@ binds 127.0.0.1 unless net.status_host says otherwise.
 
 from __future__ import annotations
 
+import heapq
 import html
 import json
 import math
@@ -97,7 +98,8 @@ class DashboardFeed:
 
     def client_rows(self, clients: dict[int, Any], rnd: Any, now: float) -> list[dict[str, Any]]:
         horizon = now - self.net.heartbeat_timeout_s
-        order = sorted(clients, key=lambda cid: (not clients[cid].refusals, cid))[:MAX_CLIENT_ROWS]
+        # refused clients first, then by id; nsmallest: a federation of many thousand clients is not sorted 4× a second
+        order = heapq.nsmallest(MAX_CLIENT_ROWS, clients, key=lambda cid: (not clients[cid].refusals, cid))
         rows = []
         for cid in order:
             info = clients[cid]
