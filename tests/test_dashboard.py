@@ -150,3 +150,24 @@ def test_the_feed_reads_appended_rounds_waits_for_a_cut_line_and_rereads_after_a
     assert fields["eta_s"] == 2.5 * 9 and fields["deadline_s"] is None  # 2.5 s a round, 9 rounds left
     clients = {0: ClientInfo("s", {"charging": True}, 10, 0.0), 7: ClientInfo("t", {}, 5, 0.0, refusals={"shape": 2})}
     assert [row["id"] for row in feed.client_rows(clients, None, 1.0)] == [7, 0]  # refused clients first
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_the_page_before_any_round(tmp_path):
+    import time
+
+    from plait.federated.net.status import StatusBoard, serve_status
+
+    board = StatusBoard()
+    board.publish({"run": "fresh", "phase": "waiting for 3 clients", "round": 0, "rounds": 5, "connected": 1,
+                   "registered": 1, "current": {}, "history": [], "rejected": {"shape": 0}, "rss_mib": 100.0,
+                   "time": time.time(), "series": [], "clients": [], "deadline_s": None, "settings": {"fl.rounds": 5},
+                   "elapsed_s": 1.0, "run_s": None, "eta_s": None, "epsilon_budget": None, "delta": None})
+    httpd = serve_status(board, "127.0.0.1", 0)
+    try:
+        dom = chromium(f"http://127.0.0.1:{httpd.server_address[1]}/", tmp_path / "profile", "--dump-dom")
+    finally:
+        httpd.shutdown()
+    assert "phase: waiting for 3 clients" in dom and '<div id="error"></div>' in dom  # rendered, no script error
+    assert "no data yet" in dom.split('id="chart-accuracy"')[1].split("</svg>")[0]
+    assert "no differential privacy in this run" in dom and "none open" in dom
