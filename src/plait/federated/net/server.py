@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
-from plait.core.compress import Encoded
 from plait.federated.bounds import UpdateRefused
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import Update
@@ -34,6 +32,7 @@ from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
 from plait.federated.net.status import DashboardFeed, StatusBoard
+from plait.federated.net.update_checks import decompress, is_compressed
 from plait.federated.net.wire import (
     REASONS,
     SERVICE,
@@ -49,7 +48,6 @@ from plait.federated.net.wire import (
     plan_message,
     safe_parser,
     serialize,
-    split_parts,
 )
 from plait.federated.round_loop import Evaluation
 from plait.federated.secagg.messages import MaskedInput
@@ -256,7 +254,7 @@ class NetServer:
                 raise WireError("malformed", f"{what}: the task is an evaluation; send its figures")
             if rnd.secagg is not None:
                 raise WireError("malformed", f"{what}: the round runs secure aggregation; send SecAggPush")
-            compressed = self._check_codec(h, what)
+            compressed = is_compressed(h, self.config.fl.compression.codec, what)
             if not compressed:
                 check_header(h.tensor, self.numel, what)
             declared = self.clients[cid].num_examples
@@ -270,7 +268,7 @@ class NetServer:
                                         if compressed else h.tensor, what)
             async for chunk in stream:
                 assembler.add(chunk_data(chunk, what))
-            delta = self._decompress(cid, h, assembler, what) if compressed else assembler.tensor()
+            delta = decompress(self.program, cid, h, assembler, self.numel, what) if compressed else assembler.tensor()
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
         except WireError as err:
             if task is not None and task.waiting_on(cid):
@@ -306,33 +304,6 @@ class NetServer:
         rnd.add_evaluation(Evaluation(cid, int(h.num_examples), accuracy, h.eval_loss))
         self.clients[cid].evaluations += 1
         return pb.PushReply(accepted=True, message=f"round {rnd.idx}: evaluation {len(rnd.reported)}/{rnd.target}")
-
-    def _check_codec(self, h, what: str) -> bool:
-        """True for a compressed update (codec and parts instead of one float32 tensor), of the server's codec."""
-        codec = self.config.fl.compression.codec
-        if not h.codec and not h.parts:
-            if codec != "none":
-                raise WireError("malformed", f"{what}: an uncompressed update; fl.compression.codec is {codec!r}")
-            return False
-        if h.codec != codec or h.HasField("tensor"):
-            raise WireError("malformed", f"{what}: compressed with {h.codec!r}; fl.compression.codec is {codec!r}")
-        return True
-
-    def _decompress(self, cid: int, h, assembler: TensorAssembler, what: str) -> torch.Tensor:
-        if assembler.received != len(assembler.buffer):
-            raise WireError("malformed", f"{what}: stream ended after {assembler.received} of "
-                                         f"{len(assembler.buffer)} bytes")
-        tensors = split_parts(assembler.buffer, h.parts, what)
-        enc = Encoded(h.codec, (self.numel,), torch.float32, tensors, len(assembler.buffer))
-        try:
-            delta = self.program.decode(cid, enc)
-        except (ValueError, KeyError, IndexError, RuntimeError, TypeError) as err:
-            raise WireError("malformed", f"{what}: {err} (stage decompress)") from err
-        if delta.shape != (self.numel,) or delta.dtype != torch.float32:
-            raise WireError("shape", f"{what}: decompresses to {delta.dtype} {tuple(delta.shape)}")
-        if not bool(torch.isfinite(delta).all()):
-            raise WireError("nonfinite", f"{what}: decompresses to NaN/Inf values")
-        return delta
 
     async def push_secagg(self, request_iterator, context):
         """One secure-aggregation message from a client (its keys, shares, masked input or unmask shares)."""
