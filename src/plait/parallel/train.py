@@ -39,7 +39,9 @@ from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
+from plait.parallel.comm_hooks import make_comm_hook
 from plait.parallel.data_parallel import DataParallel
+from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import state_matches
@@ -125,8 +127,12 @@ def _load_images(config: DataParallelRunConfig) -> dict[str, torch.Tensor]:
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device):
-    x = images[idx].to(device, torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
-    return x, labels[idx].to(device)
+    """Gather on the host, copy to the device: from pinned memory the copy is asynchronous (non_blocking)."""
+    x, y = images[idx], labels[idx]
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    x = x.to(device, non_blocking=True).to(torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
+    return x, y.to(device, non_blocking=True)
 
 
 def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_compute_s: float) -> float:
@@ -220,10 +226,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     started = time.perf_counter()
     config.check_world(world_size)
     dims = ParallelDims(world_size=world_size).build()
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # object collectives and NCCL's own buffers use the current device
+    device = rank_device()  # cuda:LOCAL_RANK under NCCL, else the CPU; everything below is made there
+    use_device(device)
     run, resuming = _prepare_run(config, resume, rank, device)
     pid_dir = run.path / "ranks"
     pid_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,9 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     train_cfg = config.train
     torch.manual_seed(config.run.seed)
     model = build_model(config.model.name).to(device)
+    hook_cfg = config.comm_hook
+    comm_hook = make_comm_hook(hook_cfg.name, rank=hook_cfg.rank, start_step=hook_cfg.start_step,
+                               ratio=hook_cfg.ratio, error_feedback=hook_cfg.error_feedback, seed=config.run.seed)
     compressor = None
     if config.compression.codec != "none":
         compressor = GradCompressor(config.compression.codec, ratio=config.compression.ratio,
@@ -242,7 +249,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                       local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
                       overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
                       momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
-                      betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor)
+                      betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
+                      comm_hook=comm_hook, precision=train_cfg.precision)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
@@ -252,7 +260,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     log = MetricsLog(run.metrics_path) if rank == 0 else None
-    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # sums since the last record
+    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # host sums since the last record (times, bytes)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the loss stays on the device until logged
     gathered = [torch.zeros(len(_METRICS), dtype=torch.float64, device=device) for _ in range(world_size)]
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
@@ -266,7 +275,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
             delay = _straggler_delay(config, rank, step, last_compute)
             loss, times = dp.train_step(batches, step, delay_s=delay)
             last_compute = times.compute_s - delay
-            window[0] += float(loss)
+            loss_sum += loss  # no host sync: float(loss) would wait for the device every step
             window[3:] += torch.tensor([times.compute_s, times.comm_s, times.total_s], dtype=torch.float64)
             window_steps += 1
             final = step == train_cfg.steps
@@ -276,7 +285,10 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                 sent, recv = dp.bytes_moved()
                 window[1:3] = torch.tensor([sent - last_bytes[0], recv - last_bytes[1]], dtype=torch.float64)
                 last_bytes = (sent, recv)
-                dist.all_gather(gathered, (window / window_steps).to(device))  # one small message
+                mine = window.to(device)
+                mine[0] = loss_sum
+                dist.all_gather(gathered, mine / window_steps)  # one small message
+                loss_sum.zero_()
                 per_rank = torch.stack(gathered).cpu()
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())
