@@ -128,7 +128,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     optimizer = build_optimizer(module.parameters(), train.optimizer, lr=train.lr, momentum=train.momentum,
                                 weight_decay=train.weight_decay, betas=(train.beta1, train.beta2), eps=train.eps)
     stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,
-                          recompute=par.recompute, precision=train.precision)
+                          recompute=par.recompute, precision=train.precision, device=device)
 
     start = 0
     if resume:

@@ -75,7 +75,8 @@ class _Shapes:
 class PipelineStage:
     def __init__(self, module: nn.Module, placement: Placement,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 recompute: bool = False, meter: ActivationMeter | None = None, precision: str = "fp32"):
+                 recompute: bool = False, meter: ActivationMeter | None = None, precision: str = "fp32",
+                 device: torch.device | None = None):
         if placement.is_last and loss_fn is None:
             raise ValueError(f"stage {placement.stage}: the last stage needs a loss function")
         check_precision(precision)
@@ -84,7 +85,9 @@ class PipelineStage:
             raise ValueError("train.precision = 'fp16' is not supported by the pipeline (its grad scaler would have "
                              "to agree across stages); use 'bf16'")
         first = next(iter(module.parameters()), None)
-        self.device = first.device if first is not None else torch.device("cpu")  # the stage's tensors live here
+        if device is None and first is None:
+            raise ValueError(f"stage {placement.stage} has no parameters to tell its device: pass device=")
+        self.device = device if device is not None else first.device  # every tensor the stage makes lives here
         self.precision = precision
         self.module = module
         self.placement = placement
