@@ -43,7 +43,7 @@ class ParallelSection:
 
 @dataclass(kw_only=True, slots=True)
 class SyncSection:
-    kind: Literal["allreduce", "local_sgd", "ps_one_device"] = "allreduce"
+    kind: Literal["allreduce", "local_sgd", "ps_one_device", "sharded"] = "allreduce"  # sharded: FSDP2
     local_steps: int = 8               # local_sgd: average the parameters every H steps
 
     def __post_init__(self) -> None:
@@ -156,9 +156,9 @@ class DataParallelRunConfig:
             if self.compression.codec != "none":
                 raise ValueError(f"comm_hook.name = {self.comm_hook.name!r} and compression.codec = "
                                  f"{self.compression.codec!r} both compress the gradients: choose one")
-        if self.train.precision == "fp16" and self.sync.kind == "ps_one_device":
-            raise ValueError("train.precision = 'fp16' does not go with sync.kind = 'ps_one_device' (only rank 0 "
-                             "steps, so only its grad scaler would see overflows); use 'bf16'")
+        if self.train.precision == "fp16" and self.sync.kind in ("ps_one_device", "sharded"):
+            raise ValueError(f"train.precision = 'fp16' does not go with sync.kind = {self.sync.kind!r} (the grad "
+                             "scaler's overflow check would not be shared by every rank); use 'bf16'")
         if self.sync.kind == "local_sgd" and self.train.checkpoint_every % self.sync.local_steps:
             raise ValueError(f"train.checkpoint_every = {self.train.checkpoint_every} must be a multiple of "
                              f"sync.local_steps = {self.sync.local_steps} (checkpoints hold averaged parameters)")

@@ -150,6 +150,17 @@ class DataParallel:
         self.flat_param.div_(self.world_size)
 
     # ---- counters and state ---------------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.flat_param.numel()
+
+    def full_params(self) -> torch.Tensor:
+        """All parameters as one flat tensor (the buffer itself: every replica holds them all)."""
+        return self.flat_param
+
+    def load_full_params(self, flat: torch.Tensor) -> None:
+        self.flat_param.copy_(flat)
+
     def bytes_moved(self) -> tuple[int, int]:
         stats = [self.allreduce.stats, self.broadcast_stats]
         if self.grad_sync.stats is not self.allreduce.stats:

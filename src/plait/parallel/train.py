@@ -45,6 +45,7 @@ from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import state_matches
+from plait.parallel.sharded import ShardedDataParallel
 from plait.parallel.sampler import ShardedSampler
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
@@ -163,10 +164,10 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
         residual = dp.residual_flat()
         residuals = [torch.empty_like(residual) for _ in range(world_size)] if rank == 0 else None
         dist.gather(residual, residuals, dst=0)
+    params, optim = dp.full_params(), dp.optimizer_state()  # collective when sharded: every rank gathers
     if rank != 0:
         return
-    state: dict[str, Any] = {"step": step, "params": dp.flat_param.detach().cpu().clone(), "world_size": world_size}
-    optim = dp.optimizer_state()
+    state: dict[str, Any] = {"step": step, "params": params.detach().cpu().clone(), "world_size": world_size}
     if optim:
         state["optim"] = {key: value.cpu() for key, value in optim.items()}
         state["optimizer"] = dp.optimizer_name
@@ -190,28 +191,31 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torc
 def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
     gets back its own error-feedback residuals."""
-    device = dp.flat_param.device  # NCCL broadcasts device tensors only
+    device = dp.device  # NCCL broadcasts device tensors only
     meta = torch.zeros(2, dtype=torch.int64, device=device)  # [step, has residuals for this world size]
     ckpt: dict[str, Any] = {}
     optim: dict[str, torch.Tensor] = {}
     if rank == 0:
         ckpt = load_checkpoint(run.checkpoint_path)
-        if ckpt["params"].numel() != dp.flat_param.numel():
+        if ckpt["params"].numel() != dp.num_params:
             raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
-                             f"model has {dp.flat_param.numel()}: was model.name changed?")
+                             f"model has {dp.num_params}: was model.name changed?")
         residuals = "residuals" in ckpt and dp.has_residuals
         if residuals and ckpt["world_size"] != world_size:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)
             residuals = False
         meta[:] = torch.tensor([ckpt["step"], int(residuals)], device=device)
-        dp.flat_param.copy_(ckpt["params"])
+        params = ckpt["params"].to(device)
         # checkpoints from before Adam held SGD's momentum alone
         optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
         if optim and not state_matches(ckpt.get("optimizer", "sgd"), dp.optimizer_name, say=True):
             optim = {}
     dist.broadcast(meta, src=0)
-    dist.broadcast(dp.flat_param, src=0)
+    if rank != 0:
+        params = torch.empty(dp.num_params, dtype=dp.params[0].dtype, device=device)
+    dist.broadcast(params, src=0)
+    dp.load_full_params(params)
     dp.load_optimizer_state(_broadcast_tensors(optim, rank, device))
     if meta[1]:
         mine = torch.empty_like(dp.flat_param)
@@ -245,12 +249,18 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
         compressor = GradCompressor(config.compression.codec, ratio=config.compression.ratio,
                                     error_feedback=config.compression.error_feedback,
                                     seed=config.run.seed * 1000 + rank)
-    dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
-                      local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
-                      overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
-                      momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
-                      betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
-                      comm_hook=comm_hook, precision=train_cfg.precision)
+    if config.sync.kind == "sharded":
+        dp = ShardedDataParallel(model, dims, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
+                                 momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                                 betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+                                 precision=train_cfg.precision)
+    else:
+        dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
+                          local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
+                          overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
+                          momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                          betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
+                          comm_hook=comm_hook, precision=train_cfg.precision)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
