@@ -94,6 +94,7 @@ DP_VARIANTS = {
     "powersgd_hook": dict(comm_hook="powersgd"),
     "topk_hook": dict(comm_hook="topk"),
     "fp16_codec": dict(compressor="fp16"),
+    "zero1": dict(shard_optimizer=True, optimizer="adam", lr=1e-3),
 }
 
 
@@ -128,6 +129,7 @@ def dp_on_meta() -> dict:
 # strays that are not Plait's: (variant, operation, shape) -> why
 _EXPECTED = {
     ("adam", ()): "torch.optim.Adam keeps its step count as a 0-dim host tensor (unless capturable or fused)",
+    ("zero1", ()): "the same Adam step count",
     ("powersgd_hook", "aten.randn.generator"): "PowerSGD's first Q is drawn on the host, then moved",
     ("powersgd_hook", "aten._to_copy.default"): "... moved to the gradient's device",
 }

@@ -82,6 +82,10 @@ def test_trainer_runs_bf16_with_a_powersgd_hook_from_the_config(tmp_path):
     ({"comm_hook": {"name": "topk"}, "sync": {"kind": "local_sgd"}}, "needs sync.kind"),
     ({"comm_hook": {"name": "gzip"}}, "comm_hook.name"),
     ({"comm_hook": {"name": "powersgd", "rank": 0}}, "comm_hook.rank"),
+    ({"sync": {"kind": "local_sgd", "shard_optimizer": True}}, "sync.shard_optimizer"),
+    ({"sync": {"shard_optimizer": True}, "train": {"precision": "fp16"}}, "sync.shard_optimizer"),
+    ({"sync": {"kind": "sharded"}, "train": {"precision": "fp16"}}, "sharded"),
+    ({"sync": {"kind": "sharded"}, "comm_hook": {"name": "fp16"}}, "needs sync.kind"),
 ])
 def test_config_mistakes_name_the_setting(raw, message):
     with pytest.raises(ValueError, match=message):

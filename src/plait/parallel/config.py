@@ -45,10 +45,14 @@ class ParallelSection:
 class SyncSection:
     kind: Literal["allreduce", "local_sgd", "ps_one_device", "sharded"] = "allreduce"  # sharded: FSDP2
     local_steps: int = 8               # local_sgd: average the parameters every H steps
+    shard_optimizer: bool = False      # allreduce: ZeRO-1, each rank keeps and steps 1/n of the optimizer state
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
             raise ValueError(f"sync.local_steps must be >= 1, got {self.local_steps}")
+        if self.shard_optimizer and self.kind != "allreduce":
+            raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce' (\"sharded\" shards the optimizer "
+                             f"state already), got {self.kind!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,6 +160,9 @@ class DataParallelRunConfig:
             if self.compression.codec != "none":
                 raise ValueError(f"comm_hook.name = {self.comm_hook.name!r} and compression.codec = "
                                  f"{self.compression.codec!r} both compress the gradients: choose one")
+        if self.train.precision == "fp16" and self.sync.shard_optimizer:
+            raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer (each rank would check "
+                             "only its slice for overflows); use 'bf16'")
         if self.train.precision == "fp16" and self.sync.kind in ("ps_one_device", "sharded"):
             raise ValueError(f"train.precision = 'fp16' does not go with sync.kind = {self.sync.kind!r} (the grad "
                              "scaler's overflow check would not be shared by every rank); use 'bf16'")

@@ -35,6 +35,7 @@ from plait.parallel.dims import ParallelDims
 from plait.parallel.grad_sync import GradSync
 from plait.parallel.optim import build_optimizer, flat_state, load_flat_state
 from plait.parallel.precision import MixedPrecision
+from plait.parallel.zero import OptimizerShard
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,7 +62,7 @@ class DataParallel:
                  local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, optimizer: str = "sgd",
                  lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, compressor=None,
-                 comm_hook: CommHook | None = None, precision: str = "fp32",
+                 comm_hook: CommHook | None = None, precision: str = "fp32", shard_optimizer: bool = False,
                  loss_fn: LossFn = nn.functional.cross_entropy):
         if kind not in ("allreduce", "local_sgd", "ps_one_device"):
             raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
@@ -69,6 +70,11 @@ class DataParallel:
             raise ValueError(f"a communication hook needs sync.kind = 'allreduce', got {kind!r}")
         if comm_hook is not None and compressor is not None:
             raise ValueError("compression.codec and comm_hook.name both compress the gradients: choose one")
+        if shard_optimizer and kind != "allreduce":
+            raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce', got {kind!r}")
+        if shard_optimizer and precision == "fp16":
+            # each rank would check only its slice for overflows: the ranks could disagree on skipping a step
+            raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer; use 'bf16'")
         if precision == "fp16" and kind == "ps_one_device":
             # only rank 0 steps, so only its grad scaler would learn of overflows; the others' scales would drift
             raise ValueError("train.precision = 'fp16' does not go with sync.kind = 'ps_one_device'; use 'bf16'")
@@ -87,9 +93,15 @@ class DataParallel:
                                   compressor=compressor, comm_hook=comm_hook)
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
         self.optimizer_name = optimizer
-        self.optimizer = (build_optimizer(self.params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                          betas=betas, eps=eps)
-                          if kind != "ps_one_device" or self.rank == 0 else None)
+
+        def build(params):
+            return build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   betas=betas, eps=eps)
+
+        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py)
+        self.zero = OptimizerShard(self.flat_param, self.params, self.group, build) if shard_optimizer else None
+        self.optimizer = (self.zero.optimizer if self.zero is not None
+                          else build(self.params) if kind != "ps_one_device" or self.rank == 0 else None)
         self.broadcast_stats = CommStats()
 
     # ---- replicas start equal -------------------------------------------------------------------------------------
@@ -122,7 +134,9 @@ class DataParallel:
         if syncs_grads:
             self.grad_sync.finish()
         synced = time.perf_counter()
-        if self.optimizer is not None:
+        if self.zero is not None:
+            self.zero.step(self.precision.step)
+        elif self.optimizer is not None:
             self.precision.step(self.optimizer)
         stepped = time.perf_counter()
         if self.kind == "ps_one_device":
@@ -162,17 +176,21 @@ class DataParallel:
         self.flat_param.copy_(flat)
 
     def bytes_moved(self) -> tuple[int, int]:
-        stats = [self.allreduce.stats, self.broadcast_stats]
+        stats = [self.allreduce.stats, self.broadcast_stats] + ([self.zero.stats] if self.zero is not None else [])
         if self.grad_sync.stats is not self.allreduce.stats:
             stats.append(self.grad_sync.stats)
         return sum(s.bytes_sent for s in stats), sum(s.bytes_recv for s in stats)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The optimizer's state as flat tensors, laid out as `flat_param` (empty: no state yet, or no optimizer)."""
+        if self.zero is not None:
+            return self.zero.full_state()  # collective: every rank's slices
         return flat_state(self.optimizer, self.params) if self.optimizer is not None else {}
 
     def load_optimizer_state(self, flat: dict[str, torch.Tensor]) -> None:
-        if self.optimizer is not None:
+        if self.zero is not None:
+            self.zero.load_full_state(flat)
+        elif self.optimizer is not None:
             load_flat_state(self.optimizer, self.params, flat)
 
     @property

@@ -260,7 +260,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                           overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
                           momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
                           betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
-                          comm_hook=comm_hook, precision=train_cfg.precision)
+                          comm_hook=comm_hook, precision=train_cfg.precision,
+                          shard_optimizer=config.sync.shard_optimizer)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
