@@ -2,7 +2,7 @@
 two GPUs are skipped with fewer. Run: `pytest -q tests/gpu/`.
 
 - data parallel on 1 NCCL rank: fp32, bf16 and fp16 (grad scaler), with and without communication hooks: the loss
-  and every state tensor live on cuda:LOCAL_RANK, and the run learns;
+  and every state tensor live on cuda:LOCAL_RANK, and the run learns; FSDP2 (`sharded`) and ZeRO-1 likewise;
 - the data-parallel trainer end to end (`plait train` path: run directory, metrics, checkpoint) on 1 NCCL rank;
 - a one-stage pipeline on cuda (1F1B over micro-batches, pipelined inference), fp32 and bf16;
 - with 2 GPUs: the own ring / tree / naive all-reduce over NCCL point-to-point, and a two-stage pipeline.
@@ -62,6 +62,32 @@ def test_data_parallel_on_one_nccl_rank(precision, hook):
     assert out["device"] == "cuda:0"
     assert out["devices"] == ["cuda:0"]
     assert out["scaler"] == (precision == "fp16")
+    assert out["last"] < 0.7 * out["first"]
+
+
+def _sharded_rank(rank: int, world_size: int, way: str) -> dict:
+    from plait.parallel.sharded import ShardedDataParallel
+
+    dims = ParallelDims(world_size=world_size).build()
+    device = rank_device()
+    use_device(device)
+    torch.manual_seed(0)
+    model = build_model("2nn").to(device)
+    kwargs = dict(optimizer="adam", lr=1e-3, precision="bf16")
+    dp = (ShardedDataParallel(model, dims, **kwargs) if way == "fsdp2"
+          else DataParallel(model, dims, shard_optimizer=True, **kwargs))
+    losses = [dp.train_step([batch], step)[0] for step, batch in enumerate(_batches(device, 60), 1)]
+    state = dp.optimizer_state()
+    out = {"devices": sorted({str(t.device) for t in (*losses, dp.full_params(), *state.values()) if t.dim() > 0}),
+           "first": float(sum(losses[:5]) / 5), "last": float(sum(losses[-5:]) / 5)}
+    dp.close()
+    return out
+
+
+@pytest.mark.parametrize("way", ["fsdp2", "zero1"])
+def test_sharded_ways_on_one_nccl_rank(way):
+    out = spawn_ranks(_sharded_rank, 1, way, backend="nccl", timeout_s=300)[0]
+    assert out["devices"] == ["cuda:0"]
     assert out["last"] < 0.7 * out["first"]
 
 
