@@ -4,8 +4,8 @@
 overlapping backward); then each of the n ranks steps only its 1/n of the flat parameters, with an optimizer whose
 state covers only that slice (Adam's two moments take 2N/n floats per rank instead of 2N), and the updated slices
 are all-gathered into every rank's flat parameters. The optimizers are element-wise, so stepping slices gives the
-same numbers as stepping the whole. Per step the all-gather adds (n−1)/n of the parameter bytes to the all-reduce's
-2(n−1)/n (ZeRO-2 would reduce-scatter the gradients instead of all-reducing them, and send no more than plain data
+same numbers as stepping the whole. Per step the all-gather (each slice broadcast by its owner) adds (n−1)/n of the
+parameter bytes to the all-reduce's 2(n−1)/n (ZeRO-2 would reduce-scatter the gradients instead of all-reducing them, and send no more than plain data
 parallel: not built here, as Plait's buckets are laid out in backward order, not in the slices' order).
 
 The slice is a view into the flat parameter buffer (the optimizer writes into the model directly); its gradient is
@@ -15,7 +15,6 @@ it). Checkpoints hold the full flat state: gathering it (`full_state`) and loadi
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -33,9 +32,11 @@ class OptimizerShard:
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.flat_param, self.numel = flat_param, flat_param.numel()
-        self.chunk = math.ceil(self.numel / self.world_size)  # equal slices (the last padded) for one all-gather
-        lo, hi = min(self.rank * self.chunk, self.numel), min((self.rank + 1) * self.chunk, self.numel)
-        self.lo, self.hi = lo, hi
+        # slices as tensor_split cuts them (sizes differ by at most one)
+        base, extra = divmod(self.numel, self.world_size)
+        starts = [r * base + min(r, extra) for r in range(self.world_size + 1)]
+        self.bounds = list(zip(starts[:-1], starts[1:]))
+        lo, hi = self.lo, self.hi = self.bounds[self.rank]
         self.shard = nn.Parameter(flat_param[lo:hi])  # aliases the flat buffer: a step updates the model
         self.shard.grad = torch.zeros_like(self.shard)
         self.optimizer = build([self.shard])
@@ -46,8 +47,6 @@ class OptimizerShard:
             if a < b:
                 self._pieces.append((a - lo, p, a - offset, b - a))
             offset += p.numel()
-        self._send = torch.zeros(self.chunk, dtype=flat_param.dtype, device=flat_param.device)
-        self._gathered = torch.zeros(self.chunk * self.world_size, dtype=flat_param.dtype, device=flat_param.device)
         self.stats = CommStats()
 
     def step(self, step_fn: Callable[[torch.optim.Optimizer], None]) -> None:
@@ -58,20 +57,26 @@ class OptimizerShard:
         step_fn(self.optimizer)
         self._all_gather(self.flat_param)
 
-    def _all_gather(self, flat: torch.Tensor) -> None:
-        own = flat[self.lo:self.hi]
-        self._send[:own.numel()].copy_(own)
+    def _all_gather(self, flat: torch.Tensor, count: bool = True) -> None:
+        """Each slice broadcast from its owner straight into every rank's `flat`: no gather buffer (one of N floats
+        would cost what the sharded state saves), slices of unequal size allowed."""
+        if self.world_size == 1:
+            return
         start = time.perf_counter()
-        if self.world_size > 1:
-            dist.all_gather_into_tensor(self._gathered, self._send, group=self.group)
-            moved = (self.world_size - 1) * self.chunk * flat.element_size()
-            self.stats.bytes_sent += moved
-            self.stats.bytes_recv += moved
-        else:
-            self._gathered[:self.chunk].copy_(self._send)
+        works = [dist.broadcast(flat[lo:hi], src=self._global(r), group=self.group, async_op=True)
+                 for r, (lo, hi) in enumerate(self.bounds) if hi > lo]
+        for work in works:
+            work.wait()
+        if not count:  # a checkpoint's state, not training traffic
+            return
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
-        flat.copy_(self._gathered[:self.numel])
+        itemsize = flat.element_size()
+        self.stats.bytes_sent += (self.world_size - 1) * (self.hi - self.lo) * itemsize  # as a flat broadcast would
+        self.stats.bytes_recv += (self.numel - (self.hi - self.lo)) * itemsize
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every rank's state slices joined, laid out as the flat parameters (collective)."""
@@ -81,11 +86,10 @@ class OptimizerShard:
             if value.dim() == 0:
                 full[key] = value  # a step count: the same on every rank
                 continue
-            send = torch.zeros(self.chunk, dtype=value.dtype, device=self._send.device)
-            send[:value.numel()].copy_(value)
-            gathered = torch.zeros(self.chunk * self.world_size, dtype=value.dtype, device=self._send.device)
-            dist.all_gather_into_tensor(gathered, send, group=self.group)
-            full[key] = gathered[:self.numel]
+            gathered = torch.zeros(self.numel, dtype=value.dtype, device=value.device)
+            gathered[self.lo:self.hi].copy_(value)
+            self._all_gather(gathered, count=False)
+            full[key] = gathered
         return full
 
     def load_full_state(self, flat: dict[str, torch.Tensor]) -> None:
