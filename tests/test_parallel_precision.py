@@ -95,3 +95,43 @@ def test_config_mistakes_name_the_setting(raw, message):
 def test_pipeline_refuses_fp16():
     with pytest.raises(ValueError, match="use 'bf16'"):
         from_dict(PipelineRunConfig, {"train": {"precision": "fp16"}})
+
+
+def _pipeline_rank(rank: int, world_size: int) -> dict:
+    import torch.nn.functional as F
+
+    from plait.parallel.pipeline.partition import split_layers
+    from plait.parallel.pipeline.schedule import build_schedule
+    from plait.parallel.pipeline.stage import PipelineStage, Placement
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 16, 12, generator=gen)
+    y = (x @ torch.randn(12, 4, generator=gen)).argmax(-1)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        module = split_layers(model, [2])[rank]
+        placement = Placement(stage=rank, num_stages=2, prev_rank=0 if rank else None, next_rank=None if rank else 1)
+        stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if rank == 1 else None, precision=precision)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        losses = []
+        for step in range(20):
+            optimizer.zero_grad(set_to_none=True)
+            record = stage.train_step(build_schedule("1f1b", 2, 4), 16, x[step] if rank == 0 else None,
+                                      y[step] if rank == 1 else None)
+            optimizer.step()
+            if record.loss is not None:
+                losses.append(float(record.loss))
+        out[precision] = {"losses": losses, "wire": str(stage._shapes[4].output[1] if rank == 0 else
+                                                       stage._shapes[4].input[1])}
+    return out
+
+
+def test_two_stage_pipeline_in_bf16_sends_bf16_and_learns_like_fp32():
+    results = spawn_ranks(_pipeline_rank, 2, backend="gloo", timeout_s=120)
+    assert results[0]["bf16"]["wire"] == results[1]["bf16"]["wire"] == "torch.bfloat16"  # activations on the wire
+    assert results[0]["fp32"]["wire"] == "torch.float32"
+    fp32, bf16 = torch.tensor(results[1]["fp32"]["losses"]), torch.tensor(results[1]["bf16"]["losses"])
+    assert bf16[-5:].mean() < 0.8 * bf16[:3].mean()
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.max()
