@@ -52,7 +52,9 @@ class FutureHook:
 def _hooks() -> dict:
     return {"none": None, "allreduce": allreduce_hook, "fp16": CastHook(torch.float16),
             "bf16": CastHook(torch.bfloat16), "powersgd": PowerSGDHook(rank=2, start_step=5, seed=3),
-            "topk": SharedTopKHook(ratio=0.1), "user": FutureHook()}
+            "topk": SharedTopKHook(ratio=0.1), "user": FutureHook(),
+            # the same hooks over Plait's own ring (a worker thread, point-to-point): same numbers, as sums agree
+            "powersgd_ring": PowerSGDHook(rank=2, start_step=5, seed=3), "topk_ring": SharedTopKHook(ratio=0.1)}
 
 
 def _train_rank(rank: int, world_size: int) -> dict:
@@ -60,7 +62,8 @@ def _train_rank(rank: int, world_size: int) -> dict:
     x, y = _data()
     out = {}
     for name, hook in _hooks().items():
-        dp = DataParallel(_model(), dims, bucket_bytes=8192, lr=LR, momentum=0.9, comm_hook=hook)
+        allreduce = "ring" if name.endswith("_ring") else "native"
+        dp = DataParallel(_model(), dims, bucket_bytes=8192, lr=LR, momentum=0.9, comm_hook=hook, allreduce=allreduce)
         dp.broadcast_params()
         losses, first_grad, bytes_after = [], None, []
         for step in range(1, STEPS + 1):
@@ -90,7 +93,8 @@ def _mean_loss(trained, name: str) -> torch.Tensor:
     return (trained[0][name]["losses"] + trained[1][name]["losses"]) / 2
 
 
-@pytest.mark.parametrize("name", ["none", "allreduce", "fp16", "bf16", "powersgd", "topk", "user"])
+@pytest.mark.parametrize("name", ["none", "allreduce", "fp16", "bf16", "powersgd", "topk", "user", "powersgd_ring",
+                                  "topk_ring"])
 def test_replicas_stay_bit_identical(trained, name):
     assert torch.equal(trained[0][name]["params"], trained[1][name]["params"])
 
@@ -114,7 +118,7 @@ def test_cast_hooks_equal_the_all_reduce_to_their_precision(trained, name, rtol)
     assert not torch.equal(cast, exact)  # the wire really was 16-bit
 
 
-@pytest.mark.parametrize("name", ["powersgd", "topk"])
+@pytest.mark.parametrize("name", ["powersgd", "topk", "powersgd_ring", "topk_ring"])
 def test_compressed_hooks_follow_the_uncompressed_loss_curve(trained, name):
     plain, compressed = _mean_loss(trained, "none"), _mean_loss(trained, name)
     assert compressed[-10:].mean() < 0.5 * compressed[:5].mean()  # it learns
