@@ -149,3 +149,39 @@ def test_make_comm_hook_by_name_and_import_path():
         make_comm_hook("no_such_module:hook")
     with pytest.raises(ValueError, match="comm_hook.rank"):
         PowerSGDHook(rank=0)
+
+
+RESUME_CONFIG = """
+[run]
+name = "dp"
+root = "{root}"
+[train]
+steps = {steps}
+batch_size = 16
+log_every = 2
+checkpoint_every = 4
+eval_at_end = false
+[comm_hook]
+name = "{hook}"
+rank = 2
+start_step = 2
+ratio = 0.05
+"""
+
+
+@pytest.mark.parametrize("hook", ["powersgd", "topk"])
+def test_stopped_and_resumed_run_with_a_hook_ends_bit_identical(tmp_path, hook):
+    from plait.experiment.checkpoint import load_checkpoint
+    from plait.parallel.train import main
+
+    def run(name: str, steps: int, resume: bool = False) -> dict:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(RESUME_CONFIG.format(root=(tmp_path / name).as_posix(), steps=steps, hook=hook))
+        main(path, 2, resume, [], None)
+        return load_checkpoint(tmp_path / name / "dp" / "checkpoint.pt")
+
+    whole = run("whole", 8)
+    run("split", 4)
+    resumed = run("split", 8, resume=True)
+    assert torch.equal(resumed["params"], whole["params"])
+    assert len(resumed["hook_states"]) == 2  # each rank's own state

@@ -9,7 +9,9 @@ A hook is any callable `hook(bucket: GradBucket) -> Handle | torch.Tensor`:
   group, counting the bytes this rank moves), so every hook is all-reduce compatible and its traffic is counted.
 
 Every rank calls the hook on the same buckets in the same order, and must issue the same collectives in the same
-order. Hooks with state (error feedback, PowerSGD's Q) are objects with `__call__`, keyed by `bucket.index`.
+order. Hooks with state (error feedback, PowerSGD's Q) are objects with `__call__`, keyed by `bucket.index`; if
+they also have `state_dict()` (this rank's state: tensors, ints, lists and dicts of them) and `load_state_dict()`,
+the trainer keeps one per rank in its checkpoints, so a resumed run goes on where it stopped.
 
 Hooks here: `allreduce_hook` (the default sync, plain mean), `CastHook` (fp16 / bf16 on the wire), `PowerSGDHook`
 (powersgd.py) and `SharedTopKHook` (topk_hook.py). `make_comm_hook(name)` builds one by name, or imports a user's

@@ -207,6 +207,17 @@ class DataParallel:
         sync = self.grad_sync
         sync.compressor.load_residuals(flat.to(sync.flat_grad.device), self._bucket_bounds())
 
+    @property
+    def has_hook_state(self) -> bool:
+        """Whether the communication hook has state to checkpoint (one per rank)."""
+        return hasattr(self.grad_sync.comm_hook, "state_dict")
+
+    def hook_state(self) -> dict:
+        return self.grad_sync.comm_hook.state_dict()
+
+    def load_hook_state(self, state: dict) -> None:
+        self.grad_sync.comm_hook.load_state_dict(state)
+
     def _bucket_bounds(self) -> list[tuple[int, int]]:
         return [(bucket.start, bucket.stop) for bucket in self.grad_sync.buckets]
 

@@ -63,6 +63,9 @@ class PowerSGDHook:
         if not matrices:
             return allreduce_hook(bucket)
         buffer, n = bucket.buffer, bucket.allreduce.world_size
+        if state.q is not None and state.q[0].device != buffer.device:  # loaded from a checkpoint (host copies)
+            state.q = [q.to(buffer.device) for q in state.q]
+            state.error = [e.to(buffer.device) for e in state.error] if state.error is not None else None
         if state.q is None:
             # the same seed on every rank: the first Q must be shared (P = M Q is summed over ranks)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + bucket.index)
@@ -103,3 +106,16 @@ class PowerSGDHook:
                 m.copy_(torch.mm(p_hat, q.t()))  # m is a view into the bucket: the gradient becomes P̂ Qᵀ
 
         return Handle(finish)
+
+    # ---- checkpoint -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state (its errors differ from the other ranks'; Q is the same on all), on the host."""
+        return {index: {"calls": st.calls, "q": [q.cpu() for q in st.q] if st.q is not None else None,
+                        "error": [e.cpu() for e in st.error] if st.error is not None else None}
+                for index, st in self._state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {}
+        for index, saved in state.items():
+            st = self._state[int(index)] = _BucketState()
+            st.calls, st.q, st.error = int(saved["calls"]), saved["q"], saved["error"]

@@ -34,6 +34,7 @@ from plait.parallel.precision import MixedPrecision
 class ShardedDataParallel:
     kind = "sharded"
     has_residuals = False  # no compression: nothing but the parameters and the optimizer state to checkpoint
+    has_hook_state = False  # no communication hooks either
 
     def __init__(self, model: nn.Module, dims: ParallelDims, *, optimizer: str = "sgd", lr: float = 0.05,
                  momentum: float = 0.0, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),

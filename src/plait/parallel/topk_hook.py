@@ -27,10 +27,13 @@ class SharedTopKHook:
         self.ratio, self.error_feedback = ratio, error_feedback
         self._calls: dict[int, int] = {}
         self._residual: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, torch.Tensor] = {}
 
     def __call__(self, bucket: GradBucket) -> Handle:
         ar, flat = bucket.allreduce, bucket.buffer
         calls = self._calls[bucket.index] = self._calls.get(bucket.index, 0) + 1
+        if bucket.index in self._pending:  # a residual loaded from a checkpoint (a host copy)
+            self._residual[bucket.index] = self._pending.pop(bucket.index).to(flat.device)
         leader = calls % ar.world_size  # every rank counts the same calls: they agree on the leader
         if self.error_feedback and bucket.index in self._residual:
             flat.add_(self._residual[bucket.index])
@@ -54,3 +57,13 @@ class SharedTopKHook:
             flat[chosen] = values.div_(ar.world_size)
 
         return Handle(finish)
+
+    # ---- checkpoint -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's residuals (they differ between ranks) and the call counts (they pick the leader)."""
+        return {"calls": dict(self._calls), "residual": {i: r.cpu() for i, r in self._residual.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._calls = {int(i): int(c) for i, c in state["calls"].items()}
+        self._pending = {int(i): r for i, r in state["residual"].items()}  # moved to the gradient's device on use
+        self._residual = {}

@@ -164,6 +164,10 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
         residual = dp.residual_flat()
         residuals = [torch.empty_like(residual) for _ in range(world_size)] if rank == 0 else None
         dist.gather(residual, residuals, dst=0)
+    hook_states = None
+    if dp.has_hook_state:  # PowerSGD's errors and Q, top-k's residuals: each rank's own
+        hook_states = [None] * world_size if rank == 0 else None
+        dist.gather_object(dp.hook_state(), hook_states, dst=0)
     params, optim = dp.full_params(), dp.optimizer_state()  # collective when sharded: every rank gathers
     if rank != 0:
         return
@@ -173,6 +177,9 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
         state["optimizer"] = dp.optimizer_name
     if residuals is not None:
         state["residuals"] = torch.stack(residuals).cpu()  # [world_size, numel]: rank r's row is its own
+    if hook_states is not None:
+        state["hook_states"] = hook_states  # one per rank, in rank order
+        state["hook"] = type(dp.grad_sync.comm_hook).__name__
     save_checkpoint(run.checkpoint_path, state)
 
 
@@ -190,9 +197,9 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torc
 
 def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
-    gets back its own error-feedback residuals."""
+    gets back its own error-feedback residuals and communication-hook state."""
     device = dp.device  # NCCL broadcasts device tensors only
-    meta = torch.zeros(2, dtype=torch.int64, device=device)  # [step, has residuals for this world size]
+    meta = torch.zeros(3, dtype=torch.int64, device=device)  # [step, residuals, hook states] (for this world)
     ckpt: dict[str, Any] = {}
     optim: dict[str, torch.Tensor] = {}
     if rank == 0:
@@ -205,7 +212,13 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)
             residuals = False
-        meta[:] = torch.tensor([ckpt["step"], int(residuals)], device=device)
+        hooks = "hook_states" in ckpt and dp.has_hook_state
+        if hooks and (ckpt["world_size"] != world_size
+                      or ckpt.get("hook") != type(dp.grad_sync.comm_hook).__name__):
+            print("note: the checkpoint's communication-hook state is for another hook or world size: the hook "
+                  "starts again from zero", flush=True)
+            hooks = False
+        meta[:] = torch.tensor([ckpt["step"], int(residuals), int(hooks)], device=device)
         params = ckpt["params"].to(device)
         # checkpoints from before Adam held SGD's momentum alone
         optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
@@ -222,6 +235,10 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
         rows = list(ckpt["residuals"].to(mine.device).unbind()) if rank == 0 else None
         dist.scatter(mine, rows, src=0)
         dp.load_residual_flat(mine)
+    if meta[2]:
+        mine_state = [None]
+        dist.scatter_object_list(mine_state, ckpt["hook_states"] if rank == 0 else None, src=0)
+        dp.load_hook_state(mine_state[0])
     return int(meta[0])
 
 
