@@ -4,7 +4,8 @@
 
 Each run is one spawned rank (NCCL on cuda:0, gloo on the CPU) on synthetic MNIST-shaped batches:
 - data parallel (`DataParallel`, the 2NN and the CNN, batch 256): fp32, bf16 and fp16 (grad scaler) on CUDA; fp32
-  and bf16 on the CPU; and with the PowerSGD and fp16 communication hooks (one rank: the hooks run, nothing moves);
+  and bf16 on the CPU; with the PowerSGD and fp16 communication hooks (one rank: the hooks run, nothing moves);
+  ZeRO-1 (`shard_optimizer`) and FSDP2 (`ShardedDataParallel`) in bf16;
 - pipeline (`PipelineStage`, one stage of the 8-layer MLP, 1F1B over 4 micro-batches, then pipelined inference):
   fp32 and bf16.
 One line of JSON per run ({"plane", "device", "precision", "steps_per_s", "loss", ...}); the last line is the
@@ -36,6 +37,7 @@ from plait.parallel.pipeline.inference import pipelined_forward  # noqa: E402
 from plait.parallel.pipeline.model import build_sequential  # noqa: E402
 from plait.parallel.pipeline.schedule import build_schedule  # noqa: E402
 from plait.parallel.pipeline.stage import PipelineStage, Placement  # noqa: E402
+from plait.parallel.sharded import ShardedDataParallel  # noqa: E402
 
 BATCH = 256
 
@@ -51,13 +53,18 @@ def _batches(device: torch.device, count: int) -> list[tuple[torch.Tensor, torch
              torch.randint(0, 10, (BATCH,), generator=gen).to(device)) for _ in range(count)]
 
 
-def _data_parallel(rank: int, world_size: int, model_name: str, precision: str, hook: str, steps: int) -> dict:
+def _data_parallel(rank: int, world_size: int, model_name: str, precision: str, hook: str, steps: int,
+                   way: str = "plain") -> dict:
     dims = ParallelDims(world_size=world_size).build()
     device = rank_device()
     use_device(device)
     torch.manual_seed(0)
-    dp = DataParallel(build_model(model_name).to(device), dims, lr=0.01, momentum=0.9, precision=precision,
-                      comm_hook=make_comm_hook(hook, start_step=2))
+    model = build_model(model_name).to(device)
+    if way == "fsdp2":
+        dp = ShardedDataParallel(model, dims, lr=0.01, momentum=0.9, precision=precision)
+    else:
+        dp = DataParallel(model, dims, lr=0.01, momentum=0.9, precision=precision,
+                          comm_hook=make_comm_hook(hook, start_step=2), shard_optimizer=way == "zero1")
     batches = _batches(device, 4)
     for step in range(1, 6):  # warm-up: kernels, autocast caches, allocator
         dp.train_step([batches[step % 4]], step)
@@ -68,8 +75,8 @@ def _data_parallel(rank: int, world_size: int, model_name: str, precision: str, 
     _sync(device)
     seconds = time.perf_counter() - start
     dp.close()
-    return {"plane": "data_parallel", "model": model_name, "device": str(device), "backend": dims_backend(),
-            "precision": precision, "hook": hook, "steps_per_s": round(steps / seconds, 2),
+    return {"plane": "data_parallel", "way": way, "model": model_name, "device": str(device),
+            "backend": dims_backend(), "precision": precision, "hook": hook, "steps_per_s": round(steps / seconds, 2),
             "loss": round(float(loss), 4), "scaler": dp.precision.scaler is not None}
 
 
@@ -124,6 +131,8 @@ def main() -> None:
             runs.append((backend, _pipeline, (precision, args.steps)))
         for hook in ("fp16", "powersgd"):
             runs.append((backend, _data_parallel, ("cnn", "fp32", hook, args.steps)))
+        for way in ("zero1", "fsdp2"):  # sharded optimizer state; FSDP2 (bf16: fp16 needs one scaler over shards)
+            runs.append((backend, _data_parallel, ("cnn", "bf16", "none", args.steps, way)))
     results = []
     for backend, fn, fn_args in runs:
         try:
@@ -137,7 +146,8 @@ def main() -> None:
     def speed(device_prefix: str) -> float | None:
         for r in results:
             if (r.get("plane") == "data_parallel" and r.get("model") == "cnn" and r.get("precision") == "fp32"
-                    and r.get("hook") == "none" and r.get("device", "").startswith(device_prefix)):
+                    and r.get("hook") == "none" and r.get("way") == "plain"
+                    and r.get("device", "").startswith(device_prefix)):
                 return r["steps_per_s"]
         return None
 
