@@ -37,16 +37,16 @@ from plait.experiment.config import ConfigError, apply_overrides, from_dict, loa
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.comm_hooks import make_comm_hook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
-from plait.parallel.comm_hooks import make_comm_hook
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import state_matches
-from plait.parallel.sharded import ShardedDataParallel
 from plait.parallel.sampler import ShardedSampler
+from plait.parallel.sharded import ShardedDataParallel
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 _METRICS = ("loss", "bytes_sent", "bytes_recv", "compute_s", "comm_s", "step_s")
