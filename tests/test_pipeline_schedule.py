@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from plait.parallel.pipeline.schedule import (Action, DeadlockError, Schedule, ScheduleError, build_schedule,
                                               bubble_theory, dry_run, forward_only, gpipe, one_f_one_b)
@@ -81,6 +82,6 @@ def test_receive_plan_rejects_zero_depth_and_skips_actions_without_messages():
     from plait.parallel.pipeline.comm import RecvAhead
 
     with pytest.raises(ValueError, match="depth"):
-        RecvAhead([None], depth=0)
-    recvs = RecvAhead([None, None])  # a first stage's forwards receive nothing: no receive is posted
+        RecvAhead([None], depth=0, device=torch.device("cpu"))
+    recvs = RecvAhead([None, None], device=torch.device("cpu"))  # a first stage's forwards receive nothing: no receive is posted
     assert recvs.get(0) is None and recvs.get(1) is None

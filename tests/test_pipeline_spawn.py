@@ -88,7 +88,7 @@ def _all_cases(rank: int, world_size: int) -> dict:
     out["inference"] = None if logits is None else logits.numpy()  # numpy: tensors would travel as shared memory
     # partition by measured time: rank 0 profiles, every rank must end up with its split
     config = from_dict(PipelineRunConfig, {"parallel": {"stages": 4, "partition": "time"}})
-    out["time_split"] = choose_boundaries(config, _model(), x[:4])
+    out["time_split"] = choose_boundaries(config, _model(), x[:4], torch.device("cpu"))
     return out
 
 

@@ -109,6 +109,8 @@ class AllReduce:
                 return
             tensor, then, handle = item
             try:
+                if tensor.is_cuda:
+                    torch.cuda.set_device(tensor.device)  # the current device is per thread; NCCL p2p uses it
                 self.all_reduce(tensor)
                 if then is not None:
                     then()

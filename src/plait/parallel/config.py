@@ -7,7 +7,9 @@ from typing import Literal
 
 from plait.experiment.sections import ImageModelSection as ModelSection
 from plait.parallel.collectives import ALGORITHMS
+from plait.parallel.comm_hooks import check_hook_name
 from plait.parallel.optim import check_optimizer_settings
+from plait.parallel.precision import check_precision
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,12 +43,16 @@ class ParallelSection:
 
 @dataclass(kw_only=True, slots=True)
 class SyncSection:
-    kind: Literal["allreduce", "local_sgd", "ps_one_device"] = "allreduce"
+    kind: Literal["allreduce", "local_sgd", "ps_one_device", "sharded"] = "allreduce"  # sharded: FSDP2
     local_steps: int = 8               # local_sgd: average the parameters every H steps
+    shard_optimizer: bool = False      # allreduce: ZeRO-1, each rank keeps and steps 1/n of the optimizer state
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
             raise ValueError(f"sync.local_steps must be >= 1, got {self.local_steps}")
+        if self.shard_optimizer and self.kind != "allreduce":
+            raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce' (\"sharded\" shards the optimizer "
+                             f"state already), got {self.kind!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -71,8 +77,10 @@ class TrainSection:
     log_every: int = 1                 # metrics record every k steps (each costs one small all-gather)
     checkpoint_every: int = 50         # 0: only at the end
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
+    precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler, CUDA only)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, "train")
         for key in ("steps", "batch_size", "accumulate", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -94,6 +102,24 @@ class CompressionSection:
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
             raise ValueError(f"compression.ratio must be in (0, 1], got {self.ratio}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CommHookSection:
+    name: str = "none"                 # none | allreduce | fp16 | bf16 | powersgd | topk | "package.module:attribute"
+    rank: int = 4                      # powersgd: rank of the low-rank factors
+    start_step: int = 10               # powersgd: plain all-reduce for each bucket's first steps
+    ratio: float = 0.01                # topk: share of gradient entries sent
+    error_feedback: bool = True        # powersgd, topk: add back what earlier steps left out
+
+    def __post_init__(self) -> None:
+        check_hook_name(self.name)
+        if self.rank < 1:
+            raise ValueError(f"comm_hook.rank must be >= 1, got {self.rank}")
+        if self.start_step < 0:
+            raise ValueError(f"comm_hook.start_step must be >= 0, got {self.start_step}")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"comm_hook.ratio must be in (0, 1], got {self.ratio}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -120,12 +146,26 @@ class DataParallelRunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    comm_hook: CommHookSection = field(default_factory=CommHookSection)
     stragglers: StragglerSection = field(default_factory=StragglerSection)
 
     def __post_init__(self) -> None:
         if self.compression.codec != "none" and self.sync.kind != "allreduce":
             raise ValueError(f"compression.codec = {self.compression.codec!r} needs sync.kind = 'allreduce', "
                              f"got {self.sync.kind!r}")
+        if self.comm_hook.name != "none":
+            if self.sync.kind != "allreduce":
+                raise ValueError(f"comm_hook.name = {self.comm_hook.name!r} needs sync.kind = 'allreduce', "
+                                 f"got {self.sync.kind!r}")
+            if self.compression.codec != "none":
+                raise ValueError(f"comm_hook.name = {self.comm_hook.name!r} and compression.codec = "
+                                 f"{self.compression.codec!r} both compress the gradients: choose one")
+        if self.train.precision == "fp16" and self.sync.shard_optimizer:
+            raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer (each rank would check "
+                             "only its slice for overflows); use 'bf16'")
+        if self.train.precision == "fp16" and self.sync.kind in ("ps_one_device", "sharded"):
+            raise ValueError(f"train.precision = 'fp16' does not go with sync.kind = {self.sync.kind!r} (the grad "
+                             "scaler's overflow check would not be shared by every rank); use 'bf16'")
         if self.sync.kind == "local_sgd" and self.train.checkpoint_every % self.sync.local_steps:
             raise ValueError(f"train.checkpoint_every = {self.train.checkpoint_every} must be a multiple of "
                              f"sync.local_steps = {self.sync.local_steps} (checkpoints hold averaged parameters)")

@@ -8,6 +8,11 @@
   rank 0 (`dist.reduce`, bucketed and overlapped like the all-reduce), rank 0 alone holds the optimizer and steps,
   then broadcasts the weights (`dist.broadcast`).
 
+With "allreduce", a communication hook (comm_hooks.py: fp16/bf16, PowerSGD, shared top-k, or the user's own) may
+sync each bucket instead of the plain mean. `precision` ("fp32" | "bf16" | "fp16") runs forward and loss under
+autocast (fp16 with a grad scaler). Every tensor a step creates lives on the model's device; the step makes no host
+sync (its loss comes back as a device tensor).
+
 Parameters are views into one flat buffer (`flat_param`), so averaging, broadcasting and checkpointing move one
 tensor. The optimizer is SGD (momentum, weight decay), Adam or AdamW (optim.py): its state travels as one flat tensor
 per kind (momentum, Adam's two moments), checkpointed and broadcast as such.
@@ -25,9 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.parallel.collectives import CommStats, make_allreduce
+from plait.parallel.comm_hooks import CommHook
 from plait.parallel.dims import ParallelDims
 from plait.parallel.grad_sync import GradSync
 from plait.parallel.optim import build_optimizer, flat_state, load_flat_state
+from plait.parallel.precision import MixedPrecision
+from plait.parallel.zero import OptimizerShard
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,25 +62,46 @@ class DataParallel:
                  local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, optimizer: str = "sgd",
                  lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, compressor=None,
+                 comm_hook: CommHook | None = None, precision: str = "fp32", shard_optimizer: bool = False,
                  loss_fn: LossFn = nn.functional.cross_entropy):
         if kind not in ("allreduce", "local_sgd", "ps_one_device"):
             raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
+        if comm_hook is not None and kind != "allreduce":
+            raise ValueError(f"a communication hook needs sync.kind = 'allreduce', got {kind!r}")
+        if comm_hook is not None and compressor is not None:
+            raise ValueError("compression.codec and comm_hook.name both compress the gradients: choose one")
+        if shard_optimizer and kind != "allreduce":
+            raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce', got {kind!r}")
+        if shard_optimizer and precision == "fp16":
+            # each rank would check only its slice for overflows: the ranks could disagree on skipping a step
+            raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer; use 'bf16'")
+        if precision == "fp16" and kind == "ps_one_device":
+            # only rank 0 steps, so only its grad scaler would learn of overflows; the others' scales would drift
+            raise ValueError("train.precision = 'fp16' does not go with sync.kind = 'ps_one_device'; use 'bf16'")
         self.model, self.kind, self.local_steps, self.loss_fn = model, kind, local_steps, loss_fn
         self.group = dims.grad_group
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self._root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         self.flat_param, self.params = _flatten_params_into_buffer(model)
+        self.device = self.flat_param.device  # every tensor a step makes goes here
+        self.precision = MixedPrecision(precision, self.device)
         self.allreduce = make_allreduce(allreduce, self.group)
-        op = {"allreduce": "compressed" if compressor else "allreduce", "local_sgd": "allreduce",
-              "ps_one_device": "reduce"}[kind]
+        allreduce_op = "hook" if comm_hook is not None else "compressed" if compressor else "allreduce"
+        op = {"allreduce": allreduce_op, "local_sgd": "allreduce", "ps_one_device": "reduce"}[kind]
         self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
-                                  compressor=compressor)
+                                  compressor=compressor, comm_hook=comm_hook)
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
         self.optimizer_name = optimizer
-        self.optimizer = (build_optimizer(self.params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                          betas=betas, eps=eps)
-                          if kind != "ps_one_device" or self.rank == 0 else None)
+
+        def build(params):
+            return build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   betas=betas, eps=eps)
+
+        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py)
+        self.zero = OptimizerShard(self.flat_param, self.params, self.group, build) if shard_optimizer else None
+        self.optimizer = (self.zero.optimizer if self.zero is not None
+                          else build(self.params) if kind != "ps_one_device" or self.rank == 0 else None)
         self.broadcast_stats = CommStats()
 
     # ---- replicas start equal -------------------------------------------------------------------------------------
@@ -91,21 +120,24 @@ class DataParallel:
             time.sleep(delay_s)  # injected straggler: this rank's step is slower, its sync starts later
         self.grad_sync.reset()
         syncs_grads = self.kind != "local_sgd"
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)  # on the loss's device: a CPU scalar cannot take a CUDA loss
         last = len(micro_batches) - 1
         for i, (x, y) in enumerate(micro_batches):
             # accumulation: only the last micro-batch's backward starts the gradient sync
             quiet = i < last or not syncs_grads
             with self.grad_sync.no_sync() if quiet else contextlib.nullcontext():
-                loss = self.loss_fn(self.model(x), y) / len(micro_batches)
-                loss.backward()
-            total += loss.detach()
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model(x), y) / len(micro_batches)
+                self.precision.scale(loss).backward()
+            total += loss.detach().float()
         computed = time.perf_counter()
         if syncs_grads:
             self.grad_sync.finish()
         synced = time.perf_counter()
-        if self.optimizer is not None:
-            self.optimizer.step()
+        if self.zero is not None:
+            self.zero.step(self.precision.step)
+        elif self.optimizer is not None:
+            self.precision.step(self.optimizer)
         stepped = time.perf_counter()
         if self.kind == "ps_one_device":
             self._broadcast_from_root()
@@ -132,18 +164,33 @@ class DataParallel:
         self.flat_param.div_(self.world_size)
 
     # ---- counters and state ---------------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.flat_param.numel()
+
+    def full_params(self) -> torch.Tensor:
+        """All parameters as one flat tensor (the buffer itself: every replica holds them all)."""
+        return self.flat_param
+
+    def load_full_params(self, flat: torch.Tensor) -> None:
+        self.flat_param.copy_(flat)
+
     def bytes_moved(self) -> tuple[int, int]:
-        stats = [self.allreduce.stats, self.broadcast_stats]
+        stats = [self.allreduce.stats, self.broadcast_stats] + ([self.zero.stats] if self.zero is not None else [])
         if self.grad_sync.stats is not self.allreduce.stats:
             stats.append(self.grad_sync.stats)
         return sum(s.bytes_sent for s in stats), sum(s.bytes_recv for s in stats)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The optimizer's state as flat tensors, laid out as `flat_param` (empty: no state yet, or no optimizer)."""
+        if self.zero is not None:
+            return self.zero.full_state()  # collective: every rank's slices
         return flat_state(self.optimizer, self.params) if self.optimizer is not None else {}
 
     def load_optimizer_state(self, flat: dict[str, torch.Tensor]) -> None:
-        if self.optimizer is not None:
+        if self.zero is not None:
+            self.zero.load_full_state(flat)
+        elif self.optimizer is not None:
             load_flat_state(self.optimizer, self.params, flat)
 
     @property
@@ -159,6 +206,17 @@ class DataParallel:
     def load_residual_flat(self, flat: torch.Tensor) -> None:
         sync = self.grad_sync
         sync.compressor.load_residuals(flat.to(sync.flat_grad.device), self._bucket_bounds())
+
+    @property
+    def has_hook_state(self) -> bool:
+        """Whether the communication hook has state to checkpoint (one per rank)."""
+        return hasattr(self.grad_sync.comm_hook, "state_dict")
+
+    def hook_state(self) -> dict:
+        return self.grad_sync.comm_hook.state_dict()
+
+    def load_hook_state(self, state: dict) -> None:
+        self.grad_sync.comm_hook.load_state_dict(state)
 
     def _bucket_bounds(self) -> list[tuple[int, int]]:
         return [(bucket.start, bucket.stop) for bucket in self.grad_sync.buckets]

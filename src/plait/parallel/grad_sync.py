@@ -12,7 +12,9 @@ Sync per bucket, chosen by `op`:
 - "reduce": sum onto rank 0 only (`dist.reduce`), for the parameter-server-on-one-device policy;
 - "compressed": encode (plus error feedback), all-gather every rank's payload with the backend's all-gather,
   decode each and average them in rank order. Compressed gradients are all-gathered, not reduced: top-k payloads of
-  different ranks carry different indices and cannot be summed on the wire.
+  different ranks carry different indices and cannot be summed on the wire (so the bytes grow with the ranks);
+- "hook": a communication hook (comm_hooks.py) syncs the bucket through the run's all-reduce: fp16/bf16, PowerSGD,
+  top-k on shared indices, or the user's own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from plait.parallel.collectives import AllReduce, CommStats, Handle
+from plait.parallel.comm_hooks import CommHook, GradBucket
 
 
 @dataclass(slots=True)
@@ -34,6 +37,7 @@ class Bucket:
     start: int      # element offsets inside the flat gradient buffer
     stop: int
     num_params: int
+    shapes: tuple[torch.Size, ...]  # its parameters' shapes, in buffer order
     pending: int = 0
     ready: bool = False
     handle: Handle | None = None
@@ -41,34 +45,39 @@ class Bucket:
 
 class GradSync:
     def __init__(self, params: list[torch.nn.Parameter], allreduce: AllReduce, *, bucket_bytes: int,
-                 op: Literal["allreduce", "reduce", "compressed"] = "allreduce", overlap: bool = True,
-                 compressor=None):
+                 op: Literal["allreduce", "reduce", "compressed", "hook"] = "allreduce", overlap: bool = True,
+                 compressor=None, comm_hook: CommHook | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_bytes} bytes")
         if op == "compressed" and compressor is None:
             raise ValueError("compressed sync needs a compressor")
+        if (op == "hook") != (comm_hook is not None):
+            raise ValueError("a communication hook goes with op = 'hook', and op = 'hook' needs one")
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"gradient buckets need parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.params = params
         self.allreduce, self.op, self.overlap, self.compressor = allreduce, op, overlap, compressor
+        self.comm_hook = comm_hook
         self.group, self.world_size = allreduce.group, allreduce.world_size
-        self.stats = allreduce.stats if op == "allreduce" else CommStats()
+        # hooks communicate through the all-reduce, which counts their bytes
+        self.stats = allreduce.stats if op in ("allreduce", "hook") else CommStats()
         ordered = list(reversed(params))  # backward meets the last layer first
         total = sum(p.numel() for p in ordered)
         self.flat_grad = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[torch.nn.Parameter, int] = {}
-        offset, start, count = 0, 0, 0
+        offset, start, count, shapes = 0, 0, 0, []
         itemsize = self.flat_grad.element_size()
         for p in ordered:
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             self._bucket_of[p] = len(self.buckets)
             offset += p.numel()
             count += 1
+            shapes.append(p.shape)
             if (offset - start) * itemsize >= bucket_bytes or p is ordered[-1]:
-                self.buckets.append(Bucket(len(self.buckets), start, offset, count))
-                start, count = offset, 0
+                self.buckets.append(Bucket(len(self.buckets), start, offset, count, tuple(shapes)))
+                start, count, shapes = offset, 0, []
         self._views = {p: (p.grad.data_ptr()) for p in params}
         self._next = 0          # index of the next bucket to launch
         self._enabled = True
@@ -126,6 +135,8 @@ class GradSync:
             bucket.handle = self.allreduce.all_reduce_async(flat, then=lambda: flat.div_(self.world_size))
         elif self.op == "reduce":
             bucket.handle = self._reduce(flat)
+        elif self.op == "hook":
+            bucket.handle = self._hook(bucket, flat)
         else:
             bucket.handle = self._compressed(bucket, flat)
 
@@ -156,6 +167,23 @@ class GradSync:
             self.stats.seconds += time.perf_counter() - start
             if is_root:
                 flat.div_(self.world_size)  # the server steps on the mean gradient
+
+        return Handle(finish)
+
+    def _hook(self, bucket: Bucket, flat: torch.Tensor) -> Handle:
+        result = self.comm_hook(GradBucket(bucket.index, flat, bucket.shapes, self.allreduce))
+        if isinstance(result, torch.Tensor):  # the hook returned the mean itself
+            if result.data_ptr() != flat.data_ptr():
+                flat.copy_(result)
+            return Handle(lambda: None)
+        if not hasattr(result, "wait"):
+            raise TypeError(f"comm hook {self.comm_hook!r} returned {type(result).__name__}: a hook returns a handle "
+                            "with wait() or the averaged tensor")
+
+        def finish() -> None:
+            value = result.wait()  # a Plait Handle leaves the mean in the buffer; a torch Future may return it
+            if isinstance(value, torch.Tensor) and value.data_ptr() != flat.data_ptr():
+                flat.copy_(value.view_as(flat))
 
         return Handle(finish)
 

@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 4 -m plait.parallel.pipeline_train examples/pipeline.toml
 
 Every rank builds the whole model from the seed (so all start from the same weights), keeps its stage and drops the
-rest, and reads the same seeded batches: stage 0 uses the images, the last stage the labels. The last stage of
+rest, moves it to its device (`cuda:LOCAL_RANK` under NCCL, else the CPU: device.py), and reads the same seeded
+batches: stage 0 uses the images, the last stage the labels. The last stage of
 replica 0 writes metrics.jsonl; the first replica of each stage writes that stage's checkpoint file, and rank 0
 then commits `checkpoint.pt`, which names the step all stage files belong to.
 """
@@ -30,6 +31,7 @@ from plait.experiment.config import apply_overrides, from_dict, load_toml, to_di
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
 from plait.parallel.pipeline.config import PipelineRunConfig
@@ -67,16 +69,18 @@ def images_to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.unsqueeze(1).to(torch.float32).div_(255.0)  # [N, 1, 28, 28] in [0, 1]
 
 
-def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sample: torch.Tensor) -> list[int]:
+def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sample: torch.Tensor,
+                      device: torch.device) -> list[int]:
     par = config.parallel
     if par.partition == "explicit":
         return list(par.boundaries)
     if par.partition == "params":
         return balance_by_params(model, par.stages)
     # Profiling is noisy: rank 0 measures, every rank uses its answer (different splits would not fit together).
-    bounds = torch.zeros(max(par.stages - 1, 1), dtype=torch.int64)
+    bounds = torch.zeros(max(par.stages - 1, 1), dtype=torch.int64, device=device)  # NCCL broadcasts device tensors
     if dist.get_rank() == 0:
-        bounds[:par.stages - 1] = torch.tensor(balance_by_time(model, sample, par.stages), dtype=torch.int64)
+        bounds[:par.stages - 1] = torch.tensor(balance_by_time(model, sample, par.stages), dtype=torch.int64,
+                                               device=device)
     dist.broadcast(bounds, src=0)
     return bounds[:par.stages - 1].tolist()
 
@@ -99,6 +103,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
             if not resume:
                 run.write_config(config)
         dist.barrier()
+    device = rank_device()
+    use_device(device)
     layout = PipelineLayout(replicas=par.replicas, stages=par.stages)
     layout.check_world(world_size)
     replica, stage_index = layout.coords(rank)
@@ -116,13 +122,13 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     torch.manual_seed(config.run.seed)  # same initial weights on every rank, and as a single process
     model = build_sequential(config.model.name, config.model.depth, config.model.hidden)
     sample = images_to_float(train_x[:per_replica // par.micro_batches])
-    boundaries = choose_boundaries(config, model, sample)
-    module = split_layers(as_layers(model), boundaries)[stage_index]
+    boundaries = choose_boundaries(config, model, sample, device)
+    module = split_layers(as_layers(model), boundaries)[stage_index].to(device)
     del model
     optimizer = build_optimizer(module.parameters(), train.optimizer, lr=train.lr, momentum=train.momentum,
                                 weight_decay=train.weight_decay, betas=(train.beta1, train.beta2), eps=train.eps)
     stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,
-                          recompute=par.recompute)
+                          recompute=par.recompute, precision=train.precision, device=device)
 
     start = 0
     if resume:
@@ -150,8 +156,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     try:
         for step in range(start, train.steps):
             idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
-            inputs = images_to_float(train_x[idx]) if placement.is_first else None
-            targets = train_y[idx] if placement.is_last else None
+            inputs = images_to_float(train_x[idx]).to(device) if placement.is_first else None
+            targets = train_y[idx].to(device) if placement.is_last else None
             optimizer.zero_grad(set_to_none=True)
             record = stage.train_step(schedule, per_replica, inputs, targets)
             groups.allreduce_grads(module).wait()  # replicas of this stage agree before anyone steps
@@ -159,7 +165,7 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
             done = step + 1
             if done % train.log_every == 0 or done == train.steps:
                 # bubble of this step: idle share of all ranks between the first start and the last end
-                span = torch.tensor([record.end, -record.start, record.busy], dtype=torch.float64)
+                span = torch.tensor([record.end, -record.start, record.busy], dtype=torch.float64, device=device)
                 dist.all_reduce(span[:2], op=dist.ReduceOp.MAX)
                 dist.all_reduce(span[2:], op=dist.ReduceOp.SUM)
                 loss = groups.mean_over_replicas(record.loss) if placement.is_last else None
@@ -173,10 +179,10 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                     bar.advance(done, f"loss {float(loss):.4f}, bubble {final['bubble']:.2f}")
             if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
                 count = min(train.eval_examples, len(test_x))
-                inputs = images_to_float(test_x[:count]) if placement.is_first else None
+                inputs = images_to_float(test_x[:count]).to(device) if placement.is_first else None
                 logits = pipelined_predict(stage, count, chunk=1000, micro_batches=par.micro_batches, inputs=inputs)
                 if log is not None:
-                    accuracy = float((logits.argmax(1) == test_y[:count]).float().mean())
+                    accuracy = float((logits.argmax(1) == test_y[:count].to(device)).float().mean())
                     final = {**final, "accuracy": accuracy}
                     log.write({"step": done, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started})
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:

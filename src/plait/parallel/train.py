@@ -37,13 +37,16 @@ from plait.experiment.config import ConfigError, apply_overrides, from_dict, loa
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.comm_hooks import make_comm_hook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
+from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import state_matches
 from plait.parallel.sampler import ShardedSampler
+from plait.parallel.sharded import ShardedDataParallel
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 _METRICS = ("loss", "bytes_sent", "bytes_recv", "compute_s", "comm_s", "step_s")
@@ -125,8 +128,12 @@ def _load_images(config: DataParallelRunConfig) -> dict[str, torch.Tensor]:
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device):
-    x = images[idx].to(device, torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
-    return x, labels[idx].to(device)
+    """Gather on the host, copy to the device: from pinned memory the copy is asynchronous (non_blocking)."""
+    x, y = images[idx], labels[idx]
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    x = x.to(device, non_blocking=True).to(torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
+    return x, y.to(device, non_blocking=True)
 
 
 def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_compute_s: float) -> float:
@@ -157,15 +164,22 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
         residual = dp.residual_flat()
         residuals = [torch.empty_like(residual) for _ in range(world_size)] if rank == 0 else None
         dist.gather(residual, residuals, dst=0)
+    hook_states = None
+    if dp.has_hook_state:  # PowerSGD's errors and Q, top-k's residuals: each rank's own
+        hook_states = [None] * world_size if rank == 0 else None
+        dist.gather_object(dp.hook_state(), hook_states, dst=0)
+    params, optim = dp.full_params(), dp.optimizer_state()  # collective when sharded: every rank gathers
     if rank != 0:
         return
-    state: dict[str, Any] = {"step": step, "params": dp.flat_param.detach().cpu().clone(), "world_size": world_size}
-    optim = dp.optimizer_state()
+    state: dict[str, Any] = {"step": step, "params": params.detach().cpu().clone(), "world_size": world_size}
     if optim:
         state["optim"] = {key: value.cpu() for key, value in optim.items()}
         state["optimizer"] = dp.optimizer_name
     if residuals is not None:
         state["residuals"] = torch.stack(residuals).cpu()  # [world_size, numel]: rank r's row is its own
+    if hook_states is not None:
+        state["hook_states"] = hook_states  # one per rank, in rank order
+        state["hook"] = type(dp.grad_sync.comm_hook).__name__
     save_checkpoint(run.checkpoint_path, state)
 
 
@@ -183,35 +197,48 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torc
 
 def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
-    gets back its own error-feedback residuals."""
-    device = dp.flat_param.device  # NCCL broadcasts device tensors only
-    meta = torch.zeros(2, dtype=torch.int64, device=device)  # [step, has residuals for this world size]
+    gets back its own error-feedback residuals and communication-hook state."""
+    device = dp.device  # NCCL broadcasts device tensors only
+    meta = torch.zeros(3, dtype=torch.int64, device=device)  # [step, residuals, hook states] (for this world)
     ckpt: dict[str, Any] = {}
     optim: dict[str, torch.Tensor] = {}
     if rank == 0:
         ckpt = load_checkpoint(run.checkpoint_path)
-        if ckpt["params"].numel() != dp.flat_param.numel():
+        if ckpt["params"].numel() != dp.num_params:
             raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
-                             f"model has {dp.flat_param.numel()}: was model.name changed?")
+                             f"model has {dp.num_params}: was model.name changed?")
         residuals = "residuals" in ckpt and dp.has_residuals
         if residuals and ckpt["world_size"] != world_size:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
                   f"{world_size}: they start again from zero", flush=True)
             residuals = False
-        meta[:] = torch.tensor([ckpt["step"], int(residuals)], device=device)
-        dp.flat_param.copy_(ckpt["params"])
+        hooks = "hook_states" in ckpt and dp.has_hook_state
+        if hooks and (ckpt["world_size"] != world_size
+                      or ckpt.get("hook") != type(dp.grad_sync.comm_hook).__name__):
+            print("note: the checkpoint's communication-hook state is for another hook or world size: the hook "
+                  "starts again from zero", flush=True)
+            hooks = False
+        meta[:] = torch.tensor([ckpt["step"], int(residuals), int(hooks)], device=device)
+        params = ckpt["params"].to(device)
         # checkpoints from before Adam held SGD's momentum alone
         optim = ckpt.get("optim", {"momentum_buffer": ckpt["momentum"]} if "momentum" in ckpt else {})
         if optim and not state_matches(ckpt.get("optimizer", "sgd"), dp.optimizer_name, say=True):
             optim = {}
     dist.broadcast(meta, src=0)
-    dist.broadcast(dp.flat_param, src=0)
+    if rank != 0:
+        params = torch.empty(dp.num_params, dtype=dp.params[0].dtype, device=device)
+    dist.broadcast(params, src=0)
+    dp.load_full_params(params)
     dp.load_optimizer_state(_broadcast_tensors(optim, rank, device))
     if meta[1]:
         mine = torch.empty_like(dp.flat_param)
         rows = list(ckpt["residuals"].to(mine.device).unbind()) if rank == 0 else None
         dist.scatter(mine, rows, src=0)
         dp.load_residual_flat(mine)
+    if meta[2]:
+        mine_state = [None]
+        dist.scatter_object_list(mine_state, ckpt["hook_states"] if rank == 0 else None, src=0)
+        dp.load_hook_state(mine_state[0])
     return int(meta[0])
 
 
@@ -220,10 +247,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     started = time.perf_counter()
     config.check_world(world_size)
     dims = ParallelDims(world_size=world_size).build()
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # object collectives and NCCL's own buffers use the current device
+    device = rank_device()  # cuda:LOCAL_RANK under NCCL, else the CPU; everything below is made there
+    use_device(device)
     run, resuming = _prepare_run(config, resume, rank, device)
     pid_dir = run.path / "ranks"
     pid_dir.mkdir(parents=True, exist_ok=True)
@@ -233,16 +258,27 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     train_cfg = config.train
     torch.manual_seed(config.run.seed)
     model = build_model(config.model.name).to(device)
+    hook_cfg = config.comm_hook
+    comm_hook = make_comm_hook(hook_cfg.name, rank=hook_cfg.rank, start_step=hook_cfg.start_step,
+                               ratio=hook_cfg.ratio, error_feedback=hook_cfg.error_feedback, seed=config.run.seed)
     compressor = None
     if config.compression.codec != "none":
         compressor = GradCompressor(config.compression.codec, ratio=config.compression.ratio,
                                     error_feedback=config.compression.error_feedback,
                                     seed=config.run.seed * 1000 + rank)
-    dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
-                      local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
-                      overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
-                      momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
-                      betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor)
+    if config.sync.kind == "sharded":
+        dp = ShardedDataParallel(model, dims, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
+                                 momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                                 betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+                                 precision=train_cfg.precision)
+    else:
+        dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
+                          local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
+                          overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
+                          momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                          betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
+                          comm_hook=comm_hook, precision=train_cfg.precision,
+                          shard_optimizer=config.sync.shard_optimizer)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if resuming else 0
     if rank == 0 and resuming:
@@ -252,7 +288,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     log = MetricsLog(run.metrics_path) if rank == 0 else None
-    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # sums since the last record
+    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # host sums since the last record (times, bytes)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the loss stays on the device until logged
     gathered = [torch.zeros(len(_METRICS), dtype=torch.float64, device=device) for _ in range(world_size)]
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
@@ -266,7 +303,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
             delay = _straggler_delay(config, rank, step, last_compute)
             loss, times = dp.train_step(batches, step, delay_s=delay)
             last_compute = times.compute_s - delay
-            window[0] += float(loss)
+            loss_sum += loss  # no host sync: float(loss) would wait for the device every step
             window[3:] += torch.tensor([times.compute_s, times.comm_s, times.total_s], dtype=torch.float64)
             window_steps += 1
             final = step == train_cfg.steps
@@ -276,7 +313,10 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                 sent, recv = dp.bytes_moved()
                 window[1:3] = torch.tensor([sent - last_bytes[0], recv - last_bytes[1]], dtype=torch.float64)
                 last_bytes = (sent, recv)
-                dist.all_gather(gathered, (window / window_steps).to(device))  # one small message
+                mine = window.to(device)
+                mine[0] = loss_sum
+                dist.all_gather(gathered, mine / window_steps)  # one small message
+                loss_sum.zero_()
                 per_rank = torch.stack(gathered).cpu()
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())

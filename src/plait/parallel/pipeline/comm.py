@@ -6,10 +6,14 @@ stage, infers its output's shape from one forward of zeros (in eval mode, withou
 change), and sends the header on. A real forward of one micro-batch, once per size, costs far less than the meta
 device's first use (1-4 s of lazy registration on this machine). Only raw
 tensors cross the wire, never pickles.
+
+Headers, probe inputs and receive buffers are made on the stage's device (NCCL moves device tensors only; gloo's
+point-to-point moves CPU tensors, and a gloo stage's device is the CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 import torch
@@ -20,13 +24,16 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 _HEADER = 16
 
 
-def encode_header(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def encode_header(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if len(shape) > _HEADER - 2:
         raise ValueError(f"activation of rank {len(shape)} is too large for the pipeline header")
-    header = torch.zeros(_HEADER, dtype=torch.int64)
-    header[0], header[1] = len(shape), _DTYPES.index(dtype)
-    header[2:2 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
-    return header
+    # built on the host, copied once: a few integers, once per micro-batch size
+    header = [len(shape), _DTYPES.index(dtype), *shape] + [0] * (_HEADER - 2 - len(shape))
+    return torch.tensor(header, dtype=torch.int64, device=device)
+
+
+def empty_header(device: torch.device) -> torch.Tensor:
+    return torch.empty(_HEADER, dtype=torch.int64, device=device)
 
 
 def decode_header(header: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
@@ -34,13 +41,14 @@ def decode_header(header: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
     return tuple(int(d) for d in header[2:2 + ndim]), _DTYPES[code]
 
 
-def infer_output(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
-    """The shape and dtype `module` returns for an input of `shape`."""
+def infer_output(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 autocast=contextlib.nullcontext) -> tuple[tuple[int, ...], torch.dtype]:
+    """The shape and dtype `module` returns for an input of `shape` (under `autocast`, as the real forward runs)."""
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            out = module(torch.zeros(shape, dtype=dtype))
+        with torch.no_grad(), autocast():
+            out = module(torch.zeros(shape, dtype=dtype, device=device))
     finally:
         module.train(was_training)
     return tuple(out.shape), out.dtype
@@ -74,11 +82,13 @@ class RecvAhead:
     are allocated when posted: `depth` per channel beyond what the schedule holds anyway.
     """
 
-    def __init__(self, plan: list[tuple[tuple[int, ...], torch.dtype, int] | None], depth: int = 2):
+    def __init__(self, plan: list[tuple[tuple[int, ...], torch.dtype, int] | None], depth: int = 2, *,
+                 device: torch.device):
         if depth < 1:
             raise ValueError(f"receive depth must be >= 1, got {depth}")
         self._plan = plan
         self._depth = depth
+        self._device = device
         self._queues: dict[int, deque[int]] = {}  # source rank -> indices of its actions not yet posted, in order
         for index, spec in enumerate(plan):
             if spec is not None:
@@ -93,7 +103,7 @@ class RecvAhead:
         while queue and self._outstanding[src] < self._depth:
             index = queue.popleft()
             shape, dtype, _ = self._plan[index]
-            buffer = torch.empty(shape, dtype=dtype)
+            buffer = torch.empty(shape, dtype=dtype, device=self._device)
             self._posted[index] = (dist.irecv(buffer, src), buffer)
             self._outstanding[src] += 1
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from plait.experiment.sections import RunSection as BaseRunSection
 from plait.parallel.optim import check_optimizer_settings
+from plait.parallel.precision import check_precision
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,8 +54,13 @@ class TrainSection:
     eval_every: int = 100       # test accuracy by pipelined inference every k steps (0: only at the end)
     eval_examples: int = 10000  # test examples used for evaluation
     checkpoint_every: int = 100  # 0: only at the end
+    precision: str = "fp32"     # fp32 | bf16 (autocast in every stage; fp16 would need one scaler across stages)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, "train")
+        if self.precision == "fp16":
+            raise ValueError("train.precision = 'fp16' is not supported by the pipeline (its grad scaler would have "
+                             "to agree across stages); use 'bf16'")
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.lr <= 0:

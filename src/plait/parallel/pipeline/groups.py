@@ -56,10 +56,12 @@ class PipelineLayout:
 class GradAllReduce:
     """Handle of an in-flight gradient all-reduce; `wait()` averages and writes the gradients back."""
 
-    def __init__(self, work, flat: torch.Tensor, grads: list[torch.Tensor], replicas: int):
+    def __init__(self, work, flat: torch.Tensor | None, grads: list[torch.Tensor], replicas: int):
         self._work, self._flat, self._grads, self._replicas = work, flat, grads, replicas
 
     def wait(self) -> None:
+        if self._flat is None:
+            return
         if self._work is not None:
             self._work.wait()
         self._flat.div_(self._replicas)
@@ -86,8 +88,8 @@ class ReplicaGroups:
         """Start averaging this stage's gradients over its replicas: one flat buffer, one all-reduce."""
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         if self.stage_group is None or not grads:  # one replica: nothing to average
-            return GradAllReduce(None, torch.zeros(0), [], 1)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+            return GradAllReduce(None, None, [], 1)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # on the gradients' device
         work = dist.all_reduce(flat, group=self.stage_group, async_op=True)
         return GradAllReduce(work, flat, grads, self.layout.replicas)
 

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.parallel.pipeline.comm import RecvAhead, SendHandles, decode_header, encode_header, infer_output
+from plait.parallel.pipeline.comm import (RecvAhead, SendHandles, decode_header, empty_header, encode_header,
+                                          infer_output)
 from plait.parallel.pipeline.memory import ActivationMeter
 from plait.parallel.pipeline.schedule import Schedule
+from plait.parallel.precision import autocast_for, check_precision
 
 
 def now() -> float:
@@ -73,9 +75,20 @@ class _Shapes:
 class PipelineStage:
     def __init__(self, module: nn.Module, placement: Placement,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 recompute: bool = False, meter: ActivationMeter | None = None):
+                 recompute: bool = False, meter: ActivationMeter | None = None, precision: str = "fp32",
+                 device: torch.device | None = None):
         if placement.is_last and loss_fn is None:
             raise ValueError(f"stage {placement.stage}: the last stage needs a loss function")
+        check_precision(precision)
+        if precision == "fp16":
+            # each stage would need the others' overflow verdict before stepping: one scaler for the whole pipeline
+            raise ValueError("train.precision = 'fp16' is not supported by the pipeline (its grad scaler would have "
+                             "to agree across stages); use 'bf16'")
+        first = next(iter(module.parameters()), None)
+        if device is None and first is None:
+            raise ValueError(f"stage {placement.stage} has no parameters to tell its device: pass device=")
+        self.device = device if device is not None else first.device  # every tensor the stage makes lives here
+        self.precision = precision
         self.module = module
         self.placement = placement
         self.loss_fn = loss_fn
@@ -93,15 +106,15 @@ class PipelineStage:
                     raise ValueError("stage 0 needs the input batch")
                 in_spec = ((size, *sample.shape[1:]), sample.dtype)
             else:
-                header = torch.empty(16, dtype=torch.int64)
+                header = empty_header(self.device)
                 dist.recv(header, where.prev_rank)
                 in_spec = decode_header(header)
             try:
-                out_spec = infer_output(self.module, *in_spec)
+                out_spec = infer_output(self.module, *in_spec, self.device, self._autocast)
             except Exception as err:
                 raise RuntimeError(f"stage {where.stage}: forward of an input {in_spec[0]} failed: {err}") from err
             if not where.is_last:
-                dist.send(encode_header(*out_spec), where.next_rank)
+                dist.send(encode_header(*out_spec, self.device), where.next_rank)
             self._shapes[size] = _Shapes(in_spec, out_spec)
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -121,7 +134,7 @@ class PipelineStage:
             self.meter.exclude(inputs)
         record = StepRecord(start=now())
         row = schedule.actions[where.stage]
-        recvs = RecvAhead([self._recv_spec(a, sizes) for a in row])
+        recvs = RecvAhead([self._recv_spec(a, sizes) for a in row], device=self.device)
         sends = SendHandles()
         stash: dict[int, tuple] = {}
         losses = []
@@ -182,11 +195,15 @@ class PipelineStage:
             return (*self._shapes[sizes[action.micro_batch]].output, where.next_rank)
         return None
 
+    def _autocast(self):
+        return autocast_for(self.precision, self.device)
+
     def _forward(self, x, y_parts, k: int, sizes: list[int], batch_size: int) -> torch.Tensor:
-        out = self.module(x)
-        if self.placement.is_last:
-            # micro-batch k's share of the batch-mean loss: the summed gradients equal the whole batch's
-            return self.loss_fn(out, y_parts[k]) * (sizes[k] / batch_size)
+        with self._autocast():
+            out = self.module(x)
+            if self.placement.is_last:
+                # micro-batch k's share of the batch-mean loss: the summed gradients equal the whole batch's
+                return self.loss_fn(out, y_parts[k]).float() * (sizes[k] / batch_size)
         return out
 
     # -- inference ------------------------------------------------------------------------------------------------
@@ -200,7 +217,7 @@ class PipelineStage:
         self._negotiate(sizes, inputs)
         x_parts = torch.tensor_split(inputs, schedule.num_micro_batches) if where.is_first else None
         row = schedule.actions[where.stage]
-        recvs = RecvAhead([self._recv_spec(a, sizes) for a in row])
+        recvs = RecvAhead([self._recv_spec(a, sizes) for a in row], device=self.device)
         sends = SendHandles()
         outputs: dict[int, torch.Tensor] = {}
         was_training = self.module.training
@@ -211,7 +228,8 @@ class PipelineStage:
                     k = action.micro_batch
                     received = recvs.get(index)
                     x = x_parts[k] if where.is_first else received
-                    out = self.module(x)
+                    with self._autocast():
+                        out = self.module(x)
                     if where.is_last:
                         outputs[k] = out
                     else:
