@@ -52,8 +52,8 @@ def sign(key: bytes, method: str, client_id: int) -> list[tuple[str, str]]:
 class Verifier:
     """Checks signed metadata; remembers nonces for the replay window (bounded: oldest forgotten first)."""
 
-    def __init__(self, master: bytes | None, window_s: float, max_nonces: int = 1_000_000):
-        self.master, self.window_s, self.max_nonces = master, window_s, max_nonces
+    def __init__(self, master: bytes | None, window_s: float, max_nonces: int = 1_000_000, max_keys: int = 100_000):
+        self.master, self.window_s, self.max_nonces, self.max_keys = master, window_s, max_nonces, max_keys
         self._keys: dict[int, bytes] = {}
         self._seen: OrderedDict[str, float] = OrderedDict()
 
@@ -67,12 +67,14 @@ class Verifier:
             raise WireError("unauthenticated", f"{method}: unsigned request (no client signature)")
         if claimed != str(client_id):
             raise WireError("unauthenticated", f"{method}: signed as client {claimed}, request names {client_id}")
-        key = self._keys.get(client_id)
-        if key is None:
-            key = self._keys[client_id] = derive_client_key(self.master, client_id)
+        key = self._keys.get(client_id) or derive_client_key(self.master, client_id)
         expected = hmac.new(key, _message(method, client_id, timestamp, nonce), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, sig):
             raise WireError("unauthenticated", f"{method}: bad signature for client {client_id}")
+        if client_id not in self._keys:  # cached only for clients that proved they hold it, and bounded
+            if len(self._keys) >= self.max_keys:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[client_id] = key
         try:
             age = time.time() - float(timestamp)
         except ValueError:

@@ -36,6 +36,10 @@ class NetSection:
     poll_s: float = 10.0              # a client's task poll is held open this long
     replay_window_s: float = 300.0    # signed requests older or newer than this are refused
     linger_s: float = 5.0             # after the last round, time to tell connected clients to stop
+    max_streams: int = 256            # update streams open at once, all clients together (each holds a buffer)
+    max_streams_per_client: int = 2   # ... and per client (an honest client has one)
+    status_connections: int = 32      # status-page connections served at once; more are closed at once
+    status_timeout_s: float = 5.0     # a status-page request must arrive within this (slow readers are cut)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not -1 <= self.status_port < 65536:
@@ -47,6 +51,10 @@ class NetSection:
                 raise ValueError(f"net.{name} must be > 0, got {getattr(self, name)}")
         if self.heartbeat_timeout_s <= self.heartbeat_s:
             raise ValueError("net.heartbeat_timeout_s must be longer than net.heartbeat_s")
+        if min(self.max_streams, self.max_streams_per_client, self.status_connections) < 1 \
+                or self.status_timeout_s <= 0:
+            raise ValueError("net.max_streams, net.max_streams_per_client, net.status_connections must be >= 1 and "
+                             "net.status_timeout_s > 0")
         if self.wait_for_clients < 0 or self.wait_timeout_s < 0 or self.linger_s < 0:
             raise ValueError("net.wait_for_clients, net.wait_timeout_s and net.linger_s must be >= 0")
         loopback = self.host in LOOPBACK

@@ -91,7 +91,8 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
     service = await _start_grpc(server)
     httpd = None
     if net.status_port >= 0:
-        httpd = await asyncio.to_thread(serve_status, server.board, net.status_host, net.status_port)
+        httpd = await asyncio.to_thread(serve_status, server.board, net.status_host, net.status_port,
+                                        net.status_connections, net.status_timeout_s)
         server.status_port = httpd.server_address[1]
     (run.path / "server.json").write_text(json.dumps(
         {"host": net.host, "port": server.port, "status_port": server.status_port, "pid": os.getpid(),

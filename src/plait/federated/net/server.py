@@ -56,7 +56,9 @@ from plait.federated.secagg.protocol import SecAggError
 log = logging.getLogger("plait.fl.server")
 
 _CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-          "replay": grpc.StatusCode.UNAUTHENTICATED}
+          "replay": grpc.StatusCode.UNAUTHENTICATED, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
+LOGGED_PER_REASON = 10  # refusals logged one by one per reason; after that a count every LOG_EVERY_S
+LOG_EVERY_S = 10.0
 
 
 def _rss_mib() -> float:
@@ -85,6 +87,8 @@ class NetServer:
         self.round: RoundState | None = None
         self.done = False
         self.rejected: Counter[str] = Counter()        # since this process started
+        self._logged_at: dict[str, float] = {}         # when each reason's refusals were last logged
+        self.streams: Counter[int] = Counter()         # update streams open, per client
         self.round_rejected: Counter[str] = Counter()  # in the current round
         self.history: list[dict[str, Any]] = []
         self.board = StatusBoard()
@@ -118,8 +122,21 @@ class NetServer:
             info = self.clients[cid]
             info.refusals[err.reason] = info.refusals.get(err.reason, 0) + 1
             info.last_refusal = f"{err.reason}: {err}"
-        log.warning("refused %s: %s (%s)", who, err, err.reason)
+        self._log_refusal(who, err)
         await context.abort(_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), f"{err.reason}: {err}")
+
+    def _log_refusal(self, who: str, err: WireError) -> None:
+        """The first refusals of each reason one by one, then a count per reason every LOG_EVERY_S: a flood of bad
+        requests must not become a flood of log lines."""
+        count = self.rejected[err.reason]
+        if count <= LOGGED_PER_REASON:
+            log.warning("refused %s: %s (%s)%s", who, err, err.reason,
+                        "; further refusals of this kind are counted" if count == LOGGED_PER_REASON else "")
+            return
+        now = time.monotonic()
+        if now - self._logged_at.get(err.reason, 0.0) >= LOG_EVERY_S:
+            self._logged_at[err.reason] = now
+            log.warning("refused %d requests so far for %s; latest: %s: %s", count, err.reason, who, err)
 
     async def _authenticate(self, context, method: str, request) -> int:
         if isinstance(request, Malformed):
@@ -240,12 +257,42 @@ class NetServer:
             await self._refuse(context, WireError("malformed", f"{rpc}: {error}"), "a peer")
         cid = await self._authenticate(context, rpc, first.header)
         await self._session(context, cid, first.header.session)
+        net = self.config.net
+        if self.streams[cid] >= net.max_streams_per_client or sum(self.streams.values()) >= net.max_streams:
+            await self._refuse(context, WireError("busy", f"{rpc}: too many update streams open (client {cid}: "
+                                                          f"{self.streams[cid]}, all: {sum(self.streams.values())})"),
+                               f"client {cid}", cid)
+        self.streams[cid] += 1  # released by the caller when the stream ends, however it ends
         return stream, first.header, cid
+
+    def _release(self, cid: int) -> None:
+        self.streams[cid] -= 1
+        if not self.streams[cid]:
+            del self.streams[cid]
+
+    @staticmethod
+    async def _data(stream, max_bytes: int, what: str):
+        """The data chunks of a stream: an empty chunk, or more chunks than `max_bytes` needs (at 1 KiB each, plus
+        slack), is refused, so a peer cannot keep a buffer open with a trickle of nothing."""
+        limit, count = 64 + max_bytes // 1024, 0
+        async for chunk in stream:
+            data = chunk_data(chunk, what)
+            count += 1
+            if not len(data) or count > limit:
+                raise WireError("malformed", f"{what}: {'an empty chunk' if not len(data) else f'over {limit} chunks'}"
+                                             f" for {max_bytes} bytes")
+            yield data
 
     async def push_update(self, request_iterator, context):
         stream, h, cid = await self._open_stream(request_iterator, context, "PushUpdate", "an UpdateHeader")
-        if h.evaluation:
-            return await self._push_evaluation(stream, h, cid, context)
+        try:
+            if h.evaluation:
+                return await self._push_evaluation(stream, h, cid, context)
+            return await self._receive_update(stream, h, cid, context)
+        finally:
+            self._release(cid)
+
+    async def _receive_update(self, stream, h, cid: int, context):
         what = f"update from client {cid} for round {h.round}"
         task = None  # the client's open task, once its header named one: a refusal after that ends it
         try:
@@ -266,8 +313,8 @@ class NetServer:
             total = check_parts(h.parts, self.numel * 8 + 64, what) if compressed else 0
             assembler = TensorAssembler(pb.TensorHeader(dtype="uint8", shape=[total], num_bytes=total)
                                         if compressed else h.tensor, what)
-            async for chunk in stream:
-                assembler.add(chunk_data(chunk, what))
+            async for data in self._data(stream, len(assembler.buffer), what):
+                assembler.add(data)
             delta = decompress(self.program, cid, h, assembler, self.numel, what) if compressed else assembler.tensor()
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
         except WireError as err:
@@ -308,6 +355,12 @@ class NetServer:
     async def push_secagg(self, request_iterator, context):
         """One secure-aggregation message from a client (its keys, shares, masked input or unmask shares)."""
         stream, h, cid = await self._open_stream(request_iterator, context, "SecAggPush", "a SecAggHeader")
+        try:
+            return await self._receive_secagg(stream, h, cid, context)
+        finally:
+            self._release(cid)
+
+    async def _receive_secagg(self, stream, h, cid: int, context):
         what = f"secure-aggregation message from client {cid} for round {h.round}"
         try:
             rnd = self._open_secagg(cid, h, what)
@@ -318,8 +371,8 @@ class NetServer:
             if not math.isfinite(h.train_loss) or h.num_examples < 0:
                 raise WireError("malformed", f"{what}: train_loss {h.train_loss}, num_examples {h.num_examples}")
             payload = bytearray()
-            async for chunk in stream:
-                payload += chunk_data(chunk, what)
+            async for data in self._data(stream, h.num_bytes, what):
+                payload += data
                 if len(payload) > h.num_bytes:
                     raise WireError("oversized", f"{what}: more than the {h.num_bytes} bytes its header declared")
             if len(payload) != h.num_bytes:

@@ -166,9 +166,36 @@ _SECURITY_HEADERS = {
 }
 
 
-def serve_status(board: StatusBoard, host: str, port: int) -> ThreadingHTTPServer:
-    """Start the page in a daemon thread; the returned server's `server_address` has the bound port."""
+class _BoundedServer(ThreadingHTTPServer):
+    """At most `limit` connections served at once (a thread each); more are closed at once and counted."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, limit: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(limit)
+        self.turned_away = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.turned_away += 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve_status(board: StatusBoard, host: str, port: int, connections: int = 32,
+                 timeout_s: float = 5.0) -> ThreadingHTTPServer:
+    """Start the page in a daemon thread; the returned server's `server_address` has the bound port. A request
+    must arrive within `timeout_s`, and at most `connections` are served at once."""
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # socket timeout: a peer that opens a connection and sends nothing is cut
         def do_GET(self) -> None:  # http.server's name for it; no other method is served (501)
             path = self.path.split("?")[0]
             if path == "/status.json":
@@ -191,7 +218,6 @@ def serve_status(board: StatusBoard, host: str, port: int) -> ThreadingHTTPServe
         def log_message(self, *args) -> None:
             pass  # keep the server's output for the round log
 
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
+    httpd = _BoundedServer((host, port), Handler, connections)
     threading.Thread(target=httpd.serve_forever, name="plait-status", daemon=True).start()
     return httpd

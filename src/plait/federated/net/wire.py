@@ -25,7 +25,8 @@ M = TypeVar("M", bound=Message)
 SERVICE = "plait.fl.v1.FederatedLearning"
 
 # Reasons a request is refused; each is a metrics counter (rejected_<reason>).
-REASONS = ("malformed", "shape", "dtype", "nonfinite", "norm", "oversized", "stale", "unauthenticated", "replay")
+REASONS = ("malformed", "shape", "dtype", "nonfinite", "norm", "oversized", "stale", "busy", "unauthenticated",
+           "replay")
 
 
 def grpc_options(chunk_bytes: int) -> list[tuple[str, object]]:
