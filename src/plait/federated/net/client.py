@@ -71,17 +71,26 @@ class ClientOptions:
         return self.server.rsplit(":", 1)[0].strip("[]")
 
 
-def connect(opts: ClientOptions, chunk_bytes: int) -> Connection:
+def uses_tls(opts: ClientOptions, net_tls: str) -> bool:
+    """TLS as the command line says (--tls/--no-tls), else as the config's net.tls says (auto: on unless the server
+    is a loopback address) — the same rule as the server's."""
+    if opts.tls is not None:
+        return opts.tls
+    return net_tls == "on" or (net_tls == "auto" and opts.host not in LOOPBACK)
+
+
+def connect(opts: ClientOptions, chunk_bytes: int, net_tls: str = "auto") -> Connection:
     key = None
     key_path = opts.key_file or (Path(opts.cert_dir) / "clients" / f"client-{opts.client_id}.key"
                                  if opts.cert_dir else "")
     if key_path:
         key = read_key(key_path, f"client {opts.client_id}")
-    use_tls = opts.tls if opts.tls is not None else opts.host not in LOOPBACK
+    use_tls = uses_tls(opts, net_tls)
     credentials = None
     if use_tls:
         if not opts.cert_dir:
-            raise ValueError("TLS needs --certs DIR (with ca.pem); pass --no-tls only for a loopback server")
+            raise ValueError("TLS is on (net.tls in the config, or --tls) and needs --certs DIR (with ca.pem); "
+                             "turn it off with --no-tls only for a server without TLS")
         credentials = client_credentials(opts.cert_dir, opts.client_id)
     return Connection(opts.server, opts.client_id, key, credentials, chunk_bytes)
 
@@ -103,7 +112,8 @@ class NetClient:
         # The global weights arrive into this one buffer every round (client_update copies them before training),
         # so a round maps no fresh pages for them.
         self._weights = torch.empty(self.num_params)
-        self.conn = connect(opts, config.net.chunk_bytes)
+        self.tls = uses_tls(opts, config.net.tls)
+        self.conn = connect(opts, config.net.chunk_bytes, config.net.tls)
         self.session: str | None = None
         self._stop = threading.Event()
         self._rng = stream(config.run.seed, BACKOFF_JITTER, opts.client_id)
@@ -113,6 +123,15 @@ class NetClient:
         self.program = ClientProgram(config.fl, config.run.seed)
         self.secagg = None  # this round's SecAggClient (fl.strategy.name = "secagg")
         self._secagg_round = -1
+
+    def _tls_hint(self, details: str | None) -> str:
+        """A connection closed during the handshake is what a TLS mismatch looks like: say so."""
+        text = (details or "").lower()
+        if not any(sign in text for sign in ("socket closed", "ssl", "handshake", "connection reset", "eof")):
+            return ""
+        mine, theirs = ("on", "off") if self.tls else ("off", "on")
+        return (f" — this client connects with TLS {mine}; a server with TLS {theirs} closes such connections: "
+                f"make net.tls (or --tls/--no-tls) match the server's")
 
     def _register(self) -> None:
         reply = self.conn.register(self.opts.properties, len(self.data))
@@ -243,16 +262,16 @@ class NetClient:
                     now = time.monotonic()
                     failing_since = failing_since or now
                     if now - failing_since > self.opts.max_retry_s:
-                        log.error("client %d: server unreachable for %.0f s, giving up", self.opts.client_id,
-                                  now - failing_since)
+                        log.error("client %d: server unreachable for %.0f s, giving up%s", self.opts.client_id,
+                                  now - failing_since, self._tls_hint(err.details()))
                         return EXIT_GAVE_UP
                     delay = min(self.opts.backoff_max_s, self.opts.backoff_s * 2 ** attempt)
                     delay *= 0.5 + self._rng.random()  # jitter: restarting servers are not hit all at once
                     attempt += 1
                     # The session is kept: a server that restarted and forgot it answers NOT_FOUND (above), and a
                     # call the server refused under load (CANCELLED) must not cost a fresh registration too.
-                    log.warning("client %d: %s (%s); retrying in %.2f s", self.opts.client_id, code.name,
-                                err.details(), delay)
+                    log.warning("client %d: %s (%s); retrying in %.2f s%s", self.opts.client_id, code.name,
+                                err.details(), delay, self._tls_hint(err.details()))
                     time.sleep(delay)
         finally:
             self._stop.set()
