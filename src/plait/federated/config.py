@@ -55,8 +55,11 @@ class FLConfig:
     eligibility: dict[str, bool] = field(default_factory=dict)  # e.g. {charging = true, unmetered = true}
     eval_every: int = 1                # centralised test-set evaluation every k rounds (0: only at the end)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
-    executor: Literal["sequential", "process_pool"] = "sequential"  # how simulated clients run
-    workers: int = 0                   # process_pool: worker processes (0: one per core), one torch thread each
+    executor: Literal["sequential", "process_pool", "distributed"] = "sequential"  # how simulated clients run
+    # (distributed: over torch.distributed ranks, under torchrun; see backends/distributed.py)
+    workers: int = 0                   # process_pool: worker processes (0: one per core)
+    worker_threads: int = 1            # process_pool: torch threads per worker (run.threads is the main process's:
+                                       # its evaluation uses every core while the workers wait)
     plan: TrainingPlan = field(default_factory=TrainingPlan)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
@@ -87,8 +90,9 @@ class FLConfig:
                              "known: charging, idle, unmetered")
         if self.gossip.enabled:
             self._check_gossip()
-        if self.workers < 0:
-            raise ValueError(f"fl.workers must be >= 0, got {self.workers}")
+        if self.workers < 0 or self.worker_threads < 1:
+            raise ValueError(f"fl.workers must be >= 0 and fl.worker_threads >= 1, got {self.workers}, "
+                             f"{self.worker_threads}")
         if self.strategy.name == "secagg" and self.compression.codec != "none":
             # masked ring elements do not compress; the codec would only ever see the unmasked delta here
             raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec")

@@ -27,7 +27,12 @@ class FederatedServer(RoundLoop):
     def __init__(self, config: FLConfig, model: torch.nn.Module, data: FederatedData, executor: ClientExecutor,
                  seed: int, task: Task | None = None):
         initial_params, spec = flat_model_state(model, buffers=config.buffers == "federated")
-        backend = SimulatedBackend(config, model, spec, data, executor, seed, initial_params.numel(), task)
+        kind = SimulatedBackend
+        if config.executor == "distributed":  # the same clients, spread over torch.distributed ranks
+            from plait.federated.backends.distributed import DistributedBackend
+
+            kind = DistributedBackend
+        backend = kind(config, model, spec, data, executor, seed, initial_params.numel(), task)
         test_set = (data.test_x, data.test_y) if len(data.test_y) else None
         super().__init__(config, backend, model=model, spec=spec, initial_params=initial_params, seed=seed,
                          num_clients=data.num_clients, test_set=test_set, task=task)

@@ -37,7 +37,7 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> Client
     if config.fl.executor == "process_pool":
         from plait.federated.pool_executor import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=max(1, config.run.threads))
+        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads)
     return SequentialExecutor()
 
 
@@ -75,10 +75,48 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         raise
 
 
+def _joined_ranks() -> int:
+    """This process's rank, joining torchrun's process group first if need be."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise ValueError("fl.executor = 'distributed' runs under torchrun: "
+                             "torchrun --nproc-per-node N -m plait.cli run CONFIG")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _follow(config: FederatedRunConfig, resume: bool, **user: Any) -> RunSummary:
+    """A distributed run's rank other than 0: the same rounds from the same state, nothing written."""
+    from plait.experiment.checkpoint import load_checkpoint
+    from plait.federated.round_loop import ServerState
+
+    server = build_server(config, **user)
+    started = time.perf_counter()
+    run_path = Path(config.run.root) / config.run.name
+    state = server.initial_state()
+    if resume:
+        ckpt = load_checkpoint(run_path / "checkpoint.pt")  # rank 0's, on a file system every rank reads
+        server.load_checkpoint_extra(ckpt)
+        state = ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
+    record: dict[str, Any] = {}
+    try:
+        while state.round < config.fl.rounds and not record.get("stop"):
+            state, record = server.run_round(state)
+    finally:
+        server.close()
+    return RunSummary(run_path, state.round, record, [], time.perf_counter() - started)
+
+
 def run_federated(config: FederatedRunConfig, resume: bool = False, show_progress: bool = True,
                   fresh_name: bool = False, *, model: Callable[[], torch.nn.Module] | None = None,
                   data: Any = None, task: Task | None = None) -> RunSummary:
     """Run a federated simulation in its run directory; `model`, `data`, `task` as for `build_server`."""
+    if config.fl.executor == "distributed" and _joined_ranks() != 0:
+        return _follow(config, resume, model=model, data=data, task=task)
     if resume:
         prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
     server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing

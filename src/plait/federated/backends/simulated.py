@@ -8,6 +8,7 @@ are kept, the rest (over-selected surplus, stragglers) are dropped and counted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -74,9 +75,8 @@ class SimulatedBackend:
         if self.attackers:
             record["attackers"] = 0
         got = Collected(participants=0, dropped=len(dropped))
-        work = [ClientTask(cid, plans[cid], self._client_data(cid), self.task, self._local(cid)) for cid in kept]
-        for task, update in self.executor.run(self.model, self.spec, tasks.params, work):
-            cid, delta = task.client_id, update.delta
+        for cid, update in self.train(kept, tasks):
+            delta = update.delta
             if update.local_buffers is not None:
                 self.local[cid] = update.local_buffers
             if cid in self.attackers:
@@ -95,6 +95,13 @@ class SimulatedBackend:
             got.examples += update.num_examples
             got.participants += 1
         return got
+
+    def train(self, kept: list[int], tasks: RoundTasks) -> Iterator[tuple[int, Update]]:
+        """Each kept client's raw update, in client order (the order they are aggregated in)."""
+        work = [ClientTask(cid, tasks.plans[cid], self._client_data(cid), self.task, self._local(cid))
+                for cid in kept]
+        for task, update in self.executor.run(self.model, self.spec, tasks.params, work):
+            yield task.client_id, update
 
     def _refused(self, refusal: UpdateRefused, round_idx: int, cid: int, update: Update,
                  record: dict[str, Any]) -> None:
