@@ -2,6 +2,11 @@
 Real server and worker processes on 127.0.0.1, launched as `plait train` does; the launcher SIGKILLs every server
 process in turn (fault.kill_every) at steps drawn from a seeded generator, and restarts each."""
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -103,3 +108,51 @@ def test_no_push_is_lost_or_applied_twice_with_every_server_process_killed_in_tu
         assert final_updates(run_dir, index) == [2 * config.train.steps * per_push] * 2
     evals = [e for e in read_metrics(run_dir / "metrics.jsonl") if "loss" in e]
     assert evals[-1]["step"] == config.train.steps and evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):
+    """SIGSTOP for 4 x failover_s, then SIGCONT: a slow process, not a dead one. The backup's primary serves alone
+    meanwhile and the backup, awake again, joins again (it must not take over from a live primary); the paused
+    primary's backup takes over, and the old primary, awake again, is fenced off and catches up. BSP still ends
+    where single-process SGD ends."""
+    config = make_config(tmp_path, "pause", sync={"servers": 2, "replication": 2, "consistency": "bsp",
+                                                  "failover_s": 0.5, "retry_s": 0.2, "piece_numel": PIECE_NUMEL},
+                         train={"steps": 70, "eval_every_s": 0.1}, straggler={"step_s": 0.04})
+    run_dir = tmp_path / "pause"
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run_ps(config, 2, timeout_s=240,
+                                                                          show_progress=False)))
+    runner.start()
+
+    def step() -> int:
+        return max((r.get("step", 0) for r in read_metrics(run_dir / "metrics.jsonl")), default=0)
+
+    def wait_for_step(at_least: int) -> None:
+        deadline = time.monotonic() + 120
+        while step() < at_least:
+            assert runner.is_alive() and time.monotonic() < deadline, "the run stopped making progress"
+            time.sleep(0.05)
+
+    paused = []
+    try:
+        wait_for_step(10)
+        for name in ("server-0-r1", "server-1"):  # a backup, then a primary
+            pid = [e for e in read_metrics(run_dir / "servers" / f"{name}.jsonl") if e["event"] == "listening"][-1]
+            os.kill(pid["pid"], signal.SIGSTOP)
+            paused.append(pid["pid"])
+            time.sleep(4 * config.sync.failover_s)
+            os.kill(pid["pid"], signal.SIGCONT)
+            wait_for_step(step() + 8)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        runner.join(timeout=240)
+    summary = result["summary"]
+    assert summary.server_restarts == 0 and summary.failed_workers == []
+    np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+    backup_log = [e["event"] for e in read_metrics(run_dir / "servers" / "server-0.jsonl")]
+    assert "backup_lost" in backup_log  # the pause was long enough to matter
+    primary_log = [e["event"] for e in read_metrics(run_dir / "servers" / "server-1.jsonl")]
+    assert "demoted" in primary_log and primary_log.count("synced") >= 1
+    for index in range(2):
+        assert final_updates(run_dir, index) == [config.train.steps * 3] * 2

@@ -15,13 +15,15 @@ Roles, one state machine per server process:
     BACKUP  -> PRIMARY  when a worker asks it (its primary did not answer) and the primary has been silent for
                         `failover_s` (a primary sends a HEARTBEAT when it has nothing else to send), or when its
                         primary comes back restarted (its HELLO)
-    PRIMARY -> JOINING  when its partner answers a REPLICATE with NOT_PRIMARY (two primaries: the other one has
-                        taken over, this one's unacknowledged changes are dropped and it catches up as a backup)
+    PRIMARY -> JOINING  two primaries (one was paused while the other took over): the one serving alone may have
+                        acknowledged updates only it holds, so the one still streaming yields (if both serve alone,
+                        replica 1 yields). Its unacknowledged changes are dropped; it catches up as a backup
     JOINING + HELLO from a joining partner (the whole job restarted): replica 0 serves from its checkpoint.
 
 A primary whose backup stops acknowledging for `failover_s` (dead) releases the held replies and serves alone until
 the backup's restart says HELLO; it then sends a SNAPSHOT (the checkpoint format, sums included) and is replicated
-again. So one server killed at any moment loses nothing acknowledged; a second failure before the first one's
+again. Serving alone, it still sends heartbeats, outside the stream: a backup that was only slow hears that its
+primary lives (so it does not take over) and joins again. So one server killed at any moment loses nothing acknowledged; a second failure before the first one's
 replacement has caught up can. The processes are assumed to fail by stopping: one paused for longer than
 `failover_s` while its partner takes over can lose the updates it acknowledged alone meanwhile.
 """
@@ -84,6 +86,7 @@ class Replica:
         self.last_sent = now
         self.hello_at = float("-inf")
         self.held: deque[_Held] = deque()
+        self.awake_at = now             # when this process last ran its loop
 
     # -- link ---------------------------------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -144,11 +147,21 @@ class Replica:
         self.held.clear()
         self.hello_at = float("-inf")
 
+    def awake(self, now: float) -> None:
+        """Called every loop iteration and before every judgement of the partner's silence. After a pause of this very process (stopped, starved of CPU), the partner's
+        silence says nothing: what it sent is still queued here. Restart the count, so that a backup waking up
+        does not take over from a live primary, nor a primary give up on a live backup."""
+        if now - self.awake_at > self.failover_s / 2:
+            self.last_heard = now
+        self.awake_at = now
+
     def primary_silent(self, now: float) -> bool:
+        self.awake(now)
         return now - self.last_heard > self.failover_s
 
     def tick(self, now: float) -> str | None:
         """Timers: heartbeats, a dead backup, HELLO resends. Returns an event to log, or None."""
+        self.awake(now)
         if not self.connect():
             return None
         if self.role is Role.PRIMARY and self.in_sync:
@@ -158,6 +171,11 @@ class Replica:
                 return "backup_lost"
             if now - self.last_sent > self.failover_s / 4:
                 self.send_change(Change.HEARTBEAT, now)
+        elif self.role is Role.PRIMARY and now - self.last_sent > self.failover_s / 4:
+            # Serving alone: a heartbeat outside any stream (req 0). A backup that was only slow, not dead, learns
+            # from it that its primary is alive (it must not take over) and that it missed changes (it joins again).
+            self.transport.send_partner(Header(Op.REPLICATE, req=0, extra=int(Change.HEARTBEAT)))
+            self.last_sent = now
         elif self.role is Role.JOINING and now - self.hello_at > self.failover_s / 2:
             self.hello_at = now
             self.transport.send_partner(Header(Op.HELLO, extra=self.replica))

@@ -168,7 +168,7 @@ class ParameterServer:
         tmp = self.config.endpoint_path.with_suffix(".tmp")
         tmp.write_text(endpoint)
         tmp.replace(self.config.endpoint_path)  # the launcher reads it only once complete
-        self._event("listening", endpoint=endpoint, consistency=str(self.consistency))
+        self._event("listening", endpoint=endpoint, consistency=str(self.consistency), pid=os.getpid())
         poll_s = min(0.1, self.config.worker_timeout_s / 4)
         try:
             while self.running:
@@ -177,6 +177,8 @@ class ParameterServer:
                 except MalformedMessage as error:  # not a request: nothing to answer, keep serving
                     self._refuse(error.peer, None, str(error))
                     message = None
+                if self.replica is not None:
+                    self.replica.awake(time.monotonic())
                 if message is not None:
                     self.handle_safely(*message)
                 if self.replica is None or self.replica.role is Role.PRIMARY:
@@ -446,9 +448,7 @@ class ParameterServer:
             if header.op == Op.ACK:
                 replica.on_ack(header.req, now)
             elif header.op == Op.NOT_PRIMARY and replica.role is Role.PRIMARY:
-                replica.demote()  # the partner took over meanwhile: catch up from it
-                self.pending.clear()
-                self._event("demoted")
+                self._demote("the partner has taken over")
             return True
         if header.op == Op.REPLICATE:
             self._replay(peer, header, payload, now)
@@ -463,6 +463,12 @@ class ParameterServer:
             self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
             return True
         return False
+
+    def _demote(self, reason: str) -> None:
+        """Another primary holds the range: drop what waits on this one (the workers resend) and catch up from it."""
+        self.replica.demote()
+        self.pending.clear()
+        self._event("demoted", reason=reason)
 
     def _promote(self, now: float, reason: str) -> None:
         self.replica.promote()
@@ -488,10 +494,21 @@ class ParameterServer:
     def _replay(self, peer: bytes, header: Header, payload: memoryview | None, now: float) -> None:
         """Backup: apply one change of the primary's stream, in order, and acknowledge it."""
         replica = self.replica
-        if replica.role is Role.PRIMARY:  # a former primary that has not noticed the take-over: fence it off
-            self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
+        if replica.role is Role.PRIMARY:  # two primaries: one was paused and the other took over
+            # The one serving alone (a heartbeat outside the stream, req 0) may have acknowledged updates that only
+            # it holds: it stays, unless both serve alone (then replica 0 stays). The other one catches up from it.
+            if header.req == 0 and (replica.in_sync or replica.replica == 1):
+                self._demote("the partner serves alone")
+            else:
+                self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
             return
         change = Change(header.extra)
+        if header.req == 0:  # a primary serving alone (replication.Replica.tick): it lives, and we missed changes
+            replica.last_heard = now
+            if replica.role is Role.BACKUP:
+                replica.demote()
+                self._event("rejoining", reason="the primary serves without this backup")
+            return
         if change == Change.SNAPSHOT:
             self._adopt(load_shards(bytes(payload)))
             replica.role = Role.BACKUP
