@@ -1,0 +1,83 @@
+"""A pipeline rank killed under `torchrun --max-restarts 1`: the restarted group resumes from the last checkpoint by
+itself (no FileExistsError, no --resume) and ends bit-identical to an uninterrupted run, every step logged once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from plait.experiment.checkpoint import load_checkpoint
+from plait.experiment.metrics import read_metrics
+from plait.parallel import pipeline_train
+
+STEPS = 300
+CONFIG = """
+[run]
+name = "{name}"
+root = "{root}"
+seed = 3
+[model]
+name = "mlp"
+depth = 4
+hidden = 64
+[data]
+batch_size = 32
+[train]
+steps = {steps}
+lr = 0.05
+log_every = 1
+eval_every = 0
+checkpoint_every = 20
+[parallel]
+mode = "pipeline"
+stages = 2
+micro_batches = 4
+schedule = "1f1b"
+"""
+
+
+def _config(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, root=(tmp / "runs").as_posix(), steps=STEPS))
+    return path
+
+
+def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path):
+    pipeline_train.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
+    run_dir = tmp_path / "runs" / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", "plait.parallel.pipeline_train", str(_config(tmp_path, "killed"))]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 120
+        while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
+            records = read_metrics(run_dir / "metrics.jsonl")
+            if records and records[-1]["step"] >= 50 and (run_dir / "checkpoint.pt").exists():
+                os.kill(int((run_dir / "ranks" / "rank1.pid").read_text()), signal.SIGKILL)  # the last stage
+                killed_at = records[-1]["step"]
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert killed_at is not None and killed_at < STEPS, f"the run ended before the kill:\n{output[-3000:]}"
+    assert proc.returncode == 0, output[-3000:]
+    assert "already holds a run" not in output
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step lost, none logged twice
+    assert int(load_checkpoint(run_dir / "checkpoint.pt")["step"]) == STEPS
+    straight = tmp_path / "runs" / "straight"
+    for stage in (0, 1):  # the resumed group redid the steps after its checkpoint exactly
+        a = load_checkpoint(straight / f"stage{stage}.step{STEPS}.pt")["model"]
+        b = load_checkpoint(run_dir / f"stage{stage}.step{STEPS}.pt")["model"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
