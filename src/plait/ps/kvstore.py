@@ -287,7 +287,7 @@ class KVStore:
         request = _Request(self._target[server] if replicated else server, header, payload, out, time.monotonic(),
                            replica_range=server if replicated else -1)
         self._outstanding[header.req] = request
-        if self.transport.send_msg(server, header, payload):  # else not queued now: resent after retry_s
+        if self.transport.send_msg(request.server, header, payload):  # else not queued now: resent after retry_s
             self.stats.bytes_sent += payload.nbytes if payload is not None else 0
         return [request]
 
