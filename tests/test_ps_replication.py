@@ -117,7 +117,7 @@ def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):
     where single-process SGD ends."""
     config = make_config(tmp_path, "pause", sync={"servers": 2, "replication": 2, "consistency": "bsp",
                                                   "failover_s": 0.5, "retry_s": 0.2, "piece_numel": PIECE_NUMEL},
-                         train={"steps": 70, "eval_every_s": 0.1}, straggler={"step_s": 0.04})
+                         train={"steps": 120, "eval_every_s": 0.1}, straggler={"step_s": 0.04})
     run_dir = tmp_path / "pause"
     result = {}
     runner = threading.Thread(target=lambda: result.update(summary=run_ps(config, 2, timeout_s=240,
@@ -129,14 +129,15 @@ def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):
 
     def wait_for_step(at_least: int) -> None:
         deadline = time.monotonic() + 120
-        while step() < at_least:
-            assert runner.is_alive() and time.monotonic() < deadline, "the run stopped making progress"
+        while step() < at_least and runner.is_alive():
+            assert time.monotonic() < deadline, "the run stopped making progress"
             time.sleep(0.05)
 
     paused = []
     try:
         wait_for_step(10)
         for name in ("server-0-r1", "server-1"):  # a backup, then a primary
+            assert runner.is_alive(), "the run ended before the pauses"
             pid = [e for e in read_metrics(run_dir / "servers" / f"{name}.jsonl") if e["event"] == "listening"][-1]
             os.kill(pid["pid"], signal.SIGSTOP)
             paused.append(pid["pid"])
@@ -145,7 +146,10 @@ def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):
             wait_for_step(step() + 8)
     finally:
         for pid in paused:
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # already gone: the run has ended
         runner.join(timeout=240)
     summary = result["summary"]
     assert summary.server_restarts == 0 and summary.failed_workers == []
