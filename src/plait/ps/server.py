@@ -451,7 +451,12 @@ class ParameterServer:
                 self._demote("the partner has taken over")
             return True
         if header.op == Op.REPLICATE:
-            self._replay(peer, header, payload, now)
+            try:
+                self._replay(peer, header, payload, now)
+            except (ValueError, KeyError, struct.error) as error:  # a change this state cannot take: resync
+                self._refuse(peer, header, f"replication: {error!r}")
+                if replica.role is Role.BACKUP:
+                    replica.demote()
             return True
         if header.op == Op.HELLO:
             self._on_hello(now)
