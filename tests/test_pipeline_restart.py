@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
+from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.metrics import read_metrics
+from plait.experiment.rundir import RunDir
 from plait.parallel import pipeline_train
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
 
 STEPS = 300
 CONFIG = """
@@ -81,3 +84,22 @@ def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_p
         b = load_checkpoint(run_dir / f"stage{stage}.step{STEPS}.pt")["model"]
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def _moved_ranks(rank: int, world_size: int, root: str) -> tuple[int, list[int], bytes]:
+    """Rank r runs stage r in its own directory node<r>, which holds the other stage's files (torchrun put the
+    ranks on each other's node); node1 has no checkpoint.pt at all, and node0's says step 4."""
+    run = RunDir(Path(root) / f"node{rank}")
+    step = agreed_step(run, boundaries=[2], num_stages=2)
+    received = fetch_missing_stage_files(run, stage_index=rank, step=step, num_stages=2)
+    return step, received, stage_file(run, rank, step).read_bytes()
+
+
+def test_a_rank_on_another_node_receives_its_stage_files_from_the_rank_that_holds_them(tmp_path):
+    for node, other_stage in ((0, 1), (1, 0)):
+        (tmp_path / f"node{node}").mkdir()
+        stage_file(RunDir(tmp_path / f"node{node}"), other_stage, 4).write_bytes(f"stage {other_stage}".encode())
+    save_checkpoint(tmp_path / "node0" / "checkpoint.pt",
+                    {"step": 4, "stages": 2, "boundaries": torch.tensor([2], dtype=torch.int64)})
+    results = spawn_ranks(_moved_ranks, 2, str(tmp_path), timeout_s=120)
+    assert results == [(4, [0, 1], b"stage 0"), (4, [0, 1], b"stage 1")]

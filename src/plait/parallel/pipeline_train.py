@@ -8,10 +8,8 @@
 
 Every rank builds the whole model from the seed (so all start from the same weights), keeps its stage and drops the
 rest, and reads the same seeded batches: stage 0 uses the images, the last stage the labels. The last stage of
-replica 0 writes metrics.jsonl. At a checkpoint every rank writes its stage's file and, once all have, its own
-`checkpoint.pt`, which names the step the stage files belong to: a rank needs only its own run directory, so the
-ranks' directories need not be shared. A resumed run (--resume, or a group torchrun restarted) goes on from the
-latest step every rank has committed; the stage files of the step before stay until the next commit for that.
+replica 0 writes metrics.jsonl. Every rank keeps its stage's checkpoints in its own run directory, and a group
+that torchrun restarted resumes from them by itself (pipeline/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -29,13 +27,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from plait.data.images import load_image_set
-from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
+from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
+from plait.parallel.pipeline.checkpoints import (agreed_step, fetch_missing_stage_files, prepare_under_torchrun,
+                                                 save_stage_checkpoint, stage_file)
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
@@ -85,67 +85,6 @@ def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sam
     return bounds[:par.stages - 1].tolist()
 
 
-def _stage_file(run: RunDir, stage: int, step: int) -> Path:
-    return run.path / f"stage{stage}.step{step}.pt"
-
-
-def _flags_of_all_ranks(flag: bool) -> list[bool]:
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64)
-    flags[dist.get_rank()] = int(flag)
-    dist.all_reduce(flags)
-    return [bool(f) for f in flags]
-
-
-def _prepare_under_torchrun(config: PipelineRunConfig, rank: int, resume: bool) -> tuple[RunDir, bool]:
-    """Under torchrun: decide together whether this start resumes, and prepare the run directory (rank 0).
-
-    A group that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes by itself when its ranks hold a
-    checkpoint, and starts over when none does (it died before the first). Some ranks with a checkpoint and others
-    without (a rank that came back on a node that never held its run directory) is an error, never a silent start
-    over."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    run = RunDir(Path(config.run.root) / config.run.name)
-    holding = _flags_of_all_ranks(run.checkpoint_path.exists())
-    resuming = resume or (restarts > 0 and any(holding))
-    if resuming and not all(holding):
-        missing = [r for r, held in enumerate(holding) if not held]
-        raise RuntimeError(f"pipeline resume: ranks {missing} find no {run.checkpoint_path} in their run directory "
-                           "(each rank keeps its own; was a rank moved to another node?); not starting over")
-    if restarts > 0 and not resuming:
-        run.metrics_path.unlink(missing_ok=True)  # the group died before its first checkpoint: start over
-    status = torch.zeros(1, dtype=torch.int64)
-    error = ""
-    if rank == 0:
-        try:
-            run = prepare_run_dir(config.run.root, config.run.name, resuming)
-            if not resuming:
-                run.write_config(config)
-            status[0] = 1
-        except (FileExistsError, FileNotFoundError, OSError) as err:
-            error = str(err)
-    dist.broadcast(status, src=0)
-    if not status[0]:
-        raise RuntimeError(error or "rank 0 could not prepare the run directory")
-    run.path.mkdir(parents=True, exist_ok=True)  # on every node: each rank writes its own files there
-    return run, resuming
-
-
-def _agreed_step(run: RunDir, stage_index: int, boundaries: list[int], num_stages: int) -> int:
-    """The latest step every rank has committed; every rank checks it holds its stage's file of that step."""
-    ckpt = load_checkpoint(run.checkpoint_path)
-    if ckpt["boundaries"].tolist() != boundaries or int(ckpt["stages"]) != num_stages:
-        raise ValueError(f"--resume: the checkpoint's split {ckpt['boundaries'].tolist()} differs from this "
-                         f"run's {boundaries}; keep parallel.stages and parallel.partition")
-    step = torch.tensor([int(ckpt["step"])], dtype=torch.int64)
-    dist.all_reduce(step, op=dist.ReduceOp.MIN)  # a rank killed between the commits of two ranks is one behind
-    holding = _flags_of_all_ranks(_stage_file(run, stage_index, int(step)).exists())
-    if not all(holding):
-        missing = [r for r, held in enumerate(holding) if not held]
-        raise FileNotFoundError(f"--resume: ranks {missing} lack their stage file of step {int(step)} "
-                                f"(stage<s>.step{int(step)}.pt in their run directory {run.path})")
-    return int(step)
-
-
 def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path: str, resume: bool,
                prepare: bool = False) -> dict[str, Any] | None:
     """One rank of a model/pipeline-parallel run. Returns the final metrics on the metrics rank, else None."""
@@ -154,8 +93,9 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run = RunDir(Path(run_path))
-    if prepare:  # under torchrun: the ranks agree on resuming, rank 0 makes the run directory
-        run, resume = _prepare_under_torchrun(config, rank, resume)
+    if prepare:  # under torchrun: the ranks agree on resuming; every node gets a run directory
+        run, resume = prepare_under_torchrun(config.run.root, config.run.name, lambda r: r.write_config(config),
+                                             resume)
     pid_dir = run.path / "ranks"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets an operator (or a test) kill one rank
@@ -186,8 +126,9 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
 
     start = 0
     if resume:
-        start = _agreed_step(run, stage_index, boundaries, par.stages)
-        state = load_checkpoint(_stage_file(run, stage_index, start))
+        start = agreed_step(run, boundaries, par.stages)
+        fetch_missing_stage_files(run, stage_index, start, par.stages)  # a rank torchrun placed on another node
+        state = load_checkpoint(stage_file(run, stage_index, start))
         module.load_state_dict(state["model"])
         # stage files from before the optimizer choice were SGD's
         if state_matches(state.get("optimizer", "sgd"), train.optimizer, say=rank == 0):
@@ -236,30 +177,15 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                     final = {**final, "accuracy": accuracy}
                     log.write({"step": done, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started})
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
-                _checkpoint(run, stage_index, done, module, optimizer, boundaries, par.stages)
+                save_stage_checkpoint(run, stage_index, done, {"model": module.state_dict(),
+                                                               "optim": optimizer.state_dict(),
+                                                               "optimizer": optimizer_name(optimizer)},
+                                      boundaries, par.stages)
     finally:
         stack.close()
         if log is not None:
             log.close()
     return final if rank == metrics_rank else None
-
-
-def _checkpoint(run: RunDir, stage_index: int, step: int, module, optimizer, boundaries: list[int],
-                num_stages: int) -> None:
-    """Every rank writes its stage's file into its own run directory (replicas of a stage write the same bytes;
-    on a shared directory the atomic rename keeps one), then, once every rank has, commits the step."""
-    save_checkpoint(_stage_file(run, stage_index, step),
-                    {"model": module.state_dict(), "optim": optimizer.state_dict(),
-                     "optimizer": optimizer_name(optimizer)})
-    dist.barrier()  # every stage file of this step is on disk before any checkpoint names the step
-    save_checkpoint(run.checkpoint_path, {"step": step, "stages": num_stages,
-                                          "boundaries": torch.tensor(boundaries, dtype=torch.int64)})
-    # Keep this step and the one before: a rank killed before its commit resumes there (see _agreed_step).
-    steps = sorted(int(p.name.split(".step")[1][:-3]) for p in run.path.glob(f"stage{stage_index}.step*.pt"))
-    keep = {step, max((s for s in steps if s < step), default=step)}
-    for old in steps:
-        if old not in keep:
-            _stage_file(run, stage_index, old).unlink(missing_ok=True)
 
 
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
