@@ -160,3 +160,66 @@ def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):
     assert "demoted" in primary_log and primary_log.count("synced") >= 1
     for index in range(2):
         assert final_updates(run_dir, index) == [config.train.steps * 3] * 2
+
+
+class FakeTransport:
+    """What a Replica sends, recorded instead of sent."""
+
+    def __init__(self):
+        self.to_partner, self.to_workers = [], []
+
+    def connect_partner(self, endpoint):
+        self.endpoint = endpoint
+
+    def send_partner(self, header, payload=None):
+        self.to_partner.append(header)
+        return True
+
+    def send_msg(self, peer, header, payload=None, track=False):
+        self.to_workers.append((peer, header.op, None if payload is None else payload.copy()))
+
+
+def test_replies_wait_for_the_backups_ack_and_a_lost_backup_releases_them():
+    """The primary's side of the protocol by hand (replication.Replica, no sockets)."""
+    from plait.ps.replication import Change, Replica, Role
+    from plait.ps.wire import Header, Op
+
+    transport = FakeTransport()
+    replica = Replica(transport, replica=0, partner="tcp://127.0.0.1:1", failover_s=1.0, fresh=True, now=0.0)
+    assert replica.role is Role.PRIMARY and replica.tick(0.0) is None  # connected; alone until a HELLO
+    weights = np.zeros(3, np.float32)
+    assert not replica.reply(b"w", Header(Op.VALUE), weights)          # no backup yet: answered at once
+    replica.start_stream(b"snapshot", now=0.1)
+    replica.send_change(Change.PUSH, 0.2, np.ones(3, np.float32), worker=0, clock=0)
+    assert [(h.op, h.extra, h.req) for h in transport.to_partner] == [(Op.REPLICATE, Change.SNAPSHOT, 1),
+                                                                      (Op.REPLICATE, Change.PUSH, 2)]
+    assert replica.reply(b"w", Header(Op.VALUE), weights)              # held: the backup lacks change 2
+    weights += 1                                                       # the live weights move on meanwhile
+    replica.on_ack(1, now=0.3)
+    assert replica.held                                                # change 2 not acknowledged yet
+    replica.on_ack(2, now=0.4)
+    assert not replica.held and transport.to_workers[-1][0] == b"w"
+    np.testing.assert_array_equal(transport.to_workers[-1][2], np.zeros(3))  # the value as of the reply
+    replica.send_change(Change.PUSH, 0.5, np.ones(3, np.float32), worker=0, clock=1)
+    assert replica.reply(b"w", Header(Op.ACK), None)
+    assert replica.tick(1.0) is None                                   # silent for 0.6 s < failover_s
+    replica.awake(3.0)                                                 # this process was paused: no verdict
+    assert replica.tick(3.1) is None and replica.held
+    events = [replica.tick(3.1 + 0.1 * i) for i in range(1, 12)]      # the loop ticks every 0.1 s at most
+    assert events.index("backup_lost") == 9  # at 4.1: over failover_s after the pause ended (3.0), not before
+    assert not replica.held and not replica.in_sync and transport.to_workers[-1][1] == Op.ACK
+    replica.tick(4.6)                                                  # alone: heartbeats outside the stream
+    assert transport.to_partner[-1].req == 0 and transport.to_partner[-1].extra == Change.HEARTBEAT
+
+
+def test_a_restarted_replica_joins_and_says_hello_until_its_snapshot():
+    from plait.ps.replication import Replica, Role
+    from plait.ps.wire import Op
+
+    transport = FakeTransport()
+    replica = Replica(transport, replica=0, partner="tcp://127.0.0.1:1", failover_s=1.0, fresh=False, now=0.0)
+    assert replica.role is Role.JOINING  # a restart never serves before it has heard from its partner
+    replica.tick(0.0)
+    replica.tick(0.3)                    # within failover_s / 2 of the first: no second HELLO yet
+    replica.tick(0.6)
+    assert [h.op for h in transport.to_partner] == [Op.HELLO, Op.HELLO]
