@@ -1,6 +1,6 @@
 """Push+pull throughput of the parameter server against raw ZeroMQ bandwidth, same machine, same run.
 
-    .venv/bin/python benchmarks/ps_throughput.py [--quick] [--piece-numel P] [--curve]
+    .venv/bin/python benchmarks/ps_throughput.py [--quick] [--piece-numel P] [--curve] [--replication]
 
 Reference: a DEALER client sends N bytes to a ROUTER process that echoes the frame back (zero-copy both ways): the
 most a request/reply over ZeroMQ TCP on this machine can move. A second reference sends the same bytes cut into the
@@ -13,7 +13,10 @@ bytes, and its client drops the reply where the KVStore copies it into the calle
 (reference, 1 server, 2 servers) alternate in a rotating order; the ratio reported is the median over rounds of
 each round's ratio (Plait's rate over the reference's in the same round), which cancels the slow drifts of a
 shared machine that a ratio of two medians keeps. `--curve` runs both sides over CurveZMQ (sync.curve_keys):
-compare its raw GB/s with a plain run's for the cost of encryption itself.
+compare its raw GB/s with a plain run's for the cost of encryption itself. `--replication` adds a fourth side to
+every round: 1 server replicated (sync.replication = 2: a primary process that streams every piece's gradient to
+its backup process and answers only once the backup has acknowledged it), reported against 1 server unreplicated
+in the same round: the cost of replication.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import zmq
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
 from plait.ps.security import CurveKeys, make_keys
-from plait.ps.server import ServerConfig, run_server
+from plait.ps.server import ServerConfig, run_server, server_name
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 
 
@@ -82,21 +85,31 @@ def ps_round(kv: KVStore, key: int, grad: np.ndarray, out: np.ndarray, iteration
     return 2 * grad.nbytes * iterations / (time.perf_counter() - started)
 
 
-def start_ps(state_dir: str, num_servers: int, curve_keys: str) -> tuple[list, list[str]]:
+def start_ps(state_dir: str, num_servers: int, curve_keys: str, replication: int = 1) -> tuple[list, list[str]]:
+    """Server processes, replica 0 of every server then (replication 2) replica 1; their endpoints in that order."""
     ctx = mp.get_context("spawn")
     procs, endpoints = [], []
-    for index in range(num_servers):
+    names = [(index, replica) for replica in range(replication) for index in range(num_servers)]
+    for index, replica in names:
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency="asp",
                               optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
-                              state_dir=state_dir, resume=False, curve_keys=curve_keys)
+                              state_dir=state_dir, resume=False, curve_keys=curve_keys, replication=replication,
+                              replica=replica)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         procs.append(proc)
-    for index in range(num_servers):
-        path = Path(state_dir) / f"server-{index}.endpoint"
+    for index, replica in names:
+        path = Path(state_dir) / f"{server_name(index, replica)}.endpoint"
         while not path.exists():
             time.sleep(0.02)
         endpoints.append(path.read_text())
+    for index in range(num_servers if replication > 1 else 0):  # the backups have joined: replies wait for them
+        log = Path(state_dir) / f"{server_name(index, 1)}.jsonl"
+        deadline = time.monotonic() + 60
+        while '"synced"' not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"backup replica of server {index} never synced")
+            time.sleep(0.02)
     return procs, endpoints
 
 
@@ -107,6 +120,8 @@ def main() -> None:
                         help="sync.piece_numel for Plait and the pieced raw reference")
     parser.add_argument("--curve", action="store_true",
                         help="CurveZMQ (sync.curve_keys) on Plait's sockets and on the raw reference's alike")
+    parser.add_argument("--replication", action="store_true",
+                        help="also 1 server with sync.replication = 2, against 1 server unreplicated")
     args = parser.parse_args()
     curve_keys = str(make_keys(Path(tempfile.mkdtemp(prefix="ps-keys-")) / "keys").directory) if args.curve else ""
     label = ", CurveZMQ" if args.curve else ""
@@ -128,6 +143,10 @@ def main() -> None:
     kv = KVStore(endpoints, 0, piece_numel=piece, curve_keys=curve_keys)
     servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys)
     kv2 = KVStore(endpoints2, 0, piece_numel=piece, curve_keys=curve_keys)
+    servers_rep, kv_rep = [], None
+    if args.replication:
+        servers_rep, endpoints_rep = start_ps(tempfile.mkdtemp(prefix="ps-throughput-rep-"), 1, curve_keys, 2)
+        kv_rep = KVStore(endpoints_rep[:1], 0, piece_numel=piece, curve_keys=curve_keys, backups=endpoints_rep[1:])
 
     lines = []
     for key, numel in enumerate(sizes):
@@ -135,17 +154,22 @@ def main() -> None:
         out = np.empty_like(grad)
         kv.init(key, grad)
         kv2.init(key, grad)
+        if kv_rep is not None:
+            kv_rep.init(key, grad)
+            ps_round(kv_rep, key, grad, out, 2)
         iterations = max(3, int(target_bytes / (2 * grad.nbytes)))
         raw_round(raw, grad, 2)          # warm up connections and buffers
         ps_round(kv, key, grad, out, 2)
         ps_round(kv2, key, grad, out, 2)
-        raw_rates, ps_rates, ps2_rates, pieces_rates = [], [], [], []
+        raw_rates, ps_rates, ps2_rates, pieces_rates, rep_rates = [], [], [], [], []
         runs = [lambda: raw_rates.append(raw_round(raw, grad, iterations)),
                 lambda: ps_rates.append(ps_round(kv, key, grad, out, iterations)),
                 lambda: ps2_rates.append(ps_round(kv2, key, grad, out, iterations)),
                 lambda: pieces_rates.append(raw_pieces_round(raw, grad, iterations, piece or grad.size))]
+        if kv_rep is not None:
+            runs.append(lambda: rep_rates.append(ps_round(kv_rep, key, grad, out, iterations)))
         for index in range(rounds):  # rotate the order, so none of them always runs first after a pause
-            for run in runs[index % 4:] + runs[:index % 4]:
+            for run in runs[index % len(runs):] + runs[:index % len(runs)]:
                 run()
         raw_gbs, ps_gbs, ps2_gbs = (statistics.median(r) / 1e9 for r in (raw_rates, ps_rates, ps2_rates))
         ratio1, ratio2 = (statistics.median(p / r for p, r in zip(rates, raw_rates)) for rates in (ps_rates, ps2_rates))
@@ -163,11 +187,21 @@ def main() -> None:
                           f"server{'s' if count > 1 else ''}{label}", "plait": round(gbs, 3),
                           "reference": round(raw_gbs, 3),
                           "ratio": round(ratio, 3), "goal": 0.7})
+        if rep_rates:
+            rep_gbs = statistics.median(rep_rates) / 1e9
+            ratio_rep = statistics.median(r / p for r, p in zip(rep_rates, ps_rates))
+            print(f"{'':>10}         PS 1 server replicated (primary + backup) {rep_gbs:.2f} GB/s: "
+                  f"{ratio_rep:.2f}x of 1 server unreplicated", flush=True)
+            lines.append({"benchmark": "ps_throughput", "metric": f"push+pull GB/s, {numel} floats, 1 server "
+                          f"replicated (sync.replication = 2) vs unreplicated{label}", "plait": round(rep_gbs, 3),
+                          "reference": round(ps_gbs, 3), "ratio": round(ratio_rep, 3), "goal": None})
 
     kv.close()
     kv2.close()
+    if kv_rep is not None:
+        kv_rep.close()
     raw.send_multipart([b"x", b"stop"])
-    for proc in servers + servers2 + [echo]:
+    for proc in servers + servers2 + servers_rep + [echo]:
         proc.kill()
     headline = next(line for line in lines if line["metric"] == f"push+pull GB/s, 1000000 floats, 1 server{label}")
     for line in lines:

@@ -4,17 +4,19 @@
     plait train examples/pipeline.toml --nproc 2 --set parallel.stages=2 --set parallel.schedule=gpipe
     plait train examples/pipeline.toml --nproc 4 --resume              continue from the last checkpoint
     torchrun --nproc-per-node 4 -m plait.parallel.pipeline_train examples/pipeline.toml
+    torchrun --nproc-per-node 4 --max-restarts 1 -m plait.parallel.pipeline_train examples/pipeline.toml
 
 Every rank builds the whole model from the seed (so all start from the same weights), keeps its stage and drops the
 rest, moves it to its device (`cuda:LOCAL_RANK` under NCCL, else the CPU: device.py), and reads the same seeded
-batches: stage 0 uses the images, the last stage the labels. The last stage of
-replica 0 writes metrics.jsonl; the first replica of each stage writes that stage's checkpoint file, and rank 0
-then commits `checkpoint.pt`, which names the step all stage files belong to.
+batches: stage 0 uses the images, the last stage the labels. The last stage of replica 0 writes metrics.jsonl.
+Every rank keeps its stage's checkpoints in its own run directory, and a group that torchrun restarted resumes from
+them by itself (pipeline/checkpoints.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -26,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from plait.data.images import load_image_set
-from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
+from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
@@ -34,6 +36,8 @@ from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
+from plait.parallel.pipeline.checkpoints import (agreed_step, fetch_missing_stage_files, prepare_under_torchrun,
+                                                 save_stage_checkpoint, stage_file)
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
@@ -85,10 +89,6 @@ def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sam
     return bounds[:par.stages - 1].tolist()
 
 
-def _stage_file(run: RunDir, stage: int, step: int) -> Path:
-    return run.path / f"stage{stage}.step{step}.pt"
-
-
 def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path: str, resume: bool,
                prepare: bool = False) -> dict[str, Any] | None:
     """One rank of a model/pipeline-parallel run. Returns the final metrics on the metrics rank, else None."""
@@ -97,12 +97,12 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run = RunDir(Path(run_path))
-    if prepare:  # under torchrun: rank 0 makes the run directory, the others wait for it
-        if rank == 0:
-            run = prepare_run_dir(config.run.root, config.run.name, resume)
-            if not resume:
-                run.write_config(config)
-        dist.barrier()
+    if prepare:  # under torchrun: the ranks agree on resuming; every node gets a run directory
+        run, resume = prepare_under_torchrun(config.run.root, config.run.name, lambda r: r.write_config(config),
+                                             resume)
+    pid_dir = run.path / "ranks"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets an operator (or a test) kill one rank
     device = rank_device()
     use_device(device)
     layout = PipelineLayout(replicas=par.replicas, stages=par.stages)
@@ -132,12 +132,9 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
 
     start = 0
     if resume:
-        ckpt = load_checkpoint(run.checkpoint_path)
-        if ckpt["boundaries"].tolist() != boundaries or int(ckpt["stages"]) != par.stages:
-            raise ValueError(f"--resume: the checkpoint's split {ckpt['boundaries'].tolist()} differs from this "
-                             f"run's {boundaries}; keep parallel.stages and parallel.partition")
-        start = int(ckpt["step"])
-        state = load_checkpoint(_stage_file(run, stage_index, start))
+        start = agreed_step(run, boundaries, par.stages)
+        fetch_missing_stage_files(run, stage_index, start, par.stages)  # a rank torchrun placed on another node
+        state = load_checkpoint(stage_file(run, stage_index, start))
         module.load_state_dict(state["model"])
         # stage files from before the optimizer choice were SGD's
         if state_matches(state.get("optimizer", "sgd"), train.optimizer, say=rank == 0):
@@ -186,27 +183,15 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
                     final = {**final, "accuracy": accuracy}
                     log.write({"step": done, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started})
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
-                _checkpoint(run, rank, replica, stage_index, done, module, optimizer, boundaries, par.stages)
+                save_stage_checkpoint(run, stage_index, done, {"model": module.state_dict(),
+                                                               "optim": optimizer.state_dict(),
+                                                               "optimizer": optimizer_name(optimizer)},
+                                      boundaries, par.stages)
     finally:
         stack.close()
         if log is not None:
             log.close()
     return final if rank == metrics_rank else None
-
-
-def _checkpoint(run: RunDir, rank: int, replica: int, stage_index: int, step: int, module, optimizer,
-                boundaries: list[int], num_stages: int) -> None:
-    if replica == 0:  # replicas hold identical weights: one copy per stage
-        save_checkpoint(_stage_file(run, stage_index, step),
-                        {"model": module.state_dict(), "optim": optimizer.state_dict(),
-                         "optimizer": optimizer_name(optimizer)})
-    dist.barrier()  # every stage file of this step is on disk before the checkpoint names the step
-    if rank == 0:
-        save_checkpoint(run.checkpoint_path, {"step": step, "stages": num_stages,
-                                              "boundaries": torch.tensor(boundaries, dtype=torch.int64)})
-        for old in run.path.glob("stage*.step*.pt"):
-            if not old.name.endswith(f".step{step}.pt"):
-                old.unlink(missing_ok=True)
 
 
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:

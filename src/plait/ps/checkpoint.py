@@ -3,10 +3,14 @@
 Written atomically (temp file, fsync, rename, fsync the directory) by plait.experiment.checkpoint: a server killed
 while writing leaves the previous checkpoint intact. Read back with allow_pickle=False: a checkpoint is data, never
 code. Nothing here imports torch, so a server starts, and restarts, in a fraction of a second.
+
+The same format, held in memory and with the pending BSP sums, is the snapshot a primary sends to a (re)joining
+backup replica (`snapshot_bytes`, replication.py): a checkpoint and a catch-up are one serializer.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +32,12 @@ class ServerSnapshot:
     shards: dict[tuple[int, int], ShardState] = field(default_factory=dict)   # (key, offset) -> piece
     finished: list[int] = field(default_factory=list)
     updates: int = 0
+    # BSP: (key, offset) -> clock -> [sum of its gradients, count]. Sent to a backup replica; a checkpoint file
+    # leaves them out (a restored server counts the pulls that follow as those pushes, see server.py).
+    sums: dict[tuple[int, int], dict[int, list]] = field(default_factory=dict)
 
 
-def save_shards(path: Path, snapshot: ServerSnapshot) -> None:
+def _arrays(snapshot: ServerSnapshot, with_sums: bool) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "finished": np.asarray(snapshot.finished, dtype=np.int64),
         "updates": np.asarray([snapshot.updates], dtype=np.int64),
@@ -42,13 +49,36 @@ def save_shards(path: Path, snapshot: ServerSnapshot) -> None:
         for name, value in shard.opt_state.items():
             if name != "scratch":  # working memory, not state
                 arrays[f"{prefix}opt.{name}"] = value
+    for (key, offset), pending in (snapshot.sums.items() if with_sums else ()):
+        for clock, (total, count) in pending.items():
+            arrays[f"k{key}_{offset}.sum{clock}"] = total
+            arrays[f"k{key}_{offset}.count{clock}"] = np.asarray([count], dtype=np.int64)
+    return arrays
+
+
+def save_shards(path: Path, snapshot: ServerSnapshot) -> None:
+    arrays = _arrays(snapshot, with_sums=False)
     atomic_write_bytes(Path(path), lambda f: np.savez(f, **arrays))
 
 
-def load_shards(path: Path) -> ServerSnapshot:
-    with np.load(Path(path), allow_pickle=False) as npz:
+def snapshot_bytes(snapshot: ServerSnapshot) -> bytes:
+    """The snapshot as one .npz in memory, pending BSP sums included (what a backup replica catches up from)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **_arrays(snapshot, with_sums=True))
+    return buffer.getvalue()
+
+
+def load_shards(source: Path | bytes | memoryview) -> ServerSnapshot:
+    """Read a checkpoint file, or the bytes of `snapshot_bytes`."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, memoryview)) else Path(source)
+    with np.load(handle, allow_pickle=False) as npz:
         data = {name: npz[name] for name in npz.files}
     snapshot = ServerSnapshot(finished=[int(w) for w in data.pop("finished")], updates=int(data.pop("updates")[0]))
+    for name in [n for n in data if ".sum" in n]:
+        prefix, clock = name.split(".sum")
+        key, offset = (int(part) for part in prefix[1:].split("_"))
+        count = int(data.pop(f"{prefix}.count{clock}")[0])
+        snapshot.sums.setdefault((key, offset), {})[int(clock)] = [data.pop(name).copy(), count]
     prefixes = sorted({name.split(".")[0] + "." for name in data})
     for prefix in prefixes:
         if "_" in prefix:

@@ -58,10 +58,17 @@ class SyncSection:
     piece_numel: int = DEFAULT_PIECE_NUMEL  # elements per message at most: a server updates one while the next
                                             # arrives (0: one piece per server and key)
     curve_keys: str = ""             # a CurveZMQ key directory: encrypted, authenticated traffic ("" : plain TCP)
+    replication: int = 1             # 2: each server's range is held by two processes, a primary and its backup
+    failover_s: float = 2.0          # replication: a replica silent this long is taken for dead
 
     def __post_init__(self) -> None:
         if self.servers < 1:
             raise ValueError(f"sync.servers must be >= 1, got {self.servers}")
+        if self.replication not in (1, 2):
+            raise ValueError(f"sync.replication must be 1 (no replica) or 2 (primary and backup), got "
+                             f"{self.replication}")
+        if self.failover_s <= 0:
+            raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
         Consistency.parse(self.consistency)
         if min(self.checkpoint_every, self.max_server_restarts, self.max_worker_restarts, self.piece_numel) < 0:
             raise ValueError("sync.checkpoint_every, sync.max_server_restarts, sync.max_worker_restarts and "
@@ -101,6 +108,10 @@ class FaultSection:
     """Failure injection, to see fault tolerance work: SIGKILL a server, end a worker abruptly, or stall one."""
     kill_server: int = -1            # the launcher kills this server once the slowest worker reached kill_at_step
     kill_at_step: int = 0
+    kill_replica: int = 0            # sync.replication = 2: which replica of kill_server (0 or 1)
+    kill_every: int = 0              # > 0: then kill the next server process every kill_every steps, each once
+                                     # (in the order server 0..S-1 replica 0, then replica 1), after the last one
+                                     # killed is back (and, replicated, caught up)
     kill_worker: int = -1            # this worker exits abruptly (no goodbye) at kill_worker_at_step
     kill_worker_at_step: int = 0
     stall_worker: int = -1           # this worker pauses for stall_s seconds (alive, silent) at stall_at_step
@@ -110,6 +121,9 @@ class FaultSection:
     def __post_init__(self) -> None:
         if self.stall_s < 0:
             raise ValueError(f"fault.stall_s must be >= 0, got {self.stall_s}")
+        if self.kill_every < 0 or self.kill_replica not in (0, 1):
+            raise ValueError(f"fault.kill_every must be >= 0 and fault.kill_replica 0 or 1, got {self.kill_every} "
+                             f"and {self.kill_replica}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,3 +147,6 @@ class PSRunConfig:
                 raise ValueError(f"{name} = {value} but there are only {num_workers} workers")
         if self.fault.kill_server >= self.sync.servers:
             raise ValueError(f"fault.kill_server = {self.fault.kill_server} but sync.servers = {self.sync.servers}")
+        if self.fault.kill_replica >= self.sync.replication:
+            raise ValueError(f"fault.kill_replica = {self.fault.kill_replica} but sync.replication = "
+                             f"{self.sync.replication}")

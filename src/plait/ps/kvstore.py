@@ -16,6 +16,10 @@ n-1, and a pull carries the last clock pushed, so the servers enforce the consis
 Fault tolerance: every request is kept until answered and resent (same request id, same clock) when no answer came
 within `retry_s` (doubling up to 8x). ZeroMQ reconnects to a restarted server by itself; the server drops the
 duplicates a resend can create. While blocked on a pull, the resends double as a heartbeat.
+
+Replicated servers (`backups`, sync.replication = 2): each range has two endpoints, and requests go to the one that
+served last. A request resent twice without an answer, or answered NOT_PRIMARY, moves its range to the other
+replica (see replication.py); whichever replica answers, the answer counts.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Ts(int):
 
 @dataclass(slots=True)
 class _Request:
-    server: int
+    server: int                   # the socket it went to (a range's primary or backup replica)
     header: Header
     payload: np.ndarray | None
     out: np.ndarray | None
@@ -52,6 +56,9 @@ class _Request:
     attempts: int = 1
     done: bool = False
     reply: Header | None = None
+    replica_range: int = -1       # the range whose replicas it may move between (-1: this socket only)
+    redirects: int = 0            # NOT_PRIMARY answers it got
+    moved: bool = False           # moved to the other replica by a NOT_PRIMARY and not sent there yet
 
 
 @dataclass(slots=True)
@@ -88,19 +95,26 @@ def _as_array(value: Any, what: str) -> np.ndarray:
 
 class KVStore:
     def __init__(self, endpoints: list[str], worker: int, *, retry_s: float = 1.0, timeout_s: float = 300.0,
-                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL, curve_keys: str | Path | None = None):
+                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL, curve_keys: str | Path | None = None,
+                 backups: list[str] | None = None):
         if not endpoints:
             raise ValueError("ps: at least one server endpoint is needed")
         if retry_s <= 0 or timeout_s <= 0:
             raise ValueError("sync.retry_s and sync.wait_timeout_s must be > 0")
+        if backups and len(backups) != len(endpoints):
+            raise ValueError(f"ps: {len(backups)} backup endpoints for {len(endpoints)} servers (sync.replication = 2 "
+                             "needs one backup per server, in the same order)")
         self.endpoints = list(endpoints)
+        self.backups = list(backups or [])
+        # Socket s serves range s (replica 0); socket S + s is its backup. `_target[s]`: where range s goes now.
+        self._target = list(range(len(self.endpoints)))
         self.worker = -1 if observer else worker
         self.observer = observer
         self.retry_s, self.timeout_s = retry_s, timeout_s
         self.piece_numel = piece_numel
         self.curve = CurveKeys.from_setting(curve_keys)  # CurveZMQ when set (see security.py)
         self.transport = WorkerTransport(curve=self.curve)
-        self.transport.connect(self.endpoints)
+        self.transport.connect(self.endpoints + self.backups)
         self.keys: dict[int, _Key] = {}
         self.stats = KVStats()
         self._ids = itertools.count(1)
@@ -118,7 +132,7 @@ class KVStore:
         for k in arrays:
             if k in self.keys:
                 raise ValueError(f"ps init: key {k} is already initialised")
-        plan = plan_shards({k: a.size for k, a in arrays.items()}, self.transport.num_servers, self.piece_numel)
+        plan = plan_shards({k: a.size for k, a in arrays.items()}, len(self.endpoints), self.piece_numel)
         requests = []
         for k, array in arrays.items():
             self.keys[k] = _Key(array.size, array.dtype, plan[k])
@@ -185,7 +199,7 @@ class KVStore:
                 late = next(r for r in requests if not r.done)
                 raise TimeoutError(
                     f"ps worker {self.worker}: {late.header.op.name} of key {late.header.key} at clock "
-                    f"{late.header.clock} unanswered by server {late.server} ({self.endpoints[late.server]}) "
+                    f"{late.header.clock} unanswered by {self._name(late.server)} "
                     f"after {self.timeout_s} s (stage: wait; raise sync.wait_timeout_s if a straggler is expected"
                     f"{self._never_heard_hint(late.server)})")
             self._resend_due(now)
@@ -212,6 +226,12 @@ class KVStore:
                 spec.clock = slowest
                 self.stats.caught_up += 1
 
+    def _name(self, socket: int) -> str:
+        servers = len(self.endpoints)
+        if socket < servers:
+            return f"server {socket} ({self.endpoints[socket]})"
+        return f"server {socket - servers} replica 1 ({self.backups[socket - servers]})"
+
     def _never_heard_hint(self, server: int) -> str:
         if server in self._heard:
             return ""
@@ -229,8 +249,8 @@ class KVStore:
         if goodbye and not self.observer:
             try:
                 requests = []
-                for server in range(self.transport.num_servers):
-                    requests += self._send(server, Op.BYE, 0, -1, Piece(server, 0, 0))
+                for socket in range(self.transport.num_servers):  # every replica: each keeps its own clocks
+                    requests += self._send(socket, Op.BYE, 0, -1, Piece(socket, 0, 0), fixed=True)
                 self.timeout_s = min(self.timeout_s, 5.0)
                 self.wait(self._ticket(requests))
             except TimeoutError:
@@ -257,14 +277,17 @@ class KVStore:
                              f"the key holds {spec.numel} {spec.dtype}")
 
     def _send(self, server: int, op: Op, key: int, clock: int, piece: Piece, payload: np.ndarray | None = None,
-              out: np.ndarray | None = None) -> list[_Request]:
+              out: np.ndarray | None = None, fixed: bool = False) -> list[_Request]:
+        """Send to range `server`'s serving replica (to socket `server` itself when `fixed`)."""
         dtype = payload.dtype if payload is not None else out.dtype if out is not None else np.float32
         header = Header(op, worker=self.worker, key=key, clock=clock, req=next(self._ids), offset=piece.offset,
                         numel=piece.numel, dtype=dtype_code(dtype),
                         flags=Flag.OBSERVER if self.observer else Flag.NONE)
-        request = _Request(server, header, payload, out, time.monotonic())
+        replicated = bool(self.backups) and not fixed
+        request = _Request(self._target[server] if replicated else server, header, payload, out, time.monotonic(),
+                           replica_range=server if replicated else -1)
         self._outstanding[header.req] = request
-        if self.transport.send_msg(server, header, payload):  # else not queued now: resent after retry_s
+        if self.transport.send_msg(request.server, header, payload):  # else not queued now: resent after retry_s
             self.stats.bytes_sent += payload.nbytes if payload is not None else 0
         return [request]
 
@@ -278,16 +301,37 @@ class KVStore:
         for request in list(self._outstanding.values()):  # in sending order: a push goes again before its pull
             interval = self.retry_s * min(2 ** (request.attempts - 1), 8)
             if now - request.sent_at > interval:
+                if request.replica_range >= 0 and request.attempts >= 2 and not request.moved:
+                    self._switch_replica(request)  # twice unanswered: the replica may be dead, try its partner
+                request.moved = False
                 if self.transport.send_msg(request.server, request.header, request.payload):
                     self.stats.resends += 1
                     self.stats.bytes_sent += request.payload.nbytes if request.payload is not None else 0
                 request.sent_at, request.attempts = now, request.attempts + 1
+
+    def _switch_replica(self, request: _Request) -> None:
+        """Move the request's range to the other replica (once, however many of its requests notice)."""
+        servers = len(self.endpoints)
+        if request.server == self._target[request.replica_range]:
+            current = self._target[request.replica_range]
+            self._target[request.replica_range] = current + servers if current < servers else current - servers
+        request.server = self._target[request.replica_range]
 
     def _on_reply(self, server: int, header: Header, payload: memoryview | None) -> None:
         self._heard.add(server)
         request = self._outstanding.get(header.req)
         if request is None:
             return  # the answer to a resent duplicate, already handled
+        if header.op == Op.NOT_PRIMARY:
+            if request.replica_range >= 0 and server == request.server:
+                self._switch_replica(request)
+                request.redirects += 1
+                if request.redirects <= 2:  # at once; beyond, at the resend timer (both may be joining)
+                    self.transport.send_msg(request.server, request.header, request.payload)
+                    request.sent_at = time.monotonic()
+                else:
+                    request.moved = True  # the timer sends it there, without moving it back first
+            return
         if header.op == Op.ACK and request.out is not None:
             # A PUSHPULL's push is in and its pull waits on the consistency model: resend only the pull from now on.
             # Never does an ACK finish a request that expects a value (a resent PUSHPULL can be ACKed twice).

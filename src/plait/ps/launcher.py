@@ -3,13 +3,17 @@
 The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node server|worker ...` for each process, so
 a local run and a multi-host run start the same programs. While the workers train it:
 
-- restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend);
+- restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend); with
+  sync.replication = 2 it runs two processes per server (replica 0, then replica 1 of each range; process p is
+  server p mod S, replica p // S), and a restarted one catches up from its live partner instead;
 - restarts a worker that died (sync.max_worker_restarts times): it resumes at the clock the servers recorded for
   it, or, if they had dropped it meanwhile (sync.worker_timeout_s), at the slowest other worker's; past the limit
   it is noted as failed and the others carry on without it;
 - every train.eval_every_s pulls the weights as an *observer* (never counted in the clocks) and scores them on a
   fixed test subset: these records, with wall time, are the run's metrics.jsonl;
-- injects the configured faults (SIGKILL a server at a step).
+- injects the configured faults (SIGKILL a server at a step, or each server process in turn);
+- on SIGTERM or SIGINT stops the workers, asks every server for a final checkpoint (SHUTDOWN) and returns a summary
+  that names the signal: `--resume` goes on from there.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +38,18 @@ from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.kvstore import KVStore
 from plait.ps.security import CurveKeys
+from plait.ps.server import server_name
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
 
 STARTUP_TIMEOUT_S = 60.0
+
+
+class StoppedBySignal(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(slots=True)
@@ -51,6 +63,7 @@ class ClusterSummary:
     max_staleness: dict[int, int]
     weights: np.ndarray = field(repr=False)
     worker_restarts: dict[int, int] = field(default_factory=dict)  # rank -> restarts, for those restarted
+    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal ended the run early
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -69,10 +82,12 @@ class LocalCluster:
         self.show_progress = show_progress  # a bar over the slowest worker's clock, as the evaluator sees it
         self.state_dir = self.run_dir / "servers"
         self.logs_dir = self.run_dir / "logs"
-        self.servers: list[subprocess.Popen] = []
+        self.servers: list[subprocess.Popen] = []       # one per server process: replica r of server i is r*S + i
         self.workers: list[subprocess.Popen] = []
-        self.endpoints: list[str] = []
-        self.restarts = [0] * config.sync.servers
+        self.endpoints: list[str] = []                  # every server process's, in the same order
+        self.num_processes = config.sync.servers * config.sync.replication
+        self.restarts = [0] * self.num_processes
+        self.restarted_at = [0.0] * self.num_processes  # wall time of each process's last restart
         self.worker_restarts = [0] * num_workers
         self._files: list = []
 
@@ -84,56 +99,83 @@ class LocalCluster:
                "--workers", str(self.num_workers), *args]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
+    @property
+    def primaries(self) -> list[str]:
+        return self.endpoints[:self.config.sync.servers]
+
+    @property
+    def backups(self) -> list[str]:
+        return self.endpoints[self.config.sync.servers:]
+
+    def _name(self, process: int) -> str:
+        return server_name(process % self.config.sync.servers, process // self.config.sync.servers)
+
     def _start_worker(self, rank: int, restart: int = 0) -> subprocess.Popen:
         # A restart joins the start barrier too: if its first life died before saying ready, the others are still
         # waiting there (once the start is given, the barrier lets it through at once).
-        args = ["--rank", str(rank), "--servers", ",".join(self.endpoints), "--run-dir", str(self.run_dir),
-                "--wait-start"]
+        args = ["--rank", str(rank), "--servers", ",".join(self.primaries), "--run-dir", str(self.run_dir),
+                "--wait-start"] + (["--backups", ",".join(self.backups)] if self.backups else [])
         return self._spawn("worker", args, f"worker-{rank}.log", env={RESTART_ENV: str(restart)})
 
-    def _start_server(self, index: int, bind: str, fresh: bool) -> subprocess.Popen:
-        args = ["--index", str(index), "--bind", bind, "--state-dir", str(self.state_dir)]
-        return self._spawn("server", args + (["--fresh"] if fresh else []), f"server-{index}.log")
+    def _start_server(self, process: int, bind: str, fresh: bool) -> subprocess.Popen:
+        servers = self.config.sync.servers
+        args = ["--index", str(process % servers), "--replica", str(process // servers), "--bind", bind,
+                "--state-dir", str(self.state_dir)]
+        return self._spawn("server", args + (["--fresh"] if fresh else []), f"{self._name(process)}.log")
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         for stale in [self.run_dir / "start", *self.run_dir.glob("ready-*")]:
             stale.unlink(missing_ok=True)
-        for index in range(self.config.sync.servers):
-            (self.state_dir / f"server-{index}.endpoint").unlink(missing_ok=True)
-            self.servers.append(self._start_server(index, f"tcp://{self.config.sync.host}:0", fresh=not self.resume))
-        self.endpoints = [self._await_endpoint(index) for index in range(self.config.sync.servers)]
+        for process in range(self.num_processes):
+            (self.state_dir / f"{self._name(process)}.endpoint").unlink(missing_ok=True)
+            self.servers.append(self._start_server(process, f"tcp://{self.config.sync.host}:0",
+                                                   fresh=not self.resume))
+        self.endpoints = [self._await_endpoint(process) for process in range(self.num_processes)]
         self.workers = [self._start_worker(rank) for rank in range(self.num_workers)]
 
-    def _await_endpoint(self, index: int) -> str:
-        path = self.state_dir / f"server-{index}.endpoint"
+    def _await_endpoint(self, process: int) -> str:
+        path = self.state_dir / f"{self._name(process)}.endpoint"
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not path.exists():
-            if self.servers[index].poll() is not None or time.monotonic() > deadline:
+            if self.servers[process].poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"ps server {index} did not start (stage: launch):\n"
-                                   f"{_tail(self.logs_dir / f'server-{index}.log')}")
+                raise RuntimeError(f"ps {self._name(process)} did not start (stage: launch):\n"
+                                   f"{_tail(self.logs_dir / f'{self._name(process)}.log')}")
             time.sleep(0.02)
         return path.read_text().strip()
 
-    def kill_server(self, index: int) -> None:
-        os.kill(self.servers[index].pid, signal.SIGKILL)
-        self.servers[index].wait()
+    def kill_server(self, process: int) -> None:
+        """SIGKILL server process `process` (replica r of server i is r*S + i; without replication, server i)."""
+        os.kill(self.servers[process].pid, signal.SIGKILL)
+        self.servers[process].wait()
+
+    def _recovered(self, process: int) -> bool:
+        """The process is up again since its last restart: listening, and with replication caught up from its
+        partner (or serving, if both had restarted)."""
+        if self.servers[process].poll() is not None:
+            return False
+        wanted = {"synced", "serving"} if self.config.sync.replication > 1 else {"listening"}
+        return any(e.get("event") in wanted and e.get("time", 0) >= self.restarted_at[process]
+                   for e in read_metrics(self.state_dir / f"{self._name(process)}.jsonl"))
 
     def _supervise_servers(self, log: MetricsLog) -> None:
-        for index, proc in enumerate(self.servers):
+        for process, proc in enumerate(self.servers):
             if proc.poll() is None:
                 continue
-            if self.restarts[index] >= self.config.sync.max_server_restarts:
+            name = self._name(process)
+            if self.restarts[process] >= self.config.sync.max_server_restarts:
                 self.stop()
-                raise RuntimeError(f"ps server {index} died {self.restarts[index] + 1} times "
+                raise RuntimeError(f"ps {name} died {self.restarts[process] + 1} times "
                                    f"(sync.max_server_restarts = {self.config.sync.max_server_restarts}):\n"
-                                   f"{_tail(self.logs_dir / f'server-{index}.log')}")
-            self.restarts[index] += 1
-            self.servers[index] = self._start_server(index, self.endpoints[index], fresh=False)
-            log.write({"event": "server_restarted", "server": index, "exit_code": proc.returncode,
-                       "wall": time.time()})
+                                   f"{_tail(self.logs_dir / f'{name}.log')}")
+            self.restarts[process] += 1
+            self.restarted_at[process] = time.time()
+            self.servers[process] = self._start_server(process, self.endpoints[process], fresh=False)
+            replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
+            log.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
+                       "exit_code": proc.returncode, "wall": time.time()})
 
     def _supervise_workers(self, log: MetricsLog, failed: list[int]) -> bool:
         """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
@@ -151,6 +193,31 @@ class LocalCluster:
                 log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
                            "wall": time.time()})
         return any(p.poll() is None for p in self.workers)
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM and SIGINT end the run cleanly (see `run`); only the main thread can set handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        stopping = []
+
+        def on_signal(signum: int, _frame) -> None:
+            if not stopping:  # the first one stops the run; the shutdown that follows is not interrupted again
+                stopping.append(signum)
+                raise StoppedBySignal(signum)
+
+        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_workers(self, grace_s: float = 5.0) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def stop(self) -> None:
         for proc in self.workers + self.servers:
@@ -182,15 +249,18 @@ class LocalCluster:
         if self.resume:  # the evaluator's clock goes on from the run it resumes
             started -= elapsed_so_far(self.run_dir / "metrics.jsonl")
         self.start()
-        observer = KVStore(self.endpoints, -1, observer=True, retry_s=0.5, timeout_s=2.0,
-                           piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys)
+        observer = KVStore(self.primaries, -1, observer=True, retry_s=0.5, timeout_s=2.0,
+                           piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys,
+                           backups=self.backups or None)
         observer.init(PARAMS_KEY, weights)
         failed: list[int] = []
         time_to_target = None
-        killed = False
+        kills = self._kill_plan()
         started_workers = False
         last: dict[str, Any] = {}
         next_eval = 0.0
+        stopped_by = None
+        previous_handlers = self._catch_signals()
         try:
             with MetricsLog(self.run_dir / "metrics.jsonl") as log, \
                     progress_bar("clocks", cfg.train.steps, enabled=self.show_progress) as bar:
@@ -213,11 +283,7 @@ class LocalCluster:
                             if time_to_target is None and cfg.train.target_loss and \
                                     record["loss"] <= cfg.train.target_loss:
                                 time_to_target = record["elapsed_s"]
-                            if not killed and cfg.fault.kill_server >= 0 and record["step"] >= cfg.fault.kill_at_step:
-                                self.kill_server(cfg.fault.kill_server)
-                                killed = True
-                                log.write({"event": "server_killed", "server": cfg.fault.kill_server,
-                                           "step": record["step"], "wall": time.time()})
+                            self._inject_kill(kills, record["step"], log)
                     time.sleep(0.01)
                 self._supervise_servers(log)
                 final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
@@ -226,24 +292,53 @@ class LocalCluster:
                     last = final
                     if time_to_target is None and cfg.train.target_loss and final["loss"] <= cfg.train.target_loss:
                         time_to_target = final["elapsed_s"]
+        except StoppedBySignal as stopped:
+            # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
+            stopped_by = str(stopped)
+            self._stop_workers()
+            with MetricsLog(self.run_dir / "metrics.jsonl") as log:
+                log.write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
+                           "wall": time.time()})
         finally:
             observer.close(goodbye=False)
             if self.endpoints:
                 self._shutdown_servers()
             self.stop()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         staleness = {}
         for rank in range(self.num_workers):
             records = read_metrics(self.run_dir / f"worker-{rank}.jsonl")
             staleness[rank] = max((r.get("staleness", 0) for r in records), default=0)
         restarted = {rank: n for rank, n in enumerate(self.worker_restarts) if n}
         summary = ClusterSummary(self.run_dir, time.perf_counter() - started, last, time_to_target,
-                                 sum(self.restarts), failed, staleness, weights.numpy().copy(), restarted)
+                                 sum(self.restarts), failed, staleness, weights.numpy().copy(), restarted, stopped_by)
         (self.run_dir / "summary.json").write_text(json.dumps({
-            "elapsed_s": summary.elapsed_s, "final": last, "time_to_target_s": time_to_target,
+            "elapsed_s": summary.elapsed_s, "final": last, "time_to_target_s": time_to_target, "stopped_by": stopped_by,
             "server_restarts": summary.server_restarts, "failed_workers": failed,
             "worker_restarts": {str(k): v for k, v in restarted.items()},
             "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
         return summary
+
+    def _kill_plan(self) -> list[tuple[int, int]]:
+        """(step, process) of each kill fault.kill_* asks for, in order."""
+        fault, servers = self.config.fault, self.config.sync.servers
+        if fault.kill_server < 0:
+            return []
+        first = fault.kill_replica * servers + fault.kill_server
+        count = self.num_processes if fault.kill_every else 1
+        return [(fault.kill_at_step + n * fault.kill_every, (first + n) % self.num_processes) for n in range(count)]
+
+    def _inject_kill(self, kills: list[tuple[int, int]], step: int, log: MetricsLog) -> None:
+        if not kills or step < kills[0][0]:
+            return
+        if any(self.restarts[p] and not self._recovered(p) for p in range(self.num_processes)):
+            return  # one failure at a time: the last one killed is not back yet
+        _, process = kills.pop(0)
+        self.kill_server(process)
+        replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
+        log.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica, "step": step,
+                   "wall": time.time()})
 
     def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
                   attempts: int = 1) -> dict[str, Any] | None:

@@ -25,13 +25,15 @@ def load_config(path: str, overrides: list[str]) -> PSRunConfig:
     return from_dict(PSRunConfig, apply_overrides(load_toml(path), overrides))
 
 
-def server_config(config: PSRunConfig, index: int, workers: int, bind: str, state_dir: Path, fresh: bool):
+def server_config(config: PSRunConfig, index: int, workers: int, bind: str, state_dir: Path, fresh: bool,
+                  replica: int = 0, partner: str = ""):
     from plait.ps.server import ServerConfig
 
     return ServerConfig(index=index, endpoint=bind, num_workers=workers, consistency=config.sync.consistency,
                         optimizer=config.optimizer, checkpoint_every=config.sync.checkpoint_every,
                         worker_timeout_s=config.sync.worker_timeout_s, state_dir=str(state_dir), resume=not fresh,
-                        curve_keys=config.sync.curve_keys)
+                        curve_keys=config.sync.curve_keys, replication=config.sync.replication, replica=replica,
+                        partner=partner, failover_s=config.sync.failover_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,9 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--bind", default=None, help="endpoint to bind (default tcp://<sync.host>:0, a free port)")
     server.add_argument("--state-dir", default=None, help="checkpoint and log directory (default runs/<name>/servers)")
     server.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    server.add_argument("--replica", type=int, default=0,
+                        help="sync.replication = 2: 0 or 1, which of the range's two processes this is")
+    server.add_argument("--partner", default="",
+                        help="sync.replication = 2: the other replica's endpoint (default: read from its endpoint "
+                             "file in --state-dir)")
     worker = roles.choices["worker"]
     worker.add_argument("--rank", type=int, required=True, help="this worker's rank, 0..workers-1")
     worker.add_argument("--servers", required=True, help="comma-separated server endpoints, in index order")
+    worker.add_argument("--backups", default="",
+                        help="sync.replication = 2: the replica-1 endpoints, comma-separated, in index order")
     worker.add_argument("--run-dir", default=None, help="where the worker's metrics go (default runs/<name>)")
     worker.add_argument("--wait-start", action="store_true",
                         help="after init, write <run-dir>/ready-<rank> and wait for <run-dir>/start (local launcher)")
@@ -76,21 +85,28 @@ def main(argv: list[str] | None = None) -> None:
 
         if not 0 <= args.index < config.sync.servers:
             raise SystemExit(f"--index {args.index} outside 0..{config.sync.servers - 1} (sync.servers)")
+        if not 0 <= args.replica < config.sync.replication:
+            raise SystemExit(f"--replica {args.replica} outside 0..{config.sync.replication - 1} (sync.replication)")
         state_dir = Path(args.state_dir) if args.state_dir else run_dir / "servers"
         state_dir.mkdir(parents=True, exist_ok=True)
         bind = args.bind or f"tcp://{config.sync.host}:0"
-        run_server(server_config(config, args.index, args.workers, bind, state_dir, args.fresh))
+        run_server(server_config(config, args.index, args.workers, bind, state_dir, args.fresh, args.replica,
+                                 args.partner))
     else:
         from plait.ps.trainer import run_worker
 
         endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
         if len(endpoints) != config.sync.servers:
             raise SystemExit(f"--servers lists {len(endpoints)} endpoints, sync.servers = {config.sync.servers}")
+        backups = [e.strip() for e in args.backups.split(",") if e.strip()]
+        if len(backups) != (config.sync.servers if config.sync.replication > 1 else 0):
+            raise SystemExit(f"--backups lists {len(backups)} endpoints; sync.replication = "
+                             f"{config.sync.replication} needs one per server with replication 2, none with 1")
         if not 0 <= args.rank < args.workers:
             raise SystemExit(f"--rank {args.rank} outside 0..{args.workers - 1}")
         out = Path(args.run_dir) if args.run_dir else run_dir
         out.mkdir(parents=True, exist_ok=True)
-        run_worker(config, args.rank, args.workers, endpoints, out, start_barrier=args.wait_start)
+        run_worker(config, args.rank, args.workers, endpoints, out, start_barrier=args.wait_start, backups=backups)
         # The work is done and its logs are closed: skip the interpreter's teardown of torch (seconds on a busy
         # machine), so the launcher sees the worker finish when it did.
         sys.stdout.flush()

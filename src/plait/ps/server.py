@@ -16,11 +16,16 @@ State machine per request:
 Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically; a
 restarted server resumes from it and workers simply resend what was not acknowledged (see kvstore.py). A message
 that is not a request is logged and dropped; a request that contradicts itself gets an ERROR; the loop goes on.
+
+With `sync.replication = 2` two processes hold the range, a primary and its backup (replication.py): the primary
+streams every change of its state to the backup, which replays it through the same methods (`_store_piece`,
+`_record_push`, `_apply_sum`), and holds each reply to a worker until the backup has what it acknowledges.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -29,14 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from plait.experiment.metrics import MetricsLog
-from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
+from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards, snapshot_bytes
 from plait.ps.consistency import NO_LIVE_WORKER, ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.security import CurveKeys
-from plait.ps.transport import ServerTransport
+from plait.ps.replication import Change, Replica, Role
+from plait.ps.transport import PARTNER, ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
 
 MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
+WORKER_OPS = (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL)  # what only the primary of a replicated range serves
 
 Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
 
@@ -57,25 +64,50 @@ class ServerConfig:
     state_dir: str = "."               # checkpoint, endpoint file and event log live here
     resume: bool = True                # start from this server's checkpoint when one exists
     curve_keys: str = ""               # CurveZMQ key directory (security.py); "" serves plain TCP
+    replication: int = 1               # 2: this range is held by replica 0 and replica 1 (replication.py)
+    replica: int = 0                   # which of the two this process is
+    partner: str = ""                  # the other replica's endpoint ("": read from its endpoint file in state_dir)
+    failover_s: float = 2.0            # a replica silent this long is taken for dead
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"server {self.index}: num_workers must be >= 1, got {self.num_workers}")
         if self.checkpoint_every < 0 or self.worker_timeout_s <= 0:
             raise ValueError("sync.checkpoint_every must be >= 0 and sync.worker_timeout_s > 0")
+        if self.replication not in (1, 2) or not 0 <= self.replica < self.replication:
+            raise ValueError(f"sync.replication must be 1 or 2 and the replica 0..replication-1, got "
+                             f"{self.replication} and {self.replica}")
+        if self.failover_s <= 0:
+            raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
         Consistency.parse(self.consistency)
 
     @property
+    def name(self) -> str:
+        return server_name(self.index, self.replica)
+
+    @property
     def checkpoint_path(self) -> Path:
-        return Path(self.state_dir) / f"server-{self.index}.npz"
+        return Path(self.state_dir) / f"{self.name}.npz"
 
     @property
     def endpoint_path(self) -> Path:
-        return Path(self.state_dir) / f"server-{self.index}.endpoint"
+        return Path(self.state_dir) / f"{self.name}.endpoint"
 
     @property
     def log_path(self) -> Path:
-        return Path(self.state_dir) / f"server-{self.index}.jsonl"
+        return Path(self.state_dir) / f"{self.name}.jsonl"
+
+    @property
+    def partner_address(self) -> str:
+        """The partner replica's endpoint, or the file the local launcher's partner writes it to."""
+        if self.partner:
+            return self.partner
+        return str(Path(self.state_dir) / f"{server_name(self.index, 1 - self.replica)}.endpoint")
+
+
+def server_name(index: int, replica: int = 0) -> str:
+    """server-<i> for replica 0 (every unreplicated server), server-<i>-r1 for its backup replica."""
+    return f"server-{index}" if replica == 0 else f"server-{index}-r{replica}"
 
 
 class ParameterServer:
@@ -96,6 +128,9 @@ class ParameterServer:
         self.transport = ServerTransport(curve=CurveKeys.from_setting(config.curve_keys))
         self.log = MetricsLog(config.log_path)
         self.running = True
+        self.signalled: int | None = None                # SIGTERM/SIGINT received (run_server): stop, checkpoint
+        self.replica = Replica(self.transport, config.replica, config.partner_address, config.failover_s,
+                               fresh=not config.resume, now=now) if config.replication > 1 else None
         if config.resume and config.checkpoint_path.exists():
             self._restore(load_shards(config.checkpoint_path))
 
@@ -112,17 +147,20 @@ class ParameterServer:
         self.updates = self.updates_at_checkpoint = snapshot.updates
         self._event("restored", pieces=len(self.shards), updates=self.updates)
 
-    def checkpoint(self) -> None:
-        started = time.perf_counter()
+    def _snapshot(self) -> ServerSnapshot:
         for slot, shard in self.shards.items():
             shard.clocks = list(self.clocks.clocks[slot])
-        save_shards(self.config.checkpoint_path,
-                    ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates))
+        return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums)
+
+    def checkpoint(self) -> None:
+        started = time.perf_counter()
+        save_shards(self.config.checkpoint_path, self._snapshot())
         self.updates_at_checkpoint = self.updates
         self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
 
     def _event(self, event: str, **fields) -> None:
-        self.log.write({"event": event, "server": self.config.index, "time": time.time(), **fields})
+        replica = {"replica": self.config.replica} if self.replica is not None else {}
+        self.log.write({"event": event, "server": self.config.index, **replica, "time": time.time(), **fields})
 
     # -- loop -------------------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -130,7 +168,7 @@ class ParameterServer:
         tmp = self.config.endpoint_path.with_suffix(".tmp")
         tmp.write_text(endpoint)
         tmp.replace(self.config.endpoint_path)  # the launcher reads it only once complete
-        self._event("listening", endpoint=endpoint, consistency=str(self.consistency))
+        self._event("listening", endpoint=endpoint, consistency=str(self.consistency), pid=os.getpid())
         poll_s = min(0.1, self.config.worker_timeout_s / 4)
         try:
             while self.running:
@@ -139,9 +177,17 @@ class ParameterServer:
                 except MalformedMessage as error:  # not a request: nothing to answer, keep serving
                     self._refuse(error.peer, None, str(error))
                     message = None
+                if self.replica is not None:
+                    self.replica.awake(time.monotonic())
                 if message is not None:
                     self.handle_safely(*message)
-                self._drop_silent()
+                if self.replica is None or self.replica.role is Role.PRIMARY:
+                    self._drop_silent()
+                if self.replica is not None and (event := self.replica.tick(time.monotonic())):
+                    self._event(event)
+            if self.signalled is not None:  # stopped by SIGTERM / SIGINT: leave a final checkpoint, as SHUTDOWN
+                self._event("signalled", signal=signal.Signals(self.signalled).name)
+                self.checkpoint()
         finally:
             self._event("stopped", updates=self.updates, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                         refused=self.refused)
@@ -152,6 +198,8 @@ class ParameterServer:
         """`handle` behind a check of the whole request (`_problem`): a request that cannot be served is answered
         with an ERROR naming the key and changes no state (a dropped worker named in it does not even rejoin).
         The try is a last net, so that one request the checks missed cannot end the server."""
+        if self.replica is not None and self._replication(peer, header, payload):
+            return
         problem = self._problem(header, payload)
         if problem is None:
             try:
@@ -224,6 +272,10 @@ class ParameterServer:
             # Under ASP nobody waits on clocks: a stalled worker's late gradients still count, so no jump there.
             clock = self.clocks.catch_up(header.worker) if self.consistency.name != "asp" else None
             self._event("rejoined", worker=header.worker, clock=clock)
+            if clock is not None:
+                for slot, row in self.clocks.clocks.items():
+                    self._replicate(Change.ROW, Header(Op.REPLICATE, key=slot[0], offset=slot[1], numel=len(row)),
+                                    np.asarray(row, dtype=np.int64))
         if header.op == Op.INIT:
             self._init(peer, header, payload)
         elif header.op == Op.PUSH:
@@ -235,7 +287,7 @@ class ParameterServer:
             self._pull(peer, header, ack_if_parked=True)
         elif header.op == Op.BYE:
             self.clocks.finish(header.worker)
-            self.transport.send_msg(peer, header.reply(Op.ACK))
+            self._send(peer, header.reply(Op.ACK))
             self._event("finished", worker=header.worker)
             self._progress()
 
@@ -248,11 +300,16 @@ class ParameterServer:
     def _init(self, peer: bytes, header: Header, payload: memoryview) -> None:
         slot = slot_of(header)
         if slot not in self.shards:  # first writer wins, piece by piece
-            param = payload_array(header, payload).copy()  # owned and writable
-            self.shards[slot] = ShardState(header.offset, param, self.optimizer.init(param), [])
-            self.clocks.add_key(slot)
+            value = payload_array(header, payload)
+            self._store_piece(slot, value)
+            self._replicate(Change.INIT, header, value)
         clock = self.clocks.clocks[slot][header.worker]
-        self.transport.send_msg(peer, header.reply(Op.ACK, extra=clock))
+        self._send(peer, header.reply(Op.ACK, extra=clock))
+
+    def _store_piece(self, slot: Slot, value: np.ndarray) -> None:
+        param = value.copy()  # owned and writable
+        self.shards[slot] = ShardState(slot[1], param, self.optimizer.init(param), [])
+        self.clocks.add_key(slot)
 
     def _overlaps_stored(self, header: Header) -> bool:
         """A new piece overlapping a stored one means the workers' sharding differs (servers, piece size, key size):
@@ -263,37 +320,42 @@ class ParameterServer:
 
     def _push(self, peer: bytes, header: Header, payload: memoryview, ack: bool = True) -> None:
         slot = slot_of(header)
-        shard = self.shards[slot]
         if header.clock > self.clocks.clocks[slot][header.worker]:  # else a resent duplicate: ACK, do not apply
             grad = payload_array(header, payload)
-            if self.consistency.aggregates:
-                pending = self.sums.setdefault(slot, {}).get(header.clock)
-                if pending is None:
-                    self.sums[slot][header.clock] = [grad.copy(), 1]
-                else:
-                    pending[0] += grad
-                    pending[1] += 1
-            else:
-                # Each push is 1/N of a clock's step, so one lr means the same step size under all three models.
-                self._writable(slot)
-                self.optimizer.apply(shard.param, grad, shard.opt_state, 1.0 / self.config.num_workers)
-                self.updates += 1
-            self.clocks.advance(slot, header.worker, header.clock)
+            self._record_push(slot, header.worker, header.clock, grad)
+            self._replicate(Change.PUSH, header, grad)
         if ack:
-            self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+            self._send(peer, header.reply(Op.ACK, numel=0))
         self._progress(slot)
+
+    def _record_push(self, slot: Slot, worker: int, clock: int, grad: np.ndarray) -> None:
+        shard = self.shards[slot]
+        if self.consistency.aggregates:
+            pending = self.sums.setdefault(slot, {}).get(clock)
+            if pending is None:
+                self.sums[slot][clock] = [grad.copy(), 1]
+            else:
+                pending[0] += grad
+                pending[1] += 1
+        else:
+            # Each push is 1/N of a clock's step, so one lr means the same step size under all three models.
+            self._writable(slot)
+            self.optimizer.apply(shard.param, grad, shard.opt_state, 1.0 / self.config.num_workers)
+            self.updates += 1
+        self.clocks.advance(slot, worker, clock)
 
     def _pull(self, peer: bytes, header: Header, ack_if_parked: bool = False) -> None:
         slot = slot_of(header)
         if header.clock > self.clocks.clocks[slot][header.worker]:
             # It stands in for a push lost to a restart: that can complete a BSP clock and release others' pulls.
             self.clocks.advance(slot, header.worker, header.clock)
+            self._replicate(Change.ADVANCE, header)
             self._progress(slot)
         if self.clocks.ready(slot, header.clock, self.consistency):
             self._answer_pull(peer, header)
         else:
             if ack_if_parked and (header.worker, header.req) not in self.pending:  # a resend is ACKed once
-                self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+                self._send(peer, header.reply(Op.ACK, numel=0))
             self.pending[(header.worker, header.req)] = (peer, header)  # a resend replaces its first copy
 
     def _answer_pull(self, peer: bytes, header: Header, observer: bool = False) -> None:
@@ -306,7 +368,7 @@ class ParameterServer:
         reply = header.reply(Op.VALUE, numel=shard.param.size, extra=staleness, clock=self.clocks.slowest(slot))
         # Zero-copy: ZeroMQ reads the live weights while sending; `_writable` copies them first if an update
         # comes before the send is done.
-        tracker = self.transport.send_msg(peer, reply, shard.param, track=True)
+        tracker = self._send(peer, reply, shard.param, track=True)
         if tracker is not None:
             self.in_flight.setdefault(slot, []).append(tracker)
         self.bytes_out += shard.param.nbytes
@@ -327,14 +389,20 @@ class ParameterServer:
         if not sums:
             return
         slowest = self.clocks.slowest(slot)
-        shard = self.shards[slot]
         for clock in sorted(c for c in sums if c <= slowest):
-            total, count = sums.pop(clock)
-            self._writable(slot)
-            self.optimizer.apply(shard.param, total, shard.opt_state, 1.0 / count)
-            self.updates += 1
+            self._apply_sum(slot, clock)
+            self._replicate(Change.COMPLETE, Header(Op.REPLICATE, key=slot[0], offset=slot[1], clock=clock))
+
+    def _apply_sum(self, slot: Slot, clock: int) -> None:
+        total, count = self.sums[slot].pop(clock)
+        shard = self.shards[slot]
+        self._writable(slot)
+        self.optimizer.apply(shard.param, total, shard.opt_state, 1.0 / count)
+        self.updates += 1
 
     def _progress(self, slot: Slot | None = None) -> None:
+        if self.replica is not None and self.replica.role is not Role.PRIMARY:
+            return  # a backup changes only by replaying its primary's stream
         for s in ([slot] if slot is not None else list(self.shards)):
             self._complete_clocks(s)
         for ident, (peer, header) in list(self.pending.items()):
@@ -342,6 +410,9 @@ class ParameterServer:
             if (slot is None or waits_on == slot) and self.clocks.ready(waits_on, header.clock, self.consistency):
                 del self.pending[ident]
                 self._answer_pull(peer, header)
+        self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
         # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
         every = self.config.checkpoint_every * max(1, len(self.shards))
         if every and self.updates - self.updates_at_checkpoint >= every:
@@ -356,8 +427,142 @@ class ParameterServer:
             self._progress()
 
 
+    # -- replication (sync.replication = 2, replication.py) ----------------------------------------------------
+    def _send(self, peer: bytes, header: Header, payload: np.ndarray | None = None, track: bool = False):
+        """Reply to a worker; a primary holds the reply until its backup has every change made before it."""
+        if self.replica is not None and self.replica.reply(peer, header, payload):
+            return None
+        return self.transport.send_msg(peer, header, payload, track=track)
+
+    def _replicate(self, change: Change, header: Header, payload: np.ndarray | None = None) -> None:
+        if self.replica is not None:
+            self.replica.send_change(change, time.monotonic(), payload, worker=header.worker, key=header.key,
+                                     clock=header.clock, offset=header.offset, numel=header.numel,
+                                     dtype=header.dtype)
+
+    def _replication(self, peer: bytes, header: Header, payload: memoryview | None) -> bool:
+        """Serve the replication protocol's messages and keep workers off a replica that is not the primary;
+        True when the message was handled here."""
+        replica, now = self.replica, time.monotonic()
+        if peer == PARTNER:  # the backup's answer on this primary's stream
+            if header.op == Op.ACK:
+                replica.on_ack(header.req, now)
+            elif header.op == Op.NOT_PRIMARY and replica.role is Role.PRIMARY:
+                self._demote("the partner has taken over")
+            return True
+        if header.op == Op.REPLICATE:
+            try:
+                self._replay(peer, header, payload, now)
+            except (ValueError, KeyError, struct.error) as error:  # a change this state cannot take: resync
+                self._refuse(peer, header, f"replication: {error!r}")
+                if replica.role is Role.BACKUP:
+                    replica.demote()
+            return True
+        if header.op == Op.HELLO:
+            self._on_hello(now)
+            return True
+        if header.op in WORKER_OPS and replica.role is not Role.PRIMARY:
+            if replica.role is Role.BACKUP and replica.primary_silent(now):
+                self._promote(now, "primary silent")
+                return False
+            self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
+            return True
+        return False
+
+    def _demote(self, reason: str) -> None:
+        """Another primary holds the range: drop what waits on this one (the workers resend) and catch up from it."""
+        self.replica.demote()
+        self.pending.clear()
+        self._event("demoted", reason=reason)
+
+    def _promote(self, now: float, reason: str) -> None:
+        self.replica.promote()
+        # Workers spoke to the primary, not here: their silence so far says nothing.
+        self.clocks.last_seen = [max(seen, now) for seen in self.clocks.last_seen]
+        self._event("promoted", reason=reason)
+        self._progress()  # clocks the old primary completed but had not yet streamed
+
+    def _on_hello(self, now: float) -> None:
+        """The partner (re)started and asks to be this replica's backup."""
+        replica = self.replica
+        if replica.role is Role.JOINING and replica.replica != 0:
+            return  # both are joining (the whole job restarted): replica 0 serves, its snapshot comes to us
+        if replica.role is Role.BACKUP:
+            self._promote(now, "primary restarted")  # it lost its state; ours holds every acknowledged update
+        elif replica.role is Role.JOINING:
+            replica.role = Role.PRIMARY
+            self._event("serving", reason="both replicas restarted", updates=self.updates)
+        if replica.connect():
+            replica.start_stream(snapshot_bytes(self._snapshot()), now)
+            self._event("streaming", updates=self.updates)
+
+    def _replay(self, peer: bytes, header: Header, payload: memoryview | None, now: float) -> None:
+        """Backup: apply one change of the primary's stream, in order, and acknowledge it."""
+        replica = self.replica
+        if replica.role is Role.PRIMARY:  # two primaries: one was paused and the other took over
+            # The one serving alone (a heartbeat outside the stream, req 0) may have acknowledged updates that only
+            # it holds: it stays, unless both serve alone (then replica 0 stays). The other one catches up from it.
+            if header.req == 0 and (replica.in_sync or replica.replica == 1):
+                self._demote("the partner serves alone")
+            else:
+                self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
+            return
+        change = Change(header.extra)
+        if header.req == 0:  # a primary serving alone (replication.Replica.tick): it lives, and we missed changes
+            replica.last_heard = now
+            if replica.role is Role.BACKUP:
+                replica.demote()
+                self._event("rejoining", reason="the primary serves without this backup")
+            return
+        if change == Change.SNAPSHOT:
+            self._adopt(load_shards(bytes(payload)))
+            replica.role = Role.BACKUP
+            self._event("synced", updates=self.updates)
+        elif replica.role is Role.JOINING:
+            return  # what an earlier stream left queued; the snapshot comes first
+        elif header.req != replica.seq + 1:  # a gap: the stream restarted without us; ask again
+            replica.demote()
+            self._event("stream_gap", expected=replica.seq + 1, got=header.req)
+            return
+        else:
+            slot = slot_of(header)
+            if change == Change.INIT and slot not in self.shards:
+                self._store_piece(slot, payload_array(header, payload))
+            elif change == Change.PUSH and header.clock > self.clocks.clocks[slot][header.worker]:
+                self._record_push(slot, header.worker, header.clock, payload_array(header, payload))
+            elif change == Change.COMPLETE:
+                self._apply_sum(slot, header.clock)
+            elif change == Change.ADVANCE:
+                self.clocks.advance(slot, header.worker, header.clock)
+            elif change == Change.ROW:
+                self.clocks.clocks[slot] = np.frombuffer(payload, np.int64).tolist()
+            self._checkpoint_if_due()
+        replica.seq, replica.last_heard = header.req, now
+        self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+
+    def _adopt(self, snapshot: ServerSnapshot) -> None:
+        """Take the primary's whole state (a backup catching up)."""
+        self.shards, self.sums = snapshot.shards, snapshot.sums
+        self.clocks.clocks = {}
+        for slot, shard in self.shards.items():
+            self.clocks.add_key(slot, shard.clocks)
+        for worker in snapshot.finished:
+            self.clocks.finish(worker)
+        self.updates = self.updates_at_checkpoint = snapshot.updates
+        self.pending.clear()
+        self.in_flight.clear()
+
+
 def run_server(config: ServerConfig) -> None:
     # The loop is single-threaded by design; a multi-threaded BLAS axpy (optim.py) would fight ZeroMQ's I/O thread
     # for the cores. Read once, when the server's first update loads BLAS.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    ParameterServer(config).serve()
+    server = ParameterServer(config)
+
+    def stop(signum: int, _frame) -> None:
+        # Only flags: the request being handled completes, the loop ends within one poll (0.1 s at most).
+        server.signalled, server.running = signum, False
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    server.serve()

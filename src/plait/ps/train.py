@@ -10,6 +10,7 @@ For servers and workers on different hosts, see `python -m plait.ps.node --help`
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 
@@ -58,3 +59,6 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     if summary.time_to_target_s is not None:
         console.print(f"target loss {config.train.target_loss} reached after {summary.time_to_target_s:.2f} s")
     console.print(f"run directory: {summary.run_dir}")
+    if summary.stopped_by is not None:
+        console.print(f"stopped by {summary.stopped_by}: the servers wrote final checkpoints; continue with --resume")
+        raise SystemExit(128 + signal.Signals[summary.stopped_by].value)

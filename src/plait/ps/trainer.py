@@ -77,7 +77,7 @@ def wait_for_start(run_dir: Path, rank: int, timeout_s: float) -> None:
 
 
 def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list[str], run_dir: Path,
-               start_barrier: bool = False) -> None:
+               start_barrier: bool = False, backups: list[str] | None = None) -> None:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     restarted = int(os.environ.get(RESTART_ENV, "0")) > 0
@@ -85,7 +85,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     model, weights, spec = build_flat_model(config)
     sync = config.sync
     kv = KVStore(endpoints, rank, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s, piece_numel=sync.piece_numel,
-                 curve_keys=sync.curve_keys)
+                 curve_keys=sync.curve_keys, backups=backups)
     kv.init(PARAMS_KEY, weights)
     first = kv.clock(PARAMS_KEY) + 1  # > 0 when the servers resumed from checkpoints
     kv.wait(kv.pull(PARAMS_KEY, weights))

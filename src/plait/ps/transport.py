@@ -21,6 +21,10 @@ from plait.ps.wire import Header, MalformedMessage
 # Below this size ZeroMQ copies anyway and a tracker costs more than the copy.
 TRACK_MIN_BYTES = 1 << 16
 
+# `ServerTransport.recv_msg`'s peer for a message that came over the link to the partner replica (a ROUTER
+# identity is never empty, so it cannot be a worker's).
+PARTNER = b""
+
 
 def _payload_frames(header: Header, payload: np.ndarray | None) -> list:
     frames: list = [header.pack()]
@@ -42,6 +46,10 @@ class ServerTransport:
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply: queues are bounded by the workers
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._auth = None
+        self._curve = curve
+        self._link: zmq.Socket | None = None   # DEALER to the partner replica (sync.replication = 2)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
         if curve is not None:
             try:
                 self._auth = curve.secure_server(self._socket, self._context)
@@ -61,11 +69,41 @@ class ServerTransport:
         return self._socket.send_multipart(frames, copy=False, track=track) if track else \
             self._socket.send_multipart(frames, copy=False)
 
+    def connect_partner(self, endpoint: str) -> None:
+        """Open the link to the partner replica: this server's replication stream and HELLOs go out on it, the
+        partner's ACKs come back on it (and are read by `recv_msg` with peer PARTNER)."""
+        link = self._context.socket(zmq.DEALER)
+        for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.RECONNECT_IVL, 50),
+                              (zmq.RECONNECT_IVL_MAX, 500)):
+            link.setsockopt(option, value)
+        if self._curve is not None:
+            self._curve.secure_client(link)
+        link.connect(endpoint)
+        self._link = link
+        self._poller.register(link, zmq.POLLIN)
+
+    def send_partner(self, header: Header, payload: np.ndarray | bytes | None = None) -> bool:
+        """Queue a message to the partner replica; False when it cannot be queued now (no connection yet)."""
+        frames: list = [header.pack()] if payload is None else [header.pack(), payload]
+        try:
+            self._link.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
     def recv_msg(self, timeout_s: float) -> tuple[bytes, Header, memoryview | None] | None:
         """The next request, or None after `timeout_s`; raises MalformedMessage (naming the sender) for one that
-        is not a request at all. ROUTER always prepends the sender's identity frame."""
-        if not self._socket.poll(int(timeout_s * 1000)):
+        is not a request at all. ROUTER always prepends the sender's identity frame; a message from the link to the
+        partner replica comes with peer PARTNER."""
+        ready = dict(self._poller.poll(int(timeout_s * 1000)))
+        if not ready:
             return None
+        if self._link is not None and self._link in ready:
+            frames = self._link.recv_multipart(copy=False)
+            try:
+                return PARTNER, Header.unpack(frames[0].buffer), frames[1].buffer if len(frames) > 1 else None
+            except ValueError as error:
+                raise MalformedMessage(PARTNER, str(error)) from None
         frames = self._socket.recv_multipart(copy=False)
         peer = frames[0].bytes
         if len(frames) < 2:
@@ -77,6 +115,8 @@ class ServerTransport:
         return peer, header, frames[2].buffer if len(frames) > 2 else None
 
     def close(self) -> None:
+        if self._link is not None:
+            self._link.close(linger=0)
         self._socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()

@@ -24,9 +24,13 @@ class Op(enum.IntEnum):
     SHUTDOWN = 5   # launcher → server: write a final checkpoint and exit
     PUSHPULL = 6   # worker → server: PUSH then PULL of one piece in one message, answered by the VALUE alone (or
                    # an ACK first when the pull has to wait: the worker then resends only the pull)
+    REPLICATE = 7  # primary → backup (sync.replication = 2): one change of the shard, `req` its sequence number,
+                   # `extra` its kind (replication.Change); answered by an ACK with the same `req`
+    HELLO = 8      # server → its partner replica: "I (re)started; make me your backup" (answered by a SNAPSHOT)
     ACK = 16       # server → worker: INIT / PUSH / BYE done (`extra` = the worker's clock on that key for INIT)
     VALUE = 17     # server → worker: a PULL's answer (`extra` = staleness seen, `clock` = slowest live clock)
     ERROR = 18     # server → worker: a request failed; the payload is a UTF-8 message
+    NOT_PRIMARY = 19  # server → worker: this replica does not serve the range now; ask its partner
 
 
 class MalformedMessage(ValueError):

@@ -8,6 +8,7 @@ micro-batches with point-to-point activations and gradients, replicate the pipel
     groups.py     r × p layout and the per-stage replica groups (gradient all-reduce)
     inference.py  forward-only pipelined inference
     memory.py     bytes of activations held per stage
+    checkpoints.py  each rank's stage checkpoints in its own run directory; resuming a restarted group
 """
 
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups

@@ -1,0 +1,105 @@
+"""A pipeline rank killed under `torchrun --max-restarts 1`: the restarted group resumes from the last checkpoint by
+itself (no FileExistsError, no --resume) and ends bit-identical to an uninterrupted run, every step logged once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
+from plait.experiment.metrics import read_metrics
+from plait.experiment.rundir import RunDir
+from plait.parallel import pipeline_train
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
+
+STEPS = 300
+CONFIG = """
+[run]
+name = "{name}"
+root = "{root}"
+seed = 3
+[model]
+name = "mlp"
+depth = 4
+hidden = 64
+[data]
+batch_size = 32
+[train]
+steps = {steps}
+lr = 0.05
+log_every = 1
+eval_every = 0
+checkpoint_every = 20
+[parallel]
+mode = "pipeline"
+stages = 2
+micro_batches = 4
+schedule = "1f1b"
+"""
+
+
+def _config(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, root=(tmp / "runs").as_posix(), steps=STEPS))
+    return path
+
+
+def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path):
+    pipeline_train.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
+    run_dir = tmp_path / "runs" / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", "plait.parallel.pipeline_train", str(_config(tmp_path, "killed"))]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 120
+        while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
+            records = read_metrics(run_dir / "metrics.jsonl")
+            if records and records[-1]["step"] >= 50 and (run_dir / "checkpoint.pt").exists():
+                os.kill(int((run_dir / "ranks" / "rank1.pid").read_text()), signal.SIGKILL)  # the last stage
+                killed_at = records[-1]["step"]
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert killed_at is not None and killed_at < STEPS, f"the run ended before the kill:\n{output[-3000:]}"
+    assert proc.returncode == 0, output[-3000:]
+    assert "already holds a run" not in output
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step lost, none logged twice
+    assert int(load_checkpoint(run_dir / "checkpoint.pt")["step"]) == STEPS
+    straight = tmp_path / "runs" / "straight"
+    for stage in (0, 1):  # the resumed group redid the steps after its checkpoint exactly
+        a = load_checkpoint(straight / f"stage{stage}.step{STEPS}.pt")["model"]
+        b = load_checkpoint(run_dir / f"stage{stage}.step{STEPS}.pt")["model"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def _moved_ranks(rank: int, world_size: int, root: str) -> tuple[int, list[int], bytes]:
+    """Rank r runs stage r in its own directory node<r>, which holds the other stage's files (torchrun put the
+    ranks on each other's node); node1 has no checkpoint.pt at all, and node0's says step 4."""
+    run = RunDir(Path(root) / f"node{rank}")
+    step = agreed_step(run, boundaries=[2], num_stages=2)
+    received = fetch_missing_stage_files(run, stage_index=rank, step=step, num_stages=2)
+    return step, received, stage_file(run, rank, step).read_bytes()
+
+
+def test_a_rank_on_another_node_receives_its_stage_files_from_the_rank_that_holds_them(tmp_path):
+    for node, other_stage in ((0, 1), (1, 0)):
+        (tmp_path / f"node{node}").mkdir()
+        stage_file(RunDir(tmp_path / f"node{node}"), other_stage, 4).write_bytes(f"stage {other_stage}".encode())
+    save_checkpoint(tmp_path / "node0" / "checkpoint.pt",
+                    {"step": 4, "stages": 2, "boundaries": torch.tensor([2], dtype=torch.int64)})
+    results = spawn_ranks(_moved_ranks, 2, str(tmp_path), timeout_s=120)
+    assert results == [(4, [0, 1], b"stage 0"), (4, [0, 1], b"stage 1")]

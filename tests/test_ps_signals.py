@@ -1,0 +1,108 @@
+"""A parameter-server run stopped by a signal: a server (`python -m plait.ps.node server`) and the launcher
+(`plait train`) end cleanly on SIGTERM or SIGINT and leave final checkpoints that `--resume` continues from."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plait.experiment.metrics import read_metrics
+from plait.ps.checkpoint import load_shards
+from plait.ps.kvstore import KVStore
+from plait.ps.train import load_run_config, run_ps
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.05)
+
+
+def write_config(path: Path, root: Path, name: str, sync: str, steps: int) -> Path:
+    path.write_text(f"""
+[run]
+name = "{name}"
+root = "{root}"
+[data]
+test_examples = 200
+[train]
+steps = {steps}
+batch_size = 16
+eval_every_s = 0.2
+[sync]
+kind = "ps"
+checkpoint_every = 0   # only at the end: what the run leaves is the final checkpoint
+{sync}
+[straggler]
+step_s = 0.02
+""")
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_server_node_stopped_by_a_signal_writes_its_final_checkpoint(tmp_path, signum):
+    config = write_config(tmp_path / "cfg.toml", tmp_path, "node", "", steps=10)
+    state = tmp_path / "state"
+    server = subprocess.Popen([sys.executable, "-m", "plait.ps.node", "server", "--config", str(config),
+                               "--index", "0", "--workers", "1", "--state-dir", str(state), "--fresh"])
+    try:
+        wait_for((state / "server-0.endpoint").exists, 60, "endpoint")
+        kv = KVStore([(state / "server-0.endpoint").read_text()], 0, timeout_s=30)
+        weights = np.zeros(10, dtype=np.float32)
+        kv.init(0, weights)
+        for _ in range(3):  # SGD, lr 0.1: each clock adds 0.1
+            kv.pushpull(0, -np.ones(10, dtype=np.float32), weights).wait()
+        kv.close(goodbye=False)
+        server.send_signal(signum)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    snapshot = load_shards(state / "server-0.npz")
+    np.testing.assert_allclose(snapshot.shards[0, 0].param, np.full(10, 0.3, np.float32), rtol=1e-6)
+    assert snapshot.shards[0, 0].clocks == [2]
+    events = [e["event"] for e in read_metrics(state / "server-0.jsonl")]
+    assert events[-3:] == ["signalled", "checkpoint", "stopped"]
+
+
+@pytest.mark.parametrize("signum,replication", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
+def test_plait_train_stopped_by_a_signal_leaves_final_checkpoints_and_resumes(tmp_path, signum, replication):
+    """The launcher stops the workers, every server writes a final checkpoint (checkpoint_every = 0: the only
+    one), the process exits with 128 + the signal; `--resume` then finishes the run from those checkpoints."""
+    sync = f'servers = 2\nreplication = {replication}\nfailover_s = 0.5'
+    config_path = write_config(tmp_path / "cfg.toml", tmp_path, "sig", sync, steps=100_000)
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                 "from plait.ps.train import main; main(Path(sys.argv[1]), 2, False, [], None)",
+                                 str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "sig"
+    try:
+        wait_for(lambda: any(r.get("step", 0) >= 5 for r in read_metrics(run_dir / "metrics.jsonl")), 120,
+                 "training")
+        launcher.send_signal(signum)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 128 + signum, output.decode(errors="replace")[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["stopped_by"] == signal.Signals(signum).name
+    names = [f"server-{i}" for i in range(2)] + ([f"server-{i}-r1" for i in range(2)] if replication > 1 else [])
+    reached = []
+    for name in names:
+        events = [e["event"] for e in read_metrics(run_dir / "servers" / f"{name}.jsonl")]
+        assert events[-2:] == ["checkpoint", "stopped"] and events.count("checkpoint") == 1
+        snapshot = load_shards(run_dir / "servers" / f"{name}.npz")
+        reached.append(min(min(shard.clocks) for shard in snapshot.shards.values()))
+    assert min(reached) >= 4
+    config = load_run_config(config_path, [])
+    config.train.steps = max(reached) + 4
+    summary = run_ps(config, num_workers=2, resume=True, timeout_s=240, show_progress=False)
+    assert summary.stopped_by is None and summary.final["step"] == config.train.steps
+    for rank in range(2):
+        steps = [r["step"] for r in read_metrics(run_dir / f"worker-{rank}.jsonl")]
+        assert steps[-1] == config.train.steps - 1
