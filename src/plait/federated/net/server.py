@@ -28,10 +28,11 @@ from plait.federated.client_update import Update
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import Verifier, read_key
 from plait.federated.net.config import NetworkRunConfig
+from plait.federated.net.limits import RefusalLog, StreamSlots, bounded_data
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
-from plait.federated.net.status import DashboardFeed, StatusBoard
+from plait.federated.net.status import DashboardFeed, StatusBoard, rss_mib
 from plait.federated.net.update_checks import decompress, is_compressed
 from plait.federated.net.wire import (
     REASONS,
@@ -42,7 +43,6 @@ from plait.federated.net.wire import (
     WireError,
     check_header,
     check_parts,
-    chunk_data,
     chunk_parser,
     data_chunks,
     plan_message,
@@ -57,19 +57,7 @@ log = logging.getLogger("plait.fl.server")
 
 _CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
           "replay": grpc.StatusCode.UNAUTHENTICATED, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
-LOGGED_PER_REASON = 10  # refusals logged one by one per reason; after that a count every LOG_EVERY_S
-LOG_EVERY_S = 10.0
 
-
-def _rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class NetServer:
@@ -87,8 +75,8 @@ class NetServer:
         self.round: RoundState | None = None
         self.done = False
         self.rejected: Counter[str] = Counter()        # since this process started
-        self._logged_at: dict[str, float] = {}         # when each reason's refusals were last logged
-        self.streams: Counter[int] = Counter()         # update streams open, per client
+        self.refusal_log = RefusalLog(log)
+        self.streams = StreamSlots(net.max_streams_per_client, net.max_streams)
         self.round_rejected: Counter[str] = Counter()  # in the current round
         self.history: list[dict[str, Any]] = []
         self.board = StatusBoard()
@@ -114,29 +102,15 @@ class NetServer:
         })
 
     async def _refuse(self, context, err: WireError, who: str, cid: int | None = None) -> None:
-        """Answer this client with a clear error, count it (for `cid` too: a client with a live session), and keep
-        serving everyone else."""
+        """Answer with a clear error, count it (for `cid` too, if it has a session); others are served on."""
         self.rejected[err.reason] += 1
         self.round_rejected[err.reason] += 1
         if cid is not None and cid in self.clients:
             info = self.clients[cid]
             info.refusals[err.reason] = info.refusals.get(err.reason, 0) + 1
             info.last_refusal = f"{err.reason}: {err}"
-        self._log_refusal(who, err)
+        self.refusal_log.write(who, err, self.rejected[err.reason])
         await context.abort(_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), f"{err.reason}: {err}")
-
-    def _log_refusal(self, who: str, err: WireError) -> None:
-        """The first refusals of each reason one by one, then a count per reason every LOG_EVERY_S: a flood of bad
-        requests must not become a flood of log lines."""
-        count = self.rejected[err.reason]
-        if count <= LOGGED_PER_REASON:
-            log.warning("refused %s: %s (%s)%s", who, err, err.reason,
-                        "; further refusals of this kind are counted" if count == LOGGED_PER_REASON else "")
-            return
-        now = time.monotonic()
-        if now - self._logged_at.get(err.reason, 0.0) >= LOG_EVERY_S:
-            self._logged_at[err.reason] = now
-            log.warning("refused %d requests so far for %s; latest: %s: %s", count, err.reason, who, err)
 
     async def _authenticate(self, context, method: str, request) -> int:
         if isinstance(request, Malformed):
@@ -257,31 +231,10 @@ class NetServer:
             await self._refuse(context, WireError("malformed", f"{rpc}: {error}"), "a peer")
         cid = await self._authenticate(context, rpc, first.header)
         await self._session(context, cid, first.header.session)
-        net = self.config.net
-        if self.streams[cid] >= net.max_streams_per_client or sum(self.streams.values()) >= net.max_streams:
-            await self._refuse(context, WireError("busy", f"{rpc}: too many update streams open (client {cid}: "
-                                                          f"{self.streams[cid]}, all: {sum(self.streams.values())})"),
-                               f"client {cid}", cid)
-        self.streams[cid] += 1  # released by the caller when the stream ends, however it ends
-        return stream, first.header, cid
-
-    def _release(self, cid: int) -> None:
-        self.streams[cid] -= 1
-        if not self.streams[cid]:
-            del self.streams[cid]
-
-    @staticmethod
-    async def _data(stream, max_bytes: int, what: str):
-        """The data chunks of a stream: an empty chunk, or more chunks than `max_bytes` needs (at 1 KiB each, plus
-        slack), is refused, so a peer cannot keep a buffer open with a trickle of nothing."""
-        limit, count = 64 + max_bytes // 1024, 0
-        async for chunk in stream:
-            data = chunk_data(chunk, what)
-            count += 1
-            if not len(data) or count > limit:
-                raise WireError("malformed", f"{what}: {'an empty chunk' if not len(data) else f'over {limit} chunks'}"
-                                             f" for {max_bytes} bytes")
-            yield data
+        busy = self.streams.refusal(cid, rpc)
+        if busy is not None:
+            await self._refuse(context, busy, f"client {cid}", cid)
+        return stream, first.header, cid  # the caller releases the stream's slot when it ends, however it ends
 
     async def push_update(self, request_iterator, context):
         stream, h, cid = await self._open_stream(request_iterator, context, "PushUpdate", "an UpdateHeader")
@@ -290,7 +243,7 @@ class NetServer:
                 return await self._push_evaluation(stream, h, cid, context)
             return await self._receive_update(stream, h, cid, context)
         finally:
-            self._release(cid)
+            self.streams.release(cid)
 
     async def _receive_update(self, stream, h, cid: int, context):
         what = f"update from client {cid} for round {h.round}"
@@ -313,7 +266,7 @@ class NetServer:
             total = check_parts(h.parts, self.numel * 8 + 64, what) if compressed else 0
             assembler = TensorAssembler(pb.TensorHeader(dtype="uint8", shape=[total], num_bytes=total)
                                         if compressed else h.tensor, what)
-            async for data in self._data(stream, len(assembler.buffer), what):
+            async for data in bounded_data(stream, len(assembler.buffer), what):
                 assembler.add(data)
             delta = decompress(self.program, cid, h, assembler, self.numel, what) if compressed else assembler.tensor()
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
@@ -358,7 +311,7 @@ class NetServer:
         try:
             return await self._receive_secagg(stream, h, cid, context)
         finally:
-            self._release(cid)
+            self.streams.release(cid)
 
     async def _receive_secagg(self, stream, h, cid: int, context):
         what = f"secure-aggregation message from client {cid} for round {h.round}"
@@ -371,7 +324,7 @@ class NetServer:
             if not math.isfinite(h.train_loss) or h.num_examples < 0:
                 raise WireError("malformed", f"{what}: train_loss {h.train_loss}, num_examples {h.num_examples}")
             payload = bytearray()
-            async for data in self._data(stream, h.num_bytes, what):
+            async for data in bounded_data(stream, h.num_bytes, what):
                 payload += data
                 if len(payload) > h.num_bytes:
                     raise WireError("oversized", f"{what}: more than the {h.num_bytes} bytes its header declared")
@@ -439,7 +392,7 @@ class NetServer:
                 "rounds": self.config.fl.rounds, "connected": len(self.alive()), "registered": len(self.clients),
                 "current": current, "history": list(self.history),
                 "rejected": {reason: self.rejected.get(reason, 0) for reason in REASONS},
-                "rss_mib": _rss_mib(), "port": self.port, "time": time.time(), **self.feed.fields(self)}
+                "rss_mib": rss_mib(), "port": self.port, "time": time.time(), **self.feed.fields(self)}
 
     async def publish_forever(self) -> None:
         while True:

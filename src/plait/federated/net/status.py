@@ -33,6 +33,17 @@ SERIES_KEYS = ("round", "elapsed_s", "test_accuracy", "test_loss", "train_loss",
 MAX_CLIENT_ROWS = 500  # the table lists this many clients (those with refusals first); the counts cover them all
 
 
+def rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StatusBoard:
     def __init__(self) -> None:
         self._snapshot: dict[str, Any] = {}
