@@ -54,6 +54,8 @@ class FLConfig:
     over_selection: float = 0.0        # select (1 + this) × target clients, keep the first target to report
     eligibility: dict[str, bool] = field(default_factory=dict)  # e.g. {charging = true, unmetered = true}
     eval_every: int = 1                # centralised test-set evaluation every k rounds (0: only at the end)
+    target_accuracy: float = 0.0       # stop once the test accuracy reaches this (0: run every round)
+    lr_decay: float = 1.0              # clients' learning rate in round r: plan.lr · lr_decay^(r-1)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
     executor: Literal["sequential", "process_pool", "distributed"] = "sequential"  # how simulated clients run
     # (distributed: over torch.distributed ranks, under torchrun; see backends/distributed.py)
@@ -82,6 +84,12 @@ class FLConfig:
             raise ValueError(f"fl.fraction must be in (0, 1], got {self.fraction}")
         if self.min_clients < 1:
             raise ValueError(f"fl.min_clients must be >= 1, got {self.min_clients}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"fl.target_accuracy must be in [0, 1] (0: off), got {self.target_accuracy}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"fl.lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.target_accuracy and not self.eval_every:
+            raise ValueError("fl.target_accuracy needs fl.eval_every > 0 (the test accuracy it watches)")
         if self.eval_every < 0 or self.federated_eval_every < 0:
             raise ValueError("fl.eval_every and fl.federated_eval_every must be >= 0")
         unknown = set(self.eligibility) - {"charging", "idle", "unmetered"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -146,6 +146,8 @@ class RoundLoop:
         self.privacy.record_epsilon(state.opt_state, record)
         state = ServerState(round_idx, state.params, state.opt_state)
         record.update(self._evaluate(state.params, round_idx, candidates, final=bool(record.get("stop"))))
+        if cfg.target_accuracy and record.get("accuracy", 0.0) >= cfg.target_accuracy:
+            record["target_reached"] = record["stop"] = True  # the round count is the figure: rounds to target
         for key in ("loss", "fed_loss"):
             if key in record and not math.isfinite(record[key]):
                 self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}")
@@ -162,7 +164,9 @@ class RoundLoop:
     def _train_and_aggregate(self, state: ServerState, selected: list[int], target: int, record: dict[str, Any],
                              sample_rate: float) -> ServerState:
         cfg, round_idx = self.config, state.round + 1
-        plans = {cid: cfg.plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selected}
+        plan = cfg.plan if cfg.lr_decay == 1 else replace(cfg.plan, lr=cfg.plan.lr * cfg.lr_decay ** (round_idx - 1))
+        record["lr"] = plan.lr
+        plans = {cid: plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selected}
         aggregator = released = None
         if not (cfg.strategy.name == "secagg" and self.backend.aggregates_secagg):
             inner = make_aggregator(cfg.strategy, state.params.numel(), seed=self.seed, round_idx=round_idx)

@@ -18,7 +18,7 @@ import torch
 # Purposes, one per stream: every stream of a run is [seed, purpose, ...], and each purpose is used with one number
 # of ids only (SeedSequence pads with zeros: [s, p] and [s, p, 0] would be the same stream).
 CLIENT_PLAN, PIPELINE_STAGE, SELECTION, NODE_EVAL_SAMPLE, DEVICE_SPEEDS, DEVICE_STATES = 1, 2, 3, 5, 7, 11
-TOPOLOGY, BACKOFF_JITTER, ATTACKERS = 17, 23, 29
+TOPOLOGY, BACKOFF_JITTER, ATTACKERS, LOCAL_BASELINE, CENTRAL_BASELINE = 17, 23, 29, 31, 37
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

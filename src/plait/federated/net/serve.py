@@ -104,7 +104,10 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
     def on_record(state: ServerState, record: dict[str, Any]) -> None:  # in the driver's thread
         server.rounds_done = state.round
         server.history.append({k: record.get(k) for k in _HISTORY_KEYS})
-        if record.get("stop"):
+        if record.get("target_reached"):
+            log.info("round %d: test accuracy %.4f reached fl.target_accuracy, stopping", state.round,
+                     record["accuracy"])
+        elif record.get("stop"):
             log.info("round %d: privacy budget spent (epsilon %.3f), stopping", state.round,
                      record.get("epsilon", math.nan))
         else:
