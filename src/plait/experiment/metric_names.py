@@ -48,6 +48,7 @@ METRICS = {m.name: m for m in (
     MetricName("samples_per_s", "throughput (samples/s)"),
     MetricName("lr", "learning rate"),
     MetricName("elapsed_s", "elapsed time (s)"),
+    MetricName("sim_clock_h", "simulated time (h)"),
     MetricName("time", "Unix time (s)"),
     MetricName("loss", "loss (plane unknown)"),  # a log whose plane is unknown: test or training loss
 )}

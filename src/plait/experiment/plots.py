@@ -4,6 +4,7 @@
     loss               training, test and federated loss on one figure
     accuracy_vs_mb     test accuracy against the MB uploaded so far (the figure of communication-efficient FL)
     accuracy_vs_time   test accuracy against elapsed seconds
+    accuracy_vs_sim_time  test accuracy against the simulator's virtual clock (hours: device speeds, availability)
     traffic            MB uploaded and downloaded so far
     epsilon            ε spent, at the run's δ, with the ε budget as a dashed line (from config.toml)
     participation      clients selected, reporting and dropped per round
@@ -122,6 +123,8 @@ def run_figures(name: str, records: list[dict[str, Any]], config: dict[str, Any]
     figures["accuracy_vs_mb"] = _against(name, records, "cumulative_bytes_up", METRICS["cumulative_bytes_up"].label,
                                          "accuracy against upload")
     figures["accuracy_vs_time"] = _against(name, records, "elapsed_s", "elapsed time (s)", "accuracy against time")
+    figures["accuracy_vs_sim_time"] = _against(name, records, "sim_clock_h", "simulated time (h)",
+                                               "accuracy against simulated time")
     return {stem: figure for stem, figure in figures.items() if figure.lines}
 
 

@@ -45,6 +45,7 @@ class SimulatedBackend:
         self.upload_bytes = self.program.stages.codec.encode(torch.ones(num_params)).nbytes
         self.attackers = attacker_ids(config.attack, data.num_clients)
         self.task = task or Task()
+        self.clock_s, self.ran_last_round = 0.0, True  # simulated time since the run began
         # fl.buffers = "local": each client's own buffers (BatchNorm statistics), from the model's initial ones
         self.initial_local = local_buffer_state(model) if config.buffers == "local" else None
         self.local: dict[int, torch.Tensor] = {}
@@ -55,7 +56,15 @@ class SimulatedBackend:
         return self.local.get(cid, self.initial_local[0]), self.initial_local[1]
 
     def candidates(self, round_idx: int) -> dict[int, dict[str, bool]]:
-        return self.devices.properties(round_idx)
+        """The clients online when the round starts on the virtual clock, with this round's device states."""
+        if not self.ran_last_round and round_idx > 1:  # the last round found too few clients: time passed anyway
+            self.clock_s += self.config.devices.retry_s
+        self.ran_last_round = False
+        properties = self.devices.properties(round_idx)
+        if self.config.devices.availability == "always":
+            return properties
+        online = self.devices.online(self.clock_s)
+        return {cid: props for cid, props in properties.items() if online[cid]}
 
     def _client_data(self, cid: int) -> ClientData:
         x, y = self.data.client_train(cid)
@@ -69,6 +78,12 @@ class SimulatedBackend:
                                                 self.model_bytes, self.upload_bytes) for cid in tasks.selected}
         kept, dropped = split_on_time(finish, tasks.target, self.config.devices.deadline_s)
         record["bytes_down"] = self.model_bytes * len(tasks.selected)
+        # the virtual clock: the round ends with its target's last report, or at the deadline without enough
+        waited = max(finish[cid] for cid in kept) if len(kept) >= tasks.target or not self.config.devices.deadline_s \
+            else self.config.devices.deadline_s
+        self.clock_s += waited if kept else (self.config.devices.deadline_s or self.config.devices.retry_s)
+        self.ran_last_round = True
+        record["sim_clock_h"] = self.clock_s / 3600
         if len(kept) < tasks.quorum:  # the round cannot reach its quorum: nobody needs to train
             return Collected(participants=0, dropped=len(dropped))
         record["sim_time_s"] = max(finish[cid] for cid in kept)
@@ -126,11 +141,13 @@ class SimulatedBackend:
 
     def checkpoint_extra(self) -> dict[str, Any]:
         # simulated clients' error-feedback residuals and own buffers: real clients keep theirs
-        return {"residuals": self.program.stages.residuals(), "local_buffers": dict(self.local)}
+        return {"residuals": self.program.stages.residuals(), "local_buffers": dict(self.local),
+                "sim_clock_s": self.clock_s}
 
     def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
         self.program.stages.load_residuals(ckpt.get("residuals", {}))
         self.local = {int(cid): t for cid, t in ckpt.get("local_buffers", {}).items()}
+        self.clock_s = float(ckpt.get("sim_clock_s", 0.0))
 
     def close(self) -> None:
         self.executor.close()
