@@ -81,7 +81,7 @@ class SimulatedBackend:
         # the virtual clock: the round ends with its target's last report, or at the deadline without enough
         waited = max(finish[cid] for cid in kept) if len(kept) >= tasks.target or not self.config.devices.deadline_s \
             else self.config.devices.deadline_s
-        self.clock_s += waited if kept else (self.config.devices.deadline_s or self.config.devices.retry_s)
+        self.clock_s += float(waited if kept else (self.config.devices.deadline_s or self.config.devices.retry_s))
         self.ran_last_round = True
         record["sim_clock_h"] = self.clock_s / 3600
         if len(kept) < tasks.quorum:  # the round cannot reach its quorum: nobody needs to train
@@ -142,7 +142,7 @@ class SimulatedBackend:
     def checkpoint_extra(self) -> dict[str, Any]:
         # simulated clients' error-feedback residuals and own buffers: real clients keep theirs
         return {"residuals": self.program.stages.residuals(), "local_buffers": dict(self.local),
-                "sim_clock_s": self.clock_s}
+                "sim_clock_s": float(self.clock_s)}  # a plain float: checkpoints load with weights_only
 
     def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None:
         self.program.stages.load_residuals(ckpt.get("residuals", {}))
