@@ -55,3 +55,29 @@ def test_pool_names_the_failing_client(model_and_params):
             list(executor.run(model, spec, params, [bad]))
     finally:
         executor.close()
+
+
+def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
+    from plait.experiment.config import from_dict
+    from plait.federated.backends.auto import choose_executor
+    from plait.federated.client_update import ClientData
+    from plait.federated.config import FederatedRunConfig
+    from plait.federated.simulation import build_server
+    from plait.federated.task import Task
+    from plait.federated.weights import flat_model_state
+    from tests_support import shapes_config
+
+    raw = shapes_config(tmp_path, executor="auto")
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    assert server.config.executor in ("sequential", "process_pool")  # decided, and recorded in the config
+    server.close()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    params, spec = flat_model_state(model, buffers=True)
+    data = ClientData(torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,)))
+    plan = TrainingPlan(batch_size=10, lr=0.1)
+    assert choose_executor(model, spec, params, data, plan, Task(), cores=1)[0] == "sequential"
+    tiny, why = choose_executor(model, spec, params, data, plan, Task(), cores=2)
+    assert tiny == "sequential" and "too short for a pool" in why  # 4 tiny steps: overhead-bound
+    long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # 80,000 steps: long enough for a pool
+    chosen, why = choose_executor(model, spec, params, data, long_plan, Task(), cores=2)
+    assert chosen == "process_pool" and "2 workers" in why

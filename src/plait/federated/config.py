@@ -57,8 +57,8 @@ class FLConfig:
     target_accuracy: float = 0.0       # stop once the test accuracy reaches this (0: run every round)
     lr_decay: float = 1.0              # clients' learning rate in round r: plan.lr · lr_decay^(r-1)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
-    executor: Literal["sequential", "process_pool", "distributed"] = "sequential"  # how simulated clients run
-    # (distributed: over torch.distributed ranks, under torchrun; see backends/distributed.py)
+    executor: Literal["sequential", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
+    # (distributed: over torch.distributed ranks, under torchrun; auto: measured at start, backends/auto.py)
     workers: int = 0                   # process_pool: worker processes (0: one per core)
     worker_threads: int = 1            # process_pool: torch threads per worker (run.threads is the main process's:
                                        # its evaluation uses every core while the workers wait)

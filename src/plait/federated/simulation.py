@@ -41,6 +41,24 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> Client
     return SequentialExecutor()
 
 
+def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: Any, task: Task) -> None:
+    """Measure, pick, say why, and write the choice into the config (the run's config.toml records it)."""
+    import logging
+
+    from plait.federated.backends.auto import choose_executor
+    from plait.federated.client_update import ClientData
+    from plait.federated.seeds import client_seed
+    from plait.federated.weights import flat_model_state
+
+    params, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
+    sizes = [data.num_examples(cid) for cid in range(data.num_clients)]
+    typical = sorted(range(data.num_clients), key=lambda cid: sizes[cid])[data.num_clients // 2]  # the median
+    plan = config.fl.plan.for_client(client_seed(config.run.seed, 0, typical))
+    chosen, why = choose_executor(model, spec, params, ClientData(*data.client_train(typical)), plan, task)
+    logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose %r: %s", chosen, why)
+    config.fl.executor = chosen
+
+
 def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None, *,
                  model: Callable[[], torch.nn.Module] | None = None, data: Any = None,
                  task: Task | None = None) -> FederatedServer:
@@ -67,6 +85,8 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         from plait.federated.gossip import GossipRunner
 
         return GossipRunner(config.fl, model, data, config.run.seed, task)
+    if config.fl.executor == "auto" and executor is None:
+        _choose_executor(config, model, data, task)
     executor = executor or build_executor(config, model)
     try:
         return FederatedServer(config.fl, model, data, executor, config.run.seed, task)
