@@ -26,6 +26,21 @@ errors = Console(stderr=True)
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from plait import __version__
+
+        console.print(f"plait {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Distributed and federated training for PyTorch. Exit codes: 0 done, 1 the run failed, 2 bad usage or
+    config (errors go to stderr)."""
+
+
 def _fail(message: str, code: int = 2) -> None:
     errors.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)

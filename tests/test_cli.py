@@ -1,0 +1,22 @@
+"""The command line: one library, `plait --version`, errors on stderr, exit 2 for bad usage or config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from plait import __version__
+
+
+def _plait(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plait.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version_and_exit_codes(tmp_path):
+    assert _plait("--version").stdout.strip() == f"plait {__version__}"
+    missing = _plait("run", str(tmp_path / "missing.toml"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "error" not in missing.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fl]\nrounds = 0\n")
+    result = _plait("run", str(bad))
+    assert result.returncode == 2 and "fl.rounds must be >= 1" in result.stderr
