@@ -21,7 +21,7 @@ from plait.federated.net.commands import fl_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the terminal
 
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 

@@ -15,7 +15,7 @@ from plait.federated.bounds import Diverged
 
 fl_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="Federated learning over the network: server, clients, certificates.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
