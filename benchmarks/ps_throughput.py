@@ -4,19 +4,19 @@
 
 Reference: a DEALER client sends N bytes to a ROUTER process that echoes the frame back (zero-copy both ways): the
 most a request/reply over ZeroMQ TCP on this machine can move. A second reference sends the same bytes cut into the
-pieces Plait uses (one message each, all in flight), the like-for-like one where one huge message is slow. Plait:
-a KVStore worker pushes N bytes of gradient to a server process (ASP, SGD applied to the shard) and pulls N bytes
-of weights back with `pushpull`, as the trainer does: in pieces of at most 2 MiB, each piece's pull right behind
-its push, so the server applies piece i while piece i+1 is on the wire. Both count 2N bytes per iteration, with the same socket pattern (DEALER to ROUTER
-over TCP on 127.0.0.1) and the same zero-copy sends. The reference does strictly less work: its server touches no
-bytes, and its client drops the reply where the KVStore copies it into the caller's `out`. Rounds of the three
-(reference, 1 server, 2 servers) alternate in a rotating order; the ratio reported is the median over rounds of
-each round's ratio (Plait's rate over the reference's in the same round), which cancels the slow drifts of a
-shared machine that a ratio of two medians keeps. `--curve` runs both sides over CurveZMQ (sync.curve_keys):
-compare its raw GB/s with a plain run's for the cost of encryption itself. `--replication` adds a fourth side to
-every round: 1 server replicated (sync.replication = 2: a primary process that streams every piece's gradient to
-its backup process and answers only once the backup has acknowledged it), reported against 1 server unreplicated
-in the same round: the cost of replication.
+pieces Plait uses (one message each, all in flight), the like-for-like one where one huge message is slow. Plait: a
+KVStore worker pushes N bytes of gradient to a server process (ASP, SGD applied to the shard) and pulls N bytes of
+weights back with `pushpull`, as the trainer does: in pieces of at most 2 MiB, each piece's pull right behind its
+push, so the server applies piece i while piece i+1 is on the wire. Both count 2N bytes per iteration, with the same
+socket pattern (DEALER to ROUTER over TCP on 127.0.0.1) and the same zero-copy sends. The reference does strictly
+less work: its server touches no bytes, and its client drops the reply where the KVStore copies it into the caller's
+`out`. Rounds of the three (reference, 1 server, 2 servers) alternate in a rotating order; the ratio reported is the
+median over rounds of each round's ratio (Plait's rate over the reference's in the same round), which cancels the
+slow drifts of a shared machine that a ratio of two medians keeps. `--curve` runs both sides over CurveZMQ
+(sync.curve_keys): compare its raw GB/s with a plain run's for the cost of encryption itself. `--replication` adds a
+fourth side to every round: 1 server replicated (sync.replication = 2: a primary process that streams every piece's
+gradient to its backup process and answers only once the backup has acknowledged it), reported against 1 server
+unreplicated in the same round: the cost of replication.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import multiprocessing as mp
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ import zmq
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
 from plait.ps.security import CurveKeys, make_keys
-from plait.ps.server import ServerConfig, run_server, server_name
+from plait.ps.server import run_server
+from plait.ps.server_config import ServerConfig, server_name
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 
 
@@ -162,15 +164,16 @@ def main() -> None:
         ps_round(kv, key, grad, out, 2)
         ps_round(kv2, key, grad, out, 2)
         raw_rates, ps_rates, ps2_rates, pieces_rates, rep_rates = [], [], [], [], []
-        runs = [lambda: raw_rates.append(raw_round(raw, grad, iterations)),
-                lambda: ps_rates.append(ps_round(kv, key, grad, out, iterations)),
-                lambda: ps2_rates.append(ps_round(kv2, key, grad, out, iterations)),
-                lambda: pieces_rates.append(raw_pieces_round(raw, grad, iterations, piece or grad.size))]
+        # (where its rates go, one round of it), bound to this size's arrays
+        runs = [(raw_rates, partial(raw_round, raw, grad, iterations)),
+                (ps_rates, partial(ps_round, kv, key, grad, out, iterations)),
+                (ps2_rates, partial(ps_round, kv2, key, grad, out, iterations)),
+                (pieces_rates, partial(raw_pieces_round, raw, grad, iterations, piece or grad.size))]
         if kv_rep is not None:
-            runs.append(lambda: rep_rates.append(ps_round(kv_rep, key, grad, out, iterations)))
+            runs.append((rep_rates, partial(ps_round, kv_rep, key, grad, out, iterations)))
         for index in range(rounds):  # rotate the order, so none of them always runs first after a pause
-            for run in runs[index % len(runs):] + runs[:index % len(runs)]:
-                run()
+            for rates, run in runs[index % len(runs):] + runs[:index % len(runs)]:
+                rates.append(run())
         raw_gbs, ps_gbs, ps2_gbs = (statistics.median(r) / 1e9 for r in (raw_rates, ps_rates, ps2_rates))
         ratio1, ratio2 = (statistics.median(p / r for p, r in zip(rates, raw_rates)) for rates in (ps_rates, ps2_rates))
         print(f"{numel:>10} floats: raw ZeroMQ {raw_gbs:.2f} GB/s, PS 1 server {ps_gbs:.2f} GB/s "

@@ -16,7 +16,8 @@ import pytest
 
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
-from plait.ps.server import ServerConfig, run_server
+from plait.ps.server import run_server
+from plait.ps.server_config import ServerConfig
 
 NUM_WORKERS = 3
 CLOCKS = 12

@@ -13,7 +13,7 @@ import pytest
 from plait.experiment.metrics import read_metrics
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards, snapshot_bytes
 from plait.ps.config import PSRunConfig, SyncSection
-from plait.ps.server import ServerConfig
+from plait.ps.server_config import ServerConfig
 from plait.ps.sharding import plan_shards
 from plait.ps.train import run_ps
 from test_ps_cluster import make_config, single_process_sgd

@@ -10,8 +10,8 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     sharding.py     which server holds which element range of each key
     consistency.py  BSP / SSP(s) / ASP and the per-key, per-worker clock table
     optim.py        server-side SGD, momentum and Adam on numpy shards
-    server.py       the server process loop; checkpoint.py its atomic shard checkpoints
-    replication.py  primary-backup replication of a server's range (sync.replication = 2)
+    server.py       the server process loop; server_config.py its settings; checkpoint.py its atomic checkpoints
+    replication.py  primary-backup replication of a server's range (sync.replication = 2) and its server handlers
     kvstore.py      the worker's client
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
     launcher.py     start servers and workers on localhost, supervise, restart servers

@@ -26,7 +26,7 @@ class Consistency:
     staleness: float    # 0 for BSP, s for SSP(s), inf for ASP
 
     @classmethod
-    def parse(cls, text: str) -> "Consistency":
+    def parse(cls, text: str) -> Consistency:
         text = text.strip().lower()
         if text == "bsp":
             return cls("bsp", 0)

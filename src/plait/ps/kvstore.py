@@ -257,7 +257,7 @@ class KVStore:
                 pass  # a server that is gone does not need a goodbye
         self.transport.close()
 
-    def __enter__(self) -> "KVStore":
+    def __enter__(self) -> KVStore:
         return self
 
     def __exit__(self, *exc) -> None:

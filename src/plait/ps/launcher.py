@@ -38,7 +38,7 @@ from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.kvstore import KVStore
 from plait.ps.security import CurveKeys
-from plait.ps.server import server_name
+from plait.ps.server_config import server_name
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op

@@ -27,7 +27,7 @@ def load_config(path: str, overrides: list[str]) -> PSRunConfig:
 
 def server_config(config: PSRunConfig, index: int, workers: int, bind: str, state_dir: Path, fresh: bool,
                   replica: int = 0, partner: str = ""):
-    from plait.ps.server import ServerConfig
+    from plait.ps.server_config import ServerConfig
 
     return ServerConfig(index=index, endpoint=bind, num_workers=workers, consistency=config.sync.consistency,
                         optimizer=config.optimizer, checkpoint_every=config.sync.checkpoint_every,

@@ -23,22 +23,33 @@ Roles, one state machine per server process:
 A primary whose backup stops acknowledging for `failover_s` (dead) releases the held replies and serves alone until
 the backup's restart says HELLO; it then sends a SNAPSHOT (the checkpoint format, sums included) and is replicated
 again. Serving alone, it still sends heartbeats, outside the stream: a backup that was only slow hears that its
-primary lives (so it does not take over) and joins again. So one server killed at any moment loses nothing acknowledged; a second failure before the first one's
-replacement has caught up can. The processes are assumed to fail by stopping: one paused for longer than
-`failover_s` while its partner takes over can lose the updates it acknowledged alone meanwhile.
+primary lives (so it does not take over) and joins again. So one server killed at any moment loses nothing
+acknowledged; a second failure before the first one's replacement has caught up can. The processes are assumed to
+fail by stopping: one paused for longer than `failover_s` while its partner takes over can lose the updates it
+acknowledged alone meanwhile.
+
+Here: `Replica`, the link (role, numbered stream, held replies), and `ReplicaHandlers`, the server's side of the
+protocol (the partner's messages, its role changes, the replay), which server.ParameterServer inherits.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from plait.ps.transport import ServerTransport
-from plait.ps.wire import Header, Op
+from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, snapshot_bytes
+from plait.ps.consistency import ClockTable
+from plait.ps.server_config import Slot, slot_of
+from plait.ps.transport import PARTNER, ServerTransport
+from plait.ps.wire import Header, Op, payload_array
+
+WORKER_OPS = (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL)  # what only the primary of a replicated range serves
 
 
 class Role(enum.Enum):
@@ -48,7 +59,7 @@ class Role(enum.Enum):
 
 
 class Change(enum.IntEnum):
-    """What a REPLICATE message carries (its `extra`); the backup replays it (server.ParameterServer._replay)."""
+    """What a REPLICATE message carries (its `extra`); the backup replays it (ReplicaHandlers._replay)."""
     HEARTBEAT = 0   # nothing changed; the primary is alive
     SNAPSHOT = 1    # the whole state (payload: checkpoint.snapshot_bytes); starts a stream
     INIT = 2        # a new piece (payload: its value)
@@ -148,9 +159,10 @@ class Replica:
         self.hello_at = float("-inf")
 
     def awake(self, now: float) -> None:
-        """Called every loop iteration and before every judgement of the partner's silence. After a pause of this very process (stopped, starved of CPU), the partner's
-        silence says nothing: what it sent is still queued here. Restart the count, so that a backup waking up
-        does not take over from a live primary, nor a primary give up on a live backup."""
+        """Called every loop iteration and before every judgement of the partner's silence. After a pause of this
+        very process (stopped, starved of CPU), the partner's silence says nothing: what it sent is still queued here.
+        Restart the count, so that a backup waking up does not take over from a live primary, nor a primary give up
+        on a live backup."""
         if now - self.awake_at > self.failover_s / 2:
             self.last_heard = now
         self.awake_at = now
@@ -180,3 +192,140 @@ class Replica:
             self.hello_at = now
             self.transport.send_partner(Header(Op.HELLO, extra=self.replica))
         return None
+
+
+class ReplicaHandlers:
+    """The parameter server's side of the protocol above, a mixin of server.ParameterServer: serve the partner's
+    messages, keep workers off a replica that is not the primary, stream each change of the server's state, and
+    replay the primary's stream. Apart from the server loop so that each holds one job; the replay goes through the
+    server's own methods (`_store_piece`, `_record_push`, `_apply_sum`), so both replicas change state the same way.
+    Does nothing unless `replica` is set (sync.replication = 2)."""
+
+    # Owned by the server (server.ParameterServer.__init__); read and changed here.
+    replica: Replica | None
+    transport: ServerTransport
+    clocks: ClockTable
+    shards: dict[Slot, ShardState]
+    sums: dict[Slot, dict[int, list]]
+    pending: dict[tuple[int, int], tuple[bytes, Header]]
+    in_flight: dict[Slot, list]
+    updates: int
+    updates_at_checkpoint: int
+
+    def _replicate(self, change: Change, header: Header, payload: np.ndarray | None = None) -> None:
+        if self.replica is not None:
+            self.replica.send_change(change, time.monotonic(), payload, worker=header.worker, key=header.key,
+                                     clock=header.clock, offset=header.offset, numel=header.numel,
+                                     dtype=header.dtype)
+
+    def _replication(self, peer: bytes, header: Header, payload: memoryview | None) -> bool:
+        """Serve the replication protocol's messages and keep workers off a replica that is not the primary;
+        True when the message was handled here."""
+        replica, now = self.replica, time.monotonic()
+        if peer == PARTNER:  # the backup's answer on this primary's stream
+            if header.op == Op.ACK:
+                replica.on_ack(header.req, now)
+            elif header.op == Op.NOT_PRIMARY and replica.role is Role.PRIMARY:
+                self._demote("the partner has taken over")
+            return True
+        if header.op == Op.REPLICATE:
+            try:
+                self._replay(peer, header, payload, now)
+            except (ValueError, KeyError, struct.error) as error:  # a change this state cannot take: resync
+                self._refuse(peer, header, f"replication: {error!r}")
+                if replica.role is Role.BACKUP:
+                    replica.demote()
+            return True
+        if header.op == Op.HELLO:
+            self._on_hello(now)
+            return True
+        if header.op in WORKER_OPS and replica.role is not Role.PRIMARY:
+            if replica.role is Role.BACKUP and replica.primary_silent(now):
+                self._promote(now, "primary silent")
+                return False
+            self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
+            return True
+        return False
+
+    def _demote(self, reason: str) -> None:
+        """Another primary holds the range: drop what waits on this one (the workers resend) and catch up from it."""
+        self.replica.demote()
+        self.pending.clear()
+        self._event("demoted", reason=reason)
+
+    def _promote(self, now: float, reason: str) -> None:
+        self.replica.promote()
+        # Workers spoke to the primary, not here: their silence so far says nothing.
+        self.clocks.last_seen = [max(seen, now) for seen in self.clocks.last_seen]
+        self._event("promoted", reason=reason)
+        self._progress()  # clocks the old primary completed but had not yet streamed
+
+    def _on_hello(self, now: float) -> None:
+        """The partner (re)started and asks to be this replica's backup."""
+        replica = self.replica
+        if replica.role is Role.JOINING and replica.replica != 0:
+            return  # both are joining (the whole job restarted): replica 0 serves, its snapshot comes to us
+        if replica.role is Role.BACKUP:
+            self._promote(now, "primary restarted")  # it lost its state; ours holds every acknowledged update
+        elif replica.role is Role.JOINING:
+            replica.role = Role.PRIMARY
+            self._event("serving", reason="both replicas restarted", updates=self.updates)
+        if replica.connect():
+            replica.start_stream(snapshot_bytes(self._snapshot()), now)
+            self._event("streaming", updates=self.updates)
+
+    def _replay(self, peer: bytes, header: Header, payload: memoryview | None, now: float) -> None:
+        """Backup: apply one change of the primary's stream, in order, and acknowledge it."""
+        replica = self.replica
+        if replica.role is Role.PRIMARY:  # two primaries: one was paused and the other took over
+            # The one serving alone (a heartbeat outside the stream, req 0) may have acknowledged updates that only
+            # it holds: it stays, unless both serve alone (then replica 0 stays). The other one catches up from it.
+            if header.req == 0 and (replica.in_sync or replica.replica == 1):
+                self._demote("the partner serves alone")
+            else:
+                self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
+            return
+        change = Change(header.extra)
+        if header.req == 0:  # a primary serving alone (Replica.tick): it lives, and we missed changes
+            replica.last_heard = now
+            if replica.role is Role.BACKUP:
+                replica.demote()
+                self._event("rejoining", reason="the primary serves without this backup")
+            return
+        if change == Change.SNAPSHOT:
+            self._adopt(load_shards(bytes(payload)))
+            replica.role = Role.BACKUP
+            self._event("synced", updates=self.updates)
+        elif replica.role is Role.JOINING:
+            return  # what an earlier stream left queued; the snapshot comes first
+        elif header.req != replica.seq + 1:  # a gap: the stream restarted without us; ask again
+            replica.demote()
+            self._event("stream_gap", expected=replica.seq + 1, got=header.req)
+            return
+        else:
+            slot = slot_of(header)
+            if change == Change.INIT and slot not in self.shards:
+                self._store_piece(slot, payload_array(header, payload))
+            elif change == Change.PUSH and header.clock > self.clocks.clocks[slot][header.worker]:
+                self._record_push(slot, header.worker, header.clock, payload_array(header, payload))
+            elif change == Change.COMPLETE:
+                self._apply_sum(slot, header.clock)
+            elif change == Change.ADVANCE:
+                self.clocks.advance(slot, header.worker, header.clock)
+            elif change == Change.ROW:
+                self.clocks.clocks[slot] = np.frombuffer(payload, np.int64).tolist()
+            self._checkpoint_if_due()
+        replica.seq, replica.last_heard = header.req, now
+        self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+
+    def _adopt(self, snapshot: ServerSnapshot) -> None:
+        """Take the primary's whole state (a backup catching up)."""
+        self.shards, self.sums = snapshot.shards, snapshot.sums
+        self.clocks.clocks = {}
+        for slot, shard in self.shards.items():
+            self.clocks.add_key(slot, shard.clocks)
+        for worker in snapshot.finished:
+            self.clocks.finish(worker)
+        self.updates = self.updates_at_checkpoint = snapshot.updates
+        self.pending.clear()
+        self.in_flight.clear()

@@ -28,7 +28,7 @@ class CurveKeys:
     directory: Path
 
     @classmethod
-    def from_setting(cls, value: str | Path | None) -> "CurveKeys | None":
+    def from_setting(cls, value: str | Path | None) -> CurveKeys | None:
         """`sync.curve_keys` as given ("" or None: CurveZMQ off)."""
         return cls(Path(value)) if value else None
 

@@ -19,7 +19,9 @@ that is not a request is logged and dropped; a request that contradicts itself g
 
 With `sync.replication = 2` two processes hold the range, a primary and its backup (replication.py): the primary
 streams every change of its state to the backup, which replays it through the same methods (`_store_piece`,
-`_record_push`, `_apply_sum`), and holds each reply to a worker until the backup has what it acknowledges.
+`_record_push`, `_apply_sum`), and holds each reply to a worker until the backup has what it acknowledges. The
+handlers of that protocol are replication.ReplicaHandlers, which `ParameterServer` inherits; its settings are
+server_config.ServerConfig.
 """
 
 from __future__ import annotations
@@ -28,89 +30,23 @@ import os
 import signal
 import struct
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from plait.experiment.metrics import MetricsLog
-from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards, snapshot_bytes
+from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
 from plait.ps.consistency import NO_LIVE_WORKER, ClockTable, Consistency
-from plait.ps.optim import OptimizerConfig, ShardOptimizer
+from plait.ps.optim import ShardOptimizer
+from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
 from plait.ps.security import CurveKeys
-from plait.ps.replication import Change, Replica, Role
-from plait.ps.transport import PARTNER, ServerTransport
+from plait.ps.server_config import ServerConfig, Slot, slot_of
+from plait.ps.transport import ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
 
 MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
-WORKER_OPS = (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL)  # what only the primary of a replicated range serves
-
-Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
 
 
-def slot_of(header: Header) -> Slot:
-    return header.key, header.offset
-
-
-@dataclass(kw_only=True, slots=True)
-class ServerConfig:
-    index: int
-    endpoint: str                      # e.g. tcp://127.0.0.1:0 (a free port) or tcp://0.0.0.0:5000
-    num_workers: int
-    consistency: str = "bsp"
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    checkpoint_every: int = 100        # updates of the whole shard between checkpoints (0: at shutdown)
-    worker_timeout_s: float = 30.0
-    state_dir: str = "."               # checkpoint, endpoint file and event log live here
-    resume: bool = True                # start from this server's checkpoint when one exists
-    curve_keys: str = ""               # CurveZMQ key directory (security.py); "" serves plain TCP
-    replication: int = 1               # 2: this range is held by replica 0 and replica 1 (replication.py)
-    replica: int = 0                   # which of the two this process is
-    partner: str = ""                  # the other replica's endpoint ("": read from its endpoint file in state_dir)
-    failover_s: float = 2.0            # a replica silent this long is taken for dead
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"server {self.index}: num_workers must be >= 1, got {self.num_workers}")
-        if self.checkpoint_every < 0 or self.worker_timeout_s <= 0:
-            raise ValueError("sync.checkpoint_every must be >= 0 and sync.worker_timeout_s > 0")
-        if self.replication not in (1, 2) or not 0 <= self.replica < self.replication:
-            raise ValueError(f"sync.replication must be 1 or 2 and the replica 0..replication-1, got "
-                             f"{self.replication} and {self.replica}")
-        if self.failover_s <= 0:
-            raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
-        Consistency.parse(self.consistency)
-
-    @property
-    def name(self) -> str:
-        return server_name(self.index, self.replica)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.state_dir) / f"{self.name}.npz"
-
-    @property
-    def endpoint_path(self) -> Path:
-        return Path(self.state_dir) / f"{self.name}.endpoint"
-
-    @property
-    def log_path(self) -> Path:
-        return Path(self.state_dir) / f"{self.name}.jsonl"
-
-    @property
-    def partner_address(self) -> str:
-        """The partner replica's endpoint, or the file the local launcher's partner writes it to."""
-        if self.partner:
-            return self.partner
-        return str(Path(self.state_dir) / f"{server_name(self.index, 1 - self.replica)}.endpoint")
-
-
-def server_name(index: int, replica: int = 0) -> str:
-    """server-<i> for replica 0 (every unreplicated server), server-<i>-r1 for its backup replica."""
-    return f"server-{index}" if replica == 0 else f"server-{index}-r{replica}"
-
-
-class ParameterServer:
+class ParameterServer(ReplicaHandlers):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.consistency = Consistency.parse(config.consistency)
@@ -426,131 +362,12 @@ class ParameterServer:
                 self._event("dropped", worker=worker, reason=f"silent for {self.config.worker_timeout_s} s")
             self._progress()
 
-
-    # -- replication (sync.replication = 2, replication.py) ----------------------------------------------------
+    # -- replies ----------------------------------------------------------------------------------------------
     def _send(self, peer: bytes, header: Header, payload: np.ndarray | None = None, track: bool = False):
         """Reply to a worker; a primary holds the reply until its backup has every change made before it."""
         if self.replica is not None and self.replica.reply(peer, header, payload):
             return None
         return self.transport.send_msg(peer, header, payload, track=track)
-
-    def _replicate(self, change: Change, header: Header, payload: np.ndarray | None = None) -> None:
-        if self.replica is not None:
-            self.replica.send_change(change, time.monotonic(), payload, worker=header.worker, key=header.key,
-                                     clock=header.clock, offset=header.offset, numel=header.numel,
-                                     dtype=header.dtype)
-
-    def _replication(self, peer: bytes, header: Header, payload: memoryview | None) -> bool:
-        """Serve the replication protocol's messages and keep workers off a replica that is not the primary;
-        True when the message was handled here."""
-        replica, now = self.replica, time.monotonic()
-        if peer == PARTNER:  # the backup's answer on this primary's stream
-            if header.op == Op.ACK:
-                replica.on_ack(header.req, now)
-            elif header.op == Op.NOT_PRIMARY and replica.role is Role.PRIMARY:
-                self._demote("the partner has taken over")
-            return True
-        if header.op == Op.REPLICATE:
-            try:
-                self._replay(peer, header, payload, now)
-            except (ValueError, KeyError, struct.error) as error:  # a change this state cannot take: resync
-                self._refuse(peer, header, f"replication: {error!r}")
-                if replica.role is Role.BACKUP:
-                    replica.demote()
-            return True
-        if header.op == Op.HELLO:
-            self._on_hello(now)
-            return True
-        if header.op in WORKER_OPS and replica.role is not Role.PRIMARY:
-            if replica.role is Role.BACKUP and replica.primary_silent(now):
-                self._promote(now, "primary silent")
-                return False
-            self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
-            return True
-        return False
-
-    def _demote(self, reason: str) -> None:
-        """Another primary holds the range: drop what waits on this one (the workers resend) and catch up from it."""
-        self.replica.demote()
-        self.pending.clear()
-        self._event("demoted", reason=reason)
-
-    def _promote(self, now: float, reason: str) -> None:
-        self.replica.promote()
-        # Workers spoke to the primary, not here: their silence so far says nothing.
-        self.clocks.last_seen = [max(seen, now) for seen in self.clocks.last_seen]
-        self._event("promoted", reason=reason)
-        self._progress()  # clocks the old primary completed but had not yet streamed
-
-    def _on_hello(self, now: float) -> None:
-        """The partner (re)started and asks to be this replica's backup."""
-        replica = self.replica
-        if replica.role is Role.JOINING and replica.replica != 0:
-            return  # both are joining (the whole job restarted): replica 0 serves, its snapshot comes to us
-        if replica.role is Role.BACKUP:
-            self._promote(now, "primary restarted")  # it lost its state; ours holds every acknowledged update
-        elif replica.role is Role.JOINING:
-            replica.role = Role.PRIMARY
-            self._event("serving", reason="both replicas restarted", updates=self.updates)
-        if replica.connect():
-            replica.start_stream(snapshot_bytes(self._snapshot()), now)
-            self._event("streaming", updates=self.updates)
-
-    def _replay(self, peer: bytes, header: Header, payload: memoryview | None, now: float) -> None:
-        """Backup: apply one change of the primary's stream, in order, and acknowledge it."""
-        replica = self.replica
-        if replica.role is Role.PRIMARY:  # two primaries: one was paused and the other took over
-            # The one serving alone (a heartbeat outside the stream, req 0) may have acknowledged updates that only
-            # it holds: it stays, unless both serve alone (then replica 0 stays). The other one catches up from it.
-            if header.req == 0 and (replica.in_sync or replica.replica == 1):
-                self._demote("the partner serves alone")
-            else:
-                self.transport.send_msg(peer, header.reply(Op.NOT_PRIMARY, numel=0))
-            return
-        change = Change(header.extra)
-        if header.req == 0:  # a primary serving alone (replication.Replica.tick): it lives, and we missed changes
-            replica.last_heard = now
-            if replica.role is Role.BACKUP:
-                replica.demote()
-                self._event("rejoining", reason="the primary serves without this backup")
-            return
-        if change == Change.SNAPSHOT:
-            self._adopt(load_shards(bytes(payload)))
-            replica.role = Role.BACKUP
-            self._event("synced", updates=self.updates)
-        elif replica.role is Role.JOINING:
-            return  # what an earlier stream left queued; the snapshot comes first
-        elif header.req != replica.seq + 1:  # a gap: the stream restarted without us; ask again
-            replica.demote()
-            self._event("stream_gap", expected=replica.seq + 1, got=header.req)
-            return
-        else:
-            slot = slot_of(header)
-            if change == Change.INIT and slot not in self.shards:
-                self._store_piece(slot, payload_array(header, payload))
-            elif change == Change.PUSH and header.clock > self.clocks.clocks[slot][header.worker]:
-                self._record_push(slot, header.worker, header.clock, payload_array(header, payload))
-            elif change == Change.COMPLETE:
-                self._apply_sum(slot, header.clock)
-            elif change == Change.ADVANCE:
-                self.clocks.advance(slot, header.worker, header.clock)
-            elif change == Change.ROW:
-                self.clocks.clocks[slot] = np.frombuffer(payload, np.int64).tolist()
-            self._checkpoint_if_due()
-        replica.seq, replica.last_heard = header.req, now
-        self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
-
-    def _adopt(self, snapshot: ServerSnapshot) -> None:
-        """Take the primary's whole state (a backup catching up)."""
-        self.shards, self.sums = snapshot.shards, snapshot.sums
-        self.clocks.clocks = {}
-        for slot, shard in self.shards.items():
-            self.clocks.add_key(slot, shard.clocks)
-        for worker in snapshot.finished:
-            self.clocks.finish(worker)
-        self.updates = self.updates_at_checkpoint = snapshot.updates
-        self.pending.clear()
-        self.in_flight.clear()
 
 
 def run_server(config: ServerConfig) -> None:

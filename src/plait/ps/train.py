@@ -46,7 +46,9 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
     console = Console()
     if allreduce is not None:
-        warnings.warn(f"--allreduce {allreduce} is ignored: sync.kind = 'ps' synchronises through parameter servers")
+        # stacklevel 1 (the default, made explicit): the warning is about this command's own option.
+        warnings.warn(f"--allreduce {allreduce} is ignored: sync.kind = 'ps' synchronises through parameter servers",
+                      stacklevel=1)
     config = load_run_config(config_path, overrides)
     summary = run_ps(config, nproc, resume)
     final = summary.final

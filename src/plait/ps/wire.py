@@ -73,7 +73,7 @@ class Header:
                             self.offset, self.numel, self.extra)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> "Header":
+    def unpack(cls, data: bytes | memoryview) -> Header:
         if len(data) != HEADER_BYTES:
             raise ValueError(f"ps wire: header of {len(data)} bytes, expected {HEADER_BYTES}")
         version, op, dtype, flags, worker, key, clock, req, offset, numel, extra = _HEADER.unpack(data)
@@ -87,7 +87,7 @@ class Header:
             raise ValueError(f"ps wire: unknown op code {op}") from None
         return cls(op, worker, key, clock, req, offset, numel, extra, dtype, flags)
 
-    def reply(self, op: Op, **fields) -> "Header":
+    def reply(self, op: Op, **fields) -> Header:
         """The answer's header: same worker, key, request id and piece."""
         base = dict(worker=self.worker, key=self.key, clock=self.clock, req=self.req, offset=self.offset,
                     numel=self.numel, dtype=self.dtype, flags=self.flags)

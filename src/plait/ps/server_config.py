@@ -1,0 +1,79 @@
+"""What one parameter server process is told (`ServerConfig`) and the names derived from it.
+
+Apart from server.py so that what only needs a server's settings or file names (node.py builds the config, the
+launcher finds a server's endpoint and log files, the replication handlers key state by slot) does not load the
+server loop itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plait.ps.consistency import Consistency
+from plait.ps.optim import OptimizerConfig
+from plait.ps.wire import Header
+
+Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
+
+
+def slot_of(header: Header) -> Slot:
+    return header.key, header.offset
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    index: int
+    endpoint: str                      # e.g. tcp://127.0.0.1:0 (a free port) or tcp://0.0.0.0:5000
+    num_workers: int
+    consistency: str = "bsp"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint_every: int = 100        # updates of the whole shard between checkpoints (0: at shutdown)
+    worker_timeout_s: float = 30.0
+    state_dir: str = "."               # checkpoint, endpoint file and event log live here
+    resume: bool = True                # start from this server's checkpoint when one exists
+    curve_keys: str = ""               # CurveZMQ key directory (security.py); "" serves plain TCP
+    replication: int = 1               # 2: this range is held by replica 0 and replica 1 (replication.py)
+    replica: int = 0                   # which of the two this process is
+    partner: str = ""                  # the other replica's endpoint ("": read from its endpoint file in state_dir)
+    failover_s: float = 2.0            # a replica silent this long is taken for dead
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"server {self.index}: num_workers must be >= 1, got {self.num_workers}")
+        if self.checkpoint_every < 0 or self.worker_timeout_s <= 0:
+            raise ValueError("sync.checkpoint_every must be >= 0 and sync.worker_timeout_s > 0")
+        if self.replication not in (1, 2) or not 0 <= self.replica < self.replication:
+            raise ValueError(f"sync.replication must be 1 or 2 and the replica 0..replication-1, got "
+                             f"{self.replication} and {self.replica}")
+        if self.failover_s <= 0:
+            raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
+        Consistency.parse(self.consistency)
+
+    @property
+    def name(self) -> str:
+        return server_name(self.index, self.replica)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.name}.npz"
+
+    @property
+    def endpoint_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.name}.endpoint"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.name}.jsonl"
+
+    @property
+    def partner_address(self) -> str:
+        """The partner replica's endpoint, or the file the local launcher's partner writes it to."""
+        if self.partner:
+            return self.partner
+        return str(Path(self.state_dir) / f"{server_name(self.index, 1 - self.replica)}.endpoint")
+
+
+def server_name(index: int, replica: int = 0) -> str:
+    """server-<i> for replica 0 (every unreplicated server), server-<i>-r1 for its backup replica."""
+    return f"server-{index}" if replica == 0 else f"server-{index}-r{replica}"
