@@ -16,6 +16,7 @@ DRIVER_MODULES = {"plait.experiment.metrics", "plait.experiment.rundir", "plait.
 # A plane's run entry points: they still open the run directory themselves.
 RUN_ENTRY_POINTS = {"federated/driver.py", "federated/simulation.py", "federated/net/serve.py",
                     "parallel/train.py", "parallel/pipeline_train.py",
+                    "parallel/pipeline/checkpoints.py",  # the pipeline run's resume across torchrun restarts
                     "ps/train.py", "ps/launcher.py", "ps/trainer.py", "ps/server.py"}
 
 
