@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from plait.parallel.collectives import make_allreduce  # noqa: E402
-from plait.parallel.launch import spawn_ranks  # noqa: E402
+from plait.parallel.collectives import make_allreduce
+from plait.parallel.launch import spawn_ranks
 
 
 def _once(fn) -> float:
@@ -41,63 +41,66 @@ def _once(fn) -> float:
     return time.perf_counter() - start
 
 
-def _bench_rank(rank: int, world_size: int, sizes: list[int], reps: int) -> dict:
-    out = {}
-    for size in sizes:
-        x = torch.randn(size)
-        nbytes = size * 4
+def _bench_size(rank: int, world_size: int, size: int, reps: int) -> dict:
+    """Every variant at one message size, on this rank."""
+    x = torch.randn(size)
+    nbytes = size * 4
 
-        def p2p() -> None:
-            if rank == 0:
-                dist.send(x, 1)
-            elif rank == 1:
-                dist.recv(x, 0)
+    def p2p() -> None:
+        if rank == 0:
+            dist.send(x, 1)
+        elif rank == 1:
+            dist.recv(x, 0)
 
-        half = size // 2
-        incoming = torch.empty(half)
+    half = size // 2
+    incoming = torch.empty(half)
 
-        def duplex() -> None:  # both ranks send S/2 to each other at once: S bytes cross the loopback in all
-            if rank < 2:
-                peer = 1 - rank
-                works = [dist.isend(x[:half], peer), dist.irecv(incoming, peer)]
-                for work in works:
-                    work.wait()
+    def duplex() -> None:  # both ranks send S/2 to each other at once: S bytes cross the loopback in all
+        if rank < 2:
+            peer = 1 - rank
+            works = [dist.isend(x[:half], peer), dist.irecv(incoming, peer)]
+            for work in works:
+                work.wait()
 
-        everything = torch.empty(size)
+    everything = torch.empty(size)
 
-        def swap() -> None:  # both ranks send S to each other at once: 2S bytes in all, as a 2-rank ring moves
-            if rank < 2:
-                peer = 1 - rank
-                works = [dist.isend(x, peer), dist.irecv(everything, peer)]
-                for work in works:
-                    work.wait()
+    def swap() -> None:  # both ranks send S to each other at once: 2S bytes in all, as a 2-rank ring moves
+        if rank < 2:
+            peer = 1 - rank
+            works = [dist.isend(x, peer), dist.irecv(everything, peer)]
+            for work in works:
+                work.wait()
 
-        ops = {"p2p": p2p, "duplex": duplex, "swap": swap}
-        for name in ("native", "ring", "tree", "naive"):
-            ar, buf = make_allreduce(name), x.clone()
-            ops[name] = lambda ar=ar, buf=buf: ar.all_reduce(buf)
-        times: dict[str, list[float]] = {name: [] for name in ops}
-        cpu: dict[str, list[float]] = {name: [] for name in ops}
+    ops = {"p2p": p2p, "duplex": duplex, "swap": swap}
+    for name in ("native", "ring", "tree", "naive"):
+        ar, buf = make_allreduce(name), x.clone()
+        ops[name] = lambda ar=ar, buf=buf: ar.all_reduce(buf)
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    cpu: dict[str, list[float]] = {name: [] for name in ops}
+    for fn in ops.values():
+        _once(fn)  # warm-up: connections, receive buffers
+    for _ in range(reps):  # round-robin, so every variant sees the same background load
         for name, fn in ops.items():
-            _once(fn)  # warm-up: connections, receive buffers
-        for _ in range(reps):  # round-robin, so every variant sees the same background load
-            for name, fn in ops.items():
-                before = time.process_time()  # this rank's CPU time, every thread (gloo's I/O thread included)
-                times[name].append(_once(fn))
-                cpu[name].append(time.process_time() - before)
-        # each repetition counts as long as its slowest rank took
-        table = torch.tensor([times[name] for name in ops], dtype=torch.float64)
-        dist.all_reduce(table, op=dist.ReduceOp.MAX)
-        medians = {name: statistics.median(row) for name, row in zip(ops, table.tolist())}
-        cpu_table = torch.tensor([cpu[name] for name in ops], dtype=torch.float64)
-        dist.all_reduce(cpu_table)  # CPU seconds of all ranks together
-        bus = 2 * (world_size - 1) / world_size * nbytes
-        moved = {"p2p": nbytes, "duplex": nbytes, "swap": 2 * nbytes}
-        out[size] = {name: moved.get(name, bus) / seconds for name, seconds in medians.items()}
-        out[size]["swap_over_p2p_time"] = medians["swap"] / medians["p2p"]
-        cpu_med = {name: statistics.median(row) for name, row in zip(ops, cpu_table.tolist())}
-        out[size]["swap_over_p2p_cpu"] = cpu_med["swap"] / cpu_med["p2p"]
-    return out
+            before = time.process_time()  # this rank's CPU time, every thread (gloo's I/O thread included)
+            times[name].append(_once(fn))
+            cpu[name].append(time.process_time() - before)
+    # each repetition counts as long as its slowest rank took
+    table = torch.tensor([times[name] for name in ops], dtype=torch.float64)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    medians = {name: statistics.median(row) for name, row in zip(ops, table.tolist())}
+    cpu_table = torch.tensor([cpu[name] for name in ops], dtype=torch.float64)
+    dist.all_reduce(cpu_table)  # CPU seconds of all ranks together
+    bus = 2 * (world_size - 1) / world_size * nbytes
+    moved = {"p2p": nbytes, "duplex": nbytes, "swap": 2 * nbytes}
+    result = {name: moved.get(name, bus) / seconds for name, seconds in medians.items()}
+    result["swap_over_p2p_time"] = medians["swap"] / medians["p2p"]
+    cpu_med = {name: statistics.median(row) for name, row in zip(ops, cpu_table.tolist())}
+    result["swap_over_p2p_cpu"] = cpu_med["swap"] / cpu_med["p2p"]
+    return result
+
+
+def _bench_rank(rank: int, world_size: int, sizes: list[int], reps: int) -> dict:
+    return {size: _bench_size(rank, world_size, size, reps) for size in sizes}
 
 
 def main() -> None:
@@ -108,8 +111,8 @@ def main() -> None:
     sizes = [100_000, 1_000_000, 10_000_000] if args.quick else [100_000, 1_000_000, 5_000_000, 10_000_000, 25_000_000]
     reps = 7 if args.quick else 15
     results = spawn_ranks(_bench_rank, args.nproc, sizes, reps, timeout_s=1200)[0]
-    print(f"{'floats':>10} {'p2p GB/s':>9} {'duplex':>8} {'swap':>8} {'native':>8} {'ring':>8} {'tree':>8} {'naive':>8}  "
-          f"ring/native ring/p2p swap/p2p time, cpu")
+    print(f"{'floats':>10} {'p2p GB/s':>9} {'duplex':>8} {'swap':>8} {'native':>8} {'ring':>8} {'tree':>8} "
+          f"{'naive':>8}  ring/native ring/p2p swap/p2p time, cpu")
     lines = []
     for size in sizes:
         r = results[size]

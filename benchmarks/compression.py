@@ -48,7 +48,8 @@ def main() -> None:
     for name, options in CODECS:
         results[name] = run(rounds, {"codec": name, **options})
         r = results[name]
-        print(f"{name:6s} {json.dumps(options):42s} accuracy {r['accuracy']:.4f}  bytes_up {r['bytes_up'] / 1e6:8.2f} MB"
+        print(f"{name:6s} {json.dumps(options):42s} accuracy {r['accuracy']:.4f}  "
+              f"bytes_up {r['bytes_up'] / 1e6:8.2f} MB"
               f"  ({r['bytes_up'] / results['none']['bytes_up']:.3f}x)  {r['seconds']:.1f} s", flush=True)
     ref = results["none"]
     for name, _ in CODECS[1:]:

@@ -30,17 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from plait.core.models import build_model  # noqa: E402
-from plait.parallel.collectives import make_allreduce  # noqa: E402
-from plait.parallel.comm_hooks import CastHook  # noqa: E402
-from plait.parallel.compression import GradCompressor  # noqa: E402
-from plait.parallel.grad_sync import GradSync  # noqa: E402
-from plait.parallel.launch import spawn_ranks  # noqa: E402
-from plait.parallel.powersgd import PowerSGDHook  # noqa: E402
-from plait.parallel.topk_hook import SharedTopKHook  # noqa: E402
+from plait.core.models import build_model
+from plait.parallel.collectives import make_allreduce
+from plait.parallel.comm_hooks import CastHook
+from plait.parallel.compression import GradCompressor
+from plait.parallel.grad_sync import GradSync
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.powersgd import PowerSGDHook
+from plait.parallel.topk_hook import SharedTopKHook
 
 METHODS = ("ring", "fp16", "topk_allgather", "topk_shared", "powersgd")
 RATIO, RANK, BUCKET_BYTES = 0.01, 4, 4 << 20

@@ -25,17 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from plait.core.models import build_model  # noqa: E402
-from plait.data.images import load_image_set  # noqa: E402
-from plait.parallel.data_parallel import DataParallel  # noqa: E402
-from plait.parallel.dims import ParallelDims  # noqa: E402
-from plait.parallel.launch import spawn_ranks  # noqa: E402
-from plait.parallel.sampler import ShardedSampler  # noqa: E402
+from plait.core.models import build_model
+from plait.data.images import load_image_set
+from plait.parallel.data_parallel import DataParallel
+from plait.parallel.dims import ParallelDims
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.sampler import ShardedSampler
 
 BATCH = 32
 
@@ -145,9 +145,11 @@ def main() -> None:
     lines = []
     for name in models:
         r = res[name]
-        print(f"{name}: Plait {r['plait']:.0f} samples/s, DDP {r['ddp']:.0f} samples/s, ratio {r['plait'] / r['ddp']:.3f}")
-        lines.append({"benchmark": "ddp_throughput", "metric": f"samples_per_s_{name}_2ranks", "plait": round(r["plait"], 1),
-                      "reference": round(r["ddp"], 1), "ratio": round(r["plait"] / r["ddp"], 3), "goal": 1.0})
+        print(f"{name}: Plait {r['plait']:.0f} samples/s, DDP {r['ddp']:.0f} samples/s, "
+              f"ratio {r['plait'] / r['ddp']:.3f}")
+        lines.append({"benchmark": "ddp_throughput", "metric": f"samples_per_s_{name}_2ranks",
+                      "plait": round(r["plait"], 1), "reference": round(r["ddp"], 1),
+                      "ratio": round(r["plait"] / r["ddp"], 3), "goal": 1.0})
     for label in ("no_straggler", "straggler_constant", "straggler_transient"):
         r = res[label]
         print(f"{label}: s/step BSP {r['allreduce'] * 1e3:.2f} ms, local SGD (H=8) {r['local_sgd'] * 1e3:.2f} ms")

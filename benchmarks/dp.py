@@ -98,7 +98,8 @@ def main() -> None:
     for z in (2.0, 1.0, 0.5):
         r = curve[z]
         print(json.dumps({"benchmark": "dp", "metric": f"accuracy_at_z{z}_{rounds}_rounds", "plait": r["accuracy"],
-                          "epsilon": r["epsilon"], "reference": ref["accuracy"], "ratio": r["accuracy"] / ref["accuracy"],
+                          "epsilon": r["epsilon"], "reference": ref["accuracy"],
+                          "ratio": r["accuracy"] / ref["accuracy"],
                           "goal": "accuracy vs epsilon curve (no fixed goal)"}))
     p = private[1.0]
     print(json.dumps({"benchmark": "dp", "metric": "membership_advantage_with_dp_z1", "plait": p["advantage"],

@@ -45,8 +45,18 @@ from plait.federated.net.auth import derive_client_key, sign
 from plait.federated.net.config import NetSection
 from plait.federated.net.connection import Connection, Task
 from plait.federated.net.local import fetch_status, small_config, start_server, stop, wait_for_server, write_config
-from plait.federated.net.wire import SERVICE, TensorAssembler, byte_view, check_header, chunk_data, chunk_parser, \
-    grpc_options, safe_parser, serialize, tensor_data_chunks
+from plait.federated.net.wire import (
+    SERVICE,
+    TensorAssembler,
+    byte_view,
+    check_header,
+    chunk_data,
+    chunk_parser,
+    grpc_options,
+    safe_parser,
+    serialize,
+    tensor_data_chunks,
+)
 
 NUMEL_2NN = 199_210
 
@@ -320,7 +330,10 @@ def transfer_test(num_bytes: int, repeats: int, chunk_bytes: int) -> dict:
             times[key] += values
         times["raw"] += raw_socket(num_bytes, repeats, fresh=False)
         times["raw_fresh"] += raw_socket(num_bytes, repeats, fresh=True)
-    gbps = lambda key: num_bytes / statistics.median(times[key]) / 1e9  # noqa: E731
+
+    def gbps(key: str) -> float:
+        return num_bytes / statistics.median(times[key]) / 1e9
+
     return {"bytes": num_bytes, "repeats": 3 * repeats, "chunk_bytes": chunk_bytes,
             "grpc_down_GBps": gbps("down"), "grpc_down_reused_GBps": gbps("down_reused"), "grpc_up_GBps": gbps("up"),
             "raw_socket_GBps": gbps("raw"), "raw_socket_fresh_GBps": gbps("raw_fresh")}

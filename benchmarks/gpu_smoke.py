@@ -23,21 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from plait.core.models import build_model  # noqa: E402
-from plait.parallel.comm_hooks import make_comm_hook  # noqa: E402
-from plait.parallel.data_parallel import DataParallel  # noqa: E402
-from plait.parallel.device import rank_device, use_device  # noqa: E402
-from plait.parallel.dims import ParallelDims  # noqa: E402
-from plait.parallel.launch import spawn_ranks  # noqa: E402
-from plait.parallel.optim import build_optimizer  # noqa: E402
-from plait.parallel.pipeline.inference import pipelined_forward  # noqa: E402
-from plait.parallel.pipeline.model import build_sequential  # noqa: E402
-from plait.parallel.pipeline.schedule import build_schedule  # noqa: E402
-from plait.parallel.pipeline.stage import PipelineStage, Placement  # noqa: E402
-from plait.parallel.sharded import ShardedDataParallel  # noqa: E402
+from plait.core.models import build_model
+from plait.parallel.comm_hooks import make_comm_hook
+from plait.parallel.data_parallel import DataParallel
+from plait.parallel.device import rank_device, use_device
+from plait.parallel.dims import ParallelDims
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import build_optimizer
+from plait.parallel.pipeline.inference import pipelined_forward
+from plait.parallel.pipeline.model import build_sequential
+from plait.parallel.pipeline.schedule import build_schedule
+from plait.parallel.pipeline.stage import PipelineStage, Placement
+from plait.parallel.sharded import ShardedDataParallel
 
 BATCH = 256
 
@@ -137,7 +137,7 @@ def main() -> None:
     for backend, fn, fn_args in runs:
         try:
             result = spawn_ranks(fn, 1, *fn_args, backend=backend, timeout_s=600, threads_per_rank=0)[0]
-        except Exception as err:  # noqa: BLE001 -- say what failed and go on with the others
+        except Exception as err:  # say what failed and go on with the others
             result = {"plane": fn.__name__.strip("_"), "backend": backend, "args": list(map(str, fn_args)),
                       "error": str(err).splitlines()[0][:300]}
         results.append(result)

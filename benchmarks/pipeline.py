@@ -27,13 +27,19 @@ import statistics
 import time
 
 import torch
-from torch import nn
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from plait.parallel.launch import spawn_ranks
-from plait.parallel.pipeline import (PipelineLayout, PipelineStage, balance_by_params, bubble_theory, build_schedule,
-                                     split_layers)
+from plait.parallel.pipeline import (
+    PipelineLayout,
+    PipelineStage,
+    balance_by_params,
+    bubble_theory,
+    build_schedule,
+    split_layers,
+)
 from plait.parallel.pipeline.model import deep_mlp
 
 # Eight identical 1024×1024 Linear+ReLU blocks and a 10-way head: split by parameter count, the stages are equal
@@ -141,7 +147,8 @@ class _Plait:
 
 class _Torch:
     def __init__(self, module, placement, schedule_name, micro):
-        from torch.distributed.pipelining import PipelineStage as TorchStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage as TorchStage
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         self.module, self.placement = module, placement
         stage = TorchStage(module, placement.stage, placement.num_stages, torch.device("cpu"))
@@ -183,7 +190,8 @@ def _bench_rank(rank: int, world_size: int, steps: int, rounds: int) -> dict:
         b = _Torch(copy.deepcopy(module), placement, name, MICRO)
         a.step(*_batch(0))
         b.step(*_batch(0))
-        diffs[name] = max(float((p - q).detach().abs().max()) for p, q in zip(a.module.parameters(), b.module.parameters()))
+        diffs[name] = max(float((p - q).detach().abs().max())
+                          for p, q in zip(a.module.parameters(), b.module.parameters()))
     out["max_param_diff"] = diffs
     runners = {f"{lib}-{name}": cls(copy.deepcopy(module), placement, name, MICRO)
                for name in ("gpipe", "1f1b") for lib, cls in (("plait", _Plait), ("torch", _Torch))}

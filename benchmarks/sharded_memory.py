@@ -28,15 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from plait.parallel.data_parallel import DataParallel  # noqa: E402
-from plait.parallel.dims import ParallelDims  # noqa: E402
-from plait.parallel.launch import spawn_ranks  # noqa: E402
-from plait.parallel.pipeline.model import deep_mlp  # noqa: E402
-from plait.parallel.sharded import ShardedDataParallel  # noqa: E402
+from plait.parallel.data_parallel import DataParallel
+from plait.parallel.dims import ParallelDims
+from plait.parallel.launch import spawn_ranks
+from plait.parallel.pipeline.model import deep_mlp
+from plait.parallel.sharded import ShardedDataParallel
 
 WAYS = ("ddp", "plain", "zero1", "fsdp2")
 BATCH = 32

@@ -30,10 +30,10 @@ from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.pipeline import stage as stage_module
 from plait.parallel.pipeline.inference import pipelined_forward
 from plait.parallel.pipeline.partition import split_layers
 from plait.parallel.pipeline.schedule import build_schedule
-from plait.parallel.pipeline import stage as stage_module
 from plait.parallel.pipeline.stage import PipelineStage, Placement
 from plait.parallel.powersgd import PowerSGDHook
 from plait.parallel.precision import MixedPrecision

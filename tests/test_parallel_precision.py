@@ -18,23 +18,25 @@ from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.train import main
 
 
+def _bf16_train(dims: ParallelDims, x: torch.Tensor, y: torch.Tensor, precision: str) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    seen = []
+    model[0].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    dp = DataParallel(model, dims, lr=0.1, momentum=0.9, precision=precision)
+    losses = [dp.train_step([(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])], i + 1)[0] for i in range(40)]
+    result = {"losses": [float(v) for v in losses], "activation": str(seen[0]),
+              "grad": str(dp.grad_sync.flat_grad.dtype), "param": str(dp.flat_param.dtype)}
+    dp.close()
+    return result
+
+
 def _bf16_rank(rank: int, world_size: int) -> dict:
     dims = ParallelDims(world_size=world_size).build()
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40 * 16, 20, generator=gen)
     y = (x @ torch.randn(20, 5, generator=gen)).argmax(1)
-    out = {}
-    for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
-        seen = []
-        model[0].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
-        dp = DataParallel(model, dims, lr=0.1, momentum=0.9, precision=precision)
-        losses = [dp.train_step([(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])], i + 1)[0] for i in range(40)]
-        out[precision] = {"losses": [float(v) for v in losses], "activation": str(seen[0]),
-                          "grad": str(dp.grad_sync.flat_grad.dtype), "param": str(dp.flat_param.dtype)}
-        dp.close()
-    return out
+    return {precision: _bf16_train(dims, x, y, precision) for precision in ("fp32", "bf16")}
 
 
 def test_bf16_autocast_on_cpu_learns_like_fp32():

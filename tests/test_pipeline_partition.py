@@ -10,8 +10,14 @@ from plait.experiment.config import ConfigError, from_dict
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.memory import ActivationMeter
 from plait.parallel.pipeline.model import deep_mlp
-from plait.parallel.pipeline.partition import (balance, balance_by_params, balance_by_time, check_boundaries,
-                                               profile_layer_times, split_layers)
+from plait.parallel.pipeline.partition import (
+    balance,
+    balance_by_params,
+    balance_by_time,
+    check_boundaries,
+    profile_layer_times,
+    split_layers,
+)
 from plait.parallel.pipeline.stage import micro_batch_sizes
 
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.parallel.pipeline.schedule import (Action, DeadlockError, Schedule, ScheduleError, build_schedule,
-                                              bubble_theory, dry_run, forward_only, gpipe, one_f_one_b)
+from plait.parallel.pipeline.schedule import (
+    Action,
+    DeadlockError,
+    Schedule,
+    ScheduleError,
+    bubble_theory,
+    build_schedule,
+    dry_run,
+    forward_only,
+    gpipe,
+    one_f_one_b,
+)
 
 
 def _row(text: str, stage: int) -> tuple[Action, ...]:
@@ -47,7 +57,8 @@ def test_dry_run_catches_mismatched_order():
     swapped = list(good.actions[1])
     swapped[0], swapped[1] = swapped[1], swapped[0]   # stage 1: F1 F0 F2 ..., but stage 0 sends micro-batch 0 first
     broken = Schedule("broken", 2, 3, (good.actions[0], tuple(swapped)))
-    with pytest.raises(ScheduleError, match=r"mismatched send/recv order on stage 1.*micro-batch 1.*sent micro-batch 0"):
+    with pytest.raises(ScheduleError,
+                       match=r"mismatched send/recv order on stage 1.*micro-batch 1.*sent micro-batch 0"):
         dry_run(broken)
 
 
@@ -83,5 +94,6 @@ def test_receive_plan_rejects_zero_depth_and_skips_actions_without_messages():
 
     with pytest.raises(ValueError, match="depth"):
         RecvAhead([None], depth=0, device=torch.device("cpu"))
-    recvs = RecvAhead([None, None], device=torch.device("cpu"))  # a first stage's forwards receive nothing: no receive is posted
+    # a first stage's forwards receive nothing: no receive is posted
+    recvs = RecvAhead([None, None], device=torch.device("cpu"))
     assert recvs.get(0) is None and recvs.get(1) is None

@@ -13,11 +13,17 @@ import torch.nn.functional as F
 
 from plait.experiment.config import from_dict
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.pipeline import (
+    PipelineLayout,
+    PipelineStage,
+    ReplicaGroups,
+    build_schedule,
+    pipelined_forward,
+    split_layers,
+)
 from plait.parallel.pipeline.config import PipelineRunConfig
-from plait.parallel.pipeline_train import choose_boundaries
-from plait.parallel.pipeline import (PipelineLayout, PipelineStage, ReplicaGroups, build_schedule, pipelined_forward,
-                                     split_layers)
 from plait.parallel.pipeline.model import deep_mlp
+from plait.parallel.pipeline_train import choose_boundaries
 
 IN_FEATURES, HIDDEN, DEPTH, BATCH, STEPS, LR, MOMENTUM = 20, 16, 6, 12, 3, 0.1, 0.9
 # name: (stages, replicas, micro_batches, schedule, boundaries into the 12 layers, recompute)
@@ -69,7 +75,8 @@ def _run_case(rank: int, world_size: int, case: tuple) -> dict | None:
         optimizer.step()
         peaks.append(stage.meter.peak_bytes)
         records.append(record)
-    return {"stage": stage_index, "replica": replica, "params": {k: v.numpy().copy() for k, v in module.state_dict().items()},
+    return {"stage": stage_index, "replica": replica,
+            "params": {k: v.numpy().copy() for k, v in module.state_dict().items()},
             "peak_bytes": max(peaks), "live_after": stage.meter.live_bytes,
             "actions": [(kind, k) for kind, k, _, _ in records[-1].intervals],
             "loss": None if records[-1].loss is None else float(records[-1].loss)}
@@ -106,6 +113,10 @@ def _reference(boundaries: list[int]) -> tuple[list[dict], list[float]]:
     return [s.state_dict() for s in split_layers(model, boundaries)], losses
 
 
+def _assert_param_close(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"{where}: {m}")
+
+
 def test_pipelines_match_single_process_training_and_inference():
     results = spawn_ranks(_all_cases, 4, timeout_s=240)
     for name, (stages, replicas, micro, schedule_name, bounds, _) in CASES.items():
@@ -116,8 +127,8 @@ def test_pipelines_match_single_process_training_and_inference():
             want = expected[got["stage"]]
             assert got["params"].keys() == want.keys()
             for key in want:
-                torch.testing.assert_close(torch.from_numpy(got["params"][key]), want[key], atol=1e-5, rtol=0,
-                                           msg=lambda m: f"{name}, stage {got['stage']}, {key}: {m}")
+                _assert_param_close(torch.from_numpy(got["params"][key]), want[key],
+                                    f"{name}, stage {got['stage']}, {key}")
             assert got["live_after"] == 0, name  # every saved activation was freed by its backward
             assert got["actions"] == [(a.kind, a.micro_batch)
                                       for a in build_schedule(schedule_name, stages, micro).actions[got["stage"]]]

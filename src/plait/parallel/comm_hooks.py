@@ -21,8 +21,8 @@ Hooks here: `allreduce_hook` (the default sync, plain mean), `CastHook` (fp16 / 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
@@ -48,7 +48,7 @@ class GradBucket:
         return out
 
 
-CommHook = Callable[[GradBucket], Union[Handle, torch.Tensor]]
+CommHook = Callable[[GradBucket], Handle | torch.Tensor]
 
 
 def allreduce_hook(bucket: GradBucket) -> Handle:

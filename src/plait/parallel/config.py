@@ -38,7 +38,8 @@ class ParallelSection:
         if not self.bucket_mb > 0:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
         if self.threads_per_rank < 0:
-            raise ValueError(f"parallel.threads_per_rank must be >= 0 (0: torch's default), got {self.threads_per_rank}")
+            raise ValueError(
+                f"parallel.threads_per_rank must be >= 0 (0: torch's default), got {self.threads_per_rank}")
 
 
 @dataclass(kw_only=True, slots=True)

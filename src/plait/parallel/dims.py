@@ -47,7 +47,7 @@ class ParallelDims:
     def pp_ranks(self, rank: int) -> list[int]:
         return [rank // self.pp * self.pp + s for s in range(self.pp)]
 
-    def build(self) -> "ParallelDims":
+    def build(self) -> ParallelDims:
         """Create the groups (collective: every rank calls it, after init_process_group)."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build needs torch.distributed initialised (spawn_ranks or torchrun)")

@@ -36,8 +36,13 @@ from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
-from plait.parallel.pipeline.checkpoints import (agreed_step, fetch_missing_stage_files, prepare_under_torchrun,
-                                                 save_stage_checkpoint, stage_file)
+from plait.parallel.pipeline.checkpoints import (
+    agreed_step,
+    fetch_missing_stage_files,
+    prepare_under_torchrun,
+    save_stage_checkpoint,
+    stage_file,
+)
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict

@@ -10,7 +10,7 @@ autocast on the CPU is refused: without a scaler, and slower than fp32 there, it
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Literal
+from typing import Literal
 
 import torch
 
@@ -24,7 +24,7 @@ def check_precision(precision: str, section: str = "train") -> None:
         raise ValueError(f"{section}.precision = {precision!r} is unknown; choose one of {list(PRECISIONS)}")
 
 
-def autocast_for(precision: str, device: torch.device) -> ContextManager:
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for `precision` on `device`'s type ("fp32": none)."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -42,7 +42,7 @@ class MixedPrecision:
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.precision, self.device)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ checkpoints). Gathering or loading the full parameters or state is collective: e
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch

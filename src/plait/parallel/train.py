@@ -69,7 +69,7 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         config = load_config(config_path, overrides, allreduce)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     backend = None if config.parallel.backend == "auto" else config.parallel.backend
     if under_torchrun():
         summary = run_from_env(train_rank, config, resume, backend=backend)

@@ -5,8 +5,9 @@ overlapping backward); then each of the n ranks steps only its 1/n of the flat p
 state covers only that slice (Adam's two moments take 2N/n floats per rank instead of 2N), and the updated slices
 are all-gathered into every rank's flat parameters. The optimizers are element-wise, so stepping slices gives the
 same numbers as stepping the whole. Per step the all-gather (each slice broadcast by its owner) adds (n−1)/n of the
-parameter bytes to the all-reduce's 2(n−1)/n (ZeRO-2 would reduce-scatter the gradients instead of all-reducing them, and send no more than plain data
-parallel: not built here, as Plait's buckets are laid out in backward order, not in the slices' order).
+parameter bytes to the all-reduce's 2(n−1)/n (ZeRO-2 would reduce-scatter the gradients instead of all-reducing
+them, and send no more than plain data parallel: not built here, as Plait's buckets are laid out in backward order,
+not in the slices' order).
 
 The slice is a view into the flat parameter buffer (the optimizer writes into the model directly); its gradient is
 gathered from the parameters' gradient views (the flat gradient is laid out in reverse order, so it is no slice of
@@ -16,7 +17,7 @@ it). Checkpoints hold the full flat state: gathering it (`full_state`) and loadi
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

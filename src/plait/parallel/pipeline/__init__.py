@@ -14,11 +14,27 @@ micro-batches with point-to-point activations and gradients, replicate the pipel
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_forward, pipelined_predict
 from plait.parallel.pipeline.memory import ActivationMeter
-from plait.parallel.pipeline.partition import (balance, balance_by_params, balance_by_time, check_boundaries,
-                                               split_layers)
-from plait.parallel.pipeline.schedule import (Action, DeadlockError, DryRun, Schedule, ScheduleError, build_schedule,
-                                              bubble_theory, dry_run, forward_only, gpipe, one_f_one_b)
-from plait.parallel.pipeline.stage import Placement, PipelineStage, StepRecord, micro_batch_sizes
+from plait.parallel.pipeline.partition import (
+                                               balance,
+                                               balance_by_params,
+                                               balance_by_time,
+                                               check_boundaries,
+                                               split_layers,
+)
+from plait.parallel.pipeline.schedule import (
+                                               Action,
+                                               DeadlockError,
+                                               DryRun,
+                                               Schedule,
+                                               ScheduleError,
+                                               bubble_theory,
+                                               build_schedule,
+                                               dry_run,
+                                               forward_only,
+                                               gpipe,
+                                               one_f_one_b,
+)
+from plait.parallel.pipeline.stage import PipelineStage, Placement, StepRecord, micro_batch_sizes
 
 __all__ = [
     "Action", "ActivationMeter", "DeadlockError", "DryRun", "PipelineLayout", "PipelineStage", "Placement",

@@ -83,6 +83,10 @@ def agreed_step(run: RunDir, boundaries: list[int], num_stages: int) -> int:
     return int(step)
 
 
+def _write_tensor_bytes(path: Path, data: torch.Tensor) -> None:
+    atomic_write_bytes(path, lambda f: f.write(data.numpy().tobytes()))
+
+
 def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stages: int) -> list[int]:
     """Give every rank its stage's file of `step`, sent by the lowest rank holding it when its own run directory
     has none (collective). Returns the ranks that received one."""
@@ -112,7 +116,7 @@ def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stag
             dist.recv(size, holders[0])
             data = torch.empty(int(size), dtype=torch.uint8)
             dist.recv(data, holders[0])
-            atomic_write_bytes(stage_file(run, stage, step), lambda f: f.write(data.numpy().tobytes()))
+            _write_tensor_bytes(stage_file(run, stage, step), data)
         received.append(dst)
     return received
 

@@ -7,7 +7,7 @@ when the backward has consumed it. Parameters (and views of them) are weights, n
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -15,7 +15,7 @@ import torch
 class _Held:
     __slots__ = ("tensor", "_meter", "_key")
 
-    def __init__(self, tensor: torch.Tensor, meter: "ActivationMeter"):
+    def __init__(self, tensor: torch.Tensor, meter: ActivationMeter):
         self.tensor = tensor
         self._meter = meter
         self._key = meter._acquire(tensor)

@@ -10,15 +10,21 @@ gradient); the caller then all-reduces across replicas if any, and steps its opt
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.parallel.pipeline.comm import (RecvAhead, SendHandles, decode_header, empty_header, encode_header,
-                                          infer_output)
+from plait.parallel.pipeline.comm import (
+    RecvAhead,
+    SendHandles,
+    decode_header,
+    empty_header,
+    encode_header,
+    infer_output,
+)
 from plait.parallel.pipeline.memory import ActivationMeter
 from plait.parallel.pipeline.schedule import Schedule
 from plait.parallel.precision import autocast_for, check_precision
@@ -207,7 +213,9 @@ class PipelineStage:
         return out
 
     # -- inference ------------------------------------------------------------------------------------------------
-    def forward_step(self, schedule: Schedule, batch_size: int, inputs: torch.Tensor | None = None) -> torch.Tensor | None:
+    def forward_step(
+        self, schedule: Schedule, batch_size: int, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Forward-only pipelined pass; the last stage returns the outputs for the whole batch, the others None."""
         where = self.placement
         if not schedule.forward_only or schedule.num_stages != where.num_stages:
