@@ -239,6 +239,7 @@ _FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "ra
 # (file, function, factory): host-side tensors on purpose
 _HOST_SIDE = {
     ("pipeline_train.py", "_checkpoint", "tensor"): "checkpoint contents are written from the host",
+    ("checkpoints.py", "save_stage_checkpoint", "tensor"): "checkpoint contents are written from the host",
     ("pipeline_train.py", "__init__", "empty"): "the sampler's permutation indexes the host data set",
     ("pipeline_train.py", "indices", "randperm"): "the sampler's permutation indexes the host data set",
     ("sampler.py", "__init__", "empty"): "the sampler's permutation indexes the host data set",

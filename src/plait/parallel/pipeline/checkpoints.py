@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from plait.experiment.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.device import rank_device
 
 NO_CHECKPOINT = 2**62  # a rank without checkpoint.pt, in the MIN over the ranks' committed steps
 
@@ -29,8 +30,13 @@ def stage_file(run: RunDir, stage: int, step: int) -> Path:
     return run.path / f"stage{stage}.step{step}.pt"
 
 
+def _comm() -> torch.device:
+    """Where a tensor for a collective lives: the rank's GPU under NCCL, the CPU under gloo."""
+    return rank_device()
+
+
 def _flags_of_all_ranks(flag: bool) -> list[bool]:
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=_comm())
     flags[dist.get_rank()] = int(flag)
     dist.all_reduce(flags)
     return [bool(f) for f in flags]
@@ -50,7 +56,7 @@ def prepare_under_torchrun(root: str, name: str, write_config, resume: bool) -> 
         raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
     if restarts > 0 and not resuming:
         run.metrics_path.unlink(missing_ok=True)  # the group died before its first checkpoint: start over
-    status = torch.zeros(1, dtype=torch.int64)
+    status = torch.zeros(1, dtype=torch.int64, device=_comm())
     error = ""
     if dist.get_rank() == 0 and not resuming:
         try:
@@ -76,7 +82,7 @@ def agreed_step(run: RunDir, boundaries: list[int], num_stages: int) -> int:
             raise ValueError(f"--resume: the checkpoint's split {ckpt['boundaries'].tolist()} differs from this "
                              f"run's {boundaries}; keep parallel.stages and parallel.partition")
         committed = int(ckpt["step"])
-    step = torch.tensor([committed], dtype=torch.int64)
+    step = torch.tensor([committed], dtype=torch.int64, device=_comm())
     dist.all_reduce(step, op=dist.ReduceOp.MIN)  # a rank killed between the commits of two ranks is one behind
     if int(step) == NO_CHECKPOINT:
         raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
@@ -84,17 +90,17 @@ def agreed_step(run: RunDir, boundaries: list[int], num_stages: int) -> int:
 
 
 def _write_tensor_bytes(path: Path, data: torch.Tensor) -> None:
-    atomic_write_bytes(path, lambda f: f.write(data.numpy().tobytes()))
+    atomic_write_bytes(path, lambda f: f.write(data.cpu().numpy().tobytes()))
 
 
 def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stages: int) -> list[int]:
     """Give every rank its stage's file of `step`, sent by the lowest rank holding it when its own run directory
     has none (collective). Returns the ranks that received one."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    held = torch.zeros(world, num_stages, dtype=torch.int64)
+    held = torch.zeros(world, num_stages, dtype=torch.int64, device=_comm())
     for stage in range(num_stages):
         held[rank, stage] = int(stage_file(run, stage, step).exists())
-    stage_of = torch.zeros(world, dtype=torch.int64)
+    stage_of = torch.zeros(world, dtype=torch.int64, device=_comm())
     stage_of[rank] = stage_index
     dist.all_reduce(held)
     dist.all_reduce(stage_of)
@@ -109,12 +115,12 @@ def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stag
                                     f"its run directory {run.path}; not starting over")
         if rank == holders[0]:
             data = torch.frombuffer(bytearray(stage_file(run, stage, step).read_bytes()), dtype=torch.uint8)
-            dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst)
-            dist.send(data, dst)
+            dist.send(torch.tensor([data.numel()], dtype=torch.int64, device=_comm()), dst)
+            dist.send(data.to(_comm()), dst)
         elif rank == dst:
-            size = torch.zeros(1, dtype=torch.int64)
+            size = torch.zeros(1, dtype=torch.int64, device=_comm())
             dist.recv(size, holders[0])
-            data = torch.empty(int(size), dtype=torch.uint8)
+            data = torch.empty(int(size), dtype=torch.uint8, device=_comm())
             dist.recv(data, holders[0])
             _write_tensor_bytes(stage_file(run, stage, step), data)
         received.append(dst)
