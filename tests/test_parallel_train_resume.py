@@ -67,6 +67,9 @@ def test_metrics_record_every_step_with_ring_bytes_and_a_slow_rank(reference):
     tmp, params = reference
     records = read_metrics(tmp / "straight" / "dp" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    run_dir = tmp / "straight" / "dp"  # every plane writes through the same sinks and draws its plots
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")) and (run_dir / "metrics.csv").exists()
+    assert (run_dir / "plots" / "loss.png").exists()
     numel = params.numel()
     for r in records:  # ring on 2 ranks: each rank sends and receives S = 4·numel bytes per step
         assert r["bytes_sent"] == [4 * numel, 4 * numel] and r["bytes_recv"] == [4 * numel, 4 * numel]

@@ -55,6 +55,9 @@ def test_cli_pipeline_run_and_resume(tmp_path):
     accuracy = [r["accuracy"] for r in records if "accuracy" in r]
     assert len(accuracy) == 1 and 0 <= accuracy[0] <= 1
     assert int(load_checkpoint(whole / "checkpoint.pt")["step"]) == 4
+    # every plane writes through the same sinks and draws its plots
+    assert list((whole / "tb").glob("events.out.tfevents.*")) and (whole / "metrics.csv").exists()
+    assert (whole / "plots" / "loss.png").exists()
     # each stage keeps the last step and the one before (a rank killed between two ranks' commits resumes there)
     assert sorted(p.name for p in whole.glob("stage*.pt")) == ["stage0.step2.pt", "stage0.step4.pt",
                                                                 "stage1.step2.pt", "stage1.step4.pt"]

@@ -44,6 +44,7 @@ def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
     np.testing.assert_allclose(summary.weights, reference, rtol=0, atol=2e-6)
     assert not np.allclose(summary.weights, build_flat_model(config)[1].numpy(), atol=1e-3)  # it did train
     assert (tmp_path / "bsp1" / "plots" / "loss.png").exists()
+    assert list((tmp_path / "bsp1" / "tb").glob("events.out.tfevents.*"))  # the same sinks as every plane
 
 
 def test_a_run_with_curve_keys_is_the_same_run_encrypted(tmp_path):

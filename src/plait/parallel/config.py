@@ -17,6 +17,7 @@ class RunSection:
     name: str = "data_parallel"
     root: str = "runs"
     seed: int = 0
+    tensorboard: bool = True           # also write TensorBoard event files to the run's tb/
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

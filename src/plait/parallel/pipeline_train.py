@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
-from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
+from plait.experiment.metrics import elapsed_so_far, truncate_metrics
+from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.sinks import MetricSinks
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import build_optimizer, optimizer_name, state_matches
@@ -150,7 +152,8 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
     if rank == metrics_rank:
         if resume:
             truncate_metrics(run.metrics_path, "step", start)  # steps after the checkpoint are redone, not doubled
-        log = MetricsLog(run.metrics_path)
+        log = MetricSinks(run.path, "step", resume_after=start if resume else None,
+                          tensorboard=config.run.tensorboard)  # jsonl, csv, TensorBoard
     final: dict[str, Any] = {}
     started = time.perf_counter() - (elapsed_so_far(run.metrics_path) if log is not None and resume else 0.0)
     stack = contextlib.ExitStack()
@@ -224,6 +227,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     console.print(f"step {final.get('step')}: loss {final.get('loss', float('nan')):.4f}"
                   + (f", test accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""))
     console.print(f"run directory: {run.path}")
+    for path in plot_run(run.path):
+        console.print(f"plot: {path}")
 
 
 def _torchrun_main(argv: list[str]) -> None:

@@ -34,9 +34,11 @@ from plait.core.models import build_model
 from plait.data.images import load_image_set
 from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
-from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
+from plait.experiment.metrics import elapsed_so_far, truncate_metrics
+from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.sinks import MetricSinks
 from plait.parallel.comm_hooks import make_comm_hook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
@@ -94,6 +96,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
               + (f"  test accuracy: {acc:.4f}" if acc is not None else "")
               + f"  ({summary['seconds']:.1f} s)")
         print(f"run directory: {summary['run_dir']}")
+        for path in plot_run(summary["run_dir"]):
+            print(f"plot: {path}")
 
 
 # ---- one rank -------------------------------------------------------------------------------------------------------
@@ -287,7 +291,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    log = MetricsLog(run.metrics_path) if rank == 0 else None
+    log = MetricSinks(run.path, "step", resume_after=start_step if resuming else None,
+                      tensorboard=config.run.tensorboard) if rank == 0 else None  # jsonl, csv, TensorBoard
     window = torch.zeros(len(_METRICS), dtype=torch.float64)  # host sums since the last record (times, bytes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the loss stays on the device until logged
     gathered = [torch.zeros(len(_METRICS), dtype=torch.float64, device=device) for _ in range(world_size)]

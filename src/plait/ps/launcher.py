@@ -34,6 +34,7 @@ import torch
 
 from plait.experiment.metrics import MetricsLog, elapsed_so_far, read_metrics
 from plait.experiment.progress import progress_bar
+from plait.experiment.sinks import MetricSink, MetricSinks
 from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.kvstore import KVStore
@@ -160,7 +161,7 @@ class LocalCluster:
         return any(e.get("event") in wanted and e.get("time", 0) >= self.restarted_at[process]
                    for e in read_metrics(self.state_dir / f"{self._name(process)}.jsonl"))
 
-    def _supervise_servers(self, log: MetricsLog) -> None:
+    def _supervise_servers(self, log: MetricSink) -> None:
         for process, proc in enumerate(self.servers):
             if proc.poll() is None:
                 continue
@@ -177,7 +178,7 @@ class LocalCluster:
             log.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
                        "exit_code": proc.returncode, "wall": time.time()})
 
-    def _supervise_workers(self, log: MetricsLog, failed: list[int]) -> bool:
+    def _supervise_workers(self, log: MetricSink, failed: list[int]) -> bool:
         """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
         failed; True while any worker is still running."""
         for rank, proc in enumerate(self.workers):
@@ -262,7 +263,7 @@ class LocalCluster:
         stopped_by = None
         previous_handlers = self._catch_signals()
         try:
-            with MetricsLog(self.run_dir / "metrics.jsonl") as log, \
+            with MetricSinks(self.run_dir, "step", tensorboard=cfg.run.tensorboard) as log, \
                     progress_bar("clocks", cfg.train.steps, enabled=self.show_progress) as bar:
                 while self._supervise_workers(log, failed):
                     if time.perf_counter() - started > self.timeout_s:
@@ -329,7 +330,7 @@ class LocalCluster:
         count = self.num_processes if fault.kill_every else 1
         return [(fault.kill_at_step + n * fault.kill_every, (first + n) % self.num_processes) for n in range(count)]
 
-    def _inject_kill(self, kills: list[tuple[int, int]], step: int, log: MetricsLog) -> None:
+    def _inject_kill(self, kills: list[tuple[int, int]], step: int, log: MetricSink) -> None:
         if not kills or step < kills[0][0]:
             return
         if any(self.restarts[p] and not self._recovered(p) for p in range(self.num_processes)):
