@@ -120,7 +120,7 @@ def test_any_config_table_loads_or_names_the_problem(raw):
 def test_the_long_fuzz_run(monkeypatch):
     import subprocess
     import sys
-    env = {**os.environ, "PLAIT_FUZZ_EXAMPLES": "5000"}
+    env = {**os.environ, "PLAIT_FUZZ_EXAMPLES": "2000"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m",
                              "not slow"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
