@@ -7,12 +7,7 @@ bit-identical parameters (no step lost or repeated) and a metrics log with every
 
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +16,7 @@ import torch
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.metrics import read_metrics
 from plait.parallel.train import main
+from tests_support import torchrun_and_kill_rank
 
 STEPS = 60
 CONFIG = """
@@ -100,27 +96,10 @@ def test_stop_and_resume_reaches_the_same_parameters(reference):
 def test_killed_rank_under_torchrun_restarts_from_checkpoint(reference):
     tmp, params = reference
     run_dir = tmp / "killed" / "dp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "plait.cli", "train", str(_config(tmp, "killed"))]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 90
-        while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
-            records = read_metrics(run_dir / "metrics.jsonl")
-            if records and records[-1]["step"] >= 15 and (run_dir / "checkpoint.pt").exists():
-                pid = int((run_dir / "ranks" / "rank1.pid").read_text())
-                os.kill(pid, signal.SIGKILL)  # a real kill of one rank's process
-                killed_at = records[-1]["step"]
-            time.sleep(0.01)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    killed_at, code, output = torchrun_and_kill_rank(["plait.cli", "train", str(_config(tmp, "killed"))], tmp,
+                                                     run_dir, 15)
     assert killed_at is not None and killed_at < STEPS, f"the run ended before the kill:\n{output[-3000:]}"
-    assert proc.returncode == 0, output[-3000:]
+    assert code == 0, output[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step lost, none repeated
     restarted = [r["step"] for r in records if r["restart"] == 1]

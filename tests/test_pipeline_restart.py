@@ -3,11 +3,6 @@ itself (no FileExistsError, no --resume) and ends bit-identical to an uninterrup
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +13,7 @@ from plait.experiment.rundir import RunDir
 from plait.parallel import pipeline_train
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
+from tests_support import torchrun_and_kill_rank
 
 STEPS = 300
 CONFIG = """
@@ -54,26 +50,11 @@ def _config(tmp: Path, name: str) -> Path:
 def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path):
     pipeline_train.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
     run_dir = tmp_path / "runs" / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "plait.parallel.pipeline_train", str(_config(tmp_path, "killed"))]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 120
-        while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
-            records = read_metrics(run_dir / "metrics.jsonl")
-            if records and records[-1]["step"] >= 50 and (run_dir / "checkpoint.pt").exists():
-                os.kill(int((run_dir / "ranks" / "rank1.pid").read_text()), signal.SIGKILL)  # the last stage
-                killed_at = records[-1]["step"]
-            time.sleep(0.01)
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    killed_at, code, output = torchrun_and_kill_rank(
+        ["plait.parallel.pipeline_train", str(_config(tmp_path, "killed"))], tmp_path, run_dir, 50,
+        wait_s=120, finish_s=180)  # the last stage is killed
     assert killed_at is not None and killed_at < STEPS, f"the run ended before the kill:\n{output[-3000:]}"
-    assert proc.returncode == 0, output[-3000:]
+    assert code == 0, output[-3000:]
     assert "already holds a run" not in output
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step lost, none logged twice

@@ -13,3 +13,37 @@ def shapes_config(tmp_path, name="shapes", **fl) -> dict:
             "model": {"factory": f"{SHAPES}:make_net"},
             "data": {"source": f"{SHAPES}:load", "num_clients": 6, "partition": "iid", "eval_fraction": 0.1},
             "fl": {"rounds": 2, "fraction": 0.5, "min_clients": 2, "plan": {"batch_size": 16, "lr": 0.05}, **fl}}
+
+
+def torchrun_and_kill_rank(module_args: list[str], cwd: Path, run_dir: Path, after_step: int, *,
+                           wait_s: float = 90, finish_s: float = 120) -> tuple[int | None, int | None, str]:
+    """Start `torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m MODULE_ARGS...`, SIGKILL rank 1 once the
+    run's metrics reach `after_step` with a checkpoint written, and let torchrun restart the group. Returns
+    (the step it was killed at, or None; the exit code; the output)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from plait.experiment.metrics import read_metrics
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", *module_args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + wait_s
+        while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
+            records = read_metrics(run_dir / "metrics.jsonl")
+            if records and records[-1]["step"] >= after_step and (run_dir / "checkpoint.pt").exists():
+                os.kill(int((run_dir / "ranks" / "rank1.pid").read_text()), signal.SIGKILL)  # a real kill
+                killed_at = records[-1]["step"]
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=finish_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    return killed_at, proc.returncode, output
