@@ -51,7 +51,7 @@ def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_p
     pipeline_train.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
     run_dir = tmp_path / "runs" / "killed"
     killed_at, code, output = torchrun_and_kill_rank(
-        ["plait.parallel.pipeline_train", str(_config(tmp_path, "killed"))], tmp_path, run_dir, 50,
+        ["plait.cli", "train", str(_config(tmp_path, "killed"))], tmp_path, run_dir, 50,
         wait_s=120, finish_s=180)  # the last stage is killed
     assert killed_at is not None and killed_at < STEPS, f"the run ended before the kill:\n{output[-3000:]}"
     assert code == 0, output[-3000:]

@@ -18,6 +18,7 @@ from rich.console import Console
 from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
 from plait.federated.bounds import Diverged
 from plait.federated.net.commands import fl_app
+from plait.ps.commands import ps_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
 console = Console()
@@ -175,6 +176,8 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
 
 # `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).
 app.add_typer(fl_app, name="fl")
+# `plait ps server | worker | keys`: one parameter-server process on any host.
+app.add_typer(ps_app, name="ps")
 
 if __name__ == "__main__":
     app()

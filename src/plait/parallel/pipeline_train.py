@@ -3,8 +3,8 @@
     plait train examples/pipeline.toml --nproc 4                       4 ranks: 4 stages, or 2 replicas × 2 stages
     plait train examples/pipeline.toml --nproc 2 --set parallel.stages=2 --set parallel.schedule=gpipe
     plait train examples/pipeline.toml --nproc 4 --resume              continue from the last checkpoint
-    torchrun --nproc-per-node 4 -m plait.parallel.pipeline_train examples/pipeline.toml
-    torchrun --nproc-per-node 4 --max-restarts 1 -m plait.parallel.pipeline_train examples/pipeline.toml
+    torchrun --nproc-per-node 4 -m plait.cli train examples/pipeline.toml
+    torchrun --nproc-per-node 4 --max-restarts 1 -m plait.cli train examples/pipeline.toml
 
 Every rank builds the whole model from the seed (so all start from the same weights), keeps its stage and drops the
 rest, moves it to its device (`cuda:LOCAL_RANK` under NCCL, else the CPU: device.py), and reads the same seeded
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -203,10 +202,17 @@ def train_rank(rank: int, world_size: int, raw_config: dict[str, Any], run_path:
 
 
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
-    """`plait train` for parallel.mode = "model" | "pipeline": spawns `nproc` local ranks."""
+    """`plait train` for parallel.mode = "model" | "pipeline": spawns `nproc` local ranks, or, under torchrun
+    (`torchrun --nproc-per-node N -m plait.cli train CONFIG`), runs this process's rank."""
     from rich.console import Console
 
+    from plait.parallel.train import under_torchrun
+
     console = Console()
+    if under_torchrun():
+        config = load_config(config_path, overrides)
+        run_from_env(train_rank, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
+        return
     try:
         config = load_config(config_path, overrides)
         PipelineLayout(replicas=config.parallel.replicas, stages=config.parallel.stages).check_world(nproc)
@@ -229,19 +235,3 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     console.print(f"run directory: {run.path}")
     for path in plot_run(run.path):
         console.print(f"plot: {path}")
-
-
-def _torchrun_main(argv: list[str]) -> None:
-    """`torchrun ... -m plait.parallel.pipeline_train CONFIG [--resume] [--set key=value ...]`."""
-    if not argv:
-        raise SystemExit("usage: torchrun --nproc-per-node N -m plait.parallel.pipeline_train CONFIG "
-                         "[--resume] [--set key=value ...]")
-    resume = "--resume" in argv
-    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set" and i + 1 < len(argv)]
-    config = load_config(Path(argv[0]), overrides)
-    run_path = str(Path(config.run.root) / config.run.name)
-    run_from_env(train_rank, to_dict(config), run_path, resume, True)
-
-
-if __name__ == "__main__":
-    _torchrun_main(sys.argv[1:])

@@ -16,5 +16,5 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
     launcher.py     start servers and workers on localhost, supervise, restart servers
     trainer.py      a worker's training loop (FedAvg models on MNIST); train.py the `plait train` entry
-    node.py         `python -m plait.ps.node server|worker|keys ...` to start one process on any host
+    node.py         `plait ps server|worker|keys ...` to start one process on any host
 """

@@ -1,7 +1,7 @@
 """CurveZMQ between parameter-server hosts: traffic encrypted, and servers that serve only peers holding a known key.
 
 Off by default (a trusted cluster network, as ps-lite assumes); `sync.curve_keys = "DIR"` turns it on for every
-server, worker, evaluator and the launcher. `python -m plait.ps.node keys DIR` makes the directory:
+server, worker, evaluator and the launcher. `plait ps keys DIR` makes the directory:
 
     DIR/server.key, DIR/server.key_secret    the servers' keypair (one for all servers of the job)
     DIR/client.key, DIR/client.key_secret    the keypair workers, evaluators and the launcher present
@@ -14,6 +14,7 @@ own timeout. The handshake (CurveZMQ, RFC 26) authenticates both ends and encryp
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class CurveKeys:
         path = self.directory / (f"{name}.key_secret" if secret else f"{name}.key")
         if not path.is_file():
             raise FileNotFoundError(f"sync.curve_keys: {path} is missing (make the directory with "
-                                    f"`python -m plait.ps.node keys {self.directory}`)")
+                                    f"`plait ps keys {self.directory}`)")
         try:
             return zmq.auth.load_certificate(path)
         except ValueError as err:
@@ -69,9 +70,13 @@ def make_keys(directory: str | Path) -> CurveKeys:
     if (directory / "server.key_secret").exists() or (directory / "client.key_secret").exists():
         raise FileExistsError(f"{directory} already holds keys; remove them first to make new ones")
     (directory / "authorized").mkdir(parents=True, exist_ok=True)
-    zmq.auth.create_certificates(directory, "server")
-    client_public, _ = zmq.auth.create_certificates(directory, "client")
+    previous = os.umask(0o077)  # secret keys are private from the moment they exist: no window before a chmod
+    try:
+        zmq.auth.create_certificates(directory, "server")
+        client_public, _ = zmq.auth.create_certificates(directory, "client")
+    finally:
+        os.umask(previous)
     shutil.copy(client_public, directory / "authorized" / "client.key")
-    for secret in directory.glob("*.key_secret"):
-        secret.chmod(0o600)
+    for public in [*directory.glob("*.key"), directory / "authorized" / "client.key"]:
+        public.chmod(0o644)  # public keys stay readable
     return CurveKeys(directory)

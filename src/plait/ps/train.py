@@ -5,7 +5,7 @@ parameter servers on this machine, trained under `sync.consistency` (bsp, ssp:S 
     plait train examples/parameter_server.toml --nproc 4 --set sync.consistency='"ssp:3"' --set sync.servers=2
     plait train examples/parameter_server.toml --nproc 4 --resume      # servers continue from their checkpoints
 
-For servers and workers on different hosts, see `python -m plait.ps.node --help` and docs/parameter_server.md.
+For servers and workers on different hosts, see `plait ps --help` and docs/parameter_server.md.
 """
 
 from __future__ import annotations
