@@ -9,6 +9,7 @@ from typing import Any
 import tomli_w
 
 from plait.experiment.config import to_dict
+from plait.experiment.metrics import read_metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ def prepare_run_dir(root: str | Path, name: str, resume: bool, fresh_name: bool 
     if resume:
         if not run.checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoint_path}")
-    elif run.metrics_path.exists() or run.checkpoint_path.exists():
+    elif run.checkpoint_path.exists() or read_metrics(run.metrics_path):  # a run killed before any record: again
         raise FileExistsError(f"run directory {run.path} already holds a run; use --resume or another run.name")
     run.path.mkdir(parents=True, exist_ok=True)
     return run
