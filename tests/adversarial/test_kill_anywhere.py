@@ -15,8 +15,15 @@ import torch
 from plait.experiment.checkpoint import load_checkpoint
 from plait.experiment.config import from_dict
 from plait.federated.net.config import NetworkRunConfig
-from plait.federated.net.local import read_records, small_config, start_client, start_server, stop, \
-    wait_for_server, write_config
+from plait.federated.net.local import (
+    read_records,
+    small_config,
+    start_client,
+    start_server,
+    stop,
+    wait_for_server,
+    write_config,
+)
 from plait.federated.simulation import build_server
 
 ROUNDS, CLIENTS, KILLS = 6, 3, 3
