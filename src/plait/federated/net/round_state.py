@@ -26,7 +26,7 @@ class ClientInfo:
     num_examples: int
     last_seen: float              # monotonic time of the last authenticated request
     told_done: bool = False
-    # counted for the status page (since this registration)
+    # counted for the status page (since the server started; a re-registration keeps them)
     rounds: int = 0               # updates (or masked inputs) accepted: the rounds it took part in
     evaluations: int = 0          # federated evaluations accepted
     refusals: dict[str, int] = field(default_factory=dict)  # reason -> requests of its session refused

@@ -2,11 +2,9 @@
 
 Clients register, beat, long-poll for their task, and stream their update (or their evaluation figures) back. Every
 request is authenticated and checked before it changes anything; a refused one is answered with the reason and
-counted, and the server keeps serving everyone else. A client whose update is refused has ended its task for the
-round (it is not sent the task again, so a bad client cannot make the server re-send and re-collect).
-
-What a round is (selection, plans, aggregation, privacy, evaluation) is the one round loop's (`round_loop.py`),
-driven in a thread of its own by `serve.py`; `backend.py` posts each round's tasks here and collects the answers.
+counted, and the server keeps serving everyone else; a refused update ends that client's task for the round. What
+a round is (selection, plans, aggregation, privacy, evaluation) is the one round loop's (`round_loop.py`), driven
+by `serve.py`; `backend.py` posts each round's tasks here and collects the answers.
 """
 
 from __future__ import annotations
@@ -155,7 +153,10 @@ class NetServer:
                                                   f"{strategy.secagg.max_weight}"), f"client {cid}")
         props = {k: getattr(request.properties, k) for k in ("charging", "idle", "unmetered")}
         previous = self.clients.get(cid)
-        self.clients[cid] = ClientInfo(secrets.token_hex(8), props, request.num_examples, time.monotonic())
+        self.clients[cid] = info = ClientInfo(secrets.token_hex(8), props, request.num_examples, time.monotonic())
+        if previous is not None:  # a new session, the same client: its counts go on
+            info.rounds, info.evaluations = previous.rounds, previous.evaluations
+            info.refusals, info.last_refusal = previous.refusals, previous.last_refusal
         log.info("client %d %s (%d examples)", cid, "re-registered" if previous else "registered",
                  request.num_examples)
         return pb.RegisterReply(session=self.clients[cid].session, heartbeat_s=self.config.net.heartbeat_s,
