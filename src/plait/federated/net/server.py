@@ -57,7 +57,6 @@ _CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.
           "replay": grpc.StatusCode.UNAUTHENTICATED, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-
 class NetServer:
     def __init__(self, config: NetworkRunConfig, numel: int, rounds_done: int = 0):
         self.config, net = config, config.net
