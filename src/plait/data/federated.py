@@ -159,7 +159,8 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
                          config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)
 
 
-def _concat(sets: list[Labelled]) -> Labelled:
+def concat_labelled(sets: list[Labelled]) -> Labelled:
+    """One set of several (each input column concatenated)."""
     columns = [s.x if isinstance(s.x, tuple) else (s.x,) for s in sets]
     stacked = tuple(torch.cat([c[i] for c in columns]) for i in range(len(columns[0])))
     return Labelled(stacked if isinstance(sets[0].x, tuple) else stacked[0], torch.cat([s.y for s in sets]))
@@ -175,7 +176,7 @@ def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedDat
         empty = [k for k, c in enumerate(clients) if len(c) == 0]
         if empty:
             raise ValueError(f"data.source: clients {empty[:10]} have no examples")
-        pooled = _concat(clients)
+        pooled = concat_labelled(clients)
         bounds = np.cumsum([0] + [len(c) for c in clients])
         parts = [np.arange(bounds[k], bounds[k + 1]) for k in range(len(clients))]
     else:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import torch
 
+from plait.data.federated import concat_labelled
+from plait.data.user import Labelled
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.seeds import CENTRAL_BASELINE, LOCAL_BASELINE, derive_seed
@@ -50,9 +51,7 @@ def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
 
 def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     epochs = equivalent_epochs(server, rounds)
-    parts = [server.data.client_train(cid) for cid in range(server.data.num_clients)]
-    x = torch.cat([p[0] for p in parts]) if not isinstance(parts[0][0], tuple) else \
-        tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
-    union = ClientData(x, torch.cat([p[1] for p in parts]))
+    union = concat_labelled([Labelled(*server.data.client_train(cid)) for cid in range(server.data.num_clients)])
     seed = derive_seed(server.seed, CENTRAL_BASELINE)
-    return {"central_epochs": epochs, "central_accuracy": _trained_accuracy(server, union, epochs, seed)}
+    return {"central_epochs": epochs,
+            "central_accuracy": _trained_accuracy(server, ClientData(union.x, union.y), epochs, seed)}

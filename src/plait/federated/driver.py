@@ -30,14 +30,20 @@ class Rounds(Protocol):
     def load_checkpoint_extra(self, ckpt: dict[str, Any]) -> None: ...
 
 
-def resume_state(run: RunDir, rounds: Rounds) -> ServerState:
+def checkpointed_state(run: RunDir, rounds: Rounds) -> ServerState:
+    """The state a run's checkpoint holds, its extras loaded into `rounds`; nothing in the run is changed."""
     ckpt = load_checkpoint(run.checkpoint_path)
     if ckpt["params"].shape != rounds.initial_params.shape:
         raise ValueError(f"{run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the model has "
                          f"{rounds.initial_params.numel()}: was the config's model changed?")
-    truncate_metrics(run.metrics_path, "round", ckpt["round"])  # rounds after the checkpoint are redone once
     rounds.load_checkpoint_extra(ckpt)
     return ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
+
+
+def resume_state(run: RunDir, rounds: Rounds) -> ServerState:
+    state = checkpointed_state(run, rounds)
+    truncate_metrics(run.metrics_path, "round", state.round)  # rounds after the checkpoint are redone once
+    return state
 
 
 def drive_rounds(rounds: Rounds, run: RunDir, total: int, *, resume: bool, show_progress: bool = True,

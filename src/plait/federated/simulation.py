@@ -111,17 +111,14 @@ def _joined_ranks() -> int:
 
 def _follow(config: FederatedRunConfig, resume: bool, **user: Any) -> RunSummary:
     """A distributed run's rank other than 0: the same rounds from the same state, nothing written."""
-    from plait.experiment.checkpoint import load_checkpoint
-    from plait.federated.round_loop import ServerState
+    from plait.experiment.rundir import RunDir
+    from plait.federated.driver import checkpointed_state
 
     server = build_server(config, **user)
     started = time.perf_counter()
     run_path = Path(config.run.root) / config.run.name
-    state = server.initial_state()
-    if resume:
-        ckpt = load_checkpoint(run_path / "checkpoint.pt")  # rank 0's, on a file system every rank reads
-        server.load_checkpoint_extra(ckpt)
-        state = ServerState(ckpt["round"], ckpt["params"], ckpt["opt_state"])
+    # rank 0's checkpoint, on a file system every rank reads; rank 0 alone truncates the log
+    state = checkpointed_state(RunDir(run_path), server) if resume else server.initial_state()
     record: dict[str, Any] = {}
     try:
         while state.round < config.fl.rounds and not record.get("stop"):
