@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 CODECS = [("none", {}), ("fp16", {}), ("int8", {}), ("qsgd", {"levels": 16}),
           ("topk", {"ratio": 0.05, "error_feedback": True}), ("randk", {"ratio": 0.25, "error_feedback": True})]

@@ -24,12 +24,12 @@ import torch
 
 from plait.core.models import build_model
 from plait.data.federated import DataConfig, FederatedData, load_federated
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig, FLConfig
 from plait.federated.executor import SequentialExecutor
 from plait.federated.privacy.audit import membership_audit
 from plait.federated.server import FederatedServer
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 
 def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None) -> dict:

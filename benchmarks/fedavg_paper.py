@@ -51,9 +51,9 @@ class Outcome:
 
 
 def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0) -> tuple[Outcome, object]:
-    from plait.experiment.config import from_dict
     from plait.federated.config import FederatedRunConfig
     from plait.federated.simulation import build_server, run_federated
+    from plait.settings.config import from_dict
 
     row = ROWS[name]
     raw = {"run": {"name": f"{name}-lr{lr}", "root": str(root), "seed": seed, "threads": 0, "tensorboard": False},

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from plait.core.flat import load_flat_params
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.pool_executor import ProcessPoolExecutor
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 
 def reference_round(model, data, global_params, spec, clients, plans):

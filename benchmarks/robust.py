@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 RUNS = [("fedavg_clean", {"name": "fedavg"}, "none"), ("fedavg", {"name": "fedavg"}, "sign_flip"),
         ("median", {"name": "median"}, "sign_flip"), ("trimmed_mean", {"name": "trimmed_mean", "trim_fraction": 0.3},

@@ -31,9 +31,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plait.experiment.metrics import read_metrics  # noqa: E402
 from plait.ps.config import PSRunConfig  # noqa: E402
 from plait.ps.train import run_ps  # noqa: E402
+from plait.runtime.metrics_log import read_metrics  # noqa: E402
 
 MODES = ("bsp", "ssp:3", "asp")
 RESULTS = Path(__file__).parent / "results"

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from plait.data.federated import FederatedData
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.config import FederatedRunConfig, FLConfig
 from plait.federated.executor import SequentialExecutor
 from plait.federated.pipeline import ClientStages, CompressionConfig
 from plait.federated.privacy import PrivacyConfig
 from plait.federated.server import FederatedServer
+from plait.settings.config import ConfigError, from_dict
 
 
 def _server(compression: dict, strategy=None, attack=None):

@@ -123,10 +123,10 @@ def test_the_dashboard_shows_rounds_clients_and_a_refusal(tmp_path):
 
 
 def test_the_feed_reads_appended_rounds_waits_for_a_cut_line_and_rereads_after_a_resume(tmp_path):
-    from plait.experiment.config import from_dict
     from plait.federated.net.config import NetworkRunConfig
     from plait.federated.net.round_state import ClientInfo
     from plait.federated.net.status import DashboardFeed
+    from plait.settings.config import from_dict
 
     feed = DashboardFeed(from_dict(NetworkRunConfig, small_config(tmp_path, rounds=10, round_timeout_s=30.0)))
     path = tmp_path / "net" / "metrics.jsonl"

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server, run_federated
 from plait.federated.stragglers import DeviceConfig, DevicePool
+from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config
 
 
@@ -59,7 +59,7 @@ def test_the_clock_goes_on_across_rounds_and_a_resume(tmp_path):
     clock = [r["sim_clock_h"] for r in records]
     assert clock == sorted(clock) and clock[0] > 0
     assert (summary.run_dir / "plots" / "accuracy_vs_sim_time.png").exists()
-    from plait.experiment.checkpoint import load_checkpoint  # a resumed run's clock goes on from the checkpoint
+    from plait.runtime.checkpoint import load_checkpoint  # a resumed run's clock goes on from the checkpoint
 
     again = build_server(from_dict(FederatedRunConfig, raw))
     again.load_checkpoint_extra(load_checkpoint(summary.run_dir / "checkpoint.pt"))

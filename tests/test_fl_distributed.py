@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import run_federated
 from plait.parallel.launch import spawn_ranks
+from plait.runtime.checkpoint import load_checkpoint
+from plait.settings.config import from_dict
 from tests_support import shapes_config
 
 

@@ -58,13 +58,13 @@ def test_pool_names_the_failing_client(model_and_params):
 
 
 def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
-    from plait.experiment.config import from_dict
     from plait.federated.backends.auto import choose_executor
     from plait.federated.client_update import ClientData
     from plait.federated.config import FederatedRunConfig
     from plait.federated.simulation import build_server
     from plait.federated.task import Task
     from plait.federated.weights import flat_model_state
+    from plait.settings.config import from_dict
     from tests_support import shapes_config
 
     raw = shapes_config(tmp_path, executor="auto")

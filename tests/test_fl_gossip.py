@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server, run_federated
 from plait.federated.topology import mixing_matrix, neighbours
+from plait.settings.config import from_dict
 
 
 @pytest.mark.parametrize("topology, nodes, degree", [("ring", 7, 0), ("torus", 16, 0), ("random_regular", 12, 3),

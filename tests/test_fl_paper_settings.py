@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.baselines import centralised, equivalent_epochs, local_only
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server, run_federated
+from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config
 
 

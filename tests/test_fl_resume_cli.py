@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
-from plait.experiment.config import from_dict, load_toml
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import run_federated
+from plait.settings.config import from_dict, load_toml
 
 CONFIG = """
 [run]

@@ -2,12 +2,12 @@ import numpy as np
 import torch
 
 from plait.core.aggregate import weighted_mean
-from plait.experiment.config import from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.config import FederatedRunConfig
 from plait.federated.selection import select_clients
 from plait.federated.server import client_seed
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 
 def _config(tmp_path, **fl):

@@ -8,11 +8,11 @@ import csv
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from plait.experiment.config import from_dict
-from plait.experiment.metrics import truncate_metrics
 from plait.experiment.sinks import MetricSinks
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import run_federated
+from plait.runtime.metrics_log import truncate_metrics
+from plait.settings.config import from_dict
 
 
 def _scalars(log_dir, tag):

@@ -11,8 +11,6 @@ import time
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.local import (
     cluster,
@@ -27,6 +25,8 @@ from plait.federated.net.local import (
     write_config,
 )
 from plait.federated.simulation import build_server
+from plait.runtime.checkpoint import load_checkpoint
+from plait.settings.config import from_dict
 
 
 @pytest.mark.timeout(150)

@@ -16,8 +16,6 @@ from plait.core.aggregate import RunningWeightedSum
 from plait.core.flat import flat_params
 from plait.core.models import build_model
 from plait.data.federated import load_federated
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.local import (
@@ -30,6 +28,8 @@ from plait.federated.net.local import (
     write_config,
 )
 from plait.federated.seeds import client_seed
+from plait.runtime.checkpoint import load_checkpoint
+from plait.settings.config import from_dict
 
 NUM_CLIENTS = 5
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.net.local import cluster, read_records, small_config, write_config
 from plait.federated.simulation import build_server
+from plait.runtime.checkpoint import load_checkpoint
+from plait.settings.config import from_dict
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_model"
 NUM_CLIENTS, ROUNDS = 3, 2

@@ -9,7 +9,6 @@ import pytest
 import torch
 from cryptography import x509
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import Verifier, derive_client_key, sign
 from plait.federated.net.certs import make_certs
@@ -24,6 +23,7 @@ from plait.federated.net.wire import (
     safe_parser,
     tensor_header,
 )
+from plait.settings.config import ConfigError, from_dict
 
 
 def test_chunks_round_trip_bytes_exactly():

@@ -171,8 +171,8 @@ ratio = 0.05
 
 @pytest.mark.parametrize("hook", ["powersgd", "topk"])
 def test_stopped_and_resumed_run_with_a_hook_ends_bit_identical(tmp_path, hook):
-    from plait.experiment.checkpoint import load_checkpoint
     from plait.parallel.train import main
+    from plait.runtime.checkpoint import load_checkpoint
 
     def run(name: str, steps: int, resume: bool = False) -> dict:
         path = tmp_path / f"{name}.toml"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.experiment.config import from_dict
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.optim import build_optimizer, flat_state, load_flat_state
 from plait.parallel.pipeline.config import PipelineRunConfig
+from plait.settings.config import from_dict
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from plait.experiment.config import from_dict
-from plait.experiment.metrics import read_metrics
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.train import main
+from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import from_dict
 
 
 def _bf16_train(dims: ParallelDims, x: torch.Tensor, y: torch.Tensor, precision: str) -> dict:

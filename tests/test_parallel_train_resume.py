@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.metrics import read_metrics
 from plait.parallel.train import main
+from plait.runtime.checkpoint import load_checkpoint
+from plait.runtime.metrics_log import read_metrics
 from tests_support import torchrun_and_kill_rank
 
 STEPS = 60
@@ -161,7 +161,7 @@ def test_resume_with_adam_restores_both_moments_and_the_step_count(tmp_path):
 
 def test_a_checkpoint_from_before_adam_still_resumes_sgd_momentum(reference):
     """Checkpoints written before the optimizer choice held SGD's momentum as `momentum`: they still resume."""
-    from plait.experiment.checkpoint import save_checkpoint
+    from plait.runtime.checkpoint import save_checkpoint
 
     tmp, params = reference
     main(_config(tmp, "legacy", steps=40), nproc=2, resume=False, overrides=[], allreduce=None)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.memory import ActivationMeter
 from plait.parallel.pipeline.model import deep_mlp
@@ -19,6 +18,7 @@ from plait.parallel.pipeline.partition import (
     split_layers,
 )
 from plait.parallel.pipeline.stage import micro_batch_sizes
+from plait.settings.config import ConfigError, from_dict
 
 
 def test_balance_minimises_the_largest_stage():

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
-from plait.experiment.metrics import read_metrics
 from plait.experiment.rundir import RunDir
 from plait.parallel import pipeline_train
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
+from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
+from plait.runtime.metrics_log import read_metrics
 from tests_support import torchrun_and_kill_rank
 
 STEPS = 300

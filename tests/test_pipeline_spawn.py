@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from plait.experiment.config import from_dict
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline import (
     PipelineLayout,
@@ -24,6 +23,7 @@ from plait.parallel.pipeline import (
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.model import deep_mlp
 from plait.parallel.pipeline_train import choose_boundaries
+from plait.settings.config import from_dict
 
 IN_FEATURES, HIDDEN, DEPTH, BATCH, STEPS, LR, MOMENTUM = 20, 16, 6, 12, 3, 0.1, 0.9
 # name: (stages, replicas, micro_batches, schedule, boundaries into the 12 layers, recompute)

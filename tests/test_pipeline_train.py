@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
-from plait.experiment.checkpoint import load_checkpoint
 from plait.parallel import pipeline_train
+from plait.runtime.checkpoint import load_checkpoint
 
 CONFIG = """
 [run]

@@ -9,8 +9,8 @@ import re
 import pytest
 import tomli_w
 
-from plait.experiment.metric_names import DATA_PARALLEL, FEDERATED, canonical_records, plane_of
 from plait.experiment.plots import plot_run, run_figures
+from plait.runtime.metric_names import DATA_PARALLEL, FEDERATED, canonical_records, plane_of
 
 
 def write_run(run, records, config=None):

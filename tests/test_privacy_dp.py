@@ -11,7 +11,6 @@ from dp_accounting import rdp
 from torch import nn
 
 from plait.data.federated import FederatedData
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.client_update import Update
 from plait.federated.config import FLConfig
 from plait.federated.executor import SequentialExecutor
@@ -21,6 +20,7 @@ from plait.federated.privacy.audit import loss_threshold_attack
 from plait.federated.privacy.central import delta_noise_multiplier
 from plait.federated.server import FederatedServer
 from plait.federated.strategy import FedAvgAggregator
+from plait.settings.config import ConfigError, from_dict
 
 
 def _central(dim, clip=1.0, z=0.0, expected=5, seed=0, count_std=None):

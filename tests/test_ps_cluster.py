@@ -4,10 +4,10 @@
 import numpy as np
 import torch
 
-from plait.experiment.metrics import read_metrics
 from plait.ps.config import PSRunConfig
 from plait.ps.train import run_ps
 from plait.ps.trainer import build_flat_model, load_split, loss_and_grad
+from plait.runtime.metrics_log import read_metrics
 
 
 def make_config(tmp_path, name, **sections) -> PSRunConfig:

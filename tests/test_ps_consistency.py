@@ -199,8 +199,8 @@ def test_a_resent_pushpull_waiting_under_bsp_still_returns_the_new_value(tmp_pat
 def test_checkpoint_every_counts_updates_of_the_whole_shard_not_of_its_pieces(tmp_path, consistency):
     """A key cut into 3 pieces: 4 steps are 12 piece updates but 4 updates of the shard, so checkpoint_every = 2
     writes 2 checkpoints (after steps 2 and 4), not 6. BSP applies a piece's update once its clock completes."""
-    from plait.experiment.metrics import read_metrics
     from plait.ps.checkpoint import load_shards
+    from plait.runtime.metrics_log import read_metrics
 
     servers, endpoints = start_servers(tmp_path, 1, consistency, num_workers=1, checkpoint_every=2)
     try:
@@ -232,8 +232,8 @@ def test_server_survives_garbage_and_answers_inconsistent_requests_with_errors(t
     request whose payload contradicts its header with an ERROR naming the key, and a real worker trains on after."""
     import zmq
 
-    from plait.experiment.metrics import read_metrics
     from plait.ps.wire import HEADER_BYTES, Header, Op
+    from plait.runtime.metrics_log import read_metrics
 
     servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1)
     context = zmq.Context()
@@ -293,8 +293,8 @@ def test_a_refused_request_naming_a_dropped_worker_does_not_bring_it_back(tmp_pa
     not count as a sign of life."""
     import zmq
 
-    from plait.experiment.metrics import read_metrics
     from plait.ps.wire import Header, Op
+    from plait.runtime.metrics_log import read_metrics
 
     servers, endpoints = start_servers(tmp_path, 1, "bsp", worker_timeout_s=0.3, num_workers=2)
     context = zmq.Context()
@@ -339,9 +339,9 @@ def test_curve_keys_serve_only_peers_with_the_jobs_client_key(tmp_path):
 
     import zmq
 
-    from plait.experiment.metrics import read_metrics
     from plait.ps.security import make_keys
     from plait.ps.wire import Header, Op
+    from plait.runtime.metrics_log import read_metrics
 
     keys = make_keys(tmp_path / "keys").directory
     stranger = make_keys(tmp_path / "stranger").directory

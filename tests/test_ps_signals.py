@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plait.experiment.metrics import read_metrics
 from plait.ps.checkpoint import load_shards
 from plait.ps.kvstore import KVStore
 from plait.ps.train import load_run_config, run_ps
+from plait.runtime.metrics_log import read_metrics
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

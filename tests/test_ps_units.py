@@ -155,8 +155,8 @@ def test_optimizer_config_names_the_setting():
 def test_example_config_loads_and_unknown_keys_are_errors():
     from pathlib import Path
 
-    from plait.experiment.config import ConfigError, from_dict, load_toml
     from plait.ps.config import PSRunConfig
+    from plait.settings.config import ConfigError, from_dict, load_toml
 
     data = load_toml(Path(__file__).parents[1] / "examples" / "parameter_server.toml")
     config = from_dict(PSRunConfig, data)

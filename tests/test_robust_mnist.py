@@ -5,9 +5,9 @@ Slow (three 15-round MNIST runs, a few minutes on 2 cores): runs in CI's slow jo
 
 import pytest
 
-from plait.experiment.config import from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.simulation import build_server
+from plait.settings.config import from_dict
 
 
 def _final_accuracy(strategy: dict, attack: str, rounds: int = 15) -> float:

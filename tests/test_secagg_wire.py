@@ -4,8 +4,8 @@ rejected."""
 import pytest
 import torch
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.secagg import SecAggConfig, fixedpoint, messages
+from plait.settings.config import ConfigError, from_dict
 
 
 def test_encode_decode_against_hand_computed_values():

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.config import FederatedRunConfig
 from plait.federated.evaluate import evaluate
@@ -18,6 +17,7 @@ from plait.federated.pool_executor import ProcessPoolExecutor
 from plait.federated.simulation import build_server, run_federated
 from plait.federated.task import Task
 from plait.federated.weights import flat_model_state
+from plait.settings.config import ConfigError, from_dict
 from plait.user_code import resolve
 from tests_support import EXAMPLE, SHAPES, shapes_config
 

@@ -26,7 +26,7 @@ def torchrun_and_kill_rank(module_args: list[str], cwd: Path, run_dir: Path, aft
     import sys
     import time
 
-    from plait.experiment.metrics import read_metrics
+    from plait.runtime.metrics_log import read_metrics
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "-m", *module_args]

@@ -15,10 +15,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
 from plait.federated.bounds import Diverged
 from plait.federated.net.commands import fl_app
 from plait.ps.commands import ps_app
+from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
 console = Console()

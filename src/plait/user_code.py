@@ -1,6 +1,6 @@
 """User code named in a config by reference: `"package.module:name"` (an importable module) or
 `"path/to/file.py:name"` (a file; a relative path is taken from the config file's folder, see
-`experiment.config.load_toml`). A wrong reference stops the run at start with a message naming the setting."""
+`settings.config.load_toml`). A wrong reference stops the run at start with a message naming the setting."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plait.experiment.config import ConfigError, from_dict
 from plait.federated.config import FederatedRunConfig
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.wire import (
@@ -26,6 +25,7 @@ from plait.federated.net.wire import (
 )
 from plait.federated.secagg import messages
 from plait.ps.wire import HEADER_BYTES, Header
+from plait.settings.config import ConfigError, from_dict
 
 EXAMPLES = int(os.environ.get("PLAIT_FUZZ_EXAMPLES", "120"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,7 +21,6 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
-from plait.experiment.config import from_dict
 from plait.federated.bounds import BoundedAggregator, BoundsConfig, Diverged, UpdateRefused, extend_history
 from plait.federated.client_update import Update
 from plait.federated.config import FederatedRunConfig
@@ -31,6 +30,7 @@ from plait.federated.net.local import cluster, read_records, small_config, write
 from plait.federated.net.wire import iter_chunks
 from plait.federated.simulation import run_federated
 from plait.federated.strategy import FedAvgAggregator
+from plait.settings.config import from_dict
 from tests_support import EXAMPLE, shapes_config
 
 ROGUE = 2

@@ -108,9 +108,9 @@ precision = "bf16"
 
 
 def test_trainer_end_to_end_on_one_nccl_rank(tmp_path):
-    from plait.experiment.checkpoint import load_checkpoint
-    from plait.experiment.metrics import read_metrics
     from plait.parallel.train import main
+    from plait.runtime.checkpoint import load_checkpoint
+    from plait.runtime.metrics_log import read_metrics
 
     path = tmp_path / "dp.toml"
     path.write_text(CONFIG.format(root=tmp_path.as_posix()))

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plait.experiment.config import ConfigError, load_toml
-from plait.experiment.metric_names import METRICS, canonical_records, plane_of
-from plait.experiment.metrics import read_metrics
 from plait.experiment.plots import RECORD_AXIS, Figure, save_figure, series, x_key_of
+from plait.runtime.metric_names import METRICS, canonical_records, plane_of
+from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import ConfigError, load_toml
 
 TIME_KEYS = ("elapsed_s",)                          # seconds since the run (or its last resume) started
 IGNORED_SETTINGS = {"run.name", "run.root"}         # differ between any two runs; say nothing about the design

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plait.experiment.config import ConfigError, load_toml
-from plait.experiment.metric_names import METRICS, canonical_records, plane_of
-from plait.experiment.metrics import read_metrics
+from plait.runtime.metric_names import METRICS, canonical_records, plane_of
+from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import ConfigError, load_toml
 
 X_KEYS = ("round", "step", "clock")
 RECORD_AXIS = "record"  # the axis of a log with no round/step/clock key: the record number

@@ -8,8 +8,8 @@ from typing import Any
 
 import tomli_w
 
-from plait.experiment.config import to_dict
-from plait.experiment.metrics import read_metrics
+from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import to_dict
 
 
 @dataclass(frozen=True, slots=True)

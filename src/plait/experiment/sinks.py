@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-from plait.experiment.checkpoint import atomic_write_bytes
-from plait.experiment.metrics import MetricsLog, read_metrics
+from plait.runtime.checkpoint import atomic_write_bytes
+from plait.runtime.metrics_log import MetricsLog, read_metrics
 
 TRAFFIC_KEYS = ("bytes_up", "bytes_down")  # summed into the cumulative kB axis of TensorBoard's vs_kB/ tags
 

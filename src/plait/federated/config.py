@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from plait.data.federated import DataConfig
-from plait.experiment.sections import RunSection as BaseRunSection
 from plait.federated.attacks import AttackConfig
 from plait.federated.bounds import BoundsConfig
 from plait.federated.pipeline import CompressionConfig
@@ -16,6 +15,7 @@ from plait.federated.server_opt import ServerOptConfig
 from plait.federated.stragglers import DeviceConfig
 from plait.federated.strategy import StrategyConfig
 from plait.federated.topology import GossipConfig
+from plait.settings.sections import RunSection as BaseRunSection
 from plait.user_code import is_reference
 
 

@@ -11,13 +11,13 @@ from typing import Any, Protocol
 
 import torch
 
-from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
-from plait.experiment.metrics import elapsed_so_far, truncate_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir
 from plait.experiment.sinks import MetricSinks
 from plait.federated.bounds import Diverged
 from plait.federated.round_loop import ServerState
+from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
+from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
 
 
 class Rounds(Protocol):

@@ -39,11 +39,11 @@ def save_weights(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor, run
 def export_run(run_dir: Path) -> Path:
     """`plait export RUN_DIR`: model.safetensors from a federated run's config.toml and last checkpoint."""
     from plait.data.shakespeare import VOCAB
-    from plait.experiment.checkpoint import load_checkpoint
-    from plait.experiment.config import from_dict, load_toml
     from plait.federated.components import build_model
     from plait.federated.config import FederatedRunConfig
     from plait.federated.weights import flat_model_state
+    from plait.runtime.checkpoint import load_checkpoint
+    from plait.settings.config import from_dict, load_toml
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").is_file():

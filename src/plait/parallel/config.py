@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.experiment.sections import ImageModelSection as ModelSection
 from plait.parallel.collectives import ALGORITHMS
 from plait.parallel.comm_hooks import check_hook_name
 from plait.parallel.optim import check_optimizer_settings
 from plait.parallel.precision import check_precision
+from plait.settings.sections import ImageModelSection as ModelSection
 
 
 @dataclass(kw_only=True, slots=True)

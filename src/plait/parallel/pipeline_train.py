@@ -27,9 +27,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from plait.data.images import load_image_set
-from plait.experiment.checkpoint import load_checkpoint
-from plait.experiment.config import apply_overrides, from_dict, load_toml, to_dict
-from plait.experiment.metrics import elapsed_so_far, truncate_metrics
 from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
@@ -51,6 +48,9 @@ from plait.parallel.pipeline.model import build_sequential
 from plait.parallel.pipeline.partition import as_layers, balance_by_params, balance_by_time, split_layers
 from plait.parallel.pipeline.schedule import build_schedule, dry_run
 from plait.parallel.pipeline.stage import PipelineStage
+from plait.runtime.checkpoint import load_checkpoint
+from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
+from plait.settings.config import apply_overrides, from_dict, load_toml, to_dict
 
 
 def load_config(config_path: Path, overrides: list[str]) -> PipelineRunConfig:

@@ -32,9 +32,6 @@ import torch.distributed as dist
 
 from plait.core.models import build_model
 from plait.data.images import load_image_set
-from plait.experiment.checkpoint import load_checkpoint, save_checkpoint
-from plait.experiment.config import ConfigError, apply_overrides, from_dict, load_toml
-from plait.experiment.metrics import elapsed_so_far, truncate_metrics
 from plait.experiment.plots import plot_run
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir, prepare_run_dir
@@ -49,6 +46,9 @@ from plait.parallel.launch import run_from_env, spawn_ranks
 from plait.parallel.optim import state_matches
 from plait.parallel.sampler import ShardedSampler
 from plait.parallel.sharded import ShardedDataParallel
+from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
+from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
+from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 _METRICS = ("loss", "bytes_sent", "bytes_recv", "compute_s", "comm_s", "step_s")

@@ -1,6 +1,6 @@
 """A server's shard checkpoint: its pieces, optimizer state and clocks, written atomically as one .npz.
 
-Written atomically (temp file, fsync, rename, fsync the directory) by plait.experiment.checkpoint: a server killed
+Written atomically (temp file, fsync, rename, fsync the directory) by plait.runtime.checkpoint: a server killed
 while writing leaves the previous checkpoint intact. Read back with allow_pickle=False: a checkpoint is data, never
 code. Nothing here imports torch, so a server starts, and restarts, in a fraction of a second.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plait.experiment.checkpoint import atomic_write_bytes
+from plait.runtime.checkpoint import atomic_write_bytes
 
 
 @dataclass(slots=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import typer
 
-from plait.experiment.config import apply_overrides, from_dict, load_toml
 from plait.ps.config import PSRunConfig
+from plait.settings.config import apply_overrides, from_dict, load_toml
 
 ps_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="Parameter-server processes on any host: servers, workers, CurveZMQ keys.")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.experiment.sections import ImageModelSection as ModelSection
-from plait.experiment.sections import RunSection as BaseRunSection
 from plait.ps.consistency import Consistency
 from plait.ps.optim import OptimizerConfig
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
+from plait.settings.sections import ImageModelSection as ModelSection
+from plait.settings.sections import RunSection as BaseRunSection
 
 
 @dataclass(kw_only=True, slots=True)

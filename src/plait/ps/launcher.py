@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from plait.experiment.metrics import MetricsLog, elapsed_so_far, read_metrics
 from plait.experiment.progress import progress_bar
 from plait.experiment.sinks import MetricSink, MetricSinks
 from plait.ps.config import PSRunConfig
@@ -43,6 +42,7 @@ from plait.ps.server_config import server_name
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
+from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, read_metrics
 
 STARTUP_TIMEOUT_S = 60.0
 

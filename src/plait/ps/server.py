@@ -33,7 +33,6 @@ import time
 
 import numpy as np
 
-from plait.experiment.metrics import MetricsLog
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
 from plait.ps.consistency import NO_LIVE_WORKER, ClockTable, Consistency
 from plait.ps.optim import ShardOptimizer
@@ -42,6 +41,7 @@ from plait.ps.security import CurveKeys
 from plait.ps.server_config import ServerConfig, Slot, slot_of
 from plait.ps.transport import ServerTransport
 from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
+from plait.runtime.metrics_log import MetricsLog
 
 MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
 

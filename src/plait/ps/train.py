@@ -16,11 +16,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from plait.experiment.config import apply_overrides, from_dict, load_toml
 from plait.experiment.plots import plot_run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
 from plait.ps.launcher import ClusterSummary, LocalCluster
+from plait.settings.config import apply_overrides, from_dict, load_toml
 
 
 def load_run_config(config_path: Path, overrides: list[str]) -> PSRunConfig:

@@ -20,9 +20,9 @@ from torch.func import functional_call
 from plait.core.flat import FlatSpec, flat_params, split_views
 from plait.core.models import build_model
 from plait.data.images import load_image_set
-from plait.experiment.metrics import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.ps.config import PSRunConfig
 from plait.ps.kvstore import KVStore
+from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, truncate_metrics
 
 PARAMS_KEY = 0
 RESTART_ENV = "PLAIT_PS_WORKER_RESTART"  # set by the local launcher: how many times this worker was restarted

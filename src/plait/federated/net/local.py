@@ -167,9 +167,9 @@ def run_against_simulation(config: dict[str, Any], work_dir: Path, num_clients: 
     """Write `config` (as `small_config` makes it), start a server and `num_clients` clients on it (logs in
     `work_dir`), simulate the same config in this process meanwhile, wait for every process, and read the
     results; the caller asserts on what comes back."""
-    from plait.experiment.checkpoint import load_checkpoint
-    from plait.experiment.config import from_dict
     from plait.federated.net.config import NetworkRunConfig
+    from plait.runtime.checkpoint import load_checkpoint
+    from plait.settings.config import from_dict
 
     work_dir = Path(work_dir)
     path = write_config(work_dir / "fl.toml", config)

@@ -21,7 +21,6 @@ import grpc
 import torch
 
 from plait.data.federated import load_test_set
-from plait.experiment.metrics import read_metrics
 from plait.experiment.plots import plot_run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
@@ -35,6 +34,7 @@ from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import grpc_options
 from plait.federated.round_loop import RoundLoop, ServerState
 from plait.federated.weights import flat_model_state
+from plait.runtime.metrics_log import read_metrics
 
 log = logging.getLogger("plait.fl.server")
 

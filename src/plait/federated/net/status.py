@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from plait.experiment.metric_names import FEDERATED, canonical_records
+from plait.runtime.metric_names import FEDERATED, canonical_records
 
 # Per-round figures the charts draw, under their canonical names (metric_names.py).
 SERIES_KEYS = ("round", "elapsed_s", "test_accuracy", "test_loss", "train_loss", "fed_accuracy", "epsilon",

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plait.experiment.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device
+from plait.runtime.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 NO_CHECKPOINT = 2**62  # a rank without checkpoint.pt, in the MIN over the ranks' committed steps
 

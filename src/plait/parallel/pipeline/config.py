@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.experiment.sections import RunSection as BaseRunSection
 from plait.parallel.optim import check_optimizer_settings
 from plait.parallel.precision import check_precision
+from plait.settings.sections import RunSection as BaseRunSection
 
 
 @dataclass(kw_only=True, slots=True)

@@ -6,11 +6,12 @@ A crash at any moment leaves either the previous checkpoint or the new one, neve
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -36,4 +37,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     # weights_only: a checkpoint is data, never code.
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return state

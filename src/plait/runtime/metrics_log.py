@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from plait.experiment.checkpoint import atomic_write_bytes
+from plait.runtime.checkpoint import atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:
@@ -34,7 +34,7 @@ class MetricsLog:
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

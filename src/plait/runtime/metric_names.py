@@ -18,6 +18,7 @@ Derived by the readers when a log lacks them: cumulative_bytes_up, cumulative_by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,7 @@ PLANE_ALIASES: dict[str | None, dict[str, str]] = {
 CUMULATIVE = {"bytes_up": "cumulative_bytes_up", "bytes_down": "cumulative_bytes_down"}
 
 
-def plane_of(config: dict[str, Any], records: list[dict[str, Any]] = ()) -> str | None:
+def plane_of(config: dict[str, Any], records: Sequence[dict[str, Any]] = ()) -> str | None:
     """The plane that wrote a run, from its config.toml tables (or, without one, from its records)."""
     parallel, sync = config.get("parallel", {}), config.get("sync", {})
     if "fl" in config:

@@ -24,7 +24,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -47,7 +47,7 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         shorthand = getattr(hint, "SHORTHAND", None)  # `model = "pkg:make"` for `[model] factory = "pkg:make"`
         if isinstance(value, str) and shorthand:
             value = {shorthand: value}
-        return from_dict(hint, value, name)
+        return from_dict(typing.cast(Any, hint), value, name)
     if origin is Literal:
         if value not in get_args(hint):
             raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(get_args(hint))}")
@@ -90,14 +90,15 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain TOML-able data (None values dropped: TOML has no null)."""
-    def clean(value):
+    def clean(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items() if v is not None}
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         return value
 
-    return clean(dataclasses.asdict(config))
+    cleaned: dict[str, Any] = clean(dataclasses.asdict(config))
+    return cleaned
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -110,7 +111,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
-    return _anchor_file_references(data, path.resolve().parent)
+    anchored: dict[str, Any] = _anchor_file_references(data, path.resolve().parent)
+    return anchored
 
 
 def _anchor_file_references(value: Any, folder: Path) -> Any:

@@ -1,0 +1,1 @@
+"""Config files: TOML into typed dataclasses, overrides, and the sections every plane shares."""
