@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the terminal
 
-DEMO_CONFIG = Path(__file__).parent / "demo.toml"
+DEMO_CONFIG = Path(__file__).parents[1] / "demo.toml"
 
 
 def _version(value: bool) -> None:
@@ -178,6 +178,3 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
 app.add_typer(fl_app, name="fl")
 # `plait ps server | worker | keys`: one parameter-server process on any host.
 app.add_typer(ps_app, name="ps")
-
-if __name__ == "__main__":
-    app()
