@@ -27,19 +27,25 @@ RUNS = [("fedavg_clean", {"name": "fedavg"}, "none"), ("fedavg", {"name": "fedav
         ("multi_krum", {"name": "multi_krum", "byzantine_fraction": 0.3}, "sign_flip")]
 
 
-def run(rounds: int, strategy: dict, attack: str, scale: float = 4.0) -> dict:
+def run(rounds: int, strategy: dict, attack: str, scale: float = 4.0, bounds: dict | None = None) -> dict:
+    """Final test accuracy after `rounds` rounds (skipped rounds included), with the bounds given (default ones
+    if None) and a round whose aggregate is not finite skipped rather than stopping the run."""
     config = from_dict(FederatedRunConfig, {
         "run": {"name": "bench", "seed": 0, "threads": 1}, "model": {"name": "2nn"},
         "data": {"name": "mnist", "num_clients": 100, "partition": "iid"},
         "fl": {"rounds": rounds, "fraction": 0.2, "min_clients": 10, "eval_every": 0,
                "plan": {"epochs": 1, "batch_size": 10, "lr": 0.1}, "strategy": strategy,
-               "attack": {"kind": attack, "fraction": 0.2, "scale": scale}}})
+               "attack": {"kind": attack, "fraction": 0.2, "scale": scale},
+               "bounds": {**(bounds or {}), "on_divergence": "skip"}}})
     server = build_server(config)
-    state, started, attacked = server.initial_state(), time.perf_counter(), 0
+    state, started, attacked, refused, skipped = server.initial_state(), time.perf_counter(), 0, 0, 0
     for _ in range(rounds):
         state, record = server.run_round(state)
         attacked = max(attacked, record.get("attackers", 0))
-    return {"accuracy": record["accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked}
+        refused += record.get("refused", 0)
+        skipped += bool(record.get("skipped"))
+    return {"accuracy": record["accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked,
+            "refused": refused, "skipped_rounds": skipped}
 
 
 def main() -> None:

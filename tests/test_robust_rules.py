@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from plait.core import robust
-from plait.federated.attacks import AttackConfig, attacker_ids, flip_labels, poison_delta
+from plait.federated.attacks import AttackConfig, attacker_ids, flip_labels, poison_count, poison_delta
+from plait.federated.bounds import BoundedAggregator, BoundsConfig, UpdateRefused
 from plait.federated.client_update import Update
 from plait.federated.strategy import StrategyConfig, make_aggregator
 
@@ -74,3 +75,54 @@ def test_poisoning():
     noise = poison_delta("scaled_noise", torch.ones(20000), 3.0, g)
     assert abs(float(noise.std()) - 3.0) < 0.1
     assert flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
+
+
+def _honest() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.ones(4) + 0.1 * torch.randn(4, generator=g) for _ in range(10)]
+
+
+def _attacked_round(rule: str, attack: str, bounds: BoundsConfig) -> torch.Tensor:
+    """10 honest clients (deltas near 1, 600 examples each) and 2 attackers, through the bounds and the rule."""
+    aggregator = BoundedAggregator(make_aggregator(StrategyConfig(name=rule, trim_fraction=0.2,
+                                                                  byzantine_fraction=0.2), 4),
+                                   bounds, torch.zeros(0, dtype=torch.float64))
+    honest = _honest()
+    for cid, delta in enumerate(honest):
+        aggregator.add(cid, Update(delta, 600))
+    for cid in (10, 11):
+        try:
+            aggregator.add(cid, Update(poison_delta(attack, honest[0], 4.0, torch.Generator()),
+                                       poison_count(attack, 600)))
+        except UpdateRefused:
+            pass
+    return aggregator.result()
+
+
+UNBOUNDED = BoundsConfig(max_norm=0, norm_factor=0, max_examples=0)
+
+
+@pytest.mark.parametrize("attack", ["huge_update", "huge_count"])
+def test_unchecked_fedavg_is_owned_by_one_huge_update_or_count(attack):
+    result = _attacked_round("fedavg", attack, UNBOUNDED)
+    if attack == "huge_update":
+        assert (result.abs() > 1e37).all()  # 2 × 600 × 3e38 / 7200: the next forward pass overflows
+    else:
+        assert torch.allclose(result, -4 * _honest()[0], rtol=1e-4)  # 2^62 examples against 6000
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "krum", "multi_krum"])
+@pytest.mark.parametrize("attack", ["huge_update", "huge_count"])
+def test_bounds_and_robust_rules_hold_against_huge_attacks(rule, attack):
+    """Behind the bounds a huge update is refused by its norm and a huge count is capped at max_examples (FedAvg:
+    the capped weighted mean, by hand); a robust rule also stays near the honest mean (1) without the bounds."""
+    bounds = BoundsConfig(max_examples=1000)  # about what a client of this deployment holds
+    result = _attacked_round(rule, attack, bounds)
+    honest = _honest()
+    if rule == "fedavg":
+        expected = sum(honest) / 10 if attack == "huge_update" else \
+            (600 * sum(honest) + 2 * 1000 * (-4 * honest[0])) / (6000 + 2000)
+        assert torch.allclose(result, expected, atol=1e-5)
+    else:
+        assert torch.allclose(result, torch.ones(4), atol=0.3)
+        assert torch.allclose(_attacked_round(rule, attack, UNBOUNDED), torch.ones(4), atol=0.3)

@@ -15,7 +15,7 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.data.federated import FederatedData
-from plait.federated.attacks import attacker_ids, flip_labels, poison_delta
+from plait.federated.attacks import attacker_ids, flip_labels, poison_count, poison_delta
 from plait.federated.bounds import Diverged, UpdateRefused
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData, Update
@@ -91,18 +91,18 @@ class SimulatedBackend:
             record["attackers"] = 0
         got = Collected(participants=0, dropped=len(dropped))
         for cid, update in self.train(kept, tasks):
-            delta = update.delta
+            delta, examples = update.delta, update.num_examples
             if update.local_buffers is not None:
                 self.local[cid] = update.local_buffers
             if cid in self.attackers:
                 record["attackers"] += 1
                 generator = torch.Generator().manual_seed(stage_seed(self.seed, round_idx, cid, ATTACK_STAGE))
                 delta = poison_delta(self.config.attack.kind, delta, self.config.attack.scale, generator)
+                examples = poison_count(self.config.attack.kind, examples)
             encoded = self.program.finish(cid, delta, round_idx)  # the client program's stages, as on a device
             record["bytes_up"] += encoded.nbytes
             try:
-                tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), update.num_examples,
-                                                 update.metrics))
+                tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), examples, update.metrics))
             except UpdateRefused as refusal:
                 self._refused(refusal, round_idx, cid, update, record)
                 continue
