@@ -25,6 +25,7 @@ from robust import run
 
 BOUNDS = {"off": {"max_norm": 0, "norm_factor": 0, "max_examples": 0}, "default": {},
           "tight": {"max_examples": 1000}}
+GOAL = "no hijack behind tight bounds: robust rules within 2 points of clean, FedAvg at its honest-weight figure"
 RULES = {"fedavg": {"name": "fedavg"}, "median": {"name": "median"},
          "trimmed_mean": {"name": "trimmed_mean", "trim_fraction": 0.3},
          "multi_krum": {"name": "multi_krum", "byzantine_fraction": 0.3}}
@@ -49,7 +50,7 @@ def main() -> None:
                 lines.append({"benchmark": "hostile_updates", "metric": metric,
                               "plait": r["accuracy"], "reference": clean, "ratio": r["accuracy"] / clean,
                               "refused": r["refused"], "skipped_rounds": r["skipped_rounds"],
-                              "goal": "no hijack behind tight bounds: robust rules within 2 points of clean, FedAvg at its honest-weight figure"})
+                              "goal": GOAL})
     for line in lines:
         print(json.dumps(line))
     worst = min((line for line in lines if line["metric"].endswith("bounds_tight")), key=lambda x: x["plait"])
