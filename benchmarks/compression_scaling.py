@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 import torch.distributed as dist
 
+from plait.core.compress import TopKCodec
 from plait.core.models import build_model
 from plait.parallel.collectives import make_allreduce
 from plait.parallel.comm_hooks import CastHook
@@ -51,7 +52,7 @@ def _sync_for(method: str, params, rank: int) -> GradSync:
     if method == "ring":
         return GradSync(params, allreduce, bucket_bytes=BUCKET_BYTES)
     if method == "topk_allgather":
-        compressor = GradCompressor("topk", ratio=RATIO, error_feedback=True, seed=rank)
+        compressor = GradCompressor(TopKCodec(ratio=RATIO, seed=rank), error_feedback=True)
         return GradSync(params, allreduce, bucket_bytes=BUCKET_BYTES, op="compressed", compressor=compressor)
     hook = {"fp16": lambda: CastHook(torch.float16), "topk_shared": lambda: SharedTopKHook(ratio=RATIO),
             "powersgd": lambda: PowerSGDHook(rank=RANK, start_step=0)}[method]()

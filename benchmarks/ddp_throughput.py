@@ -35,6 +35,7 @@ from plait.data.images import load_image_set
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.sampler import ShardedSampler
 
 BATCH = 32
@@ -65,7 +66,7 @@ def _timed(loop) -> float:
 
 
 def _plait_run(name: str, dims: ParallelDims, batches) -> float:
-    dp = DataParallel(_model(name), dims, allreduce="native", bucket_bytes=1 << 20, lr=0.01)
+    dp = DataParallel(_model(name), dims, bucket_bytes=1 << 20, optimizer=optimizer_factory(lr=0.01))
     dp.broadcast_params()
     dp.train_step([batches[0]], 1)  # warm-up
 
@@ -97,8 +98,8 @@ def _ddp_run(name: str, batches) -> float:
 
 
 def _straggler_run(dims: ParallelDims, batches, kind: str, probability: float, seed: int = 0) -> float:
-    dp = DataParallel(_model("2nn"), dims, kind=kind, local_steps=8, allreduce="native", bucket_bytes=1 << 20,
-                      lr=0.01)
+    dp = DataParallel(_model("2nn"), dims, kind=kind, local_steps=8, bucket_bytes=1 << 20,
+                      optimizer=optimizer_factory(lr=0.01))
     dp.broadcast_params()
     rank = dist.get_rank()
     last_compute = 0.0

@@ -32,7 +32,7 @@ from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
-from plait.parallel.optim import build_optimizer
+from plait.parallel.optim import build_optimizer, optimizer_factory
 from plait.parallel.pipeline.inference import pipelined_forward
 from plait.parallel.pipeline.model import build_sequential
 from plait.parallel.pipeline.schedule import build_schedule
@@ -61,9 +61,9 @@ def _data_parallel(rank: int, world_size: int, model_name: str, precision: str, 
     torch.manual_seed(0)
     model = build_model(model_name).to(device)
     if way == "fsdp2":
-        dp = ShardedDataParallel(model, dims, lr=0.01, momentum=0.9, precision=precision)
+        dp = ShardedDataParallel(model, dims, optimizer=optimizer_factory(lr=0.01, momentum=0.9), precision=precision)
     else:
-        dp = DataParallel(model, dims, lr=0.01, momentum=0.9, precision=precision,
+        dp = DataParallel(model, dims, optimizer=optimizer_factory(lr=0.01, momentum=0.9), precision=precision,
                           comm_hook=make_comm_hook(hook, start_step=2), shard_optimizer=way == "zero1")
     batches = _batches(device, 4)
     for step in range(1, 6):  # warm-up: kernels, autocast caches, allocator

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.pipeline.model import deep_mlp
 from plait.parallel.sharded import ShardedDataParallel
 
@@ -78,7 +79,7 @@ def _rank(rank: int, world_size: int, way: str, depth: int, width: int, steps: i
             torch.nn.functional.cross_entropy(ddp(x), y).backward()
             optimizer.step()
     else:
-        kwargs = dict(optimizer="adam", lr=1e-4)
+        kwargs = dict(optimizer=optimizer_factory("adam", lr=1e-4))
         dp = (ShardedDataParallel(model, dims, **kwargs) if way == "fsdp2"
               else DataParallel(model, dims, shard_optimizer=way == "zero1", **kwargs))
         dp.broadcast_params()

@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.parallel.collectives import make_allreduce
 from plait.parallel.comm_hooks import CastHook, GradBucket, allreduce_hook, make_comm_hook
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.powersgd import PowerSGDHook
 from plait.parallel.topk_hook import SharedTopKHook
 
@@ -62,8 +64,9 @@ def _train_rank(rank: int, world_size: int) -> dict:
     x, y = _data()
     out = {}
     for name, hook in _hooks().items():
-        allreduce = "ring" if name.endswith("_ring") else "native"
-        dp = DataParallel(_model(), dims, bucket_bytes=8192, lr=LR, momentum=0.9, comm_hook=hook, allreduce=allreduce)
+        allreduce = make_allreduce("ring" if name.endswith("_ring") else "native", dims.grad_group)
+        dp = DataParallel(_model(), dims, bucket_bytes=8192, optimizer=optimizer_factory(lr=LR, momentum=0.9),
+                          comm_hook=hook, allreduce=allreduce)
         dp.broadcast_params()
         losses, first_grad, bytes_after = [], None, []
         for step in range(1, STEPS + 1):
@@ -171,7 +174,7 @@ ratio = 0.05
 
 @pytest.mark.parametrize("hook", ["powersgd", "topk"])
 def test_stopped_and_resumed_run_with_a_hook_ends_bit_identical(tmp_path, hook):
-    from plait.parallel.train import main
+    from plait.experiment.runs.data_parallel import main
     from plait.runtime.checkpoint import load_checkpoint
 
     def run(name: str, steps: int, resume: bool = False) -> dict:

@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from plait.core.compress import Fp16Codec, TopKCodec
 from plait.core.models import mnist_2nn
+from plait.parallel.collectives import make_allreduce
 from plait.parallel.compression import GradCompressor
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.sampler import ShardedSampler
 
 NUM_EXAMPLES, BATCH, HIDDEN, LR, MOMENTUM = 192, 8, 24, 0.1, 0.9
@@ -54,16 +57,20 @@ def _train_rank(rank: int, world_size: int) -> dict:
     x, y = _data()
     out = {}
     for name, (kwargs, accumulate, steps) in VARIANTS.items():
-        kwargs = dict(kwargs)
+        kwargs = dict(kwargs)  # the variant's settings, built as a config section builds them
         if "compressor" in kwargs:
             codec, ratio = kwargs.pop("compressor")
-            kwargs["compressor"] = GradCompressor(codec, ratio=ratio, error_feedback=True, seed=rank)
+            built = TopKCodec(ratio=ratio, seed=rank) if codec == "topk" else Fp16Codec(seed=rank)
+            kwargs["compressor"] = GradCompressor(built, error_feedback=True)
+        kwargs["allreduce"] = make_allreduce(kwargs.pop("allreduce", "native"), dims.grad_group)
+        kwargs["optimizer"] = optimizer_factory(kwargs.pop("optimizer", "sgd"), lr=kwargs.pop("lr", LR),
+                                                momentum=MOMENTUM, weight_decay=kwargs.pop("weight_decay", 0.0))
         model = _model()
         if rank == 1:  # replicas start from rank 0's parameters whatever they were built with
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
-        dp = DataParallel(model, dims, **{"bucket_bytes": 1024, "lr": LR, "momentum": MOMENTUM, **kwargs})
+        dp = DataParallel(model, dims, bucket_bytes=1024, **kwargs)
         dp.broadcast_params()
         sampler = ShardedSampler(NUM_EXAMPLES, batch_size=BATCH, accumulate=accumulate, rank=rank,
                                  world_size=world_size, seed=11)

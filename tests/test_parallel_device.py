@@ -24,12 +24,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import plait.parallel
+from plait.core.compress import make_codec
+from plait.parallel.collectives import make_allreduce
 from plait.parallel.comm_hooks import CastHook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.pipeline import stage as stage_module
 from plait.parallel.pipeline.inference import pipelined_forward
 from plait.parallel.pipeline.partition import split_layers
@@ -108,8 +111,11 @@ def _dp_on_meta(rank: int, world_size: int) -> dict:
             kwargs["comm_hook"] = {"fp16": CastHook(torch.float16), "powersgd": PowerSGDHook(rank=2, start_step=0),
                                    "topk": SharedTopKHook(ratio=0.25)}[hook]
         if "compressor" in kwargs:
-            kwargs["compressor"] = GradCompressor(kwargs.pop("compressor"), ratio=1.0, error_feedback=True, seed=0)
-        dp = DataParallel(_model().to(META), dims, bucket_bytes=256, **{"lr": 0.1, **kwargs})
+            kwargs["compressor"] = GradCompressor(make_codec(kwargs.pop("compressor")), error_feedback=True)
+        if "allreduce" in kwargs:
+            kwargs["allreduce"] = make_allreduce(kwargs["allreduce"], dims.grad_group)
+        kwargs["optimizer"] = optimizer_factory(kwargs.pop("optimizer", "sgd"), lr=kwargs.pop("lr", 0.1))
+        dp = DataParallel(_model().to(META), dims, bucket_bytes=256, **kwargs)
         batches = [(torch.empty(6, 12, device=META), torch.empty(6, dtype=torch.long, device=META))] * (
             2 if "two" in name else 1)
         watch = DeviceWatch(META)
@@ -238,7 +244,6 @@ _FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "ra
               "as_tensor", "linspace", "eye"}
 # (file, function, factory): host-side tensors on purpose
 _HOST_SIDE = {
-    ("pipeline_train.py", "_checkpoint", "tensor"): "checkpoint contents are written from the host",
     ("checkpoints.py", "save_stage_checkpoint", "tensor"): "checkpoint contents are written from the host",
     ("pipeline_train.py", "__init__", "empty"): "the sampler's permutation indexes the host data set",
     ("pipeline_train.py", "indices", "randperm"): "the sampler's permutation indexes the host data set",

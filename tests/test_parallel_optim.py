@@ -75,3 +75,27 @@ def test_bad_optimizer_settings_name_the_key():
     _step(opt, params, 0)
     with pytest.raises(ValueError, match="'exp_avg' holds 17 values, the parameters 12"):
         load_flat_state(build_optimizer(params[:1], "adam", lr=0.1), params[:1], flat_state(opt, params))
+
+
+def test_config_sections_build_their_components_once_from_their_settings():
+    """The trainer is handed built components: each section turns its strings into one, with its settings."""
+    from plait.core.compress import Fp16Codec, TopKCodec
+    from plait.parallel.powersgd import PowerSGDHook
+
+    config = from_dict(DataParallelRunConfig, {"train": {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1},
+                                               "compression": {"codec": "topk", "ratio": 0.2}})
+    optimizer = config.train.build_optimizer(_params(0))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0.1
+    compressor = config.compression.build(seed=3)
+    assert isinstance(compressor.codec, TopKCodec) and compressor.codec.ratio == 0.2 and compressor.error_feedback
+    assert config.comm_hook.build(seed=0) is None  # "none": the trainer's own sync
+
+    fp16 = from_dict(DataParallelRunConfig, {"compression": {"codec": "fp16", "error_feedback": False}})
+    assert isinstance(fp16.compression.build(seed=0).codec, Fp16Codec)
+    assert from_dict(DataParallelRunConfig, {}).compression.build(seed=0) is None
+    hook = from_dict(DataParallelRunConfig, {"comm_hook": {"name": "powersgd", "rank": 3}}).comm_hook.build(seed=1)
+    assert isinstance(hook, PowerSGDHook) and hook.rank == 3
+
+    stage = from_dict(PipelineRunConfig, {"train": {"lr": 0.2}}).train.build_optimizer(_params(1))
+    assert isinstance(stage, torch.optim.SGD) and stage.defaults["momentum"] == 0.9 and stage.defaults["lr"] == 0.2

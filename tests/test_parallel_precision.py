@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from plait.experiment.runs.data_parallel import main
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.pipeline.config import PipelineRunConfig
-from plait.parallel.train import main
 from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import from_dict
 
@@ -23,7 +24,7 @@ def _bf16_train(dims: ParallelDims, x: torch.Tensor, y: torch.Tensor, precision:
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
     seen = []
     model[0].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
-    dp = DataParallel(model, dims, lr=0.1, momentum=0.9, precision=precision)
+    dp = DataParallel(model, dims, optimizer=optimizer_factory(lr=0.1, momentum=0.9), precision=precision)
     losses = [dp.train_step([(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])], i + 1)[0] for i in range(40)]
     result = {"losses": [float(v) for v in losses], "activation": str(seen[0]),
               "grad": str(dp.grad_sync.flat_grad.dtype), "param": str(dp.flat_param.dtype)}
@@ -72,9 +73,9 @@ def test_trainer_runs_bf16_with_a_powersgd_hook_from_the_config(tmp_path):
     main(path, 2, False, [], None)
     records = read_metrics(tmp_path / "dp" / "metrics.jsonl")
     assert [r["step"] for r in records] == [4, 8, 12]
-    assert all(r["loss"] == r["loss"] for r in records)  # logged on logging steps only, and finite
+    assert all(r["train_loss"] == r["train_loss"] for r in records)  # logged on logging steps only, and finite
     # after PowerSGD's warm-up each step sends less than the uncompressed 2NN gradient (199,210 floats)
-    assert records[-1]["bytes_sent"][0] < 0.25 * 199_210 * 4
+    assert records[-1]["bytes_up_per_rank"][0] < 0.25 * 199_210 * 4
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from plait.core.models import mnist_2nn
+from plait.experiment.runs.data_parallel import main
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.sharded import ShardedDataParallel
-from plait.parallel.train import main
 from plait.runtime.checkpoint import load_checkpoint
 
-CASES = {"sgd": dict(lr=0.1, momentum=0.9), "adamw": dict(optimizer="adamw", lr=0.01, weight_decay=0.01)}
+CASES = {"sgd": dict(optimizer=optimizer_factory("sgd", lr=0.1, momentum=0.9)),
+         "adamw": dict(optimizer=optimizer_factory("adamw", lr=0.01, weight_decay=0.01))}
 
 
 def _model() -> nn.Module:

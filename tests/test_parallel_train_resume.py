@@ -8,12 +8,13 @@ bit-identical parameters (no step lost or repeated) and a metrics log with every
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from plait.parallel.train import main
+from plait.experiment.runs.data_parallel import main
 from plait.runtime.checkpoint import load_checkpoint
 from plait.runtime.metrics_log import read_metrics
 from tests_support import torchrun_and_kill_rank
@@ -68,9 +69,11 @@ def test_metrics_record_every_step_with_ring_bytes_and_a_slow_rank(reference):
     assert (run_dir / "plots" / "loss.png").exists()
     numel = params.numel()
     for r in records:  # ring on 2 ranks: each rank sends and receives S = 4·numel bytes per step
-        assert r["bytes_sent"] == [4 * numel, 4 * numel] and r["bytes_recv"] == [4 * numel, 4 * numel]
-        assert r["samples_per_s"] > 0 and r["loss"] > 0
-    assert records[-1]["loss"] < records[0]["loss"]
+        assert r["bytes_up_per_rank"] == [4 * numel, 4 * numel] and r["bytes_down_per_rank"] == [4 * numel, 4 * numel]
+        assert r["bytes_up"] == r["bytes_down"] == 8 * numel  # the canonical names: summed over the ranks
+        assert r["samples_per_s"] > 0 and r["train_loss"] > 0 and r["lr"] == 0.05
+        assert abs(r["time"] - time.time()) < 3600  # Unix time
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
     fast = statistics.median(r["compute_s"][0] for r in records[5:])
     slow = statistics.median(r["compute_s"][1] for r in records[5:])
     assert slow > 2.0 * fast, (fast, slow)  # rank 1 sleeps 3× its compute time every step

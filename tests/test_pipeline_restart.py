@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir
-from plait.parallel import pipeline_train
+from plait.experiment.runs import pipeline
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
 from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -48,7 +49,7 @@ def _config(tmp: Path, name: str) -> Path:
 
 
 def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path):
-    pipeline_train.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
+    pipeline.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
     run_dir = tmp_path / "runs" / "killed"
     killed_at, code, output = torchrun_and_kill_rank(
         ["plait.cli", "train", str(_config(tmp_path, "killed"))], tmp_path, run_dir, 50,
@@ -70,16 +71,17 @@ def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_p
 def _moved_ranks(rank: int, world_size: int, root: str) -> tuple[int, list[int], bytes]:
     """Rank r runs stage r in its own directory node<r>, which holds the other stage's files (torchrun put the
     ranks on each other's node); node1 has no checkpoint.pt at all, and node0's says step 4."""
-    run = RunDir(Path(root) / f"node{rank}")
+    run = Run(RunDir(Path(root) / f"node{rank}"), resume=True, step_key="step", total=4, description="steps",
+              writes=False)
     step = agreed_step(run, boundaries=[2], num_stages=2)
-    received = fetch_missing_stage_files(run, stage_index=rank, step=step, num_stages=2)
-    return step, received, stage_file(run, rank, step).read_bytes()
+    received = fetch_missing_stage_files(run.path, stage_index=rank, step=step, num_stages=2)
+    return step, received, stage_file(run.path, rank, step).read_bytes()
 
 
 def test_a_rank_on_another_node_receives_its_stage_files_from_the_rank_that_holds_them(tmp_path):
     for node, other_stage in ((0, 1), (1, 0)):
         (tmp_path / f"node{node}").mkdir()
-        stage_file(RunDir(tmp_path / f"node{node}"), other_stage, 4).write_bytes(f"stage {other_stage}".encode())
+        stage_file(tmp_path / f"node{node}", other_stage, 4).write_bytes(f"stage {other_stage}".encode())
     save_checkpoint(tmp_path / "node0" / "checkpoint.pt",
                     {"step": 4, "stages": 2, "boundaries": torch.tensor([2], dtype=torch.int64)})
     results = spawn_ranks(_moved_ranks, 2, str(tmp_path), timeout_s=120)

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
-from plait.parallel import pipeline_train
+from plait.experiment.runs import pipeline
 from plait.runtime.checkpoint import load_checkpoint
 
 CONFIG = """
@@ -50,10 +50,11 @@ def test_cli_pipeline_run_and_resume(tmp_path):
     whole = tmp_path / "runs" / "whole"
     assert "stage 1: F0 F1 F2 B0 B1 B2" in result.output and "test accuracy" in result.output
     records = _metrics(whole / "metrics.jsonl")
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert all(0 <= r["bubble"] < 1 and r["loss"] > 0 for r in records if "loss" in r)
-    accuracy = [r["accuracy"] for r in records if "accuracy" in r]
-    assert len(accuracy) == 1 and 0 <= accuracy[0] <= 1
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert all(0 <= r["bubble"] < 1 and r["train_loss"] > 0 for r in records if "train_loss" in r)
+    tests = [r for r in records if "test_accuracy" in r]
+    assert len(tests) == 1 and 0 <= tests[0]["test_accuracy"] <= 1 and tests[0]["test_loss"] > 0
+    assert all(r["lr"] == 0.05 and r["time"] > 1.6e9 for r in records)  # in every record: the rate, Unix time
     assert int(load_checkpoint(whole / "checkpoint.pt")["step"]) == 4
     # every plane writes through the same sinks and draws its plots
     assert list((whole / "tb").glob("events.out.tfevents.*")) and (whole / "metrics.csv").exists()
@@ -64,8 +65,8 @@ def test_cli_pipeline_run_and_resume(tmp_path):
 
     # the same run cut after 2 steps, then resumed to 4, ends with the same weights and the same metrics
     config.write_text(CONFIG.format(name="cut", root=tmp_path / "runs"))
-    pipeline_train.main(config, nproc=2, resume=False, overrides=["train.steps=2"], allreduce=None)
-    pipeline_train.main(config, nproc=2, resume=True, overrides=[], allreduce=None)
+    pipeline.main(config, nproc=2, resume=False, overrides=["train.steps=2"], allreduce=None)
+    pipeline.main(config, nproc=2, resume=True, overrides=[], allreduce=None)
     cut = tmp_path / "runs" / "cut"
     for stage in (0, 1):
         a = load_checkpoint(whole / f"stage{stage}.step4.pt")["model"]
@@ -73,7 +74,8 @@ def test_cli_pipeline_run_and_resume(tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     resumed = _metrics(cut / "metrics.jsonl")
-    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in records if "loss" in r]
+    assert [r["train_loss"] for r in resumed if "train_loss" in r] == [r["train_loss"] for r in records
+                                                                        if "train_loss" in r]
     elapsed = [r["elapsed_s"] for r in resumed]
     assert elapsed == sorted(elapsed)  # the resumed clock goes on from step 2's
 

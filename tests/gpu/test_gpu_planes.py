@@ -21,6 +21,7 @@ from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
+from plait.parallel.optim import optimizer_factory
 from plait.parallel.pipeline.inference import pipelined_forward
 from plait.parallel.pipeline.model import build_sequential
 from plait.parallel.pipeline.partition import split_layers
@@ -43,8 +44,8 @@ def _dp_rank(rank: int, world_size: int, precision: str, hook: str) -> dict:
     device = rank_device()
     use_device(device)
     torch.manual_seed(0)
-    dp = DataParallel(build_model("2nn").to(device), dims, lr=0.05, momentum=0.9, precision=precision,
-                      comm_hook=make_comm_hook(hook, start_step=2), bucket_bytes=1 << 18)
+    dp = DataParallel(build_model("2nn").to(device), dims, optimizer=optimizer_factory(lr=0.05, momentum=0.9),
+                      precision=precision, comm_hook=make_comm_hook(hook, start_step=2), bucket_bytes=1 << 18)
     batches = _batches(device, 60)
     losses = [dp.train_step([batch], step)[0] for step, batch in enumerate(batches, 1)]
     devices = {str(t.device) for t in (*losses, dp.flat_param, dp.grad_sync.flat_grad,
@@ -73,7 +74,7 @@ def _sharded_rank(rank: int, world_size: int, way: str) -> dict:
     use_device(device)
     torch.manual_seed(0)
     model = build_model("2nn").to(device)
-    kwargs = dict(optimizer="adam", lr=1e-3, precision="bf16")
+    kwargs = dict(optimizer=optimizer_factory("adam", lr=1e-3), precision="bf16")
     dp = (ShardedDataParallel(model, dims, **kwargs) if way == "fsdp2"
           else DataParallel(model, dims, shard_optimizer=True, **kwargs))
     losses = [dp.train_step([batch], step)[0] for step, batch in enumerate(_batches(device, 60), 1)]
@@ -108,7 +109,7 @@ precision = "bf16"
 
 
 def test_trainer_end_to_end_on_one_nccl_rank(tmp_path):
-    from plait.parallel.train import main
+    from plait.experiment.runs.data_parallel import main
     from plait.runtime.checkpoint import load_checkpoint
     from plait.runtime.metrics_log import read_metrics
 
@@ -117,7 +118,7 @@ def test_trainer_end_to_end_on_one_nccl_rank(tmp_path):
     main(path, 1, False, [], None)
     records = read_metrics(tmp_path / "dp" / "metrics.jsonl")
     assert [r["step"] for r in records] == [5, 10, 15, 20]
-    assert "accuracy" in records[-1]
+    assert "test_accuracy" in records[-1]
     assert load_checkpoint(tmp_path / "dp" / "checkpoint.pt")["params"].device.type == "cpu"  # files hold host copies
 
 

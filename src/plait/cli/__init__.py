@@ -140,9 +140,9 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
 # Cluster-training entry points, chosen from the config's [parallel] mode and [sync] kind. Each is
 # `main(config_path, nproc, resume, overrides, allreduce)` in its own plane.
 _TRAIN_ENTRIES = {
-    "data": "plait.parallel.train",
+    "data": "plait.experiment.runs.data_parallel",
     "ps": "plait.ps.train",
-    "pipeline": "plait.parallel.pipeline_train",
+    "pipeline": "plait.experiment.runs.pipeline",
 }
 
 

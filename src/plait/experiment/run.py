@@ -69,8 +69,11 @@ class Run:
         if self._sinks is not None:
             self._sinks.write(record)
 
+    def due(self, step: int, *, final: bool = False) -> bool:
+        return final or step % self.checkpoint_every == 0
+
     def save(self, step: int, state: Callable[[], dict[str, Any]], *, final: bool = False) -> bool:
-        if not self._writes or not (final or step % self.checkpoint_every == 0):
+        if not self._writes or not self.due(step, final=final):
             return False
         save_checkpoint(self.checkpoint_path, state())
         return True

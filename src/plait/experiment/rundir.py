@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from plait.runtime.checkpoint import CHECKPOINT_FILE
 from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import to_dict
 
@@ -26,11 +28,17 @@ class RunDir:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / CHECKPOINT_FILE
 
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
+
+    def write_pid(self, rank: int) -> None:
+        """ranks/rank<r>.pid, this process's id: lets an operator (or a test) kill one rank of a run."""
+        pid_dir = self.path / "ranks"
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     def write_config(self, config: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

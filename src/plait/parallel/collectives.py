@@ -270,10 +270,13 @@ class NaiveAllReduce(AllReduce):
             flat.add_(mine if p == rank else incoming[p])
 
 
-_CLASSES = {"native": NativeAllReduce, "ring": RingAllReduce, "tree": TreeAllReduce, "naive": NaiveAllReduce}
+ALLREDUCE_CLASSES: dict[str, type[AllReduce]] = {
+    "native": NativeAllReduce, "ring": RingAllReduce, "tree": TreeAllReduce, "naive": NaiveAllReduce}
 
 
 def make_allreduce(name: str, group: dist.ProcessGroup | None = None) -> AllReduce:
-    if name not in _CLASSES:
+    """The algorithm called `name` over `group`, for code of one's own (a config's `[parallel]` section builds its
+    own with `ParallelSection.build_allreduce`)."""
+    if name not in ALLREDUCE_CLASSES:
         raise ValueError(f"parallel.allreduce = {name!r} is unknown; choose one of {list(ALGORITHMS)}")
-    return _CLASSES[name](group)
+    return ALLREDUCE_CLASSES[name](group)

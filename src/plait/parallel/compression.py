@@ -3,19 +3,19 @@ bucket (each bucket's residual is what earlier steps dropped from that bucket).
 
 The residuals are training state like the momentum: each rank's differ, and a resumed run must get them back to
 end where the uninterrupted run ends (train.py gathers them into the checkpoint). The codecs offered here (fp16,
-top-k) draw no random numbers, so the residuals are the whole state."""
+top-k) draw no random numbers, so the residuals are the whole state. The codec comes built (`make_codec`, or the
+config's `CompressionSection.build`)."""
 
 from __future__ import annotations
 
 import torch
 
-from plait.core.compress import Encoded, ErrorFeedback, make_codec
+from plait.core.compress import Codec, Encoded, ErrorFeedback
 
 
 class GradCompressor:
-    def __init__(self, codec: str, *, ratio: float, error_feedback: bool, seed: int):
-        options = {"ratio": ratio} if codec in ("topk", "randk") else {}
-        self.codec = make_codec(codec, seed=seed, **options)
+    def __init__(self, codec: Codec, *, error_feedback: bool):
+        self.codec = codec
         self.error_feedback = error_feedback
         self._feedback: dict[int, ErrorFeedback] = {}
 

@@ -1,13 +1,24 @@
-"""The root config of a data-parallel run (`plait train CONFIG.toml --nproc N`, `[parallel] mode = "data"`)."""
+"""The root config of a data-parallel run (`plait train CONFIG.toml --nproc N`, `[parallel] mode = "data"`).
+
+Each section checks its strings once, when the config is loaded, and builds its component once, when a rank starts:
+`parallel.build_allreduce(group)`, `compression.build(seed)`, `comm_hook.build(seed)`, and `train.build_optimizer`
+(over whichever parameters the rank steps). The trainer hands the built objects on; nothing parses a name again.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.parallel.collectives import ALGORITHMS
-from plait.parallel.comm_hooks import check_hook_name
-from plait.parallel.optim import check_optimizer_settings
+import torch
+import torch.distributed as dist
+
+from plait.core.compress import Fp16Codec, TopKCodec
+from plait.parallel.collectives import ALGORITHMS, ALLREDUCE_CLASSES, AllReduce
+from plait.parallel.comm_hooks import CommHook, check_hook_name, make_comm_hook
+from plait.parallel.compression import GradCompressor
+from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ImageModelSection as ModelSection
 
@@ -34,13 +45,17 @@ class ParallelSection:
     threads_per_rank: int = 1          # torch threads in each spawned rank
 
     def __post_init__(self) -> None:
-        if self.allreduce not in ALGORITHMS:
+        if self.allreduce not in ALLREDUCE_CLASSES:
             raise ValueError(f"parallel.allreduce = {self.allreduce!r} is unknown; choose one of {list(ALGORITHMS)}")
         if not self.bucket_mb > 0:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
         if self.threads_per_rank < 0:
             raise ValueError(
                 f"parallel.threads_per_rank must be >= 0 (0: torch's default), got {self.threads_per_rank}")
+
+    def build_allreduce(self, group: dist.ProcessGroup | None) -> AllReduce:
+        """The gradient sync's all-reduce algorithm over `group`."""
+        return ALLREDUCE_CLASSES[self.allreduce](group)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,6 +109,10 @@ class TrainSection:
             raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum}")
         check_optimizer_settings(self, "train")
 
+    def build_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over the parameters a rank steps (its replica, or its ZeRO slice)."""
+        return section_optimizer(self, params)
+
 
 @dataclass(kw_only=True, slots=True)
 class CompressionSection:
@@ -104,6 +123,13 @@ class CompressionSection:
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
             raise ValueError(f"compression.ratio must be in (0, 1], got {self.ratio}")
+
+    def build(self, seed: int) -> GradCompressor | None:
+        """A rank's gradient compressor (None: gradients travel uncompressed)."""
+        if self.codec == "none":
+            return None
+        codec = TopKCodec(ratio=self.ratio, seed=seed) if self.codec == "topk" else Fp16Codec(seed=seed)
+        return GradCompressor(codec, error_feedback=self.error_feedback)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -122,6 +148,11 @@ class CommHookSection:
             raise ValueError(f"comm_hook.start_step must be >= 0, got {self.start_step}")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"comm_hook.ratio must be in (0, 1], got {self.ratio}")
+
+    def build(self, seed: int) -> CommHook | None:
+        """A rank's communication hook (None: the trainer's own sync); `seed` draws PowerSGD's first Q."""
+        return make_comm_hook(self.name, rank=self.rank, start_step=self.start_step, ratio=self.ratio,
+                              error_feedback=self.error_feedback, seed=seed)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -29,15 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.parallel.collectives import CommStats, make_allreduce
+from plait.parallel.collectives import AllReduce, CommStats, make_allreduce
 from plait.parallel.comm_hooks import CommHook
+from plait.parallel.compression import GradCompressor
 from plait.parallel.dims import ParallelDims
 from plait.parallel.grad_sync import GradSync
-from plait.parallel.optim import build_optimizer, flat_state, load_flat_state
+from plait.parallel.optim import OptimizerFactory, flat_state, load_flat_state, optimizer_factory, optimizer_name
 from plait.parallel.precision import MixedPrecision
 from plait.parallel.zero import OptimizerShard
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PLAIN_SGD = optimizer_factory("sgd", lr=0.05)  # the trainers' default (train.optimizer, train.lr)
 
 
 @dataclass(slots=True)
@@ -58,11 +60,15 @@ def _flatten_params_into_buffer(model: nn.Module) -> tuple[torch.Tensor, list[nn
 
 
 class DataParallel:
-    def __init__(self, model: nn.Module, dims: ParallelDims, *, kind: str = "allreduce", allreduce: str = "native",
-                 local_steps: int = 1, bucket_bytes: int = 1 << 20, overlap: bool = True, optimizer: str = "sgd",
-                 lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, compressor=None,
-                 comm_hook: CommHook | None = None, precision: str = "fp32", shard_optimizer: bool = False,
+    """`allreduce` is the algorithm over `dims.grad_group` (default: the backend's native one), `optimizer` builds the
+    optimizer over the parameters this rank steps (`optim.optimizer_factory`, or a config section's
+    `build_optimizer`); both come built, as do `compressor` and `comm_hook`. DataParallel closes the all-reduce."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, *, kind: str = "allreduce",
+                 allreduce: AllReduce | None = None, local_steps: int = 1, bucket_bytes: int = 1 << 20,
+                 overlap: bool = True, optimizer: OptimizerFactory = PLAIN_SGD,
+                 compressor: GradCompressor | None = None, comm_hook: CommHook | None = None,
+                 precision: str = "fp32", shard_optimizer: bool = False,
                  loss_fn: LossFn = nn.functional.cross_entropy):
         if kind not in ("allreduce", "local_sgd", "ps_one_device"):
             raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
@@ -86,22 +92,17 @@ class DataParallel:
         self.flat_param, self.params = _flatten_params_into_buffer(model)
         self.device = self.flat_param.device  # every tensor a step makes goes here
         self.precision = MixedPrecision(precision, self.device)
-        self.allreduce = make_allreduce(allreduce, self.group)
+        self.allreduce = allreduce if allreduce is not None else make_allreduce("native", self.group)
         allreduce_op = "hook" if comm_hook is not None else "compressed" if compressor else "allreduce"
         op = {"allreduce": allreduce_op, "local_sgd": "allreduce", "ps_one_device": "reduce"}[kind]
         self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
                                   compressor=compressor, comm_hook=comm_hook)
+        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py).
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
-        self.optimizer_name = optimizer
-
-        def build(params):
-            return build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   betas=betas, eps=eps)
-
-        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py)
-        self.zero = OptimizerShard(self.flat_param, self.params, self.group, build) if shard_optimizer else None
+        self.zero = OptimizerShard(self.flat_param, self.params, self.group, optimizer) if shard_optimizer else None
         self.optimizer = (self.zero.optimizer if self.zero is not None
-                          else build(self.params) if kind != "ps_one_device" or self.rank == 0 else None)
+                          else optimizer(self.params) if kind != "ps_one_device" or self.rank == 0 else None)
+        self.optimizer_name = optimizer_name(self.optimizer) if self.optimizer is not None else None
         self.broadcast_stats = CommStats()
 
     # ---- replicas start equal -------------------------------------------------------------------------------------

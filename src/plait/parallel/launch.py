@@ -106,3 +106,9 @@ def run_from_env(fn: Callable[..., Any], *args: Any, backend: str | None = None)
         return fn(dist.get_rank(), dist.get_world_size(), *args)
     finally:
         dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    """Whether this process is a rank torchrun started (its env:// rendezvous is set)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                   and "MASTER_ADDR" in os.environ)

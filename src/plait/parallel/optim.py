@@ -5,16 +5,24 @@ one tensor per kind of state (`momentum_buffer`, `exp_avg`, `exp_avg_sq`, `step`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
 import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# Builds the optimizer over whichever parameters a rank steps (its replica, its ZeRO slice, its stage).
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def _unknown(name: str, section: str) -> str:
+    return f"{section}.optimizer = {name!r} is unknown; choose one of {list(OPTIMIZERS)}"
 
 
 def check_optimizer(name: str, section: str = "train") -> None:
     if name not in OPTIMIZERS:
-        raise ValueError(f"{section}.optimizer = {name!r} is unknown; choose one of {list(OPTIMIZERS)}")
+        raise ValueError(_unknown(name, section))
 
 
 def check_optimizer_settings(config, section: str) -> None:
@@ -32,6 +40,11 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__.lower()
 
 
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer steps with now (every parameter group shares it here)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
 def state_matches(saved: str, wanted: str, say: bool) -> bool:
     """Whether a checkpoint's optimizer state (written by `saved`) can be loaded into `wanted`; if not, the state
     starts again from zero, and `say` prints a note saying so (one rank says it)."""
@@ -46,12 +59,29 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "sgd", *, 
                     eps: float = 1e-8) -> torch.optim.Optimizer:
     """`momentum` is SGD's; `betas` and `eps` are Adam's and AdamW's (AdamW decays the weights apart from the
     gradient, Adam adds `weight_decay` x weights to it, as in torch.optim)."""
-    check_optimizer(name)
     params = list(params)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    adam_like = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in adam_like:
+        raise ValueError(_unknown(name, "train"))
+    return adam_like[name](params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def optimizer_factory(name: str = "sgd", *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> OptimizerFactory:
+    """`build_optimizer` with its settings bound, for a trainer that builds the optimizer over its own share of the
+    parameters (picklable, so it can be handed to spawned ranks)."""
+    check_optimizer(name)
+    return partial(build_optimizer, name=name, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas,
+                   eps=eps)
+
+
+def section_optimizer(section: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer a `[train]` section describes (`optimizer`, `lr`, `momentum`, `weight_decay`, `beta1`, `beta2`,
+    `eps`; checked when the config was loaded) over `params`."""
+    return build_optimizer(params, section.optimizer, lr=section.lr, momentum=section.momentum,
+                           weight_decay=section.weight_decay, betas=(section.beta1, section.beta2), eps=section.eps)
 
 
 def flat_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:

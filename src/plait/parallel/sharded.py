@@ -24,9 +24,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from plait.parallel.collectives import CommStats
-from plait.parallel.data_parallel import LossFn, StepTimes
+from plait.parallel.data_parallel import PLAIN_SGD, LossFn, StepTimes
 from plait.parallel.dims import ParallelDims
-from plait.parallel.optim import build_optimizer
+from plait.parallel.optim import OptimizerFactory, optimizer_name
 from plait.parallel.precision import MixedPrecision
 
 
@@ -35,9 +35,8 @@ class ShardedDataParallel:
     has_residuals = False  # no compression: nothing but the parameters and the optimizer state to checkpoint
     has_hook_state = False  # no communication hooks either
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, *, optimizer: str = "sgd", lr: float = 0.05,
-                 momentum: float = 0.0, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, precision: str = "fp32", loss_fn: LossFn = nn.functional.cross_entropy):
+    def __init__(self, model: nn.Module, dims: ParallelDims, *, optimizer: OptimizerFactory = PLAIN_SGD,
+                 precision: str = "fp32", loss_fn: LossFn = nn.functional.cross_entropy):
         if precision == "fp16":
             # a grad scaler over shards would have to agree on overflows across ranks; bf16 needs no scaler
             raise ValueError("train.precision = 'fp16' does not go with sync.kind = 'sharded'; use 'bf16'")
@@ -61,9 +60,8 @@ class ShardedDataParallel:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)  # full (unsharded) count
         self.precision = MixedPrecision(precision, self.device)
-        self.optimizer_name = optimizer
-        self.optimizer = build_optimizer(self.params, optimizer, lr=lr, momentum=momentum,
-                                         weight_decay=weight_decay, betas=betas, eps=eps)
+        self.optimizer = optimizer(self.params)  # over the local shards
+        self.optimizer_name = optimizer_name(self.optimizer)
         self.stats = CommStats()
 
     # ---- replicas start equal -------------------------------------------------------------------------------------

@@ -1,128 +1,40 @@
-"""Data-parallel training: `plait train CONFIG.toml --nproc N`, or the same command under torchrun.
+"""Data-parallel training of one rank: the loop, its records and its checkpoints, in the run the driver hands it.
 
-One node, N local ranks (spawned here, gloo on CPU):
-
-    plait train examples/data_parallel.toml --nproc 2 [--allreduce ring] [--resume] [--set train.steps=500]
-
-One node under torchrun (restarts the whole group from the last checkpoint if a rank dies, up to 3 times):
-
-    torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m plait.cli train examples/data_parallel.toml
-
-Two nodes (run on each; node 0's address reachable from node 1, and the run directory on node 0 is where
-checkpoints are written and read — rank 0 reads them and broadcasts to the others on resume):
-
-    torchrun --nnodes 2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
-        --rdzv-endpoint NODE0_HOST:29400 --rdzv-id plait-dp -m plait.cli train examples/data_parallel.toml
-
-Under torchrun `--nproc` is ignored (torchrun decides the world), and a restarted group resumes by itself.
+The driver (`plait.experiment.runs.data_parallel`: `plait train CONFIG.toml --nproc N`, or the same under torchrun)
+prepares the run directory and gives every rank a `RunContext`: rank 0's writes the records and the checkpoint, the
+others' write nothing. Every rank builds its trainer from the config's sections, trains on its shard of each step's
+batch, and takes part in the collectives that log a record (one small all-gather) and gather a checkpoint (error
+feedback residuals and hook states are each rank's own). On resume rank 0 reads the checkpoint and broadcasts it, so
+other nodes need no copy of the run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from plait.core.models import build_model
 from plait.data.images import load_image_set
-from plait.experiment.plots import plot_run
-from plait.experiment.progress import progress_bar
-from plait.experiment.rundir import RunDir, prepare_run_dir
-from plait.experiment.sinks import MetricSinks
-from plait.parallel.comm_hooks import make_comm_hook
-from plait.parallel.compression import GradCompressor
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
-from plait.parallel.launch import run_from_env, spawn_ranks
-from plait.parallel.optim import state_matches
+from plait.parallel.optim import current_lr, state_matches
 from plait.parallel.sampler import ShardedSampler
 from plait.parallel.sharded import ShardedDataParallel
-from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
-from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
-from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.runtime.context import RunContext
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
-_METRICS = ("loss", "bytes_sent", "bytes_recv", "compute_s", "comm_s", "step_s")
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
-                                                   and "MASTER_ADDR" in os.environ)
-
-
-def load_config(config_path: Path, overrides: list[str], allreduce: str | None) -> DataParallelRunConfig:
-    raw = apply_overrides(load_toml(config_path), overrides)
-    if allreduce is not None:
-        raw.setdefault("parallel", {})["allreduce"] = allreduce
-    return from_dict(DataParallelRunConfig, raw)
-
-
-def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
-    try:
-        config = load_config(config_path, overrides, allreduce)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    backend = None if config.parallel.backend == "auto" else config.parallel.backend
-    if under_torchrun():
-        summary = run_from_env(train_rank, config, resume, backend=backend)
-    else:
-        if nproc < 1:
-            print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
-            raise SystemExit(2)
-        run = RunDir(Path(config.run.root) / config.run.name)
-        problem = ""  # checked here too, so a mistake fails before any rank is spawned
-        if resume and not run.checkpoint_path.exists():
-            problem = f"--resume: no checkpoint at {run.checkpoint_path}"
-        elif not resume and (run.metrics_path.exists() or run.checkpoint_path.exists()):
-            problem = f"run directory {run.path} already holds a run; use --resume or another run.name"
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-        summary = spawn_ranks(train_rank, nproc, config, resume, backend=backend, timeout_s=float("inf"),
-                              threads_per_rank=config.parallel.threads_per_rank)[0]
-    if summary:
-        acc = summary.get("accuracy")
-        print(f"steps: {summary['steps']}  final loss: {summary['loss']:.4f}"
-              + (f"  test accuracy: {acc:.4f}" if acc is not None else "")
-              + f"  ({summary['seconds']:.1f} s)")
-        print(f"run directory: {summary['run_dir']}")
-        for path in plot_run(summary["run_dir"]):
-            print(f"plot: {path}")
-
-
-# ---- one rank -------------------------------------------------------------------------------------------------------
-def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
-                 device: torch.device) -> tuple[RunDir, bool]:
-    """Rank 0 prepares the run directory; every rank learns whether a checkpoint is resumed."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    run = RunDir(Path(config.run.root) / config.run.name)
-    status = torch.zeros(2, dtype=torch.int64, device=device)  # [ok, resuming]; NCCL sends device tensors only
-    error = ""
-    if rank == 0:
-        try:
-            resuming = resume or (restarts > 0 and run.checkpoint_path.exists())
-            if restarts > 0 and not resuming and run.metrics_path.exists():
-                run.metrics_path.unlink()  # died before the first checkpoint: start over
-            run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
-            if not resuming:
-                run.write_config(config)
-            status[:] = torch.tensor([1, int(resuming)], device=device)
-        except (FileExistsError, FileNotFoundError, OSError) as err:
-            error = str(err)
-    dist.broadcast(status, src=0)
-    if not status[0]:
-        raise RuntimeError(error or "rank 0 could not prepare the run directory")
-    return run, bool(status[1])
+# Each rank's sums since the last record, all-gathered in one message: loss, bytes up, bytes down, and three times.
+_WINDOW = ("train_loss", "bytes_up", "bytes_down", "compute_s", "comm_s", "step_s")
+Trainer = DataParallel | ShardedDataParallel
 
 
 def _load_images(config: DataParallelRunConfig) -> dict[str, torch.Tensor]:
@@ -150,19 +62,38 @@ def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_c
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the test set; the sums stay on the device until the end."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(labels), 2000):
         idx = torch.arange(start, min(start + 2000, len(labels)))
         x, y = _batch(images, labels, idx, device)
-        correct += int((model(x).argmax(1) == y).sum())
+        logits = model(x).float()
+        correct += (logits.argmax(1) == y).sum()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
     model.train()
-    return correct / len(labels)
+    return int(correct) / len(labels), float(loss_sum) / len(labels)
 
 
-def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank: int) -> None:
-    """Rank 0 writes; with error feedback every rank takes part (its residuals are gathered into the file)."""
+def build_trainer(config: DataParallelRunConfig, model: torch.nn.Module, dims: ParallelDims, rank: int) -> Trainer:
+    """The run's trainer, its components (all-reduce, compressor, hook, optimizer) built once from their sections."""
+    train = config.train
+    if config.sync.kind == "sharded":
+        return ShardedDataParallel(model, dims, optimizer=train.build_optimizer, precision=train.precision)
+    return DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.build_allreduce(dims.grad_group),
+                        local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
+                        overlap=config.parallel.overlap, optimizer=train.build_optimizer,
+                        compressor=config.compression.build(seed=config.run.seed * 1000 + rank),
+                        comm_hook=config.comm_hook.build(seed=config.run.seed), precision=train.precision,
+                        shard_optimizer=config.sync.shard_optimizer)
+
+
+def _checkpoint(run: RunContext, dp: Trainer, step: int, world_size: int, rank: int, final: bool) -> None:
+    """Every rank takes part (error-feedback residuals and hook states are gathered, and a sharded model's
+    parameters); rank 0's run writes the file."""
     residuals = None
     if dp.has_residuals:
         residual = dp.residual_flat()
@@ -184,7 +115,7 @@ def _checkpoint(run: RunDir, dp: DataParallel, step: int, world_size: int, rank:
     if hook_states is not None:
         state["hook_states"] = hook_states  # one per rank, in rank order
         state["hook"] = type(dp.grad_sync.comm_hook).__name__
-    save_checkpoint(run.checkpoint_path, state)
+    run.save(step, lambda: state, final=final)
 
 
 def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -199,7 +130,7 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor], rank: int, device: torc
     return out
 
 
-def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
+def _resume(run: RunContext, dp: Trainer, rank: int, world_size: int) -> int:
     """Rank 0 reads the checkpoint and broadcasts it (other nodes need no copy of the run directory); each rank
     gets back its own error-feedback residuals and communication-hook state."""
     device = dp.device  # NCCL broadcasts device tensors only
@@ -207,9 +138,12 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     ckpt: dict[str, Any] = {}
     optim: dict[str, torch.Tensor] = {}
     if rank == 0:
-        ckpt = load_checkpoint(run.checkpoint_path)
+        loaded = run.load()
+        if loaded is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run.path}")
+        ckpt = loaded
         if ckpt["params"].numel() != dp.num_params:
-            raise ValueError(f"checkpoint {run.checkpoint_path} holds {ckpt['params'].numel()} parameters, the "
+            raise ValueError(f"the checkpoint in {run.path} holds {ckpt['params'].numel()} parameters, the "
                              f"model has {dp.num_params}: was model.name changed?")
         residuals = "residuals" in ckpt and dp.has_residuals
         if residuals and ckpt["world_size"] != world_size:
@@ -246,61 +180,29 @@ def _resume(run: RunDir, dp: DataParallel, rank: int, world_size: int) -> int:
     return int(meta[0])
 
 
-def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume: bool) -> dict[str, Any] | None:
+def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: RunContext) -> dict[str, Any] | None:
     """The training loop of one rank (spawned, or under torchrun). Rank 0 returns a summary."""
     started = time.perf_counter()
-    config.check_world(world_size)
     dims = ParallelDims(world_size=world_size).build()
     device = rank_device()  # cuda:LOCAL_RANK under NCCL, else the CPU; everything below is made there
     use_device(device)
-    run, resuming = _prepare_run(config, resume, rank, device)
-    pid_dir = run.path / "ranks"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets an operator (or a test) kill one rank
-
     data = _load_images(config)
     train_cfg = config.train
     torch.manual_seed(config.run.seed)
     model = build_model(config.model.name).to(device)
-    hook_cfg = config.comm_hook
-    comm_hook = make_comm_hook(hook_cfg.name, rank=hook_cfg.rank, start_step=hook_cfg.start_step,
-                               ratio=hook_cfg.ratio, error_feedback=hook_cfg.error_feedback, seed=config.run.seed)
-    compressor = None
-    if config.compression.codec != "none":
-        compressor = GradCompressor(config.compression.codec, ratio=config.compression.ratio,
-                                    error_feedback=config.compression.error_feedback,
-                                    seed=config.run.seed * 1000 + rank)
-    if config.sync.kind == "sharded":
-        dp = ShardedDataParallel(model, dims, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
-                                 momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
-                                 betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
-                                 precision=train_cfg.precision)
-    else:
-        dp = DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.allreduce,
-                          local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
-                          overlap=config.parallel.overlap, optimizer=train_cfg.optimizer, lr=train_cfg.lr,
-                          momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
-                          betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, compressor=compressor,
-                          comm_hook=comm_hook, precision=train_cfg.precision,
-                          shard_optimizer=config.sync.shard_optimizer)
+    dp = build_trainer(config, model, dims, rank)
     dp.broadcast_params()
-    start_step = _resume(run, dp, rank, world_size) if resuming else 0
-    if rank == 0 and resuming:
-        truncate_metrics(run.metrics_path, "step", start_step)  # steps after the checkpoint are redone once
-        started -= elapsed_so_far(run.metrics_path)  # elapsed_s goes on from the steps the log keeps
+    start_step = _resume(run, dp, rank, world_size) if run.resume else 0
+    started -= run.start(start_step)  # rank 0's log keeps the steps up to the checkpoint; elapsed_s goes on
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    log = MetricSinks(run.path, "step", resume_after=start_step if resuming else None,
-                      tensorboard=config.run.tensorboard) if rank == 0 else None  # jsonl, csv, TensorBoard
-    window = torch.zeros(len(_METRICS), dtype=torch.float64)  # host sums since the last record (times, bytes)
+    window = torch.zeros(len(_WINDOW), dtype=torch.float64)  # host sums since the last record (times, bytes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the loss stays on the device until logged
-    gathered = [torch.zeros(len(_METRICS), dtype=torch.float64, device=device) for _ in range(world_size)]
+    gathered = [torch.zeros(len(_WINDOW), dtype=torch.float64, device=device) for _ in range(world_size)]
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
-    loss_value, accuracy = float("nan"), None
-    stack = contextlib.ExitStack()
-    bar = stack.enter_context(progress_bar("steps", train_cfg.steps, start_step, enabled=rank == 0))
+    loss_value, test = float("nan"), None
     try:
         for step in range(start_step + 1, train_cfg.steps + 1):
             idx = sampler.indices(step)
@@ -326,31 +228,33 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, resume
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())
                 if final and rank == 0 and train_cfg.eval_at_end:
-                    accuracy = evaluate(model, data["test_x"], data["test_y"], device)
-                if log is not None:
-                    record = {"step": step, "loss": loss_value,
+                    test = evaluate(model, data["test_x"], data["test_y"], device)
+                if run.writes:
+                    record = {"step": step, "train_loss": loss_value,
                               "samples_per_s": window_steps * sampler.per_step / elapsed,
-                              "bytes_sent": [int(v) for v in per_rank[:, 1]],
-                              "bytes_recv": [int(v) for v in per_rank[:, 2]],
+                              "bytes_up": int(per_rank[:, 1].sum()), "bytes_down": int(per_rank[:, 2].sum()),
+                              "bytes_up_per_rank": [int(v) for v in per_rank[:, 1]],
+                              "bytes_down_per_rank": [int(v) for v in per_rank[:, 2]],
                               "compute_s": [round(float(v), 6) for v in per_rank[:, 3]],
                               "comm_s": [round(float(v), 6) for v in per_rank[:, 4]],
                               "step_s": elapsed / window_steps, "restart": restarts,
-                              "elapsed_s": time.perf_counter() - started}
-                    if accuracy is not None:
-                        record["accuracy"] = accuracy
-                    log.write(record)
-                    bar.advance(step, f"loss {loss_value:.4f}")
+                              "lr": current_lr(dp.optimizer) if dp.optimizer is not None else train_cfg.lr,
+                              "elapsed_s": time.perf_counter() - started, "time": time.time()}
+                    if test is not None:
+                        record["test_accuracy"], record["test_loss"] = test
+                    run.write(record)
+                    run.progress(step, f"loss {loss_value:.4f}")
                 window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or final:
-                _checkpoint(run, dp, step, world_size, rank)
+            if run.due(step, final=final):
+                _checkpoint(run, dp, step, world_size, rank, final)
         dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
     finally:
-        stack.close()
-        if log is not None:
-            log.close()
         dp.close()
     if rank != 0:
         return None
-    return {"run_dir": str(run.path), "steps": train_cfg.steps, "loss": loss_value, "accuracy": accuracy,
-            "seconds": time.perf_counter() - started}
+    summary: dict[str, Any] = {"steps": train_cfg.steps, "train_loss": loss_value,
+                               "seconds": time.perf_counter() - started}
+    if test is not None:
+        summary["test_accuracy"], summary["test_loss"] = test
+    return summary

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+CHECKPOINT_FILE = "checkpoint.pt"  # a run directory's checkpoint: the driver resumes a run that has one
+
 
 def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path = Path(path)

@@ -45,6 +45,11 @@ class RunContext(RecordSink, Protocol):
         checkpoint's). Returns the seconds the run had trained before, so that `elapsed_s` goes on."""
         ...
 
+    def due(self, step: int, *, final: bool = False) -> bool:
+        """Whether a checkpoint at `step` is due by the run's cadence (or `final`). Every process gets the same answer,
+        writer or not: a plane that gathers its state collectively (every rank sends its part) asks this first."""
+        ...
+
     def save(self, step: int, state: Callable[[], dict[str, Any]], *, final: bool = False) -> bool:
         """Checkpoint `state()` atomically if `step` is due by the run's cadence (or `final`); True if saved."""
         ...

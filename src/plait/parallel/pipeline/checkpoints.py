@@ -1,11 +1,11 @@
 """A pipeline's checkpoints when every rank keeps its own run directory (no shared file system needed).
 
 At a checkpoint each rank writes its stage's file, `stage<s>.step<N>.pt`, and once every rank has (a barrier) its
-own `checkpoint.pt` naming the step. On a resume (--resume, or a group that torchrun restarted):
+own `checkpoint.pt` naming the step: per-rank files under `run.path`, written by every rank whether or not its run
+writes the records. On a resume (--resume, or a group that torchrun restarted; the driver decides it):
 
-- the ranks agree to resume when any of them holds a checkpoint, and go on from the latest step every rank that
-  holds one has committed (a rank killed between two ranks' commits is one step behind; the stage files of the step
-  before stay until the next commit for it);
+- the ranks go on from the latest step every rank that holds a checkpoint has committed (a rank killed between two
+  ranks' commits is one step behind; the stage files of the step before stay until the next commit for it);
 - a rank that finds no file of its stage for that step (torchrun placed it on another node than before) receives
   it from a rank that holds it: the files of a stage need only survive on some node;
 - a stage whose file no rank holds is an error on every rank, never a silent start over.
@@ -13,21 +13,21 @@ own `checkpoint.pt` naming the step. On a resume (--resume, or a group that torc
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device
-from plait.runtime.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from plait.runtime.checkpoint import CHECKPOINT_FILE, atomic_write_bytes, save_checkpoint
+from plait.runtime.context import RunContext
 
 NO_CHECKPOINT = 2**62  # a rank without checkpoint.pt, in the MIN over the ranks' committed steps
 
 
-def stage_file(run: RunDir, stage: int, step: int) -> Path:
-    return run.path / f"stage{stage}.step{step}.pt"
+def stage_file(run_path: Path, stage: int, step: int) -> Path:
+    return run_path / f"stage{stage}.step{step}.pt"
 
 
 def _comm() -> torch.device:
@@ -35,49 +35,14 @@ def _comm() -> torch.device:
     return rank_device()
 
 
-def _flags_of_all_ranks(flag: bool) -> list[bool]:
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=_comm())
-    flags[dist.get_rank()] = int(flag)
-    dist.all_reduce(flags)
-    return [bool(f) for f in flags]
-
-
-def prepare_under_torchrun(root: str, name: str, write_config, resume: bool) -> tuple[RunDir, bool]:
-    """Under torchrun: decide together whether this start resumes, and prepare the run directory on every node.
-
-    A group that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes by itself when any rank holds a
-    checkpoint, and starts over when none does (it died before its first). `write_config(run)` writes the resolved
-    config into a run directory that has none."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    run = RunDir(Path(root) / name)
-    holding = _flags_of_all_ranks(run.checkpoint_path.exists())
-    resuming = resume or (restarts > 0 and any(holding))
-    if resuming and not any(holding):
-        raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
-    if restarts > 0 and not resuming:
-        run.metrics_path.unlink(missing_ok=True)  # the group died before its first checkpoint: start over
-    status = torch.zeros(1, dtype=torch.int64, device=_comm())
-    error = ""
-    if dist.get_rank() == 0 and not resuming:
-        try:
-            write_config(prepare_run_dir(root, name, resume=False))  # refuses a directory holding another run
-        except (FileExistsError, OSError) as err:
-            error = str(err)
-            status[0] = 1
-    dist.broadcast(status, src=0)
-    if status[0]:
-        raise RuntimeError(error or "rank 0 could not prepare the run directory")
-    run.path.mkdir(parents=True, exist_ok=True)  # on every node: each rank writes its own files there
-    if not run.config_path.exists():  # a node that never held this run
-        write_config(run)
-    return run, resuming
-
-
-def agreed_step(run: RunDir, boundaries: list[int], num_stages: int) -> int:
+def agreed_step(run: RunContext, boundaries: list[int], num_stages: int) -> int:
     """The latest step every rank holding a checkpoint has committed (collective: every rank calls it)."""
     committed = NO_CHECKPOINT
-    if run.checkpoint_path.exists():
-        ckpt = load_checkpoint(run.checkpoint_path)
+    try:
+        ckpt = run.load()
+    except FileNotFoundError:  # this rank's node never held the run: others have
+        ckpt = None
+    if ckpt is not None:
         if ckpt["boundaries"].tolist() != boundaries or int(ckpt["stages"]) != num_stages:
             raise ValueError(f"--resume: the checkpoint's split {ckpt['boundaries'].tolist()} differs from this "
                              f"run's {boundaries}; keep parallel.stages and parallel.partition")
@@ -85,7 +50,7 @@ def agreed_step(run: RunDir, boundaries: list[int], num_stages: int) -> int:
     step = torch.tensor([committed], dtype=torch.int64, device=_comm())
     dist.all_reduce(step, op=dist.ReduceOp.MIN)  # a rank killed between the commits of two ranks is one behind
     if int(step) == NO_CHECKPOINT:
-        raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
+        raise FileNotFoundError(f"--resume: no rank finds {run.path / CHECKPOINT_FILE} in its run directory")
     return int(step)
 
 
@@ -93,13 +58,13 @@ def _write_tensor_bytes(path: Path, data: torch.Tensor) -> None:
     atomic_write_bytes(path, lambda f: f.write(data.cpu().numpy().tobytes()))
 
 
-def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stages: int) -> list[int]:
+def fetch_missing_stage_files(run_path: Path, stage_index: int, step: int, num_stages: int) -> list[int]:
     """Give every rank its stage's file of `step`, sent by the lowest rank holding it when its own run directory
     has none (collective). Returns the ranks that received one."""
     world, rank = dist.get_world_size(), dist.get_rank()
     held = torch.zeros(world, num_stages, dtype=torch.int64, device=_comm())
     for stage in range(num_stages):
-        held[rank, stage] = int(stage_file(run, stage, step).exists())
+        held[rank, stage] = int(stage_file(run_path, stage, step).exists())
     stage_of = torch.zeros(world, dtype=torch.int64, device=_comm())
     stage_of[rank] = stage_index
     dist.all_reduce(held)
@@ -112,9 +77,9 @@ def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stag
         holders = [r for r in range(world) if held[r, stage]]
         if not holders:
             raise FileNotFoundError(f"--resume: no rank holds stage{stage}.step{step}.pt (rank {dst}'s stage) in "
-                                    f"its run directory {run.path}; not starting over")
+                                    f"its run directory {run_path}; not starting over")
         if rank == holders[0]:
-            data = torch.frombuffer(bytearray(stage_file(run, stage, step).read_bytes()), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(stage_file(run_path, stage, step).read_bytes()), dtype=torch.uint8)
             dist.send(torch.tensor([data.numel()], dtype=torch.int64, device=_comm()), dst)
             dist.send(data.to(_comm()), dst)
         elif rank == dst:
@@ -122,22 +87,22 @@ def fetch_missing_stage_files(run: RunDir, stage_index: int, step: int, num_stag
             dist.recv(size, holders[0])
             data = torch.empty(int(size), dtype=torch.uint8, device=_comm())
             dist.recv(data, holders[0])
-            _write_tensor_bytes(stage_file(run, stage, step), data)
+            _write_tensor_bytes(stage_file(run_path, stage, step), data)
         received.append(dst)
     return received
 
 
-def save_stage_checkpoint(run: RunDir, stage_index: int, step: int, state: dict, boundaries: list[int],
+def save_stage_checkpoint(run_path: Path, stage_index: int, step: int, state: dict[str, Any], boundaries: list[int],
                           num_stages: int) -> None:
     """Every rank writes its stage's file into its own run directory (replicas of a stage write the same bytes;
     on a shared directory the atomic rename keeps one), then, once every rank has, commits the step."""
-    save_checkpoint(stage_file(run, stage_index, step), state)
+    save_checkpoint(stage_file(run_path, stage_index, step), state)
     dist.barrier()  # every stage file of this step is on disk before any checkpoint names the step
-    save_checkpoint(run.checkpoint_path, {"step": step, "stages": num_stages,
-                                          "boundaries": torch.tensor(boundaries, dtype=torch.int64)})
+    save_checkpoint(run_path / CHECKPOINT_FILE, {"step": step, "stages": num_stages,
+                                                 "boundaries": torch.tensor(boundaries, dtype=torch.int64)})
     # Keep this step and the one before: a rank killed before its commit resumes there (see agreed_step).
-    steps = sorted(int(p.name.split(".step")[1][:-3]) for p in run.path.glob(f"stage{stage_index}.step*.pt"))
+    steps = sorted(int(p.name.split(".step")[1][:-3]) for p in run_path.glob(f"stage{stage_index}.step*.pt"))
     keep = {step, max((s for s in steps if s < step), default=step)}
     for old in steps:
         if old not in keep:
-            stage_file(run, stage_index, old).unlink(missing_ok=True)
+            stage_file(run_path, stage_index, old).unlink(missing_ok=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.parallel.optim import check_optimizer_settings
+import torch
+
+from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import RunSection as BaseRunSection
 
@@ -75,6 +78,10 @@ class TrainSection:
         if self.eval_examples < 1:
             raise ValueError(f"train.eval_examples must be >= 1, got {self.eval_examples}")
         check_optimizer_settings(self, "train")
+
+    def build_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over one stage's parameters."""
+        return section_optimizer(self, params)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,0 +1,123 @@
+"""Data-parallel training: `plait train CONFIG.toml --nproc N`, or the same command under torchrun.
+
+One node, N local ranks (spawned here, gloo on CPU):
+
+    plait train examples/data_parallel.toml --nproc 2 [--allreduce ring] [--resume] [--set train.steps=500]
+
+One node under torchrun (restarts the whole group from the last checkpoint if a rank dies, up to 3 times):
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m plait.cli train examples/data_parallel.toml
+
+Two nodes (run on each; node 0's address reachable from node 1, and the run directory on node 0 is where
+checkpoints are written and read — rank 0 reads them and broadcasts to the others on resume):
+
+    torchrun --nnodes 2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
+        --rdzv-endpoint NODE0_HOST:29400 --rdzv-id plait-dp -m plait.cli train examples/data_parallel.toml
+
+Under torchrun `--nproc` is ignored (torchrun decides the world), and a restarted group resumes by itself. The
+training loop is the plane's (`plait.parallel.train`); this module owns the run directory: rank 0 prepares it and
+writes the records and checkpoints through its `Run`, the other ranks' `Run` writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from plait.experiment.plots import plot_run
+from plait.experiment.run import Run
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.config import DataParallelRunConfig
+from plait.parallel.device import rank_device, use_device
+from plait.parallel.launch import run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.train import train_rank
+from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+
+
+def load_config(config_path: Path, overrides: list[str], allreduce: str | None) -> DataParallelRunConfig:
+    raw = apply_overrides(load_toml(config_path), overrides)
+    if allreduce is not None:
+        raw.setdefault("parallel", {})["allreduce"] = allreduce
+    return from_dict(DataParallelRunConfig, raw)
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
+    try:
+        config = load_config(config_path, overrides, allreduce)
+    except (ConfigError, ValueError) as err:
+        _usage_error(str(err))
+    backend = None if config.parallel.backend == "auto" else config.parallel.backend
+    if under_torchrun():
+        summary = run_from_env(rank_main, config, resume, backend=backend)
+    else:
+        if nproc < 1:
+            _usage_error(f"--nproc must be >= 1, got {nproc}")
+        try:
+            config.check_world(nproc)
+        except ValueError as err:
+            _usage_error(str(err))
+        run = RunDir(Path(config.run.root) / config.run.name)
+        # checked here too, so a mistake fails before any rank is spawned
+        if resume and not run.checkpoint_path.exists():
+            _usage_error(f"--resume: no checkpoint at {run.checkpoint_path}")
+        if not resume and (run.metrics_path.exists() or run.checkpoint_path.exists()):
+            _usage_error(f"run directory {run.path} already holds a run; use --resume or another run.name")
+        summary = spawn_ranks(rank_main, nproc, config, resume, backend=backend, timeout_s=float("inf"),
+                              threads_per_rank=config.parallel.threads_per_rank)[0]
+    if summary:
+        acc = summary.get("test_accuracy")
+        print(f"steps: {summary['steps']}  final loss: {summary['train_loss']:.4f}"
+              + (f"  test accuracy: {acc:.4f}" if acc is not None else "")
+              + f"  ({summary['seconds']:.1f} s)")
+        print(f"run directory: {summary['run_dir']}")
+        for path in plot_run(summary["run_dir"]):
+            print(f"plot: {path}")
+
+
+def rank_main(rank: int, world_size: int, config: DataParallelRunConfig, resume: bool) -> dict[str, Any] | None:
+    """One rank: its run (rank 0's writes), then the plane's loop. Rank 0 returns the summary."""
+    config.check_world(world_size)
+    device = rank_device()  # the status broadcast below is NCCL's first collective: on this rank's GPU
+    use_device(device)
+    run_dir, resuming = _prepare_run(config, resume, rank, device)
+    run_dir.write_pid(rank)
+    with Run(run_dir, resume=resuming, step_key="step", total=config.train.steps, description="steps",
+             writes=rank == 0, checkpoint_every=config.train.checkpoint_every or config.train.steps,
+             tensorboard=config.run.tensorboard) as run:
+        summary = train_rank(rank, world_size, config, run)
+    return None if summary is None else {**summary, "run_dir": str(run_dir.path)}
+
+
+def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
+                 device: torch.device) -> tuple[RunDir, bool]:
+    """Rank 0 prepares the run directory; every rank learns whether a checkpoint is resumed. A group that torchrun
+    restarted resumes from the checkpoint by itself, or starts over when it died before the first one."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    run = RunDir(Path(config.run.root) / config.run.name)
+    status = torch.zeros(2, dtype=torch.int64, device=device)  # [ok, resuming]; NCCL sends device tensors only
+    error = ""
+    if rank == 0:
+        try:
+            resuming = resume or (restarts > 0 and run.checkpoint_path.exists())
+            if restarts > 0 and not resuming and run.metrics_path.exists():
+                run.metrics_path.unlink()  # died before the first checkpoint: start over
+            run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
+            if not resuming:
+                run.write_config(config)
+            status[:] = torch.tensor([1, int(resuming)], device=device)
+        except (FileExistsError, FileNotFoundError, OSError) as err:
+            error = str(err)
+    dist.broadcast(status, src=0)
+    if not status[0]:
+        raise RuntimeError(error or "rank 0 could not prepare the run directory")
+    return run, bool(status[1])

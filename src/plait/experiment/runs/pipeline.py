@@ -1,0 +1,127 @@
+"""Model- and pipeline-parallel training from a config: `plait train CONFIG.toml --nproc N`.
+
+    plait train examples/pipeline.toml --nproc 4                       4 ranks: 4 stages, or 2 replicas × 2 stages
+    plait train examples/pipeline.toml --nproc 2 --set parallel.stages=2 --set parallel.schedule=gpipe
+    plait train examples/pipeline.toml --nproc 4 --resume              continue from the last checkpoint
+    torchrun --nproc-per-node 4 -m plait.cli train examples/pipeline.toml
+    torchrun --nproc-per-node 4 --max-restarts 1 -m plait.cli train examples/pipeline.toml
+
+The training loop is the plane's (`plait.parallel.pipeline_train`); this module owns the run directory. Spawned
+here, the ranks share the one this process prepares; under torchrun every rank keeps one of its own (its node may
+have no other), the ranks agree whether to resume, and a group that torchrun restarted resumes by itself. The last
+stage of replica 0 has the loss, so its `Run` writes the records; every rank keeps its stage's checkpoint files.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from plait.experiment.plots import plot_run
+from plait.experiment.run import Run
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.parallel.device import rank_device, use_device
+from plait.parallel.launch import run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.pipeline.config import PipelineRunConfig
+from plait.parallel.pipeline.groups import PipelineLayout
+from plait.parallel.pipeline.schedule import build_schedule
+from plait.parallel.pipeline_train import metrics_rank, train_rank
+from plait.settings.config import apply_overrides, from_dict, load_toml, to_dict
+
+
+def load_config(config_path: Path, overrides: list[str]) -> PipelineRunConfig:
+    return from_dict(PipelineRunConfig, apply_overrides(load_toml(config_path), overrides))
+
+
+def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
+    """`plait train` for parallel.mode = "model" | "pipeline": spawns `nproc` local ranks, or, under torchrun
+    (`torchrun --nproc-per-node N -m plait.cli train CONFIG`), runs this process's rank."""
+    console = Console()
+    if under_torchrun():
+        config = load_config(config_path, overrides)
+        run_from_env(rank_main, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
+        return
+    try:
+        config = load_config(config_path, overrides)
+        PipelineLayout(replicas=config.parallel.replicas, stages=config.parallel.stages).check_world(nproc)
+        run = prepare_run_dir(config.run.root, config.run.name, resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConfigError is a ValueError
+        console.print(f"[bold red]error:[/] {err}")
+        raise SystemExit(2) from err
+    if allreduce not in (None, "native"):
+        warnings.warn(f"--allreduce {allreduce} is ignored: pipeline replicas average gradients with the backend's "
+                      "native all-reduce", stacklevel=2)
+    if not resume:
+        run.write_config(config)
+    schedule = build_schedule(config.parallel.schedule, config.parallel.stages, config.parallel.micro_batches)
+    console.print(str(schedule), markup=False, highlight=False)
+    results = spawn_ranks(rank_main, nproc, to_dict(config), str(run.path), resume, timeout_s=24 * 3600.0,
+                          threads_per_rank=config.run.threads)
+    final = next(r for r in results if r is not None)
+    console.print(f"step {final.get('step')}: loss {final.get('train_loss', float('nan')):.4f}"
+                  + (f", test accuracy {final['test_accuracy']:.4f}" if "test_accuracy" in final else ""))
+    console.print(f"run directory: {run.path}")
+    for path in plot_run(run.path):
+        console.print(f"plot: {path}")
+
+
+def rank_main(rank: int, world_size: int, raw_config: dict[str, Any], run_path: str, resume: bool,
+              prepare: bool = False) -> dict[str, Any] | None:
+    """One rank: its run (`prepare`: under torchrun, where this rank prepares its own), then the plane's loop."""
+    config = from_dict(PipelineRunConfig, raw_config)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    use_device(rank_device())  # NCCL's collectives below run on this rank's GPU
+    run_dir = RunDir(Path(run_path))
+    if prepare:
+        run_dir, resume = prepare_under_torchrun(config, resume)
+    run_dir.write_pid(rank)
+    with Run(run_dir, resume=resume, step_key="step", total=config.train.steps, description="steps",
+             writes=rank == metrics_rank(config), checkpoint_every=config.train.checkpoint_every or config.train.steps,
+             tensorboard=config.run.tensorboard) as run:
+        return train_rank(rank, world_size, config, run)
+
+
+def _flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    flags[dist.get_rank()] = int(flag)
+    dist.all_reduce(flags)
+    return [bool(f) for f in flags]
+
+
+def prepare_under_torchrun(config: PipelineRunConfig, resume: bool) -> tuple[RunDir, bool]:
+    """Under torchrun: decide together whether this start resumes, and prepare the run directory on every node.
+
+    A group that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes by itself when any rank holds a
+    checkpoint, and starts over when none does (it died before its first). The resolved config goes into every
+    run directory that has none."""
+    device = rank_device()  # where a tensor for a collective lives: the GPU under NCCL, the CPU under gloo
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    run = RunDir(Path(config.run.root) / config.run.name)
+    holding = _flags_of_all_ranks(run.checkpoint_path.exists(), device)
+    resuming = resume or (restarts > 0 and any(holding))
+    if resuming and not any(holding):
+        raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
+    if restarts > 0 and not resuming:
+        run.metrics_path.unlink(missing_ok=True)  # the group died before its first checkpoint: start over
+    status = torch.zeros(1, dtype=torch.int64, device=device)
+    error = ""
+    if dist.get_rank() == 0 and not resuming:
+        try:
+            prepare_run_dir(config.run.root, config.run.name, resume=False).write_config(config)  # refuses a run
+        except (FileExistsError, OSError) as err:
+            error = str(err)
+            status[0] = 1
+    dist.broadcast(status, src=0)
+    if status[0]:
+        raise RuntimeError(error or "rank 0 could not prepare the run directory")
+    run.path.mkdir(parents=True, exist_ok=True)  # on every node: each rank writes its own files there
+    if not run.config_path.exists():  # a node that never held this run
+        run.write_config(config)
+    return run, resuming
