@@ -39,7 +39,7 @@ def run(rounds: int, strategy: dict, attack: str, scale: float = 4.0) -> dict:
     for _ in range(rounds):
         state, record = server.run_round(state)
         attacked = max(attacked, record.get("attackers", 0))
-    return {"accuracy": record["accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked}
+    return {"accuracy": record["test_accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked}
 
 
 def main() -> None:

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "plait"
 PLANES = {"federated", "parallel", "ps"}
 BOTTOM = {"core", "user_code", "settings", "runtime"}
 # A plane's run entry points that still use the driver's modules themselves.
-RUN_ENTRY_POINTS = {"federated/driver.py", "federated/simulation.py", "federated/net/serve.py",
-                    "parallel/train.py", "parallel/pipeline_train.py",
+RUN_ENTRY_POINTS = {"parallel/train.py", "parallel/pipeline_train.py",
                     "parallel/pipeline/checkpoints.py",  # the pipeline run's resume across torchrun restarts
                     "ps/train.py", "ps/launcher.py"}
 
