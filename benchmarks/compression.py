@@ -35,7 +35,7 @@ def run(rounds: int, compression: dict) -> dict:
     for _ in range(rounds):
         state, record = server.run_round(state)
         bytes_up += record["bytes_up"]
-    return {"accuracy": record["accuracy"], "bytes_up": bytes_up, "seconds": time.perf_counter() - started}
+    return {"accuracy": record["test_accuracy"], "bytes_up": bytes_up, "seconds": time.perf_counter() - started}
 
 
 def main() -> None:

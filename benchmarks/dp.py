@@ -45,7 +45,7 @@ def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None) -> dict:
     state, started = server.initial_state(), time.perf_counter()
     for _ in range(rounds):
         state, record = server.run_round(state)
-    return {"accuracy": record["accuracy"], "epsilon": record.get("epsilon", float("inf")),
+    return {"accuracy": record["test_accuracy"], "epsilon": record.get("epsilon", float("inf")),
             "seconds": time.perf_counter() - started}
 
 
@@ -68,7 +68,7 @@ def audit(rounds: int, noise_multiplier: float | None) -> dict:
     for _ in range(rounds):
         state, record = server.run_round(state)
     out = membership_audit(model, server.spec, state.params, (x, y), (test_x, test_y))
-    out.update(accuracy=record["accuracy"], epsilon=record.get("epsilon", float("inf")))
+    out.update(accuracy=record["test_accuracy"], epsilon=record.get("epsilon", float("inf")))
     return out
 
 

@@ -51,8 +51,9 @@ class Outcome:
 
 
 def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0) -> tuple[Outcome, object]:
+    from plait.experiment.runs.fl_simulation import run_federated
     from plait.federated.config import FederatedRunConfig
-    from plait.federated.simulation import build_server, run_federated
+    from plait.federated.simulation import build_server
     from plait.settings.config import from_dict
 
     row = ROWS[name]
@@ -65,7 +66,7 @@ def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0) ->
     config = from_dict(FederatedRunConfig, raw)
     summary = run_federated(config, show_progress=False, fresh_name=True)
     records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["round"], r["accuracy"]) for r in records if "accuracy" in r]
+    curve = [(r["round"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
     reached = next((r["round"] for r in records if r.get("target_reached")), None)
     return Outcome(name, lr, reached, summary.train_seconds, curve), build_server(config)
 

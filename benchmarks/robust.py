@@ -44,7 +44,7 @@ def run(rounds: int, strategy: dict, attack: str, scale: float = 4.0, bounds: di
         attacked = max(attacked, record.get("attackers", 0))
         refused += record.get("refused", 0)
         skipped += bool(record.get("skipped"))
-    return {"accuracy": record["accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked,
+    return {"accuracy": record["test_accuracy"], "seconds": time.perf_counter() - started, "max_attackers": attacked,
             "refused": refused, "skipped_rounds": skipped}
 
 

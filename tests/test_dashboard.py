@@ -82,6 +82,9 @@ def test_the_dashboard_shows_rounds_clients_and_a_refusal(tmp_path):
         rounds = [r["round"] for r in status["series"] if r.get("test_accuracy") is not None]
         assert len(rounds) >= 3 and rounds == sorted(rounds)
         assert all(r["cumulative_bytes_up"] > 0 for r in status["series"])
+        history = {r["round"]: r for r in status["history"]}  # the older summary, under the same canonical names
+        assert all(set(history[r]) == {"round", "test_accuracy", "test_loss", "participants", "dropped"} and
+                   history[r]["test_accuracy"] is not None for r in rounds)
         rows = {row["id"]: row for row in status["clients"]}
         assert set(rows) == {0, 1, ROGUE} and rows[0]["connected"] and rows[0]["rounds"] >= 1
         assert rows[ROGUE]["refusals"] == {"nonfinite": 1} and rows[ROGUE]["last_refusal"].startswith("nonfinite:")
@@ -103,7 +106,7 @@ def test_the_dashboard_shows_rounds_clients_and_a_refusal(tmp_path):
         if CHROMIUM is None:
             pytest.skip("chromium is not installed (apt-get install chromium): browser part skipped")
         url = f"http://127.0.0.1:{port}/"
-        so_far = {r["round"] for r in read_records(run_dir) if "accuracy" in r}
+        so_far = {r["round"] for r in read_records(run_dir) if "test_accuracy" in r}
         dom = chromium(url, tmp_path / "profile", "--dump-dom")
         shot = os.environ.get("PLAIT_DASHBOARD_SCREENSHOT")
         if shot:

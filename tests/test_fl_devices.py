@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import build_server, run_federated
+from plait.federated.simulation import build_server
 from plait.federated.stragglers import DeviceConfig, DevicePool
 from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import run_federated
 from plait.parallel.launch import spawn_ranks
 from plait.runtime.checkpoint import load_checkpoint
 from plait.settings.config import from_dict
@@ -24,7 +24,7 @@ def _config(tmp_path, name, executor):
 
 def _rank(rank, world_size, raw):
     summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
-    return summary.final.get("accuracy"), summary.final.get("fed_accuracy")
+    return summary.final.get("test_accuracy"), summary.final.get("fed_accuracy")
 
 
 @pytest.mark.timeout(180)
@@ -36,7 +36,7 @@ def test_two_ranks_give_the_sequential_weights(tmp_path):
     got = load_checkpoint(tmp_path / "runs" / "dist" / "checkpoint.pt")
     torch.testing.assert_close(got["params"], expected["params"], rtol=0, atol=0)
     assert set(got["residuals"]) == set(expected["residuals"])  # every client's error feedback carried over
-    assert results[0] == results[1] == (sequential.final["accuracy"], sequential.final["fed_accuracy"])
+    assert results[0] == results[1] == (sequential.final["test_accuracy"], sequential.final["fed_accuracy"])
 
 
 def test_distributed_without_torchrun_says_how_to_start_it(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import build_server, run_federated
+from plait.federated.simulation import build_server
 from plait.federated.topology import mixing_matrix, neighbours
 from plait.settings.config import from_dict
 
@@ -46,9 +47,11 @@ def _config(tmp_path, **gossip):
 
 
 def test_complete_graph_with_everyone_training_is_fedavg(tmp_path):
-    # Prepare: the same config server-based (uniform FedAvg, every client every round) and gossip on K_6
-    fedavg = build_server(_config(tmp_path))
-    gossip = build_server(_config(tmp_path, topology="complete"))
+    # Prepare: the same config server-based (uniform FedAvg, every client every round) and gossip on K_6, both with
+    # the learning rate halved each round
+    fedavg, gossip = _config(tmp_path), _config(tmp_path, topology="complete")
+    fedavg.fl.lr_decay = gossip.fl.lr_decay = 0.5
+    fedavg, gossip = build_server(fedavg), build_server(gossip)
     # Execute: two rounds each
     a, b = fedavg.initial_state(), gossip.initial_state()
     for _ in range(2):
@@ -57,6 +60,7 @@ def test_complete_graph_with_everyone_training_is_fedavg(tmp_path):
     # Assert: every node holds the FedAvg model (complete graph: one mixing step is the exact mean)
     assert torch.allclose(b.params, a.params.expand_as(b.params), atol=1e-5)
     assert record["consensus_distance"] < 1e-9 and record["participants"] == 6
+    assert record["lr"] == pytest.approx(0.05 * 0.5)  # round 2's
 
 
 def test_gossip_preserves_the_average_and_moves_towards_consensus(tmp_path):
@@ -75,7 +79,7 @@ def test_gossip_run_writes_metrics_and_learns(tmp_path):
     config = _config(tmp_path, topology="ring", gossip_steps=2)
     config.fl.rounds = 4
     summary = run_federated(config, show_progress=False)
-    assert summary.rounds == 4 and summary.final["accuracy"] > 0.5
+    assert summary.rounds == 4 and summary.final["test_accuracy"] > 0.5
     assert summary.final["bytes_up"] == 2 * 6 * 199_210 * 4 * 2  # 6 ring edges, both ways, 2 steps
     assert "node_accuracy_mean" in summary.final
 

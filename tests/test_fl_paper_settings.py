@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.baselines import centralised, equivalent_epochs, local_only
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import build_server, run_federated
+from plait.federated.simulation import build_server
 from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config
 
@@ -21,8 +22,8 @@ def test_the_run_stops_at_the_target_accuracy_and_records_the_round(tmp_path):
     raw = shapes_config(tmp_path, rounds=40, target_accuracy=0.9, lr_decay=0.9)
     summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
     records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["target_reached"] and records[-1]["accuracy"] >= 0.9 and len(records) < 40
-    assert all(r["accuracy"] < 0.9 for r in records[:-1])  # it stopped at the first round that reached it
+    assert records[-1]["target_reached"] and records[-1]["test_accuracy"] >= 0.9 and len(records) < 40
+    assert all(r["test_accuracy"] < 0.9 for r in records[:-1])  # it stopped at the first round that reached it
     assert records[0]["lr"] == pytest.approx(0.05) and records[1]["lr"] == pytest.approx(0.05 * 0.9)
 
 

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import run_federated
 from plait.settings.config import from_dict, load_toml
 
 CONFIG = """
@@ -112,6 +112,27 @@ def test_plot_command_writes_pngs(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_a_run_logged_under_the_older_metric_names_resumes_and_plots(tmp_path):
+    # Prepare: two rounds, then the log rewritten as runs wrote it before the canonical names (no lr, no time)
+    path = _write(tmp_path, rounds=2)
+    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
+    log = tmp_path / "runs" / "r" / "metrics.jsonl"
+    fresh = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all({"lr", "time", "elapsed_s"} <= r.keys() for r in fresh) and "test_accuracy" in fresh[-1]
+    older = {"test_accuracy": "accuracy", "test_loss": "loss"}
+    log.write_text("".join(json.dumps({older.get(k, k): v for k, v in r.items() if k not in ("lr", "time")}) + "\n"
+                           for r in fresh))
+    # Execute
+    result = CliRunner().invoke(app, ["run", str(path), "--resume", "--set", "fl.rounds=3"])
+    # Assert: the old rounds kept as written, the new one under the canonical names, the clock going on
+    assert result.exit_code == 0 and "final test accuracy" in result.output, result.output
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3] and "accuracy" in records[1]
+    assert {"test_accuracy", "test_loss", "lr", "time"} <= records[2].keys()
+    assert records[2]["elapsed_s"] > records[1]["elapsed_s"]
+    assert (tmp_path / "runs" / "r" / "plots" / "accuracy.png").exists()
+
+
 def test_spent_privacy_budget_ends_the_run_early(tmp_path):
     # Prepare: central DP with a budget that allows only a few of the 30 rounds (a clip norm small enough that the
     # noise does not wreck the model: with 0.5 the clients diverged from round 2, unnoticed before divergence checks)
@@ -123,7 +144,8 @@ def test_spent_privacy_budget_ends_the_run_early(tmp_path):
     # Assert: the log stops at the round that found the budget spent, ε never over budget, accuracy reported
     records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 1 < len(records) < 30 and records[-1]["stop"] is True
-    assert all(r["epsilon"] <= 2.0 for r in records) and "accuracy" in records[-1]
+    assert all(r["epsilon"] <= 2.0 for r in records) and "test_accuracy" in records[-1]
+    assert records[-1]["skipped"] and records[-1]["lr"] == 0.1  # a round that trained nobody still says its lr
 
 
 def test_process_pool_executor_from_config_matches_sequential(tmp_path):

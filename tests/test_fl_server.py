@@ -37,7 +37,7 @@ def test_one_round_is_fedavg_of_the_selected_clients(tmp_path):
     expected = state.params + weighted_mean(deltas, weights)  # FedAvg: server SGD with lr 1 on the mean delta
     assert torch.allclose(new_state.params, expected, atol=1e-6)
     assert record["bytes_down"] == 4 * 199_210 * 4 and record["bytes_up"] == 4 * 199_210 * 4
-    assert 0 <= record["accuracy"] <= 1
+    assert 0 <= record["test_accuracy"] <= 1
 
 
 def _selected(server, round_idx):

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "plait"
 PLANES = {"federated", "parallel", "ps"}
 BOTTOM = {"core", "user_code", "settings", "runtime"}
 # A plane's run entry points that still use the driver's modules themselves.
-RUN_ENTRY_POINTS = {"federated/driver.py", "federated/simulation.py", "federated/net/serve.py",
-                    "ps/train.py", "ps/launcher.py"}
+RUN_ENTRY_POINTS = {                    "ps/train.py", "ps/launcher.py"}
 
 
 def _imports(path: Path) -> set[str]:

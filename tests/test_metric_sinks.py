@@ -8,9 +8,9 @@ import csv
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.experiment.sinks import MetricSinks
 from plait.federated.config import FederatedRunConfig
-from plait.federated.simulation import run_federated
 from plait.runtime.metrics_log import truncate_metrics
 from plait.settings.config import from_dict
 
@@ -61,8 +61,8 @@ def test_a_federated_run_writes_tensorboard_and_csv_unless_told_not_to(tmp_path)
            "data": {"num_clients": 4, "partition": "iid"},
            "fl": {"rounds": 2, "fraction": 0.5, "min_clients": 1, "plan": {"max_steps": 2}}}
     summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
-    assert {"accuracy", "train_loss", "vs_kB/accuracy"} <= _tags(summary.run_dir / "tb")
-    assert [step for step, _ in _scalars(summary.run_dir / "tb", "accuracy")] == [1, 2]
+    assert {"test_accuracy", "train_loss", "vs_kB/test_accuracy"} <= _tags(summary.run_dir / "tb")
+    assert [step for step, _ in _scalars(summary.run_dir / "tb", "test_accuracy")] == [1, 2]
     assert len((summary.run_dir / "metrics.csv").read_text().splitlines()) == 3
     raw["run"].update(name="no-tb", tensorboard=False)
     summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)

@@ -30,4 +30,4 @@ def test_five_clients_three_rounds_match_simulation(tmp_path):
     assert run.checkpoint["round"] == ROUNDS
     torch.testing.assert_close(run.checkpoint["params"], run.reference.params, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(run.checkpoint["params"], run.initial, atol=1e-4)  # training moved the model
-    assert records[-1]["accuracy"] == pytest.approx(ref_records[-1]["accuracy"], abs=2e-4)
+    assert records[-1]["test_accuracy"] == pytest.approx(ref_records[-1]["test_accuracy"], abs=2e-4)

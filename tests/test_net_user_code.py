@@ -63,5 +63,5 @@ def test_clients_train_a_user_model_on_their_own_folders(tmp_path):
     torch.testing.assert_close(ckpt["params"], state.params, rtol=1e-5, atol=1e-6)
     net_records = read_records(run_dir)
     assert [r["participants"] for r in net_records] == [NUM_CLIENTS] * ROUNDS
-    assert net_records[-1]["accuracy"] == pytest.approx(records[-1]["accuracy"], abs=1e-6)
+    assert net_records[-1]["test_accuracy"] == pytest.approx(records[-1]["test_accuracy"], abs=1e-6)
     assert (run_dir / "model.safetensors").exists()

@@ -21,7 +21,7 @@ def _final_accuracy(strategy: dict, attack: str, rounds: int = 15) -> float:
     state = server.initial_state()
     for _ in range(rounds):
         state, record = server.run_round(state)
-    return record["accuracy"]
+    return record["test_accuracy"]
 
 
 @pytest.mark.slow

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.config import FederatedRunConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.pool_executor import ProcessPoolExecutor
-from plait.federated.simulation import build_server, run_federated
+from plait.federated.simulation import build_server
 from plait.federated.task import Task
 from plait.federated.weights import flat_model_state
 from plait.settings.config import ConfigError, from_dict
@@ -95,7 +96,7 @@ def test_a_run_leaves_portable_weights(tmp_path):
     model.eval()
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).double().mean().item()
-    assert accuracy == pytest.approx(summary.final["accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(summary.final["test_accuracy"], abs=1e-6)
     # `plait export` writes the same file from the checkpoint alone
     (summary.run_dir / "model.safetensors").unlink()
     from plait.federated.export import export_run
@@ -116,8 +117,8 @@ def test_regression_task_end_to_end(tmp_path):
     summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
     import json
     records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["loss"] < 0.85 * records[0]["loss"]  # the MSE on the test set went down
-    assert "accuracy" not in records[-1] and "fed_accuracy" not in records[-1] and records[-1]["fed_loss"] > 0
+    assert records[-1]["test_loss"] < 0.85 * records[0]["test_loss"]  # the MSE on the test set went down
+    assert "test_accuracy" not in records[-1] and "fed_accuracy" not in records[-1] and records[-1]["fed_loss"] > 0
 
 
 def test_python_objects_instead_of_references(tmp_path):
@@ -174,7 +175,7 @@ def test_flat_state_names_the_dtype_problem():
         flat_model_state(model, buffers=True)
 
 
-@pytest.mark.parametrize("config, metric", [("fl.toml", "accuracy"), ("regression.toml", "loss")])
+@pytest.mark.parametrize("config, metric", [("fl.toml", "test_accuracy"), ("regression.toml", "test_loss")])
 def test_the_examples_run_as_written(tmp_path, config, metric):
     from typer.testing import CliRunner
 

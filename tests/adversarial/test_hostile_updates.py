@@ -21,6 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from plait.cli import app
+from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.bounds import BoundedAggregator, BoundsConfig, Diverged, UpdateRefused, extend_history
 from plait.federated.client_update import Update
 from plait.federated.config import FederatedRunConfig
@@ -28,7 +29,6 @@ from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.connection import Connection, Task
 from plait.federated.net.local import cluster, read_records, small_config, write_config
 from plait.federated.net.wire import iter_chunks
-from plait.federated.simulation import run_federated
 from plait.federated.strategy import FedAvgAggregator
 from plait.settings.config import from_dict
 from tests_support import EXAMPLE, shapes_config

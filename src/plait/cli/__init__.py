@@ -15,8 +15,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from plait.cli.fl import fl_app
 from plait.federated.bounds import Diverged
-from plait.federated.net.commands import fl_app
 from plait.ps.commands import ps_app
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
@@ -48,8 +48,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: bool = False) -> None:
+    from plait.experiment.runs.fl_simulation import run_federated
     from plait.federated.config import FederatedRunConfig
-    from plait.federated.simulation import run_federated
 
     try:
         config = from_dict(FederatedRunConfig, apply_overrides(load_toml(config_path), overrides))
@@ -59,8 +59,8 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
     except Diverged as err:  # the run started and failed: exit 1, not the usage error's 2
         _fail(str(err), code=1)
     final = summary.final
-    if "accuracy" in final:
-        console.print(f"final test accuracy: [bold]{final['accuracy']:.4f}[/] after {summary.rounds} rounds "
+    if "test_accuracy" in final:
+        console.print(f"final test accuracy: [bold]{final['test_accuracy']:.4f}[/] after {summary.rounds} rounds "
                       f"({summary.train_seconds:.1f} s)")
     console.print(f"run directory: {summary.run_dir}")
     for plot in summary.plots:

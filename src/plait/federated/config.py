@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from plait.data.federated import DataConfig
@@ -118,6 +118,11 @@ class FLConfig:
             raise ValueError("fl.privacy.mode = 'central' needs fl.strategy.name = 'fedavg' and "
                              "fl.strategy.weighting = 'uniform'")
 
+    def round_plan(self, round_idx: int) -> TrainingPlan:
+        """The clients' plan in round `round_idx` (counted from 1): `plan.lr` decayed by `lr_decay^(round_idx - 1)`."""
+        if self.lr_decay == 1:
+            return self.plan
+        return replace(self.plan, lr=self.plan.lr * self.lr_decay ** (round_idx - 1))
 
     def _check_gossip(self) -> None:
         """Server-less rounds have no server: the server-side choices cannot apply."""

@@ -21,7 +21,7 @@ import torch
 
 from plait.data.federated import FederatedData
 from plait.federated.client_update import ClientData, client_update
-from plait.federated.evaluate import evaluate
+from plait.federated.evaluate import evaluate, test_set_record
 from plait.federated.executor import SequentialExecutor
 from plait.federated.seeds import NODE_EVAL_SAMPLE, client_seed, selection_rng, stream
 from plait.federated.server import ServerState
@@ -65,8 +65,9 @@ class GossipRunner:
         trained = sorted(rng.choice(nodes, size=count, replace=False).tolist())
         params = state.params.clone()
         loss_sum = examples = 0.0
+        round_plan = cfg.round_plan(round_idx)
         for node in trained:
-            plan = cfg.plan.for_client(client_seed(self.seed, round_idx, node))
+            plan = round_plan.for_client(client_seed(self.seed, round_idx, node))
             data = ClientData(*self.data.client_train(node))
             update = client_update(self.model, self.spec, params[node], data, plan, self.task)
             params[node] += update.delta
@@ -75,7 +76,8 @@ class GossipRunner:
         for _ in range(cfg.gossip.gossip_steps):
             params = self.mixing @ params  # each node: weighted average of itself and its neighbours
         record: dict[str, Any] = {
-            "round": round_idx, "participants": len(trained), "train_loss": loss_sum / max(examples, 1),
+            "round": round_idx, "lr": round_plan.lr, "participants": len(trained),
+            "train_loss": loss_sum / max(examples, 1),
             # each mixing step sends every model both ways along every edge
             "bytes_up": 2 * self.num_edges * self.model_bytes * cfg.gossip.gossip_steps,
             "consensus_distance": float((params - params.mean(0)).pow(2).sum(1).mean()),
@@ -91,7 +93,7 @@ class GossipRunner:
             return {}
         test_x, test_y = self.data.test_x, self.data.test_y
         average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y, task=self.task)
-        out = {k: v for k, v in average.items() if k != "num_examples"}  # the average model's
+        out = test_set_record(average)  # the average model's
         picks = stream(self.seed, NODE_EVAL_SAMPLE).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]
         if len(picks) and "accuracy" in average:  # per-node accuracy, for a task that has one
             scores = [evaluate(self.model, self.spec, state.params[int(i)], test_x, test_y, task=self.task)["accuracy"]

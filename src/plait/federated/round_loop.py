@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from plait.core.flat import FlatSpec
 from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
-from plait.federated.evaluate import evaluate
+from plait.federated.evaluate import evaluate, test_set_record
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
@@ -131,9 +131,9 @@ class RoundLoop:
         candidates = self.backend.candidates(round_idx)
         selection = select_clients(candidates, cfg.fraction, cfg.min_clients, cfg.over_selection, self.eligible,
                                    selection_rng(self.seed, round_idx))
-        record: dict[str, Any] = {"round": round_idx, "eligible": selection.num_eligible,
-                                  "selected": len(selection.selected), "participants": 0, "dropped": 0,
-                                  "bytes_down": 0, "bytes_up": 0}
+        record: dict[str, Any] = {"round": round_idx, "lr": cfg.round_plan(round_idx).lr,
+                                  "eligible": selection.num_eligible, "selected": len(selection.selected),
+                                  "participants": 0, "dropped": 0, "bytes_down": 0, "bytes_up": 0}
         # q of the accountant: the share of the clients that could be selected that were (over-selection included)
         sample_rate = len(selection.selected) / selection.num_eligible if selection.selected else 1.0
         before = state
@@ -146,9 +146,9 @@ class RoundLoop:
         self.privacy.record_epsilon(state.opt_state, record)
         state = ServerState(round_idx, state.params, state.opt_state)
         record.update(self._evaluate(state.params, round_idx, candidates, final=bool(record.get("stop"))))
-        if cfg.target_accuracy and record.get("accuracy", 0.0) >= cfg.target_accuracy:
+        if cfg.target_accuracy and record.get("test_accuracy", 0.0) >= cfg.target_accuracy:
             record["target_reached"] = record["stop"] = True  # the round count is the figure: rounds to target
-        for key in ("loss", "fed_loss"):
+        for key in ("test_loss", "fed_loss"):
             if key in record and not math.isfinite(record[key]):
                 self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}")
                 state = ServerState(round_idx, before.params, before.opt_state)  # skip: the model stays as it was
@@ -164,8 +164,7 @@ class RoundLoop:
     def _train_and_aggregate(self, state: ServerState, selected: list[int], target: int, record: dict[str, Any],
                              sample_rate: float) -> ServerState:
         cfg, round_idx = self.config, state.round + 1
-        plan = cfg.plan if cfg.lr_decay == 1 else replace(cfg.plan, lr=cfg.plan.lr * cfg.lr_decay ** (round_idx - 1))
-        record["lr"] = plan.lr
+        plan = cfg.round_plan(round_idx)
         plans = {cid: plan.for_client(client_seed(self.seed, round_idx, cid)) for cid in selected}
         aggregator = released = None
         if not (cfg.strategy.name == "secagg" and self.backend.aggregates_secagg):
@@ -221,8 +220,7 @@ class RoundLoop:
         cfg, out = self.config, dict[str, float]()
         last = final or round_idx == cfg.rounds
         if self.test_set is not None and (last or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
-            metrics = evaluate(self.model, self.spec, params, *self.test_set, task=self.task)
-            out.update({k: v for k, v in metrics.items() if k != "num_examples"})
+            out.update(test_set_record(evaluate(self.model, self.spec, params, *self.test_set, task=self.task)))
         if cfg.federated_eval_every and (last or round_idx % cfg.federated_eval_every == 0):
             out.update(self.federated_evaluate(params, sorted(candidates), round_idx))
         return out

@@ -1,36 +1,21 @@
-"""Run a federated simulation from its config: the data, the model, the simulated clients' executor, then the rounds
-in a run directory (`driver.py`: metrics per round, checkpoint after every round, `--resume`), plots at the end."""
+"""A federated simulation built from its config: the data, the model, the simulated clients' executor and the round
+loop (or the gossip runner). The driver runs its rounds in a run directory (`plait.experiment.runs.fl_simulation`).
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from plait.data.federated import federated_from_user_data, load_federated
 from plait.data.user import user_data_from
-from plait.experiment.plots import plot_run
-from plait.experiment.rundir import prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.config import FederatedRunConfig
-from plait.federated.driver import drive_rounds
 from plait.federated.executor import ClientExecutor, SequentialExecutor
-from plait.federated.export import save_weights
 from plait.federated.server import FederatedServer
 from plait.federated.task import Task
-
-
-@dataclass(slots=True)
-class RunSummary:
-    run_dir: Path
-    rounds: int
-    final: dict[str, Any]
-    plots: list[Path]
-    train_seconds: float
 
 
 def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> ClientExecutor:
@@ -95,8 +80,8 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
         raise
 
 
-def _joined_ranks() -> int:
-    """This process's rank, joining torchrun's process group first if need be."""
+def distributed_rank() -> int:
+    """This process's rank under `fl.executor = 'distributed'`, joining torchrun's process group first if need be."""
     import os
 
     import torch.distributed as dist
@@ -107,45 +92,3 @@ def _joined_ranks() -> int:
                              "torchrun --nproc-per-node N -m plait.cli run CONFIG")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank()
-
-
-def _follow(config: FederatedRunConfig, resume: bool, **user: Any) -> RunSummary:
-    """A distributed run's rank other than 0: the same rounds from the same state, nothing written."""
-    from plait.experiment.rundir import RunDir
-    from plait.federated.driver import checkpointed_state
-
-    server = build_server(config, **user)
-    started = time.perf_counter()
-    run_path = Path(config.run.root) / config.run.name
-    # rank 0's checkpoint, on a file system every rank reads; rank 0 alone truncates the log
-    state = checkpointed_state(RunDir(run_path), server) if resume else server.initial_state()
-    record: dict[str, Any] = {}
-    try:
-        while state.round < config.fl.rounds and not record.get("stop"):
-            state, record = server.run_round(state)
-    finally:
-        server.close()
-    return RunSummary(run_path, state.round, record, [], time.perf_counter() - started)
-
-
-def run_federated(config: FederatedRunConfig, resume: bool = False, show_progress: bool = True,
-                  fresh_name: bool = False, *, model: Callable[[], torch.nn.Module] | None = None,
-                  data: Any = None, task: Task | None = None) -> RunSummary:
-    """Run a federated simulation in its run directory; `model`, `data`, `task` as for `build_server`."""
-    if config.fl.executor == "distributed" and _joined_ranks() != 0:
-        return _follow(config, resume, model=model, data=data, task=task)
-    if resume:
-        prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
-    server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing
-    started = time.perf_counter()
-    try:
-        run = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
-        if not resume:
-            run.write_config(config)
-        state, last = drive_rounds(server, run, config.fl.rounds, resume=resume, show_progress=show_progress,
-                                    tensorboard=config.run.tensorboard)
-    finally:
-        server.close()
-    save_weights(server.model, server.spec, state.params, run.path)
-    plots = plot_run(run.path)
-    return RunSummary(run.path, state.round, last, plots, time.perf_counter() - started)

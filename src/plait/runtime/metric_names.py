@@ -1,9 +1,10 @@
 """The canonical metric names of a run's metrics.jsonl, with the older names they replace, and their units.
 
-This table is where the names are decided. The readers (`plait plot`, `plait compare`) pass every record through
-`canonical_records`, so that old and new run directories read alike. The writers (the federated round loop, data
-parallel, pipeline, the parameter server) still write some of the older names; they are to be switched to the
-canonical ones using this table, after which the aliases stay here only so that old run directories still read.
+This table is where the names are decided. The readers (`plait plot`, `plait compare`, the FL dashboard) pass every
+record through `canonical_records`, so that old and new run directories read alike. The federated writers (the
+round loop, the gossip runner, the network server and its status page) write the canonical names, with `lr` and
+`time` in every round's record; data parallel, pipeline and the parameter server still write some of the older
+names and are to be switched using this table. The aliases stay here so that old run directories still read.
 
 Older names and what they become:
 

@@ -1,2 +1,3 @@
-"""The cluster planes' run entries (`plait train CONFIG.toml`): each reads its config, prepares the run directory,
-hands every rank a `plait.experiment.run.Run` and calls the plane's training code, then draws the plots."""
+"""The planes' runs, driven in a run directory: one module per entry point (`plait run`, `plait fl server`,
+`plait train` for data parallel, pipeline and parameter server). Each reads its config, prepares the run directory,
+hands the plane a `plait.experiment.run.Run` and draws the plots."""

@@ -59,7 +59,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
                       "native all-reduce", stacklevel=2)
     if not resume:
         run.write_config(config)
-    schedule = build_schedule(config.parallel.schedule, config.parallel.stages, config.parallel.micro_batches)
+    schedule = build_schedule(config.parallel.schedule, config.parallel.stages,
+                              config.parallel.micro_batches or 1)  # set by the section when left out
     console.print(str(schedule), markup=False, highlight=False)
     results = spawn_ranks(rank_main, nproc, to_dict(config), str(run.path), resume, timeout_s=24 * 3600.0,
                           threads_per_rank=config.run.threads)

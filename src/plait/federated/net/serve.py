@@ -1,10 +1,11 @@
-"""`plait fl server CONFIG.toml [--resume]`: the one round loop over real clients.
+"""The network server's service: the gRPC service (`server.py`) and the status page run on one asyncio event loop,
+while the driver runs the round loop (`round_loop.py`) in a thread, reaching the clients through `backend.py`.
 
-One asyncio process: the gRPC service (`server.py`) and the status page run on its event loop; the round loop
-(`round_loop.py`) runs in a thread under the same driver as the simulator (`driver.py`: metrics, checkpoints,
-resume, `elapsed_s` that goes on across a resume), reaching the clients through `backend.py`. Randomness comes from
-(seed, round, client) as in the simulator, so with the same clients connected a networked run reproduces the
-simulation, and a resumed run the uninterrupted one.
+    serve(config, run, drive)   drive(rounds, on_record) runs in that thread: the driver's rounds, metrics,
+                                checkpoints and resume (`plait.experiment.runs.fl_server` hands it in)
+
+Randomness comes from (seed, round, client) as in the simulator, so with the same clients connected a networked run
+reproduces the simulation, and a resumed run the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import torch
 
 from plait.data.federated import load_test_set
-from plait.experiment.plots import plot_run
-from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.federated.components import build_model, build_task, check_model_fits
-from plait.federated.driver import drive_rounds
-from plait.federated.export import save_weights
 from plait.federated.net.backend import NetBackend
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.server import NetServer
@@ -34,17 +32,21 @@ from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import grpc_options
 from plait.federated.round_loop import RoundLoop, ServerState
 from plait.federated.weights import flat_model_state
-from plait.runtime.metrics_log import read_metrics
+from plait.runtime.context import RunContext
 
 log = logging.getLogger("plait.fl.server")
 
 # Incoming calls gRPC core may queue before this process takes them: tens of thousands of clients.
 _MAX_PENDING_RPCS = 100_000
-_HISTORY_KEYS = ("round", "accuracy", "loss", "participants", "dropped")
+
+OnRecord = Callable[[ServerState, dict[str, Any]], None]
+# The driver's side: runs the rounds to the end, calling on_record after each round's record is written.
+DriveRounds = Callable[[RoundLoop, OnRecord], None]
 
 
-def run_server(config: NetworkRunConfig, resume: bool = False) -> RunDir:
-    return asyncio.run(_serve(config, resume))
+def serve(config: NetworkRunConfig, run: RunContext, drive: DriveRounds) -> None:
+    """Serve clients until `drive` has run every round, then tell them the run is done (within `net.linger_s`)."""
+    asyncio.run(_serve(config, run, drive))
 
 
 async def _start_grpc(server: NetServer) -> grpc.aio.Server:
@@ -69,11 +71,10 @@ async def _start_grpc(server: NetServer) -> grpc.aio.Server:
     return service
 
 
-async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
+async def _serve(config: NetworkRunConfig, run: RunContext, drive: DriveRounds) -> None:
     net = config.net
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    run = prepare_run_dir(config.run.root, config.run.name, resume)
     test = load_test_set(config.data)  # the server's own test set, if any: it reads no client's data
     num_classes = test[2] if test is not None else 0
     torch.manual_seed(config.run.seed)  # the initial global model, as the simulator draws it
@@ -85,41 +86,35 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
     rounds = RoundLoop(config.fl, NetBackend(server, asyncio.get_running_loop()), model=model, spec=spec,
                        initial_params=initial, seed=config.run.seed, num_clients=config.data.num_clients,
                        test_set=(test[0], test[1]) if test is not None and len(test[1]) else None, task=task)
-    if not resume:
-        run.write_config(config)
-    server.history = [{k: r.get(k) for k in _HISTORY_KEYS} for r in read_metrics(run.metrics_path)]
     service = await _start_grpc(server)
     httpd = None
     if net.status_port >= 0:
         httpd = await asyncio.to_thread(serve_status, server.board, net.status_host, net.status_port,
                                         net.status_connections, net.status_timeout_s)
         server.status_port = httpd.server_address[1]
-    (run.path / "server.json").write_text(json.dumps(
-        {"host": net.host, "port": server.port, "status_port": server.status_port, "pid": os.getpid(),
-         "tls": net.use_tls}), encoding="utf-8")
+    if run.writes:
+        (run.path / "server.json").write_text(json.dumps(
+            {"host": net.host, "port": server.port, "status_port": server.status_port, "pid": os.getpid(),
+             "tls": net.use_tls}), encoding="utf-8")
     log.info("serving on %s:%d (%s, auth %s); status on http://%s:%d/", net.host, server.port,
              "TLS" if net.use_tls else "no TLS", net.auth, net.status_host, server.status_port)
     publisher = asyncio.create_task(server.publish_forever())
 
     def on_record(state: ServerState, record: dict[str, Any]) -> None:  # in the driver's thread
         server.rounds_done = state.round
-        server.history.append({k: record.get(k) for k in _HISTORY_KEYS})
         if record.get("target_reached"):
             log.info("round %d: test accuracy %.4f reached fl.target_accuracy, stopping", state.round,
-                     record["accuracy"])
+                     record["test_accuracy"])
         elif record.get("stop"):
             log.info("round %d: privacy budget spent (epsilon %.3f), stopping", state.round,
                      record.get("epsilon", math.nan))
         else:
             log.info("round %d: %d/%d reported, %d dropped%s", state.round, record["participants"],
                      record["selected"], record["dropped"],
-                     f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
+                     f", accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else "")
 
     try:
-        final, _ = await asyncio.to_thread(drive_rounds, rounds, run, config.fl.rounds, resume=resume,
-                                           show_progress=False, tensorboard=config.run.tensorboard,
-                                           on_record=on_record)
-        await asyncio.to_thread(save_weights, model, spec, final.params, run.path)
+        await asyncio.to_thread(drive, rounds, on_record)
         server.done, server.phase = True, "done"
         server.wake_pollers()
         linger_until = time.monotonic() + net.linger_s
@@ -131,5 +126,3 @@ async def _serve(config: NetworkRunConfig, resume: bool) -> RunDir:
         await service.stop(grace=1.0)
         if httpd is not None:
             httpd.shutdown()
-    plot_run(run.path)  # the run's figures in runs/NAME/plots, as a simulated run draws them
-    return run

@@ -30,7 +30,7 @@ from plait.federated.net.limits import RefusalLog, StreamSlots, bounded_data
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
-from plait.federated.net.status import DashboardFeed, StatusBoard, rss_mib
+from plait.federated.net.status import HISTORY_KEYS, DashboardFeed, StatusBoard, rss_mib
 from plait.federated.net.update_checks import decompress, is_compressed
 from plait.federated.net.wire import (
     REASONS,
@@ -75,7 +75,6 @@ class NetServer:
         self.refusal_log = RefusalLog(log)
         self.streams = StreamSlots(net.max_streams_per_client, net.max_streams)
         self.round_rejected: Counter[str] = Counter()  # in the current round
-        self.history: list[dict[str, Any]] = []
         self.board = StatusBoard()
         self.feed = DashboardFeed(config)  # the dashboard's series, client rows and countdown (snapshot)
         self.phase = "starting"
@@ -388,11 +387,13 @@ class NetServer:
             "dropped": sorted(rnd.gone), "refused": dict(rnd.refused), "closed": rnd.closed,
             "kind": "evaluation" if rnd.evaluation else "training",
             "secagg_stage": rnd.secagg.stage if rnd.secagg is not None else None}
+        feed = self.feed.fields(self)
+        history = [{k: r.get(k) for k in HISTORY_KEYS} for r in feed["series"]]  # status.json's older summary
         return {"run": self.config.run.name, "phase": self.phase, "round": self.rounds_done,
                 "rounds": self.config.fl.rounds, "connected": len(self.alive()), "registered": len(self.clients),
-                "current": current, "history": list(self.history),
+                "current": current, "history": history,
                 "rejected": {reason: self.rejected.get(reason, 0) for reason in REASONS},
-                "rss_mib": rss_mib(), "port": self.port, "time": time.time(), **self.feed.fields(self)}
+                "rss_mib": rss_mib(), "port": self.port, "time": time.time(), **feed}
 
     async def publish_forever(self) -> None:
         while True:

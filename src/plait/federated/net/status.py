@@ -30,6 +30,8 @@ from plait.runtime.metric_names import FEDERATED, canonical_records
 # Per-round figures the charts draw, under their canonical names (metric_names.py).
 SERIES_KEYS = ("round", "elapsed_s", "test_accuracy", "test_loss", "train_loss", "fed_accuracy", "epsilon",
                "cumulative_bytes_up", "cumulative_bytes_down", "selected", "participants", "dropped", "refused")
+# status.json's `history`, kept for readers of the page's first version: a few of the series' keys per round.
+HISTORY_KEYS = ("round", "test_accuracy", "test_loss", "participants", "dropped")
 MAX_CLIENT_ROWS = 500  # the table lists this many clients (those with refusals first); the counts cover them all
 
 

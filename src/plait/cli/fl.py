@@ -1,4 +1,5 @@
-"""`plait fl server | client | certs`: the network deployment's commands (a typer sub-app of `plait`)."""
+"""`plait fl server | client | certs`: federated learning over the network (a typer sub-app of `plait`; heavy imports
+stay inside the commands)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def server(config: Path = typer.Argument(..., help="the run's TOML config (table
            resume: bool = typer.Option(False, "--resume", help="continue after the last finished round"),
            set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set net.port=0")) -> None:
     """Run the federated server: clients dial in, rounds run, metrics and checkpoints go to runs/NAME."""
-    from plait.federated.net.serve import run_server
+    from plait.experiment.runs.fl_server import run_server
 
     _logging()
     try:

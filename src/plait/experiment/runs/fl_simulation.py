@@ -1,0 +1,65 @@
+"""`plait run CONFIG.toml` for a federated simulation: the plane builds the round loop (`build_server`), the driver
+runs it in a run directory (`fl_rounds.py`: metrics per round, a checkpoint after every round, `--resume`), then
+the final weights and the plots.
+
+    from plait.experiment import run_federated
+    summary = run_federated(config, model=make_net, data=(x, y), task=fl.Task())
+
+Under `fl.executor = 'distributed'` every torchrun rank runs the same rounds; rank 0 alone writes the run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.experiment.plots import plot_run
+from plait.experiment.run import Run
+from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.runs.fl_rounds import drive_rounds
+from plait.federated.config import FederatedRunConfig
+from plait.federated.export import save_weights
+from plait.federated.simulation import build_server, distributed_rank
+from plait.federated.task import Task
+
+
+@dataclass(slots=True)
+class RunSummary:
+    run_dir: Path
+    rounds: int
+    final: dict[str, Any]
+    plots: list[Path]
+    train_seconds: float
+
+
+def run_federated(config: FederatedRunConfig, resume: bool = False, show_progress: bool = True,
+                  fresh_name: bool = False, *, model: Callable[[], torch.nn.Module] | None = None,
+                  data: Any = None, task: Task | None = None) -> RunSummary:
+    """Run a federated simulation in its run directory; `model` (a function returning a fresh module), `data` and
+    `task` stand in for the config's `model.factory`, `data.source` and `fl.task` (see `build_server`)."""
+    writes = config.fl.executor != "distributed" or distributed_rank() == 0
+    if resume and writes:
+        prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
+    server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing
+    started = time.perf_counter()
+    try:
+        if writes:
+            run_dir = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
+            if not resume:
+                run_dir.write_config(config)
+        else:  # rank 0's run directory, on a file system every rank reads: its checkpoint is where all resume
+            run_dir = RunDir(Path(config.run.root) / config.run.name)
+        with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,
+                 description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
+            state, last = drive_rounds(server, run)
+    finally:
+        server.close()
+    plots: list[Path] = []
+    if writes:
+        save_weights(server.model, server.spec, state.params, run_dir.path)
+        plots = plot_run(run_dir.path)
+    return RunSummary(run_dir.path, state.round, last, plots, time.perf_counter() - started)
