@@ -21,8 +21,7 @@ BOTTOM = {"core", "user_code", "settings", "runtime"}
 # A plane's run entry points that still use the driver's modules themselves.
 RUN_ENTRY_POINTS = {"federated/driver.py", "federated/simulation.py", "federated/net/serve.py",
                     "parallel/train.py", "parallel/pipeline_train.py",
-                    "parallel/pipeline/checkpoints.py",  # the pipeline run's resume across torchrun restarts
-                    "ps/train.py", "ps/launcher.py"}
+                    "parallel/pipeline/checkpoints.py"}  # the pipeline run's resume across torchrun restarts
 
 
 def _imports(path: Path) -> set[str]:

@@ -4,22 +4,20 @@
 import numpy as np
 import torch
 
+from plait.experiment.runs.parameter_server import run_ps
 from plait.ps.config import PSRunConfig
-from plait.ps.train import run_ps
 from plait.ps.trainer import build_flat_model, load_split, loss_and_grad
 from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import from_dict
 
 
 def make_config(tmp_path, name, **sections) -> PSRunConfig:
-    config = PSRunConfig()
-    config.run.root, config.run.name = str(tmp_path), name
-    config.data.test_examples = 500
-    config.train.steps, config.train.batch_size, config.train.eval_every_s = 8, 16, 0.2
-    config.optimizer.name, config.optimizer.lr = "sgd", 0.1
+    """A small run's config, read as a config file's tables are (`sync={"consistency": "bsp"}` and so on)."""
+    tables = {"run": {"root": str(tmp_path), "name": name}, "data": {"test_examples": 500},
+              "train": {"steps": 8, "batch_size": 16, "eval_every_s": 0.2}, "optimizer": {"name": "sgd", "lr": 0.1}}
     for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
+        tables.setdefault(section, {}).update(values)
+    return from_dict(PSRunConfig, tables)
 
 
 def single_process_sgd(config: PSRunConfig, num_workers: int) -> np.ndarray:
@@ -95,8 +93,8 @@ def test_killed_server_restarts_from_its_checkpoint_and_the_run_finishes(tmp_pat
     for rank in range(2):  # both workers carried on to the last step without restarting
         steps = [r["step"] for r in read_metrics(tmp_path / "kill" / f"worker-{rank}.jsonl")]
         assert steps == list(range(60))
-    evals = [e for e in events if "loss" in e]
-    assert evals[-1]["step"] == 60 and evals[-1]["loss"] < evals[0]["loss"]
+    evals = [e for e in events if "test_loss" in e]
+    assert evals[-1]["step"] == 60 and evals[-1]["test_loss"] < evals[0]["test_loss"]
 
 
 def test_worker_death_under_ssp_does_not_hang_the_others(tmp_path):
@@ -144,7 +142,7 @@ def test_a_dead_worker_is_restarted_and_rejoins_the_bsp_clock(tmp_path):
         resumed_at.append(rejoins[0]["clock"] if rejoins and rejoins[0]["clock"] is not None else 7)
     assert steps[8] == min(resumed_at) + 1
     assert summary.max_staleness == {0: 0, 1: 0}
-    assert events[-1]["step"] == steps_total and events[-1]["loss"] < events[0]["loss"]
+    assert events[-1]["step"] == steps_total and events[-1]["test_loss"] < events[0]["test_loss"]
 
 
 def test_a_worker_that_dies_before_the_start_barrier_is_restarted_into_it(tmp_path, monkeypatch):
@@ -205,7 +203,7 @@ def test_resume_continues_from_the_servers_checkpoints_as_if_never_stopped(tmp_p
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "resume" / f"worker-{rank}.jsonl")] == list(range(10))
-    evals = [r for r in read_metrics(tmp_path / "resume" / "metrics.jsonl") if "loss" in r]
+    evals = [r for r in read_metrics(tmp_path / "resume" / "metrics.jsonl") if "test_loss" in r]
     assert evals[-1]["step"] == 10
     elapsed = [r["elapsed_s"] for r in evals]
     assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from the first part's

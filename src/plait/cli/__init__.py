@@ -15,9 +15,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from plait.cli.ps import ps_app
 from plait.federated.bounds import Diverged
 from plait.federated.net.commands import fl_app
-from plait.ps.commands import ps_app
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
@@ -141,7 +141,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
 # `main(config_path, nproc, resume, overrides, allreduce)` in its own plane.
 _TRAIN_ENTRIES = {
     "data": "plait.parallel.train",
-    "ps": "plait.ps.train",
+    "ps": "plait.experiment.runs.parameter_server",
     "pipeline": "plait.parallel.pipeline_train",
 }
 
