@@ -1,6 +1,8 @@
 """Whole parameter-server runs: separate server and worker processes over ZeroMQ on 127.0.0.1, launched as
 `plait train` does, compared against a single-process reference."""
 
+import time
+
 import numpy as np
 import torch
 
@@ -43,6 +45,13 @@ def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
     assert not np.allclose(summary.weights, build_flat_model(config)[1].numpy(), atol=1e-3)  # it did train
     assert (tmp_path / "bsp1" / "plots" / "loss.png").exists()
     assert list((tmp_path / "bsp1" / "tb").glob("events.out.tfevents.*"))  # the same sinks as every plane
+    # canonical metric names (plait.runtime.metric_names): the evaluator's records and each worker's steps
+    evals = [r for r in read_metrics(tmp_path / "bsp1" / "metrics.jsonl") if "event" not in r]
+    assert set(evals[-1]) == {"step", "test_loss", "test_accuracy", "lr", "elapsed_s", "time", "server_restarts"}
+    assert evals[-1]["lr"] == 0.1 and abs(evals[-1]["time"] - time.time()) < 600
+    steps = read_metrics(tmp_path / "bsp1" / "worker-0.jsonl")
+    assert {"train_loss", "time", "bytes_up", "bytes_down"} <= set(steps[0]) and "loss" not in steps[0]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in steps)  # each step's own traffic
 
 
 def test_a_run_with_curve_keys_is_the_same_run_encrypted(tmp_path):

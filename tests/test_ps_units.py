@@ -226,7 +226,7 @@ def test_straggler_step_time_by_hand():
 
 
 def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
-    from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
+    from plait.ps.checkpoint import ServerSnapshot, ShardState, checkpointed_clock, load_shards, save_shards
 
     shards = {(0, 0): ShardState(0, np.arange(3, dtype=np.float32), {"m": np.ones(3, np.float32)}, [4, 5]),
               (0, 3): ShardState(3, np.arange(2, dtype=np.float32), {"m": np.zeros(2, np.float32)}, [4, 4]),
@@ -243,6 +243,8 @@ def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
              **{"k2.offset": np.array([6]), "k2.param": np.zeros(3, np.float32), "k2.clocks": np.array([4, 4])})
     old = load_shards(tmp_path / "old.npz")
     assert list(old.shards) == [(2, 6)] and old.shards[2, 6].offset == 6 and old.shards[2, 6].clocks == [4, 4]
+    # the furthest clock pushed, where a resumed run's records go on from
+    assert checkpointed_clock(tmp_path / "new.npz") == 5 and checkpointed_clock(tmp_path / "old.npz") == 4
 
 
 def test_a_node_is_checked_against_the_config_before_it_starts(tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plait.ps.config import PSRunConfig
@@ -77,7 +77,7 @@ def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str]
     os._exit(0)
 
 
-ROLES = {"server": run_server_node, "worker": run_worker_node}
+ROLES: dict[str, Callable[..., None]] = {"server": run_server_node, "worker": run_worker_node}
 
 
 def node_command(role: str, **arguments: object) -> list[str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from plait.experiment.plots import plot_run
-from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.experiment.run import Run
+from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
 from plait.ps.launcher import ClusterSummary, LocalCluster, server_checkpoints
 from plait.settings.config import apply_overrides, from_dict, load_toml
