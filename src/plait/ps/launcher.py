@@ -188,7 +188,7 @@ class LocalCluster:
             self.servers[process] = self._start_server(process, self.endpoints[process], fresh=False)
             replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
             self.ctx.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
-                       "exit_code": proc.returncode, "time": time.time()})
+                            "exit_code": proc.returncode, "time": time.time()})
 
     def _supervise_workers(self, failed: list[int]) -> bool:
         """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
@@ -200,11 +200,11 @@ class LocalCluster:
                 self.worker_restarts[rank] += 1
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
                 self.ctx.write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
-                           "time": time.time()})
+                                "time": time.time()})
             else:
                 failed.append(rank)
                 self.ctx.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                           "time": time.time()})
+                                "time": time.time()})
         return any(p.poll() is None for p in self.workers)
 
     def _catch_signals(self) -> dict:
@@ -258,11 +258,7 @@ class LocalCluster:
         cfg = self.config
         model, weights, spec = build_flat_model(cfg)
         test = load_split(cfg, "test", limit=cfg.data.test_examples)
-        # On resume the records go on after the furthest clock the servers checkpointed (those after it are redone),
-        # and so does the evaluator's clock (elapsed_s).
-        resumed = max((checkpointed_clock(path) + 1 for path in server_checkpoints(self.run_dir)),
-                      default=0) if self.resume else 0
-        started = time.perf_counter() - self.ctx.start(resumed)
+        started = time.perf_counter() - self.ctx.start(self._resumed_step())  # elapsed_s goes on after a resume
         self.start()
         observer = KVStore(self.primaries, -1, observer=True, retry_s=0.5, timeout_s=2.0,
                            piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys,
@@ -332,6 +328,13 @@ class LocalCluster:
             "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
         return summary
 
+    def _resumed_step(self) -> int:
+        """Where the evaluator's records go on from: on resume, the furthest clock any server checkpointed (a record
+        past it came from state the servers lost, and is redone); 0 on a fresh run."""
+        if not self.resume:
+            return 0
+        return max((checkpointed_clock(path) + 1 for path in server_checkpoints(self.run_dir)), default=0)
+
     def _kill_plan(self) -> list[tuple[int, int]]:
         """(step, process) of each kill fault.kill_* asks for, in order."""
         fault, servers = self.config.fault, self.config.sync.servers
@@ -349,8 +352,8 @@ class LocalCluster:
         _, process = kills.pop(0)
         self.kill_server(process)
         replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
-        self.ctx.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica, "step": step,
-                   "time": time.time()})
+        self.ctx.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica,
+                        "step": step, "time": time.time()})
 
     def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
                   attempts: int = 1) -> dict[str, Any] | None:
