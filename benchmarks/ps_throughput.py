@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from plait.ps.consistency import ASP
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
 from plait.ps.security import CurveKeys, make_keys
@@ -93,7 +94,7 @@ def start_ps(state_dir: str, num_servers: int, curve_keys: str, replication: int
     procs, endpoints = [], []
     names = [(index, replica) for replica in range(replication) for index in range(num_servers)]
     for index, replica in names:
-        config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency="asp",
+        config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency=ASP,
                               optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
                               state_dir=state_dir, resume=False, curve_keys=curve_keys, replication=replication,
                               replica=replica)

@@ -31,8 +31,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from plait.experiment.runs.parameter_server import run_ps  # noqa: E402
 from plait.ps.config import PSRunConfig  # noqa: E402
-from plait.ps.train import run_ps  # noqa: E402
+from plait.ps.consistency import Consistency  # noqa: E402
 from plait.runtime.metrics_log import read_metrics  # noqa: E402
 
 MODES = ("bsp", "ssp:3", "asp")
@@ -46,23 +47,24 @@ def run_one(root: Path, consistency: str, scenario: str, steps: int, target: flo
     config.data.test_examples = 1000
     config.train.steps, config.train.batch_size, config.train.eval_every_s = steps, 256, 0.1
     config.train.target_loss = target
-    config.sync.consistency, config.sync.servers, config.sync.checkpoint_every = consistency, 1, 0
+    config.sync.servers, config.sync.checkpoint_every = 1, 0
+    config.sync.consistency = Consistency.from_setting(consistency)
     config.optimizer.name, config.optimizer.lr = "sgd", 0.2
     config.straggler.factor, config.straggler.worker, config.straggler.mode = 3.0, 0, scenario
     config.straggler.step_s = step_s
     summary = run_ps(config, workers, timeout_s=900, show_progress=False)
     run_dir = root / config.run.name
-    t0 = min(read_metrics(run_dir / f"worker-{rank}.jsonl")[0]["wall_start"] for rank in range(workers))
-    curve = [(r["wall"] - t0, r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-    reached = next((t for t, loss in curve if loss <= target), None)
     logs = [read_metrics(run_dir / f"worker-{rank}.jsonl") for rank in range(workers)]
-    train_s = max(log[-1]["wall_start"] + log[-1]["step_s"] for log in logs) - t0
+    t0 = min(log[0]["time"] - log[0]["step_s"] for log in logs)  # a worker's record is written as its step ends
+    curve = [(r["time"] - t0, r["test_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "test_loss" in r]
+    reached = next((t for t, loss in curve if loss <= target), None)
+    train_s = max(log[-1]["time"] for log in logs) - t0
     # The clock the slowest worker had finished when the target was reached (BSP: the clock every worker is at).
     clock_at_target = None if reached is None else min(
-        sum(1 for r in log if r["wall_start"] + r["step_s"] - t0 <= reached) for log in logs)
+        sum(1 for r in log if r["time"] - t0 <= reached) for log in logs)
     return {"consistency": consistency, "scenario": scenario, "time_to_target_s": reached, "curve": curve,
             "clock_at_target": clock_at_target,
-            "final_loss": summary.final.get("loss"), "max_staleness": max(summary.max_staleness.values()),
+            "final_loss": summary.final.get("test_loss"), "max_staleness": max(summary.max_staleness.values()),
             "pushes_per_s": sum(len(log) for log in logs) / train_s, "train_s": train_s}
 
 

@@ -1,25 +1,25 @@
 """Whole parameter-server runs: separate server and worker processes over ZeroMQ on 127.0.0.1, launched as
 `plait train` does, compared against a single-process reference."""
 
+import time
+
 import numpy as np
 import torch
 
+from plait.experiment.runs.parameter_server import run_ps
 from plait.ps.config import PSRunConfig
-from plait.ps.train import run_ps
 from plait.ps.trainer import build_flat_model, load_split, loss_and_grad
 from plait.runtime.metrics_log import read_metrics
+from plait.settings.config import from_dict
 
 
 def make_config(tmp_path, name, **sections) -> PSRunConfig:
-    config = PSRunConfig()
-    config.run.root, config.run.name = str(tmp_path), name
-    config.data.test_examples = 500
-    config.train.steps, config.train.batch_size, config.train.eval_every_s = 8, 16, 0.2
-    config.optimizer.name, config.optimizer.lr = "sgd", 0.1
+    """A small run's config, read as a config file's tables are (`sync={"consistency": "bsp"}` and so on)."""
+    tables = {"run": {"root": str(tmp_path), "name": name}, "data": {"test_examples": 500},
+              "train": {"steps": 8, "batch_size": 16, "eval_every_s": 0.2}, "optimizer": {"name": "sgd", "lr": 0.1}}
     for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
+        tables.setdefault(section, {}).update(values)
+    return from_dict(PSRunConfig, tables)
 
 
 def single_process_sgd(config: PSRunConfig, num_workers: int) -> np.ndarray:
@@ -45,6 +45,13 @@ def test_bsp_with_one_server_equals_single_process_sgd(tmp_path):
     assert not np.allclose(summary.weights, build_flat_model(config)[1].numpy(), atol=1e-3)  # it did train
     assert (tmp_path / "bsp1" / "plots" / "loss.png").exists()
     assert list((tmp_path / "bsp1" / "tb").glob("events.out.tfevents.*"))  # the same sinks as every plane
+    # canonical metric names (plait.runtime.metric_names): the evaluator's records and each worker's steps
+    evals = [r for r in read_metrics(tmp_path / "bsp1" / "metrics.jsonl") if "event" not in r]
+    assert set(evals[-1]) == {"step", "test_loss", "test_accuracy", "lr", "elapsed_s", "time", "server_restarts"}
+    assert evals[-1]["lr"] == 0.1 and abs(evals[-1]["time"] - time.time()) < 600
+    steps = read_metrics(tmp_path / "bsp1" / "worker-0.jsonl")
+    assert {"train_loss", "time", "bytes_up", "bytes_down"} <= set(steps[0]) and "loss" not in steps[0]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in steps)  # each step's own traffic
 
 
 def test_a_run_with_curve_keys_is_the_same_run_encrypted(tmp_path):
@@ -95,8 +102,8 @@ def test_killed_server_restarts_from_its_checkpoint_and_the_run_finishes(tmp_pat
     for rank in range(2):  # both workers carried on to the last step without restarting
         steps = [r["step"] for r in read_metrics(tmp_path / "kill" / f"worker-{rank}.jsonl")]
         assert steps == list(range(60))
-    evals = [e for e in events if "loss" in e]
-    assert evals[-1]["step"] == 60 and evals[-1]["loss"] < evals[0]["loss"]
+    evals = [e for e in events if "test_loss" in e]
+    assert evals[-1]["step"] == 60 and evals[-1]["test_loss"] < evals[0]["test_loss"]
 
 
 def test_worker_death_under_ssp_does_not_hang_the_others(tmp_path):
@@ -144,7 +151,7 @@ def test_a_dead_worker_is_restarted_and_rejoins_the_bsp_clock(tmp_path):
         resumed_at.append(rejoins[0]["clock"] if rejoins and rejoins[0]["clock"] is not None else 7)
     assert steps[8] == min(resumed_at) + 1
     assert summary.max_staleness == {0: 0, 1: 0}
-    assert events[-1]["step"] == steps_total and events[-1]["loss"] < events[0]["loss"]
+    assert events[-1]["step"] == steps_total and events[-1]["test_loss"] < events[0]["test_loss"]
 
 
 def test_a_worker_that_dies_before_the_start_barrier_is_restarted_into_it(tmp_path, monkeypatch):
@@ -205,7 +212,7 @@ def test_resume_continues_from_the_servers_checkpoints_as_if_never_stopped(tmp_p
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "resume" / f"worker-{rank}.jsonl")] == list(range(10))
-    evals = [r for r in read_metrics(tmp_path / "resume" / "metrics.jsonl") if "loss" in r]
+    evals = [r for r in read_metrics(tmp_path / "resume" / "metrics.jsonl") if "test_loss" in r]
     assert evals[-1]["step"] == 10
     elapsed = [r["elapsed_s"] for r in evals]
     assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from the first part's

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plait.ps.consistency import Consistency
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
 from plait.ps.server import run_server
@@ -29,8 +30,9 @@ def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_
     procs = []
     for index in range(count):
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=num_workers,
-                              consistency=consistency, optimizer=OptimizerConfig(name="sgd", lr=1.0),
-                              checkpoint_every=checkpoint_every, worker_timeout_s=worker_timeout_s,
+                              consistency=Consistency.from_setting(consistency),
+                              optimizer=OptimizerConfig(name="sgd", lr=1.0), checkpoint_every=checkpoint_every,
+                              worker_timeout_s=worker_timeout_s,
                               state_dir=str(state_dir), resume=False, curve_keys=curve_keys)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()

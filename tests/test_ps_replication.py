@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
+from plait.experiment.runs.parameter_server import run_ps
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards, snapshot_bytes
 from plait.ps.config import PSRunConfig, SyncSection
 from plait.ps.server_config import ServerConfig
 from plait.ps.sharding import plan_shards
-from plait.ps.train import run_ps
 from plait.runtime.metrics_log import read_metrics
 from test_ps_cluster import make_config, single_process_sgd
 
@@ -106,8 +106,8 @@ def test_no_push_is_lost_or_applied_twice_with_every_server_process_killed_in_tu
     for index in range(2):
         per_push = sum(1 for piece in pieces if piece.server == index)
         assert final_updates(run_dir, index) == [2 * config.train.steps * per_push] * 2
-    evals = [e for e in read_metrics(run_dir / "metrics.jsonl") if "loss" in e]
-    assert evals[-1]["step"] == config.train.steps and evals[-1]["loss"] < evals[0]["loss"]
+    evals = [e for e in read_metrics(run_dir / "metrics.jsonl") if "test_loss" in e]
+    assert evals[-1]["step"] == config.train.steps and evals[-1]["test_loss"] < evals[0]["test_loss"]
 
 
 def test_a_paused_backup_then_a_paused_primary_lose_nothing(tmp_path):

@@ -1,4 +1,4 @@
-"""A parameter-server run stopped by a signal: a server (`python -m plait.ps.node server`) and the launcher
+"""A parameter-server run stopped by a signal: a server (`plait ps server`) and the launcher
 (`plait train`) end cleanly on SIGTERM or SIGINT and leave final checkpoints that `--resume` continues from."""
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plait.experiment.runs.parameter_server import load_run_config, run_ps
 from plait.ps.checkpoint import load_shards
 from plait.ps.kvstore import KVStore
-from plait.ps.train import load_run_config, run_ps
 from plait.runtime.metrics_log import read_metrics
 
 
@@ -49,7 +49,7 @@ step_s = 0.02
 def test_a_server_node_stopped_by_a_signal_writes_its_final_checkpoint(tmp_path, signum):
     config = write_config(tmp_path / "cfg.toml", tmp_path, "node", "", steps=10)
     state = tmp_path / "state"
-    server = subprocess.Popen([sys.executable, "-m", "plait.ps.node", "server", "--config", str(config),
+    server = subprocess.Popen([sys.executable, "-m", "plait.cli", "ps", "server", "--config", str(config),
                                "--index", "0", "--workers", "1", "--state-dir", str(state), "--fresh"])
     try:
         wait_for((state / "server-0.endpoint").exists, 60, "endpoint")
@@ -78,7 +78,8 @@ def test_plait_train_stopped_by_a_signal_leaves_final_checkpoints_and_resumes(tm
     sync = f'servers = 2\nreplication = {replication}\nfailover_s = 0.5'
     config_path = write_config(tmp_path / "cfg.toml", tmp_path, "sig", sync, steps=100_000)
     launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                 "from plait.ps.train import main; main(Path(sys.argv[1]), 2, False, [], None)",
+                                 "from plait.experiment.runs.parameter_server import main; "
+                                 "main(Path(sys.argv[1]), 2, False, [], None)",
                                  str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_dir = tmp_path / "sig"
     try:

@@ -60,13 +60,34 @@ def test_pieces_cut_each_server_range_and_keep_the_balance():
         plan_shards(sizes, 2, max_piece=-1)
 
 
-def test_consistency_parse():
-    assert Consistency.parse("bsp").staleness == 0
-    assert Consistency.parse("ssp:3").staleness == 3 and str(Consistency.parse("SSP:3")) == "ssp:3"
-    assert Consistency.parse("asp").staleness == math.inf
+def test_consistency_from_setting():
+    assert Consistency.from_setting("bsp").staleness == 0
+    assert Consistency.from_setting("ssp:3").staleness == 3 and str(Consistency.from_setting("SSP:3")) == "ssp:3"
+    assert Consistency.from_setting("asp").staleness == math.inf
     for bad in ("ssp", "ssp:-1", "sync"):
-        with pytest.raises(ValueError, match="sync.consistency"):
-            Consistency.parse(bad)
+        with pytest.raises(ValueError, match="'bsp'|'ssp:3'"):
+            Consistency.from_setting(bad)
+
+
+def test_sync_consistency_is_built_once_when_the_config_is_read_and_written_back_as_text(tmp_path):
+    """The config holds the Consistency object the servers use (nothing parses the text again); config.toml, which
+    every process reads, holds the text; a bad value is a ConfigError naming the key."""
+    import tomllib
+
+    from plait.experiment.rundir import RunDir
+    from plait.ps.config import PSRunConfig
+    from plait.settings.config import ConfigError, from_dict, load_toml
+
+    config = from_dict(PSRunConfig, {"sync": {"consistency": "SSP:2"}})
+    assert config.sync.consistency == Consistency("ssp", 2)
+    RunDir(tmp_path).write_config(config)
+    assert tomllib.loads(RunDir(tmp_path).config_path.read_text())["sync"]["consistency"] == "ssp:2"
+    assert from_dict(PSRunConfig, load_toml(RunDir(tmp_path).config_path)) == config
+    assert PSRunConfig().sync.consistency == Consistency("bsp", 0)
+    with pytest.raises(ConfigError, match="sync.consistency = 'ssp:x': SSP needs a staleness bound"):
+        from_dict(PSRunConfig, {"sync": {"consistency": "ssp:x"}})
+    with pytest.raises(ConfigError, match="sync.consistency must be a string, got int 3"):
+        from_dict(PSRunConfig, {"sync": {"consistency": 3}})
 
 
 def test_clock_table_rules_by_hand():
@@ -74,7 +95,7 @@ def test_clock_table_rules_by_hand():
     table.add_key(0)
     for worker, clock in ((0, 5), (1, 3), (2, 4)):
         table.advance(0, worker, clock)
-    bsp, ssp2, asp = Consistency.parse("bsp"), Consistency.parse("ssp:2"), Consistency.parse("asp")
+    bsp, ssp2, asp = (Consistency.from_setting(text) for text in ("bsp", "ssp:2", "asp"))
     assert table.slowest(0) == 3
     assert table.ready(0, 3, bsp) and not table.ready(0, 4, bsp)
     assert table.ready(0, 5, ssp2) and not table.ready(0, 6, ssp2)
@@ -160,7 +181,7 @@ def test_example_config_loads_and_unknown_keys_are_errors():
 
     data = load_toml(Path(__file__).parents[1] / "examples" / "parameter_server.toml")
     config = from_dict(PSRunConfig, data)
-    assert config.sync.kind == "ps" and config.sync.servers == 2 and config.sync.consistency == "ssp:3"
+    assert config.sync.kind == "ps" and config.sync.servers == 2 and str(config.sync.consistency) == "ssp:3"
     data["sync"]["consistancy"] = "bsp"
     with pytest.raises(ConfigError, match="sync.consistancy"):
         from_dict(PSRunConfig, data)
@@ -205,7 +226,7 @@ def test_straggler_step_time_by_hand():
 
 
 def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
-    from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
+    from plait.ps.checkpoint import ServerSnapshot, ShardState, checkpointed_clock, load_shards, save_shards
 
     shards = {(0, 0): ShardState(0, np.arange(3, dtype=np.float32), {"m": np.ones(3, np.float32)}, [4, 5]),
               (0, 3): ShardState(3, np.arange(2, dtype=np.float32), {"m": np.zeros(2, np.float32)}, [4, 4]),
@@ -222,20 +243,40 @@ def test_shard_checkpoint_round_trip_and_the_format_before_pieces(tmp_path):
              **{"k2.offset": np.array([6]), "k2.param": np.zeros(3, np.float32), "k2.clocks": np.array([4, 4])})
     old = load_shards(tmp_path / "old.npz")
     assert list(old.shards) == [(2, 6)] and old.shards[2, 6].offset == 6 and old.shards[2, 6].clocks == [4, 4]
+    # the furthest clock pushed, where a resumed run's records go on from
+    assert checkpointed_clock(tmp_path / "new.npz") == 5 and checkpointed_clock(tmp_path / "old.npz") == 4
+
+
+def test_a_node_is_checked_against_the_config_before_it_starts(tmp_path):
+    from plait.ps.node import run_server_node, run_worker_node
+
+    config = tmp_path / "cfg.toml"
+    config.write_text('[run]\nroot = "runs"\n[sync]\nkind = "ps"\nservers = 2\n')
+    with pytest.raises(ValueError, match=r"--index 2 outside 0..1 \(sync.servers\)"):
+        run_server_node(str(config), workers=2, index=2)
+    with pytest.raises(ValueError, match=r"--replica 1 outside 0..0 \(sync.replication\)"):
+        run_server_node(str(config), workers=2, index=0, replica=1)
+    with pytest.raises(ValueError, match="--servers lists 1 endpoints, sync.servers = 2"):
+        run_worker_node(str(config), workers=2, rank=0, servers=["tcp://127.0.0.1:5000"])
+    with pytest.raises(ValueError, match="--rank 2 outside 0..1"):
+        run_worker_node(str(config), workers=2, rank=2, servers=["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"])
 
 
 def test_curve_key_directory_is_made_once_and_missing_keys_name_the_setting(tmp_path):
     import zmq
 
-    from plait.ps.node import main as node_main
+    from plait.cli.ps import ps_app
     from plait.ps.security import CurveKeys
 
-    node_main(["keys", str(tmp_path / "keys")])
+    def plait_ps(*args: str) -> None:
+        ps_app(args=list(args), standalone_mode=False)  # errors raised, not turned into an exit
+
+    plait_ps("keys", str(tmp_path / "keys"))
     made = {p.relative_to(tmp_path / "keys").as_posix() for p in (tmp_path / "keys").rglob("*") if p.is_file()}
     assert made == {"server.key", "server.key_secret", "client.key", "client.key_secret", "authorized/client.key"}
     assert (tmp_path / "keys" / "client.key_secret").stat().st_mode & 0o077 == 0  # secrets are private
     with pytest.raises(SystemExit, match="already holds keys"):
-        node_main(["keys", str(tmp_path / "keys")])
+        plait_ps("keys", str(tmp_path / "keys"))
     worker_host = tmp_path / "worker-host"  # given the public server key only: it cannot act as a server
     worker_host.mkdir()
     (worker_host / "server.key").write_bytes((tmp_path / "keys" / "server.key").read_bytes())

@@ -9,15 +9,14 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from plait.cli.fl import fl_app
+from plait.cli.ps import ps_app
 from plait.federated.bounds import Diverged
-from plait.ps.commands import ps_app
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")
@@ -137,13 +136,6 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
         console.print(f"written: {path}")
 
 
-# Cluster-training entry points, chosen from the config's [parallel] mode and [sync] kind. Each is
-# `main(config_path, nproc, resume, overrides, allreduce)` in its own plane.
-_TRAIN_ENTRIES = {
-    "data": "plait.experiment.runs.data_parallel",
-    "ps": "plait.ps.train",
-    "pipeline": "plait.experiment.runs.pipeline",
-}
 
 
 @app.command()
@@ -163,13 +155,15 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
             _fail(f"config key '{name}' must be a table, got {table!r}")
     mode = tables["parallel"].get("mode", "data")
     sync = tables["sync"].get("kind", "allreduce")
-    entry = "pipeline" if mode in ("model", "pipeline") else "ps" if sync in ("ps",) else "data"
+    # The plane's run entry, imported here so that each command loads only its own plane.
+    if mode in ("model", "pipeline"):
+        from plait.experiment.runs.pipeline import main as train_main
+    elif sync == "ps":
+        from plait.experiment.runs.parameter_server import main as train_main
+    else:
+        from plait.experiment.runs.data_parallel import main as train_main
     try:
-        module = importlib.import_module(_TRAIN_ENTRIES[entry])
-    except ModuleNotFoundError as err:
-        _fail(f"parallel.mode = {mode!r} / sync.kind = {sync!r} is not available in this build ({err})")
-    try:
-        module.main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
+        train_main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(str(err))
 

@@ -14,7 +14,9 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     replication.py  primary-backup replication of a server's range (sync.replication = 2) and its server handlers
     kvstore.py      the worker's client
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
-    launcher.py     start servers and workers on localhost, supervise, restart servers
-    trainer.py      a worker's training loop (FedAvg models on MNIST); train.py the `plait train` entry
-    node.py         `plait ps server|worker|keys ...` to start one process on any host
+    launcher.py     start servers and workers on localhost, supervise, restart servers, evaluate; it is handed its
+                    run by the driver (`plait train`: plait/experiment/runs/parameter_server.py)
+    trainer.py      a worker's training loop (FedAvg models on MNIST)
+    node.py         one server or worker process from the config file (`plait ps server|worker`, plait/cli/ps.py,
+                    and the launcher's `python -m plait.ps.node`)
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.ps.consistency import Consistency
+from plait.ps.consistency import BSP, Consistency
 from plait.ps.optim import OptimizerConfig
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 from plait.settings.sections import ImageModelSection as ModelSection
@@ -47,7 +47,7 @@ class TrainSection:
 class SyncSection:
     kind: Literal["ps"] = "ps"
     servers: int = 1
-    consistency: str = "bsp"         # "bsp", "ssp:S" (e.g. "ssp:3") or "asp"
+    consistency: Consistency = BSP   # "bsp", "ssp:S" (e.g. "ssp:3") or "asp" in the file, built once when read
     host: str = "127.0.0.1"          # where the local servers bind
     checkpoint_every: int = 200      # updates of a server's whole shard between its checkpoints (0: only at the end)
     worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
@@ -69,7 +69,6 @@ class SyncSection:
                              f"{self.replication}")
         if self.failover_s <= 0:
             raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
-        Consistency.parse(self.consistency)
         if min(self.checkpoint_every, self.max_server_restarts, self.max_worker_restarts, self.piece_numel) < 0:
             raise ValueError("sync.checkpoint_every, sync.max_server_restarts, sync.max_worker_restarts and "
                              "sync.piece_numel must be >= 0")

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Consistency:
+    """`sync.consistency`, built once from its text when the config is read (`from_setting`); `str()` gives the
+    text back, as config.toml stores it."""
     name: str           # "bsp", "ssp" or "asp"
     staleness: float    # 0 for BSP, s for SSP(s), inf for ASP
 
     @classmethod
-    def parse(cls, text: str) -> Consistency:
+    def from_setting(cls, text: str) -> Consistency:
+        """The model a setting names: "bsp", "ssp:S" (e.g. "ssp:3") or "asp", in any case."""
         text = text.strip().lower()
         if text == "bsp":
             return cls("bsp", 0)
@@ -38,9 +41,9 @@ class Consistency:
             except ValueError:
                 bound = -1
             if bound < 0:
-                raise ValueError(f"sync.consistency = {text!r}: SSP needs a staleness bound >= 0, e.g. 'ssp:3'")
+                raise ValueError("SSP needs a staleness bound >= 0, e.g. 'ssp:3'")
             return cls("ssp", bound)
-        raise ValueError(f"sync.consistency = {text!r} is not known; choose 'bsp', 'ssp:S' (e.g. 'ssp:3') or 'asp'")
+        raise ValueError("not a consistency model; choose 'bsp', 'ssp:S' (e.g. 'ssp:3') or 'asp'")
 
     @property
     def aggregates(self) -> bool:
@@ -50,6 +53,9 @@ class Consistency:
 
     def __str__(self) -> str:
         return self.name if self.name != "ssp" else f"ssp:{int(self.staleness)}"
+
+
+BSP, ASP = Consistency("bsp", 0), Consistency("asp", math.inf)
 
 
 NO_LIVE_WORKER = 2**62  # what `slowest` reports when no worker is live; real clocks stay below it (server.py)

@@ -1,7 +1,10 @@
 """Start servers and workers on localhost as separate processes, supervise them, evaluate the model as it trains.
 
-The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node server|worker ...` for each process, so
-a local run and a multi-host run start the same programs. While the workers train it:
+The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node server|worker ...` for each process: the
+functions `plait ps server|worker` run, so a local run and a multi-host run start the same programs. It is handed
+its run (`plait.runtime.context.RunContext`) by the driver (plait/experiment/runs/parameter_server.py) and keeps its
+own files under the run's path: servers/ (checkpoints, endpoints, event logs), logs/, worker-<r>.jsonl,
+summary.json. While the workers train it:
 
 - restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend); with
   sync.replication = 2 it runs two processes per server (replica 0, then replica 1 of each range; process p is
@@ -10,7 +13,7 @@ a local run and a multi-host run start the same programs. While the workers trai
   it, or, if they had dropped it meanwhile (sync.worker_timeout_s), at the slowest other worker's; past the limit
   it is noted as failed and the others carry on without it;
 - every train.eval_every_s pulls the weights as an *observer* (never counted in the clocks) and scores them on a
-  fixed test subset: these records, with wall time, are the run's metrics.jsonl;
+  fixed test subset: these records (test_loss, test_accuracy, time, ...) are the run's records;
 - injects the configured faults (SIGKILL a server at a step, or each server process in turn);
 - on SIGTERM or SIGINT stops the workers, asks every server for a final checkpoint (SHUTDOWN) and returns a summary
   that names the signal: `--resume` goes on from there.
@@ -22,7 +25,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,19 +34,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from plait.experiment.progress import progress_bar
-from plait.experiment.sinks import MetricSink, MetricSinks
+from plait.ps.checkpoint import checkpointed_clock
 from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.kvstore import KVStore
+from plait.ps.node import node_command
 from plait.ps.security import CurveKeys
 from plait.ps.server_config import server_name
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
-from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, read_metrics
+from plait.runtime.context import RunContext
+from plait.runtime.metrics_log import read_metrics
 
 STARTUP_TIMEOUT_S = 60.0
+SERVERS_DIR = "servers"  # under the run's path: the servers' checkpoints, endpoint files and event logs
+
+
+def server_checkpoints(run_path: Path) -> list[Path]:
+    """The server checkpoints a run directory holds: what `--resume` goes on from."""
+    return sorted((Path(run_path) / SERVERS_DIR).glob("server-*.npz"))
 
 
 class StoppedBySignal(Exception):
@@ -75,13 +84,16 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class LocalCluster:
-    def __init__(self, config: PSRunConfig, config_path: Path, run_dir: Path, num_workers: int, resume: bool = False,
-                 timeout_s: float = 3600.0, show_progress: bool = True):
+    """`config_path` is the resolved config the processes read (the driver wrote it); the records, the progress
+    (over the slowest worker's clock, as the evaluator sees it) and resume come from `run`."""
+
+    def __init__(self, config: PSRunConfig, config_path: Path, run: RunContext, num_workers: int,
+                 timeout_s: float = 3600.0):
         config.check_workers(num_workers)
-        self.config, self.config_path, self.run_dir = config, Path(config_path), Path(run_dir)
-        self.num_workers, self.resume, self.timeout_s = num_workers, resume, timeout_s
-        self.show_progress = show_progress  # a bar over the slowest worker's clock, as the evaluator sees it
-        self.state_dir = self.run_dir / "servers"
+        self.config, self.config_path, self.ctx = config, Path(config_path), run
+        self.run_dir = run.path
+        self.num_workers, self.resume, self.timeout_s = num_workers, run.resume, timeout_s
+        self.state_dir = self.run_dir / SERVERS_DIR
         self.logs_dir = self.run_dir / "logs"
         self.servers: list[subprocess.Popen] = []       # one per server process: replica r of server i is r*S + i
         self.workers: list[subprocess.Popen] = []
@@ -93,11 +105,11 @@ class LocalCluster:
         self._files: list = []
 
     # -- processes ----------------------------------------------------------------------------------------------
-    def _spawn(self, role: str, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, role: str, arguments: dict[str, Any], log_name: str,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs_dir / log_name, "ab")
         self._files.append(log)
-        cmd = [sys.executable, "-m", "plait.ps.node", role, "--config", str(self.config_path),
-               "--workers", str(self.num_workers), *args]
+        cmd = node_command(role, config=str(self.config_path), workers=self.num_workers, **arguments)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     @property
@@ -114,15 +126,15 @@ class LocalCluster:
     def _start_worker(self, rank: int, restart: int = 0) -> subprocess.Popen:
         # A restart joins the start barrier too: if its first life died before saying ready, the others are still
         # waiting there (once the start is given, the barrier lets it through at once).
-        args = ["--rank", str(rank), "--servers", ",".join(self.primaries), "--run-dir", str(self.run_dir),
-                "--wait-start"] + (["--backups", ",".join(self.backups)] if self.backups else [])
-        return self._spawn("worker", args, f"worker-{rank}.log", env={RESTART_ENV: str(restart)})
+        arguments = {"rank": rank, "servers": self.primaries, "backups": self.backups, "run_dir": str(self.run_dir),
+                     "wait_start": True}
+        return self._spawn("worker", arguments, f"worker-{rank}.log", env={RESTART_ENV: str(restart)})
 
     def _start_server(self, process: int, bind: str, fresh: bool) -> subprocess.Popen:
         servers = self.config.sync.servers
-        args = ["--index", str(process % servers), "--replica", str(process // servers), "--bind", bind,
-                "--state-dir", str(self.state_dir)]
-        return self._spawn("server", args + (["--fresh"] if fresh else []), f"{self._name(process)}.log")
+        arguments = {"index": process % servers, "replica": process // servers, "bind": bind,
+                     "state_dir": str(self.state_dir), "fresh": fresh}
+        return self._spawn("server", arguments, f"{self._name(process)}.log")
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +173,7 @@ class LocalCluster:
         return any(e.get("event") in wanted and e.get("time", 0) >= self.restarted_at[process]
                    for e in read_metrics(self.state_dir / f"{self._name(process)}.jsonl"))
 
-    def _supervise_servers(self, log: MetricSink) -> None:
+    def _supervise_servers(self) -> None:
         for process, proc in enumerate(self.servers):
             if proc.poll() is None:
                 continue
@@ -175,10 +187,10 @@ class LocalCluster:
             self.restarted_at[process] = time.time()
             self.servers[process] = self._start_server(process, self.endpoints[process], fresh=False)
             replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
-            log.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
-                       "exit_code": proc.returncode, "wall": time.time()})
+            self.ctx.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
+                            "exit_code": proc.returncode, "time": time.time()})
 
-    def _supervise_workers(self, log: MetricSink, failed: list[int]) -> bool:
+    def _supervise_workers(self, failed: list[int]) -> bool:
         """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
         failed; True while any worker is still running."""
         for rank, proc in enumerate(self.workers):
@@ -187,12 +199,12 @@ class LocalCluster:
             if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
                 self.worker_restarts[rank] += 1
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
-                log.write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
-                           "wall": time.time()})
+                self.ctx.write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
+                                "time": time.time()})
             else:
                 failed.append(rank)
-                log.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                           "wall": time.time()})
+                self.ctx.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
+                                "time": time.time()})
         return any(p.poll() is None for p in self.workers)
 
     def _catch_signals(self) -> dict:
@@ -246,9 +258,7 @@ class LocalCluster:
         cfg = self.config
         model, weights, spec = build_flat_model(cfg)
         test = load_split(cfg, "test", limit=cfg.data.test_examples)
-        started = time.perf_counter()
-        if self.resume:  # the evaluator's clock goes on from the run it resumes
-            started -= elapsed_so_far(self.run_dir / "metrics.jsonl")
+        started = time.perf_counter() - self.ctx.start(self._resumed_step())  # elapsed_s goes on after a resume
         self.start()
         observer = KVStore(self.primaries, -1, observer=True, retry_s=0.5, timeout_s=2.0,
                            piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys,
@@ -263,43 +273,40 @@ class LocalCluster:
         stopped_by = None
         previous_handlers = self._catch_signals()
         try:
-            with MetricSinks(self.run_dir, "step", tensorboard=cfg.run.tensorboard) as log, \
-                    progress_bar("clocks", cfg.train.steps, enabled=self.show_progress) as bar:
-                while self._supervise_workers(log, failed):
-                    if time.perf_counter() - started > self.timeout_s:
-                        raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
-                    self._supervise_servers(log)
-                    if not started_workers and all((self.run_dir / f"ready-{rank}").exists() or proc.poll() is not None
-                                                   for rank, proc in enumerate(self.workers)):
-                        (self.run_dir / "start").touch()  # every worker is up: start them together
-                        started_workers = True
-                    if time.perf_counter() >= next_eval:
-                        next_eval = time.perf_counter() + cfg.train.eval_every_s
-                        record = self._evaluate(observer, model, weights, spec, test, started)
-                        if record is not None:
-                            log.write(record)
-                            last = record
-                            bar.advance(record["step"], f"loss {record['loss']:.4f}, "
-                                                        f"accuracy {record['accuracy']:.4f}")
-                            if time_to_target is None and cfg.train.target_loss and \
-                                    record["loss"] <= cfg.train.target_loss:
-                                time_to_target = record["elapsed_s"]
-                            self._inject_kill(kills, record["step"], log)
-                    time.sleep(0.01)
-                self._supervise_servers(log)
-                final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
-                if final is not None:
-                    log.write(final)
-                    last = final
-                    if time_to_target is None and cfg.train.target_loss and final["loss"] <= cfg.train.target_loss:
-                        time_to_target = final["elapsed_s"]
+            while self._supervise_workers(failed):
+                if time.perf_counter() - started > self.timeout_s:
+                    raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
+                self._supervise_servers()
+                if not started_workers and all((self.run_dir / f"ready-{rank}").exists() or proc.poll() is not None
+                                               for rank, proc in enumerate(self.workers)):
+                    (self.run_dir / "start").touch()  # every worker is up: start them together
+                    started_workers = True
+                if time.perf_counter() >= next_eval:
+                    next_eval = time.perf_counter() + cfg.train.eval_every_s
+                    record = self._evaluate(observer, model, weights, spec, test, started)
+                    if record is not None:
+                        self.ctx.write(record)
+                        last = record
+                        self.ctx.progress(record["step"], f"loss {record['test_loss']:.4f}, "
+                                                          f"accuracy {record['test_accuracy']:.4f}")
+                        if time_to_target is None and cfg.train.target_loss and \
+                                record["test_loss"] <= cfg.train.target_loss:
+                            time_to_target = record["elapsed_s"]
+                        self._inject_kill(kills, record["step"])
+                time.sleep(0.01)
+            self._supervise_servers()
+            final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
+            if final is not None:
+                self.ctx.write(final)
+                last = final
+                if time_to_target is None and cfg.train.target_loss and final["test_loss"] <= cfg.train.target_loss:
+                    time_to_target = final["elapsed_s"]
         except StoppedBySignal as stopped:
             # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
             stopped_by = str(stopped)
             self._stop_workers()
-            with MetricsLog(self.run_dir / "metrics.jsonl") as log:
-                log.write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
-                           "wall": time.time()})
+            self.ctx.write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
+                            "time": time.time()})
         finally:
             observer.close(goodbye=False)
             if self.endpoints:
@@ -321,6 +328,13 @@ class LocalCluster:
             "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
         return summary
 
+    def _resumed_step(self) -> int:
+        """Where the evaluator's records go on from: on resume, the furthest clock any server checkpointed (a record
+        past it came from state the servers lost, and is redone); 0 on a fresh run."""
+        if not self.resume:
+            return 0
+        return max((checkpointed_clock(path) + 1 for path in server_checkpoints(self.run_dir)), default=0)
+
     def _kill_plan(self) -> list[tuple[int, int]]:
         """(step, process) of each kill fault.kill_* asks for, in order."""
         fault, servers = self.config.fault, self.config.sync.servers
@@ -330,7 +344,7 @@ class LocalCluster:
         count = self.num_processes if fault.kill_every else 1
         return [(fault.kill_at_step + n * fault.kill_every, (first + n) % self.num_processes) for n in range(count)]
 
-    def _inject_kill(self, kills: list[tuple[int, int]], step: int, log: MetricSink) -> None:
+    def _inject_kill(self, kills: list[tuple[int, int]], step: int) -> None:
         if not kills or step < kills[0][0]:
             return
         if any(self.restarts[p] and not self._recovered(p) for p in range(self.num_processes)):
@@ -338,8 +352,8 @@ class LocalCluster:
         _, process = kills.pop(0)
         self.kill_server(process)
         replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
-        log.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica, "step": step,
-                   "wall": time.time()})
+        self.ctx.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica,
+                        "step": step, "time": time.time()})
 
     def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
                   attempts: int = 1) -> dict[str, Any] | None:
@@ -349,7 +363,7 @@ class LocalCluster:
                 break
             except TimeoutError:
                 observer.cancel_all()  # a server is down; the supervisor restarts it, try again later
-                self._supervise_servers_quiet()
+                self._supervise_servers()
             except RuntimeError:
                 observer.cancel_all()  # the workers have not initialised the weights yet
                 return None
@@ -358,9 +372,5 @@ class LocalCluster:
         loss, accuracy = evaluate(model, spec, weights, test)
         slowest = observer.stats.last_slowest
         step = self.config.train.steps - 1 if slowest >= NO_LIVE_WORKER else slowest
-        return {"step": step + 1, "loss": loss, "accuracy": accuracy, "elapsed_s": time.perf_counter() - started,
-                "wall": time.time(), "server_restarts": sum(self.restarts)}
-
-    def _supervise_servers_quiet(self) -> None:
-        with MetricsLog(self.run_dir / "metrics.jsonl") as log:
-            self._supervise_servers(log)
+        return {"step": step + 1, "test_loss": loss, "test_accuracy": accuracy, "lr": self.config.optimizer.lr,
+                "elapsed_s": time.perf_counter() - started, "time": time.time(), "server_restarts": sum(self.restarts)}

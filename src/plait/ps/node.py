@@ -1,17 +1,93 @@
-"""`python -m plait.ps.node server|worker|keys ...`: the `plait ps` commands (commands.py) without the rest of the
-CLI's imports, for the processes the local launcher starts. Same options, same library."""
+"""One parameter-server process, server or worker, started from the run's config file on any host.
+
+`plait ps server|worker` (plait/cli/ps.py) and the local launcher run the same two functions, so a local run and a
+multi-host run start the same programs. The launcher starts them through this module's lean entry point, which
+loads none of the command line's imports (a server imports no torch and restarts in a fraction of a second):
+
+    python -m plait.ps.node server '{"config": "runs/ps/config.toml", "workers": 4, "index": 0, ...}'
+    python -m plait.ps.node worker '{"config": "runs/ps/config.toml", "workers": 4, "rank": 0, "servers": [...]}'
+
+The JSON object holds the keyword arguments of `run_server_node` or `run_worker_node`: an interface between the
+launcher and its children, not one for people (they use `plait ps --help`).
+"""
 
 from __future__ import annotations
 
-from plait.ps.commands import ps_app
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from plait.ps.config import PSRunConfig
+from plait.settings.config import apply_overrides, from_dict, load_toml
+
+
+def load_node_config(path: str | Path, overrides: Sequence[str], workers: int) -> PSRunConfig:
+    """The run's config with `--set` overrides, checked against the job's number of workers."""
+    config = from_dict(PSRunConfig, apply_overrides(load_toml(path), list(overrides)))
+    config.check_workers(workers)
+    return config
+
+
+def run_server_node(config: str, workers: int, index: int, bind: str | None = None, state_dir: str | None = None,
+                    fresh: bool = False, replica: int = 0, partner: str = "", overrides: Sequence[str] = ()) -> None:
+    """Serve key range `index` until SHUTDOWN or a signal; a server with a checkpoint in `state_dir` resumes from it
+    unless `fresh`. Raises ValueError, naming the option, for an index or replica outside the config's."""
+    from plait.ps.server import run_server
+    from plait.ps.server_config import ServerConfig
+
+    cfg = load_node_config(config, overrides, workers)
+    if not 0 <= index < cfg.sync.servers:
+        raise ValueError(f"--index {index} outside 0..{cfg.sync.servers - 1} (sync.servers)")
+    if not 0 <= replica < cfg.sync.replication:
+        raise ValueError(f"--replica {replica} outside 0..{cfg.sync.replication - 1} (sync.replication)")
+    directory = Path(state_dir) if state_dir else Path(cfg.run.root) / cfg.run.name / "servers"
+    directory.mkdir(parents=True, exist_ok=True)
+    sync = cfg.sync
+    run_server(ServerConfig(
+        index=index, endpoint=bind or f"tcp://{sync.host}:0", num_workers=workers, consistency=sync.consistency,
+        optimizer=cfg.optimizer, checkpoint_every=sync.checkpoint_every, worker_timeout_s=sync.worker_timeout_s,
+        state_dir=str(directory), resume=not fresh, curve_keys=sync.curve_keys, replication=sync.replication,
+        replica=replica, partner=partner, failover_s=sync.failover_s))
+
+
+def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str], backups: Sequence[str] = (),
+                    run_dir: str | None = None, wait_start: bool = False, overrides: Sequence[str] = ()) -> None:
+    """Train as worker `rank` against `servers` (replica-0 endpoints in index order; with sync.replication = 2 the
+    replica-1 ones in `backups`), then end the process. Raises ValueError, naming the option, for endpoints or a
+    rank that do not fit the config."""
+    from plait.ps.trainer import run_worker
+
+    cfg = load_node_config(config, overrides, workers)
+    if len(servers) != cfg.sync.servers:
+        raise ValueError(f"--servers lists {len(servers)} endpoints, sync.servers = {cfg.sync.servers}")
+    if len(backups) != (cfg.sync.servers if cfg.sync.replication > 1 else 0):
+        raise ValueError(f"--backups lists {len(backups)} endpoints; sync.replication = {cfg.sync.replication} "
+                         "needs one per server with replication 2, none with 1")
+    if not 0 <= rank < workers:
+        raise ValueError(f"--rank {rank} outside 0..{workers - 1}")
+    out = Path(run_dir) if run_dir else Path(cfg.run.root) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    run_worker(cfg, rank, workers, list(servers), out, start_barrier=wait_start, backups=list(backups))
+    # The work is done and its logs are closed: skip the interpreter's teardown of torch (seconds on a busy
+    # machine), so the launcher sees the worker finish when it did.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+ROLES: dict[str, Callable[..., None]] = {"server": run_server_node, "worker": run_worker_node}
+
+
+def node_command(role: str, **arguments: object) -> list[str]:
+    """The command line that starts one process of `role` with these keyword arguments (the launcher's)."""
+    return [sys.executable, "-m", "plait.ps.node", role, json.dumps(arguments)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one command; with `argv` (from Python) its errors are raised instead of exiting."""
-    if argv is None:
-        ps_app(prog_name="python -m plait.ps.node")
-    else:
-        ps_app(args=argv, prog_name="python -m plait.ps.node", standalone_mode=False)
+    role, arguments = argv if argv is not None else sys.argv[1:]
+    ROLES[role](**json.loads(arguments))  # an error's traceback goes to the process's log under logs/
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
-from plait.ps.consistency import NO_LIVE_WORKER, ClockTable, Consistency
+from plait.ps.consistency import NO_LIVE_WORKER, ClockTable
 from plait.ps.optim import ShardOptimizer
 from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
 from plait.ps.security import CurveKeys
@@ -49,7 +49,7 @@ MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only co
 class ParameterServer(ReplicaHandlers):
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.consistency = Consistency.parse(config.consistency)
+        self.consistency = config.consistency
         self.optimizer = ShardOptimizer(config.optimizer)
         now = time.monotonic()
         self.clocks = ClockTable(config.num_workers, config.worker_timeout_s, now)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plait.ps.consistency import Consistency
+from plait.ps.consistency import BSP, Consistency
 from plait.ps.optim import OptimizerConfig
 from plait.ps.wire import Header
 
@@ -26,7 +26,7 @@ class ServerConfig:
     index: int
     endpoint: str                      # e.g. tcp://127.0.0.1:0 (a free port) or tcp://0.0.0.0:5000
     num_workers: int
-    consistency: str = "bsp"
+    consistency: Consistency = BSP
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint_every: int = 100        # updates of the whole shard between checkpoints (0: at shutdown)
     worker_timeout_s: float = 30.0
@@ -48,7 +48,6 @@ class ServerConfig:
                              f"{self.replication} and {self.replica}")
         if self.failover_s <= 0:
             raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
-        Consistency.parse(self.consistency)
 
     @property
     def name(self) -> str:

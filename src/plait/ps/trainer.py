@@ -98,6 +98,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
         truncate_metrics(log_path, "step", first - 1)
         started -= elapsed_so_far(log_path)  # a resumed or restarted worker's clock goes on
     step = first
+    logged_up = logged_down = 0  # the traffic counted so far: each record has what was sent and received since
     with MetricsLog(log_path) as log:
         while step < config.train.steps:
             if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step and not restarted:
@@ -117,11 +118,12 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             kv.wait(kv.pushpull(PARAMS_KEY, grad, weights))
             now = time.perf_counter()
             # One host sync per step, for the log only.
-            log.write({"step": step, "worker": rank, "loss": float(loss), "staleness": kv.stats.last_staleness,
+            log.write({"step": step, "worker": rank, "train_loss": float(loss), "staleness": kv.stats.last_staleness,
                        "compute_s": compute_s, "pad_s": pad_s, "wait_s": kv.stats.wait_s - wait_before,
-                       "step_s": now - step_start, "wall_start": time.time() - (now - step_start),
-                       "elapsed_s": now - started, "resends": kv.stats.resends, "bytes_sent": kv.stats.bytes_sent,
-                       "bytes_received": kv.stats.bytes_received})
+                       "step_s": now - step_start, "time": time.time(), "elapsed_s": now - started,
+                       "resends": kv.stats.resends, "bytes_up": kv.stats.bytes_sent - logged_up,
+                       "bytes_down": kv.stats.bytes_received - logged_down})
+            logged_up, logged_down = kv.stats.bytes_sent, kv.stats.bytes_received
             # Next clock; further on if the servers moved this worker on after it had been dropped (BSP, SSP).
             step = max(step + 1, kv.clock(PARAMS_KEY) + 1)
     kv.close()

@@ -1,10 +1,11 @@
 """The canonical metric names of a run's metrics.jsonl, with the older names they replace, and their units.
 
 This table is where the names are decided. The readers (`plait plot`, `plait compare`, the FL dashboard) pass every
-record through `canonical_records`, so that old and new run directories read alike. The federated writers (the
-round loop, the gossip runner, the network server and its status page) write the canonical names, with `lr` and
-`time` in every round's record; data parallel, pipeline and the parameter server still write some of the older
-names and are to be switched using this table. The aliases stay here so that old run directories still read.
+record through `canonical_records`, so that old and new run directories read alike. Every writer uses the canonical
+names, with `lr` and `time` (Unix time) in every record: the federated round loop, the gossip runner and the
+network server; data parallel and pipeline (`train_loss`, `bytes_up`/`bytes_down` summed over ranks,
+`samples_per_s`, `test_accuracy`/`test_loss` when evaluated); the parameter server's evaluator and workers. The
+aliases stay here only so that run directories written before the switch still read.
 
 Older names and what they become:
 

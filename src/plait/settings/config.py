@@ -2,6 +2,10 @@
 
 Each component owns a small `@dataclass(kw_only=True, slots=True)` config and validates its values in
 `__post_init__`; this module only maps dictionaries onto those dataclasses and back.
+
+A setting written as text but meaning an object (`sync.consistency = "ssp:3"`) is typed with that object's class
+when the class has a `from_setting(text)` classmethod: the text is built into the object once, as the config is
+read (its ValueError becomes a ConfigError naming the key), and `to_dict` writes `str(object)` back.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def _convert(hint: Any, value: Any, name: str) -> Any:
     origin = get_origin(hint)
+    if _built_from_text(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        try:
+            return hint.from_setting(value)
+        except ValueError as err:
+            raise ConfigError(f"{name} = {value!r}: {err}") from err
     if dataclasses.is_dataclass(hint):
         shorthand = getattr(hint, "SHORTHAND", None)  # `model = "pkg:make"` for `[model] factory = "pkg:make"`
         if isinstance(value, str) and shorthand:
@@ -88,16 +101,26 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
+def _built_from_text(hint: Any) -> bool:
+    """A setting's class that builds itself from the setting's text (see the module docstring)."""
+    return isinstance(hint, type) and callable(getattr(hint, "from_setting", None))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain TOML-able data (None values dropped: TOML has no null)."""
+    """The config as plain TOML-able data (None values dropped: TOML has no null; an object built from a setting's
+    text written back as that text)."""
     def clean(value: Any) -> Any:
+        if _built_from_text(type(value)):
+            return str(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items() if v is not None}
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         return value
 
-    cleaned: dict[str, Any] = clean(dataclasses.asdict(config))
+    cleaned: dict[str, Any] = clean(config)
     return cleaned
 
 

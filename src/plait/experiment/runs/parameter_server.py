@@ -5,7 +5,9 @@ parameter servers on this machine, trained under `sync.consistency` (bsp, ssp:S 
     plait train examples/parameter_server.toml --nproc 4 --set sync.consistency='"ssp:3"' --set sync.servers=2
     plait train examples/parameter_server.toml --nproc 4 --resume      # servers continue from their checkpoints
 
-For servers and workers on different hosts, see `plait ps --help` and docs/parameter_server.md.
+The run directory, resume, the metric sinks, the progress bar and the plots are the driver's; the plane's launcher
+(plait/ps/launcher.py) starts, supervises and evaluates the processes. For servers and workers on different hosts,
+see `plait ps --help` and docs/parameter_server.md.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from rich.console import Console
 
 from plait.experiment.plots import plot_run
+from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
-from plait.ps.launcher import ClusterSummary, LocalCluster
+from plait.ps.launcher import ClusterSummary, LocalCluster, server_checkpoints
 from plait.settings.config import apply_overrides, from_dict, load_toml
 
 
@@ -31,15 +34,17 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
            show_progress: bool = True) -> ClusterSummary:
     """Run a whole parameter-server job on localhost and return its summary."""
     config.check_workers(num_workers)
-    if resume:
-        run = RunDir(Path(config.run.root) / config.run.name)
-        if not any((run.path / "servers").glob("server-*.npz")):
-            raise FileNotFoundError(f"--resume: no server checkpoints in {run.path / 'servers'}")
+    if resume:  # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
+        run_dir = RunDir(Path(config.run.root) / config.run.name)
+        if not server_checkpoints(run_dir.path):
+            raise FileNotFoundError(f"--resume: no server checkpoints in {run_dir.path / 'servers'}")
     else:
-        run = prepare_run_dir(config.run.root, config.run.name, resume=False)
-    run.write_config(config)  # the processes read the resolved config from here
-    summary = LocalCluster(config, run.config_path, run.path, num_workers, resume, timeout_s, show_progress).run()
-    plot_run(run.path, ("loss", "accuracy"))
+        run_dir = prepare_run_dir(config.run.root, config.run.name, resume=False)
+    run_dir.write_config(config)  # the processes read the resolved config from here
+    with Run(run_dir, resume=resume, step_key="step", total=config.train.steps, description="clocks",
+             tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
+        summary = LocalCluster(config, run_dir.config_path, run, num_workers, timeout_s).run()
+    plot_run(run_dir.path, ("loss", "accuracy"))
     return summary
 
 
@@ -53,8 +58,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     summary = run_ps(config, nproc, resume)
     final = summary.final
     console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {nproc} worker(s): test loss "
-                  f"[bold]{final.get('loss', float('nan')):.4f}[/], accuracy {final.get('accuracy', float('nan')):.4f} "
-                  f"in {summary.elapsed_s:.1f} s")
+                  f"[bold]{final.get('test_loss', float('nan')):.4f}[/], accuracy "
+                  f"{final.get('test_accuracy', float('nan')):.4f} in {summary.elapsed_s:.1f} s")
     console.print(f"max staleness seen per worker: {summary.max_staleness}; server restarts: "
                   f"{summary.server_restarts}; worker restarts: {summary.worker_restarts or 'none'}; failed workers: "
                   f"{summary.failed_workers or 'none'}")

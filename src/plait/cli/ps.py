@@ -1,0 +1,76 @@
+"""`plait ps server | worker | keys`: start one parameter-server process on any host (a typer sub-app of `plait`).
+
+    plait ps server --config CFG.toml --index 0 --workers 4 --bind tcp://0.0.0.0:5000
+    plait ps worker --config CFG.toml --rank 0 --workers 4 --servers tcp://host-a:5000,tcp://host-b:5000
+    plait ps keys DIR      CurveZMQ keys for `sync.curve_keys = "DIR"` (see plait/ps/security.py)
+
+Every process reads the same config; the workers list the servers in the same order. `plait train` runs the same
+two functions on localhost (plait/ps/node.py, started by the launcher without the rest of the CLI's imports). A
+server resumes from its checkpoint in --state-dir when one exists (--fresh ignores it), so restarting a killed
+server is running the same command again.
+"""
+
+from __future__ import annotations
+
+import typer
+
+ps_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                     help="Parameter-server processes on any host: servers, workers, CurveZMQ keys.")
+
+
+def _endpoints(text: str) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+@ps_app.command()
+def server(config: str = typer.Option(..., "--config", help="the run's TOML config"),
+           workers: int = typer.Option(..., "--workers", help="number of workers in the job"),
+           index: int = typer.Option(..., "--index", help="this server's index, 0..servers-1"),
+           bind: str | None = typer.Option(None, "--bind", help="endpoint to bind (default tcp://<sync.host>:0)"),
+           state_dir: str | None = typer.Option(None, "--state-dir",
+                                                help="checkpoint and log directory (default runs/<name>/servers)"),
+           fresh: bool = typer.Option(False, "--fresh", help="ignore an existing checkpoint"),
+           replica: int = typer.Option(0, "--replica", help="sync.replication = 2: which of the range's two"),
+           partner: str = typer.Option("", "--partner", help="sync.replication = 2: the other replica's endpoint"),
+           set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
+    """Serve one key range (restart it with the same command: it resumes from its checkpoint)."""
+    from plait.ps.node import run_server_node
+
+    try:
+        run_server_node(config, workers, index, bind=bind, state_dir=state_dir, fresh=fresh, replica=replica,
+                        partner=partner, overrides=set_)
+    except ValueError as err:  # a bad option or config (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None
+
+
+@ps_app.command()
+def worker(config: str = typer.Option(..., "--config", help="the run's TOML config"),
+           workers: int = typer.Option(..., "--workers", help="number of workers in the job"),
+           rank: int = typer.Option(..., "--rank", help="this worker's rank, 0..workers-1"),
+           servers: str = typer.Option(..., "--servers", help="comma-separated server endpoints, in index order"),
+           backups: str = typer.Option("", "--backups", help="sync.replication = 2: the replica-1 endpoints"),
+           run_dir: str | None = typer.Option(None, "--run-dir", help="where its metrics go (default runs/<name>)"),
+           wait_start: bool = typer.Option(False, "--wait-start",
+                                           help="after init, write ready-<rank> and wait for start (local launcher)"),
+           set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
+    """Train as one worker of the job, pushing to and pulling from the servers."""
+    from plait.ps.node import run_worker_node
+
+    try:
+        run_worker_node(config, workers, rank, _endpoints(servers), _endpoints(backups), run_dir=run_dir,
+                        wait_start=wait_start, overrides=set_)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+@ps_app.command()
+def keys(directory: str = typer.Argument(..., help="where to write the keys (created)")) -> None:
+    """Make a CurveZMQ key directory for sync.curve_keys."""
+    from plait.ps.security import make_keys
+
+    try:
+        made = make_keys(directory)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
+    print(f"keys in {made.directory}: copy server.key_secret and authorized/ to the server hosts, server.key "
+          f"and client.key_secret to the worker hosts; set sync.curve_keys = \"{made.directory}\" in the config")
