@@ -54,7 +54,7 @@ def test_parameter_server_and_its_keys(tmp_path):
     folder = user_folder(tmp_path)
 
     output = run(documented("plait train examples/parameter_server.toml --nproc 4"), folder, FEW_STEPS)
-    keys = run(documented("python -m plait.ps.node keys ps-keys"), folder)
+    keys = run(documented("plait ps keys ps-keys"), folder)
 
     last = _trained(folder, output, "parameter-server")
     assert "4 worker(s)" in output and accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
