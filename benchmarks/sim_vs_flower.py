@@ -15,9 +15,10 @@ arriving), seconds per round (the rounds after the first), peak memory (sum of R
 every 0.1 s from /proc). The floor is the plain single-thread PyTorch loop's time for the CNN round's training
 (10 clients) and test-set evaluation, divided by the cores. Medians over runs and rounds, with min-max.
 
-First use installs Flower (flwr[simulation]==FLWR_VERSION, its ray pin) into .venv-flower/ at the repository root
-with `python -m venv` and pip, torch==TORCH_VERSION first and then pinned by a constraints file. Telemetry of both
-Ray and Flower is turned off (this machine has no network; a blocked report must not count as start-up).
+First use installs Flower (flwr[simulation]==1.42.0, with its pin ray==2.55.1) into .venv-flower/ at the
+repository root with `python -m venv` and pip: torch==2.13.0 first (the project's), then Flower with a constraints
+file holding torch there. Telemetry of both Ray and Flower is turned off (this machine has no network; a blocked
+report must not count as start-up).
 
 Output: a table per row, then one JSON line per metric (ratio = Plait / Flower: lower is better); the last line,
 the headline, is the 2NN round at 1000 clients (the simulator's per-client overhead).
