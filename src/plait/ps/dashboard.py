@@ -130,6 +130,7 @@ class ClusterFeed:
                 event = record.get("event", "")
                 if event not in QUIET_SERVER_EVENTS:
                     server.last_event = event
+                    self._event(name, {k: v for k, v in record.items() if k not in ("server", "replica")})
                 if event in ("stats", "restored", "stopped"):
                     server.stats.update({k: v for k, v in record.items() if k not in ("event", "time", "server")})
                 if event in ("promoted", "serving", "streaming"):
@@ -141,8 +142,6 @@ class ClusterFeed:
                     worker = self.workers[record["worker"]]
                     if record.get("time", 0.0) >= worker.servers_say[0]:
                         worker.servers_say = (record.get("time", 0.0), WORKER_STATES[event])
-                if event not in QUIET_SERVER_EVENTS:
-                    self._event(name, {k: v for k, v in record.items() if k not in ("server", "replica")})
 
     # -- what goes out ------------------------------------------------------------------------------------------
     def snapshot(self, phase: str, processes: Processes, now: float | None = None) -> dict[str, Any]:
