@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,17 +26,9 @@ from plait.federated.net.local import (
     wait_until,
     write_config,
 )
+from tests_browser import CHROMIUM, chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROGUE = 2  # registers from this test and sends a NaN update: refused ("nonfinite")
-
-
-def chromium(url: str, profile: Path, *extra: str, timeout: float = 90) -> str:
-    """Headless chromium on `url`, with 5 s of virtual time for the page's script to poll and draw."""
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra, url]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
 def refuse_a_nan_update(address: str) -> None:

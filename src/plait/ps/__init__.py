@@ -16,6 +16,8 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
     launcher.py     start servers and workers on localhost, supervise, restart servers, evaluate; it is handed its
                     run by the driver (`plait train`: plait/experiment/runs/parameter_server.py)
+    dashboard.py    the launcher's live page (sync.status_port), from the logs the processes write
+    local_servers.py  servers on this machine for a user's own loop over the KVStore
     trainer.py      a worker's training loop (FedAvg models on MNIST)
     node.py         one server or worker process from the config file (`plait ps server|worker`, plait/cli/ps.py,
                     and the launcher's `python -m plait.ps.node`)

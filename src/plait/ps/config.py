@@ -60,6 +60,8 @@ class SyncSection:
     curve_keys: str = ""             # a CurveZMQ key directory: encrypted, authenticated traffic ("" : plain TCP)
     replication: int = 1             # 2: each server's range is held by two processes, a primary and its backup
     failover_s: float = 2.0          # replication: a replica silent this long is taken for dead
+    status_port: int = -1            # the launcher's live dashboard (HTTP, read-only): 0 a free port, -1 none
+    status_host: str = "127.0.0.1"   # where the dashboard binds: it has no authentication, keep it local
 
     def __post_init__(self) -> None:
         if self.servers < 1:
@@ -74,6 +76,9 @@ class SyncSection:
                              "sync.piece_numel must be >= 0")
         if min(self.worker_timeout_s, self.retry_s, self.wait_timeout_s) <= 0:
             raise ValueError("sync.worker_timeout_s, sync.retry_s and sync.wait_timeout_s must be > 0")
+        if not -1 <= self.status_port < 65536:
+            raise ValueError(f"sync.status_port must be a port (0: a free one) or -1 (no dashboard), got "
+                             f"{self.status_port}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -16,7 +16,8 @@ summary.json. While the workers train it:
   fixed test subset: these records (test_loss, test_accuracy, time, ...) are the run's records;
 - injects the configured faults (SIGKILL a server at a step, or each server process in turn);
 - on SIGTERM or SIGINT stops the workers, asks every server for a final checkpoint (SHUTDOWN) and returns a summary
-  that names the signal: `--resume` goes on from there.
+  that names the signal: `--resume` goes on from there;
+- with sync.status_port >= 0, serves a live dashboard of all this (dashboard.py) on sync.status_host.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from plait.ps.checkpoint import checkpointed_clock
 from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
+from plait.ps.dashboard import Dashboard, Processes
 from plait.ps.kvstore import KVStore
 from plait.ps.node import node_command
 from plait.ps.security import CurveKeys
@@ -102,6 +104,8 @@ class LocalCluster:
         self.restarts = [0] * self.num_processes
         self.restarted_at = [0.0] * self.num_processes  # wall time of each process's last restart
         self.worker_restarts = [0] * num_workers
+        self.failed_workers: list[int] = []             # past sync.max_worker_restarts: the others go on without
+        self.dashboard: Dashboard | None = None         # sync.status_port >= 0: the live page, while `run` runs
         self._files: list = []
 
     # -- processes ----------------------------------------------------------------------------------------------
@@ -187,8 +191,21 @@ class LocalCluster:
             self.restarted_at[process] = time.time()
             self.servers[process] = self._start_server(process, self.endpoints[process], fresh=False)
             replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
-            self.ctx.write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
-                            "exit_code": proc.returncode, "time": time.time()})
+            self._write({"event": "server_restarted", "server": process % self.config.sync.servers, **replica,
+                         "exit_code": proc.returncode, "time": time.time()})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """A record of the run; the dashboard shows it too."""
+        self.ctx.write(record)
+        if self.dashboard is not None:
+            self.dashboard.feed.note(record)
+
+    def _show(self, phase: str, force: bool = False) -> None:
+        """Publish the dashboard's next snapshot when one is due (every dashboard.PUBLISH_EVERY_S), or `force`."""
+        if self.dashboard is not None and (force or self.dashboard.due()):
+            self.dashboard.publish(phase, Processes(
+                [p.poll() is None for p in self.workers], list(self.worker_restarts), list(self.failed_workers),
+                [p.poll() is None for p in self.servers], list(self.restarts)))
 
     def _supervise_workers(self, failed: list[int]) -> bool:
         """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
@@ -199,12 +216,12 @@ class LocalCluster:
             if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
                 self.worker_restarts[rank] += 1
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
-                self.ctx.write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
-                                "time": time.time()})
+                self._write({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
+                            "time": time.time()})
             else:
                 failed.append(rank)
-                self.ctx.write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                                "time": time.time()})
+                self._write({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
+                            "time": time.time()})
         return any(p.poll() is None for p in self.workers)
 
     def _catch_signals(self) -> dict:
@@ -259,12 +276,27 @@ class LocalCluster:
         model, weights, spec = build_flat_model(cfg)
         test = load_split(cfg, "test", limit=cfg.data.test_examples)
         started = time.perf_counter() - self.ctx.start(self._resumed_step())  # elapsed_s goes on after a resume
+        if cfg.sync.status_port >= 0:
+            started_unix = time.time() - (time.perf_counter() - started)  # when elapsed_s was 0
+            self.dashboard = Dashboard(cfg, self.run_dir, self.num_workers, started_unix)
+            print(f"ps dashboard: {self.dashboard.serve()}", flush=True)
+        try:
+            self._show("starting servers", force=True)
+            return self._train(model, weights, spec, test, started)
+        finally:
+            if self.dashboard is not None:
+                self.dashboard.close()
+
+    def _train(self, model: torch.nn.Module, weights: torch.Tensor, spec: Any, test: Any,
+               started: float) -> ClusterSummary:
+        cfg = self.config
         self.start()
+        self._show("waiting for the workers to start", force=True)
         observer = KVStore(self.primaries, -1, observer=True, retry_s=0.5, timeout_s=2.0,
                            piece_numel=cfg.sync.piece_numel, curve_keys=cfg.sync.curve_keys,
                            backups=self.backups or None)
         observer.init(PARAMS_KEY, weights)
-        failed: list[int] = []
+        failed = self.failed_workers
         time_to_target = None
         kills = self._kill_plan()
         started_workers = False
@@ -281,11 +313,12 @@ class LocalCluster:
                                                for rank, proc in enumerate(self.workers)):
                     (self.run_dir / "start").touch()  # every worker is up: start them together
                     started_workers = True
+                self._show("training" if started_workers else "waiting for the workers to start")
                 if time.perf_counter() >= next_eval:
                     next_eval = time.perf_counter() + cfg.train.eval_every_s
                     record = self._evaluate(observer, model, weights, spec, test, started)
                     if record is not None:
-                        self.ctx.write(record)
+                        self._write(record)
                         last = record
                         self.ctx.progress(record["step"], f"loss {record['test_loss']:.4f}, "
                                                           f"accuracy {record['test_accuracy']:.4f}")
@@ -295,9 +328,10 @@ class LocalCluster:
                         self._inject_kill(kills, record["step"])
                 time.sleep(0.01)
             self._supervise_servers()
+            self._show("final evaluation", force=True)
             final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
             if final is not None:
-                self.ctx.write(final)
+                self._write(final)
                 last = final
                 if time_to_target is None and cfg.train.target_loss and final["test_loss"] <= cfg.train.target_loss:
                     time_to_target = final["elapsed_s"]
@@ -305,8 +339,8 @@ class LocalCluster:
             # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
             stopped_by = str(stopped)
             self._stop_workers()
-            self.ctx.write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
-                            "time": time.time()})
+            self._write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
+                         "time": time.time()})
         finally:
             observer.close(goodbye=False)
             if self.endpoints:
@@ -326,6 +360,7 @@ class LocalCluster:
             "server_restarts": summary.server_restarts, "failed_workers": failed,
             "worker_restarts": {str(k): v for k, v in restarted.items()},
             "max_staleness": {str(k): v for k, v in staleness.items()}}, indent=2))
+        self._show("done" if stopped_by is None else f"stopped by {stopped_by}", force=True)
         return summary
 
     def _resumed_step(self) -> int:
@@ -352,8 +387,8 @@ class LocalCluster:
         _, process = kills.pop(0)
         self.kill_server(process)
         replica = {"replica": process // self.config.sync.servers} if self.config.sync.replication > 1 else {}
-        self.ctx.write({"event": "server_killed", "server": process % self.config.sync.servers, **replica,
-                        "step": step, "time": time.time()})
+        self._write({"event": "server_killed", "server": process % self.config.sync.servers, **replica,
+                     "step": step, "time": time.time()})
 
     def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
                   attempts: int = 1) -> dict[str, Any] | None:

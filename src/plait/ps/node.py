@@ -8,7 +8,8 @@ loads none of the command line's imports (a server imports no torch and restarts
     python -m plait.ps.node worker '{"config": "runs/ps/config.toml", "workers": 4, "rank": 0, "servers": [...]}'
 
 The JSON object holds the keyword arguments of `run_server_node` or `run_worker_node`: an interface between the
-launcher and its children, not one for people (they use `plait ps --help`).
+launcher and its children, not one for people (they use `plait ps --help`). A third role, `server-config`, starts a
+server from its `ServerConfig` fields alone, without a run's config file (local_servers.py, for a user's own loop).
 """
 
 from __future__ import annotations
@@ -77,7 +78,16 @@ def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str]
     os._exit(0)
 
 
-ROLES: dict[str, Callable[..., None]] = {"server": run_server_node, "worker": run_worker_node}
+def run_server_from_config(**fields: object) -> None:
+    """Serve with the `ServerConfig` these fields make (as `settings.config.to_dict` wrote them)."""
+    from plait.ps.server import run_server
+    from plait.ps.server_config import ServerConfig
+
+    run_server(from_dict(ServerConfig, dict(fields)))
+
+
+ROLES: dict[str, Callable[..., None]] = {"server": run_server_node, "worker": run_worker_node,
+                                         "server-config": run_server_from_config}
 
 
 def node_command(role: str, **arguments: object) -> list[str]:

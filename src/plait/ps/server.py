@@ -44,6 +44,7 @@ from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_ar
 from plait.runtime.metrics_log import MetricsLog
 
 MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
+STATS_EVERY_S = 1.0        # a "stats" event (pieces held, updates applied, bytes) this often while they change
 
 
 class ParameterServer(ReplicaHandlers):
@@ -64,6 +65,7 @@ class ParameterServer(ReplicaHandlers):
         self.transport = ServerTransport(curve=CurveKeys.from_setting(config.curve_keys))
         self.log = MetricsLog(config.log_path)
         self.running = True
+        self._stats_logged: tuple[int, int, int] | None = None  # (pieces, updates, bytes in) of the last "stats"
         self.signalled: int | None = None                # SIGTERM/SIGINT received (run_server): stop, checkpoint
         self.replica = Replica(self.transport, config.replica, config.partner_address, config.failover_s,
                                fresh=not config.resume, now=now) if config.replication > 1 else None
@@ -98,6 +100,16 @@ class ParameterServer(ReplicaHandlers):
         replica = {"replica": self.config.replica} if self.replica is not None else {}
         self.log.write({"event": event, "server": self.config.index, **replica, "time": time.time(), **fields})
 
+    def _log_stats(self) -> None:
+        """What the launcher's dashboard shows of this server (its shard, its work), logged when it changed."""
+        now = (len(self.shards), self.updates, self.bytes_in)
+        if now == self._stats_logged:
+            return
+        self._stats_logged = now
+        self._event("stats", keys=len({key for key, _ in self.shards}), pieces=len(self.shards),
+                    elements=sum(shard.param.size for shard in self.shards.values()), updates=self.updates,
+                    bytes_in=self.bytes_in, bytes_out=self.bytes_out, refused=self.refused)
+
     # -- loop -------------------------------------------------------------------------------------------------
     def serve(self) -> None:
         endpoint = self.transport.bind(self.config.endpoint)
@@ -106,6 +118,7 @@ class ParameterServer(ReplicaHandlers):
         tmp.replace(self.config.endpoint_path)  # the launcher reads it only once complete
         self._event("listening", endpoint=endpoint, consistency=str(self.consistency), pid=os.getpid())
         poll_s = min(0.1, self.config.worker_timeout_s / 4)
+        next_stats = time.monotonic()
         try:
             while self.running:
                 try:
@@ -121,6 +134,9 @@ class ParameterServer(ReplicaHandlers):
                     self._drop_silent()
                 if self.replica is not None and (event := self.replica.tick(time.monotonic())):
                     self._event(event)
+                if self.running and time.monotonic() >= next_stats:  # never after SHUTDOWN's final checkpoint
+                    next_stats = time.monotonic() + STATS_EVERY_S
+                    self._log_stats()
             if self.signalled is not None:  # stopped by SIGTERM / SIGINT: leave a final checkpoint, as SHUTDOWN
                 self._event("signalled", signal=signal.Signals(self.signalled).name)
                 self.checkpoint()

@@ -30,7 +30,7 @@ from plait.federated.net.limits import RefusalLog, StreamSlots, bounded_data
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
-from plait.federated.net.status import HISTORY_KEYS, DashboardFeed, StatusBoard, rss_mib
+from plait.federated.net.status import HISTORY_KEYS, DashboardFeed, rss_mib
 from plait.federated.net.update_checks import decompress, is_compressed
 from plait.federated.net.wire import (
     REASONS,
@@ -50,6 +50,7 @@ from plait.federated.net.wire import (
 from plait.federated.round_loop import Evaluation
 from plait.federated.secagg.messages import MaskedInput
 from plait.federated.secagg.protocol import SecAggError
+from plait.web import StatusBoard
 
 log = logging.getLogger("plait.fl.server")
 
