@@ -81,3 +81,26 @@ def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
     long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # 80,000 steps: long enough for a pool
     chosen, why = choose_executor(model, spec, params, data, long_plan, Task(), cores=2)
     assert chosen == "process_pool" and "2 workers" in why
+
+
+def test_auto_separates_a_clients_fixed_cost_from_its_steps(monkeypatch):
+    """A client costing 30 ms fixed + 2 ms a step, with a 10-step plan, is estimated at 50 ms; scaling 5 timed
+    steps up (the old estimate) would count the fixed cost once per step and read 80 ms."""
+    import re
+    import time as time_module
+
+    from plait.federated.backends import auto
+    from plait.federated.client_update import ClientData
+    from plait.federated.task import Task
+    from plait.federated.weights import flat_model_state
+
+    def fake_update(model, spec, params, data, plan, task):
+        time_module.sleep(0.030 + 0.002 * plan.num_steps(len(data)))
+
+    monkeypatch.setattr(auto, "client_update", fake_update)
+    model = torch.nn.Linear(4, 2)
+    params, spec = flat_model_state(model, buffers=True)
+    data = ClientData(torch.randn(100, 4), torch.randint(0, 2, (100,)))
+    _, why = auto.choose_executor(model, spec, params, data, TrainingPlan(batch_size=10, lr=0.1), Task(), cores=2)
+    estimate_ms = float(re.search(r"takes ([\d.]+) ms", why).group(1))
+    assert 45 <= estimate_ms <= 62, why
