@@ -19,9 +19,10 @@ from plait.federated.shipping.model import check_program_fits, load_program
 from plait.federated.shipping.trace import export_program
 from plait.federated.task import Regression, Task
 from plait.federated.weights import flat_model_state
-from plait.settings.config import ConfigError, from_dict
+from plait.federated.net.pipeline import pipeline_fingerprint
+from plait.settings.config import ConfigError, from_dict, load_toml
 from plait.user_code import resolve
-from tests_support import SHAPES
+from tests_support import EXAMPLE, SHAPES
 
 MiB = 1 << 20
 
@@ -174,3 +175,11 @@ def test_the_client_device_resolves_and_cuda_without_a_gpu_is_an_error():
     with pytest.raises(ConfigError, match="client_device"):
         from_dict(NetworkRunConfig, {"net": {**loopback, "client_device": "gpu"}})
     assert from_dict(NetworkRunConfig, {"net": loopback}).net.client_device == "auto"
+
+
+def test_the_example_ships_its_model_to_clients_whose_config_names_none():
+    server = from_dict(NetworkRunConfig, load_toml(EXAMPLE / "fl_shipped.toml"))
+    client = from_dict(NetworkRunConfig, load_toml(EXAMPLE / "client_without_model.toml"))
+    assert server.net.ship_program and client.net.ship_program
+    assert server.model.factory.endswith("shapes.py:make_net") and not client.model.factory
+    assert client.fl == server.fl and pipeline_fingerprint(client.fl) == pipeline_fingerprint(server.fl)
