@@ -127,6 +127,8 @@ def program_with_graph(train_graph: dict) -> bytes:
     ({"op": "torch.os.system", "args": ["echo owned"]}, "not an ATen operator"),
     ({"op": "aten.save.default", "args": [{"ref": "x"}, "/tmp/owned"]}, "reads or writes files"),
     ({"op": "aten.from_file.default", "args": ["/etc/passwd"]}, "reads or writes files"),
+    ({"op": "aten._unsafe_index_put.default", "args": []}, "skips ATen's argument checks"),
+    ({"op": "aten._reshape_alias.default", "args": []}, "skips ATen's argument checks"),
     ({"op": "aten.conv2d.__call__", "args": []}, "not an ATen operator"),
     ({"op": "aten.relu.default", "args": [{"ref": "later"}]}, "not computed before it"),
     ({"op": "aten.relu.default", "args": [{"device": "cpu; import os"}]}, "not a value a shipped graph may hold"),

@@ -14,10 +14,11 @@ evaluates them; `ExportedProgram.module()` compiles the stored guard strings wit
 Python source from stored names; a target is looked up by walking attributes from `torch`, which reaches `torch.os`).
 Here nothing received is evaluated, imported, compiled or unpickled: the JSON is parsed by `json.loads` into
 lists, dicts and scalars; an operator is taken only from `torch.ops.aten` (an `OpOverload`, checked by type; none
-that reads or writes files) or from a fixed table of `operator` functions on numbers and on ops' result tuples;
-every other value is a literal of a listed kind, or a reference to a value computed earlier in the same graph. Such
-a graph can compute anything ATen can on its inputs and weights (and so spend a client's memory and time, as any
-model can), but it cannot reach Python, the file system or the network.
+that reads or writes files, none of the few internal ones that skip ATen's argument checks) or from a fixed table
+of `operator` functions on numbers and on ops' result tuples; every other value is a literal of a listed kind, or a
+reference to a value computed earlier in the same graph. Such a graph can compute anything ATen can on its inputs
+and weights (and so spend a client's memory and time, as any model can), but it cannot reach Python, the file
+system or the network. What remains trusted is ATen itself: that its operators check their arguments.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ MEMORY_FORMATS = {str(m).removeprefix("torch."): m for m in (
     torch.contiguous_format, torch.preserve_format, torch.channels_last, torch.channels_last_3d)}
 # Operators whose arguments name a file: ATen can read (from_file) and write (save) files; a graph may not.
 _FILE_ARGUMENTS = {"filename", "path", "file"}
+# ATen checks an operator's arguments (indices in range, views inside their storage) except in a few internal
+# operators that skip the checks for speed ("unsafe" in the name, sparse tensors built without their invariants
+# checked, aliases with given strides); those could read or write outside a tensor's memory, and are not run.
+_UNCHECKED = {"_index_put_impl", "_index_put_impl_", "_reshape_alias", "_reshape_alias_copy"}
 
 
 class GraphError(ValueError):
@@ -193,6 +198,8 @@ def resolve_op(op: Any, where: str) -> Callable[..., Any]:
         raise GraphError(f"{where}: {op!r} is not an ATen operator overload")
     if match[1] in ("save", "from_file") or any(arg.name in _FILE_ARGUMENTS for arg in overload._schema.arguments):
         raise GraphError(f"{where}: {op!r} reads or writes files and is not run")
+    if "unsafe" in match[1] or "sparse" in match[1] or match[1] in _UNCHECKED:
+        raise GraphError(f"{where}: {op!r} skips ATen's argument checks and is not run")
     return overload
 
 
