@@ -12,6 +12,7 @@ import torch
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.net.config import NetworkRunConfig, client_device
+from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.plan import TrainingPlan
 from plait.federated.shipping.container import FORMAT, program_sha256, read_program, write_program
 from plait.federated.shipping.graph import GraphError, parse_graph
@@ -19,7 +20,6 @@ from plait.federated.shipping.model import check_program_fits, load_program
 from plait.federated.shipping.trace import export_program
 from plait.federated.task import Regression, Task
 from plait.federated.weights import flat_model_state
-from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.settings.config import ConfigError, from_dict, load_toml
 from plait.user_code import resolve
 from tests_support import EXAMPLE, SHAPES
