@@ -50,10 +50,10 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     w = global_params.clone()
     grad = torch.zeros_like(w)
     own = (local[0].clone(), local[1]) if local is not None else None
-    # The global generator (dropout masks, any randomness in the user's model) is seeded by the plan for the
-    # client's run and restored after it: a client's update depends on (seed, round, client) alone, whichever
-    # process or backend runs it, and resumed runs repeat.
-    with pointed_at(model, spec, w, grad, own), torch.random.fork_rng(devices=[]):
+    # The global generator (dropout masks, any randomness in the user's model; the GPU's too when training on one)
+    # is seeded by the plan for the client's run and restored after it: a client's update depends on (seed, round,
+    # client) alone, whichever process or backend runs it, and resumed runs repeat.
+    with pointed_at(model, spec, w, grad, own), torch.random.fork_rng(devices=[w.get_device()] if w.is_cuda else []):
         torch.manual_seed(plan.seed)
         was_training = model.training
         model.train()
@@ -77,7 +77,7 @@ def _train(model: torch.nn.Module, task: Task, w: torch.Tensor, grad: torch.Tens
     num_examples = len(data)
     batch = num_examples if plan.batch_size == 0 else plan.batch_size
     total_steps = plan.num_steps(num_examples)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=w.device)
     steps = 0
     while steps < total_steps:
         order = torch.randperm(num_examples, generator=generator)

@@ -37,8 +37,9 @@ class Task:
         return self.loss(self.forward(model, inputs), targets)
 
     def eval_sums(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sums over a batch of evaluation data, added up over batches and divided by the example count."""
-        return {"loss": self.loss(outputs, targets).double() * len(targets),
+        """Sums over a batch of evaluation data, added up over batches and divided by the example count. (The batch
+        size as `targets.shape[0]`, not `len(targets)`: a traced program then takes any batch size.)"""
+        return {"loss": self.loss(outputs, targets).double() * targets.shape[0],
                 "accuracy": (outputs.argmax(dim=1) == targets).sum().double()}
 
 
@@ -49,7 +50,7 @@ class Regression(Task):
         return F.mse_loss(outputs.reshape(targets.shape), targets)
 
     def eval_sums(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": self.loss(outputs, targets).double() * len(targets)}
+        return {"loss": self.loss(outputs, targets).double() * targets.shape[0]}
 
 
 BUILT_IN = {"classification": Task, "regression": Regression}

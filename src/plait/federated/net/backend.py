@@ -116,6 +116,9 @@ class NetBackend:
             await self._collect_updates(rnd)
             got.participants = len(rnd.reported)
             record.update(bytes_down=rnd.bytes_down, bytes_up=rnd.bytes_up)
+        # programs sent since the last record (net.ship_program: once per client and run) count as traffic down
+        record["bytes_down"] += server.shipped_bytes_sent
+        server.shipped_bytes_sent = 0
         got.dropped = len(tasks.selected) - got.participants
         got.loss_sum, got.examples = rnd.loss_sum, rnd.examples
         record.update(lost=rnd.lost, late=rnd.late, refused=len(rnd.refused))

@@ -22,18 +22,17 @@ import torch
 from plait.data.federated import load_own_data
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData
-from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.evaluate import evaluate
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import read_key
-from plait.federated.net.config import LOOPBACK, NetworkRunConfig
+from plait.federated.net.config import LOOPBACK, NetworkRunConfig, client_device
 from plait.federated.net.connection import Connection, SecAggTask, Task
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.tls import client_credentials
+from plait.federated.net.trainee import Trainee, imported_trainee, on_device, shipped_trainee
 from plait.federated.secagg import messages
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.seeds import BACKOFF_JITTER, stream
-from plait.federated.weights import flat_model_state, local_buffer_state
 
 log = logging.getLogger("plait.fl.client")
 
@@ -101,17 +100,13 @@ class NetClient:
         torch.set_num_threads(config.run.threads or 1)
         # Only this client's own data: its own file, its loader's share, or (one machine) its partition.
         train, held_out, num_classes = load_own_data(config.data, opts.client_id, opts.data_path)
-        self.data = ClientData(train.x, train.y)
-        self.eval_data = ClientData(held_out.x, held_out.y)  # held out, for federated evaluation
-        self.task = build_task(config.fl)
-        self.model = build_model(config.model, num_classes)
-        check_model_fits(self.task, self.model, train.x, train.y, num_classes)
-        _, self.spec = flat_model_state(self.model, buffers=config.fl.buffers == "federated")
-        self.local = local_buffer_state(self.model) if config.fl.buffers == "local" else None  # this client's own
-        self.num_params = self.spec.numel()
-        # The global weights arrive into this one buffer every round (client_update copies them before training),
-        # so a round maps no fresh pages for them.
-        self._weights = torch.empty(self.num_params)
+        self.device = client_device(config.net.client_device)
+        self.data = ClientData(on_device(train.x, self.device), train.y.to(self.device))
+        # held out, for federated evaluation
+        self.eval_data = ClientData(on_device(held_out.x, self.device), held_out.y.to(self.device))
+        # The model, its task and flat layout: imported now, or (net.ship_program) the server's, once registered.
+        self.trainee = None if config.net.ship_program else imported_trainee(config, self.data, num_classes,
+                                                                            self.device)
         self.tls = uses_tls(opts, config.net.tls)
         self.conn = connect(opts, config.net.chunk_bytes, config.net.tls)
         self.session: str | None = None
@@ -135,17 +130,33 @@ class NetClient:
 
     def _register(self) -> None:
         reply = self.conn.register(self.opts.properties, len(self.data))
-        if reply.num_params != self.num_params or reply.model != self.config.model.label:
-            raise ValueError(f"client {self.opts.client_id}: the server trains {reply.model} with "
-                             f"{reply.num_params} parameters, this client's config has {self.config.model.label} "
-                             f"with {self.num_params}: use the server's config file")
+        cid = self.opts.client_id
+        if self.config.net.ship_program:
+            try:
+                self.trainee = shipped_trainee(self.conn, reply, self.config, self.data, self.device, self.trainee)
+            except ValueError as err:
+                raise ValueError(f"client {cid}: {err}") from err
+            except grpc.RpcError as err:
+                if err.code() in _TRANSIENT:  # the link dropped mid-download: the run loop retries
+                    raise
+                raise ValueError(f"client {cid}: the server refused the program download: {err.details()}") from err
+        trainee = self._trainee()
+        if reply.num_params != trainee.spec.numel() or reply.model != trainee.label:
+            hint = " (or set net.ship_program = true to train the program it ships)" if reply.program_sha256 else ""
+            raise ValueError(f"client {cid}: the server trains {reply.model} with {reply.num_params} parameters, "
+                             f"this client's config has {trainee.label} with {trainee.spec.numel()}: use the "
+                             f"server's config file{hint}")
         mine = pipeline_fingerprint(self.config.fl)
         if reply.pipeline != mine:
-            raise ValueError(f"client {self.opts.client_id}: the server's update pipeline {reply.pipeline} differs "
+            raise ValueError(f"client {cid}: the server's update pipeline {reply.pipeline} differs "
                              f"from this client's config {mine} (fl.strategy, fl.privacy, fl.compression): use the "
                              "server's config file")
         self.session = reply.session
-        log.info("client %d: registered (session %s)", self.opts.client_id, reply.session)
+        log.info("client %d: registered (session %s)", cid, reply.session)
+
+    def _trainee(self) -> Trainee:
+        assert self.trainee is not None, "a shipped program is loaded when the client registers"
+        return self.trainee
 
     def _beat(self) -> None:
         while not self._stop.wait(self.config.net.heartbeat_s):
@@ -160,21 +171,27 @@ class NetClient:
                 pass  # the main loop sees the same failure and reconnects
 
     def _evaluate_and_push(self, task: Task) -> None:
-        held_out = self.eval_data
-        figures = evaluate(self.model, self.spec, task.params, held_out.x, held_out.y, task=self.task,
-                           local=self.local) if len(held_out) else {}
+        held_out, trainee = self.eval_data, self._trainee()
+        figures = evaluate(trainee.model, trainee.spec, task.params.to(self.device), held_out.x, held_out.y,
+                           task=trainee.task, local=trainee.local) if len(held_out) else {}
         reply = self.conn.push_evaluation(self.session, task, len(held_out), figures.get("accuracy"),
                                           figures.get("loss", 0.0))
         log.info("client %d: round %d evaluated on %d held-out examples (%s)", self.opts.client_id, task.round,
                  len(held_out), reply.message)
 
     def _train_and_push(self, task: Task) -> None:
-        update = self.program.train(self.model, self.spec, task.params, self.data, task.plan, self.task, self.local)
-        if update.local_buffers is not None and self.local is not None:
-            self.local = (update.local_buffers, self.local[1])
-        loss, cid = float(update.metrics.get("train_loss", 0.0)), self.opts.client_id
-        # the client program's stages, as simulated: local DP, then compression (error feedback kept here)
-        encoded = self.program.finish(cid, update.delta, task.round)
+        trainee, cid = self._trainee(), self.opts.client_id
+        if self.config.net.ship_program and task.program_sha256 != trainee.program_sha256:
+            raise ValueError(f"round {task.round}: the plan trains program {task.program_sha256[:16]!r}, this client "
+                             f"holds {trainee.program_sha256[:16]!r}: refused")
+        update = self.program.train(trainee.model, trainee.spec, task.params.to(self.device), self.data, task.plan,
+                                    trainee.task, trainee.local)
+        if update.local_buffers is not None and trainee.local is not None:
+            trainee.local = (update.local_buffers, trainee.local[1])
+        loss = float(update.metrics.get("train_loss", 0.0))
+        # the client program's stages, as simulated: local DP, then compression (error feedback kept here), on the
+        # CPU where the wire reads the bytes
+        encoded = self.program.finish(cid, update.delta.cpu(), task.round)
         if self.opts.slow_s:
             time.sleep(self.opts.slow_s)
         if self.config.fl.strategy.name == "secagg":
@@ -231,8 +248,8 @@ class NetClient:
                             log.error("%s", err)
                             return EXIT_REFUSED
                     try:
-                        task = self.conn.get_task(self.session, self.config.net.poll_s, self.num_params,
-                                                  out=self._weights)
+                        weights = self._trainee().weights
+                        task = self.conn.get_task(self.session, self.config.net.poll_s, weights.numel(), out=weights)
                         failing_since, attempt = None, 0
                         if isinstance(task, SecAggTask):
                             self._secagg_step(task)

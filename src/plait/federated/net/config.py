@@ -1,6 +1,7 @@
 """The config of a networked federated run: the simulator's sections (run, model, data, fl) plus [net].
 
-Server and clients read the same file: the server its [net] and [fl], a client its [model], [data] and [run].
+Server and clients read the same file: the server its [net] and [fl], a client its [model], [data] and [run] (with
+`net.ship_program`, a client needs no [model]: it trains the program the server sends).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
 
 from plait.data.federated import DataConfig
 from plait.federated.config import FederatedRunConfig, FLConfig, ModelConfig, RunSection
@@ -40,6 +43,11 @@ class NetSection:
     max_streams_per_client: int = 2   # ... and per client (an honest client has one)
     status_connections: int = 32      # status-page connections served at once; more are closed at once
     status_timeout_s: float = 5.0     # a status-page request must arrive within this (slow readers are cut)
+    # The training program travels: the server sends the model and its task as torch.export graphs (no code), and a
+    # client trains them without the model's source (shipping/). Server: ship; client: take the server's program.
+    ship_program: bool = False
+    max_program_bytes: int = 256 << 20  # a client refuses a larger program before reading it
+    client_device: Literal["auto", "cpu", "cuda"] = "auto"  # where a client trains; auto: cuda if it has a GPU
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not -1 <= self.status_port < 65536:
@@ -55,6 +63,8 @@ class NetSection:
                 or self.status_timeout_s <= 0:
             raise ValueError("net.max_streams, net.max_streams_per_client, net.status_connections must be >= 1 and "
                              "net.status_timeout_s > 0")
+        if self.max_program_bytes < 1024:
+            raise ValueError(f"net.max_program_bytes must be >= 1024, got {self.max_program_bytes}")
         if self.wait_for_clients < 0 or self.wait_timeout_s < 0 or self.linger_s < 0:
             raise ValueError("net.wait_for_clients, net.wait_timeout_s and net.linger_s must be >= 0")
         loopback = self.host in LOOPBACK
@@ -102,3 +112,16 @@ class NetworkRunConfig:
     def simulation(self) -> FederatedRunConfig:
         """The same run for the in-process simulator (the reference a networked run must match)."""
         return FederatedRunConfig(run=self.run, model=self.model, data=self.data, fl=self.fl)
+
+
+def client_device(setting: str) -> torch.device:
+    """Where a network client trains (net.client_device): "auto" is cuda when this process sees a GPU, else the CPU;
+    "cuda" without one is an error rather than a silent CPU run."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if setting in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("net.client_device = 'cuda' but this process sees no CUDA device "
+                             "(torch.cuda.is_available() is False): use 'auto' or 'cpu'")
+        return torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"net.client_device must be 'auto', 'cpu' or 'cuda', got {setting!r}")

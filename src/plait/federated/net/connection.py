@@ -41,6 +41,7 @@ class Task:
     task_id: str
     plan: TrainingPlan | None     # None: an evaluation task (evaluate `params` on the held-out data)
     params: torch.Tensor
+    program_sha256: str = ""      # the shipped program the plan trains (net.ship_program); "": the imported model
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class Connection:
         self._get_task = self.channel.unary_stream(method("GetTask"), serialize, chunk_parser(pb.TaskChunk))
         self._push = self.channel.stream_unary(method("PushUpdate"), serialize, pb.PushReply.FromString)
         self._push_secagg = self.channel.stream_unary(method("SecAggPush"), serialize, pb.PushReply.FromString)
+        self._get_program = self.channel.unary_stream(method("GetProgram"), serialize, chunk_parser(pb.ProgramChunk))
 
     def metadata(self, method: str) -> list[tuple[str, str]]:
         return sign(self.key, method, self.client_id) if self.key is not None else []
@@ -119,7 +121,31 @@ class Connection:
             plan = plan_from_message(header.plan) if header.kind == pb.TaskHeader.TRAIN else None
         except ValueError as err:
             raise ValueError(f"GetTask: the server's plan for round {header.round}: {err}") from err
-        return Task(header.round, header.task_id, plan, assembler.tensor())
+        return Task(header.round, header.task_id, plan, assembler.tensor(),
+                    header.plan.program_sha256 if plan is not None else "")
+
+    def get_program(self, session: str, sha256: str, max_bytes: int, timeout: float = 300) -> bytes:
+        """The shipped program's bytes (not yet checked against `sha256`: the reader does that before parsing).
+        A program the server declares larger than `max_bytes` is refused before any of it is received."""
+        request = pb.ProgramRequest(client_id=self.client_id, session=session, sha256=sha256)
+        stream = self._get_program(request, metadata=self.metadata("GetProgram"), timeout=timeout)
+        first = next(stream)
+        if isinstance(first, (DataChunk, Malformed)) or first.WhichOneof("part") != "header":
+            raise ValueError("GetProgram: the server's stream did not start with a header")
+        size = first.header.num_bytes
+        if not 0 < size <= max_bytes:
+            stream.cancel()
+            raise ValueError(f"the server's program is {size} bytes, outside (0, net.max_program_bytes = "
+                             f"{max_bytes}]: refused")
+        data = bytearray()
+        for chunk in stream:
+            data += _data(chunk)
+            if len(data) > size:
+                stream.cancel()
+                raise ValueError(f"the server's program is longer than the {size} bytes its header declared")
+        if len(data) != size:
+            raise ValueError(f"the server's program ended after {len(data)} of {size} bytes")
+        return bytes(data)
 
     def push_update(self, session: str, task: Task, delta: torch.Tensor, num_examples: int,
                     train_loss: float, timeout: float = 120) -> pb.PushReply:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eplait_fl.proto\x12\x0bplait.fl.v1\"?\n\nProperties\x12\x10\n\x08\x63harging\x18\x01 \x01(\x08\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x12\x11\n\tunmetered\x18\x03 \x01(\x08\"g\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.plait.fl.v1.Properties\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"j\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_params\x18\x04 \x01(\x03\x12\x10\n\x08pipeline\x18\x05 \x01(\t\"c\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.plait.fl.v1.Properties\".\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"A\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"\x90\x01\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tmax_steps\x18\x07 \x01(\x03\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"M\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xfb\x01\n\nTaskHeader\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.plait.fl.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.plait.fl.v1.Plan\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\x14\n\x0csecagg_bytes\x18\x06 \x01(\x03\"?\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\n\n\x06SECAGG\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\"N\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.plait.fl.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xb5\x02\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12)\n\x06tensor\x18\x07 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12(\n\x05parts\x18\t \x03(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\x12\n\nevaluation\x18\n \x01(\x08\x12\x1a\n\reval_accuracy\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x11\n\teval_loss\x18\x0c \x01(\x01\x42\x10\n\x0e_eval_accuracy\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0cSecAggHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x11\n\tnum_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\"R\n\x0bSecAggChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.SecAggHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04partb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eplait_fl.proto\x12\x0bplait.fl.v1\"?\n\nProperties\x12\x10\n\x08\x63harging\x18\x01 \x01(\x08\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x12\x11\n\tunmetered\x18\x03 \x01(\x08\"g\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.plait.fl.v1.Properties\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"\x99\x01\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_params\x18\x04 \x01(\x03\x12\x10\n\x08pipeline\x18\x05 \x01(\t\x12\x16\n\x0eprogram_sha256\x18\x06 \x01(\t\x12\x15\n\rprogram_bytes\x18\x07 \x01(\x03\"c\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.plait.fl.v1.Properties\".\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"A\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"\xa8\x01\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tmax_steps\x18\x07 \x01(\x03\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x16\n\x0eprogram_sha256\x18\t \x01(\t\"D\n\x0eProgramRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"2\n\rProgramHeader\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\"T\n\x0cProgramChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.plait.fl.v1.ProgramHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"M\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xfb\x01\n\nTaskHeader\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.plait.fl.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.plait.fl.v1.Plan\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\x14\n\x0csecagg_bytes\x18\x06 \x01(\x03\"?\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\n\n\x06SECAGG\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\"N\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.plait.fl.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xb5\x02\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12)\n\x06tensor\x18\x07 \x01(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12(\n\x05parts\x18\t \x03(\x0b\x32\x19.plait.fl.v1.TensorHeader\x12\x12\n\nevaluation\x18\n \x01(\x08\x12\x1a\n\reval_accuracy\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x11\n\teval_loss\x18\x0c \x01(\x01\x42\x10\n\x0e_eval_accuracy\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0cSecAggHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x11\n\tnum_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\"R\n\x0bSecAggChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.plait.fl.v1.SecAggHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04partb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPERTIES']._serialized_end=94
   _globals['_REGISTERREQUEST']._serialized_start=96
   _globals['_REGISTERREQUEST']._serialized_end=199
-  _globals['_REGISTERREPLY']._serialized_start=201
-  _globals['_REGISTERREPLY']._serialized_end=307
-  _globals['_HEARTBEATREQUEST']._serialized_start=309
-  _globals['_HEARTBEATREQUEST']._serialized_end=408
-  _globals['_HEARTBEATREPLY']._serialized_start=410
-  _globals['_HEARTBEATREPLY']._serialized_end=456
-  _globals['_TASKREQUEST']._serialized_start=458
-  _globals['_TASKREQUEST']._serialized_end=523
-  _globals['_PLAN']._serialized_start=526
-  _globals['_PLAN']._serialized_end=670
-  _globals['_TENSORHEADER']._serialized_start=672
-  _globals['_TENSORHEADER']._serialized_end=749
-  _globals['_TASKHEADER']._serialized_start=752
-  _globals['_TASKHEADER']._serialized_end=1003
-  _globals['_TASKHEADER_KIND']._serialized_start=940
-  _globals['_TASKHEADER_KIND']._serialized_end=1003
-  _globals['_TASKCHUNK']._serialized_start=1005
-  _globals['_TASKCHUNK']._serialized_end=1083
-  _globals['_UPDATEHEADER']._serialized_start=1086
-  _globals['_UPDATEHEADER']._serialized_end=1395
-  _globals['_UPDATECHUNK']._serialized_start=1397
-  _globals['_UPDATECHUNK']._serialized_end=1479
-  _globals['_PUSHREPLY']._serialized_start=1481
-  _globals['_PUSHREPLY']._serialized_end=1527
-  _globals['_SECAGGHEADER']._serialized_start=1530
-  _globals['_SECAGGHEADER']._serialized_end=1673
-  _globals['_SECAGGCHUNK']._serialized_start=1675
-  _globals['_SECAGGCHUNK']._serialized_end=1757
+  _globals['_REGISTERREPLY']._serialized_start=202
+  _globals['_REGISTERREPLY']._serialized_end=355
+  _globals['_HEARTBEATREQUEST']._serialized_start=357
+  _globals['_HEARTBEATREQUEST']._serialized_end=456
+  _globals['_HEARTBEATREPLY']._serialized_start=458
+  _globals['_HEARTBEATREPLY']._serialized_end=504
+  _globals['_TASKREQUEST']._serialized_start=506
+  _globals['_TASKREQUEST']._serialized_end=571
+  _globals['_PLAN']._serialized_start=574
+  _globals['_PLAN']._serialized_end=742
+  _globals['_PROGRAMREQUEST']._serialized_start=744
+  _globals['_PROGRAMREQUEST']._serialized_end=812
+  _globals['_PROGRAMHEADER']._serialized_start=814
+  _globals['_PROGRAMHEADER']._serialized_end=864
+  _globals['_PROGRAMCHUNK']._serialized_start=866
+  _globals['_PROGRAMCHUNK']._serialized_end=950
+  _globals['_TENSORHEADER']._serialized_start=952
+  _globals['_TENSORHEADER']._serialized_end=1029
+  _globals['_TASKHEADER']._serialized_start=1032
+  _globals['_TASKHEADER']._serialized_end=1283
+  _globals['_TASKHEADER_KIND']._serialized_start=1220
+  _globals['_TASKHEADER_KIND']._serialized_end=1283
+  _globals['_TASKCHUNK']._serialized_start=1285
+  _globals['_TASKCHUNK']._serialized_end=1363
+  _globals['_UPDATEHEADER']._serialized_start=1366
+  _globals['_UPDATEHEADER']._serialized_end=1675
+  _globals['_UPDATECHUNK']._serialized_start=1677
+  _globals['_UPDATECHUNK']._serialized_end=1759
+  _globals['_PUSHREPLY']._serialized_start=1761
+  _globals['_PUSHREPLY']._serialized_end=1807
+  _globals['_SECAGGHEADER']._serialized_start=1810
+  _globals['_SECAGGHEADER']._serialized_end=1953
+  _globals['_SECAGGCHUNK']._serialized_start=1955
+  _globals['_SECAGGCHUNK']._serialized_end=2037
 # @@protoc_insertion_point(module_scope)

@@ -31,6 +31,7 @@ from plait.federated.net.status import serve_status
 from plait.federated.net.tls import server_credentials
 from plait.federated.net.wire import grpc_options
 from plait.federated.round_loop import RoundLoop, ServerState
+from plait.federated.task import Task
 from plait.federated.weights import flat_model_state
 from plait.runtime.context import RunContext
 
@@ -71,6 +72,22 @@ async def _start_grpc(server: NetServer) -> grpc.aio.Server:
     return service
 
 
+def _training_program(config: NetworkRunConfig, model: torch.nn.Module, task: Task, test) -> bytes:
+    """net.ship_program: the model and task traced on a few of the server's test examples into the program file."""
+    from plait.federated.shipping.trace import export_program
+
+    if test is None or not len(test[1]):
+        raise ValueError("net.ship_program needs the server's own test set (data.test_path, or a built-in data set's "
+                         "test split): the model is traced on a few of its examples")
+    started = time.perf_counter()
+    program = export_program(model, task, test[0], test[1], config.model.label)
+    if len(program) > config.net.max_program_bytes:
+        raise ValueError(f"net.ship_program: the program is {len(program)} bytes, more than net.max_program_bytes = "
+                         f"{config.net.max_program_bytes}, which clients refuse")
+    log.info("traced the training program: %d bytes in %.1f s", len(program), time.perf_counter() - started)
+    return program
+
+
 async def _serve(config: NetworkRunConfig, run: RunContext, drive: DriveRounds) -> None:
     net = config.net
     if config.run.threads:
@@ -82,7 +99,8 @@ async def _serve(config: NetworkRunConfig, run: RunContext, drive: DriveRounds) 
     if test is not None and len(test[1]):
         check_model_fits(task, model, test[0], test[1], num_classes)
     initial, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
-    server = NetServer(config, initial.numel())
+    program = _training_program(config, model, task, test) if net.ship_program else b""
+    server = NetServer(config, initial.numel(), program=program)
     rounds = RoundLoop(config.fl, NetBackend(server, asyncio.get_running_loop()), model=model, spec=spec,
                        initial_params=initial, seed=config.run.seed, num_clients=config.data.num_clients,
                        test_set=(test[0], test[1]) if test is not None and len(test[1]) else None, task=task)

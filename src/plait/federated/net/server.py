@@ -50,6 +50,7 @@ from plait.federated.net.wire import (
 from plait.federated.round_loop import Evaluation
 from plait.federated.secagg.messages import MaskedInput
 from plait.federated.secagg.protocol import SecAggError
+from plait.federated.shipping.container import program_sha256
 from plait.web import StatusBoard
 
 log = logging.getLogger("plait.fl.server")
@@ -59,9 +60,12 @@ _CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.
 
 
 class NetServer:
-    def __init__(self, config: NetworkRunConfig, numel: int, rounds_done: int = 0):
+    def __init__(self, config: NetworkRunConfig, numel: int, rounds_done: int = 0, program: bytes = b""):
         self.config, net = config, config.net
         self.numel, self.rounds_done = numel, rounds_done
+        # net.ship_program: the training program (shipping/), sent once per client; its hash goes with every plan
+        self.shipped, self.shipped_sha256 = program, program_sha256(program) if program else ""
+        self.shipped_bytes_sent = 0  # since the last round's record (which counts them in bytes_down)
         # the update pipeline's server half: decompression (clients run the encoding half)
         self.program = ClientProgram(config.fl, config.run.seed)
         self.fingerprint = pipeline_fingerprint(config.fl)
@@ -96,6 +100,8 @@ class NetServer:
                 self.push_update, request_deserializer=chunk_parser(pb.UpdateChunk), response_serializer=ser),
             "SecAggPush": grpc.stream_unary_rpc_method_handler(
                 self.push_secagg, request_deserializer=chunk_parser(pb.SecAggChunk), response_serializer=ser),
+            "GetProgram": grpc.unary_stream_rpc_method_handler(
+                self.get_program, request_deserializer=safe_parser(pb.ProgramRequest), response_serializer=ser),
         })
 
     async def _refuse(self, context, err: WireError, who: str, cid: int | None = None) -> None:
@@ -159,7 +165,8 @@ class NetServer:
         log.info("client %d %s (%d examples)", cid, "re-registered" if previous else "registered",
                  request.num_examples)
         return pb.RegisterReply(session=self.clients[cid].session, heartbeat_s=self.config.net.heartbeat_s,
-                                model=self.config.model.label, num_params=self.numel, pipeline=self.fingerprint)
+                                model=self.config.model.label, num_params=self.numel, pipeline=self.fingerprint,
+                                program_sha256=self.shipped_sha256, program_bytes=len(self.shipped))
 
     async def heartbeat(self, request, context):
         cid = await self._authenticate(context, "Heartbeat", request)
@@ -205,6 +212,20 @@ class NetServer:
             except TimeoutError:
                 pass
 
+    async def get_program(self, request, context):
+        """The shipped program's bytes, after a header with their hash and length (once per client and run)."""
+        cid = await self._authenticate(context, "GetProgram", request)
+        await self._session(context, cid, request.session)
+        if not self.shipped or request.sha256 != self.shipped_sha256:
+            shipped = self.shipped_sha256[:16] or "no program (net.ship_program is off)"
+            await self._refuse(context, WireError("stale", f"client {cid} asks for program {request.sha256[:16]!r}; "
+                                                           f"the server ships {shipped}"), f"client {cid}", cid)
+        yield pb.ProgramChunk(header=pb.ProgramHeader(sha256=self.shipped_sha256, num_bytes=len(self.shipped)))
+        for chunk in data_chunks(self.shipped, self.config.net.chunk_bytes):
+            yield chunk
+        self.shipped_bytes_sent += len(self.shipped)
+        log.info("client %d: sent the training program (%d bytes)", cid, len(self.shipped))
+
     async def _stream_task(self, rnd: RoundState, cid: int):
         tensor = pb.TensorHeader(dtype="float32", shape=[self.numel], num_bytes=self.numel * 4)
         if rnd.evaluation:
@@ -212,7 +233,7 @@ class NetServer:
                                    tensor=tensor)
         else:
             header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=rnd.idx, task_id=rnd.task_ids[cid],
-                                   plan=plan_message(rnd.plans[cid]), tensor=tensor)
+                                   plan=plan_message(rnd.plans[cid], self.shipped_sha256), tensor=tensor)
         yield pb.TaskChunk(header=header)
         for chunk in rnd.payload:  # the same serialized messages for every client: nothing copied per client
             yield chunk

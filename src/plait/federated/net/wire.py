@@ -64,9 +64,10 @@ def safe_parser(message_type: type[M]) -> Callable[[bytes], M | Malformed]:
     return parse
 
 
-def plan_message(plan: TrainingPlan) -> pb.Plan:
-    """The plan as its protobuf message: the fields share their names, so neither side lists them."""
-    return pb.Plan(**{f.name: getattr(plan, f.name) for f in fields(TrainingPlan)})
+def plan_message(plan: TrainingPlan, program_sha256: str = "") -> pb.Plan:
+    """The plan as its protobuf message: the fields share their names, so neither side lists them; with the hash of
+    the shipped program the round trains (net.ship_program), if any."""
+    return pb.Plan(**{f.name: getattr(plan, f.name) for f in fields(TrainingPlan)}, program_sha256=program_sha256)
 
 
 def plan_from_message(message: pb.Plan) -> TrainingPlan:
@@ -92,13 +93,13 @@ def iter_chunks(tensor: torch.Tensor, chunk_bytes: int) -> Iterator[bytes]:
         yield bytes(view[start : start + chunk_bytes])
 
 
-# Fast path for the bulk of every stream. TaskChunk, UpdateChunk and SecAggChunk all carry their bytes in field 2
-# (`bytes data = 2` of the oneof), so a data chunk serializes to the tag 0x12, the length as a varint, the raw bytes.
-# Building that directly copies each byte once, where a protobuf message would copy it in and copy it out again;
-# parsing it directly hands out a view of the received bytes instead of two more copies. The bytes on the wire are
-# exactly what protobuf produces and accepts: peers using the generated classes interoperate unchanged.
+# Fast path for the bulk of every stream. TaskChunk, UpdateChunk, SecAggChunk and ProgramChunk all carry their bytes
+# in field 2 (`bytes data = 2` of the oneof), so a data chunk serializes to the tag 0x12, the length as a varint, the
+# raw bytes. Building that directly copies each byte once, where a protobuf message would copy it in and copy it out
+# again; parsing it directly hands out a view of the received bytes instead of two more copies. The bytes on the wire
+# are exactly what protobuf produces and accepts: peers using the generated classes interoperate unchanged.
 _DATA_TAG = 0x12
-for _msg in (pb.TaskChunk, pb.UpdateChunk, pb.SecAggChunk):
+for _msg in (pb.TaskChunk, pb.UpdateChunk, pb.SecAggChunk, pb.ProgramChunk):
     _field = _msg.DESCRIPTOR.fields_by_name["data"]
     assert (_field.number, _field.type) == (2, _field.TYPE_BYTES), f"{_msg.__name__}.data must stay bytes field 2"
 
@@ -113,7 +114,8 @@ def _varint(n: int) -> bytes:
 
 
 def data_chunks(buffer, chunk_bytes: int) -> Iterator[bytes]:
-    """Serialized `data` chunk messages (TaskChunk, UpdateChunk, SecAggChunk) over any bytes-like `buffer`."""
+    """Serialized `data` chunk messages (TaskChunk, UpdateChunk, SecAggChunk, ProgramChunk) over any bytes-like
+    `buffer`."""
     view = memoryview(buffer).cast("B")
     for start in range(0, len(view), chunk_bytes):
         piece = view[start : start + chunk_bytes]
