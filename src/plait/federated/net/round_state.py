@@ -90,3 +90,10 @@ class RoundState:
         self.refused[cid] = reason
         self.gone.add(cid)
         self.changed.set()
+
+    def summary(self) -> dict[str, Any]:
+        """The round in progress, as the status page shows it."""
+        return {"round": self.idx, "selected": self.selected, "target": self.target,
+                "finished": sorted(self.reported), "dropped": sorted(self.gone), "refused": dict(self.refused),
+                "closed": self.closed, "kind": "evaluation" if self.evaluation else "training",
+                "secagg_stage": self.secagg.stage if self.secagg is not None else None}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from plait.federated.bounds import UpdateRefused
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import Update
 from plait.federated.net import plait_fl_pb2 as pb
+from plait.federated.net import update_checks as checks
 from plait.federated.net.auth import Verifier, read_key
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.limits import RefusalLog, StreamSlots, bounded_data
@@ -31,7 +31,6 @@ from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.round_state import ClientInfo, RoundState
 from plait.federated.net.secagg_round import TRAIN
 from plait.federated.net.status import HISTORY_KEYS, DashboardFeed, rss_mib
-from plait.federated.net.update_checks import decompress, is_compressed
 from plait.federated.net.wire import (
     REASONS,
     SERVICE,
@@ -146,16 +145,10 @@ class NetServer:
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def register(self, request, context):
         cid = await self._authenticate(context, "Register", request)
-        strategy, cap = self.config.fl.strategy, self.config.fl.bounds.max_examples
-        if request.num_examples < 0 or (cap and request.num_examples > cap):
-            await self._refuse(context, WireError("malformed", f"client {cid}: {request.num_examples} examples is "
-                                                  f"outside [0, {cap or 'any'}] (fl.bounds.max_examples)"),
-                               f"client {cid}")
-        if strategy.name == "secagg" and strategy.weighting == "examples" \
-                and request.num_examples > strategy.secagg.max_weight:  # its weight would not fit the ring
-            await self._refuse(context, WireError("malformed", f"client {cid}: {request.num_examples} examples is "
-                                                  f"above fl.strategy.secagg.max_weight = "
-                                                  f"{strategy.secagg.max_weight}"), f"client {cid}")
+        try:
+            checks.check_registration(request, self.config, cid)
+        except WireError as err:
+            await self._refuse(context, err, f"client {cid}")
         props = {k: getattr(request.properties, k) for k in ("charging", "idle", "unmetered")}
         previous = self.clients.get(cid)
         self.clients[cid] = info = ClientInfo(secrets.token_hex(8), props, request.num_examples, time.monotonic())
@@ -275,21 +268,17 @@ class NetServer:
                 raise WireError("malformed", f"{what}: the task is an evaluation; send its figures")
             if rnd.secagg is not None:
                 raise WireError("malformed", f"{what}: the round runs secure aggregation; send SecAggPush")
-            compressed = is_compressed(h, self.config.fl.compression.codec, what)
+            compressed = checks.is_compressed(h, self.config.fl.compression.codec, what)
             if not compressed:
                 check_header(h.tensor, self.numel, what)
-            declared = self.clients[cid].num_examples
-            if not 1 <= h.num_examples <= declared:  # its weight in the mean: never more than it registered
-                raise WireError("malformed", f"{what}: num_examples {h.num_examples} is outside [1, {declared}] "
-                                             "(what the client declared when it registered)")
-            if not math.isfinite(h.train_loss):
-                raise WireError("nonfinite", f"{what}: train_loss is {h.train_loss}")
+            checks.check_claims(h, self.clients[cid].num_examples, what)
             total = check_parts(h.parts, self.numel * 8 + 64, what) if compressed else 0
             assembler = TensorAssembler(pb.TensorHeader(dtype="uint8", shape=[total], num_bytes=total)
                                         if compressed else h.tensor, what)
             async for data in bounded_data(stream, len(assembler.buffer), what):
                 assembler.add(data)
-            delta = decompress(self.program, cid, h, assembler, self.numel, what) if compressed else assembler.tensor()
+            delta = (checks.decompress(self.program, cid, h, assembler, self.numel, what) if compressed
+                     else assembler.tensor())
             rnd = self._open_task(cid, h, what)  # the round may have closed while the bytes arrived
         except WireError as err:
             if task is not None and task.waiting_on(cid):
@@ -312,11 +301,7 @@ class NetServer:
             rnd = self._open_task(cid, h, what)
             if not rnd.evaluation:
                 raise WireError("malformed", f"{what}: the task is training; send an update")
-            if h.HasField("tensor") or h.parts or h.codec:
-                raise WireError("malformed", f"{what}: an evaluation carries figures, not a tensor")
-            if h.num_examples < 0 or not 0 <= h.eval_accuracy <= 1 or not math.isfinite(h.eval_loss):
-                raise WireError("malformed", f"{what}: num_examples {h.num_examples}, accuracy {h.eval_accuracy}, "
-                                             f"loss {h.eval_loss}")
+            checks.check_evaluation(h, what)
             async for _ in stream:
                 raise WireError("malformed", f"{what}: data after an evaluation's header")
         except WireError as err:
@@ -338,12 +323,7 @@ class NetServer:
         what = f"secure-aggregation message from client {cid} for round {h.round}"
         try:
             rnd = self._open_secagg(cid, h, what)
-            limit = 8 * (self.numel + 2) + 256 * (len(rnd.selected) + 1) + 64
-            if not 0 < h.num_bytes <= limit:
-                raise WireError("oversized" if h.num_bytes > limit else "malformed",
-                                f"{what}: declares {h.num_bytes} bytes (at most {limit})")
-            if not math.isfinite(h.train_loss) or h.num_examples < 0:
-                raise WireError("malformed", f"{what}: train_loss {h.train_loss}, num_examples {h.num_examples}")
+            checks.check_secagg_header(h, self.numel, len(rnd.selected), what)
             payload = bytearray()
             async for data in bounded_data(stream, h.num_bytes, what):
                 payload += data
@@ -403,12 +383,7 @@ class NetServer:
         self.wake_pollers()
 
     def snapshot(self) -> dict[str, Any]:
-        rnd = self.round
-        current = {} if rnd is None else {
-            "round": rnd.idx, "selected": rnd.selected, "target": rnd.target, "finished": sorted(rnd.reported),
-            "dropped": sorted(rnd.gone), "refused": dict(rnd.refused), "closed": rnd.closed,
-            "kind": "evaluation" if rnd.evaluation else "training",
-            "secagg_stage": rnd.secagg.stage if rnd.secagg is not None else None}
+        current = {} if self.round is None else self.round.summary()
         feed = self.feed.fields(self)
         history = [{k: r.get(k) for k in HISTORY_KEYS} for r in feed["series"]]  # status.json's older summary
         return {"run": self.config.run.name, "phase": self.phase, "round": self.rounds_done,
