@@ -18,6 +18,7 @@ from plait.core.compress import Fp16Codec, TopKCodec
 from plait.parallel.collectives import ALGORITHMS, ALLREDUCE_CLASSES, AllReduce
 from plait.parallel.comm_hooks import CommHook, check_hook_name, make_comm_hook
 from plait.parallel.compression import GradCompressor
+from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ImageModelSection as ModelSection
@@ -95,9 +96,11 @@ class TrainSection:
     checkpoint_every: int = 50         # 0: only at the end
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler, CUDA only)
+    on_divergence: str = "stop"        # a non-finite loss, gradient or update: stop (exit 1) | skip the update
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")
+        check_policy(self.on_divergence, "train")
         for key in ("steps", "batch_size", "accumulate", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")

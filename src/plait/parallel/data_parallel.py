@@ -33,6 +33,7 @@ from plait.parallel.collectives import AllReduce, CommStats, make_allreduce
 from plait.parallel.comm_hooks import CommHook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.dims import ParallelDims
+from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.grad_sync import GradSync
 from plait.parallel.optim import OptimizerFactory, flat_state, load_flat_state, optimizer_factory, optimizer_name
 from plait.parallel.precision import MixedPrecision
@@ -113,9 +114,11 @@ class DataParallel:
 
     # ---- one step -------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
-                   delay_s: float = 0.0) -> tuple[torch.Tensor, StepTimes]:
+                   delay_s: float = 0.0, guard: DivergenceGuard | None = None) -> tuple[torch.Tensor, StepTimes]:
         """Forward/backward every micro-batch, sync, update. `step` is 1-based (local SGD averages when
-        step % local_steps == 0). Returns this rank's mean loss (a tensor: no host sync) and the step's times."""
+        step % local_steps == 0). Returns this rank's mean loss (a tensor: no host sync) and the step's times.
+        With a `guard`, the update is applied only if no rank's loss, synced gradient or parameters are non-finite
+        (divergence.py: it stops the run, or skips the update)."""
         start = time.perf_counter()
         if delay_s > 0:
             time.sleep(delay_s)  # injected straggler: this rank's step is slower, its sync starts later
@@ -135,10 +138,13 @@ class DataParallel:
         if syncs_grads:
             self.grad_sync.finish()
         synced = time.perf_counter()
-        if self.zero is not None:
-            self.zero.step(self.precision.step)
-        elif self.optimizer is not None:
-            self.precision.step(self.optimizer)
+        # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
+        grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
+        if guard is None or guard.before_update(step, loss=total, grads=grads, params=[self.flat_param]):
+            if self.zero is not None:
+                self.zero.step(self.precision.step)
+            elif self.optimizer is not None:
+                self.precision.step(self.optimizer)
         stepped = time.perf_counter()
         if self.kind == "ps_one_device":
             self._broadcast_from_root()
@@ -172,6 +178,10 @@ class DataParallel:
     def full_params(self) -> torch.Tensor:
         """All parameters as one flat tensor (the buffer itself: every replica holds them all)."""
         return self.flat_param
+
+    def local_params(self) -> list[torch.Tensor]:
+        """The parameters this rank holds (all of them), for the divergence check before a checkpoint."""
+        return [self.flat_param]
 
     def load_full_params(self, flat: torch.Tensor) -> None:
         self.flat_param.copy_(flat)
