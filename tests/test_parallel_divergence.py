@@ -99,9 +99,9 @@ def _guard_rank(rank: int, world_size: int) -> dict:
     """Only rank 1 sees a NaN loss at step 2, only rank 0 infinite parameters after step 3's update; both ranks
     must take the same decisions, under either policy."""
     out: dict = {}
+    good = torch.ones(4)
     for policy in ("stop", "skip"):
         guard = DivergenceGuard(policy, Path("runs/x/checkpoint.pt"), last_good=None, device=torch.device("cpu"))
-        good = torch.ones(4)
         seen: dict = {"step_1": guard.before_update(1, loss=torch.tensor(0.5), grads=[good], params=[good])}
         guard.saved(1)
         loss = torch.tensor(float("nan") if rank == 1 else 0.5)
@@ -114,6 +114,14 @@ def _guard_rank(rank: int, world_size: int) -> dict:
         except Diverged as err:
             seen["checkpoint_3"] = str(err)
         out[policy] = seen
+    # local SGD: each rank notes what it sees, with no collective, until the ranks agree before averaging
+    guard = DivergenceGuard("stop", Path("runs/x/checkpoint.pt"), last_good=None, device=torch.device("cpu"))
+    for step in (4, 5):
+        guard.note(step, loss=torch.tensor(float("nan") if rank == 1 else 0.5), grads=[good], params=[good])
+    try:
+        guard.agree(6, [good])
+    except Diverged as err:
+        out["local_sgd"] = str(err)
     return out
 
 
@@ -136,6 +144,17 @@ def test_every_rank_takes_the_same_decision_and_the_message_names_the_rank(guard
     assert first["checkpoint_3"].startswith("step 3: its update made the parameters non-finite on rank 0 ")
 
 
-def test_an_unknown_on_divergence_names_the_setting():
-    with pytest.raises((ConfigError, ValueError), match="train.on_divergence = 'pause'"):
-        from_dict(DataParallelRunConfig, {"train": {"on_divergence": "pause"}})
+def test_local_sgd_ranks_agree_before_averaging_on_the_first_step_that_diverged(guard_ranks):
+    assert guard_ranks[0]["local_sgd"] == guard_ranks[1]["local_sgd"] == (
+        "step 4: the loss is not finite on rank 1 (train.on_divergence = 'stop': lower train.lr, or set it to 'skip'); "
+        "no checkpoint was written before it: nothing to resume")
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"train": {"on_divergence": "pause"}}, "train.on_divergence = 'pause' is unknown"),
+    ({"train": {"on_divergence": "skip"}, "sync": {"kind": "local_sgd"}},
+     "train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd'"),
+])
+def test_a_wrong_on_divergence_names_the_setting(settings, named):
+    with pytest.raises((ConfigError, ValueError), match=named):
+        from_dict(DataParallelRunConfig, settings)

@@ -202,6 +202,9 @@ class DataParallelRunConfig:
         if self.train.precision == "fp16" and self.sync.kind in ("ps_one_device", "sharded"):
             raise ValueError(f"train.precision = 'fp16' does not go with sync.kind = {self.sync.kind!r} (the grad "
                              "scaler's overflow check would not be shared by every rank); use 'bf16'")
+        if self.sync.kind == "local_sgd" and self.train.on_divergence == "skip":
+            raise ValueError("train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd' (its ranks do not "
+                             "meet every step to agree on a skip); use 'stop'")
         if self.sync.kind == "local_sgd" and self.train.checkpoint_every % self.sync.local_steps:
             raise ValueError(f"train.checkpoint_every = {self.train.checkpoint_every} must be a multiple of "
                              f"sync.local_steps = {self.sync.local_steps} (checkpoints hold averaged parameters)")

@@ -138,9 +138,7 @@ class DataParallel:
         if syncs_grads:
             self.grad_sync.finish()
         synced = time.perf_counter()
-        # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
-        grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
-        if guard is None or guard.before_update(step, loss=total, grads=grads, params=[self.flat_param]):
+        if guard is None or self._check(guard, step, total):
             if self.zero is not None:
                 self.zero.step(self.precision.step)
             elif self.optimizer is not None:
@@ -149,11 +147,25 @@ class DataParallel:
         if self.kind == "ps_one_device":
             self._broadcast_from_root()
         elif self.kind == "local_sgd" and step % self.local_steps == 0:
+            if guard is not None:
+                guard.agree(step, [self.flat_param])  # before averaging: a diverged replica never spreads
             self.average_params()
         end = time.perf_counter()
         times = StepTimes(compute_s=computed - start, comm_s=(synced - computed) + (end - stepped),
                           total_s=end - start)
         return total, times
+
+    def _check(self, guard: DivergenceGuard, step: int, loss: torch.Tensor) -> bool:
+        """Whether to apply this step's update (divergence.py)."""
+        # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
+        grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
+        if self.kind != "local_sgd":
+            return guard.before_update(step, loss=loss, grads=grads, params=[self.flat_param])
+        if guard.on_divergence == "skip":
+            raise ValueError("train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd' (its ranks do not "
+                             "meet every step to agree on a skip); use 'stop'")
+        guard.note(step, loss=loss, grads=grads, params=[self.flat_param])  # no collective: agreed before averaging
+        return True
 
     def _broadcast_from_root(self) -> None:
         if self.world_size == 1:

@@ -12,6 +12,10 @@ is left waiting in a collective:
 
 Before a checkpoint the parameters are checked again, so no checkpoint ever holds a diverged model.
 
+Local SGD's ranks meet only to average, and a per-step collective would undo that: there each rank `note`s, on its
+device and without a host sync, the first step where it saw a non-finite value, and the ranks `agree` before each
+average and each checkpoint (only "stop" fits: skipping is a per-step decision every rank must share).
+
 A tensor is finite when its sum is: a NaN or Inf anywhere makes the sum non-finite (so does a sum beyond the float
 range, itself a sign of divergence), and one reduction per tensor costs far less than the step. The decision is
 taken on the host: one small collective and one host sync per step, the price of stopping where divergence arises.
@@ -36,7 +40,7 @@ def check_policy(on_divergence: str, section: str = "train") -> None:
         raise ValueError(f"{section}.on_divergence = {on_divergence!r} is unknown; choose one of {list(POLICIES)}")
 
 
-def _not_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+def _not_finite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
     sums = [t.detach().float().sum() for t in tensors if t is not None and t.numel() > 0]
     return ~torch.isfinite(torch.stack(sums).sum()) if sums else None
 
@@ -54,53 +58,79 @@ class DivergenceGuard:
         self.device, self.rank_name, self.gradient_name = device, rank_name, gradient_name
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.skipped: dict[int, str] = {}  # step -> what was not finite, for the run's records
+        # per kind, 1 + the step where this rank first saw it (0: not seen), kept on the device until agreed on
+        self._noted = torch.zeros(3, device=device)
 
-    def before_update(self, step: int, *, loss: torch.Tensor | None = None, grads: Iterable[torch.Tensor] = (),
-                      params: Iterable[torch.Tensor] = ()) -> bool:
+    def before_update(self, step: int, *, loss: torch.Tensor | None = None,
+                      grads: Iterable[torch.Tensor | None] = (), params: Iterable[torch.Tensor] = ()) -> bool:
         """Collective. True: apply step `step`'s update. False: skip it ("skip"). Raises `Diverged` ("stop")."""
-        return self._agree(step, {_LOSS: [loss] if loss is not None else [], _GRADIENT: grads, _PARAMETERS: params},
-                           params_step=step - 1)
+        self.note(step, loss=loss, grads=grads, params=params)
+        return self._agree(step)
 
     def before_checkpoint(self, step: int, params: Iterable[torch.Tensor]) -> None:
-        """Collective. Raises `Diverged` if step `step`'s update left any rank's parameters non-finite."""
-        self._agree(step, {_PARAMETERS: params}, params_step=step)
+        """Collective. Raises `Diverged` if step `step`'s update (or anything noted before) is not finite."""
+        self.agree(step, params)
+
+    def note(self, step: int, *, loss: torch.Tensor | None = None, grads: Iterable[torch.Tensor | None] = (),
+             params: Iterable[torch.Tensor] = ()) -> None:
+        """Local: remember what is not finite at `step` (the parameters: from step − 1's update), without a
+        collective or a host sync; the next `agree` (or `before_update`) reports it."""
+        self._mark(_LOSS, [loss], step)
+        self._mark(_GRADIENT, grads, step)
+        self._mark(_PARAMETERS, params, step - 1)
+
+    def agree(self, step: int, params: Iterable[torch.Tensor] = ()) -> None:
+        """Collective. Raises `Diverged` if any rank noted a non-finite value, or holds non-finite `params` after
+        step `step`'s update (local SGD: before averaging, so a diverged replica never spreads to the others)."""
+        self._mark(_PARAMETERS, params, step)
+        self._agree(step, can_skip=False)
 
     def saved(self, step: int) -> None:
         """A checkpoint of `step` is on disk: a later divergence names it."""
         self.last_good = step
 
-    def _agree(self, step: int, tensors: dict[int, Iterable[torch.Tensor]], params_step: int) -> bool:
-        flags = torch.zeros(self.world_size, 3, device=self.device)
-        for kind, group in tensors.items():
-            bad = _not_finite(group)
-            if bad is not None:
-                flags[self.rank, kind] = bad.float()
-        dist.all_reduce(flags)  # every rank's flags on every rank: the same decision everywhere
-        flagged = flags.cpu()  # the step's one host sync
-        if not bool(flagged.any()):
+    def _mark(self, kind: int, tensors: Iterable[torch.Tensor | None], step: int) -> None:
+        bad = _not_finite(tensors)
+        if bad is not None:  # keep the first step: where it arose
+            first = self._noted[kind]
+            self._noted[kind] = torch.where(bad & (first == 0), torch.full_like(first, step + 1), first)
+
+    def _agree(self, step: int, can_skip: bool = True) -> bool:
+        table = torch.zeros(self.world_size, 3, device=self.device)
+        table[self.rank] = self._noted
+        dist.all_reduce(table)  # every rank's notes on every rank: the same decision everywhere
+        noted = table.cpu()  # the step's one host sync
+        if not bool(noted.any()):
             return True
-        what = self._describe(step, flagged, params_step)
-        repairable = not bool(flagged[:, _PARAMETERS].any())
-        if self.on_divergence == "skip" and repairable:
+        self._noted.zero_()
+        what = self._describe(noted)
+        repairable = not bool(noted[:, _PARAMETERS].any())
+        if self.on_divergence == "skip" and repairable and can_skip:
             self.skipped[step] = what
             return False
-        advice = ("skipping cannot repair the parameters" if self.on_divergence == "skip"
-                  else "lower train.lr, or set it to 'skip'")
+        advice = ("lower train.lr, or set it to 'skip'" if self.on_divergence == "stop"
+                  else "skipping cannot repair the parameters" if not repairable
+                  else "only a step every rank checks before its update can be skipped")
         raise Diverged(f"{what} (train.on_divergence = {self.on_divergence!r}: {advice}); "
                        + last_good_checkpoint(self.checkpoint_path, self.last_good))
 
-    def _describe(self, step: int, flagged: torch.Tensor, params_step: int) -> str:
-        def ranks(kind: int) -> str:
-            return ", ".join(self.rank_name(r) for r in range(self.world_size) if flagged[r, kind])
-
-        found = []
-        if flagged[:, _LOSS].any():
-            found.append(f"the loss is not finite on {ranks(_LOSS)}")
-        if flagged[:, _GRADIENT].any():
-            found.append(f"the {self.gradient_name} is not finite on {ranks(_GRADIENT)}")
-        parts = [f"step {step}: " + ", and ".join(found)] if found else []
-        if flagged[:, _PARAMETERS].any():
-            where = ranks(_PARAMETERS)
-            parts.append(f"step {params_step}: its update made the parameters non-finite on {where}" if params_step
-                         else f"the parameters are not finite from the start on {where}")
-        return "; ".join(parts)
+    def _describe(self, noted: torch.Tensor) -> str:
+        """'step 3: the loss is not finite on rank 1, and ...; step 4: ...' in the order things arose."""
+        found: dict[tuple[int, int], list[str]] = {}  # (step, kind) -> ranks
+        for rank in range(self.world_size):
+            for kind in range(3):
+                if noted[rank, kind]:
+                    found.setdefault((int(noted[rank, kind]) - 1, kind), []).append(self.rank_name(rank))
+        by_step: dict[int, list[str]] = {}
+        for (step, kind), ranks in sorted(found.items()):
+            where = ", ".join(ranks)
+            if kind == _LOSS:
+                by_step.setdefault(step, []).append(f"the loss is not finite on {where}")
+            elif kind == _GRADIENT:
+                by_step.setdefault(step, []).append(f"the {self.gradient_name} is not finite on {where}")
+            elif step > 0:
+                by_step.setdefault(step, []).append(f"its update made the parameters non-finite on {where}")
+            else:
+                by_step.setdefault(step, []).append(f"the parameters are not finite from the start on {where}")
+        return "; ".join(f"step {step}: " + ", and ".join(parts) if step > 0 else ", and ".join(parts)
+                         for step, parts in by_step.items())

@@ -198,7 +198,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     start_step = _resume(run, dp, rank, world_size) if run.resume else 0
     started -= run.start(start_step)  # rank 0's log keeps the steps up to the checkpoint; elapsed_s goes on
     guard = DivergenceGuard(train_cfg.on_divergence, run.path / CHECKPOINT_FILE,
-                            last_good=start_step if run.resume else None, device=device)
+                            last_good=start_step if run.resume else None, device=device,
+                            gradient_name="gradient" if config.sync.kind == "local_sgd" else "gradient after the sync")
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -226,6 +227,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
             window_steps += 1
             final = step == train_cfg.steps
             if final and config.sync.kind == "local_sgd" and step % config.sync.local_steps:
+                guard.agree(step, dp.local_params())  # no diverged replica goes into the average
                 dp.average_params()  # the run ends with one model, not world_size of them
             if step % train_cfg.log_every == 0 or final:
                 sent, recv = dp.bytes_moved()
