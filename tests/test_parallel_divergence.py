@@ -114,6 +114,16 @@ def _guard_rank(rank: int, world_size: int) -> dict:
         except Diverged as err:
             seen["checkpoint_3"] = str(err)
         out[policy] = seen
+    # plain data parallel: the synced gradient is the same everywhere, so the ranks decide without meeting; a loss
+    # that only one rank sees decides nothing there (a collective entered by one rank alone would hang)
+    guard = DivergenceGuard("stop", Path("runs/x/checkpoint.pt"), last_good=None, device=torch.device("cpu"))
+    out["shared_rank_loss"] = guard.before_update(1, loss=torch.tensor(float("nan") if rank == 1 else 0.5),
+                                                  grads=[good], params=[good], shared=True)
+    try:
+        guard.before_update(2, loss=torch.tensor(0.5), grads=[torch.tensor([1.0, float("inf")])], params=[good],
+                            shared=True)
+    except Diverged as err:
+        out["shared_gradient"] = str(err)
     # local SGD: each rank notes what it sees, with no collective, until the ranks agree before averaging
     guard = DivergenceGuard("stop", Path("runs/x/checkpoint.pt"), last_good=None, device=torch.device("cpu"))
     for step in (4, 5):
@@ -142,6 +152,13 @@ def test_every_rank_takes_the_same_decision_and_the_message_names_the_rank(guard
                                    "train.lr, or set it to 'skip'); the last good checkpoint is runs/x/checkpoint.pt "
                                    "(step 1); --resume starts from it")
     assert first["checkpoint_3"].startswith("step 3: its update made the parameters non-finite on rank 0 ")
+
+
+def test_with_a_shared_gradient_the_ranks_meet_only_when_it_is_not_finite(guard_ranks):
+    assert guard_ranks[0]["shared_rank_loss"] is guard_ranks[1]["shared_rank_loss"] is True
+    assert guard_ranks[0]["shared_gradient"] == guard_ranks[1]["shared_gradient"]
+    assert guard_ranks[0]["shared_gradient"].startswith(
+        "step 2: the gradient after the sync is not finite on rank 0, rank 1 (train.on_divergence = 'stop'")
 
 
 def test_local_sgd_ranks_agree_before_averaging_on_the_first_step_that_diverged(guard_ranks):

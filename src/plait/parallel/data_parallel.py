@@ -159,8 +159,9 @@ class DataParallel:
         """Whether to apply this step's update (divergence.py)."""
         # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
         grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
-        if self.kind != "local_sgd":
-            return guard.before_update(step, loss=loss, grads=grads, params=[self.flat_param])
+        if self.kind != "local_sgd":  # "allreduce": every rank holds the same synced gradient and parameters
+            return guard.before_update(step, loss=loss, grads=grads, params=[self.flat_param],
+                                       shared=self.kind == "allreduce")
         if guard.on_divergence == "skip":
             raise ValueError("train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd' (its ranks do not "
                              "meet every step to agree on a skip); use 'stop'")

@@ -2,8 +2,8 @@
 
 Every step, once the gradients are synced and before the optimizer steps, each rank flags what it holds that is not
 finite: its loss, its gradient after the sync (the aggregate), and its parameters (what the previous step's update
-made of them). The flags of all ranks travel in one tiny all-reduce, so every rank takes the same decision and none
-is left waiting in a collective:
+made of them). The flags of all ranks travel in one tiny all-reduce (on a good step, plain data parallel needs
+none: see `shared`), so every rank takes the same decision and none is left waiting in a collective:
 
 - "stop": every rank raises `Diverged`, naming the step, the ranks and the last good checkpoint (left as it was, so
   `--resume` can start from it with other settings);
@@ -18,7 +18,9 @@ average and each checkpoint (only "stop" fits: skipping is a per-step decision e
 
 A tensor is finite when its sum is: a NaN or Inf anywhere makes the sum non-finite (so does a sum beyond the float
 range, itself a sign of divergence), and one reduction per tensor costs far less than the step. The decision is
-taken on the host: one small collective and one host sync per step, the price of stopping where divergence arises.
+taken on the host: one host sync per step, the price of stopping where divergence arises, and one small collective
+where the ranks' values differ (sharded, parameter server, pipeline stages). Plain data parallel needs none on a
+good step: after the sync every rank holds the same gradient and parameters (`shared`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ def check_policy(on_divergence: str, section: str = "train") -> None:
         raise ValueError(f"{section}.on_divergence = {on_divergence!r} is unknown; choose one of {list(POLICIES)}")
 
 
-def _not_finite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
-    sums = [t.detach().float().sum() for t in tensors if t is not None and t.numel() > 0]
-    return ~torch.isfinite(torch.stack(sums).sum()) if sums else None
+def _sum(tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """The sum of every element (0 for none): not finite if any element is not."""
+    sums = [t.detach().sum().float() for t in tensors if t is not None and t.numel() > 0]
+    if len(sums) == 1:  # the flat gradient, the flat parameters, the loss: one reduction, no stack
+        return sums[0]
+    return torch.stack(sums).sum() if sums else torch.zeros((), device=device)
 
 
 class DivergenceGuard:
@@ -62,9 +67,18 @@ class DivergenceGuard:
         self._noted = torch.zeros(3, device=device)
 
     def before_update(self, step: int, *, loss: torch.Tensor | None = None,
-                      grads: Iterable[torch.Tensor | None] = (), params: Iterable[torch.Tensor] = ()) -> bool:
-        """Collective. True: apply step `step`'s update. False: skip it ("skip"). Raises `Diverged` ("stop")."""
+                      grads: Iterable[torch.Tensor | None] = (), params: Iterable[torch.Tensor] = (),
+                      shared: bool = False) -> bool:
+        """Collective. True: apply step `step`'s update. False: skip it ("skip"). Raises `Diverged` ("stop").
+
+        `shared`: the gradient and the parameters are the same on every rank (plain data parallel after the
+        sync), so every rank takes the same decision from them alone and the ranks meet only when one is not
+        finite, to name who saw what: no collective on a good step. (A loss alone then decides nothing: a rank's
+        non-finite loss shows in the synced gradient everywhere, and a decision on it would be that rank's alone.)"""
         self.note(step, loss=loss, grads=grads, params=params)
+        if shared and not bool(self._noted[_GRADIENT:].any()):  # the step's one host sync
+            self._noted.zero_()
+            return True
         return self._agree(step)
 
     def before_checkpoint(self, step: int, params: Iterable[torch.Tensor]) -> None:
@@ -75,25 +89,25 @@ class DivergenceGuard:
              params: Iterable[torch.Tensor] = ()) -> None:
         """Local: remember what is not finite at `step` (the parameters: from step − 1's update), without a
         collective or a host sync; the next `agree` (or `before_update`) reports it."""
-        self._mark(_LOSS, [loss], step)
-        self._mark(_GRADIENT, grads, step)
-        self._mark(_PARAMETERS, params, step - 1)
+        sums = torch.stack([_sum([loss], self.device), _sum(grads, self.device), _sum(params, self.device)])
+        self._mark(sums, torch.tensor([step + 1, step + 1, step], dtype=sums.dtype).to(self.device, non_blocking=True))
 
     def agree(self, step: int, params: Iterable[torch.Tensor] = ()) -> None:
         """Collective. Raises `Diverged` if any rank noted a non-finite value, or holds non-finite `params` after
         step `step`'s update (local SGD: before averaging, so a diverged replica never spreads to the others)."""
-        self._mark(_PARAMETERS, params, step)
+        sums = torch.zeros(3, device=self.device)
+        sums[_PARAMETERS] = _sum(params, self.device)
+        self._mark(sums, torch.full((3,), step + 1.0, device=self.device))
         self._agree(step, can_skip=False)
 
     def saved(self, step: int) -> None:
         """A checkpoint of `step` is on disk: a later divergence names it."""
         self.last_good = step
 
-    def _mark(self, kind: int, tensors: Iterable[torch.Tensor | None], step: int) -> None:
-        bad = _not_finite(tensors)
-        if bad is not None:  # keep the first step: where it arose
-            first = self._noted[kind]
-            self._noted[kind] = torch.where(bad & (first == 0), torch.full_like(first, step + 1), first)
+    def _mark(self, sums: torch.Tensor, arisen: torch.Tensor) -> None:
+        """Note 1 + the step of `arisen` for each kind whose sum is not finite, unless one is noted already (the
+        first step is where it arose)."""
+        self._noted = torch.where(~torch.isfinite(sums) & (self._noted == 0), arisen, self._noted)
 
     def _agree(self, step: int, can_skip: bool = True) -> bool:
         table = torch.zeros(self.world_size, 3, device=self.device)

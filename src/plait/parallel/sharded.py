@@ -84,9 +84,9 @@ class ShardedDataParallel:
             loss.backward()
             total += loss.detach().float()
         computed = time.perf_counter()
-        grads = [p.grad.to_local() for p in self.params if p.grad is not None]  # this rank's averaged shards
-        if guard is None or guard.before_update(step, loss=total, grads=grads, params=self.local_params()):
-            self.optimizer.step()
+        if guard is None or guard.before_update(step, loss=total, params=self.local_params(),
+                                                grads=[p.grad.to_local() for p in self.params if p.grad is not None]):
+            self.optimizer.step()  # the check above: this rank's shards of the averaged gradient, shared by none
         self.optimizer.zero_grad(set_to_none=True)
         self._count(len(micro_batches))
         end = time.perf_counter()
