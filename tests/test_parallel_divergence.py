@@ -52,6 +52,7 @@ def _finite(params: torch.Tensor) -> bool:
     return bool(torch.isfinite(params).all())
 
 
+@pytest.mark.timeout(240)  # two runs of `plait train`, each spawning 2 ranks
 def test_a_nan_at_step_3_stops_the_run_keeps_step_2s_checkpoint_and_resume_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv(STEP_VARIABLE, "3")
     monkeypatch.setenv(RANK_VARIABLE, "1")
@@ -79,6 +80,7 @@ def test_a_nan_at_step_3_stops_the_run_keeps_step_2s_checkpoint_and_resume_goes_
     assert not any("diverged" in r for r in records)  # the stopped step's record went with the steps redone
 
 
+@pytest.mark.timeout(180)
 def test_on_divergence_skip_drops_that_steps_update_and_trains_on(tmp_path, monkeypatch):
     monkeypatch.setenv(STEP_VARIABLE, "3")
     monkeypatch.setenv(RANK_VARIABLE, "0")

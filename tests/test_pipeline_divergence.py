@@ -5,6 +5,7 @@ and stage, and the last good checkpoint (step 1's, left as it was). Resumed from
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -39,6 +40,7 @@ schedule = "1f1b"
 """
 
 
+@pytest.mark.timeout(240)  # two runs of `plait train`, each spawning 2 ranks
 def test_a_diverging_pipeline_stops_where_the_loss_arises_and_resumes_from_the_last_good_checkpoint(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG.format(root=tmp_path.as_posix()))

@@ -16,6 +16,9 @@ sync (its loss comes back as a device tensor).
 Parameters are views into one flat buffer (`flat_param`), so averaging, broadcasting and checkpointing move one
 tensor. The optimizer is SGD (momentum, weight decay), Adam or AdamW (optim.py): its state travels as one flat tensor
 per kind (momentum, Adam's two moments), checkpointed and broadcast as such.
+
+A user's own module in a user's own loop gets the same gradient sync from `wrap` (wrap.py), which drives the same
+`GradSync` from the module's forward and the end of backward instead of from `train_step`.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class DivergenceGuard:
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.skipped: dict[int, str] = {}  # step -> what was not finite, for the run's records
         # per kind, 1 + the step where this rank first saw it (0: not seen), kept on the device until agreed on
-        self._noted = torch.zeros(3, device=device)
+        self._noted = torch.zeros(3, dtype=torch.float64, device=device)  # exact step numbers
 
     def before_update(self, step: int, *, loss: torch.Tensor | None = None,
                       grads: Iterable[torch.Tensor | None] = (), params: Iterable[torch.Tensor] = (),
@@ -90,14 +90,15 @@ class DivergenceGuard:
         """Local: remember what is not finite at `step` (the parameters: from step − 1's update), without a
         collective or a host sync; the next `agree` (or `before_update`) reports it."""
         sums = torch.stack([_sum([loss], self.device), _sum(grads, self.device), _sum(params, self.device)])
-        self._mark(sums, torch.tensor([step + 1, step + 1, step], dtype=sums.dtype).to(self.device, non_blocking=True))
+        arisen = torch.tensor([step + 1.0, step + 1.0, step], dtype=torch.float64)  # 1 + the step, as noted
+        self._mark(sums, arisen.to(self.device))
 
     def agree(self, step: int, params: Iterable[torch.Tensor] = ()) -> None:
         """Collective. Raises `Diverged` if any rank noted a non-finite value, or holds non-finite `params` after
         step `step`'s update (local SGD: before averaging, so a diverged replica never spreads to the others)."""
         sums = torch.zeros(3, device=self.device)
         sums[_PARAMETERS] = _sum(params, self.device)
-        self._mark(sums, torch.full((3,), step + 1.0, device=self.device))
+        self._mark(sums, torch.full((3,), step + 1.0, dtype=torch.float64, device=self.device))
         self._agree(step, can_skip=False)
 
     def saved(self, step: int) -> None:
@@ -110,7 +111,7 @@ class DivergenceGuard:
         self._noted = torch.where(~torch.isfinite(sums) & (self._noted == 0), arisen, self._noted)
 
     def _agree(self, step: int, can_skip: bool = True) -> bool:
-        table = torch.zeros(self.world_size, 3, device=self.device)
+        table = torch.zeros(self.world_size, 3, dtype=torch.float64, device=self.device)
         table[self.rank] = self._noted
         dist.all_reduce(table)  # every rank's notes on every rank: the same decision everywhere
         noted = table.cpu()  # the step's one host sync
