@@ -1,4 +1,4 @@
-"""Data parallelism around your own model, in your own training loop, on CPU (gloo) or GPU (NCCL):
+"""Data parallelism around your own model, in your own training loop (CPU, gloo):
 
     torchrun --nproc-per-node 2 examples/cluster/data_parallel_own_loop.py
     torchrun --nproc-per-node 2 examples/cluster/data_parallel_own_loop.py --allreduce tree --compression fp16
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--compression", default="none", help="none | fp16 | topk")
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # torchrun's environment
+    dist.init_process_group("gloo")  # torchrun's environment; on GPUs: "nccl", and the model on cuda:LOCAL_RANK
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = two_spirals(4096)
     net = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
