@@ -166,6 +166,8 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
         train_main(config, nproc=nproc, resume=resume, overrides=list(set_), allreduce=allreduce)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(str(err))
+    except Diverged as err:  # the run started and failed (train.on_divergence = "stop"): exit 1
+        _fail(str(err), code=1)
 
 
 # `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from plait.federated.client_update import Update
+from plait.runtime.divergence import Diverged as Diverged  # re-exported: fl.bounds.on_divergence = "stop" raises it
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,11 +38,6 @@ class BoundsConfig:
             raise ValueError("fl.bounds.max_norm, norm_factor and max_examples must be >= 0")
         if self.norm_factor and self.norm_factor < 1:
             raise ValueError(f"fl.bounds.norm_factor must be >= 1 (a multiple of the median), got {self.norm_factor}")
-
-
-class Diverged(RuntimeError):
-    """A non-finite update, aggregate, model or loss with `fl.bounds.on_divergence = "stop"`: the run stops (the
-    driver names the last good checkpoint and the command exits 1)."""
 
 
 class UpdateRefused(ValueError):

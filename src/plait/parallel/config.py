@@ -18,6 +18,7 @@ from plait.core.compress import Fp16Codec, TopKCodec
 from plait.parallel.collectives import ALGORITHMS, ALLREDUCE_CLASSES, AllReduce
 from plait.parallel.comm_hooks import CommHook, check_hook_name, make_comm_hook
 from plait.parallel.compression import GradCompressor
+from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ImageModelSection as ModelSection
@@ -95,9 +96,11 @@ class TrainSection:
     checkpoint_every: int = 50         # 0: only at the end
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler, CUDA only)
+    on_divergence: str = "stop"        # a non-finite loss, gradient or update: stop (exit 1) | skip the update
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")
+        check_policy(self.on_divergence, "train")
         for key in ("steps", "batch_size", "accumulate", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -199,6 +202,9 @@ class DataParallelRunConfig:
         if self.train.precision == "fp16" and self.sync.kind in ("ps_one_device", "sharded"):
             raise ValueError(f"train.precision = 'fp16' does not go with sync.kind = {self.sync.kind!r} (the grad "
                              "scaler's overflow check would not be shared by every rank); use 'bf16'")
+        if self.sync.kind == "local_sgd" and self.train.on_divergence == "skip":
+            raise ValueError("train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd' (its ranks do not "
+                             "meet every step to agree on a skip); use 'stop'")
         if self.sync.kind == "local_sgd" and self.train.checkpoint_every % self.sync.local_steps:
             raise ValueError(f"train.checkpoint_every = {self.train.checkpoint_every} must be a multiple of "
                              f"sync.local_steps = {self.sync.local_steps} (checkpoints hold averaged parameters)")

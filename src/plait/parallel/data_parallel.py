@@ -16,6 +16,9 @@ sync (its loss comes back as a device tensor).
 Parameters are views into one flat buffer (`flat_param`), so averaging, broadcasting and checkpointing move one
 tensor. The optimizer is SGD (momentum, weight decay), Adam or AdamW (optim.py): its state travels as one flat tensor
 per kind (momentum, Adam's two moments), checkpointed and broadcast as such.
+
+A user's own module in a user's own loop gets the same gradient sync from `wrap` (wrap.py), which drives the same
+`GradSync` from the module's forward and the end of backward instead of from `train_step`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from plait.parallel.collectives import AllReduce, CommStats, make_allreduce
 from plait.parallel.comm_hooks import CommHook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.dims import ParallelDims
+from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.grad_sync import GradSync
 from plait.parallel.optim import OptimizerFactory, flat_state, load_flat_state, optimizer_factory, optimizer_name
 from plait.parallel.precision import MixedPrecision
@@ -113,9 +117,11 @@ class DataParallel:
 
     # ---- one step -------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
-                   delay_s: float = 0.0) -> tuple[torch.Tensor, StepTimes]:
+                   delay_s: float = 0.0, guard: DivergenceGuard | None = None) -> tuple[torch.Tensor, StepTimes]:
         """Forward/backward every micro-batch, sync, update. `step` is 1-based (local SGD averages when
-        step % local_steps == 0). Returns this rank's mean loss (a tensor: no host sync) and the step's times."""
+        step % local_steps == 0). Returns this rank's mean loss (a tensor: no host sync) and the step's times.
+        With a `guard`, the update is applied only if no rank's loss, synced gradient or parameters are non-finite
+        (divergence.py: it stops the run, or skips the update)."""
         start = time.perf_counter()
         if delay_s > 0:
             time.sleep(delay_s)  # injected straggler: this rank's step is slower, its sync starts later
@@ -135,19 +141,35 @@ class DataParallel:
         if syncs_grads:
             self.grad_sync.finish()
         synced = time.perf_counter()
-        if self.zero is not None:
-            self.zero.step(self.precision.step)
-        elif self.optimizer is not None:
-            self.precision.step(self.optimizer)
+        if guard is None or self._check(guard, step, total):
+            if self.zero is not None:
+                self.zero.step(self.precision.step)
+            elif self.optimizer is not None:
+                self.precision.step(self.optimizer)
         stepped = time.perf_counter()
         if self.kind == "ps_one_device":
             self._broadcast_from_root()
         elif self.kind == "local_sgd" and step % self.local_steps == 0:
+            if guard is not None:
+                guard.agree(step, [self.flat_param])  # before averaging: a diverged replica never spreads
             self.average_params()
         end = time.perf_counter()
         times = StepTimes(compute_s=computed - start, comm_s=(synced - computed) + (end - stepped),
                           total_s=end - start)
         return total, times
+
+    def _check(self, guard: DivergenceGuard, step: int, loss: torch.Tensor) -> bool:
+        """Whether to apply this step's update (divergence.py)."""
+        # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
+        grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
+        if self.kind != "local_sgd":  # "allreduce": every rank holds the same synced gradient and parameters
+            return guard.before_update(step, loss=loss, grads=grads, params=[self.flat_param],
+                                       shared=self.kind == "allreduce")
+        if guard.on_divergence == "skip":
+            raise ValueError("train.on_divergence = 'skip' does not go with sync.kind = 'local_sgd' (its ranks do not "
+                             "meet every step to agree on a skip); use 'stop'")
+        guard.note(step, loss=loss, grads=grads, params=[self.flat_param])  # no collective: agreed before averaging
+        return True
 
     def _broadcast_from_root(self) -> None:
         if self.world_size == 1:
@@ -172,6 +194,10 @@ class DataParallel:
     def full_params(self) -> torch.Tensor:
         """All parameters as one flat tensor (the buffer itself: every replica holds them all)."""
         return self.flat_param
+
+    def local_params(self) -> list[torch.Tensor]:
+        """The parameters this rank holds (all of them), for the divergence check before a checkpoint."""
+        return [self.flat_param]
 
     def load_full_params(self, flat: torch.Tensor) -> None:
         self.flat_param.copy_(flat)

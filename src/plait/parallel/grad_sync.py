@@ -15,6 +15,12 @@ Sync per bucket, chosen by `op`:
   different ranks carry different indices and cannot be summed on the wire (so the bytes grow with the ranks);
 - "hook": a communication hook (comm_hooks.py) syncs the bucket through the run's all-reduce: fp16/bf16, PowerSGD,
   top-k on shared indices, or the user's own.
+
+Two ways to drive a step. Plait's trainer (`DataParallel`) calls `reset()` (zero, re-arm) before its backward and
+`finish()` after it. Around a user's own module and loop (`wrap`), `finish_after_backward=True` queues `finish()` on
+autograd's engine when backward reaches the first gradient, so `loss.backward()` returns with the gradients synced
+as under DDP, and `arm()` (called from the module's forward) re-arms the buckets without zeroing what the user's
+loop keeps in the gradients.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class Bucket:
 class GradSync:
     def __init__(self, params: list[torch.nn.Parameter], allreduce: AllReduce, *, bucket_bytes: int,
                  op: Literal["allreduce", "reduce", "compressed", "hook"] = "allreduce", overlap: bool = True,
-                 compressor=None, comm_hook: CommHook | None = None):
+                 compressor=None, comm_hook: CommHook | None = None, finish_after_backward: bool = False):
         if bucket_bytes < 1:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_bytes} bytes")
         if op == "compressed" and compressor is None:
@@ -60,6 +66,7 @@ class GradSync:
         self.params = params
         self.allreduce, self.op, self.overlap, self.compressor = allreduce, op, overlap, compressor
         self.comm_hook = comm_hook
+        self.finish_after_backward = finish_after_backward
         self.group, self.world_size = allreduce.group, allreduce.world_size
         # hooks communicate through the all-reduce, which counts their bytes
         self.stats = allreduce.stats if op in ("allreduce", "hook") else CommStats()
@@ -68,11 +75,13 @@ class GradSync:
         self.flat_grad = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[torch.nn.Parameter, int] = {}
+        self._offset_of: dict[torch.nn.Parameter, int] = {}
         offset, start, count, shapes = 0, 0, 0, []
         itemsize = self.flat_grad.element_size()
         for p in ordered:
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             self._bucket_of[p] = len(self.buckets)
+            self._offset_of[p] = offset
             offset += p.numel()
             count += 1
             shapes.append(p.shape)
@@ -82,6 +91,7 @@ class GradSync:
         self._views = {p: (p.grad.data_ptr()) for p in params}
         self._next = 0          # index of the next bucket to launch
         self._enabled = True
+        self._finish_queued = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         self.reset()
 
@@ -89,9 +99,23 @@ class GradSync:
     def reset(self) -> None:
         """Zero the gradients and re-arm the buckets (call before the first backward of a step)."""
         self.flat_grad.zero_()
+        self._rearm()
+
+    def arm(self) -> None:
+        """Re-arm the buckets for the next backward, keeping what the gradients hold (a user's loop zeroes them, or
+        accumulates on purpose); a parameter whose `.grad` is None (after `zero_grad()`) gets its view back, zeroed."""
+        for p in self.params:
+            if p.grad is None:
+                view = self._view(p)
+                view.zero_()
+                p.grad = view.view_as(p)
+        self._rearm()
+
+    def _rearm(self) -> None:
         for bucket in self.buckets:
             bucket.pending, bucket.ready, bucket.handle = bucket.num_params, False, None
         self._next = 0
+        self._finish_queued = False
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -111,6 +135,13 @@ class GradSync:
         if not self._enabled:
             return
         bucket = self.buckets[self._bucket_of[param]]
+        if bucket.handle is not None:  # its sync was started: this is a second backward since the re-arm
+            raise RuntimeError("a second backward reached gradients that were already synced: run the forward again "
+                               "before each backward, or accumulate micro-batches under no_sync()")
+        if self.finish_after_backward and not self._finish_queued:
+            # runs once this backward is done: launch what is left (unused parameters) and wait for every bucket
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            self._finish_queued = True
         bucket.pending -= 1
         if bucket.pending == 0:
             bucket.ready = True
@@ -118,12 +149,8 @@ class GradSync:
                 self._launch_ready()
 
     def _view(self, param: torch.nn.Parameter) -> torch.Tensor:
-        offset = 0
-        for p in reversed(self.params):
-            if p is param:
-                return self.flat_grad[offset : offset + p.numel()]
-            offset += p.numel()
-        raise AssertionError("parameter not in this GradSync")
+        offset = self._offset_of[param]
+        return self.flat_grad[offset : offset + param.numel()]
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].ready:

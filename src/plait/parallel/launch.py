@@ -1,14 +1,22 @@
-"""Spawn N local ranks joined in one torch.distributed process group (gloo on CPU) on 127.0.0.1.
+"""Spawn N local ranks joined in one torch.distributed process group (gloo on CPU), reachable from this host only.
 
 `spawn_ranks(fn, nproc, *args)` runs `fn(rank, world_size, *args)` in each rank after the group is initialised and
 returns the ranks' return values in rank order. The first rank to fail, or the timeout, ends every rank, and the
-error names the rank. Under torchrun the same `fn` is run with `run_from_env`, which reads the env:// rendezvous.
+error names the rank; a run that diverged (`Diverged`, which every rank raises at the same step) is re-raised as
+such, once every rank has stopped. Under torchrun the same `fn` is run with `run_from_env`, which reads the env://
+rendezvous (torchrun's store: see docs/security.md).
+
+The spawned ranks open no port beyond loopback: they meet through a `FileStore` in a private temporary directory
+(0700: no TCP listener, and no other local user can join), and gloo (NCCL for its bootstrap) is bound to the
+loopback interface.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -19,26 +27,39 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from plait.runtime.divergence import Diverged
 
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def _rank_main(rank: int, world_size: int, port: int, backend: str, threads: int, results, fn: Callable, args: tuple):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def loopback_interface() -> str:
+    """The name of this host's loopback interface ("lo" on Linux, "lo0" on macOS and the BSDs)."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in ("lo", "lo0"):
+        if name in names:
+            return name
+    raise RuntimeError(f"no loopback interface among {names}: cannot keep the local ranks on 127.0.0.1")
+
+
+def _rank_main(rank: int, world_size: int, store_path: str, backend: str, threads: int, results, fn: Callable,
+               args: tuple):
+    # RANK and LOCAL_RANK as torchrun sets them (the device choice reads LOCAL_RANK); no MASTER_ADDR: nothing
+    # listens for the rendezvous, the ranks meet through the store file.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    loopback = loopback_interface()
+    os.environ.update(GLOO_SOCKET_IFNAME=loopback, NCCL_SOCKET_IFNAME=loopback)  # every rank is on this host
     if threads:
         torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
+    except Diverged as err:  # every rank stops at the same step: the parent says so once, with rank 0's message
+        results.put((rank, "diverged", str(err)))
     except BaseException as err:  # report every failure, with where it happened
         results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
@@ -53,21 +74,27 @@ def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | N
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="plait-ranks-")  # 0700: only this user's processes can join
+    store_path = os.path.join(store_dir, "store")
     procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(rank, nproc, port, backend or default_backend(), threads_per_rank, results, fn, args))
+                         args=(rank, nproc, store_path, backend or default_backend(), threads_per_rank, results, fn,
+                               args))
              for rank in range(nproc)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
+    diverged: dict[int, str] = {}
     try:
-        while len(values) < nproc:
+        while len(values) + len(diverged) < nproc:
             if not results.empty():
                 rank, status, value = results.get()
                 if status == "error":
                     raise RuntimeError(f"rank {rank} failed: {value}")
-                values[rank] = value
+                if status == "diverged" and not diverged:
+                    # the others stop at the same step: let them finish (rank 0 writes the run's last record)
+                    deadline = min(deadline, time.monotonic() + 30.0)
+                (diverged if status == "diverged" else values)[rank] = value
                 continue
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead and results.empty():
@@ -76,14 +103,19 @@ def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | N
                     raise RuntimeError(f"rank {procs.index(dead[0])} exited with code {dead[0].exitcode}")
                 continue
             if time.monotonic() > deadline:
+                if diverged:
+                    break
                 raise TimeoutError(f"ranks did not finish within {timeout_s:.0f} s (done: {sorted(values)})")
             time.sleep(0.01)
     finally:
         for proc in procs:
-            proc.join(timeout=5 if len(values) == nproc else 0.1)
+            proc.join(timeout=5 if len(values) + len(diverged) == nproc else 0.1)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+        shutil.rmtree(store_dir, ignore_errors=True)
+    if diverged:
+        raise Diverged(diverged[min(diverged)])
     return [values[rank] for rank in range(nproc)]
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from plait.data.images import load_image_set
 from plait.parallel.device import rank_device, use_device
+from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.optim import current_lr, optimizer_name, state_matches
 from plait.parallel.pipeline.checkpoints import (
     agreed_step,
@@ -32,9 +33,10 @@ from plait.parallel.pipeline.inference import pipelined_predict
 from plait.parallel.pipeline.model import build_sequential
 from plait.parallel.pipeline.partition import as_layers, balance_by_params, balance_by_time, split_layers
 from plait.parallel.pipeline.schedule import build_schedule, dry_run
-from plait.parallel.pipeline.stage import PipelineStage
-from plait.runtime.checkpoint import load_checkpoint
+from plait.parallel.pipeline.stage import PipelineStage, Placement, StepRecord
+from plait.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from plait.runtime.context import RunContext
+from plait.runtime.divergence import Diverged
 
 
 def metrics_rank(config: PipelineRunConfig) -> int:
@@ -81,6 +83,28 @@ def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sam
     return bounds[:par.stages - 1].tolist()
 
 
+def _log_step(run: RunContext, record: StepRecord, groups: ReplicaGroups, placement: Placement,
+              config: PipelineRunConfig, world_size: int, optimizer: torch.optim.Optimizer, started: float,
+              done: int) -> dict[str, Any]:
+    """The step's record (collective: the bubble is measured over every rank); written where the run writes."""
+    device = rank_device()
+    # bubble of this step: idle share of all ranks between the first start and the last end
+    span = torch.tensor([record.end, -record.start, record.busy], dtype=torch.float64, device=device)
+    dist.all_reduce(span[:2], op=dist.ReduceOp.MAX)
+    dist.all_reduce(span[2:], op=dist.ReduceOp.SUM)
+    loss = groups.mean_over_replicas(record.loss) if placement.is_last else None
+    if not run.writes:
+        return {}
+    wall = float(span[0] + span[1])
+    final = {"step": done, "train_loss": float(loss), "step_seconds": wall,
+             "bubble": 1.0 - float(span[2]) / (world_size * wall),
+             "samples_per_s": config.data.batch_size / wall, "lr": current_lr(optimizer),
+             "elapsed_s": time.perf_counter() - started, "time": time.time()}
+    run.write(final)
+    run.progress(done, f"loss {final['train_loss']:.4f}, bubble {final['bubble']:.2f}")
+    return final
+
+
 def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunContext) -> dict[str, Any] | None:
     """One rank of a model/pipeline-parallel run. Returns the final metrics where the run writes, else None."""
     par, train = config.parallel, config.train
@@ -120,44 +144,47 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
         if state_matches(state.get("optimizer", "sgd"), train.optimizer, say=rank == 0):
             optimizer.load_state_dict(state["optim"])
     started = time.perf_counter() - run.start(start)  # the log keeps the steps up to the checkpoint
+    guard = DivergenceGuard(train.on_divergence, run.path / CHECKPOINT_FILE, last_good=start if run.resume else None,
+                            device=device, rank_name=lambda r: f"rank {r} (stage {layout.coords(r)[1]})",
+                            gradient_name="gradient after the replicas' average" if par.replicas > 1 else "gradient")
     final: dict[str, Any] = {}
-    for step in range(start, train.steps):
-        idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
-        inputs = images_to_float(train_x[idx]).to(device) if placement.is_first else None
-        targets = train_y[idx].to(device) if placement.is_last else None
-        optimizer.zero_grad(set_to_none=True)
-        record = stage.train_step(schedule, per_replica, inputs, targets)
-        groups.allreduce_grads(module).wait()  # replicas of this stage agree before anyone steps
-        optimizer.step()
-        done = step + 1
-        if done % train.log_every == 0 or done == train.steps:
-            # bubble of this step: idle share of all ranks between the first start and the last end
-            span = torch.tensor([record.end, -record.start, record.busy], dtype=torch.float64, device=device)
-            dist.all_reduce(span[:2], op=dist.ReduceOp.MAX)
-            dist.all_reduce(span[2:], op=dist.ReduceOp.SUM)
-            loss = groups.mean_over_replicas(record.loss) if placement.is_last else None
-            if run.writes:
-                wall = float(span[0] + span[1])
-                final = {"step": done, "train_loss": float(loss), "step_seconds": wall,
-                         "bubble": 1.0 - float(span[2]) / (world_size * wall),
-                         "samples_per_s": config.data.batch_size / wall, "lr": current_lr(optimizer),
-                         "elapsed_s": time.perf_counter() - started, "time": time.time()}
-                run.write(final)
-                run.progress(done, f"loss {final['train_loss']:.4f}, bubble {final['bubble']:.2f}")
-        if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
-            count = min(train.eval_examples, len(test_x))
-            inputs = images_to_float(test_x[:count]).to(device) if placement.is_first else None
-            logits = pipelined_predict(stage, count, chunk=1000, micro_batches=par.micro_batches, inputs=inputs)
-            if run.writes:
-                labels = test_y[:count].to(device)
-                test = {"test_accuracy": float((logits.argmax(1) == labels).float().mean()),
-                        "test_loss": float(F.cross_entropy(logits.float(), labels))}
-                final = {**final, **test}
-                run.write({"step": done, **test, "lr": current_lr(optimizer),
-                           "elapsed_s": time.perf_counter() - started, "time": time.time()})
-        if run.due(done, final=done == train.steps):
-            save_stage_checkpoint(run.path, stage_index, done, {"model": module.state_dict(),
-                                                                "optim": optimizer.state_dict(),
-                                                                "optimizer": optimizer_name(optimizer)},
-                                  boundaries, par.stages)
+    done = start
+    try:
+        for step in range(start, train.steps):
+            done = step + 1
+            idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
+            inputs = images_to_float(train_x[idx]).to(device) if placement.is_first else None
+            targets = train_y[idx].to(device) if placement.is_last else None
+            optimizer.zero_grad(set_to_none=True)
+            record = stage.train_step(schedule, per_replica, inputs, targets)
+            groups.allreduce_grads(module).wait()  # replicas of this stage agree before anyone steps
+            # every rank's loss (last stage), gradients and parameters checked together: all step, skip or stop
+            if guard.before_update(done, loss=record.loss, grads=[p.grad for p in module.parameters()],
+                                   params=list(module.parameters())):
+                optimizer.step()
+            elif run.writes:
+                run.write({"step": done, "diverged": guard.skipped[done], "skipped": True})
+            if (done % train.log_every == 0 or done == train.steps) and done not in guard.skipped:
+                final = _log_step(run, record, groups, placement, config, world_size, optimizer, started, done)
+            if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
+                count = min(train.eval_examples, len(test_x))
+                inputs = images_to_float(test_x[:count]).to(device) if placement.is_first else None
+                logits = pipelined_predict(stage, count, chunk=1000, micro_batches=par.micro_batches, inputs=inputs)
+                if run.writes:
+                    labels = test_y[:count].to(device)
+                    test = {"test_accuracy": float((logits.argmax(1) == labels).float().mean()),
+                            "test_loss": float(F.cross_entropy(logits.float(), labels))}
+                    final = {**final, **test}
+                    run.write({"step": done, **test, "lr": current_lr(optimizer),
+                               "elapsed_s": time.perf_counter() - started, "time": time.time()})
+            if run.due(done, final=done == train.steps):
+                guard.before_checkpoint(done, list(module.parameters()))  # no checkpoint holds a diverged model
+                save_stage_checkpoint(run.path, stage_index, done, {"model": module.state_dict(),
+                                                                    "optim": optimizer.state_dict(),
+                                                                    "optimizer": optimizer_name(optimizer)},
+                                      boundaries, par.stages)
+                guard.saved(done)
+    except Diverged as err:  # every rank stops at the same step; each rank's last good checkpoint stays
+        run.write({"step": done, "diverged": str(err)})
+        raise
     return final if run.writes else None

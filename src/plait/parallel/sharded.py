@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from plait.parallel.collectives import CommStats
 from plait.parallel.data_parallel import PLAIN_SGD, LossFn, StepTimes
 from plait.parallel.dims import ParallelDims
+from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.optim import OptimizerFactory, optimizer_name
 from plait.parallel.precision import MixedPrecision
 
@@ -70,7 +71,7 @@ class ShardedDataParallel:
 
     # ---- one step -------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
-                   delay_s: float = 0.0) -> tuple[torch.Tensor, StepTimes]:
+                   delay_s: float = 0.0, guard: DivergenceGuard | None = None) -> tuple[torch.Tensor, StepTimes]:
         start = time.perf_counter()
         if delay_s > 0:
             time.sleep(delay_s)
@@ -83,7 +84,9 @@ class ShardedDataParallel:
             loss.backward()
             total += loss.detach().float()
         computed = time.perf_counter()
-        self.optimizer.step()
+        if guard is None or guard.before_update(step, loss=total, params=self.local_params(),
+                                                grads=[p.grad.to_local() for p in self.params if p.grad is not None]):
+            self.optimizer.step()  # the check above: this rank's shards of the averaged gradient, shared by none
         self.optimizer.zero_grad(set_to_none=True)
         self._count(len(micro_batches))
         end = time.perf_counter()
@@ -108,6 +111,10 @@ class ShardedDataParallel:
     def full_params(self) -> torch.Tensor:
         """The full parameters laid end to end in `model.parameters()` order (DataParallel's flat layout)."""
         return torch.cat([p.full_tensor().reshape(-1) for p in self.params])
+
+    def local_params(self) -> list[torch.Tensor]:
+        """This rank's shards of the parameters, for the divergence check before a checkpoint."""
+        return [p.to_local() for p in self.params]
 
     def load_full_params(self, flat: torch.Tensor) -> None:
         if flat.numel() != self.num_params:

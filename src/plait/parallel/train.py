@@ -26,10 +26,13 @@ from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.dims import ParallelDims
+from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.optim import current_lr, state_matches
 from plait.parallel.sampler import ShardedSampler
 from plait.parallel.sharded import ShardedDataParallel
+from plait.runtime.checkpoint import CHECKPOINT_FILE
 from plait.runtime.context import RunContext
+from plait.runtime.divergence import Diverged
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 # Each rank's sums since the last record, all-gathered in one message: loss, bytes up, bytes down, and three times.
@@ -194,36 +197,47 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if run.resume else 0
     started -= run.start(start_step)  # rank 0's log keeps the steps up to the checkpoint; elapsed_s goes on
+    guard = DivergenceGuard(train_cfg.on_divergence, run.path / CHECKPOINT_FILE,
+                            last_good=start_step if run.resume else None, device=device,
+                            gradient_name="gradient" if config.sync.kind == "local_sgd" else "gradient after the sync")
     sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     window = torch.zeros(len(_WINDOW), dtype=torch.float64)  # host sums since the last record (times, bytes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the loss stays on the device until logged
+    loss_steps = 0  # steps in loss_sum: a skipped (diverged) step's loss is left out
     gathered = [torch.zeros(len(_WINDOW), dtype=torch.float64, device=device) for _ in range(world_size)]
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
     loss_value, test = float("nan"), None
+    step = start_step
     try:
         for step in range(start_step + 1, train_cfg.steps + 1):
             idx = sampler.indices(step)
             batches = [_batch(data["train_x"], data["train_y"], part, device) for part in idx]
             delay = _straggler_delay(config, rank, step, last_compute)
-            loss, times = dp.train_step(batches, step, delay_s=delay)
+            loss, times = dp.train_step(batches, step, delay_s=delay, guard=guard)
             last_compute = times.compute_s - delay
-            loss_sum += loss  # no host sync: float(loss) would wait for the device every step
+            if step in guard.skipped:  # every rank skipped this update (train.on_divergence = "skip")
+                run.write({"step": step, "diverged": guard.skipped[step], "skipped": True})
+            else:
+                loss_sum += loss  # no host sync: float(loss) would wait for the device every step
+                loss_steps += 1
             window[3:] += torch.tensor([times.compute_s, times.comm_s, times.total_s], dtype=torch.float64)
             window_steps += 1
             final = step == train_cfg.steps
             if final and config.sync.kind == "local_sgd" and step % config.sync.local_steps:
+                guard.agree(step, dp.local_params())  # no diverged replica goes into the average
                 dp.average_params()  # the run ends with one model, not world_size of them
             if step % train_cfg.log_every == 0 or final:
                 sent, recv = dp.bytes_moved()
                 window[1:3] = torch.tensor([sent - last_bytes[0], recv - last_bytes[1]], dtype=torch.float64)
                 last_bytes = (sent, recv)
-                mine = window.to(device)
-                mine[0] = loss_sum
-                dist.all_gather(gathered, mine / window_steps)  # one small message
+                mine = window.to(device) / window_steps
+                mine[0] = loss_sum / loss_steps if loss_steps else float("nan")
+                dist.all_gather(gathered, mine)  # one small message
                 loss_sum.zero_()
+                loss_steps = 0
                 per_rank = torch.stack(gathered).cpu()
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())
@@ -240,6 +254,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                               "step_s": elapsed / window_steps, "restart": restarts,
                               "lr": current_lr(dp.optimizer) if dp.optimizer is not None else train_cfg.lr,
                               "elapsed_s": time.perf_counter() - started, "time": time.time()}
+                    if loss_value != loss_value:  # NaN: every step of the window was skipped (on_divergence)
+                        del record["train_loss"]
                     if test is not None:
                         record["test_accuracy"], record["test_loss"] = test
                     run.write(record)
@@ -247,8 +263,13 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                 window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if run.due(step, final=final):
+                guard.before_checkpoint(step, dp.local_params())  # a checkpoint never holds a diverged model
                 _checkpoint(run, dp, step, world_size, rank, final)
+                guard.saved(step)
         dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
+    except Diverged as err:  # every rank stops here, at the same step; the last good checkpoint stays as it is
+        run.write({"step": step, "diverged": str(err)})
+        raise
     finally:
         dp.close()
     if rank != 0:

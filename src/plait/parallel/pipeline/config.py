@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import RunSection as BaseRunSection
@@ -58,9 +59,11 @@ class TrainSection:
     eval_examples: int = 10000  # test examples used for evaluation
     checkpoint_every: int = 100  # 0: only at the end
     precision: str = "fp32"     # fp32 | bf16 (autocast in every stage; fp16 would need one scaler across stages)
+    on_divergence: str = "stop"  # a non-finite loss, gradient or update: stop (exit 1) | skip the update
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")
+        check_policy(self.on_divergence, "train")
         if self.precision == "fp16":
             raise ValueError("train.precision = 'fp16' is not supported by the pipeline (its grad scaler would have "
                              "to agree across stages); use 'bf16'")
