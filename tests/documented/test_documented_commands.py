@@ -30,6 +30,7 @@ SKIPPED = {
     "tensorboard --logdir runs": "another package's long-running web server; the tb/ event files it reads are "
                                  "checked by test_one_choice_at_a_time",
     "plait compare": "the command's name in prose",
+    "plait ps server": "the command's name in prose (the several-hosts alternative to local_servers)",
     "plait fl server": "the command's name in prose",
     "plait fl client": "the command's name in prose",
     "plait fl client ...": "an abbreviation of the client commands run in full from examples/fl_network.toml",
