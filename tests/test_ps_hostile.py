@@ -270,18 +270,20 @@ def test_an_oversized_frame_cuts_off_that_peer_only_and_is_counted(tmp_path):
 def test_a_snapshot_larger_than_the_message_limit_reaches_the_backup_in_chunks(tmp_path):
     """Replication shares the workers' socket and so its limit: replica 1, restarted once replica 0 holds a 96 KB
     shard, catches up from chunks of at most 4 KiB under an 8 KiB limit, and then serves the same weights when
-    replica 0 is killed."""
+    replica 0 is killed. Under CurveZMQ: the replicas know each other by the servers' key, and refuse nothing."""
     import multiprocessing as mp
 
     from plait.ps.consistency import Consistency
     from plait.ps.optim import OptimizerConfig
     from plait.ps.server import run_server
 
+    keys = make_keys(tmp_path / "keys").directory
+
     def start(replica: int, endpoint: str = "tcp://127.0.0.1:0"):
         config = ServerConfig(index=0, endpoint=endpoint, num_workers=1, replication=2, replica=replica,
                               consistency=Consistency.from_setting("asp"), optimizer=OptimizerConfig(lr=1.0),
                               checkpoint_every=0, state_dir=str(tmp_path), resume=False, failover_s=0.5,
-                              max_message_bytes=8192)
+                              max_message_bytes=8192, curve_keys=str(keys))
         proc = mp.get_context("spawn").Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         return proc
@@ -299,7 +301,12 @@ def test_a_snapshot_larger_than_the_message_limit_reaches_the_backup_in_chunks(t
     try:
         wait_for("server-0-r1", "synced")  # of an empty shard
         endpoints = [(tmp_path / f"{name}.endpoint").read_text() for name in ("server-0", "server-0-r1")]
-        kv = KVStore(endpoints[:1], 0, retry_s=0.2, timeout_s=30.0, piece_numel=1000, backups=endpoints[1:])
+        seeder = KVStore(endpoints[:1], -1, timeout_s=30.0, piece_numel=1000, backups=endpoints[1:],
+                         curve_keys=CurveKeys(keys, LAUNCHER))
+        seeder.init(0, np.zeros(24_000, np.float32))
+        seeder.close(goodbye=False)
+        kv = KVStore(endpoints[:1], 0, retry_s=0.2, timeout_s=30.0, piece_numel=1000, backups=endpoints[1:],
+                     curve_keys=keys)
         weights = np.zeros(24_000, np.float32)
         kv.init(0, weights)
         for _ in range(2):
@@ -317,6 +324,8 @@ def test_a_snapshot_larger_than_the_message_limit_reaches_the_backup_in_chunks(t
     finally:
         for proc in processes:
             proc.kill()
+    for name in ("server-0", "server-0-r1"):
+        assert not [e for e in read_metrics(tmp_path / f"{name}.jsonl") if e["event"] == "refused"]
 
 
 # -- 5. refusals logged as counts -----------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ State machine per request:
 
 Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically; a
 restarted server resumes from it and workers simply resend what was not acknowledged (see kvstore.py). A message
-that is not a request is logged and dropped; a request that contradicts itself gets an ERROR; the loop goes on.
+that is not a request is counted and dropped; a request its sender's key may not send, that contradicts itself or
+holds a non-finite value gets an ERROR (admission.py checks them all before `handle`); the loop goes on. Refusals are
+logged as counts (refusals.py). An update that leaves a piece non-finite all the same (an overflow) is named where it
+arises, and no checkpoint is written after it: the one on disk stays the last good state.
 
 With `sync.replication = 2` two processes hold the range, a primary and its backup (replication.py): the primary
 streams every change of its state to the backup, which replays it through the same methods (`_store_piece`,
@@ -28,33 +31,26 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import sys
 import time
 
 import numpy as np
 
+from plait.ps.admission import SEEDER, RequestChecks, all_finite
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
-from plait.ps.consistency import NO_LIVE_WORKER, ClockTable
+from plait.ps.consistency import ClockTable
 from plait.ps.optim import ShardOptimizer
 from plait.ps.refusals import CountedLog
 from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
 from plait.ps.security import CurveKeys
 from plait.ps.server_config import ServerConfig, Slot, slot_of
-from plait.ps.transport import PARTNER, ServerTransport
-from plait.ps.trust import Role as KeyRole
+from plait.ps.transport import ServerTransport
 from plait.ps.trust import Trust, endpoint_is_local
-from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
+from plait.ps.wire import Flag, Header, MalformedMessage, Op, payload_array
 from plait.runtime.metrics_log import MetricsLog
 
-SEEDER = -1  # the worker id of an INIT that only creates pieces (the launcher's, before any worker starts)
 
-
-def all_finite(values: np.ndarray) -> bool:
-    return bool(np.isfinite(values).all())
-
-
-class ParameterServer(ReplicaHandlers):
+class ParameterServer(ReplicaHandlers, RequestChecks):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.consistency = config.consistency
@@ -167,81 +163,6 @@ class ParameterServer(ReplicaHandlers):
         self.refusals.tick(now)
         self.disconnects.tick(now)
 
-    def handle_safely(self, peer: bytes, header: Header, payload: memoryview | None, key: str | None = None) -> None:
-        """`handle` behind the checks of the whole request: may the sender's key send it (trust.py), can it be
-        served (`_problem`), are its values finite. A request refused is answered with an ERROR naming the key,
-        counted by reason, and changes no state (a dropped worker named in it does not even rejoin). The try is a
-        last net, so that one request the checks missed cannot end the server."""
-        role = KeyRole.SERVER if peer == PARTNER else self.trust.role(key)  # PARTNER: our own link to a server
-        reason, problem = "unauthorised", self.trust.refusal(role, header.op)
-        if problem is None and self.replica is not None and self._replication(peer, header, payload):
-            return
-        if problem is None:
-            reason, problem = "unservable", self._problem(header, payload)
-        if problem is None:
-            reason, problem = self._admission(header, payload, role)
-        if problem is None:
-            try:
-                self.handle(peer, header, payload)
-                return
-            except (ValueError, struct.error) as error:
-                reason, problem = "unservable", str(error)
-        self._refuse(peer, header, reason, problem)
-        self._error(peer, header, problem)
-
-    def _admission(self, header: Header, payload: memoryview | None, role: KeyRole) -> tuple[str, str | None]:
-        """After `_problem`: (reason, why) a well-formed request is still refused, or (reason, None)."""
-        if header.op == Op.INIT and slot_of(header) not in self.shards and not self.trust.may_create(role):
-            return "unauthorised", "creating a piece takes a control key (sync.curve_keys: DIR/control/)"
-        if header.op in (Op.INIT, Op.PUSH, Op.PUSHPULL) and not all_finite(payload_array(header, payload)):
-            return "nonfinite", "the values hold NaN or Inf: refused, nothing applied"
-        return "", None
-
-    def _problem(self, header: Header, payload: memoryview | None) -> str | None:
-        """What makes this request unservable, or None. Reads state, never changes it."""
-        op = header.op
-        if header.flags & Flag.OBSERVER:
-            return None if op == Op.PULL else f"an observer may only PULL, not {op.name}"
-        if op == Op.SHUTDOWN:
-            return None
-        if op not in (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL, Op.BYE):
-            return f"unexpected op {op.name}"
-        if op == Op.INIT and header.worker == SEEDER:
-            pass  # the launcher creating pieces: counted in no clock
-        elif not 0 <= header.worker < self.config.num_workers:
-            return f"worker id {header.worker} outside 0..{self.config.num_workers - 1}"
-        if not -1 <= header.clock < NO_LIVE_WORKER:  # clocks stay below it, and so fit every field of a reply
-            return f"clock {header.clock} outside [-1, 2**62)"
-        if op == Op.BYE:
-            return None
-        if op in (Op.INIT, Op.PUSH, Op.PUSHPULL):
-            if payload is None:
-                return f"{op.name} without a value"
-            if len(payload) != header.numel * DTYPES[header.dtype].itemsize:
-                return (f"says {header.numel} {DTYPES[header.dtype]} elements, the payload holds {len(payload)} "
-                        "bytes")
-        if op == Op.INIT:
-            if header.numel < 1:
-                return "INIT of an empty piece (numel 0)"
-            if slot_of(header) not in self.shards and not self._overlaps_stored(header):
-                return None  # a new piece
-        return self._shard_problem(header)
-
-    def _shard_problem(self, header: Header) -> str | None:
-        shard = self.shards.get(slot_of(header))
-        if shard is not None and shard.param.size == header.numel and shard.param.dtype == DTYPES[header.dtype]:
-            return None
-        stored = [f"[{s.offset}, +{s.param.size})" for (k, _), s in sorted(self.shards.items()) if k == header.key]
-        if not stored:
-            return "key was never initialised (call init first)"
-        return (f"piece [{header.offset}, +{header.numel}) does not match the stored pieces {', '.join(stored)}: "
-                "do all workers use the same sharding?")
-
-    def _refuse(self, peer: bytes, header: Header | None, reason: str, text: str) -> None:
-        """Count a refusal; the log gets a count and a sample per interval (refusals.py), not a line each."""
-        self.refusals.count(reason, time.monotonic(), peer=peer.hex(), op=header.op.name if header else None,
-                            key=header.key if header else None, worker=header.worker if header else None, text=text)
-
     def handle(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
         """Serve a request that passed `_problem`."""
         self.bytes_in += len(payload) if payload is not None else 0
@@ -301,13 +222,6 @@ class ParameterServer(ReplicaHandlers):
         param = value.copy()  # owned and writable
         self.shards[slot] = ShardState(slot[1], param, self.optimizer.init(param), [])
         self.clocks.add_key(slot)
-
-    def _overlaps_stored(self, header: Header) -> bool:
-        """A new piece overlapping a stored one means the workers' sharding differs (servers, piece size, key size):
-        `_problem` then refuses it, naming the stored pieces, instead of keeping two copies of some elements."""
-        lo, hi = header.offset, header.offset + header.numel
-        return any(k == header.key and s.offset < hi and lo < s.offset + s.param.size
-                   for (k, _), s in self.shards.items())
 
     def _push(self, peer: bytes, header: Header, payload: memoryview, ack: bool = True) -> None:
         slot = slot_of(header)
