@@ -153,6 +153,31 @@ def test_with_curve_only_control_keys_may_shut_down_say_goodbye_or_create_pieces
     assert [e["event"] for e in events].count("finished") == 0  # the refused BYE took nobody out of the clocks
 
 
+def test_plait_ps_init_creates_the_models_pieces_with_the_launchers_key(tmp_path):
+    """On several hosts with CurveZMQ, `plait ps init` does what the local launcher does before the workers start."""
+    from plait.cli.ps import ps_app
+    from plait.ps.config import PSRunConfig
+    from plait.ps.trainer import PARAMS_KEY, build_flat_model
+
+    keys = make_keys(tmp_path / "keys").directory
+    servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1, curve_keys=str(keys))
+    config = tmp_path / "cfg.toml"
+    config.write_text(f'[sync]\nkind = "ps"\ncurve_keys = "{keys}"\n')
+    try:
+        ps_app(args=["init", "--config", str(config), "--workers", "1", "--servers", endpoints[0]],
+               standalone_mode=False)
+        _, weights, _ = build_flat_model(PSRunConfig())
+        kv = KVStore(endpoints, 0, timeout_s=20.0, curve_keys=keys)
+        pulled = np.zeros_like(weights.numpy())
+        kv.init(PARAMS_KEY, pulled)  # a worker's key: the pieces exist, so this only reads its clock
+        kv.wait(kv.pull(PARAMS_KEY, pulled))
+        np.testing.assert_array_equal(pulled, weights.numpy())  # the launcher's initial weights, not the zeros
+        kv.close()
+    finally:
+        for proc in servers:
+            proc.kill()
+
+
 def test_a_replica_presents_the_servers_key_and_a_worker_key_cannot_replicate(tmp_path):
     """The partner link presents server.key: the replication ops are served from it alone."""
     keys = make_keys(tmp_path / "keys").directory
