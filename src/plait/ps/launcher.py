@@ -147,7 +147,11 @@ class LocalCluster:
             self.servers.append(self._start_server(process, f"tcp://{self.config.sync.host}:0",
                                                    fresh=not self.resume))
         self.endpoints = [self._await_endpoint(process) for process in range(self.num_processes)]
-        create_pieces(self.config, self.primaries, self.backups)  # with CurveZMQ only the launcher's key may
+        try:
+            create_pieces(self.config, self.primaries, self.backups)  # with CurveZMQ only the launcher's key may
+        except (RuntimeError, TimeoutError):  # e.g. a resumed run whose pieces differ: no server left behind
+            self.stop()
+            raise
         self.workers = [self._start_worker(rank) for rank in range(self.num_workers)]
 
     def _await_endpoint(self, process: int) -> str:

@@ -164,7 +164,7 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
         self.disconnects.tick(now)
 
     def handle(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
-        """Serve a request that passed `_problem`."""
+        """Serve a request that passed the checks (admission.py)."""
         self.bytes_in += len(payload) if payload is not None else 0
         if header.flags & Flag.OBSERVER:
             self._answer_pull(peer, header, observer=True)
@@ -315,7 +315,7 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
         if self.diverged is not None or all_finite(self.shards[slot].param):
             return
         self.diverged = {"key": slot[0], "offset": slot[1], "clock": clock, "worker": worker,
-                         "last_checkpoint": str(self.config.checkpoint_path) if self.updates_at_checkpoint else None,
+                         "last_checkpoint": str(path) if (path := self.config.checkpoint_path).exists() else None,
                          "checkpoint_updates": self.updates_at_checkpoint}
         self._event("diverged", **self.diverged)
         by = f"worker {worker}'s push" if worker is not None else "the mean of the workers' pushes"
