@@ -36,9 +36,9 @@ import zmq
 from plait.ps.consistency import ASP
 from plait.ps.kvstore import KVStore
 from plait.ps.optim import OptimizerConfig
-from plait.ps.security import CurveKeys, make_keys
+from plait.ps.security import LAUNCHER, CurveKeys, make_keys
 from plait.ps.server import run_server
-from plait.ps.server_config import ServerConfig, server_name
+from plait.ps.server_config import ServerConfig, message_limit, server_name
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 
 
@@ -88,8 +88,10 @@ def ps_round(kv: KVStore, key: int, grad: np.ndarray, out: np.ndarray, iteration
     return 2 * grad.nbytes * iterations / (time.perf_counter() - started)
 
 
-def start_ps(state_dir: str, num_servers: int, curve_keys: str, replication: int = 1) -> tuple[list, list[str]]:
-    """Server processes, replica 0 of every server then (replication 2) replica 1; their endpoints in that order."""
+def start_ps(state_dir: str, num_servers: int, curve_keys: str, piece: int,
+             replication: int = 1) -> tuple[list, list[str]]:
+    """Server processes, replica 0 of every server then (replication 2) replica 1; their endpoints in that order.
+    Their message limit is sync.max_message_bytes' auto value for these pieces."""
     ctx = mp.get_context("spawn")
     procs, endpoints = [], []
     names = [(index, replica) for replica in range(replication) for index in range(num_servers)]
@@ -97,7 +99,7 @@ def start_ps(state_dir: str, num_servers: int, curve_keys: str, replication: int
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency=ASP,
                               optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
                               state_dir=state_dir, resume=False, curve_keys=curve_keys, replication=replication,
-                              replica=replica)
+                              replica=replica, max_message_bytes=message_limit(0, piece))
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         procs.append(proc)
@@ -141,15 +143,17 @@ def main() -> None:
         CurveKeys(Path(curve_keys)).secure_client(raw)
     raw.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
     state_dir = tempfile.mkdtemp(prefix="ps-throughput-")
-    servers, endpoints = start_ps(state_dir, 1, curve_keys)
     piece = args.piece_numel
-    kv = KVStore(endpoints, 0, piece_numel=piece, curve_keys=curve_keys)
-    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys)
-    kv2 = KVStore(endpoints2, 0, piece_numel=piece, curve_keys=curve_keys)
+    servers, endpoints = start_ps(state_dir, 1, curve_keys, piece)
+    # The benchmark creates its keys itself: under CurveZMQ that takes the launcher's key (plait/ps/trust.py).
+    keys = CurveKeys(Path(curve_keys), LAUNCHER) if curve_keys else None
+    kv = KVStore(endpoints, 0, piece_numel=piece, curve_keys=keys)
+    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys, piece)
+    kv2 = KVStore(endpoints2, 0, piece_numel=piece, curve_keys=keys)
     servers_rep, kv_rep = [], None
     if args.replication:
-        servers_rep, endpoints_rep = start_ps(tempfile.mkdtemp(prefix="ps-throughput-rep-"), 1, curve_keys, 2)
-        kv_rep = KVStore(endpoints_rep[:1], 0, piece_numel=piece, curve_keys=curve_keys, backups=endpoints_rep[1:])
+        servers_rep, endpoints_rep = start_ps(tempfile.mkdtemp(prefix="ps-throughput-rep-"), 1, curve_keys, piece, 2)
+        kv_rep = KVStore(endpoints_rep[:1], 0, piece_numel=piece, curve_keys=keys, backups=endpoints_rep[1:])
 
     lines = []
     for key, numel in enumerate(sizes):

@@ -69,6 +69,7 @@ def test_a_run_with_curve_keys_is_the_same_run_encrypted(tmp_path):
     for index in range(2):  # the launcher's SHUTDOWN got through: each server wrote its final checkpoint
         events = [r["event"] for r in read_metrics(tmp_path / "curve" / "servers" / f"server-{index}.jsonl")]
         assert events[-2:] == ["checkpoint", "stopped"]
+        assert "refused" not in events  # every process used a key whose role allows what it sent (ps/trust.py)
 
 
 def test_sharded_servers_match_one_server(tmp_path):

@@ -25,7 +25,8 @@ CLOCKS = 12
 
 
 def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_s: float = 30.0,
-                  num_workers: int = NUM_WORKERS, checkpoint_every: int = 0, curve_keys: str = ""):
+                  num_workers: int = NUM_WORKERS, checkpoint_every: int = 0, curve_keys: str = "", **settings):
+    """`count` server processes (SGD, lr 1); `settings` are further ServerConfig fields."""
     ctx = mp.get_context("spawn")
     procs = []
     for index in range(count):
@@ -33,7 +34,7 @@ def start_servers(state_dir: Path, count: int, consistency: str, worker_timeout_
                               consistency=Consistency.from_setting(consistency),
                               optimizer=OptimizerConfig(name="sgd", lr=1.0), checkpoint_every=checkpoint_every,
                               worker_timeout_s=worker_timeout_s,
-                              state_dir=str(state_dir), resume=False, curve_keys=curve_keys)
+                              state_dir=str(state_dir), resume=False, curve_keys=curve_keys, **settings)
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
         procs.append(proc)
@@ -237,7 +238,7 @@ def test_server_survives_garbage_and_answers_inconsistent_requests_with_errors(t
     from plait.ps.wire import HEADER_BYTES, Header, Op
     from plait.runtime.metrics_log import read_metrics
 
-    servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1)
+    servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1, refusal_log_s=600.0)
     context = zmq.Context()
     rogue = context.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
@@ -279,10 +280,16 @@ def test_server_survives_garbage_and_answers_inconsistent_requests_with_errors(t
             kv.wait(kv.pushpull(0, np.full(8, -1.0, np.float32), weights))
         np.testing.assert_array_equal(weights, np.full(8, 2.0, np.float32))
         assert servers[0].is_alive()
-        refused = [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "refused"]
-        assert len(refused) == 10 and all(r["peer"] for r in refused)
-        assert any("version 99" in r["reason"] for r in refused) and any("op code 77" in r["reason"] for r in refused)
         kv.close()
+        servers[0].terminate()  # SIGTERM: a clean stop, which logs what was refused since the last line
+        servers[0].join(timeout=30)
+        events = read_metrics(tmp_path / "server-0.jsonl")
+        refused = [r for r in events if r["event"] == "refused"]
+        # The first refusal at once, the other nine as one count and a sample per reason (refusal_log_s = 600)
+        assert [r["count"] for r in refused] == [1, 9]
+        assert refused[0]["samples"]["malformed"]["text"] == "ps wire: header of 3 bytes, expected 52"
+        assert refused[1]["samples"]["unservable"]["op"] == "PUSH" and refused[1]["samples"]["malformed"]["peer"]
+        assert events[-1]["event"] == "stopped" and events[-1]["refused"] == {"malformed": 5, "unservable": 5}
     finally:
         rogue.close()
         context.term()
@@ -335,13 +342,14 @@ def test_a_refused_request_naming_a_dropped_worker_does_not_bring_it_back(tmp_pa
 
 
 def test_curve_keys_serve_only_peers_with_the_jobs_client_key(tmp_path):
-    """With sync.curve_keys, a worker holding the job's keys trains; a plain peer and a peer with its own, unknown
-    client key complete no handshake: the server never sees their messages and they time out with a hint."""
+    """With sync.curve_keys, a worker holding the job's keys trains (on pieces the launcher's key created); a plain
+    peer and a peer with its own, unknown client key complete no handshake: the server never sees their messages,
+    counts the refused handshakes, and they time out with a hint."""
     import shutil
 
     import zmq
 
-    from plait.ps.security import make_keys
+    from plait.ps.security import LAUNCHER, CurveKeys, make_keys
     from plait.ps.wire import Header, Op
     from plait.runtime.metrics_log import read_metrics
 
@@ -353,6 +361,9 @@ def test_curve_keys_serve_only_peers_with_the_jobs_client_key(tmp_path):
     plain = context.socket(zmq.DEALER)
     plain.setsockopt(zmq.LINGER, 0)
     try:
+        seeder = KVStore(endpoints, -1, timeout_s=20.0, curve_keys=CurveKeys(keys, LAUNCHER))
+        seeder.init(0, np.zeros(6, np.float32))  # only a control key may create pieces
+        seeder.close(goodbye=False)
         kv = KVStore(endpoints, 0, retry_s=1.0, timeout_s=20.0, curve_keys=keys)
         weights = np.zeros(6, np.float32)
         kv.init(0, weights)
@@ -368,10 +379,13 @@ def test_curve_keys_serve_only_peers_with_the_jobs_client_key(tmp_path):
         plain.send_multipart([Header(Op.SHUTDOWN, req=1).pack()])  # not even a shutdown
         time.sleep(0.5)
         assert servers[0].is_alive()
-        assert not [r for r in read_metrics(tmp_path / "server-0.jsonl") if r["event"] == "refused"]
         kv.wait(kv.pushpull(0, np.full(6, -2.0, np.float32), weights))  # the job's worker still trains
         np.testing.assert_array_equal(weights, np.full(6, 4.0, np.float32))
         kv.close()
+        servers[0].terminate()
+        servers[0].join(timeout=30)
+        refused = [e for e in read_metrics(tmp_path / "server-0.jsonl") if e["event"] == "stopped"][-1]["refused"]
+        assert set(refused) == {"handshake"} and refused["handshake"] >= 2  # never a message of theirs
     finally:
         plain.close()
         context.term()

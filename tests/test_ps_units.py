@@ -273,7 +273,9 @@ def test_curve_key_directory_is_made_once_and_missing_keys_name_the_setting(tmp_
 
     plait_ps("keys", str(tmp_path / "keys"))
     made = {p.relative_to(tmp_path / "keys").as_posix() for p in (tmp_path / "keys").rglob("*") if p.is_file()}
-    assert made == {"server.key", "server.key_secret", "client.key", "client.key_secret", "authorized/client.key"}
+    assert made == {"server.key", "server.key_secret", "client.key", "client.key_secret", "launcher.key",
+                    "launcher.key_secret", "authorized/client.key", "authorized/launcher.key", "authorized/server.key",
+                    "control/launcher.key"}  # control/: the keys that may send control messages (trust.py)
     assert (tmp_path / "keys" / "client.key_secret").stat().st_mode & 0o077 == 0  # secrets are private
     with pytest.raises(SystemExit, match="already holds keys"):
         plait_ps("keys", str(tmp_path / "keys"))

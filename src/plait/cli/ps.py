@@ -1,8 +1,13 @@
-"""`plait ps server | worker | keys`: start one parameter-server process on any host (a typer sub-app of `plait`).
+"""`plait ps server | init | worker | keys`: one parameter-server process on any host (a typer sub-app of `plait`).
 
     plait ps server --config CFG.toml --index 0 --workers 4 --bind tcp://0.0.0.0:5000
+    plait ps init --config CFG.toml --workers 4 --servers tcp://host-a:5000,tcp://host-b:5000
     plait ps worker --config CFG.toml --rank 0 --workers 4 --servers tcp://host-a:5000,tcp://host-b:5000
     plait ps keys DIR      CurveZMQ keys for `sync.curve_keys = "DIR"` (see plait/ps/security.py)
+
+A server binding beyond loopback needs `sync.curve_keys`, or `--insecure` on a network you trust (plait/ps/trust.py).
+`plait ps init` stores the model's initial pieces before the workers start, as the local launcher does; with
+`sync.curve_keys` it presents the launcher's key, the only one that may create pieces.
 
 Every process reads the same config; the workers list the servers in the same order. `plait train` runs the same
 two functions on localhost (plait/ps/node.py, started by the launcher without the rest of the CLI's imports). A
@@ -15,7 +20,8 @@ from __future__ import annotations
 import typer
 
 ps_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                     help="Parameter-server processes on any host: servers, workers, CurveZMQ keys.")
+                     help="Parameter-server processes on any host: servers, the model's pieces, workers, CurveZMQ "
+                          "keys.")
 
 
 def _endpoints(text: str) -> list[str]:
@@ -32,14 +38,31 @@ def server(config: str = typer.Option(..., "--config", help="the run's TOML conf
            fresh: bool = typer.Option(False, "--fresh", help="ignore an existing checkpoint"),
            replica: int = typer.Option(0, "--replica", help="sync.replication = 2: which of the range's two"),
            partner: str = typer.Option("", "--partner", help="sync.replication = 2: the other replica's endpoint"),
+           insecure: bool = typer.Option(False, "--insecure",
+                                         help="listen beyond loopback without CurveZMQ (sync.insecure_bind)"),
            set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
     """Serve one key range (restart it with the same command: it resumes from its checkpoint)."""
     from plait.ps.node import run_server_node
 
     try:
         run_server_node(config, workers, index, bind=bind, state_dir=state_dir, fresh=fresh, replica=replica,
-                        partner=partner, overrides=set_)
+                        partner=partner, insecure=insecure, overrides=set_)
     except ValueError as err:  # a bad option or config (ConfigError too): one line, no traceback
+        raise SystemExit(str(err)) from None
+
+
+@ps_app.command()
+def init(config: str = typer.Option(..., "--config", help="the run's TOML config"),
+         workers: int = typer.Option(..., "--workers", help="number of workers in the job"),
+         servers: str = typer.Option(..., "--servers", help="comma-separated server endpoints, in index order"),
+         backups: str = typer.Option("", "--backups", help="sync.replication = 2: the replica-1 endpoints"),
+         set_: list[str] = typer.Option([], "--set", help="override a config key")) -> None:
+    """Store the model's initial pieces on the servers, once, before the workers start."""
+    from plait.ps.node import create_pieces_node
+
+    try:
+        create_pieces_node(config, workers, _endpoints(servers), _endpoints(backups), overrides=set_)
+    except ValueError as err:
         raise SystemExit(str(err)) from None
 
 
@@ -72,5 +95,6 @@ def keys(directory: str = typer.Argument(..., help="where to write the keys (cre
         made = make_keys(directory)
     except FileExistsError as err:
         raise SystemExit(str(err)) from None
-    print(f"keys in {made.directory}: copy server.key_secret and authorized/ to the server hosts, server.key "
-          f"and client.key_secret to the worker hosts; set sync.curve_keys = \"{made.directory}\" in the config")
+    print(f"keys in {made.directory}: copy server.key, server.key_secret, authorized/ and control/ to the server "
+          f"hosts, server.key and client.key_secret to the worker hosts, launcher.key_secret too to the host that "
+          f"runs `plait ps init`; set sync.curve_keys = \"{made.directory}\" in the config")

@@ -7,7 +7,9 @@ from typing import Literal
 
 from plait.ps.consistency import BSP, Consistency
 from plait.ps.optim import OptimizerConfig
+from plait.ps.server_config import MIN_MESSAGE_BYTES, message_limit
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL
+from plait.ps.trust import check_bind
 from plait.settings.sections import ImageModelSection as ModelSection
 from plait.settings.sections import RunSection as BaseRunSection
 
@@ -35,6 +37,8 @@ class TrainSection:
     batch_size: int = 32             # per worker and step; workers read disjoint slices of the training set
     eval_every_s: float = 1.0        # the launcher's evaluator pulls and scores the model this often
     target_loss: float = 0.0         # report when the test loss first reaches this (0: don't)
+    on_divergence: Literal["stop", "skip"] = "stop"  # a worker's non-finite loss or gradient: stop the run (exit 1,
+                                                      # the servers' last good checkpoints kept) or skip that step
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -62,6 +66,9 @@ class SyncSection:
     failover_s: float = 2.0          # replication: a replica silent this long is taken for dead
     status_port: int = -1            # the launcher's live dashboard (HTTP, read-only): 0 a free port, -1 none
     status_host: str = "127.0.0.1"   # where the dashboard binds: it has no authentication, keep it local
+    insecure_bind: bool = False      # let servers listen beyond loopback without curve_keys (refused otherwise)
+    max_message_bytes: int = 0       # ZeroMQ MAXMSGSIZE on every server socket; 0: twice a piece of piece_numel
+                                     # float64 values (8 MiB by default; 1 GiB with piece_numel = 0); -1: no limit
 
     def __post_init__(self) -> None:
         if self.servers < 1:
@@ -79,6 +86,16 @@ class SyncSection:
         if not -1 <= self.status_port < 65536:
             raise ValueError(f"sync.status_port must be a port (0: a free one) or -1 (no dashboard), got "
                              f"{self.status_port}")
+        limit = self.message_limit()
+        if limit != -1 and limit < max(MIN_MESSAGE_BYTES, self.piece_numel * 4):
+            raise ValueError(f"sync.max_message_bytes must be -1 (no limit), 0 (auto) or at least {MIN_MESSAGE_BYTES} "
+                             f"and a piece of sync.piece_numel float32 values ({self.piece_numel * 4} bytes), got "
+                             f"{self.max_message_bytes}")
+        check_bind(f"tcp://{self.host}:0", self.curve_keys, self.insecure_bind, "sync.host")
+
+    def message_limit(self) -> int:
+        """sync.max_message_bytes in bytes (-1: no limit)."""
+        return message_limit(self.max_message_bytes, self.piece_numel)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,7 +126,8 @@ class StragglerSection:
 
 @dataclass(kw_only=True, slots=True)
 class FaultSection:
-    """Failure injection, to see fault tolerance work: SIGKILL a server, end a worker abruptly, or stall one."""
+    """Failure injection, to see fault tolerance work: SIGKILL a server, end a worker abruptly, stall one, or make
+    one's step diverge."""
     kill_server: int = -1            # the launcher kills this server once the slowest worker reached kill_at_step
     kill_at_step: int = 0
     kill_replica: int = 0            # sync.replication = 2: which replica of kill_server (0 or 1)
@@ -121,6 +139,8 @@ class FaultSection:
     stall_worker: int = -1           # this worker pauses for stall_s seconds (alive, silent) at stall_at_step
     stall_at_step: int = 0
     stall_s: float = 0.0
+    nan_worker: int = -1             # this worker's loss and gradient turn NaN at nan_at_step (a diverged step)
+    nan_at_step: int = 0
 
     def __post_init__(self) -> None:
         if self.stall_s < 0:
@@ -146,7 +166,8 @@ class PSRunConfig:
         if num_workers < 1:
             raise ValueError(f"--nproc (workers) must be >= 1, got {num_workers}")
         for name, value in (("straggler.worker", self.straggler.worker), ("fault.kill_worker", self.fault.kill_worker),
-                            ("fault.stall_worker", self.fault.stall_worker)):
+                            ("fault.stall_worker", self.fault.stall_worker),
+                            ("fault.nan_worker", self.fault.nan_worker)):
             if value >= num_workers:
                 raise ValueError(f"{name} = {value} but there are only {num_workers} workers")
         if self.fault.kill_server >= self.sync.servers:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from plait.ps.consistency import NO_LIVE_WORKER
-from plait.ps.security import CurveKeys
+from plait.ps.security import CLIENT, CurveKeys
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL, Piece, plan_shards
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
@@ -95,8 +95,8 @@ def _as_array(value: Any, what: str) -> np.ndarray:
 
 class KVStore:
     def __init__(self, endpoints: list[str], worker: int, *, retry_s: float = 1.0, timeout_s: float = 300.0,
-                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL, curve_keys: str | Path | None = None,
-                 backups: list[str] | None = None):
+                 observer: bool = False, piece_numel: int = DEFAULT_PIECE_NUMEL,
+                 curve_keys: str | Path | CurveKeys | None = None, backups: list[str] | None = None):
         if not endpoints:
             raise ValueError("ps: at least one server endpoint is needed")
         if retry_s <= 0 or timeout_s <= 0:
@@ -112,7 +112,8 @@ class KVStore:
         self.observer = observer
         self.retry_s, self.timeout_s = retry_s, timeout_s
         self.piece_numel = piece_numel
-        self.curve = CurveKeys.from_setting(curve_keys)  # CurveZMQ when set (see security.py)
+        # CurveZMQ when set (security.py), presenting the workers' key unless a CurveKeys names another
+        self.curve = curve_keys if isinstance(curve_keys, CurveKeys) else CurveKeys.from_setting(curve_keys)
         self.transport = WorkerTransport(curve=self.curve)
         self.transport.connect(self.endpoints + self.backups)
         self.keys: dict[int, _Key] = {}
@@ -183,6 +184,13 @@ class KVStore:
                                    out=target[part])
         return self._ticket(requests)
 
+    def skip(self, key: int, out: Any) -> Ts:
+        """Count this worker's next clock as pushed without a gradient (a step skipped: its loss or gradient was not
+        finite) and pull. A server takes a pull ahead of the clock it recorded as that clock's push (server.py), so
+        under BSP the clock completes with the others' gradients and nobody waits for this worker's."""
+        self._key(key, "skip").clock += 1
+        return self.pull(key, out)
+
     def clock(self, key: int) -> int:
         """The last clock this worker pushed on `key` (-1 before the first push)."""
         return self._key(key, "clock").clock
@@ -245,8 +253,10 @@ class KVStore:
         self._tickets.clear()
 
     def close(self, goodbye: bool = True) -> None:
-        """Leave the clocks (so no server waits for this worker) and close the sockets."""
-        if goodbye and not self.observer:
+        """Leave the clocks (so no server waits for this worker) and close the sockets. Under CurveZMQ only a control
+        key may take a worker out of the clocks (trust.py): with the workers' key there is no goodbye, and the
+        servers drop this worker after sync.worker_timeout_s instead."""
+        if goodbye and not self.observer and self.worker >= 0 and (self.curve is None or self.curve.identity != CLIENT):
             try:
                 requests = []
                 for socket in range(self.transport.num_servers):  # every replica: each keeps its own clocks

@@ -39,11 +39,12 @@ from plait.ps.checkpoint import checkpointed_clock
 from plait.ps.config import PSRunConfig
 from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.dashboard import Dashboard, Processes
+from plait.ps.divergence import WorkerDiverged, divergence_record
 from plait.ps.kvstore import KVStore
 from plait.ps.node import node_command
-from plait.ps.security import CurveKeys
+from plait.ps.security import LAUNCHER, CurveKeys
 from plait.ps.server_config import server_name
-from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, evaluate, load_split
+from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, create_pieces, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
 from plait.runtime.context import RunContext
@@ -150,6 +151,11 @@ class LocalCluster:
             self.servers.append(self._start_server(process, f"tcp://{self.config.sync.host}:0",
                                                    fresh=not self.resume))
         self.endpoints = [self._await_endpoint(process) for process in range(self.num_processes)]
+        try:
+            create_pieces(self.config, self.primaries, self.backups)  # with CurveZMQ only the launcher's key may
+        except (RuntimeError, TimeoutError):  # e.g. a resumed run whose pieces differ: no server left behind
+            self.stop()
+            raise
         self.workers = [self._start_worker(rank) for rank in range(self.num_workers)]
 
     def _await_endpoint(self, process: int) -> str:
@@ -213,6 +219,10 @@ class LocalCluster:
         for rank, proc in enumerate(self.workers):
             if proc.poll() in (None, 0) or rank in failed:
                 continue
+            if (diverged := divergence_record(self.run_dir, rank)) is not None:  # no restart: the same step again
+                self.ctx.write(diverged)
+                raise WorkerDiverged(f"{diverged['reason']}. The servers' checkpoints in {self.state_dir} hold the "
+                                     "last good state (written as the run stops): continue with --resume")
             if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
                 self.worker_restarts[rank] += 1
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
@@ -260,7 +270,7 @@ class LocalCluster:
 
     def _shutdown_servers(self) -> None:
         """Ask each server for a final checkpoint and exit; kill those that do not answer."""
-        transport = WorkerTransport(curve=CurveKeys.from_setting(self.config.sync.curve_keys))
+        transport = WorkerTransport(curve=CurveKeys.from_setting(self.config.sync.curve_keys, LAUNCHER))
         transport.connect(self.endpoints)
         for index in range(len(self.endpoints)):
             transport.send_msg(index, Header(Op.SHUTDOWN, req=index + 1))

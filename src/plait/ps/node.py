@@ -32,9 +32,11 @@ def load_node_config(path: str | Path, overrides: Sequence[str], workers: int) -
 
 
 def run_server_node(config: str, workers: int, index: int, bind: str | None = None, state_dir: str | None = None,
-                    fresh: bool = False, replica: int = 0, partner: str = "", overrides: Sequence[str] = ()) -> None:
+                    fresh: bool = False, replica: int = 0, partner: str = "", insecure: bool = False,
+                    overrides: Sequence[str] = ()) -> None:
     """Serve key range `index` until SHUTDOWN or a signal; a server with a checkpoint in `state_dir` resumes from it
-    unless `fresh`. Raises ValueError, naming the option, for an index or replica outside the config's."""
+    unless `fresh`. `insecure` is sync.insecure_bind. Raises ValueError, naming the option, for an index or replica
+    outside the config's, or a bind beyond loopback without CurveZMQ (trust.py)."""
     from plait.ps.server import run_server
     from plait.ps.server_config import ServerConfig
 
@@ -50,7 +52,8 @@ def run_server_node(config: str, workers: int, index: int, bind: str | None = No
         index=index, endpoint=bind or f"tcp://{sync.host}:0", num_workers=workers, consistency=sync.consistency,
         optimizer=cfg.optimizer, checkpoint_every=sync.checkpoint_every, worker_timeout_s=sync.worker_timeout_s,
         state_dir=str(directory), resume=not fresh, curve_keys=sync.curve_keys, replication=sync.replication,
-        replica=replica, partner=partner, failover_s=sync.failover_s))
+        replica=replica, partner=partner, failover_s=sync.failover_s, insecure_bind=sync.insecure_bind or insecure,
+        max_message_bytes=sync.message_limit()))
 
 
 def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str], backups: Sequence[str] = (),
@@ -58,7 +61,7 @@ def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str]
     """Train as worker `rank` against `servers` (replica-0 endpoints in index order; with sync.replication = 2 the
     replica-1 ones in `backups`), then end the process. Raises ValueError, naming the option, for endpoints or a
     rank that do not fit the config."""
-    from plait.ps.trainer import run_worker
+    from plait.ps.trainer import WorkerDiverged, run_worker
 
     cfg = load_node_config(config, overrides, workers)
     if len(servers) != cfg.sync.servers:
@@ -70,12 +73,29 @@ def run_worker_node(config: str, workers: int, rank: int, servers: Sequence[str]
         raise ValueError(f"--rank {rank} outside 0..{workers - 1}")
     out = Path(run_dir) if run_dir else Path(cfg.run.root) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
-    run_worker(cfg, rank, workers, list(servers), out, start_barrier=wait_start, backups=list(backups))
+    try:
+        run_worker(cfg, rank, workers, list(servers), out, start_barrier=wait_start, backups=list(backups))
+        code = 0
+    except WorkerDiverged as err:  # its record is in worker-<rank>.jsonl; the launcher stops the run
+        print(err, file=sys.stderr)
+        code = 1
     # The work is done and its logs are closed: skip the interpreter's teardown of torch (seconds on a busy
     # machine), so the launcher sees the worker finish when it did.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+def create_pieces_node(config: str, workers: int, servers: Sequence[str], backups: Sequence[str] = (),
+                       overrides: Sequence[str] = ()) -> None:
+    """Store the model's initial pieces on the servers, as the local launcher does before any worker starts; with
+    sync.curve_keys only the launcher's key may (trust.py), so this presents it."""
+    from plait.ps.trainer import create_pieces
+
+    cfg = load_node_config(config, overrides, workers)
+    if len(servers) != cfg.sync.servers:
+        raise ValueError(f"--servers lists {len(servers)} endpoints, sync.servers = {cfg.sync.servers}")
+    create_pieces(cfg, list(servers), list(backups))
 
 
 def run_server_from_config(**fields: object) -> None:

@@ -61,7 +61,8 @@ class Role(enum.Enum):
 class Change(enum.IntEnum):
     """What a REPLICATE message carries (its `extra`); the backup replays it (ReplicaHandlers._replay)."""
     HEARTBEAT = 0   # nothing changed; the primary is alive
-    SNAPSHOT = 1    # the whole state (payload: checkpoint.snapshot_bytes); starts a stream
+    SNAPSHOT = 1    # a chunk of the whole state (payload: bytes `offset`.. of checkpoint.snapshot_bytes, whose
+                    # length is `clock`); chunk 0 starts a stream
     INIT = 2        # a new piece (payload: its value)
     PUSH = 3        # a push recorded: summed (BSP) or applied (SSP, ASP), its clock advanced (payload: gradient)
     COMPLETE = 4    # BSP: clock `clock` of the piece applied from its sum
@@ -82,8 +83,12 @@ class Replica:
     worker replies held until the backup has what they acknowledge."""
 
     def __init__(self, transport: ServerTransport, replica: int, partner: str, failover_s: float, fresh: bool,
-                 now: float):
+                 now: float, chunk_bytes: int = 0):
         self.transport = transport
+        # A snapshot travels on the socket workers use, under its max_message_bytes: in numbered chunks of at most
+        # this many bytes (0: whole), so a limit sized for pieces never cuts off a shard's catch-up.
+        self.chunk_bytes = chunk_bytes
+        self.incoming: bytearray | None = None  # backup: the chunks of a snapshot so far
         self.replica = replica
         self.partner = partner          # an endpoint, or a path to the partner's endpoint file (local launcher)
         self.failover_s = failover_s
@@ -121,11 +126,42 @@ class Replica:
         self.transport.send_partner(Header(Op.REPLICATE, req=self.seq, extra=int(change), **fields), payload)
         self.last_sent = now
 
-    def start_stream(self, snapshot: bytes, now: float) -> None:
-        """Primary: the partner asked to be the backup (HELLO): send the whole state, then every change."""
+    def start_stream(self, snapshot: bytes, now: float) -> int:
+        """Primary: the partner asked to be the backup (HELLO): send the whole state, in chunks, then every change.
+        Returns the number of chunks."""
         self.in_sync = True
         self.last_heard = now
-        self.send_change(Change.SNAPSHOT, now, np.frombuffer(snapshot, np.uint8), numel=len(snapshot))
+        data = np.frombuffer(snapshot, np.uint8)
+        step = self.chunk_bytes or max(len(data), 1)
+        offsets = range(0, max(len(data), 1), step)
+        for offset in offsets:
+            part = data[offset: offset + step]
+            self.send_change(Change.SNAPSHOT, now, part, offset=offset, numel=len(part), clock=len(data))
+        return len(offsets)
+
+    def expects_chunk(self, header: Header) -> bool:
+        """A snapshot's first chunk, or the next one of the snapshot being received. Any other (what an earlier
+        stream left queued, or a gap) is ignored and unacknowledged: the HELLO resend restarts the stream."""
+        if header.offset == 0 or (self.incoming is not None and header.req == self.seq + 1
+                                  and header.offset == len(self.incoming)):
+            return True
+        self.incoming = None
+        return False
+
+    def snapshot_chunk(self, header: Header, payload: memoryview | None) -> bytes | None:
+        """Backup: take one chunk of a snapshot (`expects_chunk`); returns the whole snapshot with its last chunk,
+        else None. The buffer grows with the bytes received, never to a size a header states."""
+        if header.offset == 0:
+            self.incoming = bytearray()
+        assert self.incoming is not None  # expects_chunk
+        self.incoming += payload if payload is not None else b""
+        if len(self.incoming) > header.clock:
+            self.incoming = None
+            raise ValueError(f"snapshot chunks longer than the {header.clock} bytes announced")
+        if len(self.incoming) < header.clock:
+            return None
+        whole, self.incoming = bytes(self.incoming), None
+        return whole
 
     # -- replies to workers -------------------------------------------------------------------------------------
     def reply(self, peer: bytes, header: Header, payload: np.ndarray | None) -> bool:
@@ -157,6 +193,7 @@ class Replica:
         self.role, self.in_sync = Role.JOINING, False
         self.held.clear()
         self.hello_at = float("-inf")
+        self.incoming = None
 
     def awake(self, now: float) -> None:
         """Called every loop iteration and before every judgement of the partner's silence. After a pause of this
@@ -170,6 +207,10 @@ class Replica:
     def primary_silent(self, now: float) -> bool:
         self.awake(now)
         return now - self.last_heard > self.failover_s
+
+    def _receiving_since(self) -> float:
+        """While a snapshot's chunks keep coming, a HELLO resend would only restart it."""
+        return self.last_heard if self.incoming is not None else float("-inf")
 
     def tick(self, now: float) -> str | None:
         """Timers: heartbeats, a dead backup, HELLO resends. Returns an event to log, or None."""
@@ -188,7 +229,7 @@ class Replica:
             # from it that its primary is alive (it must not take over) and that it missed changes (it joins again).
             self.transport.send_partner(Header(Op.REPLICATE, req=0, extra=int(Change.HEARTBEAT)))
             self.last_sent = now
-        elif self.role is Role.JOINING and now - self.hello_at > self.failover_s / 2:
+        elif self.role is Role.JOINING and now - max(self.hello_at, self._receiving_since()) > self.failover_s / 2:
             self.hello_at = now
             self.transport.send_partner(Header(Op.HELLO, extra=self.replica))
         return None
@@ -232,7 +273,7 @@ class ReplicaHandlers:
             try:
                 self._replay(peer, header, payload, now)
             except (ValueError, KeyError, struct.error) as error:  # a change this state cannot take: resync
-                self._refuse(peer, header, f"replication: {error!r}")
+                self._refuse(peer, header, "replication", f"replication: {error!r}")
                 if replica.role is Role.BACKUP:
                     replica.demote()
             return True
@@ -271,8 +312,8 @@ class ReplicaHandlers:
             replica.role = Role.PRIMARY
             self._event("serving", reason="both replicas restarted", updates=self.updates)
         if replica.connect():
-            replica.start_stream(snapshot_bytes(self._snapshot()), now)
-            self._event("streaming", updates=self.updates)
+            chunks = replica.start_stream(snapshot_bytes(self._snapshot()), now)
+            self._event("streaming", updates=self.updates, chunks=chunks)
 
     def _replay(self, peer: bytes, header: Header, payload: memoryview | None, now: float) -> None:
         """Backup: apply one change of the primary's stream, in order, and acknowledge it."""
@@ -293,9 +334,13 @@ class ReplicaHandlers:
                 self._event("rejoining", reason="the primary serves without this backup")
             return
         if change == Change.SNAPSHOT:
-            self._adopt(load_shards(bytes(payload)))
-            replica.role = Role.BACKUP
-            self._event("synced", updates=self.updates)
+            if not replica.expects_chunk(header):
+                return
+            whole = replica.snapshot_chunk(header, payload)
+            if whole is not None:
+                self._adopt(load_shards(whole))
+                replica.role = Role.BACKUP
+                self._event("synced", updates=self.updates)
         elif replica.role is Role.JOINING:
             return  # what an earlier stream left queued; the snapshot comes first
         elif header.req != replica.seq + 1:  # a gap: the stream restarted without us; ask again

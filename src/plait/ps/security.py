@@ -1,19 +1,26 @@
-"""CurveZMQ between parameter-server hosts: traffic encrypted, and servers that serve only peers holding a known key.
+"""CurveZMQ between parameter-server hosts: traffic encrypted, servers that serve only peers holding a known key, and
+each peer known by its key (what it may send is trust.py's).
 
 Off by default (a trusted cluster network, as ps-lite assumes); `sync.curve_keys = "DIR"` turns it on for every
 server, worker, evaluator and the launcher. `plait ps keys DIR` makes the directory:
 
-    DIR/server.key, DIR/server.key_secret    the servers' keypair (one for all servers of the job)
-    DIR/client.key, DIR/client.key_secret    the keypair workers, evaluators and the launcher present
-    DIR/authorized/client.key                 the public keys servers accept (drop more client .key files here)
+    DIR/server.key, DIR/server.key_secret      the servers' keypair (one for all servers of the job); a replica
+                                                presents it to its partner
+    DIR/client.key, DIR/client.key_secret      the workers' and evaluators' keypair: push and pull only
+    DIR/launcher.key, DIR/launcher.key_secret  the launcher's: creates the model's pieces, says SHUTDOWN
+    DIR/authorized/                            the public keys servers complete a handshake with (client, launcher,
+                                                server; drop more .key files here to admit more peers)
+    DIR/control/                               the public keys that may send control messages (launcher; add more)
 
-A server host needs server.key_secret and authorized/; a worker host needs server.key and client.key_secret. A
-peer without an accepted key completes no handshake: the server never sees its messages, and it waits until its
-own timeout. The handshake (CurveZMQ, RFC 26) authenticates both ends and encrypts every frame after it.
+A server host needs server.key, server.key_secret, authorized/ and control/; a worker host server.key and
+client.key_secret; the launcher's host launcher.key_secret too. A peer without an accepted key completes no
+handshake: the server never sees its messages, and it waits until its own timeout. The handshake (CurveZMQ, RFC 26)
+authenticates both ends and encrypts every frame after it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,15 +30,21 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+CLIENT, LAUNCHER, SERVER = "client", "launcher", "server"   # the keypairs of a key directory, by who presents them
+
 
 @dataclass(frozen=True, slots=True)
 class CurveKeys:
     directory: Path
+    identity: str = CLIENT         # the keypair this process presents when it connects
 
     @classmethod
-    def from_setting(cls, value: str | Path | None) -> CurveKeys | None:
+    def from_setting(cls, value: str | Path | None, identity: str = CLIENT) -> CurveKeys | None:
         """`sync.curve_keys` as given ("" or None: CurveZMQ off)."""
-        return cls(Path(value)) if value else None
+        return cls(Path(value), identity) if value else None
+
+    def presenting(self, identity: str) -> CurveKeys:
+        return dataclasses.replace(self, identity=identity)
 
     def _load(self, name: str, secret: bool) -> tuple[bytes, bytes | None]:
         path = self.directory / (f"{name}.key_secret" if secret else f"{name}.key")
@@ -43,13 +56,19 @@ class CurveKeys:
         except ValueError as err:
             raise ValueError(f"sync.curve_keys: {path} is not a CurveZMQ certificate: {err}") from err
 
+    def _folder(self, name: str, what: str) -> Path:
+        folder = self.directory / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"sync.curve_keys: {folder} ({what}) is missing; a directory made before it "
+                                    f"existed needs new keys: `plait ps keys` into an empty directory")
+        return folder
+
     def secure_server(self, socket: zmq.Socket, context: zmq.Context) -> ThreadAuthenticator:
         """Make `socket` (before bind) a CURVE server that accepts only the authorized client keys; returns the
-        authenticator thread, to stop when the socket closes."""
-        public, secret = self._load("server", secret=True)
-        authorized = self.directory / "authorized"
-        if not authorized.is_dir():
-            raise FileNotFoundError(f"sync.curve_keys: {authorized} (the accepted client keys) is missing")
+        authenticator thread, to stop when the socket closes. Each message it receives then carries the sender's
+        public key as its "User-Id" property (Z85 text)."""
+        public, secret = self._load(SERVER, secret=True)
+        authorized = self._folder("authorized", "the accepted keys")
         auth = ThreadAuthenticator(context)
         auth.start()
         auth.configure_curve(domain="*", location=str(authorized))
@@ -58,25 +77,36 @@ class CurveKeys:
         return auth
 
     def secure_client(self, socket: zmq.Socket) -> None:
-        """Make `socket` (before connect) a CURVE client that presents the job's client key."""
-        server_public, _ = self._load("server", secret=False)
-        public, secret = self._load("client", secret=True)
+        """Make `socket` (before connect) a CURVE client that presents this process's keypair (`identity`)."""
+        server_public, _ = self._load(SERVER, secret=False)
+        public, secret = self._load(self.identity, secret=True)
         socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
+
+    def server_key(self) -> str:
+        """The servers' public key (Z85), which a partner replica presents."""
+        return self._load(SERVER, secret=False)[0].decode("ascii")
+
+    def control_keys(self) -> set[str]:
+        """The public keys (Z85) that may send control messages: every .key file in control/."""
+        folder = self._folder("control", "the keys that may send control messages")
+        return {zmq.auth.load_certificate(path)[0].decode("ascii") for path in sorted(folder.glob("*.key"))}
 
 
 def make_keys(directory: str | Path) -> CurveKeys:
     """Create the key directory described above (refuses to overwrite existing keys)."""
     directory = Path(directory)
-    if (directory / "server.key_secret").exists() or (directory / "client.key_secret").exists():
+    if any((directory / f"{name}.key_secret").exists() for name in (SERVER, CLIENT, LAUNCHER)):
         raise FileExistsError(f"{directory} already holds keys; remove them first to make new ones")
-    (directory / "authorized").mkdir(parents=True, exist_ok=True)
+    for folder in ("authorized", "control"):
+        (directory / folder).mkdir(parents=True, exist_ok=True)
     previous = os.umask(0o077)  # secret keys are private from the moment they exist: no window before a chmod
     try:
-        zmq.auth.create_certificates(directory, "server")
-        client_public, _ = zmq.auth.create_certificates(directory, "client")
+        public = {name: zmq.auth.create_certificates(directory, name)[0] for name in (SERVER, CLIENT, LAUNCHER)}
     finally:
         os.umask(previous)
-    shutil.copy(client_public, directory / "authorized" / "client.key")
-    for public in [*directory.glob("*.key"), directory / "authorized" / "client.key"]:
-        public.chmod(0o644)  # public keys stay readable
+    for name in (CLIENT, LAUNCHER, SERVER):
+        shutil.copy(public[name], directory / "authorized" / f"{name}.key")
+    shutil.copy(public[LAUNCHER], directory / "control" / f"{LAUNCHER}.key")
+    for path in [*directory.glob("*.key"), *directory.glob("authorized/*.key"), *directory.glob("control/*.key")]:
+        path.chmod(0o644)  # public keys stay readable
     return CurveKeys(directory)

@@ -15,7 +15,10 @@ State machine per request:
 
 Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically; a
 restarted server resumes from it and workers simply resend what was not acknowledged (see kvstore.py). A message
-that is not a request is logged and dropped; a request that contradicts itself gets an ERROR; the loop goes on.
+that is not a request is counted and dropped; a request its sender's key may not send, that contradicts itself or
+holds a non-finite value gets an ERROR (admission.py checks them all before `handle`); the loop goes on. Refusals are
+logged as counts (refusals.py). An update that leaves a piece non-finite all the same (an overflow) is named where it
+arises, and no checkpoint is written after it: the one on disk stays the last good state.
 
 With `sync.replication = 2` two processes hold the range, a primary and its backup (replication.py): the primary
 streams every change of its state to the backup, which replays it through the same methods (`_store_piece`,
@@ -28,26 +31,27 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
+import sys
 import time
 
 import numpy as np
 
+from plait.ps.admission import SEEDER, RequestChecks, all_finite
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
-from plait.ps.consistency import NO_LIVE_WORKER, ClockTable
+from plait.ps.consistency import ClockTable
 from plait.ps.optim import ShardOptimizer
+from plait.ps.refusals import CountedLog
 from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
 from plait.ps.security import CurveKeys
 from plait.ps.server_config import ServerConfig, Slot, slot_of
 from plait.ps.transport import ServerTransport
-from plait.ps.wire import DTYPES, Flag, Header, MalformedMessage, Op, payload_array
+from plait.ps.trust import Trust, endpoint_is_local
+from plait.ps.wire import Flag, Header, MalformedMessage, Op, payload_array
 from plait.runtime.metrics_log import MetricsLog
 
-MAX_REFUSALS_LOGGED = 20   # refused messages logged one by one; beyond, only counted (in the "stopped" event)
 STATS_EVERY_S = 1.0        # a "stats" event (pieces held, updates applied, bytes) this often while they change
 
-
-class ParameterServer(ReplicaHandlers):
+class ParameterServer(ReplicaHandlers, RequestChecks):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.consistency = config.consistency
@@ -61,14 +65,22 @@ class ParameterServer(ReplicaHandlers):
         self.updates = 0
         self.updates_at_checkpoint = 0
         self.bytes_in = self.bytes_out = 0
-        self.refused = 0                                 # malformed or inconsistent messages, logged and dropped
-        self.transport = ServerTransport(curve=CurveKeys.from_setting(config.curve_keys))
+        curve = CurveKeys.from_setting(config.curve_keys)
+        self.trust = Trust(curve)
+        self.transport = ServerTransport(curve=curve, max_message_bytes=config.max_message_bytes)
         self.log = MetricsLog(config.log_path)
+        # What is refused (refusals.py), and connections that ended (a peer that left, or one cut off for a frame
+        # over max_message_bytes: ZeroMQ does not say which), each logged a count per interval, not a line each.
+        self.refusals = CountedLog(self._event, "refused", config.refusal_log_s)
+        self.disconnects = CountedLog(self._event, "disconnects", config.refusal_log_s)
+        self.diverged: dict | None = None                # the first update that left a piece non-finite
         self.running = True
         self._stats_logged: tuple[int, int, int] | None = None  # (pieces, updates, bytes in) of the last "stats"
         self.signalled: int | None = None                # SIGTERM/SIGINT received (run_server): stop, checkpoint
+        chunk_bytes = config.max_message_bytes // 2 if config.max_message_bytes > 0 else 0
         self.replica = Replica(self.transport, config.replica, config.partner_address, config.failover_s,
-                               fresh=not config.resume, now=now) if config.replication > 1 else None
+                               fresh=not config.resume, now=now, chunk_bytes=chunk_bytes) \
+            if config.replication > 1 else None
         if config.resume and config.checkpoint_path.exists():
             self._restore(load_shards(config.checkpoint_path))
 
@@ -91,6 +103,9 @@ class ParameterServer(ReplicaHandlers):
         return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums)
 
     def checkpoint(self) -> None:
+        if self.diverged is not None:  # the file on disk is the last good state: keep it for --resume
+            self._event("checkpoint_refused", reason="weights not finite", **self.diverged)
+            return
         started = time.perf_counter()
         save_shards(self.config.checkpoint_path, self._snapshot())
         self.updates_at_checkpoint = self.updates
@@ -108,7 +123,7 @@ class ParameterServer(ReplicaHandlers):
         self._stats_logged = now
         self._event("stats", keys=len({key for key, _ in self.shards}), pieces=len(self.shards),
                     elements=sum(shard.param.size for shard in self.shards.values()), updates=self.updates,
-                    bytes_in=self.bytes_in, bytes_out=self.bytes_out, refused=self.refused)
+                    bytes_in=self.bytes_in, bytes_out=self.bytes_out, refused=sum(self.refusals.totals.values()))
 
     # -- loop -------------------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -117,6 +132,11 @@ class ParameterServer(ReplicaHandlers):
         tmp.write_text(endpoint)
         tmp.replace(self.config.endpoint_path)  # the launcher reads it only once complete
         self._event("listening", endpoint=endpoint, consistency=str(self.consistency), pid=os.getpid())
+        if not (self.config.curve_keys or endpoint_is_local(endpoint)):  # allowed by sync.insecure_bind alone
+            print(f"warning: ps server {self.config.index} serves {endpoint} without CurveZMQ (sync.insecure_bind):"
+                  " every host that reaches it is trusted with everything, SHUTDOWN included", file=sys.stderr,
+                  flush=True)
+            self._event("insecure_bind", endpoint=endpoint)
         poll_s = min(0.1, self.config.worker_timeout_s / 4)
         next_stats = time.monotonic()
         try:
@@ -124,8 +144,9 @@ class ParameterServer(ReplicaHandlers):
                 try:
                     message = self.transport.recv_msg(poll_s)
                 except MalformedMessage as error:  # not a request: nothing to answer, keep serving
-                    self._refuse(error.peer, None, str(error))
+                    self._refuse(error.peer, None, "malformed", str(error))
                     message = None
+                self._count_connections(time.monotonic())
                 if self.replica is not None:
                     self.replica.awake(time.monotonic())
                 if message is not None:
@@ -141,73 +162,25 @@ class ParameterServer(ReplicaHandlers):
                 self._event("signalled", signal=signal.Signals(self.signalled).name)
                 self.checkpoint()
         finally:
+            self.refusals.flush()
             self._event("stopped", updates=self.updates, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                        refused=self.refused)
+                        refused=dict(self.refusals.totals), disconnects=self.disconnects.totals.total())
             self.transport.close()
             self.log.close()
 
-    def handle_safely(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
-        """`handle` behind a check of the whole request (`_problem`): a request that cannot be served is answered
-        with an ERROR naming the key and changes no state (a dropped worker named in it does not even rejoin).
-        The try is a last net, so that one request the checks missed cannot end the server."""
-        if self.replica is not None and self._replication(peer, header, payload):
-            return
-        problem = self._problem(header, payload)
-        if problem is None:
-            try:
-                self.handle(peer, header, payload)
-                return
-            except (ValueError, struct.error) as error:
-                problem = str(error)
-        self._refuse(peer, header, problem)
-        self._error(peer, header, problem)
-
-    def _problem(self, header: Header, payload: memoryview | None) -> str | None:
-        """What makes this request unservable, or None. Reads state, never changes it."""
-        op = header.op
-        if header.flags & Flag.OBSERVER:
-            return None if op == Op.PULL else f"an observer may only PULL, not {op.name}"
-        if op == Op.SHUTDOWN:
-            return None
-        if op not in (Op.INIT, Op.PUSH, Op.PULL, Op.PUSHPULL, Op.BYE):
-            return f"unexpected op {op.name}"
-        if not 0 <= header.worker < self.config.num_workers:
-            return f"worker id {header.worker} outside 0..{self.config.num_workers - 1}"
-        if not -1 <= header.clock < NO_LIVE_WORKER:  # clocks stay below it, and so fit every field of a reply
-            return f"clock {header.clock} outside [-1, 2**62)"
-        if op == Op.BYE:
-            return None
-        if op in (Op.INIT, Op.PUSH, Op.PUSHPULL):
-            if payload is None:
-                return f"{op.name} without a value"
-            if len(payload) != header.numel * DTYPES[header.dtype].itemsize:
-                return (f"says {header.numel} {DTYPES[header.dtype]} elements, the payload holds {len(payload)} "
-                        "bytes")
-        if op == Op.INIT:
-            if header.numel < 1:
-                return "INIT of an empty piece (numel 0)"
-            if slot_of(header) not in self.shards and not self._overlaps_stored(header):
-                return None  # a new piece
-        return self._shard_problem(header)
-
-    def _shard_problem(self, header: Header) -> str | None:
-        shard = self.shards.get(slot_of(header))
-        if shard is not None and shard.param.size == header.numel and shard.param.dtype == DTYPES[header.dtype]:
-            return None
-        stored = [f"[{s.offset}, +{s.param.size})" for (k, _), s in sorted(self.shards.items()) if k == header.key]
-        if not stored:
-            return "key was never initialised (call init first)"
-        return (f"piece [{header.offset}, +{header.numel}) does not match the stored pieces {', '.join(stored)}: "
-                "do all workers use the same sharding?")
-
-    def _refuse(self, peer: bytes, header: Header | None, reason: str) -> None:
-        self.refused += 1
-        if self.refused <= MAX_REFUSALS_LOGGED:  # a flood of garbage must not fill the disk; the total is logged
-            self._event("refused", peer=peer.hex(), op=header.op.name if header else None,
-                        key=header.key if header else None, reason=reason)
+    def _count_connections(self, now: float) -> None:
+        events = self.transport.connection_events
+        if events:
+            if events["handshake"]:
+                self.refusals.count("handshake", now, times=events["handshake"])
+            if events["disconnected"]:
+                self.disconnects.count("disconnected", now, times=events["disconnected"])
+            events.clear()
+        self.refusals.tick(now)
+        self.disconnects.tick(now)
 
     def handle(self, peer: bytes, header: Header, payload: memoryview | None) -> None:
-        """Serve a request that passed `_problem`."""
+        """Serve a request that passed the checks (admission.py)."""
         self.bytes_in += len(payload) if payload is not None else 0
         if header.flags & Flag.OBSERVER:
             self._answer_pull(peer, header, observer=True)
@@ -218,6 +191,9 @@ class ParameterServer(ReplicaHandlers):
             self.running = False
             return
         now = time.monotonic()
+        if header.worker == SEEDER:  # an INIT that only creates pieces: no worker to count
+            self._init(peer, header, payload)
+            return
         if header.op == Op.INIT and self.clocks.start_again(header.worker, now):
             self._event("started_again", worker=header.worker)  # it had said goodbye; a resumed job needs it
         if header.op != Op.BYE and self.clocks.seen(header.worker, now):  # a goodbye is no rejoin
@@ -255,20 +231,13 @@ class ParameterServer(ReplicaHandlers):
             value = payload_array(header, payload)
             self._store_piece(slot, value)
             self._replicate(Change.INIT, header, value)
-        clock = self.clocks.clocks[slot][header.worker]
+        clock = self.clocks.clocks[slot][header.worker] if header.worker != SEEDER else -1
         self._send(peer, header.reply(Op.ACK, extra=clock))
 
     def _store_piece(self, slot: Slot, value: np.ndarray) -> None:
         param = value.copy()  # owned and writable
         self.shards[slot] = ShardState(slot[1], param, self.optimizer.init(param), [])
         self.clocks.add_key(slot)
-
-    def _overlaps_stored(self, header: Header) -> bool:
-        """A new piece overlapping a stored one means the workers' sharding differs (servers, piece size, key size):
-        `_problem` then refuses it, naming the stored pieces, instead of keeping two copies of some elements."""
-        lo, hi = header.offset, header.offset + header.numel
-        return any(k == header.key and s.offset < hi and lo < s.offset + s.param.size
-                   for (k, _), s in self.shards.items())
 
     def _push(self, peer: bytes, header: Header, payload: memoryview, ack: bool = True) -> None:
         slot = slot_of(header)
@@ -294,6 +263,7 @@ class ParameterServer(ReplicaHandlers):
             self._writable(slot)
             self.optimizer.apply(shard.param, grad, shard.opt_state, 1.0 / self.config.num_workers)
             self.updates += 1
+            self._check_finite(slot, clock, worker)
         self.clocks.advance(slot, worker, clock)
 
     def _pull(self, peer: bytes, header: Header, ack_if_parked: bool = False) -> None:
@@ -351,6 +321,24 @@ class ParameterServer(ReplicaHandlers):
         self._writable(slot)
         self.optimizer.apply(shard.param, total, shard.opt_state, 1.0 / count)
         self.updates += 1
+        self._check_finite(slot, clock, None)
+
+    def _check_finite(self, slot: Slot, clock: int, worker: int | None) -> None:
+        """Pushes are finite (`_admission`), but an update can still overflow (a huge gradient, a huge lr). The
+        first that leaves a piece non-finite is named here, where it arises; from then on no checkpoint is written,
+        so the one on disk stays the last good state (--resume), and the workers, pulling non-finite weights, stop
+        the run."""
+        if self.diverged is not None or all_finite(self.shards[slot].param):
+            return
+        self.diverged = {"key": slot[0], "offset": slot[1], "clock": clock, "worker": worker,
+                         "last_checkpoint": str(path) if (path := self.config.checkpoint_path).exists() else None,
+                         "checkpoint_updates": self.updates_at_checkpoint}
+        self._event("diverged", **self.diverged)
+        by = f"worker {worker}'s push" if worker is not None else "the mean of the workers' pushes"
+        print(f"ps server {self.config.index}: piece [{slot[1]}, +{self.shards[slot].param.size}) of key {slot[0]} "
+              f"is not finite after clock {clock} ({by}); no checkpoint is written from now on, the last good one "
+              f"is {self.diverged['last_checkpoint'] or 'none (no checkpoint written yet)'}", file=sys.stderr,
+              flush=True)
 
     def _progress(self, slot: Slot | None = None) -> None:
         if self.replica is not None and self.replica.role is not Role.PRIMARY:
@@ -367,7 +355,7 @@ class ParameterServer(ReplicaHandlers):
     def _checkpoint_if_due(self) -> None:
         # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
         every = self.config.checkpoint_every * max(1, len(self.shards))
-        if every and self.updates - self.updates_at_checkpoint >= every:
+        if every and self.updates - self.updates_at_checkpoint >= every and self.diverged is None:
             self.checkpoint()
 
     def _drop_silent(self) -> None:

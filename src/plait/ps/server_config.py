@@ -12,13 +12,27 @@ from pathlib import Path
 
 from plait.ps.consistency import BSP, Consistency
 from plait.ps.optim import OptimizerConfig
-from plait.ps.wire import Header
+from plait.ps.sharding import DEFAULT_PIECE_NUMEL
+from plait.ps.trust import check_bind
+from plait.ps.wire import HEADER_BYTES, Header
 
 Slot = tuple[int, int]  # (key, offset): one piece of a key, the unit of state, clocks and checkpointing
 
 
 def slot_of(header: Header) -> Slot:
     return header.key, header.offset
+
+
+UNPIECED_MESSAGE_BYTES = 1 << 30  # the auto limit when keys are not cut into pieces (sync.piece_numel = 0)
+MIN_MESSAGE_BYTES = 4096
+
+
+def message_limit(setting: int, piece_numel: int) -> int:
+    """`sync.max_message_bytes` resolved: 0 (auto) is twice the largest legitimate message, a piece of
+    `piece_numel` float64 values and its header (8 MiB for the default pieces); -1 is no limit."""
+    if setting != 0:
+        return setting
+    return 2 * (piece_numel * 8 + HEADER_BYTES) if piece_numel else UNPIECED_MESSAGE_BYTES
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,6 +51,9 @@ class ServerConfig:
     replica: int = 0                   # which of the two this process is
     partner: str = ""                  # the other replica's endpoint ("": read from its endpoint file in state_dir)
     failover_s: float = 2.0            # a replica silent this long is taken for dead
+    insecure_bind: bool = False        # serve beyond loopback without CurveZMQ (trust.py); else refused
+    max_message_bytes: int = message_limit(0, DEFAULT_PIECE_NUMEL)  # ZeroMQ MAXMSGSIZE on every socket (-1: none)
+    refusal_log_s: float = 10.0        # refusals are logged as a count and a sample at most this often
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -48,6 +65,12 @@ class ServerConfig:
                              f"{self.replication} and {self.replica}")
         if self.failover_s <= 0:
             raise ValueError(f"sync.failover_s must be > 0, got {self.failover_s}")
+        if self.max_message_bytes != -1 and self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(f"sync.max_message_bytes must be -1 (no limit), 0 (auto) or >= {MIN_MESSAGE_BYTES}, got "
+                             f"{self.max_message_bytes}")
+        if self.refusal_log_s < 0:
+            raise ValueError(f"refusal_log_s must be >= 0, got {self.refusal_log_s}")
+        check_bind(self.endpoint, self.curve_keys, self.insecure_bind, f"server {self.index} (--bind)")
 
     @property
     def name(self) -> str:

@@ -3,10 +3,12 @@
 The model's trainable parameters are one flat float32 key (key 0), as DDP's buckets: one message per piece (2 MiB
 at most, see kvstore.py) per step. Worker r reads the r-th of N interleaved slices of the training set; the batch
 of step t is drawn by a generator seeded with (seed, r, t), so a resumed worker draws the same batches it would have.
+A step whose loss or gradient is not finite is never pushed: it stops the run or is skipped (divergence.py).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from plait.core.flat import FlatSpec, flat_params, split_views
 from plait.core.models import build_model
 from plait.data.images import load_image_set
 from plait.ps.config import PSRunConfig
+from plait.ps.divergence import WorkerDiverged, step_problem
 from plait.ps.kvstore import KVStore
+from plait.ps.security import LAUNCHER, CurveKeys
 from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, truncate_metrics
 
 PARAMS_KEY = 0
@@ -47,6 +51,21 @@ def build_flat_model(config: PSRunConfig) -> tuple[torch.nn.Module, torch.Tensor
     model = build_model(config.model.name)
     flat, spec = flat_params(model)
     return model, flat.contiguous(), spec
+
+
+def create_pieces(config: PSRunConfig, endpoints: list[str], backups: list[str] | None = None) -> None:
+    """Store the model's initial pieces on the servers before any worker starts (the launcher's first step; an INIT
+    as worker -1, counted in no clock). With sync.curve_keys only a control key may create pieces (trust.py), so
+    this presents the launcher's; the workers' INITs then find the pieces and only read their clocks. Pieces a
+    server already holds (a resumed run) stay as they are."""
+    _, weights, _ = build_flat_model(config)
+    sync = config.sync
+    kv = KVStore(endpoints, -1, retry_s=sync.retry_s, timeout_s=sync.wait_timeout_s, piece_numel=sync.piece_numel,
+                 curve_keys=CurveKeys.from_setting(sync.curve_keys, LAUNCHER), backups=backups or None)
+    try:
+        kv.init(PARAMS_KEY, weights)
+    finally:
+        kv.close(goodbye=False)
 
 
 def loss_and_grad(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, x: torch.Tensor,
@@ -88,10 +107,11 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
                  curve_keys=sync.curve_keys, backups=backups)
     kv.init(PARAMS_KEY, weights)
     first = kv.clock(PARAMS_KEY) + 1  # > 0 when the servers resumed from checkpoints
-    kv.wait(kv.pull(PARAMS_KEY, weights))
     if start_barrier:
+        # Before the first pull: a resumed BSP worker whose clock is ahead of another's (a run stopped mid-clock)
+        # pulls at a clock that waits for the other's push, which would wait here for it.
         wait_for_start(run_dir, rank, config.sync.wait_timeout_s)
-        kv.wait(kv.pull(PARAMS_KEY, weights))  # on a resumed run other workers may have pushed meanwhile
+    kv.wait(kv.pull(PARAMS_KEY, weights))
     log_path = Path(run_dir) / f"worker-{rank}.jsonl"
     started = time.perf_counter()
     if first:
@@ -109,6 +129,23 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             rng = np.random.default_rng([config.run.seed, rank, step])
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
             loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])
+            if rank == config.fault.nan_worker and step == config.fault.nan_at_step:
+                loss, grad = loss * math.nan, grad * math.nan  # an injected divergence
+            problem = step_problem(loss, grad, weights)
+            if problem is not None:
+                text, skippable = problem
+                if config.train.on_divergence == "stop" or not skippable:
+                    message = (f"ps worker {rank}, step {step}: {text}; the run stops (train.on_divergence = "
+                               f"'{config.train.on_divergence}': lower optimizer.lr, or set it to 'skip')")
+                    log.write({"event": "diverged", "step": step, "worker": rank, "reason": message,
+                               "time": time.time()})
+                    kv.close(goodbye=False)
+                    raise WorkerDiverged(message)
+                kv.wait(kv.skip(PARAMS_KEY, weights))  # nothing pushed; the clock goes on with the others' gradients
+                log.write({"step": step, "worker": rank, "skipped": text, "time": time.time(),
+                           "elapsed_s": time.perf_counter() - started})
+                step = max(step + 1, kv.clock(PARAMS_KEY) + 1)
+                continue
             compute_s = time.perf_counter() - step_start
             pad_s = config.straggler.step_time(compute_s, rank, step, num_workers) - compute_s  # never negative
             if pad_s > 0:

@@ -12,10 +12,13 @@ the server sends its live weights, tracked, and updates them copy-on-write while
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from plait.ps.security import CurveKeys
+from plait.ps.security import SERVER, CurveKeys
 from plait.ps.wire import Header, MalformedMessage
 
 # Below this size ZeroMQ copies anyway and a tracker costs more than the copy.
@@ -36,20 +39,32 @@ def _payload_frames(header: Header, payload: np.ndarray | None) -> list:
 
 
 class ServerTransport:
-    def __init__(self, context: zmq.Context | None = None, curve: CurveKeys | None = None):
+    def __init__(self, context: zmq.Context | None = None, curve: CurveKeys | None = None,
+                 max_message_bytes: int = -1):
         # A CURVE server gets a context of its own: its authenticator binds the context's one ZAP address, so two
         # servers (or a server and its restart) in one process could not share a context.
         self._own_context = curve is not None and context is None
         self._context = zmq.Context() if self._own_context else context or zmq.Context.instance()
+        self._max_message_bytes = max_message_bytes
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply: queues are bounded by the workers
         self._socket.setsockopt(zmq.RCVHWM, 0)
+        # ZeroMQ reads a frame's size before it allocates the frame: a larger one ends that peer's connection, the
+        # server never holds it, and every other peer is served on.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Connection events: ZeroMQ tells of a cut-off peer (an oversized frame) only as a disconnect, and of a
+        # refused CurveZMQ handshake as a failed one. Counted in `connection_events`, read by the server.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.connection_events: Counter[str] = Counter()
         self._auth = None
         self._curve = curve
         self._link: zmq.Socket | None = None   # DEALER to the partner replica (sync.replication = 2)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         if curve is not None:
             try:
                 self._auth = curve.secure_server(self._socket, self._context)
@@ -74,10 +89,10 @@ class ServerTransport:
         partner's ACKs come back on it (and are read by `recv_msg` with peer PARTNER)."""
         link = self._context.socket(zmq.DEALER)
         for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.RECONNECT_IVL, 50),
-                              (zmq.RECONNECT_IVL_MAX, 500)):
+                              (zmq.RECONNECT_IVL_MAX, 500), (zmq.MAXMSGSIZE, self._max_message_bytes)):
             link.setsockopt(option, value)
         if self._curve is not None:
-            self._curve.secure_client(link)
+            self._curve.presenting(SERVER).secure_client(link)  # the partner knows a server by the servers' key
         link.connect(endpoint)
         self._link = link
         self._poller.register(link, zmq.POLLIN)
@@ -91,19 +106,23 @@ class ServerTransport:
         except zmq.Again:
             return False
 
-    def recv_msg(self, timeout_s: float) -> tuple[bytes, Header, memoryview | None] | None:
-        """The next request, or None after `timeout_s`; raises MalformedMessage (naming the sender) for one that
-        is not a request at all. ROUTER always prepends the sender's identity frame; a message from the link to the
-        partner replica comes with peer PARTNER."""
+    def recv_msg(self, timeout_s: float) -> tuple[bytes, Header, memoryview | None, str | None] | None:
+        """The next request, or None after `timeout_s`: (sender's identity, header, payload, sender's CurveZMQ public
+        key in Z85, None without CurveZMQ). Raises MalformedMessage (naming the sender) for one that is not a request
+        at all. ROUTER always prepends the sender's identity frame; a message from the link to the partner replica
+        comes with peer PARTNER."""
         ready = dict(self._poller.poll(int(timeout_s * 1000)))
-        if not ready:
-            return None
+        if self._monitor in ready:
+            self._count_connection_events()
         if self._link is not None and self._link in ready:
             frames = self._link.recv_multipart(copy=False)
             try:
-                return PARTNER, Header.unpack(frames[0].buffer), frames[1].buffer if len(frames) > 1 else None
+                return (PARTNER, Header.unpack(frames[0].buffer), frames[1].buffer if len(frames) > 1 else None,
+                        None)
             except ValueError as error:
                 raise MalformedMessage(PARTNER, str(error)) from None
+        if self._socket not in ready:
+            return None
         frames = self._socket.recv_multipart(copy=False)
         peer = frames[0].bytes
         if len(frames) < 2:
@@ -112,11 +131,19 @@ class ServerTransport:
             header = Header.unpack(frames[1].buffer)
         except ValueError as error:
             raise MalformedMessage(peer, str(error)) from None
-        return peer, header, frames[2].buffer if len(frames) > 2 else None
+        key = frames[1].get("User-Id") if self._curve is not None else None  # set by the CurveZMQ authenticator
+        return peer, header, frames[2].buffer if len(frames) > 2 else None, key
+
+    def _count_connection_events(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            self.connection_events["disconnected" if event == zmq.EVENT_DISCONNECTED else "handshake"] += 1
 
     def close(self) -> None:
         if self._link is not None:
             self._link.close(linger=0)
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()

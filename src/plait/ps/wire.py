@@ -17,7 +17,8 @@ VERSION = 1
 
 
 class Op(enum.IntEnum):
-    INIT = 1       # worker → server: a key's piece and its initial value (first writer wins)
+    INIT = 1       # worker → server: a key's piece and its initial value (first writer wins); from worker -1,
+                   # the launcher creating pieces before the workers start (counted in no clock)
     PUSH = 2       # worker → server: a gradient piece for clock `clock`
     PULL = 3       # worker → server: want the piece as of clock `clock` (under the consistency model)
     BYE = 4        # worker → server: this worker finished; leave the clock

@@ -17,11 +17,13 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
+from plait.ps.divergence import WorkerDiverged
 from plait.ps.launcher import ClusterSummary, LocalCluster, server_checkpoints
 from plait.settings.config import apply_overrides, from_dict, load_toml
 
@@ -55,7 +57,11 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         warnings.warn(f"--allreduce {allreduce} is ignored: sync.kind = 'ps' synchronises through parameter servers",
                       stacklevel=1)
     config = load_run_config(config_path, overrides)
-    summary = run_ps(config, nproc, resume)
+    try:
+        summary = run_ps(config, nproc, resume)
+    except WorkerDiverged as err:  # the run started and failed: exit 1 (a usage or config error is 2)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]diverged:[/] {escape(str(err))}", highlight=False)
+        raise SystemExit(1) from None
     final = summary.final
     console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {nproc} worker(s): test loss "
                   f"[bold]{final.get('test_loss', float('nan')):.4f}[/], accuracy "
