@@ -142,6 +142,14 @@ class FaultSection:
     nan_worker: int = -1             # this worker's loss and gradient turn NaN at nan_at_step (a diverged step)
     nan_at_step: int = 0
 
+    def kill_plan(self, servers: int, processes: int) -> list[tuple[int, int]]:
+        """(step, process) of each server kill asked for, in order (process p is server p mod S, replica p // S)."""
+        if self.kill_server < 0:
+            return []
+        first = self.kill_replica * servers + self.kill_server
+        count = processes if self.kill_every else 1
+        return [(self.kill_at_step + n * self.kill_every, (first + n) % processes) for n in range(count)]
+
     def __post_init__(self) -> None:
         if self.stall_s < 0:
             raise ValueError(f"fault.stall_s must be >= 0, got {self.stall_s}")

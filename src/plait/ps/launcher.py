@@ -28,11 +28,9 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from plait.ps.checkpoint import checkpointed_clock
@@ -44,6 +42,7 @@ from plait.ps.kvstore import KVStore
 from plait.ps.node import node_command
 from plait.ps.security import LAUNCHER, CurveKeys
 from plait.ps.server_config import server_name
+from plait.ps.summary import ClusterSummary
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, create_pieces, evaluate, load_split
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
@@ -63,20 +62,6 @@ class StoppedBySignal(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-@dataclass(slots=True)
-class ClusterSummary:
-    run_dir: Path
-    elapsed_s: float
-    final: dict[str, Any]
-    time_to_target_s: float | None
-    server_restarts: int
-    failed_workers: list[int]
-    max_staleness: dict[int, int]
-    weights: np.ndarray = field(repr=False)
-    worker_restarts: dict[int, int] = field(default_factory=dict)  # rank -> restarts, for those restarted
-    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal ended the run early
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -308,7 +293,7 @@ class LocalCluster:
         observer.init(PARAMS_KEY, weights)
         failed = self.failed_workers
         time_to_target = None
-        kills = self._kill_plan()
+        kills = self.config.fault.kill_plan(self.config.sync.servers, self.num_processes)
         started_workers = False
         last: dict[str, Any] = {}
         next_eval = 0.0
@@ -379,15 +364,6 @@ class LocalCluster:
         if not self.resume:
             return 0
         return max((checkpointed_clock(path) + 1 for path in server_checkpoints(self.run_dir)), default=0)
-
-    def _kill_plan(self) -> list[tuple[int, int]]:
-        """(step, process) of each kill fault.kill_* asks for, in order."""
-        fault, servers = self.config.fault, self.config.sync.servers
-        if fault.kill_server < 0:
-            return []
-        first = fault.kill_replica * servers + fault.kill_server
-        count = self.num_processes if fault.kill_every else 1
-        return [(fault.kill_at_step + n * fault.kill_every, (first + n) % self.num_processes) for n in range(count)]
 
     def _inject_kill(self, kills: list[tuple[int, int]], step: int) -> None:
         if not kills or step < kills[0][0]:

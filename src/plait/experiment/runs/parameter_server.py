@@ -24,7 +24,8 @@ from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
 from plait.ps.divergence import WorkerDiverged
-from plait.ps.launcher import ClusterSummary, LocalCluster, server_checkpoints
+from plait.ps.launcher import LocalCluster, server_checkpoints
+from plait.ps.summary import ClusterSummary
 from plait.settings.config import apply_overrides, from_dict, load_toml
 
 

@@ -1,0 +1,23 @@
+"""What a parameter-server run hands back to its driver when it ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class ClusterSummary:
+    run_dir: Path
+    elapsed_s: float
+    final: dict[str, Any]
+    time_to_target_s: float | None
+    server_restarts: int
+    failed_workers: list[int]
+    max_staleness: dict[int, int]
+    weights: np.ndarray = field(repr=False)
+    worker_restarts: dict[int, int] = field(default_factory=dict)  # rank -> restarts, for those restarted
+    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal ended the run early
