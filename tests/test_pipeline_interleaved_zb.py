@@ -243,3 +243,41 @@ def test_cli_refuses_an_impossible_interleaving_before_starting(tmp_path):
     assert result.exit_code == 2
     assert "parallel.micro_batches = 6 must be a multiple of parallel.stages = 4" in " ".join(result.output.split())
     assert not list(tmp_path.iterdir())  # nothing was created for a run that cannot start
+
+
+def test_split_backward_segments_end_at_parameter_layers():
+    from plait.parallel.pipeline.split_backward import _segments
+
+    relu_inplace = nn.ReLU(inplace=True)
+    layers = [nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), relu_inplace, nn.Dropout(0.0),
+              nn.Linear(4, 2), nn.ReLU()]
+    groups = _segments(nn.Sequential(*layers))
+    # W on a segment runs only its parameter layer's backward; an in-place layer stays before the cut
+    assert [[type(layer).__name__ for layer in g] for g in groups] == [
+        ["Flatten", "Linear"], ["ReLU", "Linear", "ReLU"], ["Dropout", "Linear"], ["ReLU"]]
+    torch.manual_seed(0)
+    module = nn.Sequential(*layers)
+    x = torch.randn(3, 4, requires_grad=True)
+    out_grad = torch.randn(3, 2)
+    want_input, want_params = _reference_grads(module, x, out_grad)
+    graph = SplitBackward(module, x)
+    torch.testing.assert_close(graph.backward_input(out_grad), want_input, atol=1e-6, rtol=0)
+    graph.backward_weight()
+    for p, want in zip(module.parameters(), want_params):
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=0)
+
+
+def test_split_backward_frees_every_saved_activation_after_w():
+    from plait.parallel.pipeline.memory import ActivationMeter
+
+    # W prunes the ReLU at the start of [ReLU, Linear]: its saved output must still be freed with the graph
+    torch.manual_seed(0)
+    stage = deep_mlp(depth=4, hidden=8, in_features=6)[1:]  # Linear, ReLU, Linear, ReLU, ...
+    meter = ActivationMeter(stage.parameters())
+    with meter.recording():
+        graph = SplitBackward(stage, torch.randn(5, 6, requires_grad=True))
+    held = meter.live_bytes
+    graph.backward_input(torch.randn(5, 10))
+    assert meter.live_bytes == held  # B keeps what W needs
+    graph.backward_weight()
+    assert held > 0 and meter.live_bytes == 0

@@ -2,13 +2,16 @@
 stage's input (on the critical path: the previous stage waits for it), and W, the weight gradients (nothing waits
 for them, so the schedule puts them where the stage would otherwise idle).
 
-The forward runs the stage in segments, a new one at every layer with trainable parameters (a parameter-free layer
-such as a ReLU stays with the layer before it), each on a detached copy of the previous segment's output: every
-segment has its own autograd graph. B walks the segments backwards asking autograd for each segment's input gradient
-alone (`torch.autograd.grad`, which computes no weight gradient; graphs with parameters are retained) and keeps each
-segment's output gradient; W asks each segment's graph for its parameters' gradients alone (`inputs=`), accumulated
-into `.grad`. Together they do the work of one backward, each piece once. A stage that is not an nn.Sequential is
-one segment: still correct, but its W then redoes the input-gradient chain inside it.
+The forward runs the stage in segments, each ending at a layer with trainable parameters ([Flatten, Linear],
+[ReLU, Linear], ...), each on a detached copy of the previous segment's output: every segment has its own autograd
+graph. B walks the segments backwards asking autograd for each segment's input gradient alone (`torch.autograd.grad`,
+which computes no weight gradient; graphs with parameters are retained) and keeps the gradient of each segment's
+output, i.e. of its parameter layer's output; W asks each segment's graph for its parameters' gradients alone
+(`inputs=`, so autograd runs only the parameter layer's node, not the ReLU before it), accumulated into `.grad`.
+Together they do the work of one backward, each piece once. A layer that works in place (`inplace=True`) stays in
+the segment before it (it may not modify a segment's detached input), and so does its backward, then run in B and
+again in W. A stage that is not an nn.Sequential is one segment: still correct, but its W redoes the input-gradient
+chain inside it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import torch
 from torch import nn
 
 
+def _trainable(layers: list[nn.Module]) -> bool:
+    return any(p.requires_grad for layer in layers for p in layer.parameters())
+
+
 def _segments(module: nn.Module) -> list[list[nn.Module]]:
+    """Consecutive layers, cut after each layer with trainable parameters (unless the next works in place)."""
     layers = list(module.children()) if isinstance(module, nn.Sequential) else [module]
     groups: list[list[nn.Module]] = []
     for layer in layers:
-        trainable = any(p.requires_grad for p in layer.parameters())
-        if not groups or trainable:
+        if not groups or (_trainable(groups[-1]) and not getattr(layer, "inplace", False)):
             groups.append([])
         groups[-1].append(layer)
     return groups
