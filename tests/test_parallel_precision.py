@@ -126,8 +126,8 @@ def _pipeline_rank(rank: int, world_size: int) -> dict:
             optimizer.step()
             if record.loss is not None:
                 losses.append(float(record.loss))
-        out[precision] = {"losses": losses, "wire": str(stage._shapes[4].output[1] if rank == 0 else
-                                                       stage._shapes[4].input[1])}
+        out[precision] = {"losses": losses, "wire": str(stage._shapes[4][0].output[1] if rank == 0 else
+                                                       stage._shapes[4][0].input[1])}
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from plait.data.images import load_image_set
 from plait.parallel.device import rank_device, use_device
@@ -72,15 +73,22 @@ def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sam
     par = config.parallel
     if par.partition == "explicit":
         return list(par.boundaries)
+    pieces = par.stages * (par.chunks_per_rank or 1)  # virtual stages: chunks_per_rank of them on every rank
     if par.partition == "params":
-        return balance_by_params(model, par.stages)
+        return balance_by_params(model, pieces)
     # Profiling is noisy: rank 0 measures, every rank uses its answer (different splits would not fit together).
-    bounds = torch.zeros(max(par.stages - 1, 1), dtype=torch.int64, device=device)  # NCCL broadcasts device tensors
+    bounds = torch.zeros(max(pieces - 1, 1), dtype=torch.int64, device=device)  # NCCL broadcasts device tensors
     if dist.get_rank() == 0:
-        bounds[:par.stages - 1] = torch.tensor(balance_by_time(model, sample, par.stages), dtype=torch.int64,
-                                               device=device)
+        bounds[:pieces - 1] = torch.tensor(balance_by_time(model, sample, pieces), dtype=torch.int64, device=device)
     dist.broadcast(bounds, src=0)
-    return bounds[:par.stages - 1].tolist()
+    return bounds[:pieces - 1].tolist()
+
+
+def stage_module(pieces: list[nn.Sequential], stage_index: int, num_stages: int) -> nn.Module:
+    """The stage's piece, or, with chunks per rank, its pieces stage_index, stage_index + p, ... as a ModuleList."""
+    if len(pieces) == num_stages:
+        return pieces[stage_index]
+    return nn.ModuleList(pieces[stage_index::num_stages])
 
 
 def _log_step(run: RunContext, record: StepRecord, groups: ReplicaGroups, placement: Placement,
@@ -115,7 +123,7 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
     replica, stage_index = layout.coords(rank)
     placement = layout.placement(rank)
     groups = ReplicaGroups(layout, rank)
-    schedule = build_schedule(par.schedule, par.stages, par.micro_batches)
+    schedule = build_schedule(par.schedule, par.stages, par.micro_batches, par.chunks_per_rank or 1)
     dry_run(schedule)  # a schedule that would deadlock fails here, on every rank, before any message is sent
 
     arrays = load_image_set(config.data.name, config.data.path)
@@ -128,7 +136,7 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
     model = build_sequential(config.model.name, config.model.depth, config.model.hidden)
     sample = images_to_float(train_x[:per_replica // par.micro_batches])
     boundaries = choose_boundaries(config, model, sample, device)
-    module = split_layers(as_layers(model), boundaries)[stage_index].to(device)
+    module = stage_module(split_layers(as_layers(model), boundaries), stage_index, par.stages).to(device)
     del model
     optimizer = train.build_optimizer(module.parameters())
     stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,

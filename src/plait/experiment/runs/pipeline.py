@@ -59,8 +59,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
                       "native all-reduce", stacklevel=2)
     if not resume:
         run.write_config(config)
-    schedule = build_schedule(config.parallel.schedule, config.parallel.stages,
-                              config.parallel.micro_batches or 1)  # set by the section when left out
+    schedule = build_schedule(config.parallel.schedule, config.parallel.stages,  # both counts set by the section
+                              config.parallel.micro_batches or 1, config.parallel.chunks_per_rank or 1)
     console.print(str(schedule), markup=False, highlight=False)
     results = spawn_ranks(rank_main, nproc, to_dict(config), str(run.path), resume, timeout_s=24 * 3600.0,
                           threads_per_rank=config.run.threads)

@@ -10,6 +10,8 @@ import torch
 
 from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
+from plait.parallel.pipeline.model import build_sequential
+from plait.parallel.pipeline.schedule import build_schedule
 from plait.parallel.precision import check_precision
 from plait.settings.sections import RunSection as BaseRunSection
 
@@ -92,10 +94,11 @@ class ParallelSection:
     mode: Literal["model", "pipeline"] = "pipeline"
     stages: int = 2
     micro_batches: int | None = None   # default: 1 for model parallelism, 4 for a pipeline
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    chunks_per_rank: int | None = None  # interleaved_1f1b: model chunks per rank, v (default 2); 1 otherwise
     replicas: int = 1                  # data × pipeline: r copies of the pipeline, r × stages ranks
     partition: Literal["params", "time", "explicit"] = "params"
-    boundaries: list[int] = field(default_factory=list)  # explicit: index of the first layer of stages 1..p-1
+    boundaries: list[int] = field(default_factory=list)  # explicit: first layer of (virtual) stages 1..p·v-1
     recompute: bool = False            # keep only stage inputs; redo each forward during its backward
 
     def __post_init__(self) -> None:
@@ -110,9 +113,14 @@ class ParallelSection:
         if self.mode == "model" and self.micro_batches != 1:
             raise ValueError(f"parallel.mode = 'model' runs one micro-batch; parallel.micro_batches = "
                              f"{self.micro_batches} asks for a pipeline (mode = 'pipeline')")
-        if self.partition == "explicit" and len(self.boundaries) != self.stages - 1:
-            raise ValueError(f"parallel.partition = 'explicit' needs parallel.boundaries with {self.stages - 1} "
-                             f"entries, got {self.boundaries}")
+        if self.chunks_per_rank is None:
+            self.chunks_per_rank = 2 if self.schedule == "interleaved_1f1b" else 1
+        build_schedule(self.schedule, self.stages, self.micro_batches, self.chunks_per_rank)  # its errors name keys
+        pieces = self.stages * self.chunks_per_rank
+        if self.partition == "explicit" and len(self.boundaries) != pieces - 1:
+            chunks = f" × {self.chunks_per_rank} chunks" if self.chunks_per_rank > 1 else ""
+            raise ValueError(f"parallel.partition = 'explicit' needs parallel.boundaries with {pieces - 1} "
+                             f"entries ({self.stages} stages{chunks}), got {self.boundaries}")
         if self.partition != "explicit" and self.boundaries:
             raise ValueError("parallel.boundaries is only used with parallel.partition = 'explicit'")
 
@@ -133,3 +141,22 @@ class PipelineRunConfig:
         if per_replica < self.parallel.micro_batches:
             raise ValueError(f"each replica's batch ({per_replica}) is smaller than parallel.micro_batches = "
                              f"{self.parallel.micro_batches}")
+        par, model = self.parallel, self.model
+        layers, chunks = layer_count(model.name, model.depth, model.hidden), par.chunks_per_rank or 1
+        if layers < par.stages * chunks:
+            what = (f"parallel.stages × parallel.chunks_per_rank = {par.stages} × {chunks} = "
+                    f"{par.stages * chunks}" if chunks > 1 else
+                    f"parallel.stages = {par.stages}")
+            name = f"model.depth = {model.depth}" if model.name == "mlp" else f"model.name = {model.name!r}"
+            raise ValueError(f"{name} gives {layers} layers, fewer than "
+                             f"{what}: every (virtual) stage needs at least one layer")
+
+
+def layer_count(name: str, depth: int, hidden: int) -> int:
+    """How many layers the pipeline can cut the model into. The MLP (the one whose size is configured) is counted,
+    not built: Flatten, then `depth` Linear layers with a ReLU between two. The others are small and fixed: built
+    without drawing from the global generator that seeds the real weights."""
+    if name == "mlp":
+        return 2 * depth
+    with torch.random.fork_rng(devices=[]):
+        return len(build_sequential(name, depth, hidden))

@@ -48,9 +48,12 @@ class PipelineLayout:
 
     def placement(self, rank: int) -> Placement:
         replica, stage = self.coords(rank)
+        # the other end of this replica's pipeline: interleaved schedules wrap from its last stage to its first
+        wrap = self.rank_of(replica, self.stages - 1 - stage) if stage in (0, self.stages - 1) else None
         return Placement(stage=stage, num_stages=self.stages,
                          prev_rank=self.rank_of(replica, stage - 1) if stage > 0 else None,
-                         next_rank=self.rank_of(replica, stage + 1) if stage < self.stages - 1 else None)
+                         next_rank=self.rank_of(replica, stage + 1) if stage < self.stages - 1 else None,
+                         wrap_rank=wrap)
 
 
 class GradAllReduce:

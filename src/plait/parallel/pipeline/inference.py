@@ -11,7 +11,7 @@ from plait.parallel.pipeline.stage import PipelineStage
 def pipelined_forward(stage: PipelineStage, batch_size: int, micro_batches: int,
                       inputs: torch.Tensor | None = None) -> torch.Tensor | None:
     """Outputs for a batch of `batch_size` (inputs on stage 0), split into `micro_batches`; None except last stage."""
-    schedule = forward_only(stage.placement.num_stages, micro_batches)
+    schedule = forward_only(stage.placement.num_stages, micro_batches, len(stage.chunks))
     return stage.forward_step(schedule, batch_size, inputs)
 
 

@@ -56,7 +56,10 @@ class ActivationMeter:
     def _pack(self, tensor: torch.Tensor):
         if tensor.untyped_storage().data_ptr() in self._weights:
             return tensor
-        return _Held(tensor, self)
+        # detached: a saved output held with its grad_fn would be a cycle (node -> saved -> tensor -> node) that only
+        # running the node breaks; a node that a backward prunes (zero bubble's W) would then never be freed.
+        # Autograd puts the grad_fn back when it unpacks.
+        return _Held(tensor.detach(), self)
 
     @staticmethod
     def _unpack(packed):
