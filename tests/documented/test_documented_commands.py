@@ -48,7 +48,7 @@ SKIPPED = {
     "plait fl client --server fl.example.org:50051 --data fl_network.toml --id K --certs certs":
         "two machines: dials the placeholder host fl.example.org",
     "plait fl server fl_network.toml --resume": "two machines, after the server died (a server resume with its "
-                                                "clients reconnecting is tested in tests/test_net_faults.py)",
+                                                "clients reconnecting is tested in tests/federated/test_net_faults.py)",
 }
 
 

@@ -53,7 +53,7 @@ def test_baselines_train_each_client_alone_and_one_model_on_all(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_quick_paper_row_reaches_its_target_within_a_bound(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fedavg_paper.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fedavg_paper.py"
     result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
                             text=True, timeout=880)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

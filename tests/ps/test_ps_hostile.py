@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import zmq
+from test_ps_consistency import start_servers
 
 from plait.ps.checkpoint import load_shards
 from plait.ps.kvstore import KVStore
@@ -18,7 +19,6 @@ from plait.ps.server_config import ServerConfig, message_limit
 from plait.ps.trust import endpoint_is_local, is_loopback
 from plait.ps.wire import Header, Op
 from plait.runtime.metrics_log import read_metrics
-from test_ps_consistency import start_servers
 
 
 def raw_peer(context: zmq.Context, endpoint: str, keys=None, identity: str = CLIENT) -> zmq.Socket:

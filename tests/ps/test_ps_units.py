@@ -179,7 +179,7 @@ def test_example_config_loads_and_unknown_keys_are_errors():
     from plait.ps.config import PSRunConfig
     from plait.settings.config import ConfigError, from_dict, load_toml
 
-    data = load_toml(Path(__file__).parents[1] / "examples" / "parameter_server.toml")
+    data = load_toml(Path(__file__).parents[2] / "examples" / "parameter_server.toml")
     config = from_dict(PSRunConfig, data)
     assert config.sync.kind == "ps" and config.sync.servers == 2 and str(config.sync.consistency) == "ssp:3"
     data["sync"]["consistancy"] = "bsp"

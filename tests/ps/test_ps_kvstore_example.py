@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "cluster" / "kvstore_own_loop.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "kvstore_own_loop.py"
 
 
 @pytest.mark.timeout(300)
 def test_the_kvstore_example_trains_a_users_model_in_a_users_loop():
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(SCRIPT), "--servers", "2", "--workers", "2", "--steps", "100"],
                           capture_output=True, text=True, timeout=240, env=env)

@@ -17,7 +17,7 @@ from plait.federated.simulation import build_server
 from plait.runtime.checkpoint import load_checkpoint
 from plait.settings.config import from_dict
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_model"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_model"
 NUM_CLIENTS, ROUNDS = 3, 2
 
 

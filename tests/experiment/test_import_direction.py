@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "src" / "plait"
+ROOT = Path(__file__).resolve().parents[2] / "src" / "plait"
 PLANES = {"federated", "parallel", "ps"}
 BOTTOM = {"core", "user_code", "settings", "runtime", "web"}
 

@@ -5,12 +5,12 @@ them (fault.nan_worker injects the divergence)."""
 
 import numpy as np
 import pytest
+from test_ps_cluster import make_config
 
 from plait.experiment.runs.parameter_server import main, run_ps
 from plait.ps.checkpoint import load_shards
 from plait.ps.divergence import WorkerDiverged
 from plait.runtime.metrics_log import read_metrics
-from test_ps_cluster import make_config
 
 STEPS = 8
 

@@ -11,7 +11,7 @@ import pytest
 
 from plait.data import images, shakespeare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from test_ps_cluster import make_config, single_process_sgd
 
 from plait.experiment.runs.parameter_server import run_ps
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards, snapshot_bytes
@@ -16,7 +17,6 @@ from plait.ps.config import PSRunConfig, SyncSection
 from plait.ps.server_config import ServerConfig
 from plait.ps.sharding import plan_shards
 from plait.runtime.metrics_log import read_metrics
-from test_ps_cluster import make_config, single_process_sgd
 
 PIECE_NUMEL = 40_000   # 3 pieces per server for the 2NN's 199,210 weights on 2 servers
 
