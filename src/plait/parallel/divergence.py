@@ -90,8 +90,9 @@ class DivergenceGuard:
         """Local: remember what is not finite at `step` (the parameters: from step − 1's update), without a
         collective or a host sync; the next `agree` (or `before_update`) reports it."""
         sums = torch.stack([_sum([loss], self.device), _sum(grads, self.device), _sum(params, self.device)])
-        arisen = torch.tensor([step + 1.0, step + 1.0, step], dtype=torch.float64)  # 1 + the step, as noted
-        self._mark(sums, arisen.to(self.device))
+        arisen = torch.tensor([step + 1.0, step + 1.0, step], dtype=torch.float64,
+                              device=self.device)  # 1 + the step, as noted
+        self._mark(sums, arisen)
 
     def agree(self, step: int, params: Iterable[torch.Tensor] = ()) -> None:
         """Collective. Raises `Diverged` if any rank noted a non-finite value, or holds non-finite `params` after
