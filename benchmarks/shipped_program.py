@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,11 +38,13 @@ from plait.federated.shipping.model import check_program_fits, load_program
 from plait.federated.shipping.trace import export_program
 from plait.federated.task import Task
 from plait.federated.weights import flat_model_state
+from plait.user_code import resolve
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_model"
-sys.path.insert(0, str(EXAMPLE))
-from shapes import make_images, make_net  # noqa: E402  (the example's model: the imported-code side)
-from write_client_folders import write as write_client_folders  # noqa: E402
+# the example's model (the imported-code side) and its client folders, as a config would name them
+make_images = resolve(f"{EXAMPLE / 'shapes.py'}:make_images", "benchmark")
+make_net = resolve(f"{EXAMPLE / 'shapes.py'}:make_net", "benchmark")
+write_client_folders = resolve(f"{EXAMPLE / 'write_client_folders.py'}:write", "benchmark")
 
 NUM_CLIENTS = 3
 EPOCHS = 5  # local epochs timed in part 1: 65 steps of batch 16

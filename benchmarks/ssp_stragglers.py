@@ -26,15 +26,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # with no display, matplotlib draws with Agg by itself
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from plait.experiment.runs.parameter_server import run_ps  # noqa: E402
-from plait.ps.config import PSRunConfig  # noqa: E402
-from plait.ps.consistency import Consistency  # noqa: E402
-from plait.runtime.metrics_log import read_metrics  # noqa: E402
+from plait.experiment.runs.parameter_server import run_ps
+from plait.ps.config import PSRunConfig
+from plait.ps.consistency import Consistency
+from plait.runtime.metrics_log import read_metrics
 
 MODES = ("bsp", "ssp:3", "asp")
 RESULTS = Path(__file__).parent / "results"

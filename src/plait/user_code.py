@@ -64,7 +64,8 @@ def resolve_callable(reference: str, setting: str, arguments: dict[str, Any] | N
         raise ValueError(f"{setting} = {reference!r}: cannot be called with {sorted(arguments or {})}: {err}") from err
     except ValueError:
         pass  # no signature to check (some builtins): the call itself will say
-    return found
+    function: Callable[..., Any] = found
+    return function
 
 
 def accepts(reference: str, keyword: str) -> bool:

@@ -2,7 +2,10 @@
 
 One spawn of 4 ranks runs every case in turn (spawning costs ~1.5 s): 2, 3 and 4 stages, GPipe and 1F1B, several
 micro-batch counts (fewer than, equal to and more than the stages, uneven sizes), recomputation, model parallelism
-(one micro-batch), data × pipeline (2 replicas × 2 stages), and pipelined inference.
+(one micro-batch), data × pipeline (2 replicas × 2 stages); interleaved 1F1B with 2 ranks × 2 chunks, 2 × 3 (with
+recomputation), 4 × 2 and 2 replicas of 2 × 2; zero bubble (B and W apart) on 2, 3 (m < p, recomputation) and 4
+stages (uneven micro-batches), and 2 replicas × 2 stages; pipelined inference through 4 stages and through 2 ranks
+× 2 chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline import (
@@ -26,17 +30,25 @@ from plait.parallel.pipeline_train import choose_boundaries
 from plait.settings.config import from_dict
 
 IN_FEATURES, HIDDEN, DEPTH, BATCH, STEPS, LR, MOMENTUM = 20, 16, 6, 12, 3, 0.1, 0.9
-# name: (stages, replicas, micro_batches, schedule, boundaries into the 12 layers, recompute)
+# name: (stages, chunks per rank, replicas, micro_batches, schedule, boundaries into the 12 layers, recompute)
 CASES = {
-    "model_parallel_p2": (2, 1, 1, "gpipe", [5], False),
-    "p2_1f1b_m4": (2, 1, 4, "1f1b", [3], False),
-    "p3_gpipe_m5": (3, 1, 5, "gpipe", [3, 7], False),    # uneven micro-batches 3,3,2,2,2
-    "p3_1f1b_m2_recompute": (3, 1, 2, "1f1b", [3, 7], True),  # m < p
-    "p4_1f1b_m6": (4, 1, 6, "1f1b", [2, 5, 8], False),
-    "p4_gpipe_m6": (4, 1, 6, "gpipe", [2, 5, 8], False),
-    "p4_gpipe_m3_recompute": (4, 1, 3, "gpipe", [2, 5, 8], True),
-    "r2p2_1f1b_m2": (2, 2, 2, "1f1b", [5], False),
-    "r2p2_gpipe_m3": (2, 2, 3, "gpipe", [5], False),
+    "model_parallel_p2": (2, 1, 1, 1, "gpipe", [5], False),
+    "p2_1f1b_m4": (2, 1, 1, 4, "1f1b", [3], False),
+    "p3_gpipe_m5": (3, 1, 1, 5, "gpipe", [3, 7], False),    # uneven micro-batches 3,3,2,2,2
+    "p3_1f1b_m2_recompute": (3, 1, 1, 2, "1f1b", [3, 7], True),  # m < p
+    "p4_1f1b_m6": (4, 1, 1, 6, "1f1b", [2, 5, 8], False),
+    "p4_gpipe_m6": (4, 1, 1, 6, "gpipe", [2, 5, 8], False),
+    "p4_gpipe_m3_recompute": (4, 1, 1, 3, "gpipe", [2, 5, 8], True),
+    "r2p2_1f1b_m2": (2, 1, 2, 2, "1f1b", [5], False),
+    "r2p2_gpipe_m3": (2, 1, 2, 3, "gpipe", [5], False),
+    "interleaved_p2v2_m4": (2, 2, 1, 4, "interleaved_1f1b", [3, 5, 8], False),
+    "interleaved_p2v3_m2_recompute": (2, 3, 1, 2, "interleaved_1f1b", [2, 4, 6, 8, 10], True),
+    "interleaved_p4v2_m4": (4, 2, 1, 4, "interleaved_1f1b", [2, 4, 6, 7, 8, 10, 11], False),  # two ReLU-only chunks
+    "interleaved_r2p2v2_m2": (2, 2, 2, 2, "interleaved_1f1b", [3, 5, 8], False),
+    "zero_bubble_p2_m4": (2, 1, 1, 4, "zero_bubble", [5], False),
+    "zero_bubble_p3_m2_recompute": (3, 1, 1, 2, "zero_bubble", [3, 7], True),  # m < p
+    "zero_bubble_p4_m5": (4, 1, 1, 5, "zero_bubble", [2, 5, 8], False),      # uneven micro-batches 3,3,2,2,2
+    "zero_bubble_r2p2_m3": (2, 1, 2, 3, "zero_bubble", [5], False),
 }
 
 
@@ -50,19 +62,20 @@ def _model() -> torch.nn.Sequential:
     return deep_mlp(depth=DEPTH, hidden=HIDDEN, in_features=IN_FEATURES)
 
 
-def _run_case(rank: int, world_size: int, case: tuple) -> dict | None:
-    stages, replicas, micro, schedule_name, bounds, recompute = case
+def _run_case(rank: int, case: tuple) -> dict | None:
+    stages, chunks, replicas, micro, schedule_name, bounds, recompute = case
     layout = PipelineLayout(replicas=replicas, stages=stages)
     groups = ReplicaGroups(layout, rank) if rank < layout.world_size or replicas > 1 else None
     if rank >= layout.world_size:
         return None  # this case uses fewer ranks
     replica, stage_index = layout.coords(rank)
     placement = layout.placement(rank)
-    module = split_layers(_model(), bounds)[stage_index]
-    optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
-    stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,
-                          recompute=recompute)
-    schedule = build_schedule(schedule_name, stages, micro)
+    pieces = split_layers(_model(), bounds)
+    mine = {virtual: pieces[virtual] for virtual in range(stage_index, stages * chunks, stages)}
+    stage = PipelineStage(list(mine.values()) if chunks > 1 else mine[stage_index], placement,
+                          loss_fn=F.cross_entropy if placement.is_last else None, recompute=recompute)
+    optimizer = torch.optim.SGD(stage.module.parameters(), lr=LR, momentum=MOMENTUM)
+    schedule = build_schedule(schedule_name, stages, micro, chunks)
     per = BATCH // replicas
     peaks, records = [], []
     for step in range(STEPS):
@@ -71,12 +84,12 @@ def _run_case(rank: int, world_size: int, case: tuple) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         stage.meter.reset_peak()
         record = stage.train_step(schedule, per, x if placement.is_first else None, y if placement.is_last else None)
-        groups.allreduce_grads(module).wait()
+        groups.allreduce_grads(stage.module).wait()
         optimizer.step()
         peaks.append(stage.meter.peak_bytes)
         records.append(record)
     return {"stage": stage_index, "replica": replica,
-            "params": {k: v.numpy().copy() for k, v in module.state_dict().items()},
+            "params": {v: {k: t.numpy().copy() for k, t in m.state_dict().items()} for v, m in mine.items()},
             "peak_bytes": max(peaks), "live_after": stage.meter.live_bytes,
             "actions": [(kind, k) for kind, k, _, _ in records[-1].intervals],
             "loss": None if records[-1].loss is None else float(records[-1].loss)}
@@ -85,7 +98,7 @@ def _run_case(rank: int, world_size: int, case: tuple) -> dict | None:
 def _all_cases(rank: int, world_size: int) -> dict:
     out = {}
     for name, case in CASES.items():
-        out[name] = _run_case(rank, world_size, case)
+        out[name] = _run_case(rank, case)
         dist.barrier()
     # inference: 4 stages, 3 micro-batches of 10 rows (4, 3, 3)
     layout = PipelineLayout(replicas=1, stages=4)
@@ -93,6 +106,12 @@ def _all_cases(rank: int, world_size: int) -> dict:
     x, _ = _data(99)
     logits = pipelined_forward(stage, 10, 3, x[:10] if rank == 0 else None)
     out["inference"] = None if logits is None else logits.numpy()  # numpy: tensors would travel as shared memory
+    if rank < 2:  # inference through 2 ranks × 2 chunks
+        pieces = split_layers(_model(), [3, 5, 8])
+        chunked = PipelineStage(nn.ModuleList([pieces[rank], pieces[rank + 2]]),
+                                PipelineLayout(replicas=1, stages=2).placement(rank), loss_fn=F.cross_entropy)
+        logits = pipelined_forward(chunked, 10, 3, x[:10] if rank == 0 else None)
+        out["chunked_inference"] = None if logits is None else logits.numpy()
     # partition by measured time: rank 0 profiles, every rank must end up with its split
     config = from_dict(PipelineRunConfig, {"parallel": {"stages": 4, "partition": "time"}})
     out["time_split"] = choose_boundaries(config, _model(), x[:4], torch.device("cpu"))
@@ -119,22 +138,26 @@ def _assert_param_close(got: torch.Tensor, want: torch.Tensor, where: str) -> No
 
 def test_pipelines_match_single_process_training_and_inference():
     results = spawn_ranks(_all_cases, 4, timeout_s=240)
-    for name, (stages, replicas, micro, schedule_name, bounds, _) in CASES.items():
+    for name, (stages, chunks, replicas, micro, schedule_name, bounds, _) in CASES.items():
         expected, losses = _reference(bounds)
         ranks = [r[name] for r in results if r[name] is not None]
         assert len(ranks) == stages * replicas, name
+        schedule = build_schedule(schedule_name, stages, micro, chunks)
         for got in ranks:
-            want = expected[got["stage"]]
-            assert got["params"].keys() == want.keys()
-            for key in want:
-                _assert_param_close(torch.from_numpy(got["params"][key]), want[key],
-                                    f"{name}, stage {got['stage']}, {key}")
-            assert got["live_after"] == 0, name  # every saved activation was freed by its backward
-            assert got["actions"] == [(a.kind, a.micro_batch)
-                                      for a in build_schedule(schedule_name, stages, micro).actions[got["stage"]]]
+            assert sorted(got["params"]) == list(range(got["stage"], stages * chunks, stages)), name
+            for virtual, params in got["params"].items():
+                want = expected[virtual]
+                assert params.keys() == want.keys()
+                for key in want:
+                    _assert_param_close(torch.from_numpy(params[key]), want[key],
+                                        f"{name}, virtual stage {virtual}, {key}")
+            assert got["live_after"] == 0, name  # every saved activation was freed by its backward (or its W)
+            assert got["actions"] == [(a.kind, a.micro_batch) for a in schedule.actions[got["stage"]]], name
             if got["stage"] == stages - 1 and replicas == 1:
                 # the last stage's batch loss before the final update equals the single process's
                 assert abs(got["loss"] - losses[-1]) < 1e-5, name
+        if schedule_name == "zero_bubble":
+            assert any(kind == "W" for kind, _ in ranks[0]["actions"]), name
     # 1F1B holds at most p - s micro-batches on stage 0, GPipe all m: stage 0 of the m=6, p=4 runs (Flatten, Linear)
     # keeps one [2, 16] float output per micro-batch in flight (128 bytes); its input batch is data, not counted
     stage0 = {name: next(r[name] for r in results if r[name] and r[name]["stage"] == 0)["peak_bytes"]
@@ -149,3 +172,5 @@ def test_pipelines_match_single_process_training_and_inference():
         want = model(_data(99)[0][:10])
     assert results[0]["inference"] is None
     torch.testing.assert_close(torch.from_numpy(results[3]["inference"]), want, atol=1e-6, rtol=0)
+    assert results[0]["chunked_inference"] is None
+    torch.testing.assert_close(torch.from_numpy(results[1]["chunked_inference"]), want, atol=1e-6, rtol=0)

@@ -134,7 +134,7 @@ def live_run(tmp_path_factory):
     def train() -> None:
         try:
             result["summary"] = run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
-        except BaseException as err:  # noqa: BLE001 - handed to the test that joins the run
+        except BaseException as err:  # handed to the test that joins the run
             result["error"] = err
 
     runner = threading.Thread(target=train, daemon=True)

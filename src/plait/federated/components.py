@@ -42,7 +42,8 @@ def build_task(fl: FLConfig) -> Task:
     if missing:
         raise ValueError(f"fl.task = {fl.task!r}: a {type(found).__name__} has no {missing}; subclass "
                          "plait.federated.Task")
-    return found
+    task: Task = found
+    return task
 
 
 def check_model_fits(task: Task, model: torch.nn.Module, x: Inputs, y: torch.Tensor, num_classes: int,

@@ -5,7 +5,7 @@ loop (or the gossip runner). The driver runs its rounds in a run directory (`pla
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from plait.federated.config import FederatedRunConfig
 from plait.federated.executor import ClientExecutor, SequentialExecutor
 from plait.federated.server import FederatedServer
 from plait.federated.task import Task
+
+if TYPE_CHECKING:
+    from plait.federated.gossip import GossipRunner
 
 
 def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> ClientExecutor:
@@ -46,7 +49,7 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
 
 def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = None, *,
                  model: Callable[[], torch.nn.Module] | None = None, data: Any = None,
-                 task: Task | None = None) -> FederatedServer:
+                 task: Task | None = None) -> FederatedServer | GossipRunner:
     """The server with its data, model and client executor (sequential unless `fl.executor` says otherwise), or,
     with `fl.gossip.topology` set, the server-less gossip runner, which has the same interface.
 

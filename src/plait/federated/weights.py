@@ -60,7 +60,7 @@ def pointed_at(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor, grad:
     """Within the block, the model's tensors named in `spec` are views into `flat` (parameter gradients into
     `grad`), and those named in `local`'s spec views into its vector; everything is restored on exit."""
     params = dict(model.named_parameters())
-    restore: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    restore: list[tuple[torch.nn.Module, str, torch.Tensor | None]] = []
     saved = {name: (p.data, p.grad) for name, p in params.items()}
     grads = split_views(grad, spec) if grad is not None else {}
     try:

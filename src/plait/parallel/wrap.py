@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -126,7 +126,8 @@ def wrap(module: nn.Module, *, allreduce: str | AllReduce = "native", bucket_mb:
     rank = dist.get_rank(group)
     hook = make_comm_hook(comm_hook, seed=seed) if isinstance(comm_hook, str) else comm_hook
     compressor = _compressor(compression, seed * 1000 + rank)
-    op = "hook" if hook is not None else "compressed" if compressor is not None else "allreduce"
+    op: Literal["allreduce", "compressed", "hook"] = \
+        "hook" if hook is not None else "compressed" if compressor is not None else "allreduce"
     sync = GradSync(params, built, bucket_bytes=max(1, int(bucket_mb * 2**20)), op=op, overlap=overlap,
                     compressor=compressor, comm_hook=hook, finish_after_backward=True)
     return DataParallelModule(module, sync)

@@ -42,6 +42,8 @@ from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
 class Ts(int):
     """A request timestamp (an int, as ps-lite's); `ts.wait()` is `kv.wait(ts)`."""
 
+    _store: KVStore
+
     def wait(self) -> None:
         self._store.wait(self)
 
@@ -59,6 +61,13 @@ class _Request:
     replica_range: int = -1       # the range whose replicas it may move between (-1: this socket only)
     redirects: int = 0            # NOT_PRIMARY answers it got
     moved: bool = False           # moved to the other replica by a NOT_PRIMARY and not sent there yet
+
+    @property
+    def answer(self) -> Header:
+        """The reply of a request that was waited for."""
+        if self.reply is None:
+            raise RuntimeError(f"ps request {self.header.req} ({self.header.op.name}) has no reply yet")
+        return self.reply
 
 
 @dataclass(slots=True)
@@ -146,7 +155,7 @@ class KVStore:
             return
         self.wait(self._ticket(requests))
         for k in arrays:  # resume: continue after the last clock every server recorded for this worker
-            clocks = [r.reply.extra for r in requests if r.header.key == k]
+            clocks = [r.answer.extra for r in requests if r.header.key == k]
             self.keys[k].clock = min(clocks)
 
     def push(self, key: int, grad: Any) -> Ts:
@@ -214,7 +223,7 @@ class KVStore:
             message = self.transport.recv_msg(min(self.retry_s, max(deadline - now, 0.001)) / 2)
             if message is not None:
                 self._on_reply(*message)
-        pulls = [r.reply for r in requests if r.reply.op == Op.VALUE]
+        pulls = [r.answer for r in requests if r.answer.op == Op.VALUE]
         if pulls:
             self.stats.last_staleness = max(reply.extra for reply in pulls)
             self.stats.last_slowest = min(reply.clock for reply in pulls)
@@ -270,7 +279,7 @@ class KVStore:
     def __enter__(self) -> KVStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close(goodbye=exc[0] is None)
 
     # -- internals ----------------------------------------------------------------------------------------------
@@ -289,7 +298,7 @@ class KVStore:
     def _send(self, server: int, op: Op, key: int, clock: int, piece: Piece, payload: np.ndarray | None = None,
               out: np.ndarray | None = None, fixed: bool = False) -> list[_Request]:
         """Send to range `server`'s serving replica (to socket `server` itself when `fixed`)."""
-        dtype = payload.dtype if payload is not None else out.dtype if out is not None else np.float32
+        dtype = payload.dtype if payload is not None else out.dtype if out is not None else np.dtype(np.float32)
         header = Header(op, worker=self.worker, key=key, clock=clock, req=next(self._ids), offset=piece.offset,
                         numel=piece.numel, dtype=dtype_code(dtype),
                         flags=Flag.OBSERVER if self.observer else Flag.NONE)

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Literal
 
 import torch
 
@@ -33,7 +34,8 @@ REPEATS = 3
 
 
 def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
-                    plan: TrainingPlan, task: Task, cores: int | None = None) -> tuple[str, str]:
+                    plan: TrainingPlan, task: Task, cores: int | None = None
+                    ) -> tuple[Literal["sequential", "process_pool"], str]:
     """("sequential" | "process_pool", why) for clients like `data` training `plan`."""
     cores = cores or os.cpu_count() or 1
     model = copy.deepcopy(model)  # measuring must not move the run's model (BatchNorm statistics, for one)

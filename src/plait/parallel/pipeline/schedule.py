@@ -263,9 +263,9 @@ def _validate(schedule: Schedule) -> None:
     if v < 1 or (v > 1 and p < 2):
         raise ScheduleError(f"schedule {schedule.name!r}: {v} chunks per rank on {p} stage(s) cannot run")
     kinds = ("F",) if schedule.forward_only else ("F", "B", "W")
-    required = ("F",) if schedule.forward_only else ("F", "B")
+    required: tuple[Kind, ...] = ("F",) if schedule.forward_only else ("F", "B")
     for s, row in enumerate(schedule.actions):
-        seen: set[tuple[int, str, int]] = set()
+        seen: set[tuple[int, Kind, int]] = set()
         for action in row:
             where = f"schedule {schedule.name!r}, stage {s}, action {schedule.label(action)}"
             if action.stage % p != s or not 0 <= action.stage < p * v:
@@ -283,7 +283,7 @@ def _validate(schedule: Schedule) -> None:
         missing = sorted(wanted - seen, key=lambda t: (t[0], t[1], t[2]))
         if missing:
             raise ScheduleError(f"schedule {schedule.name!r}, stage {s}: missing actions "
-                                + " ".join(schedule.label(Action(st, k, i)) for st, k, i in missing))  # type: ignore[arg-type]
+                                + " ".join(schedule.label(Action(st, k, i)) for st, k, i in missing))
 
 
 def split_backwards(row: tuple[Action, ...]) -> set[tuple[int, int]]:
@@ -326,7 +326,7 @@ def dry_run(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float 
             return w_cost
         return backward_cost - w_cost if (action.stage, action.micro_batch) in split[s] else backward_cost
 
-    def where(s: int, action: Action, src: int) -> str:
+    def where(s: int, action: Action, src: int) -> tuple[str, str]:
         if schedule.chunks_per_rank == 1:
             return f"stage {s} at {action}", f"stage {src}"
         return f"stage {s} at {schedule.label(action)}", f"virtual stage {src} (stage {src % p})"
@@ -378,7 +378,10 @@ def dry_run(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float 
         for s in blocked:
             action = schedule.actions[s][pos[s]]
             what = "activation" if action.kind == "F" else "gradient"
-            me, them = where(s, action, source(action))  # type: ignore[arg-type]
+            src = source(action)
+            if src is None:  # a stage only ever blocks on a receive, which has a sender
+                raise AssertionError(f"stage {s} blocked at {action}, which receives nothing")
+            me, them = where(s, action, src)
             waits.append(f"{me} waits for the {what} of micro-batch {action.micro_batch} from {them}")
         raise DeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(waits))
     makespan = max(clock) if p else 0.0

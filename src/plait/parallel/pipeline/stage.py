@@ -118,7 +118,7 @@ class PipelineStage:
             raise ValueError(f"stage {placement.stage} has no parameters to tell its device: pass device=")
         self.device = device if device is not None else first.device  # every tensor the stage makes lives here
         self.precision = precision
-        self.module = module
+        self.module: nn.Module = module
         self.placement = placement
         self.loss_fn = loss_fn
         self.recompute = recompute  # keep only each micro-batch's input; redo the forward inside the backward
