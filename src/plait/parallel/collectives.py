@@ -1,7 +1,8 @@
 """All-reduce (sum, in place) four ways, over one process group, each counting the bytes this rank moves.
 
 - `native`: the backend's own `dist.all_reduce` (gloo / NCCL). The default and the fast path.
-- `ring`: reduce-scatter then all-gather around the ring, n−1 steps each; each rank sends 2(n−1)/n·S bytes.
+- `ring`: reduce-scatter then all-gather around the ring, n−1 steps each; each rank sends 2(n−1)/n·S bytes. Its
+  reduce-scatter phase alone (`RingAllReduce.reduce_scatter`) is ZeRO-2's gradient sync.
 - `tree`: reduce up a binary tree rooted at rank 0 (children of r are 2r+1, 2r+2), then broadcast down.
 - `naive`: every rank sends its whole tensor to every other rank: (n−1)·S bytes sent per rank, n(n−1) messages.
 
@@ -205,12 +206,31 @@ class RingAllReduce(AllReduce):
         n, rank = self.world_size, self.rank
         right, left = self._global((rank + 1) % n), self._global((rank - 1) % n)
         chunks = list(flat.tensor_split(n))
-        for step in range(n - 1):  # reduce-scatter: add what the left neighbour sends into our chunk
-            send_c, recv_c = (rank - step) % n, (rank - step - 1) % n
-            self._step(chunks[send_c], right, chunks[recv_c], left, reduce=True)
+        self._reduce_scatter_phase(chunks)
         for step in range(n - 1):  # all-gather: received chunks are final, so receive in place
             send_c, recv_c = (rank + 1 - step) % n, (rank - step) % n
             self._step(chunks[send_c], right, chunks[recv_c], left, reduce=False)
+
+    def reduce_scatter(self, chunks: list[torch.Tensor]) -> None:
+        """Sum `chunks` over the group, in place, each on its owner only: afterwards chunk r holds the sum on rank r
+        (the other chunks hold partial sums). One chunk per rank, of the same sizes on every rank (some may be
+        empty). ZeRO-2 reduce-scatters its gradient buckets with this: gloo has no reduce_scatter_tensor."""
+        if len(chunks) != self.world_size:
+            raise ValueError(f"reduce_scatter needs one chunk per rank ({self.world_size}), got {len(chunks)}")
+        start = time.perf_counter()
+        if self.world_size > 1:
+            n = self.world_size
+            self._reduce_scatter_phase([chunks[(c - 1) % n] for c in range(n)])  # the phase leaves chunk c on c−1
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
+
+    def _reduce_scatter_phase(self, chunks: list[torch.Tensor]) -> None:
+        """n−1 steps, each adding what the left neighbour sends into one chunk: chunk c ends summed on rank c−1."""
+        n, rank = self.world_size, self.rank
+        right, left = self._global((rank + 1) % n), self._global((rank - 1) % n)
+        for step in range(n - 1):
+            send_c, recv_c = (rank - step) % n, (rank - step - 1) % n
+            self._step(chunks[send_c], right, chunks[recv_c], left, reduce=True)
 
     def _step(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, reduce: bool) -> None:
         seg = self.segment_numel
