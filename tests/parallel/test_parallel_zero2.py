@@ -1,6 +1,7 @@
 """ZeRO-2 (`sync.shard_gradients`) on real gloo ranks: the same weights as plain data parallel after a few steps (SGD
-with momentum, Adam; accumulation; buckets that cross the slices' borders), each rank holding only its slice of the
-gradient between steps, and the ring's reduce-scatter phase on its own leaving chunk r summed on rank r."""
+with momentum, Adam; accumulation; buckets that cross the slices' borders; synced during backward or after it),
+each rank holding only its slice of the gradient between steps, and the ring's reduce-scatter phase on its own
+leaving chunk r summed on rank r."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from plait.parallel.optim import optimizer_factory
 
 OPTIMIZERS = {"sgd_momentum": optimizer_factory("sgd", lr=0.1, momentum=0.9),
               "adam": optimizer_factory("adam", lr=0.01)}
-WAYS = {"plain": {}, "zero2": {"shard_optimizer": True, "shard_gradients": True}}
+ZERO2 = {"shard_optimizer": True, "shard_gradients": True}
+WAYS = {"plain": {}, "zero2": ZERO2, "zero2_after_backward": {**ZERO2, "overlap": False}}
 
 
 def _model() -> nn.Module:
@@ -58,11 +60,12 @@ def trained() -> list[dict]:
     return spawn_ranks(_train_rank, 2, backend="gloo", timeout_s=240)
 
 
+@pytest.mark.parametrize("way", ["zero2", "zero2_after_backward"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_zero2_trains_to_the_weights_of_plain_data_parallel(trained, optimizer):
+def test_zero2_trains_to_the_weights_of_plain_data_parallel(trained, optimizer, way):
     for out in trained:
-        np.testing.assert_allclose(out[(optimizer, "zero2")], out[(optimizer, "plain")], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(trained[0][(optimizer, "zero2")], trained[1][(optimizer, "zero2")])
+        np.testing.assert_allclose(out[(optimizer, way)], out[(optimizer, "plain")], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(trained[0][(optimizer, way)], trained[1][(optimizer, way)])
 
 
 def test_each_rank_keeps_only_its_slice_of_the_gradient(trained):

@@ -95,12 +95,16 @@ class AllReduce:
 
     def all_reduce_async(self, tensor: torch.Tensor, then: Callable[[], None] | None = None) -> Handle:
         """Start the all-reduce; `then` (e.g. dividing by n) runs once it is done, before `wait()` returns."""
+        return self._submit(lambda: self.all_reduce(tensor), tensor.device, then)
+
+    def _submit(self, work: Callable[[], None], device: torch.device, then: Callable[[], None] | None) -> Handle:
+        """Queue `work` (a collective on `device`) for the worker thread, in submission order."""
         if self._worker is None:
             self._queue = queue.SimpleQueue()
             self._worker = threading.Thread(target=self._serve, name=f"plait-{self.name}-allreduce", daemon=True)
             self._worker.start()
         handle = Handle()
-        self._queue.put((tensor, then, handle))
+        self._queue.put((work, device, then, handle))
         return handle
 
     def _serve(self) -> None:
@@ -108,11 +112,11 @@ class AllReduce:
             item = self._queue.get()
             if item is None:
                 return
-            tensor, then, handle = item
+            work, device, then, handle = item
             try:
-                if tensor.is_cuda:
-                    torch.cuda.set_device(tensor.device)  # the current device is per thread; NCCL p2p uses it
-                self.all_reduce(tensor)
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # the current device is per thread; NCCL p2p uses it
+                work()
                 if then is not None:
                     then()
                 handle._finish()
@@ -223,6 +227,10 @@ class RingAllReduce(AllReduce):
             self._reduce_scatter_phase([chunks[(c - 1) % n] for c in range(n)])  # the phase leaves chunk c on c−1
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
+
+    def reduce_scatter_async(self, chunks: list[torch.Tensor], then: Callable[[], None] | None = None) -> Handle:
+        """`reduce_scatter` on the worker thread, in order with this instance's all-reduces; `then` runs after it."""
+        return self._submit(lambda: self.reduce_scatter(chunks), chunks[0].device, then)
 
     def _reduce_scatter_phase(self, chunks: list[torch.Tensor]) -> None:
         """n−1 steps, each adding what the left neighbour sends into one chunk: chunk c ends summed on rank c−1."""

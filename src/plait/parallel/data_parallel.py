@@ -113,7 +113,7 @@ class DataParallel:
                      if shard_optimizer else None)
         self.grad_sync: GradSync | GradShardSync
         if self.zero is not None and shard_gradients:
-            self.grad_sync = GradShardSync(self.params, self.zero, bucket_bytes=bucket_bytes)
+            self.grad_sync = GradShardSync(self.params, self.zero, bucket_bytes=bucket_bytes, overlap=overlap)
         else:
             self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
                                       compressor=compressor, comm_hook=comm_hook)

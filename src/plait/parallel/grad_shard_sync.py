@@ -4,14 +4,15 @@ The parameters are cut into the n slices of ZeRO-1 (zero.py: contiguous ranges o
 leaves each parameter's gradient in its own `.grad` (autograd's tensors, no flat buffer). Contiguous runs of about
 `bucket_bytes` in backward order form buckets; when a bucket's last gradient has arrived, its gradients are copied
 into one bucket buffer and dropped (`.grad = None`), the buffer is reduce-scattered with the ring's reduce-scatter
-phase (collectives.py; gloo has no reduce_scatter_tensor), and this rank adds its piece, divided by n, into the
+phase (collectives.py; gloo has no reduce_scatter_tensor), and this rank copies its piece, divided by n, into the
 gradient of its slice. So between steps a rank holds 1/n of the gradient; during backward, the gradients of the
 buckets not yet synced and one bucket buffer. Each rank sends (n−1)/n of the gradient bytes, half an all-reduce,
 and the all-gather after the step sends the other half: the bytes of plain data parallel.
 
-A bucket is synced inside backward's hook, blocking it (no overlap: the ring runs on this thread); buckets are
-synced in index order on every rank, because ranks must issue collectives in the same order. Under `no_sync()`
-(accumulation) nothing is synced and autograd keeps accumulating into `.grad`.
+The reduce-scatter runs on the ring's worker thread, overlapping the rest of backward (`overlap`; off: every bucket
+starts after backward); buckets start in index order on every rank, because ranks must issue collectives in the
+same order, and `finish()` waits for them all before the optimizer step. Under `no_sync()` (accumulation) nothing
+is synced and autograd keeps accumulating into `.grad`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plait.parallel.collectives import RingAllReduce
+from plait.parallel.collectives import Handle, RingAllReduce
 from plait.parallel.zero import OptimizerShard
 
 
@@ -33,17 +34,18 @@ class ShardBucket:
     stop: int
     params: list[nn.Parameter]
     pending: int = 0
-    done: bool = False
+    handle: Handle | None = None
 
 
 class GradShardSync:
     op = "reduce_scatter"
     comm_hook = None  # no hook, no compression: the reduce-scatter is the sync
 
-    def __init__(self, params: list[nn.Parameter], shard: OptimizerShard, *, bucket_bytes: int):
+    def __init__(self, params: list[nn.Parameter], shard: OptimizerShard, *, bucket_bytes: int,
+                 overlap: bool = True):
         if bucket_bytes < 1:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_bytes} bytes")
-        self.params, self.shard = params, shard
+        self.params, self.shard, self.overlap = params, shard, overlap
         self.world_size, self.rank = shard.world_size, shard.rank
         self.ring = RingAllReduce(shard.group)
         self.stats = self.ring.stats
@@ -75,7 +77,7 @@ class GradShardSync:
         for p in self.params:
             p.grad = None
         for bucket in self.buckets:
-            bucket.pending, bucket.done = len(bucket.params), False
+            bucket.pending, bucket.handle = len(bucket.params), None
         self._next = 0
 
     @contextlib.contextmanager
@@ -91,21 +93,22 @@ class GradShardSync:
         if not self._enabled:
             return
         bucket = self._bucket_of[param]
-        if bucket.done:
+        if bucket.handle is not None:
             raise RuntimeError("a second backward reached gradients that were already reduce-scattered: run the "
                                "forward again before each backward, or accumulate micro-batches under no_sync()")
         bucket.pending -= 1
-        self._sync_ready()
+        if self.overlap:
+            self._launch_ready()
 
-    def _sync_ready(self, all_of_them: bool = False) -> None:
+    def _launch_ready(self, all_of_them: bool = False) -> None:
         while self._next < len(self.buckets):
             bucket = self.buckets[self._next]
             if bucket.pending > 0 and not all_of_them:
                 return
-            self._sync(bucket)
+            bucket.handle = self._launch(bucket)
             self._next += 1
 
-    def _sync(self, bucket: ShardBucket) -> None:
+    def _launch(self, bucket: ShardBucket) -> Handle:
         buffer = torch.zeros(bucket.stop - bucket.start, dtype=self.grad.dtype, device=self.grad.device)
         for p in bucket.params:
             if p.grad is not None:  # None: unused in this step's forward, a zero gradient
@@ -116,16 +119,21 @@ class GradShardSync:
         for lo, hi in self.shard.bounds:  # each rank's piece: the bucket's overlap with its slice (maybe empty)
             a, b = max(lo, bucket.start), min(hi, bucket.stop)
             pieces.append(buffer[a - bucket.start : max(a, b) - bucket.start])
-        self.ring.reduce_scatter(pieces)
         lo, hi = self.shard.bounds[self.rank]
         a, b = max(lo, bucket.start), min(hi, bucket.stop)
-        if a < b:
-            self.grad[a - lo : b - lo].copy_(pieces[self.rank]).div_(self.world_size)  # as plain data parallel
-        bucket.done = True
+        mine = self.grad[a - lo : max(a, b) - lo]
+
+        def keep_mine() -> None:  # on the worker thread; buckets write disjoint ranges of the slice
+            mine.copy_(pieces[self.rank]).div_(self.world_size)  # divided after the sum, as plain data parallel
+
+        return self.ring.reduce_scatter_async(pieces, then=keep_mine)
 
     def finish(self) -> None:
-        """Sync the buckets backward did not complete (parameters it did not reach)."""
-        self._sync_ready(all_of_them=True)
+        """Start the buckets backward did not complete (parameters it did not reach), then wait for every bucket."""
+        self._launch_ready(all_of_them=True)
+        for bucket in self.buckets:
+            assert bucket.handle is not None
+            bucket.handle.wait()
 
     def wait_seconds(self) -> float:
         return self.stats.seconds
