@@ -13,7 +13,7 @@ from torch import nn
 
 from plait.core.models import mnist_2nn
 from plait.parallel.collectives import RingAllReduce
-from plait.parallel.config import SyncSection
+from plait.parallel.config import CommHookSection, CompressionSection, DataParallelRunConfig, SyncSection
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.dims import ParallelDims
 from plait.parallel.launch import spawn_ranks
@@ -99,3 +99,11 @@ def test_shard_gradients_needs_shard_optimizer():
     with pytest.raises(ValueError, match="sync.shard_gradients"):
         SyncSection(shard_gradients=True)
     assert SyncSection(shard_optimizer=True, shard_gradients=True).shard_gradients
+
+
+def test_shard_gradients_refuses_compression_and_hooks():
+    zero2 = SyncSection(shard_optimizer=True, shard_gradients=True)
+    with pytest.raises(ValueError, match="sync.shard_gradients.*compression.codec = 'topk'"):
+        DataParallelRunConfig(sync=zero2, compression=CompressionSection(codec="topk"))
+    with pytest.raises(ValueError, match="sync.shard_gradients.*comm_hook.name = 'powersgd'"):
+        DataParallelRunConfig(sync=zero2, comm_hook=CommHookSection(name="powersgd"))
