@@ -49,6 +49,7 @@ class GradShardSync:
         self.world_size, self.rank = shard.world_size, shard.rank
         self.ring = RingAllReduce(shard.group)
         self.stats = self.ring.stats
+        assert shard.shard.grad is not None and shard.grads_sharded  # OptimizerShard made it; it will not copy into it
         self.grad = shard.shard.grad  # this rank's slice of the mean gradient: the only gradient kept between steps
         offsets, offset = {}, 0
         for p in params:
