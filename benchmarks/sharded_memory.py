@@ -1,5 +1,6 @@
-"""Memory per rank and step time: plain data parallel vs ZeRO-1 (`sync.shard_optimizer`) vs FSDP2
-(`sync.kind = "sharded"`) vs `DistributedDataParallel`, Adam, on spawned gloo ranks.
+"""Memory per rank and step time: plain data parallel vs ZeRO-1 (`sync.shard_optimizer`) vs ZeRO-2 (and
+`sync.shard_gradients`) vs FSDP2 (`sync.kind = "sharded"`) vs `DistributedDataParallel`, Adam, on spawned gloo
+ranks.
 
     .venv/bin/python benchmarks/sharded_memory.py [--quick] [--nproc 2]
 
@@ -39,7 +40,7 @@ from plait.parallel.optim import optimizer_factory
 from plait.parallel.pipeline.model import deep_mlp
 from plait.parallel.sharded import ShardedDataParallel
 
-WAYS = ("ddp", "plain", "zero1", "fsdp2")
+WAYS = ("ddp", "plain", "zero1", "zero2", "fsdp2")
 BATCH = 32
 
 
@@ -81,7 +82,8 @@ def _rank(rank: int, world_size: int, way: str, depth: int, width: int, steps: i
     else:
         kwargs = dict(optimizer=optimizer_factory("adam", lr=1e-4))
         dp = (ShardedDataParallel(model, dims, **kwargs) if way == "fsdp2"
-              else DataParallel(model, dims, shard_optimizer=way == "zero1", **kwargs))
+              else DataParallel(model, dims, shard_optimizer=way in ("zero1", "zero2"),
+                                shard_gradients=way == "zero2", **kwargs))
         dp.broadcast_params()
         optimizer, params = dp.optimizer, list(dp.params)
 
@@ -95,7 +97,7 @@ def _rank(rank: int, world_size: int, way: str, depth: int, width: int, steps: i
         if i > 1:  # the first step allocates the optimizer state
             times.append(time.perf_counter() - start)
     grads = [p.grad for p in params if p.grad is not None]
-    if way == "zero1":
+    if way in ("zero1", "zero2"):  # ZeRO-2: the parameters hold no gradient, the slice's is the only one
         grads.append(dp.zero.shard.grad)  # the slice's own gradient copy (the slice itself aliases the parameters)
     state = _state_bytes([*params, *grads], optimizer)
     if way == "fsdp2":  # FSDP frees its gradient shards after the step; it holds them from backward to the step
@@ -122,8 +124,9 @@ def main() -> None:
                       "step_ms": round(max(r["step_ms"] for r in results), 1)}
         print(json.dumps({"way": way, "ranks": n, **table[way]}), flush=True)
     # bytes per parameter per rank with Adam in fp32: parameter 4, gradient 4, two moments 8; Plait's ZeRO-1 also
-    # keeps a gradient copy of its slice (the flat gradient is in backward order, so the slice is not a view of it)
-    per_param = {"ddp": 16.0, "plain": 16.0, "zero1": 8 + 12 / n, "fsdp2": 16 / n}
+    # keeps a gradient copy of its slice (the flat gradient is in backward order, so the slice is not a view of it);
+    # ZeRO-2 keeps the parameters whole and only its slice of gradient and moments
+    per_param = {"ddp": 16.0, "plain": 16.0, "zero1": 8 + 12 / n, "zero2": 4 + 12 / n, "fsdp2": 16 / n}
     budget = 80e9
     print(f"\n{numel:,} parameters, {n} ranks, Adam, fp32")
     print("way".ljust(8) + "state/rank MiB".rjust(16) + "peak RSS MiB".rjust(14) + "step ms".rjust(10)
@@ -139,6 +142,7 @@ def main() -> None:
                       "ratio": round(table["fsdp2"]["state_mib"] / table["ddp"]["state_mib"], 3),
                       "goal": f"about 1/{n} of DDP's", "zero1_ratio":
                           round(table["zero1"]["state_mib"] / table["ddp"]["state_mib"], 3),
+                      "zero2_ratio": round(table["zero2"]["state_mib"] / table["ddp"]["state_mib"], 3),
                       "step_ms": {w: table[w]["step_ms"] for w in WAYS},
                       "peak_rss_mib": {w: table[w]["peak_rss_mib"] for w in WAYS}}))
 

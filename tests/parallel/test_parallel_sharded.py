@@ -1,7 +1,7 @@
 """`sync.kind = "sharded"` (FSDP2's fully_shard on gloo) and `sync.shard_optimizer` (ZeRO-1) on 2 real ranks: both
 train to the same parameters and optimizer state as plain data parallel (float tolerance), each rank holds half of
 every parameter (FSDP) or half of the optimizer state (ZeRO-1), and the trainer checkpoints and resumes either to
-the same end as an uninterrupted run."""
+the same end as an uninterrupted run (ZeRO-2 too; its equality with plain data parallel: test_parallel_zero2.py)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def _run(tmp_path, name: str, steps: int, sync: str, resume: bool = False):
     return load_checkpoint(tmp_path / name / "dp" / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("sync", ['kind = "sharded"', "shard_optimizer = true"])
+@pytest.mark.parametrize("sync", ['kind = "sharded"', "shard_optimizer = true",
+                                  "shard_optimizer = true\nshard_gradients = true"])
 def test_trainer_checkpoints_and_resumes_a_sharded_run(tmp_path, sync):
     whole = _run(tmp_path, "whole", 8, sync)
     _run(tmp_path, "split", 4, sync)

@@ -1,7 +1,8 @@
 """All-reduce (sum, in place) four ways, over one process group, each counting the bytes this rank moves.
 
 - `native`: the backend's own `dist.all_reduce` (gloo / NCCL). The default and the fast path.
-- `ring`: reduce-scatter then all-gather around the ring, n−1 steps each; each rank sends 2(n−1)/n·S bytes.
+- `ring`: reduce-scatter then all-gather around the ring, n−1 steps each; each rank sends 2(n−1)/n·S bytes. Its
+  reduce-scatter phase alone (`RingAllReduce.reduce_scatter`) is ZeRO-2's gradient sync.
 - `tree`: reduce up a binary tree rooted at rank 0 (children of r are 2r+1, 2r+2), then broadcast down.
 - `naive`: every rank sends its whole tensor to every other rank: (n−1)·S bytes sent per rank, n(n−1) messages.
 
@@ -94,12 +95,16 @@ class AllReduce:
 
     def all_reduce_async(self, tensor: torch.Tensor, then: Callable[[], None] | None = None) -> Handle:
         """Start the all-reduce; `then` (e.g. dividing by n) runs once it is done, before `wait()` returns."""
+        return self._submit(lambda: self.all_reduce(tensor), tensor.device, then)
+
+    def _submit(self, work: Callable[[], None], device: torch.device, then: Callable[[], None] | None) -> Handle:
+        """Queue `work` (a collective on `device`) for the worker thread, in submission order."""
         if self._worker is None:
             self._queue = queue.SimpleQueue()
             self._worker = threading.Thread(target=self._serve, name=f"plait-{self.name}-allreduce", daemon=True)
             self._worker.start()
         handle = Handle()
-        self._queue.put((tensor, then, handle))
+        self._queue.put((work, device, then, handle))
         return handle
 
     def _serve(self) -> None:
@@ -107,11 +112,11 @@ class AllReduce:
             item = self._queue.get()
             if item is None:
                 return
-            tensor, then, handle = item
+            work, device, then, handle = item
             try:
-                if tensor.is_cuda:
-                    torch.cuda.set_device(tensor.device)  # the current device is per thread; NCCL p2p uses it
-                self.all_reduce(tensor)
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # the current device is per thread; NCCL p2p uses it
+                work()
                 if then is not None:
                     then()
                 handle._finish()
@@ -205,12 +210,35 @@ class RingAllReduce(AllReduce):
         n, rank = self.world_size, self.rank
         right, left = self._global((rank + 1) % n), self._global((rank - 1) % n)
         chunks = list(flat.tensor_split(n))
-        for step in range(n - 1):  # reduce-scatter: add what the left neighbour sends into our chunk
-            send_c, recv_c = (rank - step) % n, (rank - step - 1) % n
-            self._step(chunks[send_c], right, chunks[recv_c], left, reduce=True)
+        self._reduce_scatter_phase(chunks)
         for step in range(n - 1):  # all-gather: received chunks are final, so receive in place
             send_c, recv_c = (rank + 1 - step) % n, (rank - step) % n
             self._step(chunks[send_c], right, chunks[recv_c], left, reduce=False)
+
+    def reduce_scatter(self, chunks: list[torch.Tensor]) -> None:
+        """Sum `chunks` over the group, in place, each on its owner only: afterwards chunk r holds the sum on rank r
+        (the other chunks hold partial sums). One chunk per rank, of the same sizes on every rank (some may be
+        empty). ZeRO-2 reduce-scatters its gradient buckets with this: gloo has no reduce_scatter_tensor."""
+        if len(chunks) != self.world_size:
+            raise ValueError(f"reduce_scatter needs one chunk per rank ({self.world_size}), got {len(chunks)}")
+        start = time.perf_counter()
+        if self.world_size > 1:
+            n = self.world_size
+            self._reduce_scatter_phase([chunks[(c - 1) % n] for c in range(n)])  # the phase leaves chunk c on c−1
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
+
+    def reduce_scatter_async(self, chunks: list[torch.Tensor], then: Callable[[], None] | None = None) -> Handle:
+        """`reduce_scatter` on the worker thread, in order with this instance's all-reduces; `then` runs after it."""
+        return self._submit(lambda: self.reduce_scatter(chunks), chunks[0].device, then)
+
+    def _reduce_scatter_phase(self, chunks: list[torch.Tensor]) -> None:
+        """n−1 steps, each adding what the left neighbour sends into one chunk: chunk c ends summed on rank c−1."""
+        n, rank = self.world_size, self.rank
+        right, left = self._global((rank + 1) % n), self._global((rank - 1) % n)
+        for step in range(n - 1):
+            send_c, recv_c = (rank - step) % n, (rank - step - 1) % n
+            self._step(chunks[send_c], right, chunks[recv_c], left, reduce=True)
 
     def _step(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, reduce: bool) -> None:
         seg = self.segment_numel

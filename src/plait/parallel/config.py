@@ -64,6 +64,7 @@ class SyncSection:
     kind: Literal["allreduce", "local_sgd", "ps_one_device", "sharded"] = "allreduce"  # sharded: FSDP2
     local_steps: int = 8               # local_sgd: average the parameters every H steps
     shard_optimizer: bool = False      # allreduce: ZeRO-1, each rank keeps and steps 1/n of the optimizer state
+    shard_gradients: bool = False      # with shard_optimizer: ZeRO-2, gradients reduce-scattered, 1/n kept per rank
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -71,6 +72,9 @@ class SyncSection:
         if self.shard_optimizer and self.kind != "allreduce":
             raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce' (\"sharded\" shards the optimizer "
                              f"state already), got {self.kind!r}")
+        if self.shard_gradients and not self.shard_optimizer:
+            raise ValueError("sync.shard_gradients = true (ZeRO-2) needs sync.shard_optimizer = true (the gradient "
+                             "slices are those the optimizer shards step)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -196,6 +200,10 @@ class DataParallelRunConfig:
             if self.compression.codec != "none":
                 raise ValueError(f"comm_hook.name = {self.comm_hook.name!r} and compression.codec = "
                                  f"{self.compression.codec!r} both compress the gradients: choose one")
+        if self.sync.shard_gradients and (self.compression.codec != "none" or self.comm_hook.name != "none"):
+            raise ValueError("sync.shard_gradients = true reduce-scatters plain gradients: it does not go with "
+                             f"compression.codec = {self.compression.codec!r} or comm_hook.name = "
+                             f"{self.comm_hook.name!r}")
         if self.train.precision == "fp16" and self.sync.shard_optimizer:
             raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer (each rank would check "
                              "only its slice for overflows); use 'bf16'")

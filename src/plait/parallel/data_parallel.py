@@ -1,7 +1,8 @@
 """`DataParallel`: one replica per rank, one training step at a time, under one of three sync policies.
 
 - "allreduce" (BSP, every step): gradients are bucketed and all-reduced from backward's hooks (`GradSync`); the
-  optimizer step waits for every bucket. Optionally compressed (fp16, top-k with error feedback).
+  optimizer step waits for every bucket. Optionally compressed (fp16, top-k with error feedback). ZeRO-1
+  (`shard_optimizer`) shards the optimizer state, ZeRO-2 (`shard_gradients` too) the gradients as well.
 - "local_sgd": no gradient sync; every `local_steps` steps the parameters are averaged (one all-reduce of the
   flat parameter buffer). Each rank keeps its own optimizer state between averages.
 - "ps_one_device": the parameter server on one device of the lecture's multi-GPU slide: gradients are reduced onto
@@ -37,6 +38,7 @@ from plait.parallel.comm_hooks import CommHook
 from plait.parallel.compression import GradCompressor
 from plait.parallel.dims import ParallelDims
 from plait.parallel.divergence import DivergenceGuard
+from plait.parallel.grad_shard_sync import GradShardSync
 from plait.parallel.grad_sync import GradSync
 from plait.parallel.optim import OptimizerFactory, flat_state, load_flat_state, optimizer_factory, optimizer_name
 from plait.parallel.precision import MixedPrecision
@@ -72,7 +74,7 @@ class DataParallel:
                  allreduce: AllReduce | None = None, local_steps: int = 1, bucket_bytes: int = 1 << 20,
                  overlap: bool = True, optimizer: OptimizerFactory = PLAIN_SGD,
                  compressor: GradCompressor | None = None, comm_hook: CommHook | None = None,
-                 precision: str = "fp32", shard_optimizer: bool = False,
+                 precision: str = "fp32", shard_optimizer: bool = False, shard_gradients: bool = False,
                  loss_fn: LossFn = nn.functional.cross_entropy):
         if kind not in ("allreduce", "local_sgd", "ps_one_device"):
             raise ValueError(f"sync.kind = {kind!r} is not a data-parallel policy")
@@ -82,6 +84,11 @@ class DataParallel:
             raise ValueError("compression.codec and comm_hook.name both compress the gradients: choose one")
         if shard_optimizer and kind != "allreduce":
             raise ValueError(f"sync.shard_optimizer needs sync.kind = 'allreduce', got {kind!r}")
+        if shard_gradients and not shard_optimizer:
+            raise ValueError("sync.shard_gradients (ZeRO-2) needs sync.shard_optimizer = true")
+        if shard_gradients and (compressor is not None or comm_hook is not None):
+            raise ValueError("sync.shard_gradients reduce-scatters plain gradients: it does not go with "
+                             "compression.codec or comm_hook.name")
         if shard_optimizer and precision == "fp16":
             # each rank would check only its slice for overflows: the ranks could disagree on skipping a step
             raise ValueError("train.precision = 'fp16' does not go with sync.shard_optimizer; use 'bf16'")
@@ -99,11 +106,17 @@ class DataParallel:
         self.allreduce = allreduce if allreduce is not None else make_allreduce("native", self.group)
         allreduce_op = "hook" if comm_hook is not None else "compressed" if compressor else "allreduce"
         op = {"allreduce": allreduce_op, "local_sgd": "allreduce", "ps_one_device": "reduce"}[kind]
-        self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
-                                  compressor=compressor, comm_hook=comm_hook)
-        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py).
+        # ZeRO-1: each rank steps 1/n of the flat parameters with 1/n of the state, then all-gathers (zero.py);
+        # ZeRO-2: the gradients are reduce-scattered into those slices, no rank keeps them whole (grad_shard_sync.py).
         # ps_one_device: only the server (rank 0) owns an optimizer; the others just compute gradients.
-        self.zero = OptimizerShard(self.flat_param, self.params, self.group, optimizer) if shard_optimizer else None
+        self.zero = (OptimizerShard(self.flat_param, self.params, self.group, optimizer, grads_sharded=shard_gradients)
+                     if shard_optimizer else None)
+        self.grad_sync: GradSync | GradShardSync
+        if self.zero is not None and shard_gradients:
+            self.grad_sync = GradShardSync(self.params, self.zero, bucket_bytes=bucket_bytes, overlap=overlap)
+        else:
+            self.grad_sync = GradSync(self.params, self.allreduce, bucket_bytes=bucket_bytes, op=op, overlap=overlap,
+                                      compressor=compressor, comm_hook=comm_hook)
         self.optimizer = (self.zero.optimizer if self.zero is not None
                           else optimizer(self.params) if kind != "ps_one_device" or self.rank == 0 else None)
         self.optimizer_name = optimizer_name(self.optimizer) if self.optimizer is not None else None
@@ -161,6 +174,8 @@ class DataParallel:
     def _check(self, guard: DivergenceGuard, step: int, loss: torch.Tensor) -> bool:
         """Whether to apply this step's update (divergence.py)."""
         # fp16's scaled gradients overflow by design: its grad scaler skips those steps itself
+        if isinstance(self.grad_sync, GradShardSync):  # ZeRO-2: each rank holds another slice, so the ranks meet
+            return guard.before_update(step, loss=loss, grads=[self.grad_sync.grad], params=[self.flat_param])
         grads = [self.grad_sync.flat_grad] if self.precision.scaler is None else []
         if self.kind != "local_sgd":  # "allreduce": every rank holds the same synced gradient and parameters
             return guard.before_update(step, loss=loss, grads=grads, params=[self.flat_param],

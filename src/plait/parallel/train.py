@@ -91,7 +91,7 @@ def build_trainer(config: DataParallelRunConfig, model: torch.nn.Module, dims: P
                         overlap=config.parallel.overlap, optimizer=train.build_optimizer,
                         compressor=config.compression.build(seed=config.run.seed * 1000 + rank),
                         comm_hook=config.comm_hook.build(seed=config.run.seed), precision=train.precision,
-                        shard_optimizer=config.sync.shard_optimizer)
+                        shard_optimizer=config.sync.shard_optimizer, shard_gradients=config.sync.shard_gradients)
 
 
 def _checkpoint(run: RunContext, dp: Trainer, step: int, world_size: int, rank: int, final: bool) -> None:

@@ -1,13 +1,14 @@
 """ZeRO-1 (Rajbhandari et al. 2020, stage 1): the optimizer state sharded, parameters and gradients replicated.
+Also ZeRO-2's optimizer half: the same slices, stepped on gradients that arrive already sharded.
 
 `sync.shard_optimizer = true` with `sync.kind = "allreduce"`. Gradients are all-reduced as usual (bucketed,
 overlapping backward); then each of the n ranks steps only its 1/n of the flat parameters, with an optimizer whose
 state covers only that slice (Adam's two moments take 2N/n floats per rank instead of 2N), and the updated slices
 are all-gathered into every rank's flat parameters. The optimizers are element-wise, so stepping slices gives the
 same numbers as stepping the whole. Per step the all-gather (each slice broadcast by its owner) adds (n−1)/n of the
-parameter bytes to the all-reduce's 2(n−1)/n (ZeRO-2 would reduce-scatter the gradients instead of all-reducing
-them, and send no more than plain data parallel: not built here, as Plait's buckets are laid out in backward order,
-not in the slices' order).
+parameter bytes to the all-reduce's 2(n−1)/n. ZeRO-2 (`sync.shard_gradients`, grad_shard_sync.py) reduce-scatters
+the gradients into the slices instead of all-reducing them (`grads_sharded`), and sends no more than plain data
+parallel.
 
 The slice is a view into the flat parameter buffer (the optimizer writes into the model directly); its gradient is
 gathered from the parameters' gradient views (the flat gradient is laid out in reverse order, so it is no slice of
@@ -29,8 +30,8 @@ from plait.parallel.optim import flat_state, load_flat_state
 
 class OptimizerShard:
     def __init__(self, flat_param: torch.Tensor, params: list[nn.Parameter], group: dist.ProcessGroup | None,
-                 build: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
-        self.group = group
+                 build: Callable[[list[nn.Parameter]], torch.optim.Optimizer], grads_sharded: bool = False):
+        self.group, self.grads_sharded = group, grads_sharded  # grads_sharded: ZeRO-2 fills shard.grad itself
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.flat_param, self.numel = flat_param, flat_param.numel()
         # slices as tensor_split cuts them (sizes differ by at most one)
@@ -53,8 +54,9 @@ class OptimizerShard:
     def step(self, step_fn: Callable[[torch.optim.Optimizer], None]) -> None:
         """Step this rank's slice (`step_fn(optimizer)`), then all-gather every rank's slice into the parameters."""
         grad = self.shard.grad
-        for start, p, p_start, length in self._pieces:
-            grad[start:start + length].copy_(p.grad.reshape(-1)[p_start:p_start + length])
+        if not self.grads_sharded:  # ZeRO-1: copy the slice out of the whole, synced gradients
+            for start, p, p_start, length in self._pieces:
+                grad[start:start + length].copy_(p.grad.reshape(-1)[p_start:p_start + length])
         step_fn(self.optimizer)
         self._all_gather(self.flat_param)
 
