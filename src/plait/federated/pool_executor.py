@@ -46,7 +46,9 @@ class ProcessPoolExecutor:
                  device: torch.device | None = None):
         self.num_workers = num_workers or max(1, os.cpu_count() or 1)
         self.device = device or model_device(model)
-        if model_device(model) != CPU:  # a worker gets its copy through a pickle, which must not hold CUDA tensors
+        if self.device != CPU or model_device(model) != CPU:
+            # The workers' copy is pickled now and again if a worker is replaced: it must hold no CUDA tensors, and
+            # the caller's module may move to the GPU later (the server evaluates there).
             model = copy.deepcopy(model).cpu()
         ctx = mp.get_context("spawn")
         self._pool = ctx.Pool(self.num_workers, initializer=_init_worker,
