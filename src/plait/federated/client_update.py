@@ -7,6 +7,9 @@ in place (DDP's gradient-as-bucket-view). The SGD step is then one vectorised op
 concatenation, or parameter swap: `torch.func.functional_call` swapped the parameters in and out on every step,
 about 30 µs of a 430 µs 2NN step (benchmarks/fl_simulator.py). The parameters get their own memory back when the
 client is done, so the module is left as it was; a model must not be trained by two callers at once.
+
+A client trains on its model's device (fl.device, net.client_device): the weights, its batches and its own buffers
+are moved there (no copy when they are there already), and the update stays there; `Update.cpu()` brings it back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from plait.core.flat import FlatSpec
+from plait.federated.device import model_device, on_device
 from plait.federated.plan import TrainingPlan
 from plait.federated.task import Inputs, Task, take
 from plait.federated.weights import pointed_at
@@ -37,19 +41,29 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     local_buffers: torch.Tensor | None = None  # the client's own buffers after training (fl.buffers = "local")
 
+    def cpu(self) -> Update:
+        """The update on the CPU, where the server aggregates (itself when it is there already)."""
+        if self.delta.device.type == "cpu":
+            return self
+        buffers = self.local_buffers.cpu() if self.local_buffers is not None else None
+        return Update(self.delta.cpu(), self.num_examples, self.metrics, buffers)
+
 
 def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.Tensor, data: ClientData,
                   plan: TrainingPlan, task: Task | None = None,
                   local: tuple[torch.Tensor, FlatSpec] | None = None) -> Update:
-    """`plan`'s local SGD from `global_params` on `data`, with `task`'s loss (default: classification). `local`:
-    the client's own buffers (vector, spec), trained in place of the model's and returned in the update."""
+    """`plan`'s local SGD from `global_params` on `data`, with `task`'s loss (default: classification), on the
+    model's device. `local`: the client's own buffers (vector, spec), trained in place of the model's and returned in
+    the update."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
     task = task or Task()
-    global_params = global_params.detach()
+    device = model_device(model)
+    global_params = global_params.detach().to(device)
+    data = ClientData(on_device(data.x, device), data.y.to(device))
     w = global_params.clone()
     grad = torch.zeros_like(w)
-    own = (local[0].clone(), local[1]) if local is not None else None
+    own = (local[0].to(device, copy=True), local[1]) if local is not None else None
     # The global generator (dropout masks, any randomness in the user's model; the GPU's too when training on one)
     # is seeded by the plan for the client's run and restored after it: a client's update depends on (seed, round,
     # client) alone, whichever process or backend runs it, and resumed runs repeat.
@@ -80,7 +94,8 @@ def _train(model: torch.nn.Module, task: Task, w: torch.Tensor, grad: torch.Tens
     loss_sum = torch.zeros((), device=w.device)
     steps = 0
     while steps < total_steps:
-        order = torch.randperm(num_examples, generator=generator)
+        # drawn on the CPU generator whatever the device, so a client's batches are the same on every device
+        order = torch.randperm(num_examples, generator=generator).to(w.device)
         for start in range(0, num_examples, batch):
             if steps >= total_steps:
                 break

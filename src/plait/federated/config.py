@@ -62,6 +62,9 @@ class FLConfig:
     workers: int = 0                   # process_pool: worker processes (0: one per core)
     worker_threads: int = 1            # process_pool: torch threads per worker (run.threads is the main process's:
                                        # its evaluation uses every core while the workers wait)
+    # where simulated clients train and the server evaluates: auto = cuda when the process sees a GPU (a torchrun rank:
+    # its own, cuda:LOCAL_RANK), else the CPU; the global weights and aggregation stay on the CPU (federated/device.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     plan: TrainingPlan = field(default_factory=TrainingPlan)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)

@@ -1,11 +1,12 @@
 """Evaluation of a flat model state on a data set, with the task's metrics (default: mean cross-entropy and
-accuracy), the model in eval mode."""
+accuracy), the model in eval mode, on the model's device (the weights and the data moved there)."""
 
 from __future__ import annotations
 
 import torch
 
 from plait.core.flat import FlatSpec
+from plait.federated.device import model_device, on_device
 from plait.federated.task import Inputs, Task, evaluate_batches
 from plait.federated.weights import pointed_at
 
@@ -14,8 +15,11 @@ def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: In
              task: Task | None = None, local: tuple[torch.Tensor, FlatSpec] | None = None,
              batch_size: int = 2000) -> dict[str, float]:
     """The task's metrics of the weights `params` (and, with `local`, a client's own buffers) on (x, y)."""
-    with pointed_at(model, spec, params.detach(), local=local):
-        return evaluate_batches(task or Task(), model, x, y, batch_size)
+    device = model_device(model)
+    if local is not None:
+        local = (local[0].to(device), local[1])
+    with pointed_at(model, spec, params.detach().to(device), local=local):
+        return evaluate_batches(task or Task(), model, on_device(x, device), y.to(device), batch_size)
 
 
 # What a round's record calls the central test set's figures (runtime/metric_names.py); a task's other metrics

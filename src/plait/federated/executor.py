@@ -1,6 +1,7 @@
 """Client execution backends: given the global weights and a list of client tasks, yield each client's update.
 
-Every backend runs the same `client_update`; the server does not know which one it talks to.
+Every backend runs the same `client_update`, on the device its model lives on (fl.device), and yields updates on
+the CPU; the server does not know which one it talks to.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.federated.client_update import ClientData, Update, client_update
+from plait.federated.device import model_device
 from plait.federated.plan import TrainingPlan
 from plait.federated.task import Task
 
@@ -34,15 +36,16 @@ class ClientExecutor(Protocol):
 
 
 class SequentialExecutor:
-    """One client after another in this process: the reference backend."""
+    """One client after another in this process, on the model's device: the reference backend."""
 
     def run(self, model, spec, global_params, tasks):
+        params = global_params.to(model_device(model))  # once a round, not once a client
         for task in tasks:
             try:
-                update = client_update(model, spec, global_params, task.data, task.plan, task.task, task.local)
+                update = client_update(model, spec, params, task.data, task.plan, task.task, task.local)
             except Exception as err:  # name the client and the stage in every error (fedjax's debug backend)
                 raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
-            yield task, update
+            yield task, update.cpu()
 
     def close(self) -> None:
         pass

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from plait.core.flat import FlatSpec
+from plait.federated.device import CPU, model_device
 from plait.federated.weights import pointed_at
 
 WEIGHTS_FILE = "model.safetensors"
@@ -21,9 +22,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 def state_dict_of(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     """The model's state_dict with the federated tensors taken from `flat` (others, e.g. integer buffers, as the
-    model holds them)."""
-    with pointed_at(model, spec, flat.detach()):
-        return {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+    model holds them), on the CPU wherever the model trained."""
+    with pointed_at(model, spec, flat.detach().to(model_device(model))):
+        return {name: tensor.detach().to(CPU, copy=True).contiguous() for name, tensor in model.state_dict().items()}
 
 
 def save_weights(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor, run_path: Path) -> Path:

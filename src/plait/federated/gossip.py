@@ -7,7 +7,8 @@ stochastic, so the average model is preserved exactly and the nodes drift toward
 another's data, and no server exists: the only traffic is model exchange along the graph's edges.
 
 The runner has the simulator's server interface (`initial_state`, `run_round`, `executor`), so run directories,
-checkpoints (the stacked [nodes, params] weights), `--resume` and plots work unchanged.
+checkpoints (the stacked [nodes, params] weights), `--resume` and plots work unchanged. The nodes' weights stay on
+the CPU; a node trains, and the models are evaluated, on `fl.device` like the simulator's clients.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from plait.data.federated import FederatedData
 from plait.federated.client_update import ClientData, client_update
+from plait.federated.device import CPU, on_device
 from plait.federated.evaluate import evaluate, test_set_record
 from plait.federated.executor import SequentialExecutor
 from plait.federated.seeds import NODE_EVAL_SAMPLE, client_seed, selection_rng, stream
@@ -33,10 +35,13 @@ from plait.federated.weights import flat_model_state
 class GossipRunner:
     """Server-less rounds: local training on a fraction of the nodes, then gossip along the graph."""
 
-    def __init__(self, config, model: torch.nn.Module, data: FederatedData, seed: int, task: Task | None = None):
+    def __init__(self, config, model: torch.nn.Module, data: FederatedData, seed: int, task: Task | None = None,
+                 device: torch.device = CPU):
         self.config, self.model, self.data, self.seed, self.task = config, model, data, seed, task or Task()
         self.executor = SequentialExecutor()  # closed by the run loop like any executor
         params, self.spec = flat_model_state(model, buffers=True)
+        model.to(device)
+        self.test_set = (on_device(data.test_x, device), data.test_y.to(device))  # moved once
         num_nodes = data.num_clients
         self.adj = neighbours(config.gossip.topology, num_nodes, config.gossip.degree, seed)
         self.mixing = mixing_matrix(self.adj).to(params.dtype)
@@ -69,7 +74,7 @@ class GossipRunner:
         for node in trained:
             plan = round_plan.for_client(client_seed(self.seed, round_idx, node))
             data = ClientData(*self.data.client_train(node))
-            update = client_update(self.model, self.spec, params[node], data, plan, self.task)
+            update = client_update(self.model, self.spec, params[node], data, plan, self.task).cpu()
             params[node] += update.delta
             loss_sum += update.metrics["train_loss"] * update.num_examples
             examples += update.num_examples
@@ -91,7 +96,7 @@ class GossipRunner:
         cfg = self.config
         if not (round_idx == cfg.rounds or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
             return {}
-        test_x, test_y = self.data.test_x, self.data.test_y
+        test_x, test_y = self.test_set
         average = evaluate(self.model, self.spec, state.params.mean(0), test_x, test_y, task=self.task)
         out = test_set_record(average)  # the average model's
         picks = stream(self.seed, NODE_EVAL_SAMPLE).permutation(self.data.num_clients)[: cfg.gossip.eval_nodes]

@@ -27,6 +27,7 @@ import torch
 from plait.core.flat import FlatSpec
 from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
+from plait.federated.device import model_device, on_device
 from plait.federated.evaluate import evaluate, test_set_record
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.rounds import RoundPrivacy
@@ -102,7 +103,11 @@ class RoundLoop:
                  initial_params: torch.Tensor, seed: int, num_clients: int,
                  test_set: tuple[Inputs, torch.Tensor] | None, task: Task | None = None):
         self.config, self.backend, self.seed, self.task = config, backend, seed, task or Task()
-        self.model, self.spec, self.initial_params, self.test_set = model, spec, initial_params, test_set
+        self.model, self.spec, self.initial_params = model, spec, initial_params
+        if test_set is not None:  # moved once to where the model evaluates (fl.device), not at every evaluation
+            device = model_device(model)
+            test_set = (on_device(test_set[0], device), test_set[1].to(device))
+        self.test_set = test_set
         self.server_opt = build_server_opt(config.server_opt)
         self.eligible = requires(**config.eligibility)
         self.privacy = RoundPrivacy(config, seed, num_clients)

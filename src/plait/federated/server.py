@@ -14,6 +14,7 @@ import torch
 from plait.data.federated import FederatedData
 from plait.federated.backends.simulated import SimulatedBackend
 from plait.federated.config import FLConfig
+from plait.federated.device import CPU
 from plait.federated.executor import ClientExecutor
 from plait.federated.round_loop import RoundLoop, ServerState
 from plait.federated.seeds import client_seed
@@ -25,7 +26,9 @@ __all__ = ["FederatedServer", "ServerState", "client_seed"]
 
 class FederatedServer(RoundLoop):
     def __init__(self, config: FLConfig, model: torch.nn.Module, data: FederatedData, executor: ClientExecutor,
-                 seed: int, task: Task | None = None):
+                 seed: int, task: Task | None = None, device: torch.device = CPU):
+        """`model` arrives on the CPU; the server moves it to `device` (fl.device), where the sequential clients
+        train and the test set is evaluated. The global state stays on the CPU."""
         initial_params, spec = flat_model_state(model, buffers=config.buffers == "federated")
         kind = SimulatedBackend
         if config.executor == "distributed":  # the same clients, spread over torch.distributed ranks
@@ -33,6 +36,7 @@ class FederatedServer(RoundLoop):
 
             kind = DistributedBackend
         backend = kind(config, model, spec, data, executor, seed, initial_params.numel(), task)
+        model.to(device)  # after the backend took the initial (CPU) copy of each client's own buffers
         test_set = (data.test_x, data.test_y) if len(data.test_y) else None
         super().__init__(config, backend, model=model, spec=spec, initial_params=initial_params, seed=seed,
                          num_clients=data.num_clients, test_set=test_set, task=task)

@@ -13,6 +13,7 @@ from plait.data.federated import federated_from_user_data, load_federated
 from plait.data.user import user_data_from
 from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.config import FederatedRunConfig
+from plait.federated.device import local_rank, rank_device, resolve_device
 from plait.federated.executor import ClientExecutor, SequentialExecutor
 from plait.federated.server import FederatedServer
 from plait.federated.task import Task
@@ -21,15 +22,28 @@ if TYPE_CHECKING:
     from plait.federated.gossip import GossipRunner
 
 
-def build_executor(config: FederatedRunConfig, model: torch.nn.Module) -> ClientExecutor:
+def client_device(config: FederatedRunConfig) -> torch.device:
+    """Where the simulated clients train and the server evaluates (fl.device); a torchrun rank takes its own GPU,
+    cuda:LOCAL_RANK. ConfigError naming fl.device for "cuda" without a GPU."""
+    if config.fl.executor == "distributed":
+        return rank_device(config.fl.device, "fl.device")
+    return resolve_device(config.fl.device, "fl.device")
+
+
+def build_executor(config: FederatedRunConfig, model: torch.nn.Module,
+                   device: torch.device | None = None) -> ClientExecutor:
+    """The clients' executor; `device`: where pool workers train (default: where `model` lives). The sequential
+    executor trains where the model lives."""
     if config.fl.executor == "process_pool":
         from plait.federated.pool_executor import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads)
+        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads,
+                                   device=device)
     return SequentialExecutor()
 
 
-def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: Any, task: Task) -> None:
+def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: Any, task: Task,
+                     device: torch.device) -> None:
     """Measure, pick, say why, and write the choice into the config (the run's config.toml records it)."""
     import logging
 
@@ -38,6 +52,11 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     from plait.federated.seeds import client_seed
     from plait.federated.weights import flat_model_state
 
+    if device.type == "cuda":  # the timings below are the CPU's; a pool's processes would only share the one GPU
+        chosen, why = "sequential", f"clients train on {device}: one process keeps the GPU busy"
+        logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose %r: %s", chosen, why)
+        config.fl.executor = chosen
+        return
     params, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
     sizes = [data.num_examples(cid) for cid in range(data.num_clients)]
     typical = sorted(range(data.num_clients), key=lambda cid: sizes[cid])[data.num_clients // 2]  # the median
@@ -56,6 +75,9 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
     From Python, `model` (a function returning a fresh module), `data` (what a `data.source` loader may return:
     (x, y), a Dataset, per-client sets) and `task` stand in for the config's `model.factory`, `data.source` and
     `fl.task`."""
+    device = client_device(config)  # "cuda" without a GPU fails here, before any data is loaded
+    if device.type == "cuda" and config.fl.executor == "distributed":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     if data is not None:
@@ -72,19 +94,20 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
     if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
         from plait.federated.gossip import GossipRunner
 
-        return GossipRunner(config.fl, model, data, config.run.seed, task)
+        return GossipRunner(config.fl, model, data, config.run.seed, task, device)
     if config.fl.executor == "auto" and executor is None:
-        _choose_executor(config, model, data, task)
-    executor = executor or build_executor(config, model)
+        _choose_executor(config, model, data, task, device)
+    executor = executor or build_executor(config, model, device)  # the pool gets the model from the CPU
     try:
-        return FederatedServer(config.fl, model, data, executor, config.run.seed, task)
+        return FederatedServer(config.fl, model, data, executor, config.run.seed, task, device)
     except Exception:
         executor.close()  # a worker pool must not outlive a server that failed to start
         raise
 
 
-def distributed_rank() -> int:
-    """This process's rank under `fl.executor = 'distributed'`, joining torchrun's process group first if need be."""
+def distributed_rank(device_setting: str = "auto") -> int:
+    """This process's rank under `fl.executor = 'distributed'`, joining torchrun's process group first if need be:
+    NCCL when every rank of the node has its own GPU and `fl.device` (`device_setting`) allows one, else gloo."""
     import os
 
     import torch.distributed as dist
@@ -93,5 +116,8 @@ def distributed_rank() -> int:
         if "RANK" not in os.environ:
             raise ValueError("fl.executor = 'distributed' runs under torchrun: "
                              "torchrun --nproc-per-node N -m plait.cli run CONFIG")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = rank_device(device_setting, "fl.device")
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank() + 1))
+        own_gpus = device.type == "cuda" and ranks_here <= torch.cuda.device_count()
+        dist.init_process_group("nccl" if own_gpus else "gloo")
     return dist.get_rank()

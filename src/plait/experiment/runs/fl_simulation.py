@@ -41,7 +41,7 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
                   data: Any = None, task: Task | None = None) -> RunSummary:
     """Run a federated simulation in its run directory; `model` (a function returning a fresh module), `data` and
     `task` stand in for the config's `model.factory`, `data.source` and `fl.task` (see `build_server`)."""
-    writes = config.fl.executor != "distributed" or distributed_rank() == 0
+    writes = config.fl.executor != "distributed" or distributed_rank(config.fl.device) == 0
     if resume and writes:
         prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
     server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing

@@ -22,6 +22,7 @@ import torch
 from plait.data.federated import load_own_data
 from plait.federated.client_program import ClientProgram
 from plait.federated.client_update import ClientData
+from plait.federated.device import on_device
 from plait.federated.evaluate import evaluate
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.auth import read_key
@@ -29,7 +30,7 @@ from plait.federated.net.config import LOOPBACK, NetworkRunConfig, client_device
 from plait.federated.net.connection import Connection, SecAggTask, Task
 from plait.federated.net.pipeline import pipeline_fingerprint
 from plait.federated.net.tls import client_credentials
-from plait.federated.net.trainee import Trainee, imported_trainee, on_device, shipped_trainee
+from plait.federated.net.trainee import Trainee, imported_trainee, shipped_trainee
 from plait.federated.secagg import messages
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.seeds import BACKOFF_JITTER, stream

@@ -14,6 +14,7 @@ import torch
 
 from plait.data.federated import DataConfig
 from plait.federated.config import FederatedRunConfig, FLConfig, ModelConfig, RunSection
+from plait.federated.device import resolve_device
 from plait.federated.stragglers import DeviceConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -105,6 +106,9 @@ class NetworkRunConfig:
         if self.fl.devices != DeviceConfig():
             warnings.warn("fl.devices simulates device speeds and is ignored by the network server; real "
                           "stragglers are dropped at net.round_timeout_s", stacklevel=2)
+        if self.fl.device == "cuda":
+            warnings.warn("fl.device places the simulator's clients and is ignored by the network server (it "
+                          "evaluates on the CPU); a network client trains on its net.client_device", stacklevel=2)
         if self.net.wait_for_clients and self.net.wait_for_clients < self.fl.min_clients:
             raise ValueError(f"net.wait_for_clients ({self.net.wait_for_clients}) must be >= fl.min_clients "
                              f"({self.fl.min_clients})")
@@ -117,11 +121,4 @@ class NetworkRunConfig:
 def client_device(setting: str) -> torch.device:
     """Where a network client trains (net.client_device): "auto" is cuda when this process sees a GPU, else the CPU;
     "cuda" without one is an error rather than a silent CPU run."""
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if setting in ("auto", "cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("net.client_device = 'cuda' but this process sees no CUDA device "
-                             "(torch.cuda.is_available() is False): use 'auto' or 'cpu'")
-        return torch.device("cuda", torch.cuda.current_device())
-    raise ValueError(f"net.client_device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
+    return resolve_device(setting, "net.client_device")

@@ -20,7 +20,7 @@ from plait.federated.components import build_model, build_task, check_model_fits
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.net.connection import Connection
 from plait.federated.shipping.model import check_program_fits, load_program
-from plait.federated.task import Inputs, Task
+from plait.federated.task import Task
 from plait.federated.weights import flat_model_state, local_buffer_state
 
 log = logging.getLogger("plait.fl.client")
@@ -46,10 +46,6 @@ def _trainee(model: torch.nn.Module, task: Task, buffers: str, label: str, progr
     _, spec = flat_model_state(model, buffers=buffers == "federated")
     local = local_buffer_state(model) if buffers == "local" else None
     return Trainee(model, task, spec, local, label, program_sha256)
-
-
-def on_device(x: Inputs, device: torch.device) -> Inputs:
-    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
 
 def imported_trainee(config: NetworkRunConfig, data: ClientData, num_classes: int, device: torch.device) -> Trainee:
