@@ -53,9 +53,9 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     from plait.federated.weights import flat_model_state
 
     if device.type == "cuda":  # the timings below are the CPU's; a pool's processes would only share the one GPU
-        chosen, why = "sequential", f"clients train on {device}: one process keeps the GPU busy"
-        logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose %r: %s", chosen, why)
-        config.fl.executor = chosen
+        why = f"clients train on {device}: one process keeps the GPU busy"
+        logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose 'sequential': %s", why)
+        config.fl.executor = "sequential"
         return
     params, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
     sizes = [data.num_examples(cid) for cid in range(data.num_clients)]
