@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("data_parallel_own_loop.py", ["--allreduce", "tree", "--compression", "fp16"]),
     ("pipeline_own_model.py", ["--schedule", "gpipe", "--split", "4"]),
 ])
+@pytest.mark.slow  # also run as documented, in tests/documented/test_documented_own_code.py
 def test_example_runs_under_torchrun_with_two_ranks(script, args):
     # --standalone: torchrun picks a free port (tests may run beside other jobs); this checkout's plait first
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"),

@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "kvstore_own_loop.py"
 
 
+@pytest.mark.slow  # also run as documented, in tests/documented/test_documented_own_code.py
 @pytest.mark.timeout(300)
 def test_the_kvstore_example_trains_a_users_model_in_a_users_loop():
     src = str(Path(__file__).resolve().parents[2] / "src")
