@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from as_a_user import accuracy, fill, records, run, user_folder
 from docs_commands import commands_in_text, documented, documented_commands
 
@@ -94,6 +95,7 @@ def test_commands_are_read_out_of_each_kind_of_file():
     assert commands_in_text(python, ".py") == [(3, "python write.py clients 3")]
 
 
+@pytest.mark.slow  # 17 s: in make test-slow, to keep make test near 10 minutes
 def test_one_choice_at_a_time(tmp_path):
     """README, "One choice at a time": two runs with one setting switched, their comparison, and a run's plots."""
     # Prepare

@@ -118,6 +118,7 @@ error_feedback = true
 """
 
 
+@pytest.mark.slow  # a resume variant: in make test-slow, to keep make test near 10 minutes
 def test_resume_with_topk_error_feedback_restores_each_ranks_residuals(tmp_path):
     """Each rank's error-feedback residual (what top-k has not sent yet) is state: gathered into the checkpoint,
     scattered back on resume, so the resumed run ends bit-identical to the uninterrupted one."""
@@ -162,6 +163,7 @@ def test_resume_with_adam_restores_both_moments_and_the_step_count(tmp_path):
         assert torch.equal(resumed["optim"][key], straight["optim"][key])
 
 
+@pytest.mark.slow  # a resume variant: in make test-slow, to keep make test near 10 minutes
 def test_a_checkpoint_from_before_adam_still_resumes_sgd_momentum(reference):
     """Checkpoints written before the optimizer choice held SGD's momentum as `momentum`: they still resume."""
     from plait.runtime.checkpoint import save_checkpoint
@@ -176,6 +178,7 @@ def test_a_checkpoint_from_before_adam_still_resumes_sgd_momentum(reference):
     assert torch.equal(_final_params(tmp, "legacy"), params)
 
 
+@pytest.mark.slow  # a resume variant: in make test-slow, to keep make test near 10 minutes
 def test_resuming_with_another_optimizer_starts_its_state_fresh(tmp_path, capfd):
     plain = CONFIG[:CONFIG.index("[stragglers]")]
     path = tmp_path / "switch.toml"

@@ -53,7 +53,9 @@ def kill_each_server_config(tmp_path, name, consistency, seed):
     """2 servers x 2 replicas; the first kill and the gap between kills drawn from a seeded generator."""
     rng = np.random.default_rng(seed)
     first, every = int(rng.integers(3, 8)), int(rng.integers(6, 10))
-    steps = first + 3 * every + 8  # four kills, then a few steps with everyone back
+    # four kills, each after the previous one is back and caught up (failover_s, a restart, a sync), then steps with
+    # everyone back: the tail must outlast the last recovery, or the run ends before the fourth kill
+    steps = first + 3 * every + 30
     return make_config(tmp_path, name,
                        sync={"servers": 2, "replication": 2, "consistency": consistency, "failover_s": 0.5,
                              "retry_s": 0.2, "piece_numel": PIECE_NUMEL, "checkpoint_every": 5},
