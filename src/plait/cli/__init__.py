@@ -16,7 +16,7 @@ from rich.console import Console
 
 from plait.cli.fl import fl_app
 from plait.cli.ps import ps_app
-from plait.federated.bounds import Diverged
+from plait.runtime.divergence import Diverged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed and federated training for PyTorch.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from plait.federated.bounds import Diverged
+from plait.runtime.divergence import Diverged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 fl_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from plait.runtime.divergence import Diverged
 from plait.runtime.metrics_log import read_metrics
 
 
-class WorkerDiverged(RuntimeError):
+class WorkerDiverged(Diverged):
     """A worker's non-finite loss or gradient stopped the run (the message names the step, the worker and the
-    reason; the launcher adds where the last good checkpoints are)."""
+    reason; the launcher adds where the last good checkpoints are): the one `Diverged` of every plane."""
 
 
 def step_problem(loss: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> tuple[str, bool] | None:

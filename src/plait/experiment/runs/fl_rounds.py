@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import torch
 
 from plait.experiment.run import Run
-from plait.federated.bounds import Diverged
 from plait.federated.round_loop import ServerState
+from plait.runtime.divergence import Diverged
 
 OnRecord = Callable[[ServerState, dict[str, Any]], None]
 
