@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from plait.parallel.device import rank_device
 from plait.runtime.divergence import Diverged
 
 
@@ -126,18 +127,44 @@ def run_from_env(fn: Callable[..., Any], *args: Any, backend: str | None = None)
         raise RuntimeError(f"run_from_env needs torchrun's environment; missing {missing}")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = timedelta(seconds=120)
-    # torchrun keeps the same store across restarts of the group; keys left by the dead attempt (ranks' old
-    # addresses) would make the new one connect to dead sockets, so each attempt gets its own key prefix.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend or default_backend(), store=dist.PrefixStore(f"plait/attempt{attempt}", store),
+    dist.init_process_group(backend or default_backend(), store=dist.PrefixStore(attempt_prefix(agent_store), store),
                             rank=rank, world_size=world_size, timeout=timeout)
     try:
         return fn(dist.get_rank(), dist.get_world_size(), *args)
     finally:
         dist.destroy_process_group()
+
+
+def attempt_prefix(agent_store: bool) -> str:
+    """The store keys of this attempt of the group.
+
+    Without torchrun's agent store, rank 0 hosts the store, so each attempt starts with an empty one. The agent store
+    outlives the workers: keys left by a dead attempt (ranks' old addresses) would make the new one connect to dead
+    sockets, so each attempt gets its own prefix, named by the restart count. With one agent that count is the
+    attempt's; with several, an agent restarts its workers without counting when another agent's workers failed,
+    so the counts differ across nodes and the ranks would never meet: refuse that case at start, with the fix."""
+    if not agent_store:
+        return "plait"
+    agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if agents > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise RuntimeError(
+            f"torchrun restarts ({os.environ.get('TORCHELASTIC_MAX_RESTARTS')}) across {agents} agents need a fresh "
+            "store for each attempt: start every agent with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment "
+            "(rank 0 then hosts the store of each attempt), or use --max-restarts 0")
+    return f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def group_restarted() -> bool:
+    """Whether torchrun restarted this group (collective: every rank calls it). Each agent counts only the restarts
+    its own workers' failures caused (one whose workers were healthy restarts them uncounted when another node's
+    failed), so the ranks agree by the largest count any of them sees."""
+    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], dtype=torch.int64,
+                         device=rank_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count) > 0
 
 
 def under_torchrun() -> bool:

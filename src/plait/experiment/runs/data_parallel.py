@@ -8,10 +8,10 @@ One node under torchrun (restarts the whole group from the last checkpoint if a 
 
     torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m plait.cli train examples/data_parallel.toml
 
-Two nodes (run on each; node 0's address reachable from node 1, and the run directory on node 0 is where
-checkpoints are written and read — rank 0 reads them and broadcasts to the others on resume):
+Two nodes (run on each; node 0's address reachable from node 1; rank 0's node holds the run directory, and a
+rank 0 restarted on another node first receives the latest checkpoint from the node that holds it):
 
-    torchrun --nnodes 2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
         --rdzv-endpoint NODE0_HOST:29400 --rdzv-id plait-dp -m plait.cli train examples/data_parallel.toml
 
 Under torchrun `--nproc` is ignored (torchrun decides the world), and a restarted group resumes by itself. The
@@ -21,7 +21,6 @@ writes the records and checkpoints through its `Run`, the other ranks' `Run` wri
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,9 +31,10 @@ import torch.distributed as dist
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.runs.rank0_files import bring_latest_checkpoint_to_rank0
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.device import rank_device, use_device
-from plait.parallel.launch import run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.train import train_rank
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
@@ -101,9 +101,12 @@ def rank_main(rank: int, world_size: int, config: DataParallelRunConfig, resume:
 def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
                  device: torch.device) -> tuple[RunDir, bool]:
     """Rank 0 prepares the run directory; every rank learns whether a checkpoint is resumed. A group that torchrun
-    restarted resumes from the checkpoint by itself, or starts over when it died before the first one."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarted resumes from the checkpoint by itself (received from another node's rank if rank 0's node lacks it),
+    or starts over when no node holds one (it died before the first)."""
+    restarts = int(group_restarted())  # agreed: every rank takes the same path through the collectives below
     run = RunDir(Path(config.run.root) / config.run.name)
+    if resume or restarts > 0:
+        bring_latest_checkpoint_to_rank0(run)  # rank 0 may be on another node than the one that wrote it
     status = torch.zeros(2, dtype=torch.int64, device=device)  # [ok, resuming]; NCCL sends device tensors only
     error = ""
     if rank == 0:

@@ -14,7 +14,6 @@ stage of replica 0 has the loss, so its `Run` writes the records; every rank kee
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device, use_device
-from plait.parallel.launch import run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout
 from plait.parallel.pipeline.schedule import build_schedule
@@ -103,7 +102,7 @@ def prepare_under_torchrun(config: PipelineRunConfig, resume: bool) -> tuple[Run
     checkpoint, and starts over when none does (it died before its first). The resolved config goes into every
     run directory that has none."""
     device = rank_device()  # where a tensor for a collective lives: the GPU under NCCL, the CPU under gloo
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts = int(group_restarted())
     run = RunDir(Path(config.run.root) / config.run.name)
     holding = _flags_of_all_ranks(run.checkpoint_path.exists(), device)
     resuming = resume or (restarts > 0 and any(holding))

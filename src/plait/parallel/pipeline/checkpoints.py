@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from plait.parallel.device import rank_device
-from plait.runtime.checkpoint import CHECKPOINT_FILE, atomic_write_bytes, save_checkpoint
+from plait.parallel.file_transfer import transfer_file
+from plait.runtime.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from plait.runtime.context import RunContext
 
 NO_CHECKPOINT = 2**62  # a rank without checkpoint.pt, in the MIN over the ranks' committed steps
@@ -54,10 +55,6 @@ def agreed_step(run: RunContext, boundaries: list[int], num_stages: int) -> int:
     return int(step)
 
 
-def _write_tensor_bytes(path: Path, data: torch.Tensor) -> None:
-    atomic_write_bytes(path, lambda f: f.write(data.cpu().numpy().tobytes()))
-
-
 def fetch_missing_stage_files(run_path: Path, stage_index: int, step: int, num_stages: int) -> list[int]:
     """Give every rank its stage's file of `step`, sent by the lowest rank holding it when its own run directory
     has none (collective). Returns the ranks that received one."""
@@ -78,16 +75,8 @@ def fetch_missing_stage_files(run_path: Path, stage_index: int, step: int, num_s
         if not holders:
             raise FileNotFoundError(f"--resume: no rank holds stage{stage}.step{step}.pt (rank {dst}'s stage) in "
                                     f"its run directory {run_path}; not starting over")
-        if rank == holders[0]:
-            data = torch.frombuffer(bytearray(stage_file(run_path, stage, step).read_bytes()), dtype=torch.uint8)
-            dist.send(torch.tensor([data.numel()], dtype=torch.int64, device=_comm()), dst)
-            dist.send(data.to(_comm()), dst)
-        elif rank == dst:
-            size = torch.zeros(1, dtype=torch.int64, device=_comm())
-            dist.recv(size, holders[0])
-            data = torch.empty(int(size), dtype=torch.uint8, device=_comm())
-            dist.recv(data, holders[0])
-            _write_tensor_bytes(stage_file(run_path, stage, step), data)
+        if rank in (holders[0], dst):
+            transfer_file(stage_file(run_path, stage, step), holders[0], dst)
         received.append(dst)
     return received
 
