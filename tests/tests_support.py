@@ -1,4 +1,5 @@
-"""Shared pieces of the tests that use the user-code example (examples/custom_model)."""
+"""Shared pieces of the tests: the user-code example (examples/custom_model), a torchrun kill harness, and the
+pipeline run the restart tests kill."""
 
 from __future__ import annotations
 
@@ -47,3 +48,29 @@ def torchrun_and_kill_rank(module_args: list[str], cwd: Path, run_dir: Path, aft
             proc.kill()
             proc.wait(timeout=10)
     return killed_at, proc.returncode, output
+
+
+# A 2-stage 1F1B pipeline run that checkpoints every 20 steps: the restart tests kill one of its ranks.
+PIPELINE_KILL_CONFIG = """
+[run]
+name = "{name}"
+root = "{root}"
+seed = 3
+[model]
+name = "mlp"
+depth = 4
+hidden = 64
+[data]
+batch_size = 32
+[train]
+steps = {steps}
+lr = 0.05
+log_every = 1
+eval_every = 0
+checkpoint_every = 20
+[parallel]
+mode = "pipeline"
+stages = 2
+micro_batches = 4
+schedule = "1f1b"
+"""

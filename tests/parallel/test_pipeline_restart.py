@@ -14,32 +14,10 @@ from plait.parallel.launch import spawn_ranks
 from plait.parallel.pipeline.checkpoints import agreed_step, fetch_missing_stage_files, stage_file
 from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
 from plait.runtime.metrics_log import read_metrics
+from tests_support import PIPELINE_KILL_CONFIG as CONFIG
 from tests_support import torchrun_and_kill_rank
 
 STEPS = 300
-CONFIG = """
-[run]
-name = "{name}"
-root = "{root}"
-seed = 3
-[model]
-name = "mlp"
-depth = 4
-hidden = 64
-[data]
-batch_size = 32
-[train]
-steps = {steps}
-lr = 0.05
-log_every = 1
-eval_every = 0
-checkpoint_every = 20
-[parallel]
-mode = "pipeline"
-stages = 2
-micro_batches = 4
-schedule = "1f1b"
-"""
 
 
 def _config(tmp: Path, name: str) -> Path:

@@ -20,31 +20,9 @@ import torch
 from plait.experiment.runs import pipeline
 from plait.runtime.checkpoint import load_checkpoint
 from plait.runtime.metrics_log import read_metrics
+from tests_support import PIPELINE_KILL_CONFIG as CONFIG
 
 STEPS = 200
-CONFIG = """
-[run]
-name = "{name}"
-root = "{root}"
-seed = 5
-[model]
-name = "mlp"
-depth = 4
-hidden = 32
-[data]
-batch_size = 32
-[train]
-steps = {steps}
-lr = 0.05
-log_every = 1
-eval_every = 0
-checkpoint_every = 20
-[parallel]
-mode = "pipeline"
-stages = 2
-micro_batches = 4
-schedule = "1f1b"
-"""
 
 
 def _free_port() -> int:

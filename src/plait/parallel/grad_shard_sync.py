@@ -17,14 +17,13 @@ is synced and autograd keeps accumulating into `.grad`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from plait.parallel.collectives import Handle, RingAllReduce
+from plait.parallel.grad_sync import SyncSwitch
 from plait.parallel.zero import OptimizerShard
 
 
@@ -37,7 +36,7 @@ class ShardBucket:
     handle: Handle | None = None
 
 
-class GradShardSync:
+class GradShardSync(SyncSwitch):
     op = "reduce_scatter"
     comm_hook = None  # no hook, no compression: the reduce-scatter is the sync
 
@@ -80,15 +79,6 @@ class GradShardSync:
         for bucket in self.buckets:
             bucket.pending, bucket.handle = len(bucket.params), None
         self._next = 0
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Backward inside accumulates whole gradients locally and syncs nothing (gradient accumulation)."""
-        self._enabled = False
-        try:
-            yield
-        finally:
-            self._enabled = True
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if not self._enabled:

@@ -50,7 +50,22 @@ class Bucket:
     handle: Handle | None = None
 
 
-class GradSync:
+class SyncSwitch:
+    """`no_sync()`, as DDP has it: gradient hooks see `_enabled` False inside and leave the gradients local."""
+
+    _enabled = True
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside accumulates gradients locally and starts no communication (gradient accumulation)."""
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+
+class GradSync(SyncSwitch):
     def __init__(self, params: list[torch.nn.Parameter], allreduce: AllReduce, *, bucket_bytes: int,
                  op: Literal["allreduce", "reduce", "compressed", "hook"] = "allreduce", overlap: bool = True,
                  compressor=None, comm_hook: CommHook | None = None, finish_after_backward: bool = False):
@@ -116,15 +131,6 @@ class GradSync:
             bucket.pending, bucket.ready, bucket.handle = bucket.num_params, False, None
         self._next = 0
         self._finish_queued = False
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Backward inside accumulates gradients locally and starts no communication (gradient accumulation)."""
-        self._enabled = False
-        try:
-            yield
-        finally:
-            self._enabled = True
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         if param.grad.data_ptr() != self._views[param]:
