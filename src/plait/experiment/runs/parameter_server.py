@@ -26,6 +26,7 @@ from plait.ps.config import PSRunConfig
 from plait.ps.divergence import WorkerDiverged
 from plait.ps.launcher import LocalCluster, server_checkpoints
 from plait.ps.summary import ClusterSummary
+from plait.ps.trainer import check_config_code
 from plait.settings.config import apply_overrides, from_dict, load_toml
 
 
@@ -37,6 +38,7 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
            show_progress: bool = True) -> ClusterSummary:
     """Run a whole parameter-server job on localhost and return its summary."""
     config.check_workers(num_workers)
+    check_config_code(config)  # the user's model and data, before anything is written
     if resume:  # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
         run_dir = RunDir(Path(config.run.root) / config.run.name)
         if not server_checkpoints(run_dir.path):
