@@ -316,7 +316,7 @@ class LocalCluster:
                     if record is not None:
                         self._write(record)
                         last = record
-                        self.ctx.progress(record["step"], test_metrics_text(record))
+                        self.ctx.progress(record["step"], test_metrics_text(record) or "no test set")
                         if time_to_target is None and cfg.train.target_loss and \
                                 record.get("test_loss", math.inf) <= cfg.train.target_loss:
                             time_to_target = record["elapsed_s"]
