@@ -219,6 +219,22 @@ boundaries = [2]
 """
 
 
+def _pipeline_reference(code: Path, steps: int) -> torch.Tensor:
+    """One process, the whole model, the same seeded batches."""
+    with np.load(code / "data.npz") as arrays:
+        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    torch.manual_seed(SEED)
+    model = _user(code, "make_net")()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    batches = SeededBatches(len(y), 12, SEED)
+    for step in range(steps):
+        idx = batches.indices(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def test_the_pipeline_cuts_the_users_sequential_where_told_and_trains_as_one_process(code):
     config = _config(code, "pipe", PIPELINE_CONFIG.format(data=(code / "data.npz").as_posix()))
     pipeline.main(config, nproc=2, resume=False, overrides=[], allreduce=None)
@@ -226,22 +242,28 @@ def test_the_pipeline_cuts_the_users_sequential_where_told_and_trains_as_one_pro
     stage0 = load_checkpoint(run_dir / "stage0.step5.pt")["model"]
     stage1 = load_checkpoint(run_dir / "stage1.step5.pt")["model"]
     assert sorted(stage0) == ["0.bias", "0.weight"]  # boundaries = [2]: Linear and Tanh on stage 0
-    with np.load(code / "data.npz") as arrays:
-        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
-    torch.manual_seed(SEED)
-    model = _user(code, "make_net")()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    batches = SeededBatches(len(y), 12, SEED)
-    for step in range(5):
-        idx = batches.indices(step)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
     pipelined = torch.cat([t.reshape(-1) for t in [*stage0.values(), *stage1.values()]])
-    torch.testing.assert_close(pipelined, torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipelined, _pipeline_reference(code, 5), atol=1e-5, rtol=0)
     tests = [r for r in read_metrics(run_dir / "metrics.jsonl") if "test_accuracy" in r]
     assert len(tests) == 1 and tests[0]["step"] == 5
+
+
+@pytest.mark.slow
+def test_an_interleaved_schedule_cuts_the_users_sequential_into_chunks(code):
+    """parallel.chunks_per_rank = 2: five layers balanced into four virtual stages, rank s holding s and s + 2."""
+    text = PIPELINE_CONFIG.format(data=(code / "data.npz").as_posix())
+    text = text.replace('schedule = "1f1b"\npartition = "explicit"\nboundaries = [2]',
+                        'schedule = "interleaved_1f1b"\nchunks_per_rank = 2').replace("micro_batches = 3",
+                                                                                       "micro_batches = 4")
+    pipeline.main(_config(code, "interleaved", text), nproc=2, resume=False, overrides=[], allreduce=None)
+    run_dir = code / "runs" / "interleaved"
+    pieces = []  # (virtual stage, position in the stage's state_dict, tensor); chunk c of stage s is c·2 + s
+    for stage in (0, 1):
+        state = load_checkpoint(run_dir / f"stage{stage}.step5.pt")["model"]
+        pieces += [(int(key.split(".")[0]) * 2 + stage, i, t) for i, (key, t) in enumerate(state.items())]
+    assert len({virtual for virtual, _, _ in pieces}) >= 3  # a parameter-free chunk (Tanh) has no entries
+    pipelined = torch.cat([t.reshape(-1) for _, _, t in sorted(pieces, key=lambda piece: piece[:2])])
+    torch.testing.assert_close(pipelined, _pipeline_reference(code, 5), atol=1e-5, rtol=0)
 
 
 def _dp(code: Path, model: str = "usernet.py:make_net", data: str = "", **train) -> DataParallelRunConfig:
