@@ -22,7 +22,7 @@ from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ImageModelSection as ModelSection
-from plait.settings.sections import Task, UserDataSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,7 +103,7 @@ class TrainSection:
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler, CUDA only)
     on_divergence: str = "stop"        # a non-finite loss, gradient or update: stop (exit 1) | skip the update
-    task: Task = "classification"      # the loss: cross-entropy on class labels | regression: MSE on float targets
+    task: TaskName = "classification"      # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")

@@ -12,7 +12,7 @@ from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 from plait.ps.trust import check_bind
 from plait.settings.sections import ImageModelSection as ModelSection
 from plait.settings.sections import RunSection as BaseRunSection
-from plait.settings.sections import Task, UserDataSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,7 +42,7 @@ class TrainSection:
     target_loss: float = 0.0         # report when the test loss first reaches this (0: don't)
     on_divergence: Literal["stop", "skip"] = "stop"  # a worker's non-finite loss or gradient: stop the run (exit 1,
                                                       # the servers' last good checkpoints kept) or skip that step
-    task: Task = "classification"    # the loss: cross-entropy on class labels | regression: MSE on float targets
+    task: TaskName = "classification"    # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

@@ -71,5 +71,4 @@ class UserDataSection:
             raise ValueError("data.test_path goes with data.source (a built-in data set brings its own test split)")
 
 
-TASKS = ("classification", "regression")
-Task = Literal["classification", "regression"]  # train.task: cross-entropy on class labels, or MSE on float targets
+TaskName = Literal["classification", "regression"]  # train.task: cross-entropy on class labels, or MSE on float targets

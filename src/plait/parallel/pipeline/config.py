@@ -15,7 +15,7 @@ from plait.parallel.pipeline.schedule import build_schedule
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ModelSection as BaseModelSection
 from plait.settings.sections import RunSection as BaseRunSection
-from plait.settings.sections import Task, UserDataSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,7 +69,7 @@ class TrainSection:
     checkpoint_every: int = 100  # 0: only at the end
     precision: str = "fp32"     # fp32 | bf16 (autocast in every stage; fp16 would need one scaler across stages)
     on_divergence: str = "stop"  # a non-finite loss, gradient or update: stop (exit 1) | skip the update
-    task: Task = "classification"  # the loss: cross-entropy on class labels | regression: MSE on float targets
+    task: TaskName = "classification"  # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")
