@@ -31,6 +31,7 @@ SKIPPED = {
     "tensorboard --logdir runs": "another package's long-running web server; the tb/ event files it reads are "
                                  "checked by test_one_choice_at_a_time",
     "plait compare": "the command's name in prose",
+    "plait train": "the command's name in prose (examples/cluster/own_model.toml's command is run in full)",
     "plait ps server": "the command's name in prose (the several-hosts alternative to local_servers)",
     "plait fl server": "the command's name in prose",
     "plait fl client": "the command's name in prose",

@@ -50,6 +50,19 @@ def test_data_parallel(tmp_path, command):
 
 
 @pytest.mark.timeout(300)
+def test_data_parallel_with_your_own_model_and_data(tmp_path):
+    """examples/cluster/own_model.toml: the model and data named from spirals.py next to it, trained to the end."""
+    folder = user_folder(tmp_path)
+
+    output = run(documented("plait train examples/cluster/own_model.toml --nproc 2"), folder)
+
+    assert "run directory: runs/own_model" in output, output[-3000:]
+    last = records(folder / "runs" / "own_model")[-1]
+    assert last["step"] == 300 and accuracy(last) > 0.9  # two spirals: 0.5 by chance
+    assert accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
+
+
+@pytest.mark.timeout(300)
 def test_parameter_server_and_its_keys(tmp_path):
     folder = user_folder(tmp_path)
 

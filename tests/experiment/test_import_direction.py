@@ -4,9 +4,10 @@
     experiment          the driver: run directory, resume, sinks, progress, plots, compare; it drives the planes
     federated, parallel, ps    the planes: none imports another, the driver or the command line
     data                data sets and partitions
-    core, user_code, settings, runtime, web    maths, references to a user's code, config files, what a plane is
-                        handed by the driver (the run context, checkpoint files, the metrics log format), and what
-                        the live dashboards share (the bounded HTTP server, the charts)
+    core, user_code, user_model, settings, runtime, web    maths, references to a user's code and the model
+                        they name, config files, what a plane is handed by the driver (the run context, checkpoint
+                        files, the metrics log format), and what the live dashboards share (the bounded HTTP
+                        server, the charts)
 
 No plane imports the driver: each plane's run entry lives in experiment/runs/ and hands the plane its run."""
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "src" / "plait"
 PLANES = {"federated", "parallel", "ps"}
-BOTTOM = {"core", "user_code", "settings", "runtime", "web"}
+BOTTOM = {"core", "user_code", "user_model", "settings", "runtime", "web"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -73,6 +74,7 @@ def test_imports_point_down_the_layers():
 def test_the_check_catches_each_wrong_direction():
     bad = [("core/flat.py", "core", "plait.federated.round_loop"),
            ("user_code.py", "user_code", "plait.data.user"),
+           ("user_model.py", "user_model", "plait.federated.task"),
            ("runtime/context.py", "runtime", "plait.experiment.run"),
            ("web/serve.py", "web", "plait.federated.net.status"),
            ("data/partition.py", "data", "plait.federated.config"),
@@ -86,6 +88,7 @@ def test_the_check_catches_each_wrong_direction():
             ("ps/server.py", "ps", "plait.runtime.metrics_log"),
             ("data/partition.py", "data", "plait.core.flat"),
             ("data/user.py", "data", "plait.user_code"),
+            ("parallel/components.py", "parallel", "plait.user_model"),
             ("ps/dashboard.py", "ps", "plait.web.serve"),
             ("web/values.py", "web", "plait.settings.config")]
     assert violations(fine) == []

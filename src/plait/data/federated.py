@@ -12,7 +12,16 @@ import torch
 from plait.data import partition
 from plait.data.images import load_image_set
 from plait.data.shakespeare import SEQ_LEN, VOCAB, load_shakespeare
-from plait.data.user import Inputs, Labelled, UserData, as_labelled, labelled_file, load_user_data, take
+from plait.data.user import (
+    Inputs,
+    Labelled,
+    UserData,
+    as_labelled,
+    concat_labelled,
+    labelled_file,
+    load_user_data,
+    take,
+)
 from plait.user_code import accepts, is_reference, resolve_callable
 
 # Per-pixel statistics of the MNIST training set, used for both image sets (Fashion's are close enough for SGD).
@@ -157,13 +166,6 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
         count += len(train)
     return FederatedData(torch.cat(xs), torch.cat(ys), torch.cat(test_x), torch.cat(test_y), parts,
                          config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)
-
-
-def concat_labelled(sets: list[Labelled]) -> Labelled:
-    """One set of several (each input column concatenated)."""
-    columns = [s.x if isinstance(s.x, tuple) else (s.x,) for s in sets]
-    stacked = tuple(torch.cat([c[i] for c in columns]) for i in range(len(columns[0])))
-    return Labelled(stacked if isinstance(sets[0].x, tuple) else stacked[0], torch.cat([s.y for s in sets]))
 
 
 def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedData:

@@ -158,3 +158,32 @@ def user_data_from(loaded: Any, what: str) -> UserData:
     if isinstance(loaded, dict) and "test_x" in loaded and "test_y" in loaded:
         test = as_labelled({"x": loaded["test_x"], "y": loaded["test_y"]}, f"{what} test set")
     return UserData(as_labelled(loaded, what), None, test)
+
+
+def concat_labelled(sets: list[Labelled]) -> Labelled:
+    """One set of several (each input column concatenated)."""
+    columns = [s.x if isinstance(s.x, tuple) else (s.x,) for s in sets]
+    stacked = tuple(torch.cat([c[i] for c in columns]) for i in range(len(columns[0])))
+    return Labelled(stacked if isinstance(sets[0].x, tuple) else stacked[0], torch.cat([s.y for s in sets]))
+
+
+def load_training_set(source: str, test_path: str = "") -> tuple[Labelled, Labelled | None]:
+    """The user's data as one training set, for the cluster planes (which split it among their ranks themselves):
+    per-client sets are concatenated. The test set is `test_path`'s, else the source's own, else None (no test
+    metrics). One input tensor per example: a model with several inputs is the federated plane's for now."""
+    data = load_user_data(source)
+    if data.clients is not None:
+        if not data.clients:
+            raise ValueError(f"data.source = {source!r} holds no clients")
+        train = concat_labelled(data.clients)
+    else:
+        assert data.pooled is not None
+        train = data.pooled
+    test = labelled_file(Path(test_path), "data.test_path") if test_path else data.test
+    for what, part in (("data.source", train), ("data.test_path" if test_path else "data.source's test set", test)):
+        if part is not None and isinstance(part.x, tuple):
+            raise ValueError(f"{what}: {len(part.x)} input tensors per example; the cluster planes (data parallel, "
+                             "pipeline, parameter server) take one")
+    if len(train) == 0:
+        raise ValueError(f"data.source = {source!r} holds no training examples")
+    return train, test

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 from plait.data.federated import DataConfig
 from plait.federated.attacks import AttackConfig
@@ -15,6 +15,7 @@ from plait.federated.server_opt import ServerOptConfig
 from plait.federated.stragglers import DeviceConfig
 from plait.federated.strategy import StrategyConfig
 from plait.federated.topology import GossipConfig
+from plait.settings.sections import ModelSection
 from plait.settings.sections import RunSection as BaseRunSection
 from plait.user_code import is_reference
 
@@ -25,25 +26,12 @@ class RunSection(BaseRunSection):
 
 
 @dataclass(kw_only=True, slots=True)
-class ModelConfig:
+class ModelConfig(ModelSection):
     """`[model]`: a built-in preset by `name`, or the user's own model: `factory = "package.module:make_model"`
     (or `"file.py:make_model"`), called with `options` as keywords. `model = "pkg.mod:make_model"` is short for
-    `[model] factory = ...`."""
+    `[model] factory = ...`. The fields and their checks are every plane's (settings/sections.py)."""
 
-    SHORTHAND: ClassVar[str] = "factory"
     name: Literal["2nn", "cnn", "char_lstm"] = "2nn"
-    factory: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.factory and not is_reference(self.factory):
-            raise ValueError(f"model.factory = {self.factory!r} must look like 'package.module:name' or "
-                             "'file.py:name'")
-
-    @property
-    def label(self) -> str:
-        """What names the model to a person (and to a client checking it trains the server's model)."""
-        return self.factory or self.name
 
 
 @dataclass(kw_only=True, slots=True)

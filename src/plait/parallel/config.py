@@ -22,6 +22,7 @@ from plait.parallel.divergence import check_policy
 from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.precision import check_precision
 from plait.settings.sections import ImageModelSection as ModelSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,7 +79,8 @@ class SyncSection:
 
 
 @dataclass(kw_only=True, slots=True)
-class DataSection:
+class DataSection(UserDataSection):
+    """`[data]`: a built-in image set by `name`, or the user's own by `source` (settings/sections.py)."""
     name: Literal["mnist", "fashion_mnist"] = "mnist"
     path: str = ""                     # a directory with IDX files (default: the packaged copy)
     cache_dir: str = ""
@@ -101,6 +103,7 @@ class TrainSection:
     eval_at_end: bool = True           # test accuracy on rank 0 after the last step
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler, CUDA only)
     on_divergence: str = "stop"        # a non-finite loss, gradient or update: stop (exit 1) | skip the update
+    task: TaskName = "classification"      # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")

@@ -11,14 +11,14 @@ its stage's checkpoints under its own `run.path`, and resumes from them (pipelin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from plait.data.images import load_image_set
+from plait.parallel.components import RunData, check_user_code, load_run_data, unit_images
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.optim import current_lr, optimizer_name, state_matches
@@ -31,13 +31,20 @@ from plait.parallel.pipeline.checkpoints import (
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
-from plait.parallel.pipeline.model import build_sequential
-from plait.parallel.pipeline.partition import as_layers, balance_by_params, balance_by_time, split_layers
+from plait.parallel.pipeline.model import build_pipeline_model
+from plait.parallel.pipeline.partition import (
+    as_layers,
+    balance_by_params,
+    balance_by_time,
+    check_boundaries,
+    split_layers,
+)
 from plait.parallel.pipeline.schedule import build_schedule, dry_run
 from plait.parallel.pipeline.stage import PipelineStage, Placement, StepRecord
 from plait.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from plait.runtime.context import RunContext
 from plait.runtime.divergence import Diverged
+from plait.user_model import task_loss
 
 
 def metrics_rank(config: PipelineRunConfig) -> int:
@@ -64,8 +71,29 @@ class SeededBatches:
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
-def images_to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.unsqueeze(1).to(torch.float32).div_(255.0)  # [N, 1, 28, 28] in [0, 1]
+def load_data(config: PipelineRunConfig) -> RunData:
+    return load_run_data(config.data, name=config.data.name, path=config.data.path, prepare_images=unit_images)
+
+
+def check_config_code(config: PipelineRunConfig) -> None:
+    """At start, before the run directory: the user's model (when named) cuts into the configured stages, and it
+    and the data fit together and fit `train.task`'s loss. ValueError naming the setting otherwise."""
+    if not (config.model.factory or config.data.source):
+        return
+    par = config.parallel
+    with torch.random.fork_rng(devices=[]):  # the ranks draw the initial weights from the seed, untouched
+        model = build_pipeline_model(config.model)
+    layers, pieces = len(as_layers(model)), par.stages * (par.chunks_per_rank or 1)
+    if layers < pieces:
+        what = f"parallel.stages × parallel.chunks_per_rank = {pieces}" if pieces != par.stages else \
+            f"parallel.stages = {par.stages}"
+        setting = f"model.factory = {config.model.factory!r}" if config.model.factory else \
+            f"model.name = {config.model.name!r}"
+        raise ValueError(f"{setting} gives {layers} layers, fewer than {what}: every (virtual) stage needs at least "
+                         "one layer")
+    if par.partition == "explicit":
+        check_boundaries(par.boundaries, layers, pieces)
+    check_user_code(model, config.model, load_data(config), config.train.task)
 
 
 def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sample: torch.Tensor,
@@ -113,6 +141,24 @@ def _log_step(run: RunContext, record: StepRecord, groups: ReplicaGroups, placem
     return final
 
 
+def _evaluate(stage: PipelineStage, data: RunData, config: PipelineRunConfig, device: torch.device,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Pipelined inference over the test set (every stage of the replica takes part); the metrics where the
+    outputs are, on the last stage ({} elsewhere)."""
+    test = data.sets.test
+    assert test is not None and isinstance(test.x, torch.Tensor)
+    count = min(config.train.eval_examples, len(test))
+    inputs = data.prepare(test.x[:count]).to(device) if stage.placement.is_first else None
+    outputs = pipelined_predict(stage, count, chunk=1000, micro_batches=config.parallel.micro_batches, inputs=inputs)
+    if outputs is None:
+        return {}
+    labels = test.y[:count].to(device)
+    metrics = {"test_loss": float(loss_fn(outputs.float(), labels))}
+    if config.train.task == "classification":
+        metrics = {"test_accuracy": float((outputs.argmax(1) == labels).float().mean()), **metrics}
+    return metrics
+
+
 def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunContext) -> dict[str, Any] | None:
     """One rank of a model/pipeline-parallel run. Returns the final metrics where the run writes, else None."""
     par, train = config.parallel, config.train
@@ -126,20 +172,20 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
     schedule = build_schedule(par.schedule, par.stages, par.micro_batches, par.chunks_per_rank or 1)
     dry_run(schedule)  # a schedule that would deadlock fails here, on every rank, before any message is sent
 
-    arrays = load_image_set(config.data.name, config.data.path)
-    train_x, train_y = torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])
-    test_x, test_y = torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])
+    data = load_data(config)
+    train_x, train_y = data.sets.train_x, data.sets.train.y
     batches = SeededBatches(len(train_x), config.data.batch_size, config.run.seed)
     per_replica = config.data.batch_size // par.replicas
 
     torch.manual_seed(config.run.seed)  # same initial weights on every rank, and as a single process
-    model = build_sequential(config.model.name, config.model.depth, config.model.hidden)
-    sample = images_to_float(train_x[:per_replica // par.micro_batches])
+    model = build_pipeline_model(config.model)
+    sample = data.prepare(train_x[:per_replica // par.micro_batches])
     boundaries = choose_boundaries(config, model, sample, device)
     module = stage_module(split_layers(as_layers(model), boundaries), stage_index, par.stages).to(device)
     del model
     optimizer = train.build_optimizer(module.parameters())
-    stage = PipelineStage(module, placement, loss_fn=F.cross_entropy if placement.is_last else None,
+    loss_fn = task_loss(train.task)
+    stage = PipelineStage(module, placement, loss_fn=loss_fn if placement.is_last else None,
                           recompute=par.recompute, precision=train.precision, device=device)
 
     start = 0
@@ -161,7 +207,7 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
         for step in range(start, train.steps):
             done = step + 1
             idx = batches.indices(step)[replica * per_replica:(replica + 1) * per_replica]
-            inputs = images_to_float(train_x[idx]).to(device) if placement.is_first else None
+            inputs = data.prepare(train_x[idx]).to(device) if placement.is_first else None
             targets = train_y[idx].to(device) if placement.is_last else None
             optimizer.zero_grad(set_to_none=True)
             record = stage.train_step(schedule, per_replica, inputs, targets)
@@ -174,14 +220,10 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
                 run.write({"step": done, "diverged": guard.skipped[done], "skipped": True})
             if (done % train.log_every == 0 or done == train.steps) and done not in guard.skipped:
                 final = _log_step(run, record, groups, placement, config, world_size, optimizer, started, done)
-            if replica == 0 and train.eval_every and (done % train.eval_every == 0 or done == train.steps):
-                count = min(train.eval_examples, len(test_x))
-                inputs = images_to_float(test_x[:count]).to(device) if placement.is_first else None
-                logits = pipelined_predict(stage, count, chunk=1000, micro_batches=par.micro_batches, inputs=inputs)
+            if replica == 0 and train.eval_every and data.has_test and \
+                    (done % train.eval_every == 0 or done == train.steps):
+                test = _evaluate(stage, data, config, device, loss_fn)
                 if run.writes:
-                    labels = test_y[:count].to(device)
-                    test = {"test_accuracy": float((logits.argmax(1) == labels).float().mean()),
-                            "test_loss": float(F.cross_entropy(logits.float(), labels))}
                     final = {**final, **test}
                     run.write({"step": done, **test, "lr": current_lr(optimizer),
                                "elapsed_s": time.perf_counter() - started, "time": time.time()})

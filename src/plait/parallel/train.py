@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from plait.core.models import build_model
-from plait.data.images import load_image_set
+from plait.parallel.components import RunData, build_image_model, check_user_code, load_run_data, normalized_images
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.data_parallel import DataParallel
 from plait.parallel.device import rank_device, use_device
@@ -33,26 +30,34 @@ from plait.parallel.sharded import ShardedDataParallel
 from plait.runtime.checkpoint import CHECKPOINT_FILE
 from plait.runtime.context import RunContext
 from plait.runtime.divergence import Diverged
+from plait.user_model import task_loss
 
-_MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 # Each rank's sums since the last record, all-gathered in one message: loss, bytes up, bytes down, and three times.
 _WINDOW = ("train_loss", "bytes_up", "bytes_down", "compute_s", "comm_s", "step_s")
 Trainer = DataParallel | ShardedDataParallel
 
 
-def _load_images(config: DataParallelRunConfig) -> dict[str, torch.Tensor]:
-    arrays = load_image_set(config.data.name, config.data.path or None,
-                            Path(config.data.cache_dir) if config.data.cache_dir else None)
-    return {key: torch.from_numpy(value) for key, value in arrays.items()}
+def load_data(config: DataParallelRunConfig) -> RunData:
+    return load_run_data(config.data, name=config.data.name, path=config.data.path, cache_dir=config.data.cache_dir,
+                         prepare_images=normalized_images)
 
 
-def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device):
-    """Gather on the host, copy to the device: from pinned memory the copy is asynchronous (non_blocking)."""
-    x, y = images[idx], labels[idx]
+def check_config_code(config: DataParallelRunConfig) -> None:
+    """At start, before the run directory: the user's model and data (when named) load, fit together and fit
+    `train.task`'s loss. ValueError naming the setting otherwise; the presets need no check."""
+    if not (config.model.factory or config.data.source):
+        return
+    with torch.random.fork_rng(devices=[]):  # the ranks draw the initial weights from the seed, untouched
+        check_user_code(build_image_model(config.model), config.model, load_data(config), config.train.task)
+
+
+def _batch(data: RunData, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor, device: torch.device):
+    """Gather on the host, copy to the device (from pinned memory the copy is asynchronous: non_blocking), then
+    prepare the inputs there (the built-in images are scaled per batch)."""
+    x, y = x_all[idx], y_all[idx]
     if device.type == "cuda":
         x, y = x.pin_memory(), y.pin_memory()
-    x = x.to(device, non_blocking=True).to(torch.float32).div_(255.0).sub_(_MEAN).div_(_STD).unsqueeze(1)
-    return x, y.to(device, non_blocking=True)
+    return data.prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
 
 def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_compute_s: float) -> float:
@@ -65,33 +70,44 @@ def _straggler_delay(config: DataParallelRunConfig, rank: int, step: int, last_c
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the test set; the sums stay on the device until the end."""
+def evaluate(model: torch.nn.Module, data: RunData, device: torch.device, task: str) -> dict[str, float]:
+    """test_loss (and test_accuracy for classification) on the test set, the model in eval mode; the sums stay on
+    the device until the end."""
+    assert data.sets.test is not None
+    images, labels = data.sets.test.x, data.sets.test.y
+    assert isinstance(images, torch.Tensor)
+    loss_fn = task_loss(task)
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(labels), 2000):
         idx = torch.arange(start, min(start + 2000, len(labels)))
-        x, y = _batch(images, labels, idx, device)
-        logits = model(x).float()
-        correct += (logits.argmax(1) == y).sum()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        x, y = _batch(data, images, labels, idx, device)
+        outputs = model(x).float()
+        loss_sum += loss_fn(outputs, y).double() * len(idx)
+        if task == "classification":
+            correct += (outputs.argmax(1) == y).sum()
     model.train()
-    return int(correct) / len(labels), float(loss_sum) / len(labels)
+    result = {"test_loss": float(loss_sum) / len(labels)}
+    if task == "classification":
+        result["test_accuracy"] = int(correct) / len(labels)
+    return result
 
 
 def build_trainer(config: DataParallelRunConfig, model: torch.nn.Module, dims: ParallelDims, rank: int) -> Trainer:
     """The run's trainer, its components (all-reduce, compressor, hook, optimizer) built once from their sections."""
     train = config.train
+    loss_fn = task_loss(train.task)
     if config.sync.kind == "sharded":
-        return ShardedDataParallel(model, dims, optimizer=train.build_optimizer, precision=train.precision)
+        return ShardedDataParallel(model, dims, optimizer=train.build_optimizer, precision=train.precision,
+                                   loss_fn=loss_fn)
     return DataParallel(model, dims, kind=config.sync.kind, allreduce=config.parallel.build_allreduce(dims.grad_group),
                         local_steps=config.sync.local_steps, bucket_bytes=int(config.parallel.bucket_mb * 2**20),
                         overlap=config.parallel.overlap, optimizer=train.build_optimizer,
                         compressor=config.compression.build(seed=config.run.seed * 1000 + rank),
                         comm_hook=config.comm_hook.build(seed=config.run.seed), precision=train.precision,
-                        shard_optimizer=config.sync.shard_optimizer, shard_gradients=config.sync.shard_gradients)
+                        shard_optimizer=config.sync.shard_optimizer, shard_gradients=config.sync.shard_gradients,
+                        loss_fn=loss_fn)
 
 
 def _checkpoint(run: RunContext, dp: Trainer, step: int, world_size: int, rank: int, final: bool) -> None:
@@ -189,10 +205,11 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     dims = ParallelDims(world_size=world_size).build()
     device = rank_device()  # cuda:LOCAL_RANK under NCCL, else the CPU; everything below is made there
     use_device(device)
-    data = _load_images(config)
+    data = load_data(config)
+    train_x, train_y = data.sets.train_x, data.sets.train.y
     train_cfg = config.train
     torch.manual_seed(config.run.seed)
-    model = build_model(config.model.name).to(device)
+    model = build_image_model(config.model).to(device)
     dp = build_trainer(config, model, dims, rank)
     dp.broadcast_params()
     start_step = _resume(run, dp, rank, world_size) if run.resume else 0
@@ -200,7 +217,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     guard = DivergenceGuard(train_cfg.on_divergence, run.path / CHECKPOINT_FILE,
                             last_good=start_step if run.resume else None, device=device,
                             gradient_name="gradient" if config.sync.kind == "local_sgd" else "gradient after the sync")
-    sampler = ShardedSampler(len(data["train_y"]), batch_size=train_cfg.batch_size,
+    sampler = ShardedSampler(len(train_y), batch_size=train_cfg.batch_size,
                              accumulate=train_cfg.accumulate, rank=rank, world_size=world_size, seed=config.run.seed)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     window = torch.zeros(len(_WINDOW), dtype=torch.float64)  # host sums since the last record (times, bytes)
@@ -209,12 +226,12 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     gathered = [torch.zeros(len(_WINDOW), dtype=torch.float64, device=device) for _ in range(world_size)]
     last_bytes = dp.bytes_moved()
     window_start, window_steps, last_compute = time.perf_counter(), 0, 0.0
-    loss_value, test = float("nan"), None
+    loss_value, test = float("nan"), None  # test: evaluate()'s metrics
     step = start_step
     try:
         for step in range(start_step + 1, train_cfg.steps + 1):
             idx = sampler.indices(step)
-            batches = [_batch(data["train_x"], data["train_y"], part, device) for part in idx]
+            batches = [_batch(data, train_x, train_y, part, device) for part in idx]
             delay = _straggler_delay(config, rank, step, last_compute)
             loss, times = dp.train_step(batches, step, delay_s=delay, guard=guard)
             last_compute = times.compute_s - delay
@@ -241,8 +258,8 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                 per_rank = torch.stack(gathered).cpu()
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())
-                if final and rank == 0 and train_cfg.eval_at_end:
-                    test = evaluate(model, data["test_x"], data["test_y"], device)
+                if final and rank == 0 and train_cfg.eval_at_end and data.has_test:
+                    test = evaluate(model, data, device, train_cfg.task)
                 if run.writes:
                     record = {"step": step, "train_loss": loss_value,
                               "samples_per_s": window_steps * sampler.per_step / elapsed,
@@ -257,7 +274,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                     if loss_value != loss_value:  # NaN: every step of the window was skipped (on_divergence)
                         del record["train_loss"]
                     if test is not None:
-                        record["test_accuracy"], record["test_loss"] = test
+                        record.update(test)
                     run.write(record)
                     run.progress(step, f"loss {loss_value:.4f}")
                 window.zero_()
@@ -277,5 +294,5 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
     summary: dict[str, Any] = {"steps": train_cfg.steps, "train_loss": loss_value,
                                "seconds": time.perf_counter() - started}
     if test is not None:
-        summary["test_accuracy"], summary["test_loss"] = test
+        summary.update(test)
     return summary

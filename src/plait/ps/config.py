@@ -12,6 +12,7 @@ from plait.ps.sharding import DEFAULT_PIECE_NUMEL
 from plait.ps.trust import check_bind
 from plait.settings.sections import ImageModelSection as ModelSection
 from plait.settings.sections import RunSection as BaseRunSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -21,12 +22,14 @@ class RunSection(BaseRunSection):
 
 
 @dataclass(kw_only=True, slots=True)
-class DataSection:
+class DataSection(UserDataSection):
+    """`[data]`: a built-in image set by `name`, or the user's own by `source` (settings/sections.py)."""
     name: Literal["mnist", "fashion_mnist"] = "mnist"
     path: str | None = None          # a directory of IDX files instead of the packaged set
     test_examples: int = 2000        # the evaluator's fixed test subset (0: the whole test set)
 
     def __post_init__(self) -> None:
+        UserDataSection.__post_init__(self)
         if self.test_examples < 0:
             raise ValueError(f"data.test_examples must be >= 0, got {self.test_examples}")
 
@@ -39,6 +42,7 @@ class TrainSection:
     target_loss: float = 0.0         # report when the test loss first reaches this (0: don't)
     on_divergence: Literal["stop", "skip"] = "stop"  # a worker's non-finite loss or gradient: stop the run (exit 1,
                                                       # the servers' last good checkpoints kept) or skip that step
+    task: TaskName = "classification"    # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

@@ -23,6 +23,7 @@ summary.json. While the workers train it:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -42,8 +43,8 @@ from plait.ps.kvstore import KVStore
 from plait.ps.node import node_command
 from plait.ps.security import LAUNCHER, CurveKeys
 from plait.ps.server_config import server_name
-from plait.ps.summary import ClusterSummary
-from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, create_pieces, evaluate, load_split
+from plait.ps.summary import ClusterSummary, test_metrics_text
+from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, create_pieces, evaluate, load_test
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Header, Op
 from plait.runtime.context import RunContext
@@ -269,7 +270,7 @@ class LocalCluster:
     def run(self) -> ClusterSummary:
         cfg = self.config
         model, weights, spec = build_flat_model(cfg)
-        test = load_split(cfg, "test", limit=cfg.data.test_examples)
+        test = load_test(cfg)  # None: the user's data has no test split (the records then carry no test metrics)
         started = time.perf_counter() - self.ctx.start(self._resumed_step())  # elapsed_s goes on after a resume
         if cfg.sync.status_port >= 0:
             started_unix = time.time() - (time.perf_counter() - started)  # when elapsed_s was 0
@@ -315,10 +316,9 @@ class LocalCluster:
                     if record is not None:
                         self._write(record)
                         last = record
-                        self.ctx.progress(record["step"], f"loss {record['test_loss']:.4f}, "
-                                                          f"accuracy {record['test_accuracy']:.4f}")
+                        self.ctx.progress(record["step"], test_metrics_text(record) or "no test set")
                         if time_to_target is None and cfg.train.target_loss and \
-                                record["test_loss"] <= cfg.train.target_loss:
+                                record.get("test_loss", math.inf) <= cfg.train.target_loss:
                             time_to_target = record["elapsed_s"]
                         self._inject_kill(kills, record["step"])
                 time.sleep(0.01)
@@ -328,7 +328,8 @@ class LocalCluster:
             if final is not None:
                 self._write(final)
                 last = final
-                if time_to_target is None and cfg.train.target_loss and final["test_loss"] <= cfg.train.target_loss:
+                if time_to_target is None and cfg.train.target_loss and \
+                        final.get("test_loss", math.inf) <= cfg.train.target_loss:
                     time_to_target = final["elapsed_s"]
         except StoppedBySignal as stopped:
             # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
@@ -390,8 +391,8 @@ class LocalCluster:
                 return None
         else:
             return None
-        loss, accuracy = evaluate(model, spec, weights, test)
+        metrics = evaluate(model, spec, weights, test, self.config.train.task)
         slowest = observer.stats.last_slowest
         step = self.config.train.steps - 1 if slowest >= NO_LIVE_WORKER else slowest
-        return {"step": step + 1, "test_loss": loss, "test_accuracy": accuracy, "lr": self.config.optimizer.lr,
+        return {"step": step + 1, **metrics, "lr": self.config.optimizer.lr,
                 "elapsed_s": time.perf_counter() - started, "time": time.time(), "server_restarts": sum(self.restarts)}

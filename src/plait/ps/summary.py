@@ -21,3 +21,11 @@ class ClusterSummary:
     weights: np.ndarray = field(repr=False)
     worker_restarts: dict[int, int] = field(default_factory=dict)  # rank -> restarts, for those restarted
     stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal ended the run early
+
+
+def test_metrics_text(record: dict[str, Any]) -> str:
+    """A record's test metrics as text, "loss 0.1234, accuracy 0.9876" (a regression run has no accuracy; a run
+    without a test set has neither: "")."""
+    parts = [f"{label} {record[key]:.4f}" for key, label in (("test_loss", "loss"), ("test_accuracy", "accuracy"))
+             if key in record]
+    return ", ".join(parts)

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from plait.core.flat import FlatSpec, flat_params, split_views
-from plait.core.models import build_model
-from plait.data.images import load_image_set
+from plait.core.models import build_model as build_preset
+from plait.data.cluster import ClusterSets, load_cluster_sets
+from plait.data.user import Labelled
 from plait.ps.config import PSRunConfig
 from plait.ps.divergence import WorkerDiverged, step_problem
 from plait.ps.kvstore import KVStore
 from plait.ps.security import LAUNCHER, CurveKeys
 from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, truncate_metrics
+from plait.user_model import build_model, check_model_fits, check_targets, task_loss
 
 PARAMS_KEY = 0
 RESTART_ENV = "PLAIT_PS_WORKER_RESTART"  # set by the local launcher: how many times this worker was restarted
@@ -34,23 +35,64 @@ RESTART_ENV = "PLAIT_PS_WORKER_RESTART"  # set by the local launcher: how many t
 
 @dataclass(slots=True)
 class Batches:
-    x: torch.Tensor   # [N, 1, 28, 28] float32
-    y: torch.Tensor   # [N] int64
+    x: torch.Tensor   # the built-in images: [N, 1, 28, 28] float32 in [0, 1]; the user's inputs as given
+    y: torch.Tensor   # [N] class labels (int64), or float targets (train.task = "regression")
+
+
+def _sets(config: PSRunConfig) -> ClusterSets:
+    data = config.data
+    return load_cluster_sets(name=data.name, path=data.path, source=data.source, test_path=data.test_path)
+
+
+def _batches(sets: ClusterSets, part: Labelled, rank: int, num_workers: int, limit: int) -> Batches:
+    assert isinstance(part.x, torch.Tensor)  # one input tensor (load_cluster_sets refuses several)
+    x, y = part.x[rank::num_workers], part.y[rank::num_workers]
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return Batches(x.float().div_(255.0).unsqueeze(1) if sets.images else x, y)
 
 
 def load_split(config: PSRunConfig, split: str, rank: int = 0, num_workers: int = 1, limit: int = 0) -> Batches:
-    arrays = load_image_set(config.data.name, config.data.path)
-    x, y = arrays[f"{split}_x"][rank::num_workers], arrays[f"{split}_y"][rank::num_workers]
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return Batches(torch.from_numpy(x).float().div_(255.0).unsqueeze(1), torch.from_numpy(y))
+    """Worker `rank`'s interleaved slice of the training set (split = "train"), or the test set ("test"; the
+    user's data may have none: see load_test)."""
+    sets = _sets(config)
+    part = sets.train if split == "train" else sets.test
+    if part is None:
+        raise ValueError(f"data.source = {config.data.source!r} has no test split (give data.test_path)")
+    return _batches(sets, part, rank, num_workers, limit)
+
+
+def load_test(config: PSRunConfig) -> Batches | None:
+    """The evaluator's fixed test subset (data.test_examples), or None: the user's data has no test split."""
+    sets = _sets(config)
+    return None if sets.test is None else _batches(sets, sets.test, 0, 1, config.data.test_examples)
 
 
 def build_flat_model(config: PSRunConfig) -> tuple[torch.nn.Module, torch.Tensor, FlatSpec]:
     torch.manual_seed(config.run.seed)  # every worker builds the same initial weights
-    model = build_model(config.model.name)
+    model = build_model(config.model, preset=lambda: build_preset(config.model.name))
     flat, spec = flat_params(model)
     return model, flat.contiguous(), spec
+
+
+def check_config_code(config: PSRunConfig) -> None:
+    """At start, before the run directory: the user's model and data (when named) load, fit together and fit
+    `train.task`'s loss; train.target_loss needs a test set. ValueError naming the setting otherwise."""
+    if not (config.model.factory or config.data.source):
+        return
+    sets = _sets(config)
+    if config.train.target_loss and sets.test is None:
+        raise ValueError(f"train.target_loss needs a test set: data.source = {config.data.source!r} has none "
+                         "(give data.test_path)")
+    check_targets(config.train.task, sets.train.y, "data.source")
+    if sets.test is not None:
+        check_targets(config.train.task, sets.test.y, "data.test_path or data.source's test set")
+    with torch.random.fork_rng(devices=[]):
+        model, _, _ = build_flat_model(config)
+    sample = _batches(sets, sets.train, 0, 1, 2)
+    setting = "model.factory" if config.model.factory else f"model.name = {config.model.name!r}"
+    check_model_fits(model, sample.x, sample.y, sets.num_classes, loss=task_loss(config.train.task),
+                     classification=config.train.task == "classification", setting=setting)
 
 
 def create_pieces(config: PSRunConfig, endpoints: list[str], backups: list[str] | None = None) -> None:
@@ -69,19 +111,24 @@ def create_pieces(config: PSRunConfig, endpoints: list[str], backups: list[str] 
 
 
 def loss_and_grad(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  y: torch.Tensor, task: str = "classification") -> tuple[torch.Tensor, torch.Tensor]:
     w = weights.detach().requires_grad_(True)
-    loss = F.cross_entropy(functional_call(model, split_views(w, spec), (x,)), y)
+    loss = task_loss(task)(functional_call(model, split_views(w, spec), (x,)), y)
     (grad,) = torch.autograd.grad(loss, w)
     return loss.detach(), grad
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, data: Batches) -> tuple[float, float]:
-    logits = functional_call(model, split_views(weights, spec), (data.x,))
-    loss = F.cross_entropy(logits, data.y)
-    accuracy = (logits.argmax(1) == data.y).float().mean()
-    return float(loss), float(accuracy)
+def evaluate(model: torch.nn.Module, spec: FlatSpec, weights: torch.Tensor, data: Batches | None,
+             task: str = "classification") -> dict[str, float]:
+    """test_loss (and test_accuracy for classification) of `weights` on the test set; {} without one."""
+    if data is None:
+        return {}
+    outputs = functional_call(model, split_views(weights, spec), (data.x,))
+    metrics = {"test_loss": float(task_loss(task)(outputs, data.y))}
+    if task == "classification":
+        metrics["test_accuracy"] = float((outputs.argmax(1) == data.y).float().mean())
+    return metrics
 
 
 def wait_for_start(run_dir: Path, rank: int, timeout_s: float) -> None:
@@ -128,7 +175,7 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
             step_start = time.perf_counter()
             rng = np.random.default_rng([config.run.seed, rank, step])
             idx = torch.from_numpy(rng.integers(0, len(data.y), config.train.batch_size))
-            loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx])
+            loss, grad = loss_and_grad(model, spec, weights, data.x[idx], data.y[idx], config.train.task)
             if rank == config.fault.nan_worker and step == config.fault.nan_at_step:
                 loss, grad = loss * math.nan, grad * math.nan  # an injected divergence
             problem = step_problem(loss, grad, weights)

@@ -35,7 +35,7 @@ from plait.experiment.runs.rank0_files import bring_latest_checkpoint_to_rank0
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, under_torchrun
-from plait.parallel.train import train_rank
+from plait.parallel.train import check_config_code, train_rank
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 
@@ -54,6 +54,7 @@ def _usage_error(message: str) -> NoReturn:
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
     try:
         config = load_config(config_path, overrides, allreduce)
+        check_config_code(config)  # the user's model and data, before any rank starts or anything is written
     except (ConfigError, ValueError) as err:
         _usage_error(str(err))
     backend = None if config.parallel.backend == "auto" else config.parallel.backend

@@ -25,7 +25,8 @@ from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.ps.config import PSRunConfig
 from plait.ps.divergence import WorkerDiverged
 from plait.ps.launcher import LocalCluster, server_checkpoints
-from plait.ps.summary import ClusterSummary
+from plait.ps.summary import ClusterSummary, test_metrics_text
+from plait.ps.trainer import check_config_code
 from plait.settings.config import apply_overrides, from_dict, load_toml
 
 
@@ -37,6 +38,7 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
            show_progress: bool = True) -> ClusterSummary:
     """Run a whole parameter-server job on localhost and return its summary."""
     config.check_workers(num_workers)
+    check_config_code(config)  # the user's model and data, before anything is written
     if resume:  # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
         run_dir = RunDir(Path(config.run.root) / config.run.name)
         if not server_checkpoints(run_dir.path):
@@ -64,9 +66,9 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         Console(stderr=True, soft_wrap=True).print(f"[bold red]diverged:[/] {escape(str(err))}", highlight=False)
         raise SystemExit(1) from None
     final = summary.final
-    console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {nproc} worker(s): test loss "
-                  f"[bold]{final.get('test_loss', float('nan')):.4f}[/], accuracy "
-                  f"{final.get('test_accuracy', float('nan')):.4f} in {summary.elapsed_s:.1f} s")
+    tested = test_metrics_text(final)  # loss, and accuracy when classifying; nothing without a test set
+    console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {nproc} worker(s): "
+                  f"{f'test {tested}' if tested else 'no test set'} in {summary.elapsed_s:.1f} s")
     console.print(f"max staleness seen per worker: {summary.max_staleness}; server restarts: "
                   f"{summary.server_restarts}; worker restarts: {summary.worker_restarts or 'none'}; failed workers: "
                   f"{summary.failed_workers or 'none'}")

@@ -30,7 +30,7 @@ from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, un
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout
 from plait.parallel.pipeline.schedule import build_schedule
-from plait.parallel.pipeline_train import metrics_rank, train_rank
+from plait.parallel.pipeline_train import check_config_code, metrics_rank, train_rank
 from plait.settings.config import apply_overrides, from_dict, load_toml, to_dict
 
 
@@ -44,11 +44,13 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     console = Console()
     if under_torchrun():
         config = load_config(config_path, overrides)
+        check_config_code(config)
         run_from_env(rank_main, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
         return
     try:
         config = load_config(config_path, overrides)
         PipelineLayout(replicas=config.parallel.replicas, stages=config.parallel.stages).check_world(nproc)
+        check_config_code(config)  # the user's model and data, before anything is written
         run = prepare_run_dir(config.run.root, config.run.name, resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConfigError is a ValueError
         console.print(f"[bold red]error:[/] {err}")

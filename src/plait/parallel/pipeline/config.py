@@ -13,7 +13,9 @@ from plait.parallel.optim import check_optimizer_settings, section_optimizer
 from plait.parallel.pipeline.model import build_sequential
 from plait.parallel.pipeline.schedule import build_schedule
 from plait.parallel.precision import check_precision
+from plait.settings.sections import ModelSection as BaseModelSection
 from plait.settings.sections import RunSection as BaseRunSection
+from plait.settings.sections import TaskName, UserDataSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -23,12 +25,15 @@ class RunSection(BaseRunSection):
 
 
 @dataclass(kw_only=True, slots=True)
-class ModelSection:
+class ModelSection(BaseModelSection):
+    """`[model]`: a preset by `name`, or the user's own `factory` returning an nn.Sequential (or an nn.ModuleList
+    of blocks) that the pipeline cuts into stages (settings/sections.py)."""
     name: Literal["mlp", "2nn", "cnn"] = "mlp"
     depth: int = 8              # mlp: number of Linear layers
     hidden: int = 256           # mlp and 2nn: hidden width
 
     def __post_init__(self) -> None:
+        BaseModelSection.__post_init__(self)  # (no zero-argument super() in a slotted dataclass)
         if self.depth < 2:
             raise ValueError(f"model.depth must be >= 2, got {self.depth}")
         if self.hidden < 1:
@@ -36,12 +41,14 @@ class ModelSection:
 
 
 @dataclass(kw_only=True, slots=True)
-class DataSection:
+class DataSection(UserDataSection):
+    """`[data]`: a built-in image set by `name`, or the user's own by `source` (settings/sections.py)."""
     name: Literal["mnist", "fashion_mnist"] = "mnist"
     path: str | None = None     # a directory of IDX files instead of the packaged copy
     batch_size: int = 64        # global batch: split across replicas, then into micro-batches
 
     def __post_init__(self) -> None:
+        UserDataSection.__post_init__(self)
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
 
@@ -62,6 +69,7 @@ class TrainSection:
     checkpoint_every: int = 100  # 0: only at the end
     precision: str = "fp32"     # fp32 | bf16 (autocast in every stage; fp16 would need one scaler across stages)
     on_divergence: str = "stop"  # a non-finite loss, gradient or update: stop (exit 1) | skip the update
+    task: TaskName = "classification"  # the loss: cross-entropy on class labels | regression: MSE on float targets
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "train")
@@ -142,6 +150,8 @@ class PipelineRunConfig:
             raise ValueError(f"each replica's batch ({per_replica}) is smaller than parallel.micro_batches = "
                              f"{self.parallel.micro_batches}")
         par, model = self.parallel, self.model
+        if model.factory:
+            return  # the user's model is counted when it is built, at start (pipeline_train.check_config_code)
         layers, chunks = layer_count(model.name, model.depth, model.hidden), par.chunks_per_rank or 1
         if layers < par.stages * chunks:
             what = (f"parallel.stages × parallel.chunks_per_rank = {par.stages} × {chunks} = "

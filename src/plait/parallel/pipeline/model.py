@@ -1,10 +1,17 @@
-"""Models as nn.Sequential, ready to be cut into stages."""
+"""Models as nn.Sequential, ready to be cut into stages: the presets, or the user's own (`model.factory`)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from plait.core.models import mnist_2nn, mnist_cnn
+from plait.parallel.pipeline.partition import as_layers
+from plait.user_model import build_model
+
+if TYPE_CHECKING:  # config.py imports this module
+    from plait.parallel.pipeline.config import ModelSection
 
 
 def deep_mlp(depth: int = 8, hidden: int = 256, num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
@@ -33,3 +40,16 @@ def build_sequential(name: str, depth: int = 8, hidden: int = 256) -> nn.Sequent
     if name == "cnn":
         return mnist_cnn()
     raise ValueError(f"model.name = {name!r} cannot be pipelined; choose mlp, 2nn or cnn")
+
+
+def build_pipeline_model(section: ModelSection) -> nn.Module:
+    """The run's model, as the pipeline cuts it: the user's factory (which must return an nn.Sequential or an
+    nn.ModuleList of blocks), or the preset `model.name`."""
+    model = build_model(section, preset=lambda: build_sequential(section.name, section.depth, section.hidden))
+    try:
+        as_layers(model)
+    except ValueError:
+        raise ValueError(f"model.factory = {section.factory!r} returned a {type(model).__name__}, which the pipeline "
+                         "cannot cut into stages: return an nn.Sequential (or an nn.ModuleList of blocks, each "
+                         "taking the previous one's output)") from None
+    return model
