@@ -18,6 +18,7 @@ from plait.parallel.launch import spawn_ranks
 from plait.parallel.optim import optimizer_factory
 from plait.parallel.sharded import ShardedDataParallel
 from plait.runtime.checkpoint import load_checkpoint
+from plait.runtime.metrics_log import read_metrics
 
 CASES = {"sgd": dict(optimizer=optimizer_factory("sgd", lr=0.1, momentum=0.9)),
          "adamw": dict(optimizer=optimizer_factory("adamw", lr=0.01, weight_decay=0.01))}
@@ -103,10 +104,10 @@ eval_at_end = false
 """
 
 
-def _run(tmp_path, name: str, steps: int, sync: str, resume: bool = False):
+def _run(tmp_path, name: str, steps: int, sync: str, resume: bool = False, overrides: tuple[str, ...] = ()):
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(root=(tmp_path / name).as_posix(), steps=steps, sync=sync))
-    main(path, 2, resume, [], None)
+    main(path, 2, resume, list(overrides), None)
     return load_checkpoint(tmp_path / name / "dp" / "checkpoint.pt")
 
 
@@ -120,3 +121,10 @@ def test_trainer_checkpoints_and_resumes_a_sharded_run(tmp_path, sync):
     assert whole["params"].numel() == 199_210  # the full 2NN, gathered from the shards
     torch.testing.assert_close(resumed["params"], whole["params"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(resumed["optim"]["exp_avg"], whole["optim"]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_run_evaluates_at_the_end_on_every_rank(tmp_path):
+    """FSDP2's forward is a collective: rank 0 evaluating alone would wait for the others forever."""
+    _run(tmp_path, "eval", 2, 'kind = "sharded"', overrides=("train.eval_at_end=true",))
+    records = read_metrics(tmp_path / "eval" / "dp" / "metrics.jsonl")
+    assert 0.0 <= records[-1]["test_accuracy"] <= 1.0 and records[-1]["test_loss"] > 0

@@ -258,7 +258,9 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                 per_rank = torch.stack(gathered).cpu()
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(per_rank[:, 0].mean())
-                if final and rank == 0 and train_cfg.eval_at_end and data.has_test:
+                # FSDP2's forward all-gathers each layer's shards (a collective): every rank evaluates with it
+                evaluates = rank == 0 or config.sync.kind == "sharded"
+                if final and evaluates and train_cfg.eval_at_end and data.has_test:
                     test = evaluate(model, data, device, train_cfg.task)
                 if run.writes:
                     record = {"step": step, "train_loss": loss_value,
