@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -133,7 +134,11 @@ class LocalCluster:
         for stale in [self.run_dir / "start", *self.run_dir.glob("ready-*")]:
             stale.unlink(missing_ok=True)
         if self.config.sync.curve_keys:  # each worker's own key, bound to its id, before the servers read the keys
-            issue_worker_keys(self.config.sync.curve_keys, self.num_workers)
+            try:
+                issue_worker_keys(self.config.sync.curve_keys, self.num_workers)
+            except OSError as err:  # e.g. a read-only key directory: the run goes on with the keys it has
+                print(f"warning: no worker keys issued into sync.curve_keys ({err}); workers without their own key "
+                      "use client.key", file=sys.stderr, flush=True)
         for process in range(self.num_processes):
             (self.state_dir / f"{self._name(process)}.endpoint").unlink(missing_ok=True)
             self.servers.append(self._start_server(process, f"tcp://{self.config.sync.host}:0",
