@@ -34,19 +34,19 @@ def test_replication_settings_name_the_setting():
         config.check_workers(2)
 
 
-def test_a_snapshot_carries_the_pending_bsp_sums_a_checkpoint_leaves_them_out(tmp_path):
-    """The backup's catch-up and the checkpoint are one format; only the catch-up needs the sums of clocks not yet
-    complete (pushes acknowledged to their workers)."""
+def test_a_snapshot_and_a_checkpoint_carry_the_pending_bsp_sums(tmp_path):
+    """The backup's catch-up and the checkpoint are one format, with the sums of clocks not yet complete (pushes
+    acknowledged to their workers): a restored server without them would count those pushes as done, their
+    gradients gone."""
     shard = ShardState(0, np.arange(4, dtype=np.float32), {"step": np.ones(1, np.int64)}, [3, 2])
-    snapshot = ServerSnapshot({(0, 0): shard}, [1], 7, {(0, 0): {3: [np.full(4, 2, np.float32), 1]}})
-    restored = load_shards(snapshot_bytes(snapshot))
-    np.testing.assert_array_equal(restored.shards[0, 0].param, shard.param)
-    assert restored.shards[0, 0].clocks == [3, 2] and restored.finished == [1] and restored.updates == 7
-    total, count = restored.sums[0, 0][3]
-    np.testing.assert_array_equal(total, np.full(4, 2, np.float32))
-    assert count == 1
+    snapshot = ServerSnapshot({(0, 0): shard}, [1], 7, {(0, 0): {3: [np.full(4, 2, np.float32), 1]}}, 12)
     save_shards(tmp_path / "server-0.npz", snapshot)
-    assert load_shards(tmp_path / "server-0.npz").sums == {}
+    for restored in (load_shards(snapshot_bytes(snapshot)), load_shards(tmp_path / "server-0.npz")):
+        np.testing.assert_array_equal(restored.shards[0, 0].param, shard.param)
+        assert restored.shards[0, 0].clocks == [3, 2] and restored.finished == [1] and restored.updates == 7
+        total, count = restored.sums[0, 0][3]
+        np.testing.assert_array_equal(total, np.full(4, 2, np.float32))
+        assert count == 1 and restored.journal_seq == 12
 
 
 def kill_each_server_config(tmp_path, name, consistency, seed):

@@ -3,7 +3,8 @@
     plait ps server --config CFG.toml --index 0 --workers 4 --bind tcp://0.0.0.0:5000
     plait ps init --config CFG.toml --workers 4 --servers tcp://host-a:5000,tcp://host-b:5000
     plait ps worker --config CFG.toml --rank 0 --workers 4 --servers tcp://host-a:5000,tcp://host-b:5000
-    plait ps keys DIR      CurveZMQ keys for `sync.curve_keys = "DIR"` (see plait/ps/security.py)
+    plait ps keys DIR --workers 4     CurveZMQ keys for `sync.curve_keys = "DIR"`, one bound to each worker id
+                                      (see plait/ps/security.py)
 
 A server binding beyond loopback needs `sync.curve_keys`, or `--insecure` on a network you trust (plait/ps/trust.py).
 `plait ps init` stores the model's initial pieces before the workers start, as the local launcher does; with
@@ -87,14 +88,22 @@ def worker(config: str = typer.Option(..., "--config", help="the run's TOML conf
 
 
 @ps_app.command()
-def keys(directory: str = typer.Argument(..., help="where to write the keys (created)")) -> None:
+def keys(directory: str = typer.Argument(..., help="where to write the keys (created)"),
+         workers: int = typer.Option(0, "--workers", min=0,
+                                     help="make worker-<r> keys bound to worker ids 0..N-1 (0: the workers share "
+                                          "client.key and may use any worker id)")) -> None:
     """Make a CurveZMQ key directory for sync.curve_keys."""
     from plait.ps.security import make_keys
 
     try:
-        made = make_keys(directory)
+        made = make_keys(directory, workers)
     except FileExistsError as err:
         raise SystemExit(str(err)) from None
-    print(f"keys in {made.directory}: copy server.key, server.key_secret, authorized/ and control/ to the server "
-          f"hosts, server.key and client.key_secret to the worker hosts, launcher.key_secret too to the host that "
-          f"runs `plait ps init`; set sync.curve_keys = \"{made.directory}\" in the config")
+    worker_keys = "worker-<r>.key_secret to worker r's host" if workers else "client.key_secret to the worker hosts"
+    print(f"keys in {made.directory}: copy server.key, server.key_secret, authorized/, control/ and workers/ to the "
+          f"server hosts, server.key to every host, {worker_keys} (client.key_secret to an evaluator's), "
+          f"launcher.key_secret to the host that runs `plait ps init`; set sync.curve_keys = "
+          f"\"{made.directory}\" in the config")
+    if not workers:
+        print("no worker keys: worker ids are not bound to keys (--workers N binds them; `plait train` issues its "
+              "own workers' keys)")

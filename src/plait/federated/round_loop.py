@@ -87,6 +87,10 @@ class ClientBackend(Protocol):
         """The clients that may be selected this round (registered, or connected), with their device properties."""
         ...
 
+    def declared_examples(self, client_ids: list[int]) -> dict[int, int]:
+        """How many examples each of these clients said it holds before the round (the relative weight cap)."""
+        ...
+
     def collect(self, tasks: RoundTasks, record: dict[str, Any]) -> Collected:
         """Broadcast, train, collect; adds what only it knows to `record` (bytes, simulated time, refusals)."""
         ...
@@ -183,10 +187,15 @@ class RoundLoop:
                 return state
             aggregator = released
             if cfg.strategy.name != "secagg":  # masked updates cannot be checked (bounds.py)
-                aggregator = BoundedAggregator(released, cfg.bounds, state.opt_state.get("norm_history", NO_NORMS))
+                # the weight cap comes from the whole cohort's declarations, fixed before any update arrives
+                declared = self.backend.declared_examples(selected) if cfg.bounds.examples_factor else {}
+                aggregator = BoundedAggregator(released, cfg.bounds, state.opt_state.get("norm_history", NO_NORMS),
+                                               declared)
         tasks = RoundTasks(round_idx, selected, target, cfg.min_clients, plans, state.params, aggregator)
         got = self.backend.collect(tasks, record)
         record["participants"], record["dropped"] = got.participants, got.dropped
+        if isinstance(aggregator, BoundedAggregator):  # weights capped, norms clipped (refusals: the backend's)
+            record.update({f"capped_{reason}": n for reason, n in aggregator.capped.items() if n})
         if got.participants:
             record["train_loss"] = got.loss_sum / max(got.examples, 1)
         if got.error:

@@ -1,6 +1,6 @@
 """Which requests a parameter server serves: the checks in front of `ParameterServer.handle`, in order.
 
-    1. may the sender's key send this op (trust.py; every peer may without CurveZMQ)
+    1. may the sender's key send this op, and under this worker id (trust.py; every peer may without CurveZMQ)
     2. the replication protocol's own messages go to replication.ReplicaHandlers
     3. can the request be served at all (`_problem`: its worker, clock, payload length, the stored pieces)
     4. admission (`_admission`): an INIT that would create a piece needs a key that may create one; values must
@@ -48,7 +48,8 @@ class RequestChecks:
         last net, so that one request the checks missed cannot end the server."""
         role = self.trust.role(key)
         # PARTNER: the answers on our own link to the partner replica, whose server key the handshake checked
-        reason, problem = "unauthorised", None if peer == PARTNER else self.trust.refusal(role, header.op)
+        reason, problem = "unauthorised", None if peer == PARTNER else (
+            self.trust.refusal(role, header.op) or self.trust.impersonation(key, role, header))
         if problem is None and self.replica is not None and self._replication(peer, header, payload):
             return
         if problem is None:

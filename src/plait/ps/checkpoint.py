@@ -1,11 +1,14 @@
-"""A server's shard checkpoint: its pieces, optimizer state and clocks, written atomically as one .npz.
+"""A server's shard checkpoint: its pieces, optimizer state, clocks and pending BSP sums, written atomically as one
+.npz.
 
 Written atomically (temp file, fsync, rename, fsync the directory) by plait.runtime.checkpoint: a server killed
 while writing leaves the previous checkpoint intact. Read back with allow_pickle=False: a checkpoint is data, never
 code. Nothing here imports torch, so a server starts, and restarts, in a fraction of a second.
 
-The same format, held in memory and with the pending BSP sums, is the snapshot a primary sends to a (re)joining
-backup replica (`snapshot_bytes`, replication.py): a checkpoint and a catch-up are one serializer.
+The pending BSP sums are pushes a worker was told are in (its ACK) for a clock not yet complete: a restored server
+needs them, or those pushes would count as done with their gradients gone. The same format, held in memory, is the
+snapshot a primary sends to a (re)joining backup replica (`snapshot_bytes`, replication.py): a checkpoint and a
+catch-up are one serializer. `journal_seq` is the last journal record (journal.py) a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ class ServerSnapshot:
     shards: dict[tuple[int, int], ShardState] = field(default_factory=dict)   # (key, offset) -> piece
     finished: list[int] = field(default_factory=list)
     updates: int = 0
-    # BSP: (key, offset) -> clock -> [sum of its gradients, count]. Sent to a backup replica; a checkpoint file
-    # leaves them out (a restored server counts the pulls that follow as those pushes, see server.py).
+    # BSP: (key, offset) -> clock -> [sum of its gradients, count]
     sums: dict[tuple[int, int], dict[int, list]] = field(default_factory=dict)
+    journal_seq: int = 0
 
 
-def _arrays(snapshot: ServerSnapshot, with_sums: bool) -> dict[str, np.ndarray]:
+def _arrays(snapshot: ServerSnapshot) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "finished": np.asarray(snapshot.finished, dtype=np.int64),
         "updates": np.asarray([snapshot.updates], dtype=np.int64),
+        "journal_seq": np.asarray([snapshot.journal_seq], dtype=np.int64),
     }
     for (key, offset), shard in snapshot.shards.items():
         prefix = f"k{key}_{offset}."
@@ -49,7 +53,7 @@ def _arrays(snapshot: ServerSnapshot, with_sums: bool) -> dict[str, np.ndarray]:
         for name, value in shard.opt_state.items():
             if name != "scratch":  # working memory, not state
                 arrays[f"{prefix}opt.{name}"] = value
-    for (key, offset), pending in (snapshot.sums.items() if with_sums else ()):
+    for (key, offset), pending in snapshot.sums.items():
         for clock, (total, count) in pending.items():
             arrays[f"k{key}_{offset}.sum{clock}"] = total
             arrays[f"k{key}_{offset}.count{clock}"] = np.asarray([count], dtype=np.int64)
@@ -57,14 +61,14 @@ def _arrays(snapshot: ServerSnapshot, with_sums: bool) -> dict[str, np.ndarray]:
 
 
 def save_shards(path: Path, snapshot: ServerSnapshot) -> None:
-    arrays = _arrays(snapshot, with_sums=False)
+    arrays = _arrays(snapshot)
     atomic_write_bytes(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def snapshot_bytes(snapshot: ServerSnapshot) -> bytes:
-    """The snapshot as one .npz in memory, pending BSP sums included (what a backup replica catches up from)."""
+    """The snapshot as one .npz in memory (what a backup replica catches up from)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **_arrays(snapshot, with_sums=True))
+    np.savez(buffer, **_arrays(snapshot))
     return buffer.getvalue()
 
 
@@ -81,7 +85,8 @@ def load_shards(source: Path | bytes | memoryview) -> ServerSnapshot:
     handle = io.BytesIO(source) if isinstance(source, (bytes, memoryview)) else Path(source)
     with np.load(handle, allow_pickle=False) as npz:
         data = {name: npz[name] for name in npz.files}
-    snapshot = ServerSnapshot(finished=[int(w) for w in data.pop("finished")], updates=int(data.pop("updates")[0]))
+    snapshot = ServerSnapshot(finished=[int(w) for w in data.pop("finished")], updates=int(data.pop("updates")[0]),
+                              journal_seq=int(data.pop("journal_seq", np.zeros(1, np.int64))[0]))
     for name in [n for n in data if ".sum" in n]:
         prefix, clock = name.split(".sum")
         key, offset = (int(part) for part in prefix[1:].split("_"))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from plait.ps.consistency import NO_LIVE_WORKER
-from plait.ps.security import CLIENT, CurveKeys
+from plait.ps.security import CurveKeys, is_worker_identity
 from plait.ps.sharding import DEFAULT_PIECE_NUMEL, Piece, plan_shards
 from plait.ps.transport import WorkerTransport
 from plait.ps.wire import Flag, Header, Op, dtype_code, payload_array
@@ -121,8 +121,11 @@ class KVStore:
         self.observer = observer
         self.retry_s, self.timeout_s = retry_s, timeout_s
         self.piece_numel = piece_numel
-        # CurveZMQ when set (security.py), presenting the workers' key unless a CurveKeys names another
+        # CurveZMQ when set (security.py), presenting this worker's own key (or the shared client one) unless a
+        # CurveKeys names another
         self.curve = curve_keys if isinstance(curve_keys, CurveKeys) else CurveKeys.from_setting(curve_keys)
+        if self.curve is not None and not isinstance(curve_keys, CurveKeys):
+            self.curve = self.curve.for_worker(self.worker)
         self.transport = WorkerTransport(curve=self.curve)
         self.transport.connect(self.endpoints + self.backups)
         self.keys: dict[int, _Key] = {}
@@ -265,7 +268,8 @@ class KVStore:
         """Leave the clocks (so no server waits for this worker) and close the sockets. Under CurveZMQ only a control
         key may take a worker out of the clocks (trust.py): with the workers' key there is no goodbye, and the
         servers drop this worker after sync.worker_timeout_s instead."""
-        if goodbye and not self.observer and self.worker >= 0 and (self.curve is None or self.curve.identity != CLIENT):
+        if goodbye and not self.observer and self.worker >= 0 and (self.curve is None
+                                                                   or not is_worker_identity(self.curve.identity)):
             try:
                 requests = []
                 for socket in range(self.transport.num_servers):  # every replica: each keeps its own clocks

@@ -4,7 +4,8 @@ The launcher (ps-lite's local.sh, in Python) runs `python -m plait.ps.node serve
 functions `plait ps server|worker` run, so a local run and a multi-host run start the same programs. It is handed
 its run (`plait.runtime.context.RunContext`) by the driver (plait/experiment/runs/parameter_server.py) and keeps its
 own files under the run's path: servers/ (checkpoints, endpoints, event logs), logs/, worker-<r>.jsonl,
-summary.json. While the workers train it:
+summary.json. Under sync.curve_keys it first issues each worker a key bound to its worker id (security.py, trust.py)
+where the key directory lacks one. While the workers train it:
 
 - restarts a server that died, on the same endpoint, from its checkpoint (workers reconnect and resend); with
   sync.replication = 2 it runs two processes per server (replica 0, then replica 1 of each range; process p is
@@ -27,6 +28,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,7 +43,7 @@ from plait.ps.dashboard import Dashboard, Processes
 from plait.ps.divergence import WorkerDiverged, divergence_record
 from plait.ps.kvstore import KVStore
 from plait.ps.node import node_command
-from plait.ps.security import LAUNCHER, CurveKeys
+from plait.ps.security import LAUNCHER, CurveKeys, issue_worker_keys
 from plait.ps.server_config import server_name
 from plait.ps.summary import ClusterSummary, test_metrics_text
 from plait.ps.trainer import PARAMS_KEY, RESTART_ENV, build_flat_model, create_pieces, evaluate, load_test
@@ -132,6 +134,12 @@ class LocalCluster:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         for stale in [self.run_dir / "start", *self.run_dir.glob("ready-*")]:
             stale.unlink(missing_ok=True)
+        if self.config.sync.curve_keys:  # each worker's own key, bound to its id, before the servers read the keys
+            try:
+                issue_worker_keys(self.config.sync.curve_keys, self.num_workers)
+            except OSError as err:  # e.g. a read-only key directory: the run goes on with the keys it has
+                print(f"warning: no worker keys issued into sync.curve_keys ({err}); workers without their own key "
+                      "use client.key", file=sys.stderr, flush=True)
         for process in range(self.num_processes):
             (self.state_dir / f"{self._name(process)}.endpoint").unlink(missing_ok=True)
             self.servers.append(self._start_server(process, f"tcp://{self.config.sync.host}:0",

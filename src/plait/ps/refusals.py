@@ -2,7 +2,8 @@
 must not become a flood of log lines (nor fill the disk), and one refusal alone is still seen at once.
 
 Reasons: `malformed` (not a request at all), `unservable` (a request that contradicts itself or the stored pieces),
-`nonfinite` (a value holding NaN or Inf), `unauthorised` (an op the sender's key may not send, trust.py),
+`nonfinite` (a value holding NaN or Inf), `unauthorised` (an op the sender's key may not send, or a worker id it is
+not bound to: trust.py),
 `replication` (a change the backup's state cannot take), `handshake` (a CurveZMQ handshake the server refused).
 """
 

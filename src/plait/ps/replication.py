@@ -45,6 +45,7 @@ import numpy as np
 
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, snapshot_bytes
 from plait.ps.consistency import ClockTable
+from plait.ps.journal import Journal
 from plait.ps.server_config import Slot, slot_of
 from plait.ps.transport import PARTNER, ServerTransport
 from plait.ps.wire import Header, Op, payload_array
@@ -252,12 +253,17 @@ class ReplicaHandlers:
     in_flight: dict[Slot, list]
     updates: int
     updates_at_checkpoint: int
+    journal: Journal | None
+    diverged: dict | None
 
     def _replicate(self, change: Change, header: Header, payload: np.ndarray | None = None) -> None:
+        """Stream one change to the backup, or (unreplicated) append it to the journal: before its reply is sent."""
+        fields = dict(worker=header.worker, key=header.key, clock=header.clock, offset=header.offset,
+                      numel=header.numel, dtype=header.dtype)
         if self.replica is not None:
-            self.replica.send_change(change, time.monotonic(), payload, worker=header.worker, key=header.key,
-                                     clock=header.clock, offset=header.offset, numel=header.numel,
-                                     dtype=header.dtype)
+            self.replica.send_change(change, time.monotonic(), payload, **fields)
+        elif self.journal is not None and self.diverged is None:  # after a divergence: the last good state stays
+            self.journal.append(Header(Op.REPLICATE, extra=int(change), **fields), payload)
 
     def _replication(self, peer: bytes, header: Header, payload: memoryview | None) -> bool:
         """Serve the replication protocol's messages and keep workers off a replica that is not the primary;
@@ -348,20 +354,24 @@ class ReplicaHandlers:
             self._event("stream_gap", expected=replica.seq + 1, got=header.req)
             return
         else:
-            slot = slot_of(header)
-            if change == Change.INIT and slot not in self.shards:
-                self._store_piece(slot, payload_array(header, payload))
-            elif change == Change.PUSH and header.clock > self.clocks.clocks[slot][header.worker]:
-                self._record_push(slot, header.worker, header.clock, payload_array(header, payload))
-            elif change == Change.COMPLETE:
-                self._apply_sum(slot, header.clock)
-            elif change == Change.ADVANCE:
-                self.clocks.advance(slot, header.worker, header.clock)
-            elif change == Change.ROW:
-                self.clocks.clocks[slot] = np.frombuffer(payload, np.int64).tolist()
+            self._apply_change(change, header, payload)
             self._checkpoint_if_due()
         replica.seq, replica.last_heard = header.req, now
         self.transport.send_msg(peer, header.reply(Op.ACK, numel=0))
+
+    def _apply_change(self, change: Change, header: Header, payload: memoryview | bytes | None) -> None:
+        """Replay one change of the stream (a backup) or of the journal (a restarted unreplicated server)."""
+        slot = slot_of(header)
+        if change == Change.INIT and slot not in self.shards:
+            self._store_piece(slot, payload_array(header, payload))
+        elif change == Change.PUSH and header.clock > self.clocks.clocks[slot][header.worker]:
+            self._record_push(slot, header.worker, header.clock, payload_array(header, payload))
+        elif change == Change.COMPLETE:
+            self._apply_sum(slot, header.clock)
+        elif change == Change.ADVANCE:
+            self.clocks.advance(slot, header.worker, header.clock)
+        elif change == Change.ROW:
+            self.clocks.clocks[slot] = np.frombuffer(payload or b"", np.int64).tolist()
 
     def _adopt(self, snapshot: ServerSnapshot) -> None:
         """Take the primary's whole state (a backup catching up)."""

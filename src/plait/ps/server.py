@@ -13,8 +13,11 @@ State machine per request:
              push is ACKed at once (the worker stops resending the gradient) and the VALUE follows later.
     BYE   -> the worker leaves the clock.
 
-Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically; a
-restarted server resumes from it and workers simply resend what was not acknowledged (see kvstore.py). A message
+Every `checkpoint_every` updates of the whole shard (each piece updated once) the shard is checkpointed atomically,
+pending BSP sums included. An unreplicated server also appends every change to its journal (journal.py) before
+acknowledging it, so a server killed at any moment, before its first checkpoint included, restarts from its
+checkpoint plus its journal with every piece it created and every push it acknowledged; workers simply resend what
+was not acknowledged (see kvstore.py). A message
 that is not a request is counted and dropped; a request its sender's key may not send, that contradicts itself or
 holds a non-finite value gets an ERROR (admission.py checks them all before `handle`); the loop goes on. Refusals are
 logged as counts (refusals.py). An update that leaves a piece non-finite all the same (an overflow) is named where it
@@ -39,6 +42,7 @@ import numpy as np
 from plait.ps.admission import SEEDER, RequestChecks, all_finite
 from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
 from plait.ps.consistency import ClockTable
+from plait.ps.journal import COMPACT_AFTER_SHARDS, Journal
 from plait.ps.optim import ShardOptimizer
 from plait.ps.refusals import CountedLog
 from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
@@ -81,12 +85,18 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
         self.replica = Replica(self.transport, config.replica, config.partner_address, config.failover_s,
                                fresh=not config.resume, now=now, chunk_bytes=chunk_bytes) \
             if config.replication > 1 else None
+        # unreplicated: every change on disk before it is acknowledged (a replicated range has its backup instead)
+        self.journal = Journal(config.journal_path, fresh=not config.resume) if self.replica is None else None
+        journal_seq = 0
         if config.resume and config.checkpoint_path.exists():
-            self._restore(load_shards(config.checkpoint_path))
+            journal_seq = self._restore(load_shards(config.checkpoint_path))
+        if self.journal is not None:
+            self._replay_journal(journal_seq)
 
     # -- state ------------------------------------------------------------------------------------------------
-    def _restore(self, snapshot: ServerSnapshot) -> None:
-        self.shards = snapshot.shards
+    def _restore(self, snapshot: ServerSnapshot) -> int:
+        """Take a checkpoint's state; returns the last journal record it holds."""
+        self.shards, self.sums = snapshot.shards, snapshot.sums
         for slot, shard in self.shards.items():
             self.clocks.add_key(slot, shard.clocks)
         # A crash mid-run keeps who had finished (nobody waits for them); a checkpoint where every worker had
@@ -96,11 +106,25 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
                 self.clocks.finish(worker)
         self.updates = self.updates_at_checkpoint = snapshot.updates
         self._event("restored", pieces=len(self.shards), updates=self.updates)
+        return snapshot.journal_seq
+
+    def _replay_journal(self, after: int) -> None:
+        """The changes made since the checkpoint (all of them, without one), then a checkpoint holding them."""
+        assert self.journal is not None
+        replayed = 0
+        for header, payload in self.journal.records():
+            if header.req > after:
+                self._apply_change(Change(header.extra), header, payload)
+                replayed += 1
+        if replayed:
+            self._event("replayed", records=replayed, pieces=len(self.shards), updates=self.updates)
+            self.checkpoint()
 
     def _snapshot(self) -> ServerSnapshot:
         for slot, shard in self.shards.items():
             shard.clocks = list(self.clocks.clocks[slot])
-        return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums)
+        return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums,
+                              self.journal.seq if self.journal is not None else 0)
 
     def checkpoint(self) -> None:
         if self.diverged is not None:  # the file on disk is the last good state: keep it for --resume
@@ -108,6 +132,8 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
             return
         started = time.perf_counter()
         save_shards(self.config.checkpoint_path, self._snapshot())
+        if self.journal is not None:
+            self.journal.truncate()  # the checkpoint holds every record (and says so: a kill before this is fine)
         self.updates_at_checkpoint = self.updates
         self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
 
@@ -167,6 +193,8 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
                         refused=dict(self.refusals.totals), disconnects=self.disconnects.totals.total())
             self.transport.close()
             self.log.close()
+            if self.journal is not None:
+                self.journal.close()
 
     def _count_connections(self, now: float) -> None:
         events = self.transport.connection_events
@@ -325,9 +353,9 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
 
     def _check_finite(self, slot: Slot, clock: int, worker: int | None) -> None:
         """Pushes are finite (`_admission`), but an update can still overflow (a huge gradient, a huge lr). The
-        first that leaves a piece non-finite is named here, where it arises; from then on no checkpoint is written,
-        so the one on disk stays the last good state (--resume), and the workers, pulling non-finite weights, stop
-        the run."""
+        first that leaves a piece non-finite is named here, where it arises; from then on no checkpoint nor journal
+        record is written, so what is on disk stays the last good state (--resume), and the workers, pulling
+        non-finite weights, stop the run."""
         if self.diverged is not None or all_finite(self.shards[slot].param):
             return
         self.diverged = {"key": slot[0], "offset": slot[1], "clock": clock, "worker": worker,
@@ -355,7 +383,11 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
     def _checkpoint_if_due(self) -> None:
         # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
         every = self.config.checkpoint_every * max(1, len(self.shards))
-        if every and self.updates - self.updates_at_checkpoint >= every and self.diverged is None:
+        due = every and self.updates - self.updates_at_checkpoint >= every
+        # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
+        full = self.journal is not None and self.journal.bytes > COMPACT_AFTER_SHARDS * max(
+            sum(shard.param.nbytes for shard in self.shards.values()), 1 << 20)
+        if (due or full) and self.diverged is None:
             self.checkpoint()
 
     def _drop_silent(self) -> None:

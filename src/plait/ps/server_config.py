@@ -81,6 +81,10 @@ class ServerConfig:
         return Path(self.state_dir) / f"{self.name}.npz"
 
     @property
+    def journal_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.name}.journal"
+
+    @property
     def endpoint_path(self) -> Path:
         return Path(self.state_dir) / f"{self.name}.endpoint"
 

@@ -8,12 +8,17 @@ network is trusted. With CurveZMQ a peer is known by the key it presented in the
 role of that key decides what it may send:
 
     role      its key                               may send
-    worker    authorized/ (client.key)              PUSH, PULL, PUSHPULL; INIT of a piece the server holds
+    worker    authorized/ (worker-<r>.key,          PUSH, PULL, PUSHPULL; INIT of a piece the server holds
+              client.key)
     control   control/ (launcher.key)               the above, INIT that creates a piece, BYE, SHUTDOWN
     server    server.key (a partner replica)        REPLICATE, HELLO
 
-So a worker's key cannot end a run, take a worker out of the clocks or make a server hold new pieces; it can still
-push finite values under any worker id (worker ids are not bound to keys).
+So a worker's key cannot end a run, take a worker out of the clocks or make a server hold new pieces. Nor can it
+speak for another worker: a key listed in workers/ as worker-<r>.key is bound to worker id r, and a PUSH, PULL,
+PUSHPULL or INIT from it under another id is refused; once a directory binds any key, a worker key bound to none
+(client.key, the evaluator's) may only read as an observer. `plait ps keys DIR --workers N` makes the bound keys,
+and the local launcher issues the ones its workers lack. A directory that binds no key (made before bindings
+existed, or without --workers) keeps the old rule: its worker keys may use any worker id.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import enum
 import ipaddress
 
 from plait.ps.security import CurveKeys
-from plait.ps.wire import Op
+from plait.ps.wire import Flag, Header, Op
 
 
 class Role(enum.Enum):
@@ -47,6 +52,7 @@ class Trust:
         self.curve = curve is not None
         self.server_key = curve.server_key() if curve is not None else ""
         self.control_keys = curve.control_keys() if curve is not None else set()
+        self.worker_ids = curve.worker_bindings() if curve is not None else {}  # public key -> its worker id
 
     def role(self, key: str | None) -> Role:
         """The role of a peer that presented `key` (its Z85 public key; None without CurveZMQ)."""
@@ -64,6 +70,22 @@ class Trust:
         allowed = [other.value for other, ops in MAY_SEND.items() if op in ops]
         return (f"{op.name} from a {role.value} key: " + (f"only {' or '.join(allowed)} keys may send it"
                 if allowed else "no peer may send it") + " (sync.curve_keys, docs/security.md)")
+
+    def impersonation(self, key: str | None, role: Role, header: Header) -> str | None:
+        """Why a worker key may not send this request under `header.worker` (another worker's id), or None."""
+        if role is not Role.WORKER or header.op not in _WORKER_OPS or header.flags & Flag.OBSERVER:
+            return None  # control keys may use any id; an observer only reads and is counted in no clock
+        bound = self.worker_ids.get(key or "")
+        op = header.op.name
+        if bound is not None:
+            return None if header.worker == bound else (
+                f"{op} as worker {header.worker} from worker {bound}'s key: a worker key speaks for its own worker "
+                "id only (sync.curve_keys: DIR/workers/)")
+        if not self.worker_ids:
+            return None  # a directory that binds no key: the old rule, any id
+        return (f"{op} as worker {header.worker} from a worker key bound to no worker id: each worker presents its "
+                f"own key (DIR/worker-{header.worker}.key_secret, `plait ps keys DIR --workers N`); other worker "
+                "keys may only read as observers")
 
     @staticmethod
     def may_create(role: Role) -> bool:

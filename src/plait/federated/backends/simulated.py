@@ -66,6 +66,13 @@ class SimulatedBackend:
         online = self.devices.online(self.clock_s)
         return {cid: props for cid, props in properties.items() if online[cid]}
 
+    def declared_examples(self, client_ids: list[int]) -> dict[int, int]:
+        """The partition sizes; an attacker claiming more examples declares its claim (as it would when it
+        registers over the network)."""
+        kind = self.config.attack.kind
+        return {cid: poison_count(kind, self.data.num_examples(cid)) if cid in self.attackers
+                else self.data.num_examples(cid) for cid in client_ids}
+
     def _client_data(self, cid: int) -> ClientData:
         x, y = self.data.client_train(cid)
         if self.config.attack.kind == "label_flip" and cid in self.attackers:

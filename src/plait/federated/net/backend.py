@@ -51,6 +51,9 @@ class NetBackend:
     def candidates(self, round_idx: int) -> dict[int, dict[str, bool]]:
         return self._on_service_loop(self._wait_for_clients())
 
+    def declared_examples(self, client_ids: list[int]) -> dict[int, int]:
+        return self._on_service_loop(self._declared(client_ids))
+
     def collect(self, tasks: RoundTasks, record: dict[str, Any]) -> Collected:
         return self._on_service_loop(self._collect(tasks, record))
 
@@ -87,6 +90,11 @@ class NetBackend:
             await asyncio.sleep(0.05)
         self.connected = len(alive)
         return {cid: dict(info.properties) for cid, info in alive.items()}
+
+    async def _declared(self, client_ids: list[int]) -> dict[int, int]:
+        """What the clients declared when they registered (their reports may not exceed it: update_checks.py)."""
+        clients = self.server.clients
+        return {cid: clients[cid].num_examples for cid in client_ids if cid in clients}
 
     def _post(self, rnd: RoundState) -> None:
         self.server.open_round(rnd)
