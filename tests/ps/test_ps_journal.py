@@ -102,3 +102,14 @@ def test_a_run_whose_server_is_killed_before_its_first_checkpoint_ends_as_single
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "early" / f"worker-{rank}.jsonl")] == list(range(60))
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+
+
+def test_resume_goes_on_from_journals_when_no_server_checkpointed(tmp_path):
+    from plait.ps.launcher import SERVERS_DIR, server_checkpoints
+
+    servers = tmp_path / SERVERS_DIR
+    servers.mkdir()
+    (servers / "server-0.journal").write_bytes(b"\x00" * 16)
+    (servers / "server-1.journal").write_bytes(b"")  # opened, nothing acknowledged: no state to resume
+    assert server_checkpoints(tmp_path) == []
+    assert server_checkpoints(tmp_path, journals=True) == [servers / "server-0.journal"]

@@ -56,9 +56,13 @@ STARTUP_TIMEOUT_S = 60.0
 SERVERS_DIR = "servers"  # under the run's path: the servers' checkpoints, endpoint files and event logs
 
 
-def server_checkpoints(run_path: Path) -> list[Path]:
-    """The server checkpoints a run directory holds: what `--resume` goes on from."""
-    return sorted((Path(run_path) / SERVERS_DIR).glob("server-*.npz"))
+def server_checkpoints(run_path: Path, journals: bool = False) -> list[Path]:
+    """The server checkpoints a run directory holds (with `journals`, also the write-ahead journals a server
+    replays after its checkpoint, or alone when it died before its first): what `--resume` goes on from."""
+    found = list((Path(run_path) / SERVERS_DIR).glob("server-*.npz"))
+    if journals:
+        found += [j for j in (Path(run_path) / SERVERS_DIR).glob("server-*.journal") if j.stat().st_size]
+    return sorted(found)
 
 
 class StoppedBySignal(Exception):

@@ -41,8 +41,8 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
     check_config_code(config)  # the user's model and data, before anything is written
     if resume:  # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
         run_dir = RunDir(Path(config.run.root) / config.run.name)
-        if not server_checkpoints(run_dir.path):
-            raise FileNotFoundError(f"--resume: no server checkpoints in {run_dir.path / 'servers'}")
+        if not server_checkpoints(run_dir.path, journals=True):
+            raise FileNotFoundError(f"--resume: no server checkpoint or journal in {run_dir.path / 'servers'}")
     else:
         run_dir = prepare_run_dir(config.run.root, config.run.name, resume=False)
     run_dir.write_config(config)  # the processes read the resolved config from here
