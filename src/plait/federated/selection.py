@@ -123,5 +123,7 @@ def _sample_population(population: Population, fraction: float, min_clients: int
     if len(chosen) < wanted:  # eligible clients are rare (or few): one exact pass over the population
         return _choose(population.eligible_ids(eligible).tolist(), target, min_clients, over_selection, rng)
     no_rules = isinstance(eligible, Requires) and not eligible.wanted
-    num_eligible = online if no_rules else max(wanted, round(online * wanted / checked_online))
+    # (found - 1) / (checked - 1): the unbiased share when checking stops at the found-th eligible client
+    share = (wanted - 1) / (checked_online - 1) if wanted > 1 else wanted / checked_online
+    num_eligible = online if no_rules else max(wanted, round(online * share))
     return Selection(sorted(chosen), target, num_eligible)
