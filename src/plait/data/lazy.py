@@ -36,9 +36,14 @@ CLASS_SAMPLE = 64     # a folder's number of classes is read from test.npz and t
 class ClientSets(Protocol):
     """What the simulator needs of its clients' data (`FederatedData`, `LazyFederatedData`, `ClientFolder`)."""
 
-    test_x: Inputs
-    test_y: torch.Tensor
-    num_classes: int
+    @property
+    def test_x(self) -> Inputs: ...
+
+    @property
+    def test_y(self) -> torch.Tensor: ...
+
+    @property
+    def num_classes(self) -> int: ...
 
     @property
     def num_clients(self) -> int: ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class DevicePool:
         self.phase_h = rng.uniform(0.0, 24.0, num_clients) if diurnal else _same_for_all(0.0, num_clients)
         self.windows = read_trace(Path(config.trace_file), num_clients) if config.availability == "trace" else None
         self._sorted_phases: np.ndarray | None = None
-        self._round_states: tuple[int, dict] | None = None  # (round, generator state at its first draw)
+        self._round_states: tuple[int, Any] | None = None  # (round, generator state at its first draw)
 
     def online(self, clock_s: float) -> np.ndarray:
         """Which clients are online at `clock_s` on the virtual clock (a boolean per client)."""
@@ -144,8 +144,9 @@ class DevicePool:
         (PCG64 advances in O(log n); a float64 takes one 64-bit output)."""
         if self._round_states is None or self._round_states[0] != round_idx:
             self._round_states = (round_idx, stream(self.seed, DEVICE_STATES, round_idx).bit_generator.state)
+        start: Any = self._round_states[1]
         bits = np.random.PCG64(0)
-        bits.state = self._round_states[1]
+        bits.state = start
         bits.advance(len(PROPERTIES) * client)
         return self._states(np.random.Generator(bits).random(len(PROPERTIES)))
 
