@@ -93,3 +93,14 @@ def test_a_folder_of_client_files_is_read_file_by_file(tmp_path, monkeypatch):
         data.client_train(4)
     with pytest.raises(ValueError, match=r"client-6\.npz', 'client-7\.npz'\] are missing"):
         load_federated(DataConfig(source=str(tmp_path), num_clients=8, materialise="lazy"))
+
+
+def test_per_client_sets_made_lazily_are_the_same_clients():
+    rng = np.random.default_rng(1)
+    sets = [(torch.randn(3 + k, 2), torch.from_numpy(rng.integers(0, 4, 3 + k))) for k in range(5)]
+    eager = federated_from_user_data(DataConfig(num_clients=4, materialise="eager"), user_data_from(sets, "data"))
+    lazy_data = federated_from_user_data(DataConfig(num_clients=4, materialise="lazy"), user_data_from(sets, "data"))
+    assert lazy_data.num_clients == 4 and lazy_data.num_classes == eager.num_classes
+    for k in range(4):
+        assert torch.equal(lazy_data.client_train(k)[0], sets[k][0]) and torch.equal(eager.client_train(k)[0],
+                                                                                     sets[k][0])

@@ -100,6 +100,14 @@ def test_rare_eligible_clients_are_found_by_one_exact_pass():
     assert 2 <= len(eligible) < 20 and picked.selected == eligible and picked.num_eligible == len(eligible)
 
 
+def test_a_population_with_nobody_online_skips_the_round(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("0,5,6\n")
+    pool = DevicePool(DeviceConfig(availability="trace", trace_file=str(trace)), 5000, seed=0)
+    picked = select_clients(DevicePopulation(pool, 1, 0.0), 0.01, 2, 0.0, requires(), np.random.default_rng(0))
+    assert picked.selected == [] and picked.num_eligible == 0
+
+
 def test_up_to_a_thousand_clients_a_round_lists_its_candidates_as_before(tmp_path):
     assert isinstance(_server(tmp_path, 1000).backend.candidates(1), dict)
     assert isinstance(_server(tmp_path, 1001).backend.candidates(1), DevicePopulation)

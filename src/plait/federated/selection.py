@@ -103,6 +103,8 @@ def _sample_population(population: Population, fraction: float, min_clients: int
     online, registered = population.num_online(), population.num_registered
     target = target_clients(fraction, min_clients, online)
     wanted = share_of(1 + over_selection, target)
+    if not online or not wanted:  # nobody to find: the round is skipped, as with an empty listing
+        return Selection([], target, 0)
     tries = min(registered, TRIES_PER_PICK * wanted + 1024)
     seen: set[int] = set()
     chosen: list[int] = []
