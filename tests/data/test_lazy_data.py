@@ -19,9 +19,9 @@ LABELS = np.random.default_rng(3).integers(0, 10, 1000)
 def test_exact_lazy_partitions_are_the_eager_ones(num_clients, seed):
     iid, shards = IidShares(len(LABELS), num_clients, seed), ShardDeal(LABELS, num_clients // 2 or 1, 2, seed)
     for k, part in enumerate(partition.iid(len(LABELS), num_clients, seed)):
-        assert np.array_equal(iid.indices(k), part)
+        assert np.array_equal(iid.indices(k), part) and iid.size(k) == len(part)
     for k, part in enumerate(partition.shards(LABELS, num_clients // 2 or 1, 2, seed)):
-        assert np.array_equal(shards.indices(k), part)
+        assert np.array_equal(shards.indices(k), part) and shards.size(k) == len(part)
 
 
 def test_without_a_held_out_share_lazy_clients_hold_the_eager_clients_data():
@@ -57,6 +57,7 @@ def test_a_held_out_share_is_split_per_client():
     train_x, _ = data.client_train(199_999)
     eval_x, _ = data.client_eval(199_999)
     assert data.num_clients == 200_000 and data.num_examples(199_999) == 15 and len(eval_x) == 5
+    assert data.num_examples(7) == len(data.client_train(7)[1])  # the size without the draw, and with it
     rows = {tuple(r.tolist()) for r in train_x}
     assert not rows & {tuple(r.tolist()) for r in eval_x}
     with pytest.raises(ValueError, match="client 200000: data.num_clients is 200000"):

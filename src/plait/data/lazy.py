@@ -98,7 +98,11 @@ class LazyFederatedData(_CachedSplits):
         return held_out_split(self.spec.indices(client), self.eval_fraction, [self.seed, HELD_OUT_STREAM, client])
 
     def num_examples(self, client: int) -> int:
-        return len(self.split(client)[0])
+        size = getattr(self.spec, "size", None)
+        if size is None or not 0 <= client < self.num_clients:
+            return len(self.split(client)[0])
+        total = size(client)  # without drawing the client's examples; the held-out rule of held_out_split
+        return total - min(int(round(total * self.eval_fraction)), total - 1)
 
     def _rows(self, index: np.ndarray) -> tuple[Inputs, torch.Tensor]:
         rows = torch.from_numpy(index)

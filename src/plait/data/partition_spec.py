@@ -25,6 +25,9 @@ DRAW_STREAM = 41  # the per-client generator of a draw is default_rng([seed, DRA
 
 
 class PartitionSpec(Protocol):
+    """Client k's example indices on demand. A spec that knows a client's size without drawing its examples also
+    has `size(client)` (all but DirichletDraws): asking every client's size then costs no draws."""
+
     num_clients: int
 
     def indices(self, client: int) -> np.ndarray:
@@ -52,6 +55,10 @@ class IidShares:
         start, stop = _split_bounds(len(self._order), self.num_clients, client)
         return np.sort(self._order[start:stop])
 
+    def size(self, client: int) -> int:
+        start, stop = _split_bounds(len(self._order), self.num_clients, client)
+        return stop - start
+
 
 class ShardDeal:
     """`partition.shards`, one client at a time: the label-sorted examples cut into shards, a permutation of the
@@ -68,6 +75,10 @@ class ShardDeal:
         runs = [self._order[slice(*_split_bounds(len(self._order), self.num_shards, int(s)))]
                 for s in self._pick[client]]
         return np.sort(np.concatenate(runs))
+
+    def size(self, client: int) -> int:
+        return sum(stop - start for start, stop in
+                   (_split_bounds(len(self._order), self.num_shards, int(s)) for s in self._pick[client]))
 
 
 def _client_rng(seed: int, client: int) -> np.random.Generator:
@@ -86,6 +97,9 @@ class IidDraws:
         rng = _client_rng(self.seed, client)
         return np.sort(rng.choice(self.num_examples, self.per_client, replace=False).astype(np.int64))
 
+    def size(self, client: int) -> int:
+        return self.per_client
+
 
 class ShardDraws:
     """McMahan's shards with a shared pool: the label-sorted examples cut into shards of per_client //
@@ -103,6 +117,9 @@ class ShardDraws:
     def indices(self, client: int) -> np.ndarray:
         shards = _client_rng(self.seed, client).choice(self._num_shards, self.shards_per_client, replace=False)
         return np.sort(np.concatenate([self._order[s * self.shard_len : (s + 1) * self.shard_len] for s in shards]))
+
+    def size(self, client: int) -> int:
+        return self.shards_per_client * self.shard_len
 
 
 class DirichletDraws:
@@ -133,6 +150,9 @@ class ContiguousRuns:
 
     def indices(self, client: int) -> np.ndarray:
         return np.arange(self._bounds[client], self._bounds[client + 1])
+
+    def size(self, client: int) -> int:
+        return int(self._bounds[client + 1] - self._bounds[client])
 
 
 def partition_spec(partition: str, labels: np.ndarray, num_clients: int, *, shards_per_client: int, alpha: float,
