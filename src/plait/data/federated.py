@@ -11,6 +11,8 @@ import torch
 
 from plait.data import partition
 from plait.data.images import load_image_set
+from plait.data.lazy import ClientFolder, ClientSets, LazyFederatedData
+from plait.data.partition_spec import ContiguousRuns, PartitionSpec, partition_spec
 from plait.data.shakespeare import SEQ_LEN, VOCAB, load_shakespeare
 from plait.data.user import (
     Inputs,
@@ -47,6 +49,10 @@ class DataConfig:
     eval_fraction: float = 0.0       # share of each client's data held out for federated evaluation
     max_examples_per_client: int = 0  # shakespeare: cap each role's windows (0: all)
     seed: int = 0
+    # lazy: each client's data made when it is asked for (data/lazy.py); auto: lazy past LAZY_ABOVE clients
+    materialise: Literal["auto", "eager", "lazy"] = "auto"
+    examples_per_client: int = 0     # lazy: each client draws this many examples from the pool (clients overlap);
+                                     # 0: disjoint shares of it
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -57,6 +63,24 @@ class DataConfig:
             raise ValueError("data.partition must be 'natural' for shakespeare (one client per play and role)")
         if self.name != "shakespeare" and self.partition == "natural" and not self.source:
             raise ValueError(f"data.partition = 'natural' needs a data set with writers or roles, not {self.name}")
+        if self.examples_per_client < 0:
+            raise ValueError(f"data.examples_per_client must be >= 0, got {self.examples_per_client}")
+        if self.examples_per_client and self.materialise == "eager":
+            raise ValueError("data.examples_per_client draws each client's examples lazily: it needs "
+                             "data.materialise = 'auto' or 'lazy'")
+        if self.materialise == "lazy" and self.name == "shakespeare" and not self.source:
+            raise ValueError("data.materialise = 'lazy': Shakespeare's roles are loaded whole; use 'auto' or 'eager'")
+
+    @property
+    def lazy(self) -> bool:
+        """Whether clients' data is made when asked for (data/lazy.py) rather than laid out at start."""
+        if self.materialise == "auto":  # Shakespeare has fewer roles than that: its own error says so
+            shakespeare = self.name == "shakespeare" and not self.source
+            return not shakespeare and (self.num_clients > LAZY_ABOVE or self.examples_per_client > 0)
+        return self.materialise == "lazy"
+
+
+LAZY_ABOVE = 100_000  # data.materialise = "auto": clients past which each one's data is made when asked for
 
 
 class FederatedData:
@@ -125,13 +149,26 @@ def _images_to_tensor(x: np.ndarray) -> torch.Tensor:
     return ((torch.from_numpy(x).float() / 255.0 - _MEAN) / _STD).unsqueeze(1)  # [N, 1, 28, 28]
 
 
-def load_federated(config: DataConfig) -> FederatedData:
+def _lazy_spec(config: DataConfig, labels: np.ndarray) -> PartitionSpec:
+    return partition_spec(config.partition, labels, config.num_clients, shards_per_client=config.shards_per_client,
+                          alpha=config.alpha, examples_per_client=config.examples_per_client, seed=config.seed)
+
+
+def load_federated(config: DataConfig) -> ClientSets:
     if config.source:
+        if config.lazy and Path(config.source).is_dir():  # read each client's file when it is asked for
+            test = Path(config.source) / "test.npz"
+            return ClientFolder(Path(config.source), config.num_clients, config.eval_fraction, config.seed,
+                                labelled_file(test, "data.source") if test.exists() else None)
         return federated_from_user_data(config, load_user_data(config.source))
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     if config.name == "shakespeare":
         return _load_shakespeare(config, cache_dir)
     arrays = load_image_set(config.name, config.path or None, cache_dir)
+    if config.lazy:
+        return LazyFederatedData(_images_to_tensor(arrays["train_x"]), torch.from_numpy(arrays["train_y"]),
+                                 _images_to_tensor(arrays["test_x"]), torch.from_numpy(arrays["test_y"]),
+                                 _lazy_spec(config, arrays["train_y"]), config.eval_fraction, config.seed, 10)
     parts = _image_parts(config, arrays["train_y"])
     return FederatedData(
         _images_to_tensor(arrays["train_x"]), torch.from_numpy(arrays["train_y"]),
@@ -168,8 +205,9 @@ def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedDa
                          config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)
 
 
-def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedData:
-    """The user's data as FederatedData: per-client sets kept as they are (`natural`), one pooled set partitioned."""
+def federated_from_user_data(config: DataConfig, data: UserData) -> ClientSets:
+    """The user's data as FederatedData (or LazyFederatedData, `config.lazy`): per-client sets kept as they are
+    (`natural`), one pooled set partitioned."""
     if data.clients is not None:
         if config.num_clients > len(data.clients):
             raise ValueError(f"data.num_clients = {config.num_clients}, but data.source has {len(data.clients)} "
@@ -179,8 +217,8 @@ def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedDat
         if empty:
             raise ValueError(f"data.source: clients {empty[:10]} have no examples")
         pooled = concat_labelled(clients)
-        bounds = np.cumsum([0] + [len(c) for c in clients])
-        parts = [np.arange(bounds[k], bounds[k + 1]) for k in range(len(clients))]
+        runs = ContiguousRuns(np.array([len(c) for c in clients]))
+        spec: PartitionSpec = runs
     else:
         assert data.pooled is not None
         pooled = data.pooled
@@ -191,14 +229,28 @@ def federated_from_user_data(config: DataConfig, data: UserData) -> FederatedDat
         if config.partition == "natural":
             raise ValueError("data.partition = 'natural' needs per-client data (a folder of client files, or a "
                              "loader returning one set per client)")
-        parts = _image_parts(config, labels)
+        spec = _lazy_spec(config, labels) if config.lazy else _Parts(_image_parts(config, labels))
     test = data.test or Labelled(take(pooled.x, slice(0, 0)), pooled.y[:0])
     classification = not pooled.y.is_floating_point()
     if classification and len(pooled.y) and int(pooled.y.min()) < 0:
         raise ValueError("data.source: class labels must be >= 0")
     num_classes = int(max(pooled.y.max(), test.y.max() if len(test.y) else 0)) + 1 if classification else 0
+    if config.lazy:
+        return LazyFederatedData(pooled.x, pooled.y, test.x, test.y, spec, config.eval_fraction, config.seed,
+                                 num_classes)
+    parts = [spec.indices(k) for k in range(spec.num_clients)]
     return FederatedData(pooled.x, pooled.y, test.x, test.y, parts, config.eval_fraction, config.seed,
                          num_classes=num_classes)
+
+
+class _Parts:
+    """A partition already made, as a spec."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts, self.num_clients = parts, len(parts)
+
+    def indices(self, client: int) -> np.ndarray:
+        return self.parts[client]
 
 
 def load_test_set(config: DataConfig) -> tuple[Inputs, torch.Tensor, int] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _check(num_clients: int, num_examples: int) -> None:
+def check_counts(num_clients: int, num_examples: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_examples < num_clients:
@@ -17,7 +17,7 @@ def _check(num_clients: int, num_examples: int) -> None:
 
 def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle, then deal equal shares (sizes differ by at most one)."""
-    _check(num_clients, num_examples)
+    check_counts(num_clients, num_examples)
     order = np.random.default_rng(seed).permutation(num_examples)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
@@ -26,7 +26,7 @@ def shards(labels: np.ndarray, num_clients: int, shards_per_client: int = 2, see
     """McMahan et al.'s pathological non-IID split: sort by label, cut into equal shards, deal each client
     `shards_per_client` of them at random (MNIST: 200 shards of 300, 2 per client)."""
     num_shards = num_clients * shards_per_client
-    _check(num_shards, len(labels))
+    check_counts(num_shards, len(labels))
     order = np.argsort(labels, kind="stable")
     shard_list = np.array_split(order, num_shards)
     pick = np.random.default_rng(seed).permutation(num_shards).reshape(num_clients, shards_per_client)
@@ -39,7 +39,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min
     holds at least `min_size` examples."""
     if alpha <= 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-    _check(num_clients, len(labels))
+    check_counts(num_clients, len(labels))
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _attempt in range(100):
@@ -60,7 +60,7 @@ def quantity_skew(num_examples: int, num_clients: int, alpha: float, seed: int, 
     """IID labels, skewed sizes: client shares drawn from Dirichlet(alpha) (small alpha → very unequal)."""
     if alpha <= 0:
         raise ValueError(f"quantity_skew alpha must be > 0, got {alpha}")
-    _check(num_clients, num_examples)
+    check_counts(num_clients, num_examples)
     if num_examples < num_clients * min_size:
         raise ValueError(f"{num_examples} examples cannot give {num_clients} clients {min_size} each")
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plait.data.federated import FederatedData
+from plait.data.lazy import ClientSets
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.device import CPU, on_device
 from plait.federated.evaluate import evaluate, test_set_record
@@ -35,7 +35,7 @@ from plait.federated.weights import flat_model_state
 class GossipRunner:
     """Server-less rounds: local training on a fraction of the nodes, then gossip along the graph."""
 
-    def __init__(self, config, model: torch.nn.Module, data: FederatedData, seed: int, task: Task | None = None,
+    def __init__(self, config, model: torch.nn.Module, data: ClientSets, seed: int, task: Task | None = None,
                  device: torch.device = CPU):
         self.config, self.model, self.data, self.seed, self.task = config, model, data, seed, task or Task()
         self.executor = SequentialExecutor()  # closed by the run loop like any executor

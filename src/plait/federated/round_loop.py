@@ -33,7 +33,7 @@ from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
 from plait.federated.seeds import client_seed, selection_rng
-from plait.federated.selection import Properties, requires, select_clients
+from plait.federated.selection import Population, Properties, Selection, requires, select_clients
 from plait.federated.server_opt import build_server_opt
 from plait.federated.strategy import Aggregator, TooFewUpdates, make_aggregator
 from plait.federated.task import Inputs, Task
@@ -83,8 +83,9 @@ class Evaluation:
 class ClientBackend(Protocol):
     aggregates_secagg: bool  # True: secure aggregation runs between real clients and the backend returns the mean
 
-    def candidates(self, round_idx: int) -> Mapping[int, Properties]:
-        """The clients that may be selected this round (registered, or connected), with their device properties."""
+    def candidates(self, round_idx: int) -> Mapping[int, Properties] | Population:
+        """The clients that may be selected this round (registered, or connected), with their device properties;
+        or, for more than can be listed, a population that finds them one by one (selection.py)."""
         ...
 
     def declared_examples(self, client_ids: list[int]) -> dict[int, int]:
@@ -154,7 +155,8 @@ class RoundLoop:
             state = self._train_and_aggregate(state, selection.selected, selection.target, record, sample_rate)
         self.privacy.record_epsilon(state.opt_state, record)
         state = ServerState(round_idx, state.params, state.opt_state)
-        record.update(self._evaluate(state.params, round_idx, candidates, final=bool(record.get("stop"))))
+        record.update(self._evaluate(state.params, round_idx, candidates, selection,
+                                     final=bool(record.get("stop"))))
         if cfg.target_accuracy and record.get("test_accuracy", 0.0) >= cfg.target_accuracy:
             record["target_reached"] = record["stop"] = True  # the round count is the figure: rounds to target
         for key in ("test_loss", "fed_loss"):
@@ -229,14 +231,16 @@ class RoundLoop:
         self.privacy.after_release(released, opt_state, record, sample_rate)
         return ServerState(state.round, params, opt_state)
 
-    def _evaluate(self, params: torch.Tensor, round_idx: int, candidates: Mapping[int, Properties],
-                  final: bool) -> dict[str, float]:
+    def _evaluate(self, params: torch.Tensor, round_idx: int, candidates: Mapping[int, Properties] | Population,
+                  selection: Selection, final: bool) -> dict[str, float]:
         cfg, out = self.config, dict[str, float]()
         last = final or round_idx == cfg.rounds
         if self.test_set is not None and (last or (cfg.eval_every and round_idx % cfg.eval_every == 0)):
             out.update(test_set_record(evaluate(self.model, self.spec, params, *self.test_set, task=self.task)))
         if cfg.federated_eval_every and (last or round_idx % cfg.federated_eval_every == 0):
-            out.update(self.federated_evaluate(params, sorted(candidates), round_idx))
+            # every candidate; from a population too large to list, the round's cohort (a uniform sample of it)
+            ids = sorted(candidates) if isinstance(candidates, Mapping) else selection.selected
+            out.update(self.federated_evaluate(params, ids, round_idx))
         return out
 
     def federated_evaluate(self, params: torch.Tensor, client_ids: list[int], round_idx: int) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from plait.data.federated import FederatedData
+from plait.data.lazy import ClientSets
 from plait.federated.backends.simulated import SimulatedBackend
 from plait.federated.config import FLConfig
 from plait.federated.device import CPU
@@ -25,7 +25,7 @@ __all__ = ["FederatedServer", "ServerState", "client_seed"]
 
 
 class FederatedServer(RoundLoop):
-    def __init__(self, config: FLConfig, model: torch.nn.Module, data: FederatedData, executor: ClientExecutor,
+    def __init__(self, config: FLConfig, model: torch.nn.Module, data: ClientSets, executor: ClientExecutor,
                  seed: int, task: Task | None = None, device: torch.device = CPU):
         """`model` arrives on the CPU; the server moves it to `device` (fl.device), where the sequential clients
         train and the test set is evaluated. The global state stays on the CPU."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from plait.data.federated import federated_from_user_data, load_federated
@@ -20,6 +21,8 @@ from plait.federated.task import Task
 
 if TYPE_CHECKING:
     from plait.federated.gossip import GossipRunner
+
+AUTO_SAMPLE = 1000  # fl.executor = "auto" measures a median-sized client among at most this many
 
 
 def client_device(config: FederatedRunConfig) -> torch.device:
@@ -58,8 +61,10 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
         config.fl.executor = "sequential"
         return
     params, spec = flat_model_state(model, buffers=config.fl.buffers == "federated")
-    sizes = [data.num_examples(cid) for cid in range(data.num_clients)]
-    typical = sorted(range(data.num_clients), key=lambda cid: sizes[cid])[data.num_clients // 2]  # the median
+    # the median-sized client, among at most AUTO_SAMPLE spread over the ids (a million clients: a thousand asked)
+    ids = range(data.num_clients) if data.num_clients <= AUTO_SAMPLE else \
+        sorted(set(np.linspace(0, data.num_clients - 1, AUTO_SAMPLE).astype(int).tolist()))
+    typical = sorted(ids, key=data.num_examples)[len(ids) // 2]
     plan = config.fl.plan.for_client(client_seed(config.run.seed, 0, typical))
     chosen, why = choose_executor(model, spec, params, ClientData(*data.client_train(typical)), plan, task)
     logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose %r: %s", chosen, why)

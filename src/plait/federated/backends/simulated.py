@@ -1,6 +1,10 @@
-"""Simulated clients for the round loop: every registered client's data in this process, simulated devices
-(speed, bandwidth, per-round states) that decide before training who misses the deadline, simulated attackers,
-and a `ClientExecutor` (sequential or a worker pool) that trains the ones kept.
+"""Simulated clients for the round loop: every registered client's data in this process (laid out at start, or made
+when a client is asked for: data/lazy.py), simulated devices (speed, bandwidth, per-round states) that decide before
+training who misses the deadline, simulated attackers, and a `ClientExecutor` (sequential or a worker pool) that
+trains the ones kept.
+
+Past `SCAN_UP_TO` registered clients (or with `devices.selection = "sample"`) a round's candidates are a
+`DevicePopulation`, found client by client, so nothing in a round grows with the number registered.
 
 A fast simulator decides who is late before training and skips them; the first `target` to finish in simulated time
 are kept, the rest (over-selected surplus, stragglers) are dropped and counted.
@@ -14,7 +18,7 @@ from typing import Any
 import torch
 
 from plait.core.flat import FlatSpec
-from plait.data.federated import FederatedData
+from plait.data.lazy import ClientSets
 from plait.federated.attacks import attacker_ids, flip_labels, poison_count, poison_delta
 from plait.federated.bounds import Diverged, UpdateRefused
 from plait.federated.client_program import ClientProgram
@@ -22,9 +26,10 @@ from plait.federated.client_update import ClientData, Update
 from plait.federated.config import FLConfig
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientExecutor, ClientTask
+from plait.federated.population import DevicePopulation
 from plait.federated.round_loop import Collected, Evaluation, RoundTasks
 from plait.federated.seeds import stage_seed
-from plait.federated.stragglers import DevicePool, split_on_time
+from plait.federated.stragglers import SCAN_UP_TO, DevicePool, split_on_time
 from plait.federated.task import Task
 from plait.federated.weights import local_buffer_state
 
@@ -34,11 +39,13 @@ ATTACK_STAGE = 3  # stage index in plait.federated.seeds.stage_seed (1: codecs a
 class SimulatedBackend:
     aggregates_secagg = False  # simulated secure aggregation is an aggregator (secagg/aggregator.py)
 
-    def __init__(self, config: FLConfig, model: torch.nn.Module, spec: FlatSpec, data: FederatedData,
+    def __init__(self, config: FLConfig, model: torch.nn.Module, spec: FlatSpec, data: ClientSets,
                  executor: ClientExecutor, seed: int, num_params: int, task: Task | None = None):
         self.config, self.model, self.spec, self.data = config, model, spec, data
         self.executor, self.seed = executor, seed
         self.devices = DevicePool(config.devices, data.num_clients, seed)
+        how = config.devices.selection
+        self.sampled = how == "sample" or (how == "auto" and data.num_clients > SCAN_UP_TO)
         self.program = ClientProgram(config, seed)
         self.model_bytes = num_params * 4
         # what one compressed update costs on the uplink, for the simulated devices' transfer times
@@ -55,11 +62,14 @@ class SimulatedBackend:
             return None
         return self.local.get(cid, self.initial_local[0]), self.initial_local[1]
 
-    def candidates(self, round_idx: int) -> dict[int, dict[str, bool]]:
-        """The clients online when the round starts on the virtual clock, with this round's device states."""
+    def candidates(self, round_idx: int) -> dict[int, dict[str, bool]] | DevicePopulation:
+        """The clients online when the round starts on the virtual clock, with this round's device states: listed,
+        or as a population that finds them one by one (`self.sampled`)."""
         if not self.ran_last_round and round_idx > 1:  # the last round found too few clients: time passed anyway
             self.clock_s += self.config.devices.retry_s
         self.ran_last_round = False
+        if self.sampled:
+            return DevicePopulation(self.devices, round_idx, self.clock_s)
         properties = self.devices.properties(round_idx)
         if self.config.devices.availability == "always":
             return properties
