@@ -40,9 +40,10 @@ import time
 import numpy as np
 
 from plait.ps.admission import SEEDER, RequestChecks, all_finite
-from plait.ps.checkpoint import ServerSnapshot, ShardState, load_shards, save_shards
+from plait.ps.checkpoint import ShardState, load_shards
 from plait.ps.consistency import ClockTable
-from plait.ps.journal import COMPACT_AFTER_SHARDS, Journal
+from plait.ps.durability import Durable
+from plait.ps.journal import Journal
 from plait.ps.optim import ShardOptimizer
 from plait.ps.refusals import CountedLog
 from plait.ps.replication import Change, Replica, ReplicaHandlers, Role
@@ -55,7 +56,7 @@ from plait.runtime.metrics_log import MetricsLog
 
 STATS_EVERY_S = 1.0        # a "stats" event (pieces held, updates applied, bytes) this often while they change
 
-class ParameterServer(ReplicaHandlers, RequestChecks):
+class ParameterServer(Durable, ReplicaHandlers, RequestChecks):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.consistency = config.consistency
@@ -92,50 +93,6 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
             journal_seq = self._restore(load_shards(config.checkpoint_path))
         if self.journal is not None:
             self._replay_journal(journal_seq)
-
-    # -- state ------------------------------------------------------------------------------------------------
-    def _restore(self, snapshot: ServerSnapshot) -> int:
-        """Take a checkpoint's state; returns the last journal record it holds."""
-        self.shards, self.sums = snapshot.shards, snapshot.sums
-        for slot, shard in self.shards.items():
-            self.clocks.add_key(slot, shard.clocks)
-        # A crash mid-run keeps who had finished (nobody waits for them); a checkpoint where every worker had
-        # finished is a completed job being resumed for more steps: every worker is expected again, as at a start.
-        if len(snapshot.finished) < self.config.num_workers:
-            for worker in snapshot.finished:
-                self.clocks.finish(worker)
-        self.updates = self.updates_at_checkpoint = snapshot.updates
-        self._event("restored", pieces=len(self.shards), updates=self.updates)
-        return snapshot.journal_seq
-
-    def _replay_journal(self, after: int) -> None:
-        """The changes made since the checkpoint (all of them, without one), then a checkpoint holding them."""
-        assert self.journal is not None
-        replayed = 0
-        for header, payload in self.journal.records():
-            if header.req > after:
-                self._apply_change(Change(header.extra), header, payload)
-                replayed += 1
-        if replayed:
-            self._event("replayed", records=replayed, pieces=len(self.shards), updates=self.updates)
-            self.checkpoint()
-
-    def _snapshot(self) -> ServerSnapshot:
-        for slot, shard in self.shards.items():
-            shard.clocks = list(self.clocks.clocks[slot])
-        return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums,
-                              self.journal.seq if self.journal is not None else 0)
-
-    def checkpoint(self) -> None:
-        if self.diverged is not None:  # the file on disk is the last good state: keep it for --resume
-            self._event("checkpoint_refused", reason="weights not finite", **self.diverged)
-            return
-        started = time.perf_counter()
-        save_shards(self.config.checkpoint_path, self._snapshot())
-        if self.journal is not None:
-            self.journal.truncate()  # the checkpoint holds every record (and says so: a kill before this is fine)
-        self.updates_at_checkpoint = self.updates
-        self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
 
     def _event(self, event: str, **fields) -> None:
         replica = {"replica": self.config.replica} if self.replica is not None else {}
@@ -379,16 +336,6 @@ class ParameterServer(ReplicaHandlers, RequestChecks):
                 del self.pending[ident]
                 self._answer_pull(peer, header)
         self._checkpoint_if_due()
-
-    def _checkpoint_if_due(self) -> None:
-        # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
-        every = self.config.checkpoint_every * max(1, len(self.shards))
-        due = every and self.updates - self.updates_at_checkpoint >= every
-        # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
-        full = self.journal is not None and self.journal.bytes > COMPACT_AFTER_SHARDS * max(
-            sum(shard.param.nbytes for shard in self.shards.values()), 1 << 20)
-        if (due or full) and self.diverged is None:
-            self.checkpoint()
 
     def _drop_silent(self) -> None:
         busy = {worker for worker, _ in self.pending}

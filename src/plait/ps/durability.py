@@ -1,0 +1,85 @@
+"""What makes a parameter server lose nothing when killed: its checkpoint (the shard's state, pending BSP sums
+included, written atomically) and, between two checkpoints, the journal replayed after it (journal.py). A mixin of
+server.ParameterServer, apart from the event loop so that each holds one job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from plait.ps.checkpoint import ServerSnapshot, ShardState, save_shards
+from plait.ps.consistency import ClockTable
+from plait.ps.journal import COMPACT_AFTER_SHARDS, Journal
+from plait.ps.replication import Change
+from plait.ps.server_config import ServerConfig, Slot
+from plait.ps.wire import Header
+
+
+class Durable:
+    # Owned by the server (server.ParameterServer.__init__); read and changed here.
+    config: ServerConfig
+    clocks: ClockTable
+    shards: dict[Slot, ShardState]
+    sums: dict[Slot, dict[int, list]]
+    updates: int
+    updates_at_checkpoint: int
+    journal: Journal | None
+    diverged: dict | None
+
+    # Methods of the server (its event log) and of replication.ReplicaHandlers (one change applied), declared only.
+    _event: Callable[..., None]
+    _apply_change: Callable[[Change, Header, memoryview | bytes | None], None]
+
+    def _restore(self, snapshot: ServerSnapshot) -> int:
+        """Take a checkpoint's state; returns the last journal record it holds."""
+        self.shards, self.sums = snapshot.shards, snapshot.sums
+        for slot, shard in self.shards.items():
+            self.clocks.add_key(slot, shard.clocks)
+        # A crash mid-run keeps who had finished (nobody waits for them); a checkpoint where every worker had
+        # finished is a completed job being resumed for more steps: every worker is expected again, as at a start.
+        if len(snapshot.finished) < self.config.num_workers:
+            for worker in snapshot.finished:
+                self.clocks.finish(worker)
+        self.updates = self.updates_at_checkpoint = snapshot.updates
+        self._event("restored", pieces=len(self.shards), updates=self.updates)
+        return snapshot.journal_seq
+
+    def _replay_journal(self, after: int) -> None:
+        """The changes made since the checkpoint (all of them, without one), then a checkpoint holding them."""
+        assert self.journal is not None
+        replayed = 0
+        for header, payload in self.journal.records():
+            if header.req > after:
+                self._apply_change(Change(header.extra), header, payload)
+                replayed += 1
+        if replayed:
+            self._event("replayed", records=replayed, pieces=len(self.shards), updates=self.updates)
+            self.checkpoint()
+
+    def _snapshot(self) -> ServerSnapshot:
+        for slot, shard in self.shards.items():
+            shard.clocks = list(self.clocks.clocks[slot])
+        return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums,
+                              self.journal.seq if self.journal is not None else 0)
+
+    def checkpoint(self) -> None:
+        if self.diverged is not None:  # the file on disk is the last good state: keep it for --resume
+            self._event("checkpoint_refused", reason="weights not finite", **self.diverged)
+            return
+        started = time.perf_counter()
+        save_shards(self.config.checkpoint_path, self._snapshot())
+        if self.journal is not None:
+            self.journal.truncate()  # the checkpoint holds every record (and says so: a kill before this is fine)
+        self.updates_at_checkpoint = self.updates
+        self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
+
+    def _checkpoint_if_due(self) -> None:
+        # `updates` counts piece updates: with P pieces, P of them are one update of the whole shard.
+        every = self.config.checkpoint_every * max(1, len(self.shards))
+        due = every and self.updates - self.updates_at_checkpoint >= every
+        # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
+        full = self.journal is not None and self.journal.bytes > COMPACT_AFTER_SHARDS * max(
+            sum(shard.param.nbytes for shard in self.shards.values()), 1 << 20)
+        if (due or full) and self.diverged is None:
+            self.checkpoint()
+
