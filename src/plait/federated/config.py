@@ -31,7 +31,7 @@ class ModelConfig:
     `[model] factory = ...`."""
 
     SHORTHAND: ClassVar[str] = "factory"
-    name: Literal["2nn", "cnn", "char_lstm"] = "2nn"
+    name: Literal["2nn", "cnn", "char_lstm", "word_lstm"] = "2nn"
     factory: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
