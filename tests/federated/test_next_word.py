@@ -7,9 +7,11 @@ import json
 
 import torch
 
+from plait.data.shakespeare_words import load_shakespeare_words
 from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.baselines import local_only
 from plait.federated.config import FederatedRunConfig
+from plait.federated.generate import generate, load_language_model
 from plait.federated.simulation import build_server
 from plait.federated.task import NextWord, Task, top_k_hits
 from plait.settings.config import from_dict
@@ -47,6 +49,11 @@ def test_fedavg_trains_a_word_lstm_on_the_roles(tmp_path):
     for record in records:
         assert 0 <= record["test_accuracy"] <= record["test_top3_accuracy"] <= 1
     assert records[-1]["test_top3_accuracy"] > 0  # "the", "and", "i" at least
+    # ... and the trained model writes words of its vocabulary, never its padding or out-of-vocabulary token
+    sample = generate(load_language_model(summary.run_dir), "to be or not to", length=12, temperature=1.0, seed=0)
+    vocabulary = load_shakespeare_words(cache_dir=tmp_path / "cache")["vocab"].tolist()
+    assert len(sample.tokens) == 12 and all(w in vocabulary[2:] for w in sample.tokens)
+    assert sample.text == "to be or not to " + " ".join(sample.tokens)
 
 
 def test_each_role_alone_is_the_baseline(tmp_path):
