@@ -41,7 +41,7 @@ class LanguageModel:
 
     def encode(self, text: str) -> list[int]:
         if self.level == "characters":
-            return encode(text).astype(int).tolist()
+            return [int(i) for i in encode(text)]
         vocabulary = {word: i for i, word in enumerate(self.tokens)}
         return [vocabulary.get(word, words.OOV) for word in words.words_of(text)]
 
@@ -75,8 +75,9 @@ def load_language_model(run_dir: str | Path) -> LanguageModel:
         raise ValueError(f"{run_dir}: its model ({config.model.label}) is not a language model, it was trained on "
                          f"{trained_on}; plait generate samples from runs trained on data.name = "
                          f"{' or '.join(map(repr, TEXT_SETS))} (model char_lstm or word_lstm)")
+    never: tuple[int, ...] = ()
     if data.name == "shakespeare":
-        tokens, window, never = list(VOCAB), SEQ_LEN, ()
+        tokens, window = list(VOCAB), SEQ_LEN
     else:
         arrays = words.load_shakespeare_words(data.path or None, Path(data.cache_dir) if data.cache_dir else None)
         tokens, window, never = arrays["vocab"].tolist(), words.WINDOW, (words.PAD, words.OOV)
