@@ -75,6 +75,20 @@ def test_shakespeare_runs(tmp_path):
     assert last["round"] == 1 and accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
 
 
+def test_next_word_runs_reports_top3_and_writes(tmp_path):
+    folder = user_folder(tmp_path)
+
+    output = run(documented("plait run examples/next_word.toml"), folder, [*ONE_ROUND, "--set", "fl.plan.max_steps=2"],
+                 timeout=280)  # added by the test, beside one round: two local steps
+
+    written = run(documented('plait generate runs/next_word --prompt "to be or not to" --length 20'), folder)
+
+    last = records(_run_directory(output, folder))[-1]
+    assert last["round"] == 1 and accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
+    assert 0 <= last["test_accuracy"] <= last["test_top3_accuracy"] <= 1
+    assert written.startswith("to be or not to ") and len(written.split()) == 5 + 20
+
+
 @pytest.mark.timeout(300)
 def test_make_demo_runs_its_recipe(tmp_path):
     """`make demo` installs .venv, then runs its recipe: read here from the Makefile, as make would."""

@@ -52,3 +52,35 @@ def test_max_steps_caps_local_work():
     params, spec = flat_params(model)
     update = client_update(model, spec, params, data, TrainingPlan(epochs=5, batch_size=10, max_steps=7))
     assert update.metrics["steps"] == 7
+
+
+def test_a_full_batch_in_chunks_gives_the_whole_batch_gradient(monkeypatch):
+    """FedSGD (B = 0) on more examples than a chunk: the chunks' weighted gradients add up to the whole batch's,
+    the same update as one plain-torch full-batch step; a model with BatchNorm takes the batch whole."""
+    from plait.federated import client_update as module
+
+    torch.manual_seed(0)
+    data = ClientData(torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,)))
+    plan = TrainingPlan(epochs=1, batch_size=0, lr=0.1, seed=3)
+    model = build_model("2nn")
+    global_params, spec = flat_params(model)
+    reference = build_model("2nn")
+    reference.load_state_dict(model.state_dict())
+    torch.optim.SGD(reference.parameters(), lr=0.1).zero_grad()
+    F.cross_entropy(reference(data.x), data.y).backward()
+    with torch.no_grad():
+        expected = torch.cat([-0.1 * p.grad.flatten() for p in reference.parameters()])
+    monkeypatch.setattr(module, "CHUNK", 16)  # 100 examples: 7 chunks, the last one of 4
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    chunked = client_update(model, spec, global_params, data, plan)
+    torch.testing.assert_close(chunked.delta, expected, rtol=1e-5, atol=1e-7)
+    assert chunked.metrics["steps"] == 1 and seen == [16] * 6 + [4]
+
+    seen.clear()
+    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.BatchNorm1d(8),
+                             torch.nn.Linear(8, 10))
+    bn.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    bn_params, bn_spec = flat_params(bn)
+    client_update(bn, bn_spec, bn_params, data, plan)
+    assert seen == [100]  # not chunked: BatchNorm's statistics are the whole batch's

@@ -1,9 +1,10 @@
-"""The `plait` command: demo, run, plot, compare, train, fl.
+"""The `plait` command: demo, run, plot, compare, generate, train, fl.
 
     plait demo                                  FedAvg on MNIST, 100 non-IID clients, embedded defaults
     plait run CONFIG.toml [--resume] [--set fl.rounds=5]
     plait plot runs/NAME
     plait compare runs/A runs/B [...] [--out DIR]   the settings that differ, final figures, curves overlaid
+    plait generate runs/NAME [--prompt TEXT]    text from a trained character or word model
     plait train CONFIG.toml --nproc N           cluster training (data / model / pipeline parallel, parameter server)
 """
 
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 
 from plait.cli.fl import fl_app
+from plait.cli.generate import generate
 from plait.cli.ps import ps_app
 from plait.runtime.divergence import Diverged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
@@ -170,6 +172,8 @@ def train(config: Path = typer.Argument(..., help="a cluster-training TOML confi
         _fail(str(err), code=1)
 
 
+# `plait generate RUN_DIR`: text from a trained character or word model.
+app.command()(generate)
 # `plait fl server | client | certs`: federated learning over the network (heavy imports stay inside the commands).
 app.add_typer(fl_app, name="fl")
 # `plait ps server | worker | keys`: one parameter-server process on any host.

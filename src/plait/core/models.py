@@ -45,7 +45,26 @@ class CharLSTM(nn.Module):
         return logits
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM}
+class WordLSTM(nn.Module):
+    """Next-word model for Shakespeare's roles: embedding 96, one LSTM layer of 256, logits over the vocabulary.
+    The default vocabulary is data/shakespeare_words.py's: 10,000 words after its padding and out-of-vocabulary
+    tokens."""
+
+    def __init__(self, vocab_size: int = 10_002, embed_dim: int = 96, hidden: int = 256, layers: int = 1):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:  # words: [batch, window] int64
+        out, _ = self.lstm(self.embed(words))
+        logits: torch.Tensor = self.head(out[:, -1])  # predict the word after the window
+        return logits
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM,
+                                               "word_lstm": WordLSTM}
+LANGUAGE_MODELS = ("char_lstm", "word_lstm")  # the presets `plait generate` samples text from
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from plait.data import partition
+from plait.data import shakespeare_words as words
 from plait.data.images import load_image_set
 from plait.data.lazy import ClientFolder, ClientSets, LazyFederatedData
 from plait.data.partition_spec import ContiguousRuns, PartitionSpec, partition_spec
@@ -26,6 +27,7 @@ from plait.data.user import (
 )
 from plait.user_code import accepts, is_reference, resolve_callable
 
+TEXT_SETS = ("shakespeare", "shakespeare_words")
 # Per-pixel statistics of the MNIST training set, used for both image sets (Fashion's are close enough for SGD).
 _MEAN, _STD = 0.1307, 0.3081
 
@@ -37,7 +39,7 @@ class DataConfig:
     short for `[data] source = ...`."""
 
     SHORTHAND: ClassVar[str] = "source"
-    name: Literal["mnist", "fashion_mnist", "shakespeare"] = "mnist"
+    name: Literal["mnist", "fashion_mnist", "shakespeare", "shakespeare_words"] = "mnist"
     source: str = ""                 # the user's own data (overrides name)
     test_path: str = ""              # a .npz test set (x, y) the network server evaluates on (it reads no client data)
     path: str = ""                   # a directory with the user's own copy (IDX files, or the plays' .md files)
@@ -47,7 +49,7 @@ class DataConfig:
     shards_per_client: int = 2       # shards: McMahan's 200 shards of 300 for 100 clients
     alpha: float = 0.5               # dirichlet (label skew) and quantity skew concentration
     eval_fraction: float = 0.0       # share of each client's data held out for federated evaluation
-    max_examples_per_client: int = 0  # shakespeare: cap each role's windows (0: all)
+    max_examples_per_client: int = 0  # shakespeare(_words): cap each role's examples (0: all)
     seed: int = 0
     # lazy: each client's data made when it is asked for (data/lazy.py); auto: lazy past LAZY_ABOVE clients
     materialise: Literal["auto", "eager", "lazy"] = "auto"
@@ -59,9 +61,10 @@ class DataConfig:
             raise ValueError(f"data.num_clients must be >= 1, got {self.num_clients}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.name == "shakespeare" and self.partition != "natural":
-            raise ValueError("data.partition must be 'natural' for shakespeare (one client per play and role)")
-        if self.name != "shakespeare" and self.partition == "natural" and not self.source:
+        if self.name in TEXT_SETS and self.partition not in ("natural", "iid"):
+            raise ValueError(f"data.partition must be 'natural' (one client per play and role) or 'iid' (the same "
+                             f"roles' examples dealt evenly) for {self.name}, got {self.partition!r}")
+        if self.name not in TEXT_SETS and self.partition == "natural" and not self.source:
             raise ValueError(f"data.partition = 'natural' needs a data set with writers or roles, not {self.name}")
         if self.examples_per_client < 0:
             raise ValueError(f"data.examples_per_client must be >= 0, got {self.examples_per_client}")
@@ -94,9 +97,9 @@ class FederatedData:
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int,
-                 held_out_last: bool = False):
+                 held_out_last: bool = False, window: int = SEQ_LEN):
         """`held_out_last`: hold out each client's last examples (time order: overlapping text windows must not
-        straddle the split) instead of a random share."""
+        straddle the split, so `window` examples before them are left out) instead of a random share."""
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         rng = np.random.default_rng(seed + 1)
@@ -105,7 +108,7 @@ class FederatedData:
             held = min(int(round(len(part) * eval_fraction)), len(part) - 1)  # every client keeps one to train on
             if held_out_last:
                 eval_parts.append(part[len(part) - held :] if held else part[:0])
-                train_parts.append(part[: max(1, len(part) - held - (SEQ_LEN if held else 0))])
+                train_parts.append(part[: max(1, len(part) - held - (window if held else 0))])
                 continue
             shuffled = rng.permutation(part)
             eval_parts.append(np.sort(shuffled[:held]))
@@ -162,7 +165,7 @@ def load_federated(config: DataConfig) -> ClientSets:
                                 labelled_file(test, "data.source") if test.exists() else None)
         return federated_from_user_data(config, load_user_data(config.source))
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    if config.name == "shakespeare":
+    if config.name in TEXT_SETS:
         return _load_shakespeare(config, cache_dir)
     arrays = load_image_set(config.name, config.path or None, cache_dir)
     if config.lazy:
@@ -178,31 +181,56 @@ def load_federated(config: DataConfig) -> ClientSets:
 
 
 def _load_shakespeare(config: DataConfig, cache_dir: Path | None) -> FederatedData:
-    """Windows of SEQ_LEN characters → next character, one client per role; 10% of each role's windows (the last
-    ones, as LEAF splits by time) form the central test set."""
-    arrays = load_shakespeare(config.path or None, cache_dir)
-    text = torch.from_numpy(arrays["text"].astype(np.int64))
+    """One client per role (`natural`), or the same roles' training examples dealt evenly among as many clients
+    (`iid`, the FedAvg paper's balanced IID version). Characters: windows of SEQ_LEN characters -> the next one;
+    words: data/shakespeare_words.py. 10% of each role's examples (the last ones, as LEAF splits by time) form the
+    central test set."""
+    if config.name == "shakespeare_words":
+        arrays = words.load_shakespeare_words(config.path or None, cache_dir)
+        text = torch.from_numpy(arrays["tokens"].astype(np.int64))
+        num_classes, window = words.VOCAB_SIZE, words.WINDOW
+    else:
+        arrays = load_shakespeare(config.path or None, cache_dir)
+        text = torch.from_numpy(arrays["text"].astype(np.int64))
+        num_classes, window = len(VOCAB), SEQ_LEN
     offsets = arrays["offsets"]
-    if config.num_clients > len(offsets) - 1:
-        raise ValueError(f"data.num_clients = {config.num_clients}, but Shakespeare has {len(offsets) - 1} roles with "
+    xs, ys, test_x, test_y = [], [], [], []
+    for role in np.random.default_rng(config.seed).permutation(len(offsets) - 1):
+        tokens = text[offsets[role] : offsets[role + 1]]
+        if config.name == "shakespeare_words":
+            train_x, train_y, role_test_x, role_test_y = words.role_examples(tokens, config.max_examples_per_client)
+        else:
+            train_x, train_y, role_test_x, role_test_y = _char_examples(tokens, config.max_examples_per_client)
+        if not len(train_y):
+            continue  # a role whose every next word is out of the vocabulary
+        xs.append(train_x)
+        ys.append(train_y)
+        test_x.append(role_test_x)
+        test_y.append(role_test_y)
+        if len(xs) == config.num_clients:
+            break
+    if len(xs) < config.num_clients:
+        raise ValueError(f"data.num_clients = {config.num_clients}, but {config.name} has {len(xs)} roles with "
                          "enough lines")
-    roles = np.random.default_rng(config.seed).permutation(len(offsets) - 1)[: config.num_clients]
-    xs, ys, parts, test_x, test_y = [], [], [], [], []
-    count = 0
-    for role in roles:
-        windows = text[offsets[role] : offsets[role + 1]].unfold(0, SEQ_LEN + 1, 1)  # a view, no copy
-        if config.max_examples_per_client:
-            windows = windows[: config.max_examples_per_client]
-        cut = max(1, int(len(windows) * 0.9))
-        train = windows[: max(1, cut - SEQ_LEN)]  # a gap of SEQ_LEN windows: no character in both splits
-        xs.append(train[:, :SEQ_LEN])
-        ys.append(train[:, SEQ_LEN])
-        test_x.append(windows[cut:, :SEQ_LEN])
-        test_y.append(windows[cut:, SEQ_LEN])
-        parts.append(np.arange(count, count + len(train)))
-        count += len(train)
+    sizes = np.cumsum([0] + [len(y) for y in ys])
+    if config.partition == "iid":
+        parts = partition.iid(int(sizes[-1]), config.num_clients, config.seed)
+    else:
+        parts = [np.arange(sizes[k], sizes[k + 1]) for k in range(len(ys))]
     return FederatedData(torch.cat(xs), torch.cat(ys), torch.cat(test_x), torch.cat(test_y), parts,
-                         config.eval_fraction, config.seed, num_classes=len(VOCAB), held_out_last=True)
+                         config.eval_fraction, config.seed, num_classes=num_classes,
+                         held_out_last=config.partition == "natural", window=window)
+
+
+def _char_examples(text: torch.Tensor, max_examples: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One role's windows of SEQ_LEN characters -> the next character: (train_x, train_y, test_x, test_y)."""
+    windows = text.unfold(0, SEQ_LEN + 1, 1)  # a view, no copy
+    if max_examples:
+        windows = windows[:max_examples]
+    cut = max(1, int(len(windows) * 0.9))
+    train = windows[: max(1, cut - SEQ_LEN)]  # a gap of SEQ_LEN windows: no character in both splits
+    return train[:, :SEQ_LEN], train[:, SEQ_LEN], windows[cut:, :SEQ_LEN], windows[cut:, SEQ_LEN]
 
 
 def federated_from_user_data(config: DataConfig, data: UserData) -> ClientSets:
@@ -261,7 +289,7 @@ def load_test_set(config: DataConfig) -> tuple[Inputs, torch.Tensor, int] | None
         return test.x, test.y, 0 if test.y.is_floating_point() else int(test.y.max()) + 1 if len(test.y) else 0
     if config.source:
         return None
-    if config.name == "shakespeare":
+    if config.name in TEXT_SETS:
         data = load_federated(config)
         return data.test_x, data.test_y, data.num_classes
     arrays = load_image_set(config.name, config.path or None, Path(config.cache_dir) if config.cache_dir else None)

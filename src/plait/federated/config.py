@@ -31,7 +31,7 @@ class ModelConfig(ModelSection):
     (or `"file.py:make_model"`), called with `options` as keywords. `model = "pkg.mod:make_model"` is short for
     `[model] factory = ...`. The fields and their checks are every plane's (settings/sections.py)."""
 
-    name: Literal["2nn", "cnn", "char_lstm"] = "2nn"
+    name: Literal["2nn", "cnn", "char_lstm", "word_lstm"] = "2nn"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,15 +62,15 @@ class FLConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)  # topology != "none": server-less rounds
     bounds: BoundsConfig = field(default_factory=BoundsConfig)  # what an update may claim; divergence handling
-    task: str = "classification"       # how the model learns: classification | regression | "pkg.module:MyTask"
+    task: str = "classification"       # classification | regression | next_word | "pkg.module:MyTask"
     buffers: Literal["federated", "local"] = "federated"  # BatchNorm statistics: averaged, or kept per client
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"fl.rounds must be >= 1, got {self.rounds}")
-        if self.task not in ("classification", "regression") and not is_reference(self.task):
-            raise ValueError(f"fl.task = {self.task!r}: use 'classification', 'regression' or a reference to your "
-                             "Task class, 'package.module:MyTask'")
+        if self.task not in ("classification", "regression", "next_word") and not is_reference(self.task):
+            raise ValueError(f"fl.task = {self.task!r}: use 'classification', 'regression', 'next_word' or a "
+                             "reference to your Task class, 'package.module:MyTask'")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fl.fraction must be in (0, 1], got {self.fraction}")
         if self.min_clients < 1:

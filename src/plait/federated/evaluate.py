@@ -24,7 +24,7 @@ def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: In
 
 # What a round's record calls the central test set's figures (runtime/metric_names.py); a task's other metrics
 # keep their own names.
-TEST_SET_NAMES = {"accuracy": "test_accuracy", "loss": "test_loss"}
+TEST_SET_NAMES = {"accuracy": "test_accuracy", "loss": "test_loss", "top3_accuracy": "test_top3_accuracy"}
 
 
 def test_set_record(metrics: dict[str, float]) -> dict[str, float]:

@@ -7,7 +7,8 @@ accuracy); `Regression` is mean squared error. A user's task subclasses either a
 
 Inputs may be one tensor or a tuple of tensors (a model with several inputs: `model(*inputs)`). The same task
 object runs in the simulator, in its worker processes (it is pickled: define it in an importable module) and
-behind `plait fl client`. Named in a config as `fl.task = "classification" | "regression" | "pkg.module:MyTask"`.
+behind `plait fl client`. Named in a config as `fl.task = "classification" | "regression" | "pkg.module:MyTask"`;
+next-word prediction also reports top-3 accuracy: `fl.task = "plait.federated.task:NextWord"`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import torch.nn.functional as F
 
 from plait.data.user import Inputs, take
 
-__all__ = ["BUILT_IN", "Inputs", "Regression", "Task", "evaluate_batches", "take"]
+__all__ = ["BUILT_IN", "Inputs", "NextWord", "Regression", "Task", "evaluate_batches", "take", "top_k_hits"]
+
+
+def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """How many rows of `logits` [batch, classes] have their target among their k highest scores."""
+    best = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [batch, k]
+    return (best == targets.unsqueeze(1)).any(dim=1).sum()
 
 
 class Task:
-    """Supervised classification: cross-entropy on the model's logits, accuracy by arg-max."""
+    """Supervised classification: cross-entropy on the model's logits, accuracy by arg-max, and for each k in
+    `top_k` the top-k accuracy (`top3_accuracy`: the target among the 3 highest logits)."""
+
+    top_k: tuple[int, ...] = ()
 
     def forward(self, model: torch.nn.Module, inputs: Inputs) -> Any:
         return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
@@ -39,8 +49,18 @@ class Task:
     def eval_sums(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sums over a batch of evaluation data, added up over batches and divided by the example count. (The batch
         size as `targets.shape[0]`, not `len(targets)`: a traced program then takes any batch size.)"""
-        return {"loss": self.loss(outputs, targets).double() * targets.shape[0],
+        sums = {"loss": self.loss(outputs, targets).double() * targets.shape[0],
                 "accuracy": (outputs.argmax(dim=1) == targets).sum().double()}
+        for k in self.top_k:
+            sums[f"top{k}_accuracy"] = top_k_hits(outputs, targets, k).double()
+        return sums
+
+
+class NextWord(Task):
+    """Next-word (or next-character) prediction: classification that also reports top-3 accuracy, which is what
+    a keyboard's three suggestions get right (`test_top3_accuracy` in a round's record)."""
+
+    top_k = (3,)
 
 
 class Regression(Task):
@@ -53,7 +73,7 @@ class Regression(Task):
         return {"loss": self.loss(outputs, targets).double() * targets.shape[0]}
 
 
-BUILT_IN = {"classification": Task, "regression": Regression}
+BUILT_IN = {"classification": Task, "regression": Regression, "next_word": NextWord}
 
 
 @torch.inference_mode()

@@ -37,6 +37,7 @@ class MetricName:
 METRICS = {m.name: m for m in (
     MetricName("test_accuracy", "test accuracy (%)", 100.0),
     MetricName("test_loss", "test loss"),
+    MetricName("test_top3_accuracy", "top-3 test accuracy (%)", 100.0),  # the target among the 3 likeliest
     MetricName("train_loss", "training loss"),
     MetricName("fed_accuracy", "federated accuracy on clients' data (%)", 100.0),
     MetricName("fed_loss", "federated loss on clients' data"),
