@@ -104,8 +104,8 @@ def run_figures(name: str, records: list[dict[str, Any]], config: dict[str, Any]
         return Figure(f"{name}: {title}", x_key, y_label, lines, x_range=x_range, **kw)
 
     figures = {
-        "accuracy": by_x("accuracy", "accuracy (%)", [("test_accuracy", "test"), ("fed_accuracy", "federated")],
-                         annotate_last=True),
+        "accuracy": by_x("accuracy", "accuracy (%)", [("test_accuracy", "test"), ("test_top3_accuracy", "test, top 3"),
+                                                     ("fed_accuracy", "federated")], annotate_last=True),
         "loss": by_x("loss", "loss", [("train_loss", "training"), ("test_loss", "test"), ("fed_loss", "federated"),
                                       ("loss", "loss")], legend=True),  # which loss, even when alone
         "traffic": by_x("traffic", "MB so far", [("cumulative_bytes_up", "uploaded"),
