@@ -192,6 +192,14 @@ def test_a_meta_built_preset_trains_as_one_process(tmp_path):
     data = load_data(config)
     reference = _reference(config, data.prepare(data.sets.train_x), data.sets.train.y)
     torch.testing.assert_close(_pipelined(tmp_path / "runs" / "meta", 3), reference, atol=1e-6, rtol=0)
+    # interleaved: each rank materialises its two chunks (virtual stages s and s + 2), the same weights again
+    pipeline.main(path, nproc=2, resume=False, allreduce=None,
+                  overrides=["run.name=chunks", "parallel.schedule=interleaved_1f1b", "parallel.micro_batches=4"])
+    stages = [load_checkpoint(tmp_path / "runs" / "chunks" / f"stage{s}.step3.pt")["model"] for s in (0, 1)]
+    # the model's order: chunk 0 of stage 0, of stage 1, then chunk 1 of each (each in its state dict's order)
+    chunked = torch.cat([tensor.reshape(-1) for chunk in (0, 1) for stage in stages for key, tensor in stage.items()
+                         if key.startswith(f"{chunk}.")])
+    torch.testing.assert_close(chunked, reference, atol=1e-6, rtol=0)
     # the He init survives the meta build: the hidden layers' spread is sqrt(2 / fan_in), not PyTorch's default
     torch.manual_seed(0)
     model = build_on_meta(lambda: build_pipeline_model(config.model))

@@ -56,7 +56,7 @@ def init_layer(layer: nn.Module, *, seed: int, index: int, device: torch.device 
     check_initialisable(layer, index, setting)
     layer.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's global stream stays untouched
-        torch.random.default_generator.manual_seed(layer_seed(seed, index))
+        torch.default_generator.manual_seed(layer_seed(seed, index))
         for sub in layer.modules():  # each submodule resets its own tensors (PyTorch's convention)
             reset = getattr(sub, "reset_parameters", None)
             if callable(reset):
