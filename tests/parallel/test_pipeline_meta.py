@@ -4,6 +4,7 @@ same seed, and no rank ever holds another stage's weights."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def _meta_loop(rank: int, world_size: int) -> dict:
            "mine_real": all(not p.is_meta for p in pipe.parameters())}
     from_function = split_pipeline(user_sequential, loss_fn=F.cross_entropy, build="meta", seed=SEED)
     out["from_function"] = _flat(from_function.parameters()).numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split_pipeline(user_sequential(), loss_fn=F.cross_entropy, seed=3)
+    out["seed_ignored"] = [str(w.message) for w in caught]
     for name, kwargs in {"real": dict(model=user_sequential(), build="meta"),
                          "no_reset": dict(model=lambda: nn.Sequential(nn.Linear(4, 4), NoReset()), build="meta"),
                          "function_full": dict(model=user_sequential, build="full"),
@@ -113,6 +118,10 @@ def test_a_rank_materialises_its_stage_only(ranks):
 ])
 def test_split_pipeline_refusals_name_the_option(ranks, case, message):
     assert message in ranks[0][case]
+
+
+def test_a_seed_without_meta_is_ignored_with_a_warning(ranks):
+    assert any("split_pipeline(seed=3) is ignored with build='full'" in m for m in ranks[0]["seed_ignored"])
 
 
 def test_a_layer_initialises_from_its_seed_and_index_alone():

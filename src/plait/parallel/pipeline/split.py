@@ -22,6 +22,7 @@ Replicated pipelines (data × pipeline) are the config trainer's (`plait train`,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -138,7 +139,7 @@ def _boundaries(layers: list[nn.Module], stages: int | None, boundaries: Sequenc
 def split_pipeline(model: nn.Sequential | Sequence[nn.Module] | Callable[[], nn.Module], *, loss_fn: LossFn,
                    stages: int | None = None, boundaries: Sequence[int] | None = None, schedule: str = "1f1b",
                    micro_batches: int = 4, recompute: bool = False, device: torch.device | None = None,
-                   build: str = "full", seed: int = 0) -> PipelineParallel:
+                   build: str = "full", seed: int | None = None) -> PipelineParallel:
     """Keep this rank's stage of `model` (call on every rank, after `dist.init_process_group`, with the same model).
 
     `stages` (default: one per rank) balances the layers by parameter count; `boundaries` gives the split points
@@ -147,8 +148,8 @@ def split_pipeline(model: nn.Sequential | Sequence[nn.Module] | Callable[[], nn.
     `device`: where this rank's stage runs (default: cuda:LOCAL_RANK under NCCL, else the CPU).
     `build = "meta"`: `model` is a function returning the model (built here under `torch.device("meta")`) or a model
     already built on the meta device; only this rank's layers are materialised, each by its `reset_parameters()`
-    under a generator seeded from (`seed`, its index): `pipeline.meta_init.materialise(model, seed=seed)` gives the
-    same weights in one process."""
+    under a generator seeded from (`seed`, default 0, and its index): `pipeline.meta_init.materialise(model,
+    seed=seed)` gives the same weights in one process."""
     if schedule not in SCHEDULES:
         raise ValueError(f"split_pipeline(schedule={schedule!r}) is unknown; choose one of {sorted(SCHEDULES)}")
     if micro_batches < 1:
@@ -160,8 +161,11 @@ def split_pipeline(model: nn.Sequential | Sequence[nn.Module] | Callable[[], nn.
     world_size, rank = dist.get_world_size(), dist.get_rank()
     bounds = _boundaries(layers, stages, boundaries, world_size)
     device = device if device is not None else rank_device()
+    if build == "full" and seed is not None:
+        warnings.warn(f"split_pipeline(seed={seed}) is ignored with build='full': the model comes with its weights",
+                      stacklevel=2)
     if build == "meta":
-        materialise(layers, seed=seed, device=device,
+        materialise(layers, seed=seed or 0, device=device,
                     indices=stage_layer_indices(bounds, len(layers), rank, world_size))
     module = split_layers(layers, bounds)[rank].to(device)
     placement = Placement(stage=rank, num_stages=world_size, prev_rank=rank - 1 if rank > 0 else None,
