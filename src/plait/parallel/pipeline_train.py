@@ -90,7 +90,7 @@ def check_config_code(config: PipelineRunConfig) -> None:
     par = config.parallel
     with torch.random.fork_rng(devices=[]):  # the ranks draw the initial weights from the seed, untouched
         model = build_pipeline_model(config.model) if par.build == "full" else \
-            build_on_meta(lambda: build_pipeline_model(config.model))  # no rank holds the whole model, nor this
+            build_on_meta(lambda: build_pipeline_model(config.model))  # meta: the check holds no weights either
     layers, pieces = len(as_layers(model)), par.stages * (par.chunks_per_rank or 1)
     if layers < pieces:
         what = f"parallel.stages × parallel.chunks_per_rank = {pieces}" if pieces != par.stages else \

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from plait.parallel.device import HOST
 from plait.parallel.pipeline.partition import as_layers
 
 LayerInit = Callable[[int, nn.Module], None]  # (index in the whole Sequential, layer): a preset's own init
@@ -54,7 +55,7 @@ def init_layer(layer: nn.Module, *, seed: int, index: int, device: torch.device 
 
     It is initialised on the CPU whatever the device, so a GPU rank starts from the weights a CPU reference has."""
     check_initialisable(layer, index, setting)
-    layer.to_empty(device="cpu")
+    layer.to_empty(device=HOST)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's global stream stays untouched
         torch.default_generator.manual_seed(layer_seed(seed, index))
         for sub in layer.modules():  # each submodule resets its own tensors (PyTorch's convention)
