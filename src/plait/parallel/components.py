@@ -55,13 +55,18 @@ def build_image_model(section: ModelSection) -> torch.nn.Module:
     return build_model(section, preset=lambda: build_preset(section.name))
 
 
-def check_user_code(model: torch.nn.Module, section: ModelSection, data: RunData, task: str) -> None:
+def check_user_code(model: torch.nn.Module, section: ModelSection, data: RunData, task: str, *,
+                    sample_device: torch.device | None = None) -> None:
     """The user's model or data checked together at start: the targets fit `train.task`, the model takes two
-    examples and its output fits the loss. Raises ValueError naming the setting."""
+    examples and its output fits the loss. Raises ValueError naming the setting. `sample_device`: where the two
+    examples go first (the meta device for a meta-built model: shapes and dtypes are checked, nothing computed)."""
     train = data.sets.train
     check_targets(task, train.y, "data.source")
     if data.sets.test is not None and len(data.sets.test):
         check_targets(task, data.sets.test.y, "data.test_path or data.source's test set")
     setting = "model.factory" if section.factory else f"model.name = {section.name!r}"
-    check_model_fits(model, data.prepare(data.sets.train_x[:2]), train.y[:2], data.sets.num_classes,
+    x, y = data.prepare(data.sets.train_x[:2]), train.y[:2]
+    if sample_device is not None:
+        x, y = x.to(sample_device), y.to(sample_device)
+    check_model_fits(model, x, y, data.sets.num_classes,
                      loss=task_loss(task), classification=task == "classification", setting=setting)

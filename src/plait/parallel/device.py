@@ -15,6 +15,10 @@ import os
 import torch
 import torch.distributed as dist
 
+# The host, on purpose: meta-built layers are initialised here whatever the rank's device (one random stream for every
+# device type, so a GPU stage starts from a CPU reference's weights), then moved (pipeline/meta_init.py).
+HOST = torch.device("cpu")
+
 
 def rank_device(backend: str | None = None) -> torch.device:
     """This rank's device. `backend`: the process group's (default: the initialised group's, if any)."""

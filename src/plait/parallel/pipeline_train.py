@@ -3,7 +3,8 @@
 The driver (`plait.experiment.runs.pipeline`: `plait train examples/pipeline.toml --nproc 4`, or the same under
 torchrun) prepares the run directory and hands every rank a `RunContext`; the last stage of replica 0 has the loss,
 so its run writes the records. Every rank builds the whole model from the seed (so all start from the same
-weights), keeps its stage and drops the rest, moves it to its device (`cuda:LOCAL_RANK` under NCCL, else the CPU:
+weights), keeps its stage and drops the rest (or, with `parallel.build = "meta"`, builds it on the meta device and
+materialises only its stage: build_stage), moves it to its device (`cuda:LOCAL_RANK` under NCCL, else the CPU:
 device.py), and reads the same seeded batches: stage 0 uses the images, the last stage the labels. Every rank keeps
 its stage's checkpoints under its own `run.path`, and resumes from them (pipeline/checkpoints.py).
 """
@@ -31,7 +32,13 @@ from plait.parallel.pipeline.checkpoints import (
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout, ReplicaGroups
 from plait.parallel.pipeline.inference import pipelined_predict
-from plait.parallel.pipeline.model import build_pipeline_model
+from plait.parallel.pipeline.meta_init import (
+    build_on_meta,
+    check_initialisable,
+    materialise,
+    stage_layer_indices,
+)
+from plait.parallel.pipeline.model import build_pipeline_model, preset_layer_init
 from plait.parallel.pipeline.partition import (
     as_layers,
     balance_by_params,
@@ -82,7 +89,8 @@ def check_config_code(config: PipelineRunConfig) -> None:
         return
     par = config.parallel
     with torch.random.fork_rng(devices=[]):  # the ranks draw the initial weights from the seed, untouched
-        model = build_pipeline_model(config.model)
+        model = build_pipeline_model(config.model) if par.build == "full" else \
+            build_on_meta(lambda: build_pipeline_model(config.model))  # meta: the check holds no weights either
     layers, pieces = len(as_layers(model)), par.stages * (par.chunks_per_rank or 1)
     if layers < pieces:
         what = f"parallel.stages × parallel.chunks_per_rank = {pieces}" if pieces != par.stages else \
@@ -93,7 +101,11 @@ def check_config_code(config: PipelineRunConfig) -> None:
                          "one layer")
     if par.partition == "explicit":
         check_boundaries(par.boundaries, layers, pieces)
-    check_user_code(model, config.model, load_data(config), config.train.task)
+    if par.build == "meta":
+        for index, layer in enumerate(as_layers(model)):
+            check_initialisable(layer, index)
+    check_user_code(model, config.model, load_data(config), config.train.task,
+                    sample_device=torch.device("meta") if par.build == "meta" else None)
 
 
 def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sample: torch.Tensor,
@@ -110,6 +122,25 @@ def choose_boundaries(config: PipelineRunConfig, model: torch.nn.Sequential, sam
         bounds[:pieces - 1] = torch.tensor(balance_by_time(model, sample, pieces), dtype=torch.int64, device=device)
     dist.broadcast(bounds, src=0)
     return bounds[:pieces - 1].tolist()
+
+
+def build_stage(config: PipelineRunConfig, sample: torch.Tensor, stage_index: int,
+                device: torch.device) -> tuple[nn.Module, list[int]]:
+    """This rank's stage, on `device`, and the run's boundaries. `parallel.build = "full"`: the whole model is built
+    from the seed (the same initial weights on every rank, and as a single process), then cut; "meta": it is built
+    on the meta device, cut, and only this stage's layers get memory and their seeded weights (meta_init.py)."""
+    par = config.parallel
+    torch.manual_seed(config.run.seed)
+    if par.build == "full":
+        model = build_pipeline_model(config.model)
+        boundaries = choose_boundaries(config, model, sample, device)
+    else:
+        model = build_on_meta(lambda: build_pipeline_model(config.model))
+        boundaries = choose_boundaries(config, model, sample, device)  # by parameter count or explicit: shapes do
+        count = len(as_layers(model))
+        materialise(model, seed=config.run.seed, device=device, extra=preset_layer_init(config.model, count),
+                    indices=stage_layer_indices(boundaries, count, stage_index, par.stages))
+    return stage_module(split_layers(as_layers(model), boundaries), stage_index, par.stages).to(device), boundaries
 
 
 def stage_module(pieces: list[nn.Sequential], stage_index: int, num_stages: int) -> nn.Module:
@@ -177,12 +208,8 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
     batches = SeededBatches(len(train_x), config.data.batch_size, config.run.seed)
     per_replica = config.data.batch_size // par.replicas
 
-    torch.manual_seed(config.run.seed)  # same initial weights on every rank, and as a single process
-    model = build_pipeline_model(config.model)
     sample = data.prepare(train_x[:per_replica // par.micro_batches])
-    boundaries = choose_boundaries(config, model, sample, device)
-    module = stage_module(split_layers(as_layers(model), boundaries), stage_index, par.stages).to(device)
-    del model
+    module, boundaries = build_stage(config, sample, stage_index, device)
     optimizer = train.build_optimizer(module.parameters())
     loss_fn = task_loss(train.task)
     stage = PipelineStage(module, placement, loss_fn=loss_fn if placement.is_last else None,

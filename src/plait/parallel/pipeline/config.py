@@ -108,6 +108,7 @@ class ParallelSection:
     partition: Literal["params", "time", "explicit"] = "params"
     boundaries: list[int] = field(default_factory=list)  # explicit: first layer of (virtual) stages 1..p·v-1
     recompute: bool = False            # keep only stage inputs; redo each forward during its backward
+    build: Literal["full", "meta"] = "full"  # meta: build on the meta device, materialise only this rank's stage
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -131,6 +132,10 @@ class ParallelSection:
                              f"entries ({self.stages} stages{chunks}), got {self.boundaries}")
         if self.partition != "explicit" and self.boundaries:
             raise ValueError("parallel.boundaries is only used with parallel.partition = 'explicit'")
+        if self.build == "meta" and self.partition == "time":
+            raise ValueError("parallel.build = 'meta' cannot be combined with parallel.partition = 'time': profiling "
+                             "runs every layer on real tensors, which a meta-built model does not have; use "
+                             "partition = 'params' or 'explicit', or build = 'full'")
 
 
 @dataclass(kw_only=True, slots=True)

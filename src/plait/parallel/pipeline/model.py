@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from plait.core.models import mnist_2nn, mnist_cnn
+from plait.parallel.pipeline.meta_init import LayerInit
 from plait.parallel.pipeline.partition import as_layers
 from plait.user_model import build_model
 
@@ -26,10 +27,27 @@ def deep_mlp(depth: int = 8, hidden: int = 256, num_classes: int = 10, in_featur
         layers += [nn.Linear(hidden, hidden), nn.ReLU()]
     layers.append(nn.Linear(hidden, num_classes))
     for layer in layers[:-1]:
-        if isinstance(layer, nn.Linear):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+        he_init(layer)
     return nn.Sequential(*layers)
+
+
+def he_init(layer: nn.Module) -> None:
+    """A hidden Linear layer's He initialisation (deep_mlp's); anything else is left as it is."""
+    if isinstance(layer, nn.Linear):
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        nn.init.zeros_(layer.bias)
+
+
+def preset_layer_init(section: ModelSection, num_layers: int) -> LayerInit | None:
+    """What a meta-built preset adds to each layer's `reset_parameters()`: the MLP's He init on its hidden layers
+    (the last Linear keeps PyTorch's default, as in deep_mlp); nothing for the others or the user's factory."""
+    if section.factory or section.name != "mlp":
+        return None
+
+    def hidden_he_init(index: int, layer: nn.Module) -> None:
+        if index < num_layers - 1:
+            he_init(layer)
+    return hidden_he_init
 
 
 def build_sequential(name: str, depth: int = 8, hidden: int = 256) -> nn.Sequential:

@@ -4,6 +4,8 @@
     torch.manual_seed(0)                             # every rank builds the same model; each keeps its stage
     pipe = plait.parallel.split_pipeline(my_sequential, stages=2, schedule="1f1b", micro_batches=4,
                                          loss_fn=F.cross_entropy)
+    # or, for a model larger than one rank's memory: built on the meta device, only this rank's stage materialised
+    pipe = plait.parallel.split_pipeline(make_my_sequential, build="meta", seed=0, loss_fn=F.cross_entropy)
     opt = torch.optim.SGD(pipe.parameters(), lr=0.1)  # this rank's stage
     for x, y in batches:                             # the same batches on every rank
         opt.zero_grad()
@@ -20,6 +22,7 @@ Replicated pipelines (data × pipeline) are the config trainer's (`plait train`,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -28,6 +31,7 @@ from torch import nn
 
 from plait.parallel.device import rank_device
 from plait.parallel.pipeline.inference import pipelined_forward
+from plait.parallel.pipeline.meta_init import build_on_meta, check_initialisable, materialise, stage_layer_indices
 from plait.parallel.pipeline.partition import as_layers, balance_by_params, split_layers
 from plait.parallel.pipeline.schedule import SCHEDULES, Schedule, build_schedule, dry_run
 from plait.parallel.pipeline.stage import PipelineStage, Placement
@@ -86,6 +90,31 @@ def _batch_size(inputs: torch.Tensor | None, targets: torch.Tensor | None, batch
     return batch_size
 
 
+def _built(model: nn.Sequential | Sequence[nn.Module] | Callable[[], nn.Module],
+           build: str) -> nn.Module | Sequence[nn.Module]:
+    """The model to cut: as given ("full"), or built on the meta device from a function, or checked to be there."""
+    if build not in ("full", "meta"):
+        raise ValueError(f"split_pipeline(build={build!r}) is unknown; choose 'full' or 'meta'")
+    if isinstance(model, (nn.Module, Sequence)):
+        built: nn.Module | Sequence[nn.Module] = model
+    elif build == "full":
+        raise ValueError("split_pipeline(build='full') takes the model itself; a function returning it goes with "
+                         "build='meta'")
+    else:
+        built = build_on_meta(model)
+    if build == "full":
+        return built
+    layers = as_layers(built)
+    real = [i for i, layer in enumerate(layers) if any(not t.is_meta for t in [*layer.parameters(), *layer.buffers()])]
+    if real:
+        raise ValueError(f"split_pipeline(build='meta') needs the model on the meta device (pass the function that "
+                         f"builds it, or build it under `with torch.device('meta')`); layers {real} have real "
+                         "tensors")
+    for index, layer in enumerate(layers):
+        check_initialisable(layer, index, "split_pipeline(build='meta')")
+    return layers
+
+
 def _boundaries(layers: list[nn.Module], stages: int | None, boundaries: Sequence[int] | None,
                 world_size: int) -> list[int]:
     """The index of the first layer of stages 1..p-1, checked against the layers and the ranks."""
@@ -107,15 +136,20 @@ def _boundaries(layers: list[nn.Module], stages: int | None, boundaries: Sequenc
     return bounds if boundaries is not None else balance_by_params(layers, stages)
 
 
-def split_pipeline(model: nn.Sequential | Sequence[nn.Module], *, loss_fn: LossFn, stages: int | None = None,
-                   boundaries: Sequence[int] | None = None, schedule: str = "1f1b", micro_batches: int = 4,
-                   recompute: bool = False, device: torch.device | None = None) -> PipelineParallel:
+def split_pipeline(model: nn.Sequential | Sequence[nn.Module] | Callable[[], nn.Module], *, loss_fn: LossFn,
+                   stages: int | None = None, boundaries: Sequence[int] | None = None, schedule: str = "1f1b",
+                   micro_batches: int = 4, recompute: bool = False, device: torch.device | None = None,
+                   build: str = "full", seed: int | None = None) -> PipelineParallel:
     """Keep this rank's stage of `model` (call on every rank, after `dist.init_process_group`, with the same model).
 
     `stages` (default: one per rank) balances the layers by parameter count; `boundaries` gives the split points
     instead (the index of the first layer of stages 1..p-1). `schedule`: "gpipe" or "1f1b". `micro_batches`: each
     step's batch is cut into this many. `recompute`: keep only each stage's inputs and redo the forward in backward.
-    `device`: where this rank's stage runs (default: cuda:LOCAL_RANK under NCCL, else the CPU)."""
+    `device`: where this rank's stage runs (default: cuda:LOCAL_RANK under NCCL, else the CPU).
+    `build = "meta"`: `model` is a function returning the model (built here under `torch.device("meta")`) or a model
+    already built on the meta device; only this rank's layers are materialised, each by its `reset_parameters()`
+    under a generator seeded from (`seed`, default 0, and its index): `pipeline.meta_init.materialise(model,
+    seed=seed)` gives the same weights in one process."""
     if schedule not in SCHEDULES:
         raise ValueError(f"split_pipeline(schedule={schedule!r}) is unknown; choose one of {sorted(SCHEDULES)}")
     if micro_batches < 1:
@@ -123,10 +157,16 @@ def split_pipeline(model: nn.Sequential | Sequence[nn.Module], *, loss_fn: LossF
     if not dist.is_initialized():
         raise RuntimeError("plait.parallel.split_pipeline needs torch.distributed initialised: call "
                            "dist.init_process_group() first (under torchrun, or in ranks of spawn_ranks)")
-    layers = as_layers(model)
+    layers = as_layers(_built(model, build))
     world_size, rank = dist.get_world_size(), dist.get_rank()
     bounds = _boundaries(layers, stages, boundaries, world_size)
     device = device if device is not None else rank_device()
+    if build == "full" and seed is not None:
+        warnings.warn(f"split_pipeline(seed={seed}) is ignored with build='full': the model comes with its weights",
+                      stacklevel=2)
+    if build == "meta":
+        materialise(layers, seed=seed or 0, device=device,
+                    indices=stage_layer_indices(bounds, len(layers), rank, world_size))
     module = split_layers(layers, bounds)[rank].to(device)
     placement = Placement(stage=rank, num_stages=world_size, prev_rank=rank - 1 if rank > 0 else None,
                           next_rank=rank + 1 if rank < world_size - 1 else None)
