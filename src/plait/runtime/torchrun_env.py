@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import torch.distributed as dist
+# torch.distributed re-exports these without declaring them (mypy --strict): the module that defines them
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 
 def under_torchrun() -> bool:
@@ -19,7 +20,7 @@ def under_torchrun() -> bool:
                                                    and "MASTER_ADDR" in os.environ)
 
 
-def torchrun_store(timeout_s: float = 120.0) -> tuple[dist.Store, int, int]:
+def torchrun_store(timeout_s: float = 120.0) -> tuple[Store, int, int]:
     """(the store of this attempt, this rank, the world size) from torchrun's environment. The store's keys are
     this attempt's only (`attempt_prefix`); a `get` or `wait` on it gives up after `timeout_s`."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -27,10 +28,10 @@ def torchrun_store(timeout_s: float = 120.0) -> tuple[dist.Store, int, int]:
         raise RuntimeError(f"torchrun's environment is incomplete: missing {missing}")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout_s),
                           multi_tenant=not agent_store)
-    return dist.PrefixStore(attempt_prefix(agent_store), store), rank, world_size
+    return PrefixStore(attempt_prefix(agent_store), store), rank, world_size
 
 
 def attempt_prefix(agent_store: bool) -> str:

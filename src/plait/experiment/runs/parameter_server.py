@@ -87,7 +87,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         raise SystemExit(1) from None
     final = summary.final
     tested = test_metrics_text(final)  # loss, and accuracy when classifying; nothing without a test set
-    console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {len(summary.max_staleness)} worker(s): "
+    workers = len(summary.max_staleness)  # --nproc, or what torchrun's world left for workers
+    console.print(f"{config.sync.consistency} with {config.sync.servers} server(s), {workers} worker(s): "
                   f"{f'test {tested}' if tested else 'no test set'} in {summary.elapsed_s:.1f} s")
     console.print(f"max staleness seen per worker: {summary.max_staleness}; server restarts: "
                   f"{summary.server_restarts}; worker restarts: {summary.worker_restarts or 'none'}; failed workers: "
