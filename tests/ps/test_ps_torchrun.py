@@ -42,15 +42,16 @@ step_s = {step_s}
 """
 
 
-def write_config(tmp_path: Path, name: str, steps: int, step_s: float = 0.0) -> Path:
+def write_config(tmp_path: Path, name: str, steps: int, step_s: float = 0.0, sync: str = "") -> Path:
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, root=tmp_path, steps=steps, step_s=step_s))
+    path.write_text(CONFIG.format(name=name, root=tmp_path, steps=steps, step_s=step_s).replace(
+        "[straggler]", f"{sync}\n[straggler]"))
     return path
 
 
-def start_torchrun(config_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m",
-           "plait.cli", "train", str(config_path)]
+def start_torchrun(config_path: Path, max_restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "--max-restarts",
+           str(max_restarts), "-m", "plait.cli", "train", str(config_path)]
     return subprocess.Popen(cmd, cwd=config_path.parent, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -96,6 +97,23 @@ def test_the_ranks_take_their_roles_and_end_as_single_process_sgd(tmp_path):
 
 
 @pytest.mark.slow
+def test_under_curve_keys_every_role_presents_its_key_and_the_run_is_the_same(tmp_path):
+    """The coordinator creates the pieces and says SHUTDOWN with the launcher's key, the workers push as their own
+    ids (worker-<r> keys, issued by rank 0), the evaluator reads with the client key: nothing is refused."""
+    from plait.ps.security import make_keys
+
+    keys = make_keys(tmp_path / "keys").directory
+    config_path = write_config(tmp_path, "curve", steps=8, sync=f'curve_keys = "{keys}"')
+    proc = start_torchrun(config_path)
+    output = finish(proc)
+    assert proc.returncode == 0, output
+    np.testing.assert_allclose(final_weights(tmp_path / "curve"), single_process_sgd(load(config_path), 2), rtol=0,
+                               atol=2e-6)
+    events = [e["event"] for e in read_metrics(tmp_path / "curve" / "servers" / "server-0.jsonl")]
+    assert events[-2:] == ["checkpoint", "stopped"] and "refused" not in events
+
+
+@pytest.mark.slow
 def test_a_killed_server_process_is_restarted_by_its_rank_and_the_run_still_ends_as_sgd(tmp_path):
     config_path = write_config(tmp_path, "kill", steps=40, step_s=0.05)
     run_dir = tmp_path / "kill"
@@ -109,6 +127,25 @@ def test_a_killed_server_process_is_restarted_by_its_rank_and_the_run_still_ends
     assert "server restarts: 1" in output
     assert [e["event"] for e in read_metrics(run_dir / "logs" / "rank-1.jsonl")].count("server_restarted") == 1
     assert [e for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "server_restarted"]
+    np.testing.assert_allclose(final_weights(run_dir), single_process_sgd(load(config_path), 2), rtol=0, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_makes_torchrun_restart_the_group_which_resumes_from_the_servers_state(tmp_path):
+    """SIGKILL of a worker's rank (its worker dies with it): torchrun stops the others (the server writes a final
+    checkpoint) and starts the group again, which goes on from the servers' clocks to single-process SGD's end."""
+    config_path = write_config(tmp_path, "again", steps=40, step_s=0.05)
+    run_dir = tmp_path / "again"
+    proc = start_torchrun(config_path, max_restarts=1)
+    try:
+        wait_for(lambda: len(read_metrics(run_dir / "worker-1.jsonl")) >= 5, 120, "worker steps")
+        os.kill(int((run_dir / "ranks" / "rank3.pid").read_text()), signal.SIGKILL)
+    finally:
+        output = finish(proc)
+    assert proc.returncode == 0, output
+    events = [e["event"] for e in read_metrics(run_dir / "servers" / "server-0.jsonl")]
+    assert events.count("listening") == 2 and events[-2:] == ["checkpoint", "stopped"]
+    assert sorted({r["step"] for r in read_metrics(run_dir / "worker-1.jsonl")}) == list(range(40))
     np.testing.assert_allclose(final_weights(run_dir), single_process_sgd(load(config_path), 2), rtol=0, atol=2e-6)
 
 

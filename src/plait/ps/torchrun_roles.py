@@ -17,11 +17,13 @@ binds every interface (0.0.0.0, "*"), at PLAIT_PS_ADVERTISE_HOST if set, else th
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -97,6 +99,17 @@ def _terminate(process: subprocess.Popen, grace_s: float) -> int:
         return process.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL it when its supervisor rank dies, so a rank torchrun killed leaves
+    no process behind to hold its port or write its files while the next attempt runs (the server's journal keeps
+    what it acknowledged). Elsewhere nothing: a dead rank's processes must then be ended by hand."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class _SignalEnds(Exception):
     pass
 
@@ -120,6 +133,9 @@ class _Supervisor:
         self.logs_dir = self.run_dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.events = MetricsLog(self.logs_dir / f"rank-{rank}.jsonl")
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # > 0: torchrun restarted the group
+        (self.run_dir / "ranks").mkdir(exist_ok=True)
+        (self.run_dir / "ranks" / f"rank{rank}.pid").write_text(str(os.getpid()))
         self._files: list = []
 
     def spawn(self, role: str, arguments: dict[str, Any], log_name: str, restart: int = 0) -> subprocess.Popen:
@@ -128,7 +144,8 @@ class _Supervisor:
         cmd = node_command(role, config=self.config_path, workers=self.num_workers, overrides=self.overrides,
                            **arguments)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, RESTART_ENV: str(restart)})
+                                env={**os.environ, RESTART_ENV: str(restart + self.attempt)},
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def event(self, record: dict[str, Any]) -> None:
         record = {**record, "rank": self.rank, "time": time.time()}

@@ -17,6 +17,7 @@ see `plait ps --help` and docs/parameter_server.md.
 
 from __future__ import annotations
 
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -43,12 +44,16 @@ def load_run_config(config_path: Path, overrides: list[str]) -> PSRunConfig:
     return from_dict(PSRunConfig, apply_overrides(load_toml(config_path), overrides))
 
 
-def prepare_ps_run_dir(config: PSRunConfig, resume: bool) -> RunDir:
-    """The run directory, checked for what `--resume` needs, with the resolved config written."""
-    if resume:  # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
+def prepare_ps_run_dir(config: PSRunConfig, resume: bool, servers_here: bool = True) -> RunDir:
+    """The run directory, checked for what `--resume` needs (unless the servers' checkpoints may be on other hosts
+    than this one: not `servers_here`), with the resolved config written."""
+    # the servers' checkpoints are the state a PS run resumes from (the driver's checkpoint.pt is unused)
+    if resume and servers_here:
         run_dir = RunDir(Path(config.run.root) / config.run.name)
         if not server_checkpoints(run_dir.path, journals=True):
             raise FileNotFoundError(f"--resume: no server checkpoint or journal in {run_dir.path / 'servers'}")
+    elif resume:
+        run_dir = RunDir(Path(config.run.root) / config.run.name)
     else:
         run_dir = prepare_run_dir(config.run.root, config.run.name, resume=False)
     run_dir.write_config(config)  # the processes read the resolved config from here
@@ -112,7 +117,10 @@ def run_ps_rank(config: PSRunConfig, config_path: Path, overrides: list[str], re
         raise SystemExit(2) from None
     if rank == 0:
         check_config_code(config)
-        run_dir = prepare_ps_run_dir(config, resume)
+        # A group torchrun restarted goes on from the servers' checkpoints and journals, wherever they are.
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        resume = resume or (restarted and RunDir(Path(config.run.root) / config.run.name).metrics_path.exists())
+        run_dir = prepare_ps_run_dir(config, resume, servers_here=not restarted)
         run_dir.write_pid(0)  # ranks/rank0.pid: the coordinator, which a signal stops cleanly
         store.set(RUN_KEY, "resume" if resume else "fresh")
         with Run(run_dir, resume=resume, step_key="step", total=config.train.steps, description="clocks",
