@@ -8,7 +8,7 @@ parameter servers on this machine, trained under `sync.consistency` (bsp, ssp:S 
 Under torchrun the same command runs one process per rank, on one host or several: rank 0 coordinates, ranks
 1..S supervise a server each, the others a worker each (plait/ps/torchrun_roles.py; `--nproc` is ignored):
 
-    torchrun --standalone --nproc-per-node 4 -m plait.cli train examples/parameter_server.toml
+    torchrun --standalone --nproc-per-node 5 -m plait.cli train examples/parameter_server.toml
 
 The run directory, resume, the metric sinks, the progress bar and the plots are the driver's; the plane's launcher
 (plait/ps/launcher.py) starts, supervises and evaluates the processes. For servers and workers on different hosts,
