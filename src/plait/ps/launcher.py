@@ -80,7 +80,6 @@ class LocalCluster:
         self.restarts = [0] * self.num_processes
         self.restarted_at = [0.0] * self.num_processes  # wall time of each process's last restart
         self.worker_restarts = [0] * num_workers
-        self.failed: list[int] = []
         self.note: Callable[[dict[str, Any]], None] = lambda record: None  # the coordinator sets its own
         self.kills = config.fault.kill_plan(config.sync.servers, self.num_processes)
         self.coordinator = Coordinator(config, run, self, num_workers, timeout_s)

@@ -117,6 +117,8 @@ class _SignalEnds(Exception):
 def _end_on_signal() -> None:
     """SIGTERM or SIGINT (torchrun stopping the group) ends the supervisor, which then ends its process."""
     def on_signal(signum: int, _frame: object) -> None:
+        for each in (signal.SIGTERM, signal.SIGINT):  # the ending that follows is not interrupted again
+            signal.signal(each, signal.SIG_IGN)
         raise _SignalEnds(signal.Signals(signum).name)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
