@@ -181,3 +181,41 @@ def test_the_endpoint_others_dial_names_the_host(monkeypatch):
     assert "0.0.0.0" not in advertised_endpoint("tcp://0.0.0.0:4321", "0.0.0.0")
     monkeypatch.setenv(ADVERTISE_ENV, "node7.cluster")
     assert advertised_endpoint("tcp://0.0.0.0:4321", "*") == "tcp://node7.cluster:4321"
+
+
+@pytest.mark.slow
+def test_two_agents_without_a_shared_directory_over_curve_keys_end_as_sgd(tmp_path):
+    """docs/parameter_server.md's two-host form on one machine: two torchrun agents, each in its own folder with its
+    own copy of the keys, servers bound to every interface and dialled at the advertised host."""
+    import shutil
+    import socket
+
+    from plait.ps.security import make_keys
+
+    keys = make_keys(tmp_path / "ps-keys", workers=2).directory
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+        shutil.copytree(keys, node / "ps-keys")
+        write_config(node, "two", steps=8).rename(node / "cfg.toml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **{ADVERTISE_ENV: "127.0.0.1"})
+    agents = []
+    for number, node in enumerate(nodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "plait-ps", "--rdzv-conf", f"is_host={int(number == 0)}", "-m", "plait.cli", "train",
+               "cfg.toml", "--set", "run.root='runs'", "--set", "sync.host='0.0.0.0'",
+               "--set", "sync.curve_keys='ps-keys'"]
+        agents.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))
+        time.sleep(1.0)  # the host agent binds the rendezvous port first
+    outputs = [finish(agent) for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(outputs)
+    runs = [node / "runs" / "two" for node in nodes]
+    checkpoints = [r / "servers" / "server-0.npz" for r in runs if (r / "servers" / "server-0.npz").exists()]
+    assert len(checkpoints) == 1 and sum((r / "metrics.jsonl").exists() for r in runs) == 1
+    reference = single_process_sgd(load(nodes[0] / "cfg.toml"), 2)
+    np.testing.assert_allclose(load_shards(checkpoints[0]).shards[PARAMS_KEY, 0].param, reference, rtol=0, atol=2e-6)
