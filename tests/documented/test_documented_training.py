@@ -75,6 +75,19 @@ def test_parameter_server_and_its_keys(tmp_path):
     assert {"server.key", "server.key_secret", "client.key", "client.key_secret"} <= made, (keys, made)
 
 
+@pytest.mark.timeout(300)
+def test_parameter_server_under_torchrun(tmp_path):
+    """examples/parameter_server.toml's torchrun command: 1 coordinator, 2 server ranks, 2 worker ranks."""
+    folder = user_folder(tmp_path)
+    torchrun_env = environment(PET_MASTER_PORT=str(free_port()))  # torchrun reads its options' PET_ variables
+
+    output = run(documented("torchrun --standalone --nproc-per-node 5 -m plait.cli train "
+                            "examples/parameter_server.toml"), folder, FEW_STEPS, timeout=200, env=torchrun_env)
+
+    last = _trained(folder, output, "parameter-server")
+    assert "2 server(s), 2 worker(s)" in output and accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
+
+
 @pytest.mark.timeout(900)
 def test_pipeline_variants_one_after_another(tmp_path):
     """examples/pipeline.toml's four commands in one folder, in order, as a reader tries them."""

@@ -4,7 +4,7 @@
 returns the ranks' return values in rank order. The first rank to fail, or the timeout, ends every rank, and the
 error names the rank; a run that diverged (`Diverged`, which every rank raises at the same step) is re-raised as
 such, once every rank has stopped. Under torchrun the same `fn` is run with `run_from_env`, which reads the env://
-rendezvous (torchrun's store: see docs/security.md).
+rendezvous (torchrun's store, runtime/torchrun_env.py: see docs/security.md).
 
 The spawned ranks open no port beyond loopback: they meet through a `FileStore` in a private temporary directory
 (0700: no TCP listener, and no other local user can join), and gloo (NCCL for its bootstrap) is bound to the
@@ -29,6 +29,9 @@ import torch.multiprocessing as mp
 
 from plait.parallel.device import rank_device
 from plait.runtime.divergence import Diverged
+from plait.runtime.torchrun_env import attempt_prefix, torchrun_store, under_torchrun
+
+__all__ = ["attempt_prefix", "default_backend", "group_restarted", "run_from_env", "spawn_ranks", "under_torchrun"]
 
 
 def default_backend() -> str:
@@ -122,39 +125,13 @@ def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | N
 
 def run_from_env(fn: Callable[..., Any], *args: Any, backend: str | None = None) -> Any:
     """Run one rank under torchrun (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)."""
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"run_from_env needs torchrun's environment; missing {missing}")
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = timedelta(seconds=120)
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
-    dist.init_process_group(backend or default_backend(), store=dist.PrefixStore(attempt_prefix(agent_store), store),
-                            rank=rank, world_size=world_size, timeout=timeout)
+    store, rank, world_size = torchrun_store(timeout_s=120.0)
+    dist.init_process_group(backend or default_backend(), store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
     try:
         return fn(dist.get_rank(), dist.get_world_size(), *args)
     finally:
         dist.destroy_process_group()
-
-
-def attempt_prefix(agent_store: bool) -> str:
-    """The store keys of this attempt of the group.
-
-    Without torchrun's agent store, rank 0 hosts the store, so each attempt starts with an empty one. The agent store
-    outlives the workers: keys left by a dead attempt (ranks' old addresses) would make the new one connect to dead
-    sockets, so each attempt gets its own prefix, named by the restart count. With one agent that count is the
-    attempt's; with several, an agent restarts its workers without counting when another agent's workers failed,
-    so the counts differ across nodes and the ranks would never meet: refuse that case at start, with the fix."""
-    if not agent_store:
-        return "plait"
-    agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-    if agents > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        raise RuntimeError(
-            f"torchrun restarts ({os.environ.get('TORCHELASTIC_MAX_RESTARTS')}) across {agents} agents need a fresh "
-            "store for each attempt: start every agent with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment "
-            "(rank 0 then hosts the store of each attempt), or use --max-restarts 0")
-    return f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def group_restarted() -> bool:
@@ -165,9 +142,3 @@ def group_restarted() -> bool:
                          device=rank_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count) > 0
-
-
-def under_torchrun() -> bool:
-    """Whether this process is a rank torchrun started (its env:// rendezvous is set)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
-                                                   and "MASTER_ADDR" in os.environ)

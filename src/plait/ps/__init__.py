@@ -16,8 +16,11 @@ KVStore-style client: `init(key, value)`, `push(key, grad) -> ts`, `pull(key, ou
     replication.py  primary-backup replication of a server's range (sync.replication = 2) and its server handlers
     kvstore.py      the worker's client
     config.py       the typed run config ([run] [model] [data] [train] [sync] [optimizer] [straggler] [fault])
-    launcher.py     start servers and workers on localhost, supervise, restart servers, evaluate; it is handed its
-                    run by the driver (`plait train`: plait/experiment/runs/parameter_server.py)
+    coordinator.py  the run's decisions: create the pieces, release the workers, evaluate, record, end (SHUTDOWN);
+                    it is handed its run by the driver (`plait train`: plait/experiment/runs/parameter_server.py)
+    launcher.py     start servers and workers on localhost and supervise them (restarts, faults) for the coordinator
+    torchrun_roles.py  `plait train` under torchrun: rank 0 coordinates, the others each supervise one server or
+                    worker process; torchrun_nodes.py the coordinator's view of them, through torchrun's store
     dashboard.py    the launcher's live page (sync.status_port), from the logs the processes write
     local_servers.py  servers on this machine for a user's own loop over the KVStore
     trainer.py      a worker's training loop (FedAvg models on MNIST); divergence.py a step that is not finite

@@ -56,13 +56,13 @@ class SyncSection:
     kind: Literal["ps"] = "ps"
     servers: int = 1
     consistency: Consistency = BSP   # "bsp", "ssp:S" (e.g. "ssp:3") or "asp" in the file, built once when read
-    host: str = "127.0.0.1"          # where the local servers bind
+    host: str = "127.0.0.1"          # where the servers bind (under torchrun 0.0.0.0 is dialled at the host's name)
     checkpoint_every: int = 200      # updates of a server's whole shard between its checkpoints (0: only at the end)
     worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
     retry_s: float = 1.0             # a worker resends an unanswered request after this long
     wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long
-    max_server_restarts: int = 3     # per server, by the local launcher
-    max_worker_restarts: int = 3     # per worker, by the local launcher (it resumes at the clock the servers hold)
+    max_server_restarts: int = 3     # per server, by the local launcher (under torchrun, by the server's rank)
+    max_worker_restarts: int = 3     # per worker, likewise (it resumes at the clock the servers hold)
     piece_numel: int = DEFAULT_PIECE_NUMEL  # elements per message at most: a server updates one while the next
                                             # arrives (0: one piece per server and key)
     curve_keys: str = ""             # a CurveZMQ key directory: encrypted, authenticated traffic ("" : plain TCP)
