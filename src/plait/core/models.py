@@ -30,36 +30,34 @@ def mnist_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
-class CharLSTM(nn.Module):
-    """Next-character model for Shakespeare: embedding 8, two LSTM layers of 256, logits over the vocabulary."""
+class NextTokenLSTM(nn.Module):
+    """Next-token model: embedding, LSTM, logits over the vocabulary for the token after the sequence."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [batch, seq] int64
+        out, _ = self.lstm(self.embed(tokens))
+        logits: torch.Tensor = self.head(out[:, -1])
+        return logits
+
+
+class CharLSTM(NextTokenLSTM):
+    """Next-character model for Shakespeare: embedding 8, two LSTM layers of 256 (the FedAvg paper's)."""
 
     def __init__(self, vocab_size: int = 80, embed_dim: int = 8, hidden: int = 256, layers: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, vocab_size)
-
-    def forward(self, chars: torch.Tensor) -> torch.Tensor:  # chars: [batch, seq] int64
-        out, _ = self.lstm(self.embed(chars))
-        logits: torch.Tensor = self.head(out[:, -1])  # predict the character after the sequence
-        return logits
+        super().__init__(vocab_size, embed_dim, hidden, layers)
 
 
-class WordLSTM(nn.Module):
-    """Next-word model for Shakespeare's roles: embedding 96, one LSTM layer of 256, logits over the vocabulary.
-    The default vocabulary is data/shakespeare_words.py's: 10,000 words after its padding and out-of-vocabulary
-    tokens."""
+class WordLSTM(NextTokenLSTM):
+    """Next-word model for Shakespeare's roles: embedding 96, one LSTM layer of 256. The default vocabulary is
+    data/shakespeare_words.py's: 10,000 words after its padding and out-of-vocabulary tokens."""
 
     def __init__(self, vocab_size: int = 10_002, embed_dim: int = 96, hidden: int = 256, layers: int = 1):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, vocab_size)
-
-    def forward(self, words: torch.Tensor) -> torch.Tensor:  # words: [batch, window] int64
-        out, _ = self.lstm(self.embed(words))
-        logits: torch.Tensor = self.head(out[:, -1])  # predict the word after the window
-        return logits
+        super().__init__(vocab_size, embed_dim, hidden, layers)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"2nn": mnist_2nn, "cnn": mnist_cnn, "char_lstm": CharLSTM,
