@@ -1,6 +1,6 @@
 """Push+pull throughput of the parameter server against raw ZeroMQ bandwidth, same machine, same run.
 
-    .venv/bin/python benchmarks/ps_throughput.py [--quick] [--piece-numel P] [--curve] [--replication]
+    .venv/bin/python benchmarks/ps_throughput.py [--quick] [--piece-numel P] [--curve] [--replication] [--no-journal]
 
 Reference: a DEALER client sends N bytes to a ROUTER process that echoes the frame back (zero-copy both ways): the
 most a request/reply over ZeroMQ TCP on this machine can move. A second reference sends the same bytes cut into the
@@ -89,7 +89,7 @@ def ps_round(kv: KVStore, key: int, grad: np.ndarray, out: np.ndarray, iteration
 
 
 def start_ps(state_dir: str, num_servers: int, curve_keys: str, piece: int,
-             replication: int = 1) -> tuple[list, list[str]]:
+             replication: int = 1, journal: bool = True) -> tuple[list, list[str]]:
     """Server processes, replica 0 of every server then (replication 2) replica 1; their endpoints in that order.
     Their message limit is sync.max_message_bytes' auto value for these pieces."""
     ctx = mp.get_context("spawn")
@@ -98,7 +98,8 @@ def start_ps(state_dir: str, num_servers: int, curve_keys: str, piece: int,
     for index, replica in names:
         config = ServerConfig(index=index, endpoint="tcp://127.0.0.1:0", num_workers=1, consistency=ASP,
                               optimizer=OptimizerConfig(name="sgd", lr=1e-6), checkpoint_every=0,
-                              state_dir=state_dir, resume=False, curve_keys=curve_keys, replication=replication,
+                              state_dir=state_dir, resume=False, journal=journal, curve_keys=curve_keys,
+                              replication=replication,
                               replica=replica, max_message_bytes=message_limit(0, piece))
         proc = ctx.Process(target=run_server, args=(config,), daemon=True)
         proc.start()
@@ -127,6 +128,8 @@ def main() -> None:
                         help="CurveZMQ (sync.curve_keys) on Plait's sockets and on the raw reference's alike")
     parser.add_argument("--replication", action="store_true",
                         help="also 1 server with sync.replication = 2, against 1 server unreplicated")
+    parser.add_argument("--no-journal", action="store_true",
+                        help="servers without their journal (sync.journal = false): what durability costs")
     args = parser.parse_args()
     curve_keys = str(make_keys(Path(tempfile.mkdtemp(prefix="ps-keys-")) / "keys").directory) if args.curve else ""
     label = ", CurveZMQ" if args.curve else ""
@@ -144,11 +147,12 @@ def main() -> None:
     raw.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
     state_dir = tempfile.mkdtemp(prefix="ps-throughput-")
     piece = args.piece_numel
-    servers, endpoints = start_ps(state_dir, 1, curve_keys, piece)
+    journal = not args.no_journal
+    servers, endpoints = start_ps(state_dir, 1, curve_keys, piece, journal=journal)
     # The benchmark creates its keys itself: under CurveZMQ that takes the launcher's key (plait/ps/trust.py).
     keys = CurveKeys(Path(curve_keys), LAUNCHER) if curve_keys else None
     kv = KVStore(endpoints, 0, piece_numel=piece, curve_keys=keys)
-    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys, piece)
+    servers2, endpoints2 = start_ps(tempfile.mkdtemp(prefix="ps-throughput2-"), 2, curve_keys, piece, journal=journal)
     kv2 = KVStore(endpoints2, 0, piece_numel=piece, curve_keys=keys)
     servers_rep, kv_rep = [], None
     if args.replication:

@@ -240,7 +240,7 @@ def run_plait(row: Row, rounds: int, work: Path, name: str, into: Measured) -> N
     into.startup_s.append(startup)
     into.round_s += [b - a for a, b in zip(elapsed, elapsed[1:])]
     into.peak_mb.append(peak)
-    into.accuracy.append(records[-1].get("accuracy", float("nan")))
+    into.accuracy.append(records[-1].get("test_accuracy", float("nan")))  # the canonical name since the fifth session
     into.executor = tomllib.loads((run_dir / "config.toml").read_text())["fl"]["executor"]
 
 

@@ -113,3 +113,19 @@ def test_resume_goes_on_from_journals_when_no_server_checkpointed(tmp_path):
     (servers / "server-1.journal").write_bytes(b"")  # opened, nothing acknowledged: no state to resume
     assert server_checkpoints(tmp_path) == []
     assert server_checkpoints(tmp_path, journals=True) == [servers / "server-0.journal"]
+
+
+def test_without_the_journal_a_server_killed_early_comes_back_with_its_pieces(tmp_path):
+    """sync.journal = false trades the acknowledged pushes since the last checkpoint for push throughput; the pieces
+    themselves are checkpointed at the first update, so a server killed before any periodic checkpoint restarts
+    with them (not empty) and the run ends, its weights finite."""
+    config = make_config(tmp_path, "nojournal", sync={"servers": 2, "consistency": "bsp", "checkpoint_every": 1000,
+                                                      "retry_s": 0.3, "piece_numel": 40_000, "journal": False},
+                         train={"steps": 60, "eval_every_s": 0.1}, fault={"kill_server": 1, "kill_at_step": 5})
+    summary = run_ps(config, num_workers=2, timeout_s=240)
+    assert summary.server_restarts == 1 and summary.failed_workers == []
+    server_log = [e["event"] for e in read_metrics(tmp_path / "nojournal" / "servers" / "server-1.jsonl")]
+    first_listening_again = [i for i, e in enumerate(server_log) if e == "listening"][1]
+    assert "checkpoint" in server_log[:first_listening_again] and "restored" in server_log[first_listening_again - 2:]
+    assert not (tmp_path / "nojournal" / "servers" / "server-1.journal").exists()
+    assert np.isfinite(summary.weights).all()

@@ -58,6 +58,8 @@ class SyncSection:
     consistency: Consistency = BSP   # "bsp", "ssp:S" (e.g. "ssp:3") or "asp" in the file, built once when read
     host: str = "127.0.0.1"          # where the servers bind (under torchrun 0.0.0.0 is dialled at the host's name)
     checkpoint_every: int = 200      # updates of a server's whole shard between its checkpoints (0: only at the end)
+    journal: bool = True             # unreplicated servers journal each change before acknowledging it, so a killed
+                                     # one loses nothing; false: it loses what came after its last checkpoint
     worker_timeout_s: float = 10.0   # a silent worker leaves the clocks after this long
     retry_s: float = 1.0             # a worker resends an unanswered request after this long
     wait_timeout_s: float = 300.0    # a worker gives up on an answer after this long

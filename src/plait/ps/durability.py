@@ -10,7 +10,7 @@ from collections.abc import Callable
 from plait.ps.checkpoint import ServerSnapshot, ShardState, save_shards
 from plait.ps.consistency import ClockTable
 from plait.ps.journal import COMPACT_AFTER_SHARDS, Journal
-from plait.ps.replication import Change
+from plait.ps.replication import Change, Replica
 from plait.ps.server_config import ServerConfig, Slot
 from plait.ps.wire import Header
 
@@ -25,6 +25,8 @@ class Durable:
     updates_at_checkpoint: int
     journal: Journal | None
     diverged: dict | None
+    replica: Replica | None
+    checkpoint_written = False  # by this process, or restored: a restart will not come back empty
 
     # Methods of the server (its event log) and of replication.ReplicaHandlers (one change applied), declared only.
     _event: Callable[..., None]
@@ -41,6 +43,7 @@ class Durable:
             for worker in snapshot.finished:
                 self.clocks.finish(worker)
         self.updates = self.updates_at_checkpoint = snapshot.updates
+        self.checkpoint_written = True
         self._event("restored", pieces=len(self.shards), updates=self.updates)
         return snapshot.journal_seq
 
@@ -71,6 +74,7 @@ class Durable:
         if self.journal is not None:
             self.journal.truncate()  # the checkpoint holds every record (and says so: a kill before this is fine)
         self.updates_at_checkpoint = self.updates
+        self.checkpoint_written = True
         self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
 
     def _checkpoint_if_due(self) -> None:
@@ -80,6 +84,10 @@ class Durable:
         # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
         full = self.journal is not None and self.journal.bytes > COMPACT_AFTER_SHARDS * max(
             sum(shard.param.nbytes for shard in self.shards.values()), 1 << 20)
-        if (due or full) and self.diverged is None:
+        # without journal or backup (sync.journal = false), the first update checkpoints the pieces the seeder
+        # created: a server killed after it comes back with them, not empty
+        unprotected = (self.journal is None and self.replica is None and not self.checkpoint_written
+                       and bool(self.shards))
+        if (due or full or unprotected) and self.diverged is None:
             self.checkpoint()
 

@@ -51,7 +51,8 @@ def run_server_node(config: str, workers: int, index: int, bind: str | None = No
     run_server(ServerConfig(
         index=index, endpoint=bind or f"tcp://{sync.host}:0", num_workers=workers, consistency=sync.consistency,
         optimizer=cfg.optimizer, checkpoint_every=sync.checkpoint_every, worker_timeout_s=sync.worker_timeout_s,
-        state_dir=str(directory), resume=not fresh, curve_keys=sync.curve_keys, replication=sync.replication,
+        state_dir=str(directory), resume=not fresh, journal=sync.journal, curve_keys=sync.curve_keys,
+        replication=sync.replication,
         replica=replica, partner=partner, failover_s=sync.failover_s, insecure_bind=sync.insecure_bind or insecure,
         max_message_bytes=sync.message_limit()))
 

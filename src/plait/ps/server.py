@@ -87,7 +87,8 @@ class ParameterServer(Durable, ReplicaHandlers, RequestChecks):
                                fresh=not config.resume, now=now, chunk_bytes=chunk_bytes) \
             if config.replication > 1 else None
         # unreplicated: every change on disk before it is acknowledged (a replicated range has its backup instead)
-        self.journal = Journal(config.journal_path, fresh=not config.resume) if self.replica is None else None
+        self.journal = (Journal(config.journal_path, fresh=not config.resume)
+                        if self.replica is None and config.journal else None)
         journal_seq = 0
         if config.resume and config.checkpoint_path.exists():
             journal_seq = self._restore(load_shards(config.checkpoint_path))

@@ -46,6 +46,7 @@ class ServerConfig:
     worker_timeout_s: float = 30.0
     state_dir: str = "."               # checkpoint, endpoint file and event log live here
     resume: bool = True                # start from this server's checkpoint when one exists
+    journal: bool = True               # unreplicated: journal every change before acknowledging it (journal.py)
     curve_keys: str = ""               # CurveZMQ key directory (security.py); "" serves plain TCP
     replication: int = 1               # 2: this range is held by replica 0 and replica 1 (replication.py)
     replica: int = 0                   # which of the two this process is
