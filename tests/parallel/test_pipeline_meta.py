@@ -193,6 +193,7 @@ def _reference(config: PipelineRunConfig, x: torch.Tensor, y: torch.Tensor) -> t
     return _flat(model.parameters())
 
 
+@pytest.mark.slow  # about 10 s: the user-model and split_pipeline meta tests cover the same path in the default suite
 def test_a_meta_built_preset_trains_as_one_process(tmp_path):
     path = tmp_path / "meta.toml"
     path.write_text(PRESET.format(name="meta", root=tmp_path / "runs"))
