@@ -82,6 +82,7 @@ def plain_fedavg(raw: dict, rounds: list[list[int]]) -> torch.Tensor:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.slow  # a kill-and-restart variant: in make test-slow, to keep make test near 10 minutes
 def test_client_killed_after_key_sharing_is_unmasked_by_survivors(tmp_path):
     # Prepare: SecAgg+ (Harary graph, 2 neighbours, threshold 2 of 3), client 2 shares keys and then sits in a
     # 60 s "slow device" sleep before sending its masked input.

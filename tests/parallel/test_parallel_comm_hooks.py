@@ -172,7 +172,7 @@ ratio = 0.05
 """
 
 
-@pytest.mark.parametrize("hook", ["powersgd", "topk"])
+@pytest.mark.parametrize("hook", [pytest.param("powersgd", marks=pytest.mark.slow), "topk"])
 def test_stopped_and_resumed_run_with_a_hook_ends_bit_identical(tmp_path, hook):
     from plait.experiment.runs.data_parallel import main
     from plait.runtime.checkpoint import load_checkpoint

@@ -111,8 +111,10 @@ def _run(tmp_path, name: str, steps: int, sync: str, resume: bool = False, overr
     return load_checkpoint(tmp_path / name / "dp" / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("sync", ['kind = "sharded"', "shard_optimizer = true",
-                                  "shard_optimizer = true\nshard_gradients = true"])
+@pytest.mark.parametrize("sync", ['kind = "sharded"',
+                                  pytest.param("shard_optimizer = true", marks=pytest.mark.slow),
+                                  pytest.param("shard_optimizer = true\nshard_gradients = true",
+                                               marks=pytest.mark.slow)])
 def test_trainer_checkpoints_and_resumes_a_sharded_run(tmp_path, sync):
     whole = _run(tmp_path, "whole", 8, sync)
     _run(tmp_path, "split", 4, sync)

@@ -96,6 +96,7 @@ def test_stop_and_resume_reaches_the_same_parameters(reference):
     assert torch.equal(_final_params(tmp, "resumed"), params)
 
 
+@pytest.mark.slow  # a kill-and-restart variant: in make test-slow, to keep make test near 10 minutes
 def test_killed_rank_under_torchrun_restarts_from_checkpoint(reference):
     tmp, params = reference
     run_dir = tmp / "killed" / "dp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from plait.experiment.run import Run
@@ -26,6 +27,7 @@ def _config(tmp: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # a kill-and-restart variant: in make test-slow, to keep make test near 10 minutes
 def test_a_pipeline_rank_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path):
     pipeline.main(_config(tmp_path, "straight"), nproc=2, resume=False, overrides=[], allreduce=None)
     run_dir = tmp_path / "runs" / "killed"
