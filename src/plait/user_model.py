@@ -88,3 +88,15 @@ def check_targets(task: str, targets: torch.Tensor, where: str) -> None:
     if task == "regression" and not targets.is_floating_point():
         raise ValueError(f"{where}: train.task = 'regression' needs float targets, got {targets.dtype} (class labels "
                          "go with train.task = 'classification')")
+
+
+def check_run_code(model: nn.Module, section: ModelSection, task: str, *, train_y: torch.Tensor,
+                   test_y: torch.Tensor | None, x: Inputs, y: torch.Tensor, num_classes: int) -> None:
+    """A cluster run's model and data checked together at start: the targets fit `train.task`, the model takes
+    the sample `x` and its output fits the task's loss on `y`. Raises ValueError naming the setting."""
+    check_targets(task, train_y, "data.source")
+    if test_y is not None and len(test_y):
+        check_targets(task, test_y, "data.test_path or data.source's test set")
+    setting = "model.factory" if section.factory else f"model.name = {section.name!r}"
+    check_model_fits(model, x, y, num_classes, loss=task_loss(task), classification=task == "classification",
+                     setting=setting)

@@ -12,7 +12,7 @@ import torch
 from plait.core.models import build_model as build_preset
 from plait.data.cluster import ClusterSets, load_cluster_sets
 from plait.settings.sections import ModelSection, UserDataSection
-from plait.user_model import build_model, check_model_fits, check_targets, task_loss
+from plait.user_model import build_model, check_run_code
 
 _MEAN, _STD = 0.1307, 0.3081  # MNIST pixel statistics
 Prepare = Callable[[torch.Tensor], torch.Tensor]
@@ -60,13 +60,9 @@ def check_user_code(model: torch.nn.Module, section: ModelSection, data: RunData
     """The user's model or data checked together at start: the targets fit `train.task`, the model takes two
     examples and its output fits the loss. Raises ValueError naming the setting. `sample_device`: where the two
     examples go first (the meta device for a meta-built model: shapes and dtypes are checked, nothing computed)."""
-    train = data.sets.train
-    check_targets(task, train.y, "data.source")
-    if data.sets.test is not None and len(data.sets.test):
-        check_targets(task, data.sets.test.y, "data.test_path or data.source's test set")
-    setting = "model.factory" if section.factory else f"model.name = {section.name!r}"
+    train, test = data.sets.train, data.sets.test
     x, y = data.prepare(data.sets.train_x[:2]), train.y[:2]
     if sample_device is not None:
         x, y = x.to(sample_device), y.to(sample_device)
-    check_model_fits(model, x, y, data.sets.num_classes,
-                     loss=task_loss(task), classification=task == "classification", setting=setting)
+    check_run_code(model, section, task, train_y=train.y, test_y=None if test is None else test.y, x=x, y=y,
+                   num_classes=data.sets.num_classes)

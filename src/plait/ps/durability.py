@@ -82,8 +82,10 @@ class Durable:
         every = self.config.checkpoint_every * max(1, len(self.shards))
         due = every and self.updates - self.updates_at_checkpoint >= every
         # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
-        full = self.journal is not None and self.journal.bytes > COMPACT_AFTER_SHARDS * max(
-            sum(shard.param.nbytes for shard in self.shards.values()), 1 << 20)
+        # (the shard's size is summed only once the journal passes the 1 MiB floor's threshold, not on every push)
+        floor = COMPACT_AFTER_SHARDS << 20
+        full = self.journal is not None and self.journal.bytes > floor and self.journal.bytes > COMPACT_AFTER_SHARDS * (
+            sum(shard.param.nbytes for shard in self.shards.values()))
         # without journal or backup (sync.journal = false), the first update checkpoints the pieces the seeder
         # created: a server killed after it comes back with them, not empty
         unprotected = (self.journal is None and self.replica is None and not self.checkpoint_written

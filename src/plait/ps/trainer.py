@@ -27,7 +27,7 @@ from plait.ps.divergence import WorkerDiverged, step_problem
 from plait.ps.kvstore import KVStore
 from plait.ps.security import LAUNCHER, CurveKeys
 from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, truncate_metrics
-from plait.user_model import build_model, check_model_fits, check_targets, task_loss
+from plait.user_model import build_model, check_run_code, task_loss
 
 PARAMS_KEY = 0
 RESTART_ENV = "PLAIT_PS_WORKER_RESTART"  # set by the local launcher: how many times this worker was restarted
@@ -84,15 +84,12 @@ def check_config_code(config: PSRunConfig) -> None:
     if config.train.target_loss and sets.test is None:
         raise ValueError(f"train.target_loss needs a test set: data.source = {config.data.source!r} has none "
                          "(give data.test_path)")
-    check_targets(config.train.task, sets.train.y, "data.source")
-    if sets.test is not None:
-        check_targets(config.train.task, sets.test.y, "data.test_path or data.source's test set")
     with torch.random.fork_rng(devices=[]):
         model, _, _ = build_flat_model(config)
     sample = _batches(sets, sets.train, 0, 1, 2)
-    setting = "model.factory" if config.model.factory else f"model.name = {config.model.name!r}"
-    check_model_fits(model, sample.x, sample.y, sets.num_classes, loss=task_loss(config.train.task),
-                     classification=config.train.task == "classification", setting=setting)
+    check_run_code(model, config.model, config.train.task, train_y=sets.train.y,
+                   test_y=None if sets.test is None else sets.test.y, x=sample.x, y=sample.y,
+                   num_classes=sets.num_classes)
 
 
 def create_pieces(config: PSRunConfig, endpoints: list[str], backups: list[str] | None = None) -> None:
