@@ -9,6 +9,7 @@ from plait.federated.client_update import ClientData, client_update
 from plait.federated.executor import ClientTask, SequentialExecutor
 from plait.federated.plan import TrainingPlan
 from plait.federated.pool_executor import ProcessPoolExecutor
+from plait.federated.thread_executor import ThreadPoolExecutor
 
 
 def _tasks(num_clients=5):
@@ -27,13 +28,20 @@ def model_and_params():
     return model, spec, params
 
 
-@pytest.mark.parametrize("backend", ["sequential", "process_pool"])
+def _executor(backend, model):
+    if backend == "threads":
+        return ThreadPoolExecutor(model, num_workers=2)
+    return SequentialExecutor() if backend == "sequential" else ProcessPoolExecutor(model, num_workers=2)
+
+
+@pytest.mark.parametrize("backend", ["sequential", "threads", "process_pool"])
 def test_backend_matches_reference_updates(backend, model_and_params):
     # Prepare
     model, spec, params = model_and_params
     tasks = _tasks()
     reference = {t.client_id: client_update(model, spec, params, t.data, t.plan) for t in tasks}
-    executor = SequentialExecutor() if backend == "sequential" else ProcessPoolExecutor(model, num_workers=2)
+    executor = _executor(backend, model)
+    threads = torch.get_num_threads()
     # Execute
     try:
         results = {t.client_id: u for t, u in executor.run(model, spec, params, tasks)}
@@ -44,6 +52,34 @@ def test_backend_matches_reference_updates(backend, model_and_params):
     for cid, update in results.items():
         assert update.num_examples == 20 + cid
         assert torch.equal(update.delta, reference[cid].delta)  # same function, same inputs: the same bits
+    assert torch.get_num_threads() == threads  # the threads' one torch thread each did not leak into this one
+
+
+def test_threads_refuse_a_model_that_draws_random_numbers(model_and_params):
+    _, spec, params = model_and_params
+    torch.manual_seed(0)
+    dropout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(784, 10))
+    params, spec = flat_params(dropout)
+    executor = ThreadPoolExecutor(dropout, num_workers=2)
+    try:
+        with pytest.raises(ValueError, match="fl.executor = 'threads'.*random numbers"):
+            list(executor.run(dropout, spec, params, _tasks(2)))
+    finally:
+        executor.close()
+
+
+def test_threads_name_the_failing_client(model_and_params):
+    model, spec, params = model_and_params
+    good = _tasks(1)[0]
+    bad = ClientTask(7, TrainingPlan(), ClientData(torch.randn(4, 1, 28, 28), torch.full((4,), 99)))  # label 99
+    executor = ThreadPoolExecutor(model, num_workers=2)
+    try:
+        results = executor.run(model, spec, params, [good, bad])
+        assert next(results)[0].client_id == 0  # the client before the failing one still comes through
+        with pytest.raises(RuntimeError, match="client 7"):
+            next(results)
+    finally:
+        executor.close()
 
 
 def test_pool_names_the_failing_client(model_and_params):
@@ -69,7 +105,7 @@ def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
 
     raw = shapes_config(tmp_path, executor="auto")
     server = build_server(from_dict(FederatedRunConfig, raw))
-    assert server.config.executor in ("sequential", "process_pool")  # decided, and recorded in the config
+    assert server.config.executor in ("sequential", "threads", "process_pool")  # decided, recorded in the config
     server.close()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
     params, spec = flat_model_state(model, buffers=True)
@@ -78,9 +114,10 @@ def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
     assert choose_executor(model, spec, params, data, plan, Task(), cores=1)[0] == "sequential"
     tiny, why = choose_executor(model, spec, params, data, plan, Task(), cores=2)
     assert tiny == "sequential" and "too short for a pool" in why  # 4 tiny steps: overhead-bound
-    long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # 80,000 steps: long enough for a pool
+    long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # 80,000 steps: long enough to run in parallel
     chosen, why = choose_executor(model, spec, params, data, long_plan, Task(), cores=2)
-    assert chosen == "process_pool" and "2 workers" in why
+    assert chosen in ("threads", "process_pool")  # which of the two is measured: test_auto_picks_threads_only_...
+    assert ("2 threads" if chosen == "threads" else "2 workers") in why
 
 
 def test_auto_separates_a_clients_fixed_cost_from_its_steps(monkeypatch):
@@ -94,7 +131,7 @@ def test_auto_separates_a_clients_fixed_cost_from_its_steps(monkeypatch):
     from plait.federated.task import Task
     from plait.federated.weights import flat_model_state
 
-    def fake_update(model, spec, params, data, plan, task):
+    def fake_update(model, spec, params, data, plan, task, **kwargs):
         time_module.sleep(0.030 + 0.002 * plan.num_steps(len(data)))
 
     monkeypatch.setattr(auto, "client_update", fake_update)
@@ -104,3 +141,25 @@ def test_auto_separates_a_clients_fixed_cost_from_its_steps(monkeypatch):
     _, why = auto.choose_executor(model, spec, params, data, TrainingPlan(batch_size=10, lr=0.1), Task(), cores=2)
     estimate_ms = float(re.search(r"takes ([\d.]+) ms", why).group(1))
     assert 45 <= estimate_ms <= 62, why
+
+
+def test_auto_picks_threads_only_when_they_speed_training_up(monkeypatch):
+    """Threads when two of them train (at least THREADS_WORTH times) as fast as one; the pool when they gain too
+    little, or when the model draws random numbers; a real dropout model measures as 0 (refused)."""
+    from plait.federated.backends import auto
+    from plait.federated.task import Task
+    from plait.federated.weights import flat_model_state
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    params, spec = flat_model_state(model, buffers=True)
+    data = ClientData(torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,)))
+    long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # long enough for a parallel executor
+    for speedup, expected, said in [(1.9, "threads", "1.90x"), (1.1, "process_pool", "only 1.10x"),
+                                    (0.0, "process_pool", "random numbers")]:
+        monkeypatch.setattr(auto, "_thread_speedup", lambda *args, s=speedup: s)
+        chosen, why = auto.choose_executor(model, spec, params, data, long_plan, Task(), cores=2)
+        assert chosen == expected and said in why, why
+    monkeypatch.undo()
+    dropout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4))
+    params, spec = flat_model_state(dropout, buffers=True)
+    assert auto._thread_speedup(dropout, spec, params, data, TrainingPlan(lr=0.1), Task(), 1.0) == 0.0

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -148,11 +149,12 @@ def test_spent_privacy_budget_ends_the_run_early(tmp_path):
     assert records[-1]["skipped"] and records[-1]["lr"] == 0.1  # a round that trained nobody still says its lr
 
 
-def test_process_pool_executor_from_config_matches_sequential(tmp_path):
+@pytest.mark.parametrize("executor", ["process_pool", "threads"])
+def test_parallel_executor_from_config_matches_sequential(tmp_path, executor):
     base = load_toml(_write(tmp_path, "seq", rounds=2))
     sequential = run_federated(from_dict(FederatedRunConfig, base), show_progress=False)
     pooled_cfg = load_toml(_write(tmp_path, "pool", rounds=2))
-    pooled_cfg["fl"].update(executor="process_pool", workers=2)
+    pooled_cfg["fl"].update(executor=executor, workers=2)
     pooled = run_federated(from_dict(FederatedRunConfig, pooled_cfg), show_progress=False)
     a = torch.load(sequential.run_dir / "checkpoint.pt", weights_only=True)["params"]
     b = torch.load(pooled.run_dir / "checkpoint.pt", weights_only=True)["params"]

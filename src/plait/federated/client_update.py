@@ -53,10 +53,11 @@ class Update:
 
 def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.Tensor, data: ClientData,
                   plan: TrainingPlan, task: Task | None = None,
-                  local: tuple[torch.Tensor, FlatSpec] | None = None) -> Update:
+                  local: tuple[torch.Tensor, FlatSpec] | None = None, *, seed_global_rng: bool = True) -> Update:
     """`plan`'s local SGD from `global_params` on `data`, with `task`'s loss (default: classification), on the
     model's device. `local`: the client's own buffers (vector, spec), trained in place of the model's and returned in
-    the update."""
+    the update. `seed_global_rng=False` leaves torch's global generator alone: for callers training clients in
+    several threads at once, whose models must not draw from it (it is one per process)."""
     if len(data) == 0:
         raise ValueError("client has no training examples")
     task = task or Task()
@@ -69,8 +70,10 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     # The global generator (dropout masks, any randomness in the user's model; the GPU's too when training on one)
     # is seeded by the plan for the client's run and restored after it: a client's update depends on (seed, round,
     # client) alone, whichever process or backend runs it, and resumed runs repeat.
-    with pointed_at(model, spec, w, grad, own), torch.random.fork_rng(devices=[w.get_device()] if w.is_cuda else []):
-        torch.manual_seed(plan.seed)
+    devices = [w.get_device()] if w.is_cuda else []
+    with pointed_at(model, spec, w, grad, own), torch.random.fork_rng(devices, enabled=seed_global_rng):
+        if seed_global_rng:
+            torch.manual_seed(plan.seed)
         was_training = model.training
         model.train()
         try:

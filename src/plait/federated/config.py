@@ -45,9 +45,9 @@ class FLConfig:
     target_accuracy: float = 0.0       # stop once the test accuracy reaches this (0: run every round)
     lr_decay: float = 1.0              # clients' learning rate in round r: plan.lr · lr_decay^(r-1)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
-    executor: Literal["sequential", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
+    executor: Literal["sequential", "threads", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
     # (distributed: over torch.distributed ranks, under torchrun; auto: measured at start, backends/auto.py)
-    workers: int = 0                   # process_pool: worker processes (0: one per core)
+    workers: int = 0                   # threads, process_pool: worker threads or processes (0: one per core)
     worker_threads: int = 1            # process_pool: torch threads per worker (run.threads is the main process's:
                                        # its evaluation uses every core while the workers wait)
     # where simulated clients train and the server evaluates: auto = cuda when the process sees a GPU (a torchrun rank:

@@ -37,6 +37,10 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module,
                    device: torch.device | None = None) -> ClientExecutor:
     """The clients' executor; `device`: where pool workers train (default: where `model` lives). The sequential
     executor trains where the model lives."""
+    if config.fl.executor == "threads":
+        from plait.federated.thread_executor import ThreadPoolExecutor
+
+        return ThreadPoolExecutor(model, config.fl.workers)
     if config.fl.executor == "process_pool":
         from plait.federated.pool_executor import ProcessPoolExecutor
 

@@ -8,11 +8,16 @@ machine could read 100x the real figure (a 0.2 s client estimated at 20 s). A wo
 pool pays a fixed cost per task (the task out, the update back: a few milliseconds, `POOL_TASK_S`) and gains one
 core per worker; so the pool is chosen when a client's run is long enough for that cost to vanish
 (`POOL_WORTH_S`) and there is more than one core, and the sequential simulator otherwise (small models are
-overhead-bound). The choice and its reason are logged and written into the run's config.
+overhead-bound). Among the parallel choices, threads in this process cost no per-task transfer and hold torch and
+the data once, but gain cores only where kernels, not Python, take the time (they release the GIL): two clients
+are timed on two threads against one after the other, and threads are chosen when they run at least
+`THREADS_WORTH` times as fast (and the model draws no random numbers, which threads could not seed apart), the
+process pool otherwise. The choice and its reason are logged and written into the run's config.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import os
 import time
@@ -24,19 +29,23 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.federated.client_update import ClientData, client_update
+from plait.federated.executor import ClientTask
 from plait.federated.plan import TrainingPlan
 from plait.federated.task import Task
+from plait.federated.thread_executor import draws_random_numbers
 
 POOL_TASK_S = 0.005      # measured per-task cost of the process pool on a 2-core machine (benchmarks/fl_simulator.py)
 POOL_WORTH_S = 0.05      # a client run this long makes that cost < 10%
+THREADS_WORTH = 1.5      # two threads must do this many clients' work in one client's time to beat the pool
 MEASURE_STEPS = 5
 REPEATS = 3
 
+Choice = Literal["sequential", "threads", "process_pool"]
+
 
 def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
-                    plan: TrainingPlan, task: Task, cores: int | None = None
-                    ) -> tuple[Literal["sequential", "process_pool"], str]:
-    """("sequential" | "process_pool", why) for clients like `data` training `plan`."""
+                    plan: TrainingPlan, task: Task, cores: int | None = None) -> tuple[Choice, str]:
+    """("sequential" | "threads" | "process_pool", why) for clients like `data` training `plan`."""
     cores = cores or os.cpu_count() or 1
     model = copy.deepcopy(model)  # measuring must not move the run's model (BatchNorm statistics, for one)
     steps = plan.num_steps(len(data))
@@ -57,8 +66,37 @@ def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor
     if per_client < POOL_WORTH_S:
         return "sequential", (f"a client's run takes {per_client * 1000:.1f} ms, too short for a pool's "
                               f"{POOL_TASK_S * 1000:.0f} ms per task")
-    return "process_pool", (f"a client's run takes {per_client * 1000:.0f} ms: {cores} workers, one per core, "
-                            f"pay {POOL_TASK_S * 1000:.0f} ms per task")
+    speedup = _thread_speedup(model, spec, params, data, long, task, more)
+    run = f"a client's run takes {per_client * 1000:.0f} ms"
+    if speedup >= THREADS_WORTH:
+        return "threads", (f"{run}; two threads train {speedup:.2f}x as fast as one: {cores} threads, one per core, "
+                           "in this process")
+    why = ("the model draws random numbers, which clients on threads cannot seed apart" if speedup == 0 else
+           f"two threads train only {speedup:.2f}x as fast as one")
+    return "process_pool", (f"{run}; {why}: {cores} workers, one per core, pay {POOL_TASK_S * 1000:.0f} ms per "
+                            "task")
+
+
+def _thread_speedup(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
+                    plan: TrainingPlan, task: Task, one_run: float) -> float:
+    """How many times as fast two threads, one torch thread each, train two clients as one thread trains one
+    (`one_run` seconds); 0 for a model that draws random numbers."""
+    if draws_random_numbers(model, ClientTask(0, plan, data, task)):
+        return 0.0
+    copies = [model, copy.deepcopy(model)]
+
+    def train(i: int) -> None:
+        torch.set_num_threads(1)
+        client_update(copies[i], spec, params, data, plan, task, seed_global_rng=False)
+
+    threads = torch.get_num_threads()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            list(pool.map(train, range(2)))  # warm-up
+            both = _best_time(lambda: list(pool.map(train, range(2))))
+        finally:
+            torch.set_num_threads(threads)
+    return 2 * one_run / both if both > 0 else 0.0
 
 
 def _best_time(call: Callable[[], object]) -> float:
