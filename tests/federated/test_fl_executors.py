@@ -163,3 +163,40 @@ def test_auto_picks_threads_only_when_they_speed_training_up(monkeypatch):
     dropout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4))
     params, spec = flat_model_state(dropout, buffers=True)
     assert auto._thread_speedup(dropout, spec, params, data, TrainingPlan(lr=0.1), Task(), 1.0) == 0.0
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two inputs and BatchNorm statistics: what travels to a worker besides one image tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, first, second):
+        return self.out(self.norm(self.a(first)) + self.b(second))
+
+
+@pytest.mark.parametrize("backend", ["threads", "process_pool"])
+def test_parallel_backends_carry_several_inputs_and_a_clients_own_buffers(backend):
+    from plait.federated.weights import flat_model_state, local_buffer_state
+
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    params, spec = flat_model_state(model, buffers=False)
+    own = local_buffer_state(model)
+    generator = torch.Generator().manual_seed(1)
+    tasks = [ClientTask(cid, TrainingPlan(batch_size=4, lr=0.1, seed=cid),
+                        ClientData((torch.randn(12, 4, generator=generator), torch.randn(12, 3, generator=generator)),
+                                   torch.randint(0, 2, (12,), generator=generator)),
+                        local=(own[0] + cid, own[1]))  # each client's statistics its own
+             for cid in range(3)]
+    reference = [client_update(model, spec, params, t.data, t.plan, None, t.local) for t in tasks]
+    executor = _executor(backend, model)
+    try:
+        results = [u for _, u in executor.run(model, spec, params, tasks)]
+    finally:
+        executor.close()
+    for got, want in zip(results, reference, strict=True):
+        assert torch.equal(got.delta, want.delta)
+        assert torch.equal(got.local_buffers, want.local_buffers) and not torch.equal(got.local_buffers, own[0])
