@@ -1,6 +1,6 @@
 """Federated simulator speed: FedAvg rounds of the demo setting (MNIST 2NN, 100 clients, C=0.1, E=1, B=10).
 
-Plait's simulator (sequential and process-pool executors) against the reference most users write first: a plain
+Plait's simulator (sequential, thread and process-pool executors) against the reference most users write first: a plain
 PyTorch loop that loads the global weights into a model per client and trains it with torch.optim.SGD (the shape of
 Flower's PyTorch quickstart client), then averages state_dicts. Same clients, same batches, same machine, one run.
 
@@ -22,6 +22,7 @@ from plait.core.flat import load_flat_params
 from plait.federated.config import FederatedRunConfig
 from plait.federated.pool_executor import ProcessPoolExecutor
 from plait.federated.simulation import build_server
+from plait.federated.thread_executor import ThreadPoolExecutor
 from plait.settings.config import from_dict
 
 
@@ -77,6 +78,9 @@ def main() -> None:
     server.executor = ProcessPoolExecutor(server.model, num_workers=workers)
     results["process_pool"] = time_rounds(plait_round, rounds)
     server.executor.close()
+    server.executor = ThreadPoolExecutor(server.model, num_workers=workers)
+    results["threads"] = time_rounds(plait_round, rounds)
+    server.executor.close()
 
     rng = np.random.default_rng(0)
     ref_params = [server.initial_params.clone()]
@@ -87,7 +91,7 @@ def main() -> None:
         ref_params[0] = torch.cat([averaged[name].reshape(-1) for name in server.spec.names])
     results["reference"] = time_rounds(ref_round, rounds)
 
-    for name in ("sequential", "process_pool"):
+    for name in ("threads", "process_pool", "sequential"):
         print(json.dumps({"benchmark": "fl_simulator", "metric": f"seconds_per_round_{name}",
                           "plait": round(results[name], 4), "reference": round(results["reference"], 4),
                           "ratio": round(results["reference"] / results[name], 3), "goal": ">= 1.0 (speed-up)"}))
