@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from plait.ps.config import PSRunConfig
-from plait.ps.coordinator import SERVERS_DIR, Coordinator, StoppedBySignal, server_checkpoints
+from plait.ps.coordinator import SERVERS_DIR, Coordinator, server_checkpoints
 from plait.ps.dashboard import Processes
 from plait.ps.divergence import WorkerDiverged, divergence_record
 from plait.ps.node import node_command
@@ -39,9 +40,10 @@ from plait.ps.trainer import RESTART_ENV
 from plait.runtime.context import RunContext
 from plait.runtime.metrics_log import read_metrics
 
-__all__ = ["SERVERS_DIR", "STARTUP_TIMEOUT_S", "LocalCluster", "StoppedBySignal", "server_checkpoints"]
+__all__ = ["SERVERS_DIR", "STARTUP_TIMEOUT_S", "LocalCluster", "end_processes", "server_checkpoints"]
 
 STARTUP_TIMEOUT_S = 60.0
+KILL_WAIT_S = 5.0  # after SIGKILL, how long the kernel may take to end a process before it is given up on
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -59,6 +61,28 @@ def await_endpoint(path: Path, process: subprocess.Popen, name: str, log: Path) 
             raise RuntimeError(f"ps {name} did not start (stage: launch):\n{tail(log)}")
         time.sleep(0.02)
     return path.read_text().strip()
+
+
+def end_processes(processes: Iterable[subprocess.Popen], grace_s: float = 0.0) -> None:
+    """End those that still run: SIGTERM first when `grace_s` > 0 (a server writes its final checkpoint, a worker
+    ends), SIGKILL for what still runs after it. Every wait is bounded: a process SIGKILL does not end within
+    KILL_WAIT_S (stuck in the kernel) is named on stderr and left."""
+    running = [p for p in processes if p.poll() is None]
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        if grace_s > 0:
+            process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+    for process in running:
+        try:
+            process.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            print(f"warning: process {process.pid} did not end {KILL_WAIT_S} s after SIGKILL", file=sys.stderr,
+                  flush=True)
 
 
 class LocalCluster:
@@ -165,7 +189,7 @@ class LocalCluster:
     def kill_server(self, process: int) -> None:
         """SIGKILL server process `process` (replica r of server i is r*S + i; without replication, server i)."""
         os.kill(self.servers[process].pid, signal.SIGKILL)
-        self.servers[process].wait()
+        self.servers[process].wait(timeout=KILL_WAIT_S)
 
     def recovered(self, process: int) -> bool:
         """The process is up again since its last restart: listening, and with replication caught up from its
@@ -215,26 +239,13 @@ class LocalCluster:
         return any(p.poll() is None for p in self.workers)
 
     def stop_workers(self, grace_s: float = 5.0) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + grace_s
-        for proc in self.workers:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_processes(self.workers, grace_s)
 
-    def stop(self) -> None:
-        for proc in self.workers + self.servers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    def stop(self, grace_s: float = 0.0) -> None:
+        end_processes(self.workers + self.servers, grace_s)
         for f in self._files:
             f.close()
         self._files.clear()
-
 
     def inject_faults(self, step: int) -> None:
         """Kill the next server of the fault plan once its step is reached and the last one killed is back."""

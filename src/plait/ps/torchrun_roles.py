@@ -32,7 +32,7 @@ from typing import Any
 from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import SERVERS_DIR
 from plait.ps.divergence import divergence_record
-from plait.ps.launcher import STARTUP_TIMEOUT_S, await_endpoint, tail
+from plait.ps.launcher import STARTUP_TIMEOUT_S, await_endpoint, end_processes, tail
 from plait.ps.node import node_command
 from plait.ps.server_config import server_name
 from plait.ps.trainer import RESTART_ENV
@@ -88,15 +88,11 @@ def wait_key(store: Any, key: str, timeout_s: float, what: str) -> str:
     return store.get(key).decode()
 
 
-def _terminate(process: subprocess.Popen, grace_s: float) -> int:
-    """SIGTERM (a server writes its final checkpoint), SIGKILL after `grace_s`; the exit code."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
+def _terminate(process: subprocess.Popen, grace_s: float) -> int | None:
+    """SIGTERM (a server writes its final checkpoint), SIGKILL after `grace_s`; the exit code (None: SIGKILL did not
+    end it in time)."""
+    end_processes([process], grace_s)
+    return process.returncode
 
 
 def _die_with_parent() -> None:
