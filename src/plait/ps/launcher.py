@@ -32,8 +32,9 @@ from typing import Any
 from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import SERVERS_DIR, Coordinator, server_checkpoints
 from plait.ps.dashboard import Processes
-from plait.ps.divergence import WorkerDiverged, divergence_record
+from plait.ps.divergence import WorkerDiverged
 from plait.ps.node import node_command
+from plait.ps.restart_policy import Outcome, WorkerRestartPolicy
 from plait.ps.server_config import server_name
 from plait.ps.summary import ClusterSummary
 from plait.ps.trainer import RESTART_ENV
@@ -103,7 +104,8 @@ class LocalCluster:
         self.num_processes = config.sync.servers * config.sync.replication
         self.restarts = [0] * self.num_processes
         self.restarted_at = [0.0] * self.num_processes  # wall time of each process's last restart
-        self.worker_restarts = [0] * num_workers
+        self.restart_policy = WorkerRestartPolicy(config.sync.max_worker_restarts, num_workers, self.run_dir)
+        self.worker_restarts = self.restart_policy.restarts  # per worker, counted by the policy
         self.note: Callable[[dict[str, Any]], None] = lambda record: None  # the coordinator sets its own
         self.kills = config.fault.kill_plan(config.sync.servers, self.num_processes)
         self.coordinator = Coordinator(config, run, self, num_workers, timeout_s)
@@ -218,24 +220,25 @@ class LocalCluster:
                          "exit_code": proc.returncode, "time": time.time()})
 
     def supervise_workers(self, failed: list[int]) -> bool:
-        """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
-        failed; True while any worker is still running."""
+        """Restart the workers that died (restart_policy.py: up to sync.max_worker_restarts each), note those past
+        the limit as failed; True while any worker is still running."""
         for rank, proc in enumerate(self.workers):
-            if proc.poll() in (None, 0) or rank in failed:
+            if proc.poll() is None or rank in failed:
                 continue
-            if (diverged := divergence_record(self.run_dir, rank)) is not None:  # no restart: the same step again
-                self.note(diverged)
-                raise WorkerDiverged(f"{diverged['reason']}. The servers' checkpoints in {self.state_dir} hold the "
-                                     "last good state (written as the run stops): continue with --resume")
-            if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
-                self.worker_restarts[rank] += 1
+            decision = self.restart_policy.after_exit(rank, proc.returncode)
+            if decision.outcome is Outcome.DIVERGED:
+                assert decision.diverged is not None
+                self.note(decision.diverged)
+                raise WorkerDiverged(f"{decision.diverged['reason']}. The servers' checkpoints in {self.state_dir} "
+                                     "hold the last good state (written as the run stops): continue with --resume")
+            if decision.outcome is Outcome.RESTART:
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
                 self.note({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
-                            "time": time.time()})
-            else:
+                           "time": time.time()})
+            elif decision.outcome is Outcome.FAILED:
                 failed.append(rank)
                 self.note({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                            "time": time.time()})
+                           "time": time.time()})
         return any(p.poll() is None for p in self.workers)
 
     def stop_workers(self, grace_s: float = 5.0) -> None:
