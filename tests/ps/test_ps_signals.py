@@ -193,3 +193,46 @@ def test_a_server_stuck_at_shutdown_is_terminated_then_killed_and_the_launcher_e
     assert marker.exists() and stuck.returncode == -signal.SIGKILL  # SIGTERM first, then SIGKILL
     assert other.returncode == 0  # it acknowledged SHUTDOWN and exited
     assert time.monotonic() - started < 120
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie ended
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_launcher_killed_outright_leaves_no_process_running(tmp_path):
+    """SIGKILL gives the launcher no chance to stop anything: its servers and workers end by themselves (the kernel
+    sends them SIGTERM as their parent dies), each server with a final checkpoint."""
+    config_path = write_config(tmp_path / "cfg.toml", tmp_path, "killed", "servers = 2", steps=100_000)
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                 "from plait.experiment.runs.parameter_server import main; "
+                                 "main(Path(sys.argv[1]), 2, False, [], None)",
+                                 str(config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    try:
+        wait_for(lambda: any(r.get("step", 0) >= 3 for r in read_metrics(run_dir / "metrics.jsonl")), 120,
+                 "training")
+        processes = children_of(launcher.pid)
+        assert len(processes) == 4  # two servers, two workers
+    finally:
+        launcher.kill()
+        launcher.wait()
+    wait_for(lambda: all(ended(pid) for pid in processes), 30, "end of the launcher's processes")
+    for index in range(2):
+        events = [e["event"] for e in read_metrics(run_dir / "servers" / f"server-{index}.jsonl")]
+        assert events[-3:] == ["signalled", "checkpoint", "stopped"]

@@ -33,7 +33,7 @@ from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import SERVERS_DIR, Coordinator, server_checkpoints
 from plait.ps.dashboard import Processes
 from plait.ps.divergence import WorkerDiverged
-from plait.ps.node import node_command
+from plait.ps.node import PARENT_ENV, node_command
 from plait.ps.restart_policy import Outcome, WorkerRestartPolicy
 from plait.ps.server_config import server_name
 from plait.ps.summary import ClusterSummary
@@ -124,7 +124,8 @@ class LocalCluster:
         log = open(self.logs_dir / log_name, "ab")
         self._files.append(log)
         cmd = node_command(role, config=str(self.config_path), workers=self.num_workers, **arguments)
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, PARENT_ENV: str(os.getpid()), **(env or {})})
 
     @property
     def primaries(self) -> list[str]:
