@@ -15,6 +15,8 @@ summary.json. Under sync.curve_keys the coordinator first issues each worker a k
   it, or, if they had dropped it meanwhile (sync.worker_timeout_s), at the slowest other worker's; past the limit
   it is noted as failed and the others carry on without it;
 - injects the configured faults (SIGKILL a server at a step, or each server process in turn);
+- ends every process it started, with every wait bounded (`end_processes`: SIGTERM, then SIGKILL); killed outright
+  itself, its processes get SIGTERM from the kernel (node.end_with_parent, Linux);
 - with sync.status_port >= 0, the coordinator serves a live dashboard of all this (dashboard.py).
 """
 
