@@ -2,6 +2,7 @@
 (`plait train`) end cleanly on SIGTERM or SIGINT and leave final checkpoints that `--resume` continues from."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 
 from plait.experiment.runs.parameter_server import load_run_config, run_ps
+from plait.ps import coordinator, launcher
 from plait.ps.checkpoint import load_shards
 from plait.ps.kvstore import KVStore
+from plait.ps.launcher import LocalCluster
+from plait.ps.node import node_command
+from plait.ps.stop_signals import StopSignals
 from plait.runtime.metrics_log import read_metrics
 
 
@@ -107,3 +112,127 @@ def test_plait_train_stopped_by_a_signal_leaves_final_checkpoints_and_resumes(tm
     for rank in range(2):
         steps = [r["step"] for r in read_metrics(run_dir / f"worker-{rank}.jsonl")]
         assert steps[-1] == config.train.steps - 1
+
+
+def test_stop_signals_notes_the_first_signal_and_restores_the_handlers_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs here, and returns: nothing is raised
+        os.kill(os.getpid(), signal.SIGINT)  # a second one, mid-shutdown: noted nowhere, raises nothing
+        time.sleep(0.01)
+    assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_lets_the_launcher_finish_what_it_was_doing_then_stops_the_run(tmp_path, monkeypatch):
+    """SIGINT arrives while the launcher's main thread is in the middle of other code (its worker supervision here,
+    standing in for a library's critical section, such as tensorboard's writer queue): that code runs to its end, the
+    run then stops between two steps of its loop, the servers leave final checkpoints and no process is left."""
+    config = load_run_config(write_config(tmp_path / "cfg.toml", tmp_path, "flag", "servers = 2", steps=100_000), [])
+    supervise, clusters, section = LocalCluster.supervise_workers, [], []
+
+    def supervise_signalled_midway(self, failed):
+        clusters.append(self)
+        if (self.run_dir / "start").exists() and not section:  # training has started
+            section.append("entered")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs during this: a handler that raised would end the section here
+            section.append("finished")
+        return supervise(self, failed)
+
+    monkeypatch.setattr(LocalCluster, "supervise_workers", supervise_signalled_midway)
+    summary = run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    assert section == ["entered", "finished"]
+    assert summary.stopped_by == "SIGINT"
+    assert all(process.poll() is not None for process in clusters[0].servers + clusters[0].workers)
+    for index in range(2):
+        events = [e["event"] for e in read_metrics(tmp_path / "flag" / "servers" / f"server-{index}.jsonl")]
+        assert events[-2:] == ["checkpoint", "stopped"]
+
+
+# A server that never acknowledges SHUTDOWN and stays stuck (as on a hung disk): SIGTERM is only noted (in the file
+# named by its first argument), SIGKILL ends it.
+STUCK_SERVER = """
+import signal, sys, time
+from pathlib import Path
+from plait.ps import server
+from plait.ps.node import main
+from plait.ps.wire import Op
+handle = server.ParameterServer.handle
+def handle_but_stick_at_shutdown(self, peer, header, payload):
+    if header.op == Op.SHUTDOWN:
+        signal.signal(signal.SIGTERM, lambda *_: Path(sys.argv[1]).touch())
+        while True:
+            time.sleep(1)
+    handle(self, peer, header, payload)
+server.ParameterServer.handle = handle_but_stick_at_shutdown
+main(sys.argv[2:])
+"""
+
+
+def test_a_server_stuck_at_shutdown_is_terminated_then_killed_and_the_launcher_exits(tmp_path, monkeypatch):
+    config = load_run_config(write_config(tmp_path / "cfg.toml", tmp_path, "stuck", "servers = 2", steps=20), [])
+    marker = tmp_path / "sigterm-received"
+
+    def server_0_stuck(role, **arguments):
+        command = node_command(role, **arguments)
+        if role == "server" and arguments["index"] == 0:
+            return [sys.executable, "-c", STUCK_SERVER, str(marker), *command[3:]]
+        return command
+
+    monkeypatch.setattr(launcher, "node_command", server_0_stuck)
+    monkeypatch.setattr(coordinator, "SHUTDOWN_WAIT_S", 1.0)
+    monkeypatch.setattr(coordinator, "TERMINATE_WAIT_S", 1.0)
+    run, clusters = LocalCluster.run, []
+    monkeypatch.setattr(LocalCluster, "run", lambda self: clusters.append(self) or run(self))
+    started = time.monotonic()
+    summary = run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    assert summary.stopped_by is None and summary.final["step"] == 20
+    stuck, other = clusters[0].servers
+    assert marker.exists() and stuck.returncode == -signal.SIGKILL  # SIGTERM first, then SIGKILL
+    assert other.returncode == 0  # it acknowledged SHUTDOWN and exited
+    assert time.monotonic() - started < 120
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie ended
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_launcher_killed_outright_leaves_no_process_running(tmp_path):
+    """SIGKILL gives the launcher no chance to stop anything: its servers and workers end by themselves (the kernel
+    sends them SIGTERM as their parent dies), each server with a final checkpoint."""
+    config_path = write_config(tmp_path / "cfg.toml", tmp_path, "killed", "servers = 2", steps=100_000)
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                 "from plait.experiment.runs.parameter_server import main; "
+                                 "main(Path(sys.argv[1]), 2, False, [], None)",
+                                 str(config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    try:
+        wait_for(lambda: any(r.get("step", 0) >= 3 for r in read_metrics(run_dir / "metrics.jsonl")), 120,
+                 "training")
+        processes = children_of(launcher.pid)
+        assert len(processes) == 4  # two servers, two workers
+    finally:
+        launcher.kill()
+        launcher.wait()
+    wait_for(lambda: all(ended(pid) for pid in processes), 30, "end of the launcher's processes")
+    for index in range(2):
+        events = [e["event"] for e in read_metrics(run_dir / "servers" / f"server-{index}.jsonl")]
+        assert events[-3:] == ["signalled", "checkpoint", "stopped"]

@@ -5,17 +5,16 @@ final checkpoints) and sum it up.
 Two kinds of `Nodes` start and supervise the processes: the local launcher's (launcher.py: subprocesses of this
 one) and torchrun's (torchrun_roles.py: supervisor ranks on any host, reached through torchrun's store). The
 coordinator only asks them what it needs: endpoints, which workers are ready, running or done, restarts to record.
-On SIGTERM or SIGINT it stops the workers, asks every server for a final checkpoint and returns a summary that
-names the signal: `--resume` goes on from there.
+On SIGTERM or SIGINT (a flag its loop reads between steps: stop_signals.py) it stops the workers, asks every server
+for a final checkpoint (terminating, then killing, any that does not end in time) and returns a summary that names
+the signal: `--resume` goes on from there.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from plait.ps.consistency import NO_LIVE_WORKER
 from plait.ps.dashboard import Dashboard, Processes
 from plait.ps.kvstore import KVStore
 from plait.ps.security import LAUNCHER, CurveKeys, issue_worker_keys
+from plait.ps.stop_signals import StopSignals
 from plait.ps.summary import ClusterSummary, test_metrics_text
 from plait.ps.trainer import PARAMS_KEY, build_flat_model, create_pieces, evaluate, load_test
 from plait.ps.transport import WorkerTransport
@@ -37,7 +37,8 @@ from plait.runtime.context import RunContext
 from plait.runtime.metrics_log import read_metrics
 
 SERVERS_DIR = "servers"  # under the run's path: the servers' checkpoints, endpoint files and event logs
-SHUTDOWN_WAIT_S = 10.0   # how long the servers have to write their final checkpoints before they are killed
+SHUTDOWN_WAIT_S = 10.0   # how long the servers have to write their final checkpoints after SHUTDOWN
+TERMINATE_WAIT_S = 5.0   # then, for those still running, from SIGTERM (a checkpoint, had SHUTDOWN been lost) to SIGKILL
 
 
 def server_checkpoints(run_path: Path, journals: bool = False) -> list[Path]:
@@ -47,12 +48,6 @@ def server_checkpoints(run_path: Path, journals: bool = False) -> list[Path]:
     if journals:
         found += [j for j in (Path(run_path) / SERVERS_DIR).glob("server-*.journal") if j.stat().st_size]
     return sorted(found)
-
-
-class StoppedBySignal(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class Nodes(Protocol):
@@ -71,7 +66,7 @@ class Nodes(Protocol):
     def processes(self) -> Processes: ...
     def stop_workers(self) -> None: ...
     def servers_running(self) -> bool: ...          # after SHUTDOWN: whether any still runs
-    def stop(self) -> None: ...                     # kill what still runs
+    def stop(self, grace_s: float = 0.0) -> None: ...  # end what still runs: SIGTERM, SIGKILL after grace_s
     def worker_log(self, rank: int) -> Path: ...
 
 
@@ -121,21 +116,9 @@ class Coordinator:
         if self.dashboard is not None and (force or self.dashboard.due()):
             self.dashboard.publish(phase, self.nodes.processes())
 
-    def _catch_signals(self) -> dict:
-        """SIGTERM and SIGINT end the run cleanly (see `run`); only the main thread can set handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        stopping = []
-
-        def on_signal(signum: int, _frame) -> None:
-            if not stopping:  # the first one stops the run; the shutdown that follows is not interrupted again
-                stopping.append(signum)
-                raise StoppedBySignal(signum)
-
-        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
-
     def _shutdown_servers(self) -> None:
-        """Ask each server for a final checkpoint and exit; kill those that do not answer."""
+        """Ask each server for a final checkpoint and exit; terminate, then kill, those still running after
+        SHUTDOWN_WAIT_S (one that never got the message, or is stuck): every wait is bounded."""
         transport = WorkerTransport(curve=CurveKeys.from_setting(self.config.sync.curve_keys, LAUNCHER))
         transport.connect(self.nodes.endpoints)
         for index in range(len(self.nodes.endpoints)):
@@ -144,7 +127,7 @@ class Coordinator:
         while self.nodes.servers_running() and time.monotonic() < deadline:
             transport.recv_msg(0.05)
         transport.close()
-        self.nodes.stop()
+        self.nodes.stop(grace_s=TERMINATE_WAIT_S)
 
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> ClusterSummary:
@@ -177,51 +160,51 @@ class Coordinator:
         started_workers = False
         last: dict[str, Any] = {}
         next_eval = 0.0
-        stopped_by = None
-        previous_handlers = self._catch_signals()
-        try:
-            while self.nodes.supervise_workers(failed):
-                if time.perf_counter() - started > self.timeout_s:
-                    raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
-                self.nodes.supervise_servers()
-                if not started_workers and self.nodes.workers_ready():
-                    self.nodes.release_workers()  # every worker is up: start them together
-                    started_workers = True
-                self._show("training" if started_workers else "waiting for the workers to start")
-                if time.perf_counter() >= next_eval:
-                    next_eval = time.perf_counter() + cfg.train.eval_every_s
-                    record = self._evaluate(observer, model, weights, spec, test, started)
-                    if record is not None:
-                        self._write(record)
-                        last = record
-                        self.ctx.progress(record["step"], test_metrics_text(record) or "no test set")
+        stopped_by = None  # a signal that came before the run's end (one during its shutdown changes nothing)
+        # A signal only sets `stop.signum`; the loop reads it between its steps (stop_signals.py says why).
+        with StopSignals() as stop:
+            try:
+                while stop.signum is None and self.nodes.supervise_workers(failed):
+                    if time.perf_counter() - started > self.timeout_s:
+                        raise TimeoutError(f"ps run {cfg.run.name}: not finished after {self.timeout_s} s")
+                    self.nodes.supervise_servers()
+                    if not started_workers and self.nodes.workers_ready():
+                        self.nodes.release_workers()  # every worker is up: start them together
+                        started_workers = True
+                    self._show("training" if started_workers else "waiting for the workers to start")
+                    if time.perf_counter() >= next_eval:
+                        next_eval = time.perf_counter() + cfg.train.eval_every_s
+                        record = self._evaluate(observer, model, weights, spec, test, started)
+                        if record is not None:
+                            self._write(record)
+                            last = record
+                            self.ctx.progress(record["step"], test_metrics_text(record) or "no test set")
+                            if time_to_target is None and cfg.train.target_loss and \
+                                    record.get("test_loss", math.inf) <= cfg.train.target_loss:
+                                time_to_target = record["elapsed_s"]
+                            self.nodes.inject_faults(record["step"])
+                    time.sleep(0.01)
+                if stop.signum is None:
+                    self.nodes.supervise_servers()
+                    self._show("final evaluation", force=True)
+                    final = self._evaluate(observer, model, weights, spec, test, started, attempts=10, stop=stop)
+                    if final is not None:
+                        self._write(final)
+                        last = final
                         if time_to_target is None and cfg.train.target_loss and \
-                                record.get("test_loss", math.inf) <= cfg.train.target_loss:
-                            time_to_target = record["elapsed_s"]
-                        self.nodes.inject_faults(record["step"])
-                time.sleep(0.01)
-            self.nodes.supervise_servers()
-            self._show("final evaluation", force=True)
-            final = self._evaluate(observer, model, weights, spec, test, started, attempts=10)
-            if final is not None:
-                self._write(final)
-                last = final
-                if time_to_target is None and cfg.train.target_loss and \
-                        final.get("test_loss", math.inf) <= cfg.train.target_loss:
-                    time_to_target = final["elapsed_s"]
-        except StoppedBySignal as stopped:
-            # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
-            stopped_by = str(stopped)
-            self.nodes.stop_workers()
-            self._write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
-                         "time": time.time()})
-        finally:
-            observer.close(goodbye=False)
-            if self.nodes.endpoints:
-                self._shutdown_servers()
-            self.nodes.stop()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+                                final.get("test_loss", math.inf) <= cfg.train.target_loss:
+                            time_to_target = final["elapsed_s"]
+                if stop.signum is not None:
+                    # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
+                    stopped_by = stop.name
+                    self.nodes.stop_workers()
+                    self._write({"event": "stopped_by_signal", "signal": stopped_by, "step": last.get("step"),
+                                 "time": time.time()})
+            finally:
+                observer.close(goodbye=False)
+                if self.nodes.endpoints:
+                    self._shutdown_servers()
+                self.nodes.stop()
         return self._summary(started, last, time_to_target, stopped_by, weights)
 
     def _summary(self, started: float, last: dict[str, Any], time_to_target: float | None, stopped_by: str | None,
@@ -251,8 +234,10 @@ class Coordinator:
         return max((checkpointed_clock(path) + 1 for path in server_checkpoints(self.run_dir)), default=0)
 
     def _evaluate(self, observer: KVStore, model, weights: torch.Tensor, spec, test, started: float,
-                  attempts: int = 1) -> dict[str, Any] | None:
+                  attempts: int = 1, stop: StopSignals | None = None) -> dict[str, Any] | None:
         for _ in range(attempts):
+            if stop is not None and stop.signum is not None:
+                return None  # a signal came during the final evaluation: the run stops without it
             try:
                 observer.wait(observer.pull(PARAMS_KEY, weights))
                 break

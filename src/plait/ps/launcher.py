@@ -15,6 +15,8 @@ summary.json. Under sync.curve_keys the coordinator first issues each worker a k
   it, or, if they had dropped it meanwhile (sync.worker_timeout_s), at the slowest other worker's; past the limit
   it is noted as failed and the others carry on without it;
 - injects the configured faults (SIGKILL a server at a step, or each server process in turn);
+- ends every process it started, with every wait bounded (`end_processes`: SIGTERM, then SIGKILL); killed outright
+  itself, its processes get SIGTERM from the kernel (node.end_with_parent, Linux);
 - with sync.status_port >= 0, the coordinator serves a live dashboard of all this (dashboard.py).
 """
 
@@ -23,25 +25,28 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from plait.ps.config import PSRunConfig
-from plait.ps.coordinator import SERVERS_DIR, Coordinator, StoppedBySignal, server_checkpoints
+from plait.ps.coordinator import SERVERS_DIR, Coordinator, server_checkpoints
 from plait.ps.dashboard import Processes
-from plait.ps.divergence import WorkerDiverged, divergence_record
-from plait.ps.node import node_command
+from plait.ps.divergence import WorkerDiverged
+from plait.ps.node import PARENT_ENV, node_command
+from plait.ps.restart_policy import Outcome, WorkerRestartPolicy
 from plait.ps.server_config import server_name
 from plait.ps.summary import ClusterSummary
 from plait.ps.trainer import RESTART_ENV
 from plait.runtime.context import RunContext
 from plait.runtime.metrics_log import read_metrics
 
-__all__ = ["SERVERS_DIR", "STARTUP_TIMEOUT_S", "LocalCluster", "StoppedBySignal", "server_checkpoints"]
+__all__ = ["SERVERS_DIR", "STARTUP_TIMEOUT_S", "LocalCluster", "end_processes", "server_checkpoints"]
 
 STARTUP_TIMEOUT_S = 60.0
+KILL_WAIT_S = 5.0  # after SIGKILL, how long the kernel may take to end a process before it is given up on
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -59,6 +64,28 @@ def await_endpoint(path: Path, process: subprocess.Popen, name: str, log: Path) 
             raise RuntimeError(f"ps {name} did not start (stage: launch):\n{tail(log)}")
         time.sleep(0.02)
     return path.read_text().strip()
+
+
+def end_processes(processes: Iterable[subprocess.Popen], grace_s: float = 0.0) -> None:
+    """End those that still run: SIGTERM first when `grace_s` > 0 (a server writes its final checkpoint, a worker
+    ends), SIGKILL for what still runs after it. Every wait is bounded: a process SIGKILL does not end within
+    KILL_WAIT_S (stuck in the kernel) is named on stderr and left."""
+    running = [p for p in processes if p.poll() is None]
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        if grace_s > 0:
+            process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+    for process in running:
+        try:
+            process.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            print(f"warning: process {process.pid} did not end {KILL_WAIT_S} s after SIGKILL", file=sys.stderr,
+                  flush=True)
 
 
 class LocalCluster:
@@ -79,7 +106,8 @@ class LocalCluster:
         self.num_processes = config.sync.servers * config.sync.replication
         self.restarts = [0] * self.num_processes
         self.restarted_at = [0.0] * self.num_processes  # wall time of each process's last restart
-        self.worker_restarts = [0] * num_workers
+        self.restart_policy = WorkerRestartPolicy(config.sync.max_worker_restarts, num_workers, self.run_dir)
+        self.worker_restarts = self.restart_policy.restarts  # per worker, counted by the policy
         self.note: Callable[[dict[str, Any]], None] = lambda record: None  # the coordinator sets its own
         self.kills = config.fault.kill_plan(config.sync.servers, self.num_processes)
         self.coordinator = Coordinator(config, run, self, num_workers, timeout_s)
@@ -98,7 +126,8 @@ class LocalCluster:
         log = open(self.logs_dir / log_name, "ab")
         self._files.append(log)
         cmd = node_command(role, config=str(self.config_path), workers=self.num_workers, **arguments)
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, PARENT_ENV: str(os.getpid()), **(env or {})})
 
     @property
     def primaries(self) -> list[str]:
@@ -165,7 +194,7 @@ class LocalCluster:
     def kill_server(self, process: int) -> None:
         """SIGKILL server process `process` (replica r of server i is r*S + i; without replication, server i)."""
         os.kill(self.servers[process].pid, signal.SIGKILL)
-        self.servers[process].wait()
+        self.servers[process].wait(timeout=KILL_WAIT_S)
 
     def recovered(self, process: int) -> bool:
         """The process is up again since its last restart: listening, and with replication caught up from its
@@ -194,47 +223,35 @@ class LocalCluster:
                          "exit_code": proc.returncode, "time": time.time()})
 
     def supervise_workers(self, failed: list[int]) -> bool:
-        """Restart the workers that died (up to sync.max_worker_restarts each), note those past the limit as
-        failed; True while any worker is still running."""
+        """Restart the workers that died (restart_policy.py: up to sync.max_worker_restarts each), note those past
+        the limit as failed; True while any worker is still running."""
         for rank, proc in enumerate(self.workers):
-            if proc.poll() in (None, 0) or rank in failed:
+            if proc.poll() is None or rank in failed:
                 continue
-            if (diverged := divergence_record(self.run_dir, rank)) is not None:  # no restart: the same step again
-                self.note(diverged)
-                raise WorkerDiverged(f"{diverged['reason']}. The servers' checkpoints in {self.state_dir} hold the "
-                                     "last good state (written as the run stops): continue with --resume")
-            if self.worker_restarts[rank] < self.config.sync.max_worker_restarts:
-                self.worker_restarts[rank] += 1
+            decision = self.restart_policy.after_exit(rank, proc.returncode)
+            if decision.outcome is Outcome.DIVERGED:
+                assert decision.diverged is not None
+                self.note(decision.diverged)
+                raise WorkerDiverged(f"{decision.diverged['reason']}. The servers' checkpoints in {self.state_dir} "
+                                     "hold the last good state (written as the run stops): continue with --resume")
+            if decision.outcome is Outcome.RESTART:
                 self.workers[rank] = self._start_worker(rank, restart=self.worker_restarts[rank])
                 self.note({"event": "worker_restarted", "worker": rank, "exit_code": proc.returncode,
-                            "time": time.time()})
-            else:
+                           "time": time.time()})
+            elif decision.outcome is Outcome.FAILED:
                 failed.append(rank)
                 self.note({"event": "worker_failed", "worker": rank, "exit_code": proc.returncode,
-                            "time": time.time()})
+                           "time": time.time()})
         return any(p.poll() is None for p in self.workers)
 
     def stop_workers(self, grace_s: float = 5.0) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + grace_s
-        for proc in self.workers:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_processes(self.workers, grace_s)
 
-    def stop(self) -> None:
-        for proc in self.workers + self.servers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    def stop(self, grace_s: float = 0.0) -> None:
+        end_processes(self.workers + self.servers, grace_s)
         for f in self._files:
             f.close()
         self._files.clear()
-
 
     def inject_faults(self, step: int) -> None:
         """Kill the next server of the fault plan once its step is reached and the last one killed is back."""

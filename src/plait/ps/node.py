@@ -14,14 +14,19 @@ server from its `ServerConfig` fields alone, without a run's config file (local_
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plait.ps.config import PSRunConfig
 from plait.settings.config import apply_overrides, from_dict, load_toml
+
+PARENT_ENV = "PLAIT_PS_PARENT_PID"  # set by the local launcher: its processes end when it does
+PR_SET_PDEATHSIG = 1
 
 
 def load_node_config(path: str | Path, overrides: Sequence[str], workers: int) -> PSRunConfig:
@@ -116,7 +121,23 @@ def node_command(role: str, **arguments: object) -> list[str]:
     return [sys.executable, "-m", "plait.ps.node", role, json.dumps(arguments)]
 
 
+def end_with_parent() -> None:
+    """Linux: when the local launcher that started this process (its pid in PARENT_ENV) dies, even by SIGKILL, the
+    kernel sends this one SIGTERM (a server writes its final checkpoint and exits, a worker ends), so a killed
+    launcher leaves nothing running. Set here, after exec, rather than before it: the launcher has threads."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> None:
+    end_with_parent()
     role, arguments = argv if argv is not None else sys.argv[1:]
     ROLES[role](**json.loads(arguments))  # an error's traceback goes to the process's log under logs/
 

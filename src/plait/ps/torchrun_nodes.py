@@ -99,8 +99,9 @@ class TorchrunNodes:
     def servers_running(self) -> bool:
         return not all(self.store.check([server_key(index, "state")]) for index in range(self.config.sync.servers))
 
-    def stop(self) -> None:
-        self.store.set(END_KEY, "1")  # the server ranks end what still runs (SIGTERM: a final checkpoint)
+    def stop(self, grace_s: float = 0.0) -> None:
+        # The server ranks end what still runs: SIGTERM (a final checkpoint), SIGKILL after their own EXIT_WAIT_S.
+        self.store.set(END_KEY, "1")
 
     def worker_log(self, rank: int) -> Path:
         return self.run_dir / f"worker-{rank}.jsonl"  # on this host only when the worker ran here

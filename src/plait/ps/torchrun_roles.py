@@ -31,9 +31,9 @@ from typing import Any
 
 from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import SERVERS_DIR
-from plait.ps.divergence import divergence_record
-from plait.ps.launcher import STARTUP_TIMEOUT_S, await_endpoint, tail
+from plait.ps.launcher import STARTUP_TIMEOUT_S, await_endpoint, end_processes, tail
 from plait.ps.node import node_command
+from plait.ps.restart_policy import Outcome, WorkerRestartPolicy
 from plait.ps.server_config import server_name
 from plait.ps.trainer import RESTART_ENV
 from plait.runtime.metrics_log import MetricsLog
@@ -88,15 +88,11 @@ def wait_key(store: Any, key: str, timeout_s: float, what: str) -> str:
     return store.get(key).decode()
 
 
-def _terminate(process: subprocess.Popen, grace_s: float) -> int:
-    """SIGTERM (a server writes its final checkpoint), SIGKILL after `grace_s`; the exit code."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
+def _terminate(process: subprocess.Popen, grace_s: float) -> int | None:
+    """SIGTERM (a server writes its final checkpoint), SIGKILL after `grace_s`; the exit code (None: SIGKILL did not
+    end it in time)."""
+    end_processes([process], grace_s)
+    return process.returncode
 
 
 def _die_with_parent() -> None:
@@ -223,7 +219,8 @@ def supervise_worker(config: PSRunConfig, config_path: Path, overrides: list[str
         return me.spawn("worker", {"rank": worker, "servers": servers, "run_dir": str(me.run_dir),
                                    "wait_start": True}, f"worker-{worker}.log", restart=restart)
 
-    process, restarts, ready, released, state = start(0), 0, False, False, "stopped"
+    policy = WorkerRestartPolicy(config.sync.max_worker_restarts, num_workers, me.run_dir)
+    process, ready, released, state = start(0), False, False, "stopped"
     try:
         while not store.check([STOP_KEY]) and not store.check([END_KEY]):
             if not ready and (me.run_dir / f"ready-{worker}").exists():
@@ -236,17 +233,17 @@ def supervise_worker(config: PSRunConfig, config_path: Path, overrides: list[str
             if code is None:
                 time.sleep(0.02)
                 continue
-            if code == 0:
+            decision = policy.after_exit(worker, code)  # restart_policy.py, as the local launcher's
+            if decision.outcome is Outcome.DONE:
                 state = "done"
                 break
-            if (diverged := divergence_record(me.run_dir, worker)) is not None:
-                state = "diverged: " + json.dumps(diverged)
+            if decision.outcome is Outcome.DIVERGED:
+                state = "diverged: " + json.dumps(decision.diverged)
                 break
-            if restarts >= config.sync.max_worker_restarts:
+            if decision.outcome is Outcome.FAILED:
                 state = f"failed: exit code {code}"
                 break
-            restarts += 1
-            process = start(restarts)
+            process = start(policy.restarts[worker])
             store.add(worker_key(worker, "restarts"), 1)
             me.event({"event": "worker_restarted", "worker": worker, "exit_code": code})
     except _SignalEnds as signalled:
