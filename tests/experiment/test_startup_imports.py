@@ -3,12 +3,16 @@ TensorBoard's writer after the first record has reached metrics.jsonl (issue 13:
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import subprocess
 import sys
 
+import pytest
 import tomli_w
 
+from plait.cli.startup import imports_without_gc
 from tests_support import shapes_config
 
 # Runs `plait run CONFIG` in a fresh interpreter and says which of the late imports were loaded at each moment.
@@ -63,3 +67,22 @@ def test_plots_and_tensorboard_are_imported_only_when_needed(tmp_path):
     }
     assert list((tmp_path / "runs" / "shapes" / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "runs" / "shapes" / "plots").glob("*.png"))
+
+
+def test_imports_run_without_the_collector_and_what_they_made_is_frozen():
+    frozen = gc.get_freeze_count()
+    try:
+        with imports_without_gc():
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]  # stand-ins for the objects an import makes
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+        with pytest.raises(ImportError), imports_without_gc():
+            importlib.import_module("plait.no_such_module")
+        assert gc.isenabled()  # back on after a failed import too
+        gc.disable()
+        with imports_without_gc():
+            pass
+        assert not gc.isenabled()  # a collector the caller had switched off stays off
+    finally:
+        gc.enable()
+        gc.unfreeze()
