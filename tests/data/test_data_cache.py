@@ -84,6 +84,10 @@ def test_a_changed_source_builds_anew_and_the_old_cache_goes(tmp_path, source):
     assert build.calls == 1 and _same(arrays, build.arrays)
     (new,) = (tmp_path / "cache").iterdir()
     assert new != old and json.loads((new / "manifest.json").read_text())["sources"][0][1] == source.stat().st_size
+    elsewhere = tmp_path / "copy.bin"  # the same data set from another place (another virtual environment)
+    elsewhere.write_bytes(b"the data set")
+    cached_arrays("set", Counting(0), tmp_path / "cache", sources=[elsewhere])
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # each keeps its own cache
 
 
 def test_the_cache_can_be_turned_off(tmp_path, source, monkeypatch):
@@ -94,6 +98,15 @@ def test_the_cache_can_be_turned_off(tmp_path, source, monkeypatch):
     monkeypatch.setenv("PLAIT_CACHE", "off")
     assert _same(cached_arrays("set", build, None, sources=[source]), build.arrays)
     assert build.calls == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["source.bin"]
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_arrays_still_come(tmp_path, source):
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    build = Counting()
+    with pytest.warns(UserWarning, match="could not be written.*data.cache_dir"):
+        arrays = cached_arrays("set", build, blocked / "cache", sources=[source])
+    assert _same(arrays, build.arrays)
 
 
 def test_plait_cache_names_the_default_folder(tmp_path, source, monkeypatch):

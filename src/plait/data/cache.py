@@ -5,9 +5,10 @@ as memory-mapped .npy files: no pickle, no decoding, no copy until a page is use
     <cache_dir>/<name>-<key>/manifest.json the sources' identity, each array's dtype, shape and CRC-32
 
 `key` hashes the sources' identity (resolved path, size, modification time of every file), so a changed or moved
-source builds a new cache, and the older one of the same name is removed. Every load checks the manifest, each
-file's size and each array's CRC-32 (about 15 ms for MNIST): a truncated, damaged or half-written cache is built
-anew, never read. A cache is written into a temporary folder renamed into place, so a reader sees all of it or none.
+source builds a new cache; the cache of the files before they changed is removed. Every load checks the manifest,
+each file's size and each array's CRC-32 (about 15 ms for MNIST): a truncated, damaged or half-written cache is
+built anew, never read. A cache is written into a temporary folder renamed into place, so a reader sees all of it
+or none; one that cannot be written (a read-only disk) is a warning, and the data is decoded again next time.
 
 Where: `data.cache_dir`, else $PLAIT_CACHE, else ~/.cache/plait; "off" in either builds from the source every time
 and writes nothing.
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,8 +70,12 @@ def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]], cache_d
     if arrays is not None:
         return arrays
     arrays = build()
-    _write(folder, identity, arrays)
-    _remove_older(root, name, keep=folder)
+    try:
+        _write(folder, identity, arrays)
+        _remove_older(root, name, folder, identity)
+    except OSError as err:  # a read-only or full disk: the run goes on, decoding again next time
+        warnings.warn(f"data cache {folder} could not be written ({err}); set data.cache_dir or PLAIT_CACHE to a "
+                      "writable folder, or to 'off'", stacklevel=2)
     return arrays
 
 
@@ -119,11 +125,19 @@ def _write(folder: Path, identity: list[list[str | int]], arrays: dict[str, np.n
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_older(root: Path, name: str, keep: Path) -> None:
-    """Caches of the same name from other sources (an older copy of the data): they would only take disk space."""
+def _remove_older(root: Path, name: str, keep: Path, identity: list[list[str | int]]) -> None:
+    """Caches of the same name built from the same files before they changed: they would only take disk space.
+    (Another copy of the data elsewhere, say a second virtual environment, keeps its own cache.)"""
     pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+    paths = [entry[0] for entry in identity]
     for entry in root.iterdir():
-        if entry != keep and pattern.fullmatch(entry.name) and entry.is_dir():
+        if entry == keep or not pattern.fullmatch(entry.name) or not entry.is_dir():
+            continue
+        try:
+            theirs = [source[0] for source in json.loads((entry / MANIFEST).read_text())["sources"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            theirs = paths  # unreadable: a damaged cache of ours
+        if theirs == paths:
             shutil.rmtree(entry, ignore_errors=True)
 
 
