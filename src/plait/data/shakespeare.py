@@ -76,4 +76,5 @@ def load_shakespeare(path: str | Path | None = None, cache_dir: Path | None = No
     if not directory.is_dir():
         raise FileNotFoundError(f"data.path = {str(path)!r} is not a directory")
     key = "shakespeare" if not path else path_key("shakespeare", directory)
-    return cached_arrays(f"{key}-min{min_chars}", lambda: _build(directory, min_chars), cache_dir)
+    return cached_arrays(f"{key}-min{min_chars}", lambda: _build(directory, min_chars), cache_dir,
+                         sources=[directory])

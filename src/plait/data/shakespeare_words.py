@@ -76,7 +76,8 @@ def load_shakespeare_words(path: str | Path | None = None, cache_dir: Path | Non
     if not directory.is_dir():
         raise FileNotFoundError(f"data.path = {str(path)!r} is not a directory")
     key = "shakespeare_words" if not path else path_key("shakespeare_words", directory)
-    return cached_arrays(f"{key}-v{VOCAB_WORDS}", lambda: _build(directory), cache_dir)
+    return cached_arrays(f"{key}-v{VOCAB_WORDS}", lambda: _build(directory), cache_dir,
+                         sources=[directory])
 
 
 def role_examples(tokens: torch.Tensor, max_examples: int = 0
