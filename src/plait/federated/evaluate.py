@@ -7,13 +7,13 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.federated.device import model_device, on_device
-from plait.federated.task import Inputs, Task, evaluate_batches
+from plait.federated.task import EVAL_BATCH, Inputs, Task, evaluate_batches
 from plait.federated.weights import pointed_at
 
 
 def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, y: torch.Tensor,
              task: Task | None = None, local: tuple[torch.Tensor, FlatSpec] | None = None,
-             batch_size: int = 2000) -> dict[str, float]:
+             batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """The task's metrics of the weights `params` (and, with `local`, a client's own buffers) on (x, y)."""
     device = model_device(model)
     if local is not None:

@@ -76,9 +76,15 @@ class Regression(Task):
 BUILT_IN = {"classification": Task, "regression": Regression, "next_word": NextWord}
 
 
+# Examples per evaluation batch. Smaller is both leaner and faster on the CPU here: the MNIST CNN's 10,000 test
+# images took 4.2-4.9 s in batches of 2000 (peak 685 MB: one batch's activations are 400 MB) and 3.7 s in batches
+# of 250 (393 MB), two threads.
+EVAL_BATCH = 256
+
+
 @torch.inference_mode()
 def evaluate_batches(task: Task, model: torch.nn.Module, inputs: Inputs, targets: torch.Tensor,
-                     batch_size: int = 2000) -> dict[str, float]:
+                     batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """The task's metrics over a whole set, in batches, with the model in eval mode (dropout off, BatchNorm on
     its running statistics); the model's mode is restored afterwards."""
     count = len(targets)
