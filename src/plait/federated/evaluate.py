@@ -7,15 +7,17 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.federated.device import model_device, on_device
-from plait.federated.task import EVAL_BATCH, Inputs, Task, evaluate_batches
+from plait.federated.task import EVAL_BATCH, GPU_EVAL_BATCH, Inputs, Task, evaluate_batches
 from plait.federated.weights import pointed_at
 
 
 def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, y: torch.Tensor,
              task: Task | None = None, local: tuple[torch.Tensor, FlatSpec] | None = None,
-             batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """The task's metrics of the weights `params` (and, with `local`, a client's own buffers) on (x, y)."""
+             batch_size: int = 0) -> dict[str, float]:
+    """The task's metrics of the weights `params` (and, with `local`, a client's own buffers) on (x, y), in
+    batches of `batch_size` (0: small on the CPU, large on a GPU)."""
     device = model_device(model)
+    batch_size = batch_size or (EVAL_BATCH if device.type == "cpu" else GPU_EVAL_BATCH)
     if local is not None:
         local = (local[0].to(device), local[1])
     with pointed_at(model, spec, params.detach().to(device), local=local):
