@@ -162,7 +162,7 @@ def test_auto_picks_threads_only_when_they_speed_training_up(monkeypatch):
     monkeypatch.undo()
     dropout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4))
     params, spec = flat_model_state(dropout, buffers=True)
-    assert auto._thread_speedup(dropout, spec, params, data, TrainingPlan(lr=0.1), Task(), 1.0) == 0.0
+    assert auto._thread_speedup(dropout, spec, params, data, TrainingPlan(lr=0.1), Task()) == 0.0
 
 
 class _TwoInputs(torch.nn.Module):
