@@ -76,16 +76,22 @@ def test_a_server_node_stopped_by_a_signal_writes_its_final_checkpoint(tmp_path,
     assert events[-3:] == ["signalled", "checkpoint", "stopped"]
 
 
+def start_launcher(config_path, output):
+    """`plait train CONFIG`'s parameter-server launcher as its own process (2 workers), its output to `output`."""
+    stderr = subprocess.STDOUT if output == subprocess.PIPE else output
+    return subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from plait.experiment.runs.parameter_server import main; "
+                             "main(Path(sys.argv[1]), 2, False, [], None)",
+                             str(config_path)], stdout=output, stderr=stderr)
+
+
 @pytest.mark.parametrize("signum,replication", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
 def test_plait_train_stopped_by_a_signal_leaves_final_checkpoints_and_resumes(tmp_path, signum, replication):
     """The launcher stops the workers, every server writes a final checkpoint (checkpoint_every = 0: the only
     one), the process exits with 128 + the signal; `--resume` then finishes the run from those checkpoints."""
     sync = f'servers = 2\nreplication = {replication}\nfailover_s = 0.5'
     config_path = write_config(tmp_path / "cfg.toml", tmp_path, "sig", sync, steps=100_000)
-    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                 "from plait.experiment.runs.parameter_server import main; "
-                                 "main(Path(sys.argv[1]), 2, False, [], None)",
-                                 str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launcher = start_launcher(config_path, subprocess.PIPE)
     run_dir = tmp_path / "sig"
     try:
         wait_for(lambda: any(r.get("step", 0) >= 5 for r in read_metrics(run_dir / "metrics.jsonl")), 120,
@@ -219,10 +225,7 @@ def test_a_launcher_killed_outright_leaves_no_process_running(tmp_path):
     """SIGKILL gives the launcher no chance to stop anything: its servers and workers end by themselves (the kernel
     sends them SIGTERM as their parent dies), each server with a final checkpoint."""
     config_path = write_config(tmp_path / "cfg.toml", tmp_path, "killed", "servers = 2", steps=100_000)
-    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                 "from plait.experiment.runs.parameter_server import main; "
-                                 "main(Path(sys.argv[1]), 2, False, [], None)",
-                                 str(config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = start_launcher(config_path, subprocess.DEVNULL)
     run_dir = tmp_path / "killed"
     try:
         wait_for(lambda: any(r.get("step", 0) >= 3 for r in read_metrics(run_dir / "metrics.jsonl")), 120,

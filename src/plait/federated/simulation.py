@@ -40,7 +40,7 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module,
     if config.fl.executor == "threads":
         from plait.federated.thread_executor import ThreadPoolExecutor
 
-        return ThreadPoolExecutor(model, config.fl.workers)
+        return ThreadPoolExecutor(model, config.fl.workers, device=device)
     if config.fl.executor == "process_pool":
         from plait.federated.pool_executor import ProcessPoolExecutor
 

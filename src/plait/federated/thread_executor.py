@@ -30,8 +30,8 @@ from plait.federated.task import Task, take
 class ThreadPoolExecutor:
     """`num_workers` threads (default: one per core), each with its own copy of the model, training on the CPU."""
 
-    def __init__(self, model: torch.nn.Module, num_workers: int = 0):
-        if model_device(model) != CPU:
+    def __init__(self, model: torch.nn.Module, num_workers: int = 0, device: torch.device | None = None):
+        if (device or model_device(model)) != CPU or model_device(model) != CPU:
             raise ValueError("fl.executor = 'threads' trains on the CPU; use 'sequential' for fl.device = 'cuda'")
         self.num_workers = num_workers or max(1, os.cpu_count() or 1)
         self._template = copy.deepcopy(model)

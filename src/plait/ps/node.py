@@ -121,16 +121,24 @@ def node_command(role: str, **arguments: object) -> list[str]:
     return [sys.executable, "-m", "plait.ps.node", role, json.dumps(arguments)]
 
 
-def end_with_parent() -> None:
-    """Linux: when the local launcher that started this process (its pid in PARENT_ENV) dies, even by SIGKILL, the
-    kernel sends this one SIGTERM (a server writes its final checkpoint and exits, a worker ends), so a killed
-    launcher leaves nothing running. Set here, after exec, rather than before it: the launcher has threads."""
-    parent = os.environ.pop(PARENT_ENV, None)
-    if parent is None or not sys.platform.startswith("linux"):
-        return
+def signal_on_parent_death(signum: int) -> bool:
+    """Linux: have the kernel send this process `signum` when its parent dies, even by SIGKILL. False where that
+    cannot be set (another system, no libc): a dead parent's processes must then be ended by hand."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
+        return False
+    return True
+
+
+def end_with_parent() -> None:
+    """When the local launcher that started this process (its pid in PARENT_ENV) dies, even by SIGKILL, the kernel
+    sends this one SIGTERM (a server writes its final checkpoint and exits, a worker ends), so a killed launcher
+    leaves nothing running. Set here, after exec, rather than before it: the launcher has threads."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not signal_on_parent_death(signal.SIGTERM):
         return
     if os.getppid() != int(parent):  # the launcher died before the line above
         os.kill(os.getpid(), signal.SIGTERM)

@@ -17,7 +17,6 @@ binds every interface (0.0.0.0, "*"), at PLAIT_PS_ADVERTISE_HOST if set, else th
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -32,7 +31,7 @@ from typing import Any
 from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import SERVERS_DIR
 from plait.ps.launcher import STARTUP_TIMEOUT_S, await_endpoint, end_processes, tail
-from plait.ps.node import node_command
+from plait.ps.node import node_command, signal_on_parent_death
 from plait.ps.restart_policy import Outcome, WorkerRestartPolicy
 from plait.ps.server_config import server_name
 from plait.ps.trainer import RESTART_ENV
@@ -99,11 +98,7 @@ def _die_with_parent() -> None:
     """In the child, before exec (Linux): SIGKILL it when its supervisor rank dies, so a rank torchrun killed leaves
     no process behind to hold its port or write its files while the next attempt runs (the server's journal keeps
     what it acknowledged). Elsewhere nothing: a dead rank's processes must then be ended by hand."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    signal_on_parent_death(signal.SIGKILL)
 
 
 class _SignalEnds(Exception):
