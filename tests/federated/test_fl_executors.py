@@ -200,3 +200,9 @@ def test_parallel_backends_carry_several_inputs_and_a_clients_own_buffers(backen
     for got, want in zip(results, reference, strict=True):
         assert torch.equal(got.delta, want.delta)
         assert torch.equal(got.local_buffers, want.local_buffers) and not torch.equal(got.local_buffers, own[0])
+
+
+def test_threads_refuse_a_gpu_device(model_and_params):
+    model, _, _ = model_and_params  # on the CPU, as when the executor is built: fl.device names the GPU
+    with pytest.raises(ValueError, match="fl.executor = 'threads' trains on the CPU"):
+        ThreadPoolExecutor(model, num_workers=2, device=torch.device("cuda"))
