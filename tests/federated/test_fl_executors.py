@@ -55,6 +55,47 @@ def test_backend_matches_reference_updates(backend, model_and_params):
     assert torch.get_num_threads() == threads  # the threads' one torch thread each did not leak into this one
 
 
+def test_sequential_trains_on_its_own_thread_count_and_puts_the_process_one_back(model_and_params):
+    model, spec, params = model_and_params
+    tasks = _tasks(2)
+    reference = {t.client_id: client_update(model, spec, params, t.data, t.plan) for t in tasks}
+    threads, seen = torch.get_num_threads(), set()
+    hook = model.register_forward_pre_hook(lambda *_: seen.add(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        results = {t.client_id: u for t, u in SequentialExecutor(train_threads=1).run(model, spec, params, tasks)}
+        assert seen == {1} and torch.get_num_threads() == 2  # trained on 1; the process's 2 are back
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    for cid, update in results.items():
+        assert torch.allclose(update.delta, reference[cid].delta, atol=1e-6)  # threads change sums' order only
+
+
+def test_auto_trains_sequential_clients_on_one_thread_when_that_is_as_fast(monkeypatch):
+    """`training_threads` times a few steps on one thread and on all: 1 when one is no slower, 0 (keep the
+    process's setting) when all are faster, and 0 without measuring when the process has one thread."""
+    from plait.federated.backends import auto
+    from plait.federated.task import Task
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    params, spec = flat_params(model)
+    data = ClientData(torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,)))
+    plan = TrainingPlan(batch_size=10, lr=0.1)
+    threads = torch.get_num_threads()
+    try:
+        for one, many, expected in [(1.0, 2.0, 1), (2.0, 1.0, 0)]:
+            monkeypatch.setattr(auto, "_best_time",
+                                lambda call, o=one, m=many: (call(), o if torch.get_num_threads() == 1 else m)[1])
+            torch.set_num_threads(2)
+            chosen, why = auto.training_threads(model, spec, params, data, plan, Task())
+            assert chosen == expected and "on 1 thread" in why and torch.get_num_threads() == 2, why
+        torch.set_num_threads(1)
+        assert auto.training_threads(model, spec, params, data, plan, Task())[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_threads_refuse_a_model_that_draws_random_numbers(model_and_params):
     _, spec, params = model_and_params
     torch.manual_seed(0)
@@ -106,6 +147,7 @@ def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
     raw = shapes_config(tmp_path, executor="auto")
     server = build_server(from_dict(FederatedRunConfig, raw))
     assert server.config.executor in ("sequential", "threads", "process_pool")  # decided, recorded in the config
+    assert server.config.worker_threads in (0, 1)  # the sequential executor's training threads, measured
     server.close()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
     params, spec = flat_model_state(model, buffers=True)

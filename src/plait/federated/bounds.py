@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from plait.core.finite import all_finite
 from plait.federated.client_update import Update
 from plait.runtime.divergence import Diverged as Diverged  # re-exported: fl.bounds.on_divergence = "stop" raises it
 
@@ -98,7 +99,7 @@ class BoundedAggregator:
 
     def add(self, client_id: int, update: Update) -> None:
         delta = update.delta
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             raise UpdateRefused("nonfinite", f"client {client_id}: its update holds NaN or Inf values")
         norm = float(delta.norm())
         if norm > self.bound:

@@ -48,8 +48,9 @@ class FLConfig:
     executor: Literal["sequential", "threads", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
     # (distributed: over torch.distributed ranks, under torchrun; auto: measured at start, backends/auto.py)
     workers: int = 0                   # threads, process_pool: worker threads or processes (0: one per core)
-    worker_threads: int = 1            # process_pool: torch threads per worker (run.threads is the main process's:
-                                       # its evaluation uses every core while the workers wait)
+    worker_threads: int = 0            # torch threads that train clients: a process_pool worker's (0: 1), the
+                                       # sequential executor's while a client trains (0: run.threads, which the
+                                       # main process's evaluation keeps: it uses every core while workers wait)
     # where simulated clients train and the server evaluates: auto = cuda when the process sees a GPU (a torchrun rank:
     # its own, cuda:LOCAL_RANK), else the CPU; the global weights and aggregation stay on the CPU (federated/device.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -89,8 +90,8 @@ class FLConfig:
                              "known: charging, idle, unmetered")
         if self.gossip.enabled:
             self._check_gossip()
-        if self.workers < 0 or self.worker_threads < 1:
-            raise ValueError(f"fl.workers must be >= 0 and fl.worker_threads >= 1, got {self.workers}, "
+        if self.workers < 0 or self.worker_threads < 0:
+            raise ValueError(f"fl.workers and fl.worker_threads must be >= 0, got {self.workers}, "
                              f"{self.worker_threads}")
         if self.strategy.name == "secagg" and self.compression.codec != "none":
             # masked ring elements do not compress; the codec would only ever see the unmasked delta here

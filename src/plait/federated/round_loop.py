@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from plait.core.finite import all_finite
 from plait.core.flat import FlatSpec
 from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
@@ -214,7 +215,7 @@ class RoundLoop:
             except (SecAggError, TooFewUpdates) as err:  # e.g. too many dropouts: this round releases nothing
                 record["skipped"], record["aggregation_error"] = True, str(err)
                 return state
-        if not bool(torch.isfinite(mean).all()):
+        if not all_finite(mean):
             self._diverged(record, f"round {round_idx}: the aggregate of the clients' updates is not finite")
             return state
         if released is not None and hasattr(released, "traffic"):  # simulated secure aggregation: its messages
@@ -222,7 +223,7 @@ class RoundLoop:
             record["bytes_up"] = traffic["bytes_up"]
             record["bytes_down"] += traffic["bytes_down"]
         params, opt_state = self.server_opt.apply(state.params, mean, state.opt_state)
-        if not bool(torch.isfinite(params).all()):
+        if not all_finite(params):
             self._diverged(record, f"round {round_idx}: the server optimizer made the global model non-finite")
             return state
         if isinstance(aggregator, BoundedAggregator):

@@ -44,9 +44,9 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module,
     if config.fl.executor == "process_pool":
         from plait.federated.pool_executor import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads,
+        return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads or 1,
                                    device=device)
-    return SequentialExecutor()
+    return SequentialExecutor(train_threads=config.fl.worker_threads)
 
 
 def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: Any, task: Task,
@@ -54,7 +54,7 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     """Measure, pick, say why, and write the choice into the config (the run's config.toml records it)."""
     import logging
 
-    from plait.federated.backends.auto import choose_executor
+    from plait.federated.backends.auto import choose_executor, training_threads
     from plait.federated.client_update import ClientData
     from plait.federated.seeds import client_seed
     from plait.federated.weights import flat_model_state
@@ -70,7 +70,11 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
         sorted(set(np.linspace(0, data.num_clients - 1, AUTO_SAMPLE).astype(int).tolist()))
     typical = sorted(ids, key=data.num_examples)[len(ids) // 2]
     plan = config.fl.plan.for_client(client_seed(config.run.seed, 0, typical))
-    chosen, why = choose_executor(model, spec, params, ClientData(*data.client_train(typical)), plan, task)
+    client = ClientData(*data.client_train(typical))
+    chosen, why = choose_executor(model, spec, params, client, plan, task)
+    if chosen == "sequential" and not config.fl.worker_threads:
+        config.fl.worker_threads, said = training_threads(model, spec, params, client, plan, task)
+        why += f"; {said}"
     logging.getLogger("plait.fl").warning("fl.executor = 'auto' chose %r: %s", chosen, why)
     config.fl.executor = chosen
 

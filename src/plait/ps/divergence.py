@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from plait.core.finite import all_finite
 from plait.runtime.divergence import Diverged
 from plait.runtime.metrics_log import read_metrics
 
@@ -26,9 +27,9 @@ class WorkerDiverged(Diverged):
 
 def step_problem(loss: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> tuple[str, bool] | None:
     """(what is not finite, whether skipping the step can help), or None for a good step. One host sync."""
-    if bool(torch.isfinite(grad).all() & torch.isfinite(loss)):
+    if all_finite(grad) and all_finite(loss):
         return None
-    if not bool(torch.isfinite(weights).all()):
+    if not all_finite(weights):
         return "the weights pulled from the servers are not finite (a server's update overflowed: see its log)", False
     what = "train loss" if not bool(torch.isfinite(loss)) else "gradient"
     return f"{what} not finite (train loss {float(loss)})", True

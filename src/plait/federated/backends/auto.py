@@ -29,7 +29,7 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.federated.client_update import ClientData, client_update
-from plait.federated.executor import ClientTask
+from plait.federated.executor import ClientTask, torch_threads
 from plait.federated.plan import TrainingPlan
 from plait.federated.task import Task
 from plait.federated.thread_executor import draws_random_numbers
@@ -52,14 +52,10 @@ def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor
     steps = plan.num_steps(len(data))
     short, long = replace(plan, max_steps=1), replace(plan, max_steps=1 + MEASURE_STEPS)
     measured = min(MEASURE_STEPS, steps - 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         client_update(model, spec, params, data, long, task)  # warm-up: first-call costs are not the workload's
         one = _best_time(lambda: client_update(model, spec, params, data, short, task))
         more = _best_time(lambda: client_update(model, spec, params, data, long, task)) if measured > 0 else one
-    finally:
-        torch.set_num_threads(threads)
     per_step = max(more - one, 0.0) / measured if measured > 0 else one
     per_client = max(one - per_step, 0.0) + per_step * steps
     if cores < 2:
@@ -76,6 +72,26 @@ def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor
            f"two threads train only {speedup:.2f}x as fast as one")
     return "process_pool", (f"{run}; {why}: {cores} workers, one per core, pay {POOL_TASK_S * 1000:.0f} ms per "
                             "task")
+
+
+def training_threads(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
+                     plan: TrainingPlan, task: Task) -> tuple[int, str]:
+    """(torch threads, why) for training clients like `data` one after another in this process: 1 when one thread
+    steps at least as fast as the process's `torch.get_num_threads()` (a small model's ops are too short to share:
+    the second thread only waits), else 0 (leave the process's setting)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 0, "one torch thread already"
+    model = copy.deepcopy(model)
+    steps = replace(plan, max_steps=1 + MEASURE_STEPS)
+    timed = {}
+    for count in (1, threads):
+        with torch_threads(count):
+            client_update(model, spec, params, data, steps, task)  # warm-up at this thread count
+            timed[count] = _best_time(lambda: client_update(model, spec, params, data, steps, task))
+    said = (f"{MEASURE_STEPS + 1} steps take {timed[1] * 1000:.1f} ms on 1 thread, "
+            f"{timed[threads] * 1000:.1f} ms on {threads}")
+    return (1, said + ": clients train on 1") if timed[1] <= timed[threads] else (0, said)
 
 
 def _thread_speedup(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from plait.core.compress import Encoded
+from plait.core.finite import all_finite
 from plait.federated.client_program import ClientProgram
 from plait.federated.net.wire import TensorAssembler, WireError, split_parts
 
@@ -79,6 +80,6 @@ def decompress(program: ClientProgram, cid: int, h: Any, assembler: TensorAssemb
         raise WireError("malformed", f"{what}: {err} (stage decompress)") from err
     if delta.shape != (numel,) or delta.dtype != torch.float32:
         raise WireError("shape", f"{what}: decompresses to {delta.dtype} {tuple(delta.shape)}")
-    if not bool(torch.isfinite(delta).all()):
+    if not all_finite(delta):
         raise WireError("nonfinite", f"{what}: decompresses to NaN/Inf values")
     return delta

@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 from google.protobuf.message import DecodeError, Message
 
+from plait.core.finite import all_finite
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.plan import TrainingPlan
 
@@ -210,12 +211,8 @@ class TensorAssembler:
             raise WireError("malformed", f"{self.what}: stream ended after {self.received} of "
                                          f"{len(self.buffer)} bytes")
         tensor = self.storage.view(torch.float32).view(self.shape)
-        # NaN and Inf propagate through a sum: one fast reduction, and the exact count only when it fails (a
-        # sum can also overflow on huge finite values, which the exact check then lets through).
-        if check_finite and not bool(torch.isfinite(tensor.sum())):
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise WireError("nonfinite", f"{self.what}: {bad} NaN/Inf values")
+        if check_finite and not all_finite(tensor):
+            raise WireError("nonfinite", f"{self.what}: {int((~torch.isfinite(tensor)).sum())} NaN/Inf values")
         return tensor
 
 
@@ -260,7 +257,7 @@ def split_parts(buffer, parts, what: str) -> dict[str, torch.Tensor]:
         offset += part.num_bytes
         dtype = PART_DTYPES[part.dtype]
         tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        if dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if dtype.is_floating_point and not all_finite(tensor):
             raise WireError("nonfinite", f"{what}: part {part.name!r} holds NaN/Inf values")
         out[part.name] = tensor
     return out
