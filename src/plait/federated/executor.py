@@ -47,13 +47,15 @@ class SequentialExecutor:
 
     def run(self, model, spec, global_params, tasks):
         params = global_params.to(model_device(model))  # once a round, not once a client
-        for task in tasks:
-            try:
-                with torch_threads(self.train_threads):
+        # the caller's checks and sums between clients too: switching back to more threads for those short ops
+        # would leave the others spinning through the next client's training
+        with torch_threads(self.train_threads):
+            for task in tasks:
+                try:
                     update = client_update(model, spec, params, task.data, task.plan, task.task, task.local)
-            except Exception as err:  # name the client and the stage in every error (fedjax's debug backend)
-                raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
-            yield task, update.cpu()
+                except Exception as err:  # name the client and the stage in every error (fedjax's debug backend)
+                    raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
+                yield task, update.cpu()
 
     def close(self) -> None:
         pass

@@ -50,6 +50,7 @@ class ThreadPoolExecutor:
         main_threads = torch.get_num_threads()
         params = global_params.detach().cpu()
         futures = [self._pool.submit(self._train, spec, params, task) for task in tasks]
+        torch.set_num_threads(1)  # this thread's checks and sums, while the workers hold the cores (pool_executor.py)
         try:
             for task, future in zip(tasks, futures):  # in task order: the same sums as the sequential executor
                 try:
