@@ -9,7 +9,11 @@ one process; now 0.37 s, medians of 7 on 2 cores). So nothing per task goes thro
 - the global weights are written once a round into a shared buffer the workers mapped when they started;
 - each update comes back in one of a few shared result slots, whose index travels with the task; the parent
   copies it out as it takes the result in order and hands the slot to the next task (a window of tasks in flight);
-- a client's data travels by value (numpy arrays through the pipe: a 60-example MNIST client is 188 KB).
+- a client's tensors are copied into a shared input row that goes with its slot, and the task names where they
+  lie. They travelled by value before (numpy arrays through the pipe: a 60-example MNIST client is 188 KB),
+  written out by the parent's task thread while a worker held the pool's one queue lock to read them: the workers
+  waited on that lock longer than they trained. The rows are made with the pool, twice as large as the first
+  round's largest client; a larger client later travels by value.
 The pool starts at the first round, when the weights' size is known, and restarts if a later round's differs.
 With a GPU device (fl.device) each worker holds its model there and copies its update back to the CPU.
 """
@@ -17,9 +21,11 @@ With a GPU device (fl.device) each worker holds its model there and copies its u
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +39,8 @@ from plait.federated.executor import ClientTask
 
 SLOTS_PER_WORKER = 4          # tasks in flight per worker: enough that a worker never waits for the parent
 SLOT_BYTES = 1 << 30          # at most this much shared memory for result slots (a large model gets fewer)
+INPUT_ALIGN = 64              # bytes: where each tensor in a slot's input row starts
+INPUT_BYTES = 1 << 30         # at most this much shared memory for input rows (larger clients go by value)
 
 
 class _Worker:
@@ -40,23 +48,26 @@ class _Worker:
     spec: FlatSpec
     params: torch.Tensor      # the round's global weights, shared with the parent
     slots: torch.Tensor       # [slots, weights] result rows, shared with the parent
+    inputs: torch.Tensor      # [slots, bytes] input rows, shared with the parent
 
 
 _worker = _Worker()
 
 
 def _init_worker(model: torch.nn.Module, threads: int, device: torch.device, spec: FlatSpec, params: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+                 slots: torch.Tensor, inputs: torch.Tensor) -> None:
     torch.set_num_threads(threads)
     _worker.model, _worker.spec, _worker.params, _worker.slots = model.to(device), spec, params, slots
+    _worker.inputs = inputs
 
 
 def _run_task(args: tuple[int, Any, Any, Any, Any, Any, int]) -> tuple[int, tuple[int, dict[str, float], Any] | str]:
     client_id, plan, x, y, task, local, slot = args
     try:
-        own = (_from_wire(local[0]), local[1]) if local is not None else None
-        update = client_update(_worker.model, _worker.spec, _worker.params, ClientData(_from_wire(x), _from_wire(y)),
-                               plan, task, own).cpu()
+        row = _worker.inputs[slot]
+        own = (_unpack(local[0], row), local[1]) if local is not None else None
+        update = client_update(_worker.model, _worker.spec, _worker.params,
+                               ClientData(_unpack(x, row), _unpack(y, row)), plan, task, own).cpu()
         _worker.slots[slot].copy_(update.delta)
         buffers = _to_wire(update.local_buffers) if update.local_buffers is not None else None
         return client_id, (update.num_examples, update.metrics, buffers)
@@ -82,6 +93,70 @@ def _from_wire(x: Any) -> Any:
     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    """Where a task's tensor lies in its slot's shared input row."""
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _tensors(values: tuple[Any, ...]) -> list[torch.Tensor]:
+    """The CPU tensors among `values` (tensors, tuples of tensors, or anything else): what goes into a row."""
+    flat = [t for v in values for t in (v if isinstance(v, tuple) else (v,))]
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+            and t.layout == torch.strided and not t.requires_grad]
+
+
+def _span(x: torch.Tensor) -> int:
+    """Bytes `x` takes in a row, rounded up to INPUT_ALIGN (each tensor starts aligned for any dtype)."""
+    return -(-x.numel() * x.element_size() // INPUT_ALIGN) * INPUT_ALIGN
+
+
+def _row_bytes(values: tuple[Any, ...]) -> int:
+    return sum(_span(t) for t in _tensors(values))
+
+
+def _view(row: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return row[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def _pack(row: torch.Tensor, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`values` with each CPU tensor copied into `row` and replaced by where it lies there; by value (`_to_wire`)
+    when they do not fit."""
+    if _row_bytes(values) > row.numel():
+        return tuple(_to_wire(v) for v in values)
+    packable = {id(t) for t in _tensors(values)}
+    offset = 0
+
+    def put(x: Any) -> Any:
+        nonlocal offset
+        if isinstance(x, tuple):
+            return tuple(put(part) for part in x)
+        if id(x) not in packable:
+            return x
+        _view(row, offset, x.dtype, tuple(x.shape)).copy_(x)
+        packed = _Packed(offset, x.dtype, tuple(x.shape))
+        offset += _span(x)
+        return packed
+
+    return tuple(put(v) for v in values)
+
+
+def _unpack(x: Any, row: torch.Tensor) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_unpack(part, row) for part in x)
+    if isinstance(x, _Packed):  # a view: the slot's next task overwrites it, after this one has trained
+        return _view(row, x.offset, x.dtype, x.shape)
+    return _from_wire(x)
+
+
+def _task_tensors(task: ClientTask) -> tuple[Any, Any, Any]:
+    """What of a task travels as data: its inputs, labels and own buffers."""
+    return task.data.x, task.data.y, task.local[0] if task.local is not None else None
+
+
 class ProcessPoolExecutor:
     """`num_workers` persistent processes (default: one per core) training on `device` (default: where `model`
     lives). The model is sent once, at start, from the CPU."""
@@ -100,25 +175,31 @@ class ProcessPoolExecutor:
         self._shape: tuple[FlatSpec, int, torch.dtype] | None = None
         self._params = torch.empty(0)
         self._slots = torch.empty(0, 0)
+        self._inputs = torch.empty(0, 0, dtype=torch.uint8)
 
-    def _start(self, spec: FlatSpec, global_params: torch.Tensor) -> None:
-        """Start the workers with shared buffers for weights of this size (again if the size changed)."""
+    def _start(self, spec: FlatSpec, global_params: torch.Tensor, tasks: list[ClientTask]) -> None:
+        """Start the workers with shared buffers for weights of this size (again if the size changed), and input
+        rows for clients up to twice the size of `tasks`' largest."""
         shape = (spec, global_params.numel(), global_params.dtype)
         if self._pool is not None and self._shape == shape:
             return
         self.close()
         row_bytes = global_params.numel() * global_params.element_size()
         count = max(self.num_workers + 1, min(SLOTS_PER_WORKER * self.num_workers, SLOT_BYTES // max(row_bytes, 1)))
+        largest = max((_row_bytes(_task_tensors(task)) for task in tasks), default=0)
+        input_bytes = min(max(2 * largest, INPUT_ALIGN), INPUT_BYTES // count)
         self._params = torch.empty_like(global_params, device=CPU).share_memory_()
         self._slots = torch.empty(count, global_params.numel(), dtype=global_params.dtype).share_memory_()
+        self._inputs = torch.empty(count, input_bytes, dtype=torch.uint8).share_memory_()
         self._pool = mp.get_context("spawn").Pool(
             self.num_workers, initializer=_init_worker,
-            initargs=(self._model, self.threads_per_worker, self.device, spec, self._params, self._slots))
+            initargs=(self._model, self.threads_per_worker, self.device, spec, self._params, self._slots,
+                      self._inputs))
         self._shape = shape
 
     def run(self, model, spec: FlatSpec, global_params: torch.Tensor,
             tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Update]]:
-        self._start(spec, global_params)
+        self._start(spec, global_params, tasks)
         self._params.copy_(global_params.detach())
         free = list(range(len(self._slots)))
         pending: deque[tuple[ClientTask, int, Any]] = deque()
@@ -128,9 +209,9 @@ class ProcessPoolExecutor:
             task = next(queue, None)
             if task is not None:
                 slot = free.pop()
-                local = (_to_wire(task.local[0]), task.local[1]) if task.local is not None else None
-                message = (task.client_id, task.plan, _to_wire(task.data.x), _to_wire(task.data.y), task.task,
-                           local, slot)
+                x, y, own = _pack(self._inputs[slot], _task_tensors(task))
+                local = (own, task.local[1]) if task.local is not None else None
+                message = (task.client_id, task.plan, x, y, task.task, local, slot)
                 pending.append((task, slot, self._pool.apply_async(_run_task, (message,))))
 
         # while the workers train, this process checks and folds in their updates on one thread: with more, each of
