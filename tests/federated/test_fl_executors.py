@@ -244,6 +244,29 @@ def test_parallel_backends_carry_several_inputs_and_a_clients_own_buffers(backen
         assert torch.equal(got.local_buffers, want.local_buffers) and not torch.equal(got.local_buffers, own[0])
 
 
+def test_pool_takes_clients_its_input_rows_cannot_hold(model_and_params):
+    """The pool's shared input rows are sized by the first round's largest client (twice it); a larger client later
+    travels by value, and a non-contiguous one is packed contiguous: both train as in this process."""
+    model, spec, params = model_and_params
+    generator = torch.Generator().manual_seed(3)
+    small = _tasks(2)
+    odd = torch.randn(28, 28, 1, 16, generator=generator).permute(3, 2, 0, 1)  # [16, 1, 28, 28], not contiguous
+    small.append(ClientTask(5, TrainingPlan(batch_size=8, lr=0.05, seed=5),
+                            ClientData(odd, torch.randint(0, 10, (16,), generator=generator))))
+    big = ClientTask(9, TrainingPlan(batch_size=8, lr=0.05, seed=9),
+                     ClientData(torch.randn(90, 1, 28, 28, generator=generator),
+                                torch.randint(0, 10, (90,), generator=generator)))
+    executor = ProcessPoolExecutor(model, num_workers=2)
+    try:
+        list(executor.run(model, spec, params, small))
+        assert executor._inputs.shape[1] < big.data.x.numel() * 4  # the test reaches the by-value path
+        second = {t.client_id: u for t, u in executor.run(model, spec, params, [big, *small])}
+    finally:
+        executor.close()
+    for task in [big, *small]:
+        assert torch.equal(second[task.client_id].delta, client_update(model, spec, params, task.data, task.plan).delta)
+
+
 def test_threads_refuse_a_gpu_device(model_and_params):
     model, _, _ = model_and_params  # on the CPU, as when the executor is built: fl.device names the GPU
     with pytest.raises(ValueError, match="fl.executor = 'threads' trains on the CPU"):
