@@ -155,7 +155,11 @@ def test_auto_measures_a_client_and_says_which_executor_and_why(tmp_path):
     plan = TrainingPlan(batch_size=10, lr=0.1)
     assert choose_executor(model, spec, params, data, plan, Task(), cores=1)[0] == "sequential"
     tiny, why = choose_executor(model, spec, params, data, plan, Task(), cores=2)
-    assert tiny == "sequential" and "too short for a pool" in why  # 4 tiny steps: overhead-bound
+    assert tiny == "sequential" and "too little over 1 rounds" in why  # 4 tiny steps, one client: overhead-bound
+    forty_steps = TrainingPlan(epochs=10, batch_size=10, lr=0.1)  # a few ms: still under the 50 ms line
+    many, why = choose_executor(model, spec, params, data, forty_steps, Task(), cores=2, clients_per_round=1000,
+                                rounds=1000)
+    assert many == "process_pool" and "too short for threads" in why  # a million of them pay the pool's start
     long_plan = TrainingPlan(epochs=2000, batch_size=1, lr=0.01)  # 80,000 steps: long enough to run in parallel
     chosen, why = choose_executor(model, spec, params, data, long_plan, Task(), cores=2)
     assert chosen in ("threads", "process_pool")  # which of the two is measured: test_auto_picks_threads_only_...

@@ -57,6 +57,7 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     from plait.federated.backends.auto import choose_executor, training_threads
     from plait.federated.client_update import ClientData
     from plait.federated.seeds import client_seed
+    from plait.federated.selection import target_clients
     from plait.federated.weights import flat_model_state
 
     if device.type == "cuda":  # the timings below are the CPU's; a pool's processes would only share the one GPU
@@ -71,7 +72,9 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     typical = sorted(ids, key=data.num_examples)[len(ids) // 2]
     plan = config.fl.plan.for_client(client_seed(config.run.seed, 0, typical))
     client = ClientData(*data.client_train(typical))
-    chosen, why = choose_executor(model, spec, params, client, plan, task)
+    chosen, why = choose_executor(model, spec, params, client, plan, task, rounds=config.fl.rounds,
+                                  clients_per_round=target_clients(config.fl.fraction, config.fl.min_clients,
+                                                                   data.num_clients))
     if chosen == "sequential" and not config.fl.worker_threads:
         config.fl.worker_threads, said = training_threads(model, spec, params, client, plan, task)
         why += f"; {said}"
