@@ -40,7 +40,7 @@ from plait.federated.executor import ClientTask
 SLOTS_PER_WORKER = 4          # tasks in flight per worker: enough that a worker never waits for the parent
 SLOT_BYTES = 1 << 30          # at most this much shared memory for result slots (a large model gets fewer)
 INPUT_ALIGN = 64              # bytes: where each tensor in a slot's input row starts
-INPUT_BYTES = 1 << 30         # at most this much shared memory for input rows (larger clients go by value)
+INPUT_BYTES = 1 << 28         # at most this much shared memory for input rows (larger clients go by value)
 
 
 class _Worker:
