@@ -105,7 +105,8 @@ def _train(model: torch.nn.Module, task: Task, spec: FlatSpec, global_params: to
     named = dict(model.named_parameters())
     trained = [name for name in spec.names if name not in spec.buffers and named[name].requires_grad]
     params: list[torch.Tensor] = [named[name] for name in trained]
-    anchors = [split_views(global_params, spec)[name] for name in trained] if plan.prox_mu else []
+    global_views = split_views(global_params, spec) if plan.prox_mu else {}
+    anchors = [global_views[name] for name in trained] if plan.prox_mu else []
     velocity = [torch.zeros_like(p) for p in params] if plan.momentum else None
     generator = torch.Generator().manual_seed(plan.seed)
     num_examples = len(data)

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from plait.core.flat import FlatSpec
 from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.device import CPU, model_device
-from plait.federated.executor import ClientTask
+from plait.federated.executor import ClientTask, torch_threads
 
 SLOTS_PER_WORKER = 4          # tasks in flight per worker: enough that a worker never waits for the parent
 SLOT_BYTES = 1 << 30          # at most this much shared memory for result slots (a large model gets fewer)
@@ -101,11 +101,15 @@ class _Packed:
     shape: tuple[int, ...]
 
 
+def _packable(x: Any) -> bool:
+    """A CPU tensor, which goes into a row (anything else travels by value)."""
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.layout == torch.strided \
+        and not x.requires_grad
+
+
 def _tensors(values: tuple[Any, ...]) -> list[torch.Tensor]:
-    """The CPU tensors among `values` (tensors, tuples of tensors, or anything else): what goes into a row."""
-    flat = [t for v in values for t in (v if isinstance(v, tuple) else (v,))]
-    return [t for t in flat if isinstance(t, torch.Tensor) and t.device.type == "cpu"
-            and t.layout == torch.strided and not t.requires_grad]
+    """The packable tensors among `values` (tensors, tuples of tensors, or anything else)."""
+    return [t for v in values for t in (v if isinstance(v, tuple) else (v,)) if _packable(t)]
 
 
 def _span(x: torch.Tensor) -> int:
@@ -118,7 +122,7 @@ def _row_bytes(values: tuple[Any, ...]) -> int:
 
 
 def _view(row: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return row[offset : offset + nbytes].view(dtype).view(shape)
 
 
@@ -127,14 +131,13 @@ def _pack(row: torch.Tensor, values: tuple[Any, ...]) -> tuple[Any, ...]:
     when they do not fit."""
     if _row_bytes(values) > row.numel():
         return tuple(_to_wire(v) for v in values)
-    packable = {id(t) for t in _tensors(values)}
     offset = 0
 
     def put(x: Any) -> Any:
         nonlocal offset
         if isinstance(x, tuple):
             return tuple(put(part) for part in x)
-        if id(x) not in packable:
+        if not _packable(x):
             return x
         _view(row, offset, x.dtype, tuple(x.shape)).copy_(x)
         packed = _Packed(offset, x.dtype, tuple(x.shape))
@@ -215,29 +218,28 @@ class ProcessPoolExecutor:
                 pending.append((task, slot, self._pool.apply_async(_run_task, (message,))))
 
         # while the workers train, this process checks and folds in their updates on one thread: with more, each of
-        # those short ops waits for a core a worker holds (a 2NN round's folding took 0.2 s on two, not 0.02)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for _ in range(len(free)):
-                submit()
-            # in task order: updates are folded in that order, so a run gives the same bits as the sequential
-            # backend and as itself (float sums depend on order); each still arrives as soon as its turn comes
-            while pending:
-                task, slot, result = pending.popleft()
-                client_id, outcome = result.get()
-                if isinstance(outcome, str):
-                    raise RuntimeError(f"client {client_id}: local training failed: {outcome}")
-                examples, metrics, buffers = outcome
-                update = Update(self._slots[slot].clone(), examples, metrics,
-                                _from_wire(buffers) if buffers is not None else None)
-                free.append(slot)
-                submit()
-                yield task, update
-        finally:
-            torch.set_num_threads(threads)
-            for _, _, result in pending:  # tasks still in flight must not write into next round's slots
-                result.wait()
+        # those short ops waits for a core a worker holds (py-spy: folding 2NN updates took more samples than the
+        # forward passes did)
+        with torch_threads(1):
+            try:
+                for _ in range(len(free)):
+                    submit()
+                # in task order: updates are folded in that order, so a run gives the same bits as the sequential
+                # backend and as itself (float sums depend on order); each still arrives as soon as its turn comes
+                while pending:
+                    task, slot, result = pending.popleft()
+                    client_id, outcome = result.get()
+                    if isinstance(outcome, str):
+                        raise RuntimeError(f"client {client_id}: local training failed: {outcome}")
+                    examples, metrics, buffers = outcome
+                    update = Update(self._slots[slot].clone(), examples, metrics,
+                                    _from_wire(buffers) if buffers is not None else None)
+                    free.append(slot)
+                    submit()
+                    yield task, update
+            finally:
+                for _, _, result in pending:  # tasks still in flight must not write into next round's slots
+                    result.wait()
 
     def close(self) -> None:
         if self._pool is not None:
