@@ -11,9 +11,12 @@ Plait's own data loading materialises each row's partition; every client's array
 side (benchmarks/flower_reference.py) loads, with the same model definitions and seed. Each side runs as its own
 process, as a user starts it: Plait as `python -m plait.cli run CONFIG` with `fl.executor = "auto"` (the choice is
 reported), Flower in its own virtual environment. Measured per run: start-up (launch to the first round's results
-arriving), seconds per round (the rounds after the first), peak memory (sum of RSS over the process tree, sampled
-every 0.1 s from /proc). The floor is the plain single-thread PyTorch loop's time for the CNN round's training
-(10 clients) and test-set evaluation, divided by the cores. Medians over runs and rounds, with min-max.
+arriving), seconds per round (the rounds after the first), peak memory of the process tree: the sum of its
+processes' proportional set sizes (PSS, /proc/PID/smaps_rollup, every 0.5 s: a page k processes share counts 1/k in
+each), with the sum of their resident sets (RSS, every 0.1 s) shown beside it. RSS counts a shared page once per
+process that maps it: libraries in every Ray worker, and the copy-on-write pages of workers forked from Plait's. The
+floor is the plain single-thread PyTorch loop's time for the CNN round's training (10 clients) and test-set
+evaluation, divided by the cores. Medians over runs and rounds, with min-max.
 
 First use installs Flower (flwr[simulation]==1.42.0, with its pin ray==2.55.1) into .venv-flower/ at the
 repository root with `python -m venv` and pip: torch==2.13.0 first (the project's), then Flower with a constraints
@@ -56,7 +59,8 @@ TORCH_VERSION = "2.13.0"  # the project's (Makefile); never let pip choose anoth
 REPO = Path(__file__).resolve().parents[1]
 FLOWER_VENV = REPO / ".venv-flower"
 POLL_S = 0.02        # how often the first round's results are looked for (start-up resolution)
-MEMORY_EVERY = 5     # polls between two samples of the process tree's memory (every 0.1 s)
+MEMORY_EVERY = 5     # polls between two samples of the process tree's resident sets (every 0.1 s)
+PSS_EVERY = 25       # polls between two samples of its proportional sets (every 0.5 s: 15-30 ms of CPU each)
 PLAN = {"epochs": 1, "batch_size": 10, "lr": 0.05}
 SEED = 0
 
@@ -80,7 +84,8 @@ class Measured:
     """One side's runs of one row."""
     startup_s: list[float] = field(default_factory=list)
     round_s: list[float] = field(default_factory=list)
-    peak_mb: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)       # PSS
+    peak_rss_mb: list[float] = field(default_factory=list)   # RSS, shown
     accuracy: list[float] = field(default_factory=list)
     executor: str = ""
 
@@ -193,17 +198,32 @@ def rss_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
-def watch(command: list[str], env: dict[str, str], progress: Path, log: Path) -> tuple[float, float, list[dict]]:
-    """Run `command` to its end; (start-up s, peak MB of its process tree, the round records it wrote)."""
+def pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                          if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 2**10
+
+
+def watch(command: list[str], env: dict[str, str], progress: Path,
+          log: Path) -> tuple[float, tuple[float, float], list[dict]]:
+    """Run `command` to its end; (start-up s, (peak PSS, peak RSS) MB of its process tree, the round records it
+    wrote)."""
     launched = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    first_round, peak, seen, polls = None, 0.0, set(), 0
+    first_round, peak, peak_rss, seen, polls = None, 0.0, 0.0, set(), 0
     while proc.poll() is None:
         if polls % MEMORY_EVERY == 0:  # a scan of /proc costs ~4 ms of CPU: not at every poll
             pids = tree_pids(proc.pid)
             seen.update(pids)
-            peak = max(peak, rss_mb(pids))
+            peak_rss = max(peak_rss, rss_mb(pids))
+            if polls % PSS_EVERY == 0:
+                peak = max(peak, pss_mb(pids))
         if first_round is None and progress.exists() and progress.stat().st_size:
             first_round = time.perf_counter() - launched
         polls += 1
@@ -213,7 +233,7 @@ def watch(command: list[str], env: dict[str, str], progress: Path, log: Path) ->
         tail = log.read_text(errors="replace")[-3000:]
         sys.exit(f"{' '.join(command[:4])} ... exited with {proc.returncode}; the end of its log {log}:\n{tail}")
     records = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
-    return first_round if first_round is not None else time.perf_counter() - launched, peak, records
+    return first_round if first_round is not None else time.perf_counter() - launched, (peak, peak_rss), records
 
 
 def _end_leftovers(group: int, seen: set[int]) -> None:
@@ -240,7 +260,8 @@ def run_plait(row: Row, rounds: int, work: Path, name: str, into: Measured) -> N
     elapsed = [r["elapsed_s"] for r in records if "round" in r]
     into.startup_s.append(startup)
     into.round_s += [b - a for a, b in zip(elapsed, elapsed[1:])]
-    into.peak_mb.append(peak)
+    into.peak_mb.append(peak[0])
+    into.peak_rss_mb.append(peak[1])
     into.accuracy.append(records[-1].get("test_accuracy", float("nan")))  # the canonical name since the fifth session
     into.executor = tomllib.loads((run_dir / "config.toml").read_text())["fl"]["executor"]
 
@@ -257,7 +278,8 @@ def run_flower(python: Path, row: Row, rounds: int, data: Path, work: Path, name
     times = [r["time"] for r in records]
     into.startup_s.append(startup)
     into.round_s += [b - a for a, b in zip(times, times[1:])]
-    into.peak_mb.append(peak)
+    into.peak_mb.append(peak[0])
+    into.peak_rss_mb.append(peak[1])
     into.accuracy.append(records[-1]["accuracy"])
     into.executor = "ray"
 
@@ -365,7 +387,8 @@ def report(rows: dict[str, Row], results: dict[str, dict[str, Measured]], floor:
     for name, row in rows.items():
         for side, measured in results[name].items():
             print(f"{row.label:34} {side:6} start-up {spread(measured.startup_s)} s | round {spread(measured.round_s)}"
-                  f" s | peak {max(measured.peak_mb):.0f} MB | accuracy {statistics.median(measured.accuracy):.4f}"
+                  f" s | peak PSS {max(measured.peak_mb):.0f} MB (RSS {max(measured.peak_rss_mb):.0f})"
+                  f" | accuracy {statistics.median(measured.accuracy):.4f}"
                   f" | executor {measured.executor}")
     lines = []
     startup_row = "2nn_100" if "2nn_100" in results else next(iter(results))
@@ -376,7 +399,9 @@ def report(rows: dict[str, Row], results: dict[str, dict[str, Measured]], floor:
     lines.append(metric_line("peak_memory_mb", [m for r in results.values() for m in r["plait"].peak_mb],
                              [m for r in results.values() for m in r["flower"].peak_mb], "<= 0.3", reducer=max,
                              rows={n: [round(max(r[s].peak_mb)) for s in ("plait", "flower")]
-                                   for n, r in results.items()}))
+                                   for n, r in results.items()},
+                             rss_rows={n: [round(max(r[s].peak_rss_mb)) for s in ("plait", "flower")]
+                                       for n, r in results.items()}))
     if "2nn_100" in results:
         lines.append(metric_line("round_s_2nn_100", results["2nn_100"]["plait"].round_s,
                                  results["2nn_100"]["flower"].round_s, "(shown)",

@@ -86,3 +86,35 @@ def test_imports_run_without_the_collector_and_what_they_made_is_frozen():
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+# Threads that allocate, then glibc's own per-arena report (malloc_stats prints one "Arena N:" block an arena).
+ARENAS = r"""
+import ctypes, os, sys, threading
+from plait.cli.startup import cap_malloc_arenas
+capped = cap_malloc_arenas() if sys.argv[1] == "cap" else None
+together = threading.Barrier(4)  # all four alive at once: a thread that has ended hands its arena on
+def allocate():
+    blocks = [bytearray(200_000) for _ in range(20)]  # malloc'd by this thread, from its arena
+    together.wait(timeout=60)
+    del blocks
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(capped, flush=True)
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_the_command_caps_mallocs_arenas_unless_the_environment_says(tmp_path):
+    def arenas(mode, **env):
+        done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, timeout=120,
+                              env={**{k: v for k, v in __import__("os").environ.items() if k != "MALLOC_ARENA_MAX"},
+                                   **env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip(), done.stderr.count("Arena ")
+
+    assert arenas("cap") == ("True", 2)  # the main arena and one the four threads share
+    assert arenas("none")[1] >= 3  # glibc's default: a thread that allocates gets an arena of its own
+    assert arenas("cap", MALLOC_ARENA_MAX="3") == ("False", 3)  # the user's setting stands

@@ -18,7 +18,7 @@ from rich.console import Console
 from plait.cli.fl import fl_app
 from plait.cli.generate import generate
 from plait.cli.ps import ps_app
-from plait.cli.startup import imports_without_gc
+from plait.cli.startup import cap_malloc_arenas, imports_without_gc
 from plait.runtime.divergence import Diverged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
@@ -42,6 +42,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
                                       help="print the version and exit")) -> None:
     """Distributed and federated training for PyTorch. Exit codes: 0 done, 1 the run failed, 2 bad usage or
     config (errors go to stderr)."""
+    cap_malloc_arenas()  # before any thread allocates (cli/startup.py)
 
 
 def _fail(message: str, code: int = 2) -> None:

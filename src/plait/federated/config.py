@@ -51,6 +51,10 @@ class FLConfig:
     worker_threads: int = 0            # torch threads that train clients: a process_pool worker's (0: 1), the
                                        # sequential executor's while a client trains (0: run.threads, which the
                                        # main process's evaluation keeps: it uses every core while workers wait)
+    # how process_pool starts its workers: fork copies this process (0.05 s; Linux, CPU, one torch thread a worker:
+    # OpenMP hangs in a forked child that runs more), spawn starts fresh interpreters that import torch (1.5 s);
+    # auto: fork where it is safe, else spawn (federated/pool_executor.py)
+    pool_start: Literal["auto", "fork", "spawn"] = "auto"
     # where simulated clients train and the server evaluates: auto = cuda when the process sees a GPU (a torchrun rank:
     # its own, cuda:LOCAL_RANK), else the CPU; the global weights and aggregation stay on the CPU (federated/device.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -93,6 +97,9 @@ class FLConfig:
         if self.workers < 0 or self.worker_threads < 0:
             raise ValueError(f"fl.workers and fl.worker_threads must be >= 0, got {self.workers}, "
                              f"{self.worker_threads}")
+        if self.pool_start == "fork" and self.worker_threads > 1:
+            raise ValueError(f"fl.pool_start = 'fork' needs fl.worker_threads <= 1, got {self.worker_threads}: "
+                             "OpenMP hangs in a forked worker that runs more threads; use 'spawn' or 'auto'")
         if self.strategy.name == "secagg" and self.compression.codec != "none":
             # masked ring elements do not compress; the codec would only ever see the unmasked delta here
             raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec")

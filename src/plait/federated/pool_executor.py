@@ -15,6 +15,10 @@ one process; now 0.37 s, medians of 7 on 2 cores). So nothing per task goes thro
   waited on that lock longer than they trained. The rows are made with the pool, twice as large as the first
   round's largest client; a larger client later travels by value.
 The pool starts at the first round, when the weights' size is known, and restarts if a later round's differs.
+Its workers fork from this process where that is safe (`start_method`): 0.03-0.05 s for two, against 1.4-1.5 s
+to spawn two interpreters that each import torch (2 cores), which kept `auto` from choosing the pool for short runs.
+Fork is safe for one torch thread a worker on the CPU: a forked child that runs an OpenMP region of more threads,
+after the parent ran one, hangs (GNU OpenMP), and CUDA does not survive a fork.
 With a GPU device (fl.device) each worker holds its model there and copies its update back to the CPU.
 """
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,7 +43,10 @@ from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.device import CPU, model_device
 from plait.federated.executor import ClientTask, torch_threads
 
-SLOTS_PER_WORKER = 4          # tasks in flight per worker: enough that a worker never waits for the parent
+SLOTS_PER_WORKER = 4          # chunks in flight per worker: enough that a worker never waits for the parent
+MAX_CHUNK = 4                 # tasks a message carries at most: 100 six-step 2NN clients a round took 0.31-0.33 s in
+                              # chunks of 4, 0.36-0.37 s one a message (the parent's CPU: 0.14 s against 0.20 s)
+CHUNKS_PER_WORKER = 8         # and at least this many messages a worker a round: the last one's wait stays short
 SLOT_BYTES = 1 << 30          # at most this much shared memory for result slots (a large model gets fewer)
 INPUT_ALIGN = 64              # bytes: where each tensor in a slot's input row starts
 INPUT_BYTES = 1 << 28         # at most this much shared memory for input rows (larger clients go by value)
@@ -54,8 +63,33 @@ class _Worker:
 _worker = _Worker()
 
 
+def start_method(requested: str, device: torch.device, threads_per_worker: int) -> Literal["fork", "spawn"]:
+    """"fork" or "spawn" for `requested` ("auto", "fork", "spawn"; fl.pool_start): auto forks where that is safe.
+    ValueError, naming fl.pool_start, for fork where it is not."""
+    unsafe = [why for why, bad in (
+        ("this platform does not fork safely (Linux only)",
+         not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods()),
+        (f"the workers train on {device} (CUDA does not survive a fork)", device.type != "cpu"),
+        ("this process has initialised CUDA", torch.cuda.is_initialized()),
+        (f"{threads_per_worker} torch threads a worker (OpenMP hangs in a forked child that runs more than one)",
+         threads_per_worker != 1)) if bad]
+    if requested == "fork" and unsafe:
+        raise ValueError(f"fl.pool_start = 'fork': {'; '.join(unsafe)}; use 'spawn' or 'auto'")
+    if requested == "auto":
+        return "spawn" if unsafe else "fork"
+    if requested == "fork":
+        return "fork"
+    if requested == "spawn":
+        return "spawn"
+    raise ValueError(f"fl.pool_start = {requested!r}: use 'auto', 'fork' or 'spawn'")
+
+
 def _init_worker(model: torch.nn.Module, threads: int, device: torch.device, spec: FlatSpec, params: torch.Tensor,
                  slots: torch.Tensor, inputs: torch.Tensor) -> None:
+    # a forked worker has the parent's handlers: the parent alone answers an interrupt (it ends the pool), and
+    # the pool's terminate() must end a worker whatever the parent does on SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
     _worker.model, _worker.spec, _worker.params, _worker.slots = model.to(device), spec, params, slots
     _worker.inputs = inputs
@@ -73,6 +107,12 @@ def _run_task(args: tuple[int, Any, Any, Any, Any, Any, int]) -> tuple[int, tupl
         return client_id, (update.num_examples, update.metrics, buffers)
     except Exception as err:  # returned, not raised: the parent names the client
         return client_id, f"{type(err).__name__}: {err}"
+
+
+def _run_tasks(messages: list[tuple[int, Any, Any, Any, Any, Any, int]]) -> list[tuple[int, Any]]:
+    """A chunk of tasks, one message each way: per message the pool costs both processes pickling, a pipe, its
+    locks and the parent's handler threads."""
+    return [_run_task(message) for message in messages]
 
 
 def _to_wire(x: Any) -> Any:
@@ -162,13 +202,16 @@ def _task_tensors(task: ClientTask) -> tuple[Any, Any, Any]:
 
 class ProcessPoolExecutor:
     """`num_workers` persistent processes (default: one per core) training on `device` (default: where `model`
-    lives). The model is sent once, at start, from the CPU."""
+    lives), started by `start` (fl.pool_start: "auto", "fork", "spawn"). The model is sent once, at start, from the
+    CPU."""
 
     def __init__(self, model: torch.nn.Module, num_workers: int = 0, threads_per_worker: int = 1,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, start: str = "auto"):
         self.num_workers = num_workers or max(1, os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.device = device or model_device(model)
+        self.start = start
+        start_method(start, self.device, threads_per_worker)  # a setting that cannot work fails here, not at round 1
         if self.device != CPU or model_device(model) != CPU:
             # The workers' copy is pickled now and again if a worker is replaced: it must hold no CUDA tensors, and
             # the caller's module may move to the GPU later (the server evaluates there).
@@ -188,13 +231,20 @@ class ProcessPoolExecutor:
             return
         self.close()
         row_bytes = global_params.numel() * global_params.element_size()
-        count = max(self.num_workers + 1, min(SLOTS_PER_WORKER * self.num_workers, SLOT_BYTES // max(row_bytes, 1)))
+        # slots for this round's chunks (a later round with more clients sends larger chunks only as slots allow):
+        # shared memory is written through when it is made, 0.09 s for 32 rows of a 600-example MNIST client
+        wanted = SLOTS_PER_WORKER * self.num_workers * self._chunk(len(tasks), MAX_CHUNK * 2 * self.num_workers)
+        count = max(self.num_workers + 1, min(wanted, SLOT_BYTES // max(row_bytes, 1)))
         largest = max((_row_bytes(_task_tensors(task)) for task in tasks), default=0)
         input_bytes = min(max(2 * largest, INPUT_ALIGN), INPUT_BYTES // count)
         self._params = torch.empty_like(global_params, device=CPU).share_memory_()
         self._slots = torch.empty(count, global_params.numel(), dtype=global_params.dtype).share_memory_()
         self._inputs = torch.empty(count, input_bytes, dtype=torch.uint8).share_memory_()
-        self._pool = mp.get_context("spawn").Pool(
+        method = start_method(self.start, self.device, self.threads_per_worker)
+        if method == "fork":  # text still buffered here would be written again by each child as it exits
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self._pool = mp.get_context(method).Pool(
             self.num_workers, initializer=_init_worker,
             initargs=(self._model, self.threads_per_worker, self.device, spec, self._params, self._slots,
                       self._inputs))
@@ -205,41 +255,49 @@ class ProcessPoolExecutor:
         self._start(spec, global_params, tasks)
         self._params.copy_(global_params.detach())
         free = list(range(len(self._slots)))
-        pending: deque[tuple[ClientTask, int, Any]] = deque()
-        queue = iter(tasks)
+        chunk = self._chunk(len(tasks), len(free))
+        pending: deque[tuple[list[ClientTask], list[int], Any]] = deque()
+        queue = deque(tasks)
 
         def submit() -> None:
-            task = next(queue, None)
-            if task is not None:
-                slot = free.pop()
-                x, y, own = _pack(self._inputs[slot], _task_tensors(task))
-                local = (own, task.local[1]) if task.local is not None else None
-                message = (task.client_id, task.plan, x, y, task.task, local, slot)
-                pending.append((task, slot, self._pool.apply_async(_run_task, (message,))))
+            while queue and len(free) >= min(chunk, len(queue)):
+                batch = [queue.popleft() for _ in range(min(chunk, len(queue)))]
+                slots = [free.pop() for _ in batch]
+                messages = []
+                for task, slot in zip(batch, slots):
+                    x, y, own = _pack(self._inputs[slot], _task_tensors(task))
+                    local = (own, task.local[1]) if task.local is not None else None
+                    messages.append((task.client_id, task.plan, x, y, task.task, local, slot))
+                pending.append((batch, slots, self._pool.apply_async(_run_tasks, (messages,))))
 
         # while the workers train, this process checks and folds in their updates on one thread: with more, each of
         # those short ops waits for a core a worker holds (py-spy: folding 2NN updates took more samples than the
         # forward passes did)
         with torch_threads(1):
             try:
-                for _ in range(len(free)):
-                    submit()
+                submit()
                 # in task order: updates are folded in that order, so a run gives the same bits as the sequential
                 # backend and as itself (float sums depend on order); each still arrives as soon as its turn comes
                 while pending:
-                    task, slot, result = pending.popleft()
-                    client_id, outcome = result.get()
-                    if isinstance(outcome, str):
-                        raise RuntimeError(f"client {client_id}: local training failed: {outcome}")
-                    examples, metrics, buffers = outcome
-                    update = Update(self._slots[slot].clone(), examples, metrics,
-                                    _from_wire(buffers) if buffers is not None else None)
-                    free.append(slot)
-                    submit()
-                    yield task, update
+                    batch, slots, result = pending.popleft()
+                    outcomes = result.get()
+                    for task, slot, (client_id, outcome) in zip(batch, slots, outcomes):
+                        if isinstance(outcome, str):
+                            raise RuntimeError(f"client {client_id}: local training failed: {outcome}")
+                        examples, metrics, buffers = outcome
+                        update = Update(self._slots[slot].clone(), examples, metrics,
+                                        _from_wire(buffers) if buffers is not None else None)
+                        free.append(slot)
+                        submit()
+                        yield task, update
             finally:
                 for _, _, result in pending:  # tasks still in flight must not write into next round's slots
                     result.wait()
+
+    def _chunk(self, tasks: int, slots: int) -> int:
+        """Tasks a message carries: up to MAX_CHUNK when there are enough for CHUNKS_PER_WORKER messages a worker,
+        and few enough that `slots` hold two messages a worker (one training, the next waiting)."""
+        return max(1, min(MAX_CHUNK, tasks // (self.num_workers * CHUNKS_PER_WORKER), slots // (2 * self.num_workers)))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -45,7 +45,7 @@ def build_executor(config: FederatedRunConfig, model: torch.nn.Module,
         from plait.federated.pool_executor import ProcessPoolExecutor
 
         return ProcessPoolExecutor(model, config.fl.workers, threads_per_worker=config.fl.worker_threads or 1,
-                                   device=device)
+                                   device=device, start=config.fl.pool_start)
     return SequentialExecutor(train_threads=config.fl.worker_threads)
 
 
@@ -56,6 +56,7 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
 
     from plait.federated.backends.auto import choose_executor, training_threads
     from plait.federated.client_update import ClientData
+    from plait.federated.pool_executor import start_method
     from plait.federated.seeds import client_seed
     from plait.federated.selection import target_clients
     from plait.federated.weights import flat_model_state
@@ -72,9 +73,10 @@ def _choose_executor(config: FederatedRunConfig, model: torch.nn.Module, data: A
     typical = sorted(ids, key=data.num_examples)[len(ids) // 2]
     plan = config.fl.plan.for_client(client_seed(config.run.seed, 0, typical))
     client = ClientData(*data.client_train(typical))
+    pool_start = start_method(config.fl.pool_start, device, config.fl.worker_threads or 1)
     chosen, why = choose_executor(model, spec, params, client, plan, task, rounds=config.fl.rounds,
                                   clients_per_round=target_clients(config.fl.fraction, config.fl.min_clients,
-                                                                   data.num_clients))
+                                                                   data.num_clients), pool_start=pool_start)
     if chosen == "sequential" and not config.fl.worker_threads:
         config.fl.worker_threads, said = training_threads(model, spec, params, client, plan, task)
         why += f"; {said}"

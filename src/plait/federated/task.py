@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.data.user import Inputs, take
+from plait.federated.batch_threads import on_threads
 
 __all__ = ["BUILT_IN", "Inputs", "NextWord", "Regression", "Task", "evaluate_batches", "take", "top_k_hits"]
 
@@ -93,13 +94,21 @@ def evaluate_batches(task: Task, model: torch.nn.Module, inputs: Inputs, targets
         return {"num_examples": 0}
     was_training = model.training
     model.eval()
+    starts = range(0, count, batch_size)
+
+    def batch_sums(index: int) -> dict[str, torch.Tensor]:
+        part = slice(starts[index], starts[index] + batch_size)
+        return task.eval_sums(task.forward(model, take(inputs, part)), targets[part])
+
     try:
-        sums: dict[str, torch.Tensor] = {}
-        for start in range(0, count, batch_size):
-            part = slice(start, start + batch_size)
-            batch_targets = targets[part]
-            for key, value in task.eval_sums(task.forward(model, take(inputs, part)), batch_targets).items():
-                sums[key] = sums[key] + value if key in sums else value
+        # on the CPU, batches go to Python threads with one torch thread each (batch_threads.py); a GPU takes them
+        # one after the other
+        on_cpu = targets.device.type == "cpu"
+        per_batch = on_threads(batch_sums, len(starts)) if on_cpu else [batch_sums(i) for i in range(len(starts))]
     finally:
         model.train(was_training)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in per_batch:  # in batch order: the same bits on any number of threads
+        for key, value in batch.items():
+            sums[key] = sums[key] + value if key in sums else value
     return {**{key: float(value) / count for key, value in sums.items()}, "num_examples": count}

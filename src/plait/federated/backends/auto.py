@@ -6,14 +6,15 @@ the weights in, the optimizer, the delta out), and its whole local run is the fi
 Timing only a few steps and scaling them up counted the fixed cost once per step, and one noisy repeat on a loaded
 machine could read 100x the real figure (a 0.2 s client estimated at 20 s).
 
-A short client (under `POOL_WORTH_S`) is overhead-bound: Python holds the GIL between its small kernels, so
-threads gain nothing, and a worker pool gains a core per worker less a small cost per task (`POOL_TASK_S`) after a
-start of `POOL_START_S`. The pool is chosen when the run's rounds and cohort make that start pay, the sequential
-simulator otherwise. For a longer client, threads in this process cost no per-task transfer and hold torch and the
-data once, but gain cores only where kernels, not Python, take the time (they release the GIL): two clients are
-timed on two threads against one after the other, and threads are chosen when they run at least `THREADS_WORTH`
-times as fast (and the model draws no random numbers, which threads could not seed apart), the process pool
-otherwise. The choice and its reason are logged and written into the run's config.
+A short client (under `POOL_WORTH_S`) is overhead-bound: Python holds the GIL between its small kernels, so threads
+gain nothing, and a worker pool gains a core per worker less a small cost per task (`POOL_TASK_S`) after a start of
+`POOL_START_S` (forked workers start in hundredths of a second, spawned ones in seconds). The pool is chosen when
+the run's rounds and cohort make that start pay, the sequential simulator otherwise. For a longer client, threads in
+this process cost no per-task transfer and hold torch and the data once, but gain cores only where kernels, not
+Python, take the time (they release the GIL): two clients are timed on two threads against one after the other, and
+threads are chosen when they run at least `THREADS_WORTH` times as fast (and the model draws no random numbers,
+which threads could not seed apart), the process pool otherwise. The choice and its reason are logged and written
+into the run's config.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from plait.federated.thread_executor import draws_random_numbers
 
 POOL_TASK_S = 0.0003     # a pool task's cost beyond the sequential executor's: 100 six-step 2NN clients a round took
                          # 0.30 s on 2 workers, 0.42 s one after the other (benchmarks/RESULTS.md)
-POOL_START_S = 1.5       # starting 2 workers (spawn, import torch, take the model): 1.41-1.59 s, 2 cores
+POOL_START_S = {"fork": 0.05,   # starting 2 workers and their first tasks, 2 cores: forked, 0.05 s
+                "spawn": 1.5}   # spawned (each imports torch and takes the model): 1.3-1.6 s
 POOL_WORTH_S = 0.05      # a client run this long: the pool or threads whatever the run's length
 THREADS_WORTH = 1.3      # two threads must do this many clients' work in one client's time to beat the pool
 THREADS_GAIN = 1.2       # the sequential executor trains on every thread only when that is this much faster than one
@@ -52,9 +54,9 @@ Choice = Literal["sequential", "threads", "process_pool"]
 
 def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, data: ClientData,
                     plan: TrainingPlan, task: Task, cores: int | None = None, *, clients_per_round: int = 1,
-                    rounds: int = 1) -> tuple[Choice, str]:
+                    rounds: int = 1, pool_start: Literal["fork", "spawn"] = "spawn") -> tuple[Choice, str]:
     """("sequential" | "threads" | "process_pool", why) for a run of `rounds` rounds of `clients_per_round`
-    clients like `data` training `plan`."""
+    clients like `data` training `plan`, where a pool's workers would start by `pool_start`."""
     cores = cores or os.cpu_count() or 1
     model = copy.deepcopy(model)  # measuring must not move the run's model (BatchNorm statistics, for one)
     steps = plan.num_steps(len(data))
@@ -70,12 +72,14 @@ def choose_executor(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor
         return "sequential", f"one core: a pool has nothing to add ({per_client * 1000:.1f} ms a client)"
     if per_client < POOL_WORTH_S:
         per_round = clients_per_round * (per_client * (1 - 1 / cores) - POOL_TASK_S)
-        saved = rounds * per_round - POOL_START_S
+        start = POOL_START_S[pool_start]
+        saved = rounds * per_round - start
         run = (f"a client's run takes {per_client * 1000:.1f} ms (too short for threads); {cores} workers would "
                f"save {max(per_round, 0) * 1000:.0f} ms a round of {clients_per_round}")
+        started = f"their {start} s start ({pool_start})"
         if saved > 0:
-            return "process_pool", f"{run}: {saved:.1f} s over {rounds} rounds, after their {POOL_START_S} s start"
-        return "sequential", f"{run}: too little over {rounds} rounds for their {POOL_START_S} s start"
+            return "process_pool", f"{run}: {saved:.2f} s over {rounds} rounds, after {started}"
+        return "sequential", f"{run}: too little over {rounds} rounds for {started}"
     speedup = _thread_speedup(model, spec, params, data, long, task)
     run = f"a client's run takes {per_client * 1000:.0f} ms"
     if speedup >= THREADS_WORTH:
