@@ -16,6 +16,7 @@ import concurrent.futures
 import copy
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -49,14 +50,16 @@ class ThreadPoolExecutor:
             self._checked = True
         main_threads = torch.get_num_threads()
         params = global_params.detach().cpu()
-        futures = [self._pool.submit(self._train, spec, params, task) for task in tasks]
+        futures = deque(self._pool.submit(self._train, spec, params, task) for task in tasks)
         torch.set_num_threads(1)  # this thread's checks and sums, while the workers hold the cores (pool_executor.py)
         try:
-            for task, future in zip(tasks, futures):  # in task order: the same sums as the sequential executor
+            for task in tasks:  # in task order: the same sums as the sequential executor
+                future = futures.popleft()  # a future holds its update: ten CNN updates are 66 MB
                 try:
                     update = future.result()
                 except Exception as err:
                     raise RuntimeError(f"client {task.client_id}: local training failed: {err}") from err
+                del future
                 yield task, update
         finally:
             for future in futures:

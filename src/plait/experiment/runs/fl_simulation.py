@@ -61,5 +61,7 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     plots: list[Path] = []
     if writes:
         save_weights(server.model, server.spec, state.params, run_dir.path)
+    del server  # its data and model: the plots read the run directory, and drawn on top of both they made the peak
+    if writes:
         plots = plot_run(run_dir.path)
     return RunSummary(run_dir.path, state.round, last, plots, time.perf_counter() - started)
