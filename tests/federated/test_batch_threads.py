@@ -71,3 +71,21 @@ def test_evaluation_gives_the_same_bits_on_one_thread_and_on_two():
         logits = model(x)
     assert one["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
     assert one["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def _in_forked_child(count):
+    torch.set_num_threads(2)
+    return on_threads(lambda i: i + 1, count)
+
+
+def test_a_forked_child_makes_its_own_threads(two_threads):
+    import multiprocessing
+
+    on_threads(lambda i: time.sleep(0.01), 4)  # this process's pool exists, both its threads have worked
+    time.sleep(0.1)  # and wait idle: a child's copy of the pool would count them as free and start none
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        assert pool.apply_async(_in_forked_child, (4,)).get(timeout=30) == [1, 2, 3, 4]
+    finally:
+        pool.terminate()
+        pool.join()

@@ -14,6 +14,7 @@ that writes to itself in `forward` would race).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar, cast
@@ -24,6 +25,17 @@ T = TypeVar("T")
 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}  # by size: made at first use, kept for the process
 _pools_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child (the process pool's workers) has this process's pools and lock but none of their threads: a
+    pool would take work that no thread runs, and the lock may have been held."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _threads(count: int) -> concurrent.futures.ThreadPoolExecutor:
