@@ -42,17 +42,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import tomli_w
-import torch
-import torch.nn.functional as F
-
-from plait.core.models import build_model
-from plait.data.federated import load_federated
-from plait.federated.config import FederatedRunConfig
-from plait.federated.selection import target_clients
-from plait.federated.task import EVAL_BATCH
-from plait.settings.config import from_dict
 
 FLWR_VERSION = "1.42.0"
 TORCH_VERSION = "2.13.0"  # the project's (Makefile); never let pip choose another
@@ -143,23 +133,19 @@ def run_config(row: Row, rounds: int, root: Path, name: str) -> dict:
             "fl": {"rounds": rounds, "fraction": 0.1, "eval_every": 1, "executor": "auto", "plan": dict(PLAN)}}
 
 
-Tensors = tuple[torch.Tensor, torch.Tensor]
-
-
-def export_clients(row: Row, folder: Path) -> tuple[list[Tensors], Tensors]:
-    """Write the partition Plait's loader makes for this row, one .npy pair per client and the test set; returns
-    one round's worth of clients' tensors (the floor's round) and the test set."""
-    config = from_dict(FederatedRunConfig, run_config(row, 1, folder, "export"))
-    data = load_federated(config.data)
-    folder.mkdir(parents=True, exist_ok=True)
-    for cid in range(data.num_clients):
-        x, y = data.client_train(cid)
-        np.save(folder / f"client_{cid}_x.npy", x.numpy())
-        np.save(folder / f"client_{cid}_y.npy", y.numpy())
-    np.save(folder / "test_x.npy", data.test_x.numpy())
-    np.save(folder / "test_y.npy", data.test_y.numpy())
-    per_round = target_clients(config.fl.fraction, config.fl.min_clients, data.num_clients)
-    return [data.client_train(cid) for cid in range(per_round)], (data.test_x, data.test_y)
+def prepare(row: Row, folder: Path, floor_repeats: int) -> list[float]:
+    """Write the row's partition for Flower (and, for the CNN, time the floor) in a child process: this one must not
+    map torch, or a share of torch's pages would count to it rather than to the trees it measures (PSS)."""
+    command = [sys.executable, str(REPO / "benchmarks" / "sim_vs_flower_prepare.py"), "--model", row.model,
+               "--num-clients", str(row.num_clients), "--out", str(folder), "--seed", str(SEED),
+               "--floor-repeats", str(floor_repeats if row.model == "cnn" else 0),
+               "--lr", str(PLAN["lr"]), "--batch-size", str(PLAN["batch_size"])]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"),
+                                                                             os.environ.get("PYTHONPATH", "")])})
+    if done.returncode:
+        sys.exit(f"preparing {row.label} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["floor_s"]
 
 
 # --- one run of one side, watched from outside -----------------------------------------------------------------
@@ -287,39 +273,6 @@ def run_flower(python: Path, row: Row, rounds: int, data: Path, work: Path, name
 # --- the floor -------------------------------------------------------------------------------------------------
 
 
-def cnn_floor(clients: list[Tensors], test: Tensors, repeats: int) -> list[float]:
-    """Seconds of the plain single-thread loop for one CNN round (train every client from the global model, then
-    evaluate the test set), divided by the cores: the least two cores can take without cleverer arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(SEED)
-    model = build_model("cnn")
-    start_state = {k: v.clone() for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(SEED)
-    times = []
-    try:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for x, y in clients:
-                model.load_state_dict(start_state)
-                model.train()
-                optimizer = torch.optim.SGD(model.parameters(), lr=PLAN["lr"])
-                order = torch.randperm(len(y), generator=generator)
-                for begin in range(0, len(y), PLAN["batch_size"]):
-                    idx = order[begin : begin + PLAN["batch_size"]]
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(x[idx]), y[idx]).backward()
-                    optimizer.step()
-            model.eval()
-            with torch.no_grad():  # in Plait's CPU evaluation batches: 2000 took 1.7x as long for the CNN here
-                for begin in range(0, len(test[1]), EVAL_BATCH):
-                    model(test[0][begin : begin + EVAL_BATCH])
-            times.append((time.perf_counter() - started) / (os.cpu_count() or 1))
-    finally:
-        torch.set_num_threads(threads)
-    return times
-
-
 # --- report ----------------------------------------------------------------------------------------------------
 
 
@@ -367,9 +320,9 @@ def main() -> None:
         floor: list[float] = []
         for name, row in rows.items():
             print(f"{row.label}: writing the partition for Flower", flush=True)
-            clients, test = export_clients(row, work / f"data_{name}")
+            timed = prepare(row, work / f"data_{name}", 0 if floor else args.floor_repeats)
             if row.model == "cnn" and not floor:
-                floor = cnn_floor(clients, test, args.floor_repeats)
+                floor = timed
                 print(f"  floor (single-thread loop / {os.cpu_count()} cores): {spread(floor)} s", flush=True)
             results[name] = {"plait": Measured(), "flower": Measured()}
             for run in range(runs):  # the sides alternate: a change in the machine's load falls on both
