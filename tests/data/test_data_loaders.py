@@ -101,3 +101,17 @@ def test_unknown_characters_become_spaces():
 def test_every_client_keeps_a_training_example(tmp_path):
     data = load_federated(DataConfig(num_clients=60_000, partition="iid", eval_fraction=0.6, cache_dir=str(tmp_path)))
     assert all(data.num_examples(c) >= 1 for c in (0, 1, 59_999))
+
+
+def test_federated_mnist_keeps_its_images_as_bytes_and_hands_clients_normalised_floats(tmp_path):
+    """The training images stay uint8 (a quarter of float32's memory); a client's are normalised as they are asked
+    for, exactly as the whole set would have been (each pixel: /255, -mean, /std in float32)."""
+    data = load_federated(DataConfig(name="mnist", num_clients=10, partition="iid", eval_fraction=0.1))
+    assert data.train_x.dtype == torch.uint8 and data.train_x.shape[1:] == (28, 28)
+    raw = load_image_set("mnist", None, None)["train_x"]
+    for client in (0, 7):
+        for x, _ in (data.client_train(client), data.client_eval(client)):
+            assert x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28)
+            pixels = torch.from_numpy(raw).float() / 255  # the rows are some of MNIST's: find each by its pixels
+            first = int(torch.nonzero(((x[0, 0] * 0.3081 + 0.1307) - pixels).abs().amax(dim=(1, 2)) < 1e-5)[0])
+            assert torch.equal(x[0, 0], ((pixels[first] - torch.tensor(0.1307)) / torch.tensor(0.3081)))

@@ -92,18 +92,21 @@ class FederatedData:
 
     The training tensors are stored client-major: each client's training examples, then each client's held-out
     examples, lie in one contiguous run (in their original order), the examples no client holds at the end. A
-    client's data is then a view, not a gathered copy: nothing is copied per round, and a process pool shares the
-    whole set once (its storage moves to shared memory at the first send; later tasks send only an offset).
+    client's data is then a view, not a gathered copy: nothing is copied per round. With `convert_x`, the stored
+    inputs are raw (uint8 images: a quarter of float32's memory, 47 MB for MNIST's training set against 188 MB) and
+    each client's run is made model-ready when asked for (a 600-image client in about 0.3 ms).
     """
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int,
                  held_out_last: bool = False, window: int = SEQ_LEN,
-                 gather_x: Callable[[Inputs, np.ndarray], Inputs] | None = None):
+                 gather_x: Callable[[Inputs, np.ndarray], Inputs] | None = None,
+                 convert_x: Callable[[Inputs], Inputs] | None = None):
         """`held_out_last`: hold out each client's last examples (time order: overlapping text windows must not
         straddle the split, so `window` examples before them are left out) instead of a random share.
         `gather_x(train_x, order)`: the training inputs' rows in client-major order (default: the rows as they are;
-        uint8 images are made float as they are gathered, data/image_tensors.py)."""
+        uint8 images are made float as they are gathered, data/image_tensors.py). `convert_x(rows)`: what a client's
+        stored rows become when asked for (default: the rows as they are)."""
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         rng = np.random.default_rng(seed + 1)
@@ -121,6 +124,7 @@ class FederatedData:
         rest = np.setdiff1d(np.arange(len(train_y)), held_by_clients, assume_unique=True)
         order = np.concatenate([held_by_clients, rest])
         self.train_x, self.train_y = (gather_x or _rows)(train_x, order), train_y[torch.from_numpy(order)]
+        self._convert_x = convert_x
         bounds = np.cumsum([0] + [len(p) for p in train_parts] + [len(p) for p in eval_parts])
         self._train_runs = list(zip(bounds[: len(parts)], bounds[1 : len(parts) + 1]))
         self._eval_runs = list(zip(bounds[len(parts) : -1], bounds[len(parts) + 1 :]))
@@ -134,12 +138,14 @@ class FederatedData:
         return int(stop - start)
 
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
-        start, stop = self._train_runs[client]
-        return take(self.train_x, slice(start, stop)), self.train_y[start:stop]
+        return self._run(*self._train_runs[client])
 
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
-        start, stop = self._eval_runs[client]
-        return take(self.train_x, slice(start, stop)), self.train_y[start:stop]
+        return self._run(*self._eval_runs[client])
+
+    def _run(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+        x = take(self.train_x, slice(start, stop))
+        return (self._convert_x(x) if self._convert_x is not None else x), self.train_y[start:stop]
 
 
 _NUMPY_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
@@ -190,10 +196,10 @@ def load_federated(config: DataConfig) -> ClientSets:
                                  images_to_tensor(arrays["test_x"]), torch.from_numpy(arrays["test_y"]),
                                  _lazy_spec(config, arrays["train_y"]), config.eval_fraction, config.seed, 10)
     parts = _image_parts(config, arrays["train_y"])
-    return FederatedData(
+    return FederatedData(  # the training images stay uint8, each client's made float when asked for
         torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]),
         images_to_tensor(arrays["test_x"]), torch.from_numpy(arrays["test_y"]),
-        parts, config.eval_fraction, config.seed, num_classes=10, gather_x=images_to_tensor,
+        parts, config.eval_fraction, config.seed, num_classes=10, convert_x=images_to_tensor,
     )
 
 
