@@ -48,9 +48,23 @@ def test_a_failure_on_a_thread_reaches_the_caller(two_threads):
             raise ValueError("batch 3 is bad")
         return i
 
+    done = []
+
+    def slow_work(i):
+        if i == 0:  # the first thread's first batch: the other thread still has batches to run
+            raise ValueError("batch 0 is bad")
+        time.sleep(0.02)
+        done.append(i)
+        return i
+
     with pytest.raises(ValueError, match="batch 3 is bad"):
         on_threads(work, 8)
     assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="batch 0 is bad"):
+        on_threads(slow_work, 8)
+    finished = len(done)
+    time.sleep(0.1)
+    assert len(done) == finished  # the other thread had stopped before the error reached the caller
 
 
 def test_evaluation_gives_the_same_bits_on_one_thread_and_on_two():

@@ -67,7 +67,9 @@ def on_threads(work: Callable[[int], T], count: int) -> list[T]:
 
     main = torch.get_num_threads()
     try:
-        for done in [_threads(threads).submit(drain) for _ in range(threads)]:
+        running = [_threads(threads).submit(drain) for _ in range(threads)]
+        concurrent.futures.wait(running)  # all of them, even after a failure: none may still use the caller's model
+        for done in running:
             done.result()
     finally:
         torch.set_num_threads(main)  # a thread's set_num_threads(1) also set the count new threads inherit
