@@ -100,13 +100,11 @@ class FederatedData:
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  parts: list[np.ndarray], eval_fraction: float, seed: int, num_classes: int,
                  held_out_last: bool = False, window: int = SEQ_LEN,
-                 gather_x: Callable[[Inputs, np.ndarray], Inputs] | None = None,
                  convert_x: Callable[[Inputs], Inputs] | None = None):
         """`held_out_last`: hold out each client's last examples (time order: overlapping text windows must not
         straddle the split, so `window` examples before them are left out) instead of a random share.
-        `gather_x(train_x, order)`: the training inputs' rows in client-major order (default: the rows as they are;
-        uint8 images are made float as they are gathered, data/image_tensors.py). `convert_x(rows)`: what a client's
-        stored rows become when asked for (default: the rows as they are)."""
+        `convert_x(rows)`: what a client's stored rows become when asked for (default: the rows as they are; uint8
+        images are made float, data/image_tensors.py)."""
         self.test_x, self.test_y = test_x, test_y
         self.num_classes = num_classes
         rng = np.random.default_rng(seed + 1)
@@ -123,7 +121,7 @@ class FederatedData:
         held_by_clients = np.concatenate([*train_parts, *eval_parts]).astype(np.int64)
         rest = np.setdiff1d(np.arange(len(train_y)), held_by_clients, assume_unique=True)
         order = np.concatenate([held_by_clients, rest])
-        self.train_x, self.train_y = (gather_x or _rows)(train_x, order), train_y[torch.from_numpy(order)]
+        self.train_x, self.train_y = _rows(train_x, order), train_y[torch.from_numpy(order)]
         self._convert_x = convert_x
         bounds = np.cumsum([0] + [len(p) for p in train_parts] + [len(p) for p in eval_parts])
         self._train_runs = list(zip(bounds[: len(parts)], bounds[1 : len(parts) + 1]))
