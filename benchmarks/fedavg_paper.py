@@ -5,6 +5,7 @@ beat and approach (each client alone; one model on all the data).
     .venv/bin/python benchmarks/fedavg_paper.py --quick          # the cheapest row, a few minutes
     .venv/bin/python benchmarks/fedavg_paper.py                  # every row below: hours on 2 cores (days for LSTM)
     .venv/bin/python benchmarks/fedavg_paper.py --rows 2nn-iid-b10 --lr-grid 0.05,0.1,0.2
+    .venv/bin/python benchmarks/fedavg_paper.py --rows cnn-noniid-e1-b10 --resume   # on from its last checkpoint
     .venv/bin/python benchmarks/fedavg_paper.py --rows lstm-noniid-e1-b10 --max-rounds 2 \
         --max-examples-per-client 20 --no-baselines               # does a Shakespeare row start? (a minute)
 
@@ -102,21 +103,30 @@ def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
 
 
 def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
-            max_examples_per_client: int = 0, threads: int = 0) -> tuple[Outcome, object]:
+            max_examples_per_client: int = 0, threads: int = 0, resume: bool = False) -> tuple[Outcome, object]:
+    """One row at one rate, in `root/<row>-lr<rate>`; a fresh directory beside any earlier one, or, with `resume`,
+    that directory's run goes on from its last checkpoint (one that reached its target is read, not run again)."""
+    from plait.experiment.rundir import RunDir
     from plait.experiment.runs.fl_simulation import run_federated
     from plait.federated.config import FederatedRunConfig
     from plait.federated.simulation import build_server
+    from plait.runtime.metrics_log import read_metrics
     from plait.settings.config import from_dict
 
     config = from_dict(FederatedRunConfig, row_config(name, lr, max_rounds, root, seed, max_examples_per_client,
                                                                threads))
-    summary = run_federated(config, show_progress=False, fresh_name=True)
-    records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_dir = RunDir(root / config.run.name)
+    goes_on = resume and run_dir.checkpoint_path.exists()
+    if not (goes_on and any(r.get("target_reached") for r in read_metrics(run_dir.metrics_path))):
+        run_dir = RunDir(run_federated(config, resume=goes_on, show_progress=False,
+                                       fresh_name=not resume).run_dir)
+    records = read_metrics(run_dir.metrics_path)
     curve = [(r["round"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
     reached = next((r["round"] for r in records if r.get("target_reached")), None)
     final = next((r for r in reversed(records) if "test_accuracy" in r), {})
     final = {k: final[k] for k in ("test_accuracy", "test_top3_accuracy") if k in final}
-    return Outcome(name, lr, reached, summary.train_seconds, curve, final), build_server(config)
+    seconds = next((r["elapsed_s"] for r in reversed(records) if "elapsed_s" in r), 0.0)  # over every resume
+    return Outcome(name, lr, reached, seconds, curve, final), build_server(config)
 
 
 def baselines(server, rounds: int) -> dict[str, float]:
@@ -151,6 +161,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip the local-only and centralised runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     parser.add_argument("--out", default="runs/fedavg_paper")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with each row's run in --out from its last checkpoint (a long row over sessions)")
     args = parser.parse_args()
     names = QUICK if args.quick else ([n for n in args.rows.split(",") if n] or list(ROWS))
     unknown = sorted(set(names) - set(ROWS))
@@ -169,7 +181,7 @@ def main() -> None:
         for lr in rates:
             started = time.perf_counter()
             outcome, server = run_row(name, lr, max_rounds, out, max_examples_per_client=args.max_examples_per_client,
-                                      threads=args.threads)
+                                      threads=args.threads, resume=args.resume)
             tried.append((outcome, server))
             print(f"{name} lr={lr}: rounds to target {outcome.rounds}, final {outcome.final} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)

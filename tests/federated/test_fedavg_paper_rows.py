@@ -52,3 +52,23 @@ def test_the_shakespeare_rows_start_and_run_a_round(tmp_path):
     assert all(0 <= o["test_accuracy"] <= 1 for o in outcomes)
     assert outcomes[-1]["test_accuracy"] <= outcomes[-1]["test_top3_accuracy"] and outcomes[-1]["reference"] is None
     assert (tmp_path / "results.md").read_text().count("\n| ") == 1 + len(outcomes)  # the rule, then a row each
+
+
+def test_resume_goes_on_in_the_rows_own_directory_and_reads_a_row_that_reached_its_target(tmp_path):
+    """A long row survives the end of a session: `--resume` continues its run directory from the last checkpoint;
+    a row that reached its target is read again, not trained further."""
+    bench = _benchmark()
+    bench.ROWS["tiny"] = {**bench.ROWS["2nn-iid-b10"], "target": 0.999}  # not reached in a few rounds
+    first, _ = bench.run_row("tiny", 0.1, 1, tmp_path)
+    assert first.rounds is None and [r for r, _ in first.curve] == [1]
+    more, _ = bench.run_row("tiny", 0.1, 2, tmp_path, resume=True)
+    assert [r for r, _ in more.curve] == [1, 2] and more.curve[0] == first.curve[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-lr0.1"]  # no second directory beside it
+    assert more.seconds > first.seconds  # elapsed time goes on over the resume
+    bench.ROWS["easy"] = {**bench.ROWS["2nn-iid-b10"], "target": 0.5}  # reached in the first round
+    reached, _ = bench.run_row("easy", 0.1, 5, tmp_path)
+    assert reached.rounds == 1
+    again, _ = bench.run_row("easy", 0.1, 5, tmp_path, resume=True)
+    assert again.rounds == 1 and again.curve == reached.curve  # read, not run on to round 5
+    fresh, _ = bench.run_row("easy", 0.1, 5, tmp_path)  # without --resume: a new directory beside it
+    assert fresh.rounds == 1 and (tmp_path / "easy-lr0.1-2").is_dir()
