@@ -319,3 +319,15 @@ def test_steps_the_servers_applied_after_the_logs_last_record_are_the_unrecorded
     assert list(unrecorded_steps(log_path, 5)) == []  # every applied step recorded
     assert list(unrecorded_steps(log_path, 6)) == [5]  # step 5 was pushed, then the worker died
     assert list(unrecorded_steps(log_path, 8)) == [5, 6, 7]
+
+
+def test_the_time_to_target_is_the_first_evaluation_at_or_under_the_target_loss():
+    from plait.ps.coordinator import time_at_target
+
+    evaluations = [{"test_loss": 0.5, "elapsed_s": 1.0}, {"step": 3, "elapsed_s": 1.5},  # no test set this time
+                   {"test_loss": 0.1, "elapsed_s": 2.0}, {"test_loss": 0.05, "elapsed_s": 3.0}]
+    reached = None
+    for record in evaluations:
+        reached = time_at_target(record, reached, 0.1)
+    assert reached == 2.0
+    assert time_at_target({"test_loss": 0.0, "elapsed_s": 1.0}, None, 0.0) is None  # target_loss 0: no target

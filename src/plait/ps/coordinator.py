@@ -50,6 +50,13 @@ def server_checkpoints(run_path: Path, journals: bool = False) -> list[Path]:
     return sorted(found)
 
 
+def time_at_target(record: dict[str, Any], so_far: float | None, target_loss: float) -> float | None:
+    """`so_far`, or `record`'s elapsed time when it is the first evaluation at or under `target_loss` (0: none)."""
+    if so_far is None and target_loss and record.get("test_loss", math.inf) <= target_loss:
+        return float(record["elapsed_s"])
+    return so_far
+
+
 class Nodes(Protocol):
     """The servers and workers of a run, started and supervised for the coordinator."""
     endpoints: list[str]          # every server process's: replica r of server i is r*S + i
@@ -179,9 +186,7 @@ class Coordinator:
                             self._write(record)
                             last = record
                             self.ctx.progress(record["step"], test_metrics_text(record) or "no test set")
-                            if time_to_target is None and cfg.train.target_loss and \
-                                    record.get("test_loss", math.inf) <= cfg.train.target_loss:
-                                time_to_target = record["elapsed_s"]
+                            time_to_target = time_at_target(record, time_to_target, cfg.train.target_loss)
                             self.nodes.inject_faults(record["step"])
                     time.sleep(0.01)
                 if stop.signum is None:
@@ -191,9 +196,7 @@ class Coordinator:
                     if final is not None:
                         self._write(final)
                         last = final
-                        if time_to_target is None and cfg.train.target_loss and \
-                                final.get("test_loss", math.inf) <= cfg.train.target_loss:
-                            time_to_target = final["elapsed_s"]
+                        time_to_target = time_at_target(final, time_to_target, cfg.train.target_loss)
                 if stop.signum is not None:
                     # Workers first (nothing changes after the servers' checkpoints), then SHUTDOWN: final checkpoints.
                     stopped_by = stop.name
