@@ -72,3 +72,13 @@ def test_resume_goes_on_in_the_rows_own_directory_and_reads_a_row_that_reached_i
     assert again.rounds == 1 and again.curve == reached.curve  # read, not run on to round 5
     fresh, _ = bench.run_row("easy", 0.1, 5, tmp_path)  # without --resume: a new directory beside it
     assert fresh.rounds == 1 and (tmp_path / "easy-lr0.1-2").is_dir()
+
+
+def test_a_row_evaluated_every_k_rounds_reports_the_first_evaluated_round_at_its_target(tmp_path):
+    """--eval-every k makes a long row's evaluations k times cheaper; its round to target is then the first
+    evaluated one (the 2NN passes 50% in round 1, which is not evaluated when k = 2)."""
+    bench = _benchmark()
+    bench.ROWS["easy"] = {**bench.ROWS["2nn-iid-b10"], "target": 0.5}
+    outcome, _ = bench.run_row("easy", 0.1, 5, tmp_path, eval_every=2)
+    assert outcome.rounds == 2 and [r for r, _ in outcome.curve] == [2]
+    assert "2 (tested every 2)" in bench._table_row("easy", outcome, 5, {}, eval_every=2)
