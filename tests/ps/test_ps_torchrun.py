@@ -145,7 +145,11 @@ def test_a_killed_rank_makes_torchrun_restart_the_group_which_resumes_from_the_s
     assert proc.returncode == 0, output
     events = [e["event"] for e in read_metrics(run_dir / "servers" / "server-0.jsonl")]
     assert events.count("listening") == 2 and events[-2:] == ["checkpoint", "stopped"]
-    assert sorted({r["step"] for r in read_metrics(run_dir / "worker-1.jsonl")}) == list(range(40))
+    # Every step is in the log but, at most, the one in flight at the kill: SIGKILL can land after the servers
+    # took its push and before the worker wrote its record, and the group then goes on after it. The weights equal
+    # single-process SGD's, so every step's gradient was applied exactly once, recorded or not.
+    missing = set(range(40)) - {r["step"] for r in read_metrics(run_dir / "worker-1.jsonl")}
+    assert len(missing) <= 1, sorted(missing)
     np.testing.assert_allclose(final_weights(run_dir), single_process_sgd(load(config_path), 2), rtol=0, atol=2e-6)
 
 

@@ -9,9 +9,7 @@ import torch
 from plait.ps.consistency import ClockTable, Consistency
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.sharding import Piece, plan_shards, server_loads
-from plait.ps.trainer import unrecorded_steps
 from plait.ps.wire import HEADER_BYTES, Flag, Header, Op, payload_array
-from plait.runtime.metrics_log import MetricsLog
 
 
 def test_header_round_trip_is_fixed_size_struct():
@@ -307,18 +305,6 @@ def test_curve_servers_in_one_process_each_have_their_own_authenticator(tmp_path
     second.close()
     again = ServerTransport(curve=keys)  # and one right after a close, as a restart would
     again.close()
-
-
-def test_steps_the_servers_applied_after_the_logs_last_record_are_the_unrecorded_ones(tmp_path):
-    """A worker killed between a push and its record: on restart the servers' clock is past the log's last step."""
-    log_path = tmp_path / "worker-1.jsonl"
-    assert list(unrecorded_steps(log_path, 0)) == []  # a fresh run: no log, clock 0
-    with MetricsLog(log_path) as log:
-        for step in range(5):
-            log.write({"step": step, "train_loss": 1.0})
-    assert list(unrecorded_steps(log_path, 5)) == []  # every applied step recorded
-    assert list(unrecorded_steps(log_path, 6)) == [5]  # step 5 was pushed, then the worker died
-    assert list(unrecorded_steps(log_path, 8)) == [5, 6, 7]
 
 
 def test_the_time_to_target_is_the_first_evaluation_at_or_under_the_target_loss():

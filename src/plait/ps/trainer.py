@@ -26,7 +26,7 @@ from plait.ps.config import PSRunConfig
 from plait.ps.divergence import WorkerDiverged, step_problem
 from plait.ps.kvstore import KVStore
 from plait.ps.security import LAUNCHER, CurveKeys
-from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, read_metrics, truncate_metrics
+from plait.runtime.metrics_log import MetricsLog, elapsed_so_far, truncate_metrics
 from plait.user_model import build_model, check_run_code, task_loss
 
 PARAMS_KEY = 0
@@ -139,12 +139,6 @@ def wait_for_start(run_dir: Path, rank: int, timeout_s: float) -> None:
         time.sleep(0.005)
 
 
-def unrecorded_steps(log_path: Path, first: int) -> range:
-    """The steps before `first` (the servers' clock) after the last one the worker's log records."""
-    recorded = [r["step"] for r in read_metrics(log_path) if isinstance(r.get("step"), int)]
-    return range(max(recorded, default=-1) + 1, first)
-
-
 def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list[str], run_dir: Path,
                start_barrier: bool = False, backups: list[str] | None = None) -> None:
     if config.run.threads:
@@ -170,10 +164,6 @@ def run_worker(config: PSRunConfig, rank: int, num_workers: int, endpoints: list
     step = first
     logged_up = logged_down = 0  # the traffic counted so far: each record has what was sent and received since
     with MetricsLog(log_path) as log:
-        for lost in unrecorded_steps(log_path, first):
-            # A worker killed between its push and its record: the servers applied the step, the log lost it.
-            log.write({"step": lost, "worker": rank, "unrecorded": "the worker stopped after the servers' clock "
-                       "passed this step and before it wrote the step's record", "time": time.time()})
         while step < config.train.steps:
             if rank == config.fault.kill_worker and step == config.fault.kill_worker_at_step and not restarted:
                 os._exit(3)  # an abrupt death: no goodbye, no flush, as a crash (once: not again after a restart)
