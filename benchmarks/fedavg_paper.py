@@ -121,10 +121,11 @@ def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
                                                                threads, eval_every))
     run_dir = RunDir(root / config.run.name)
     goes_on = resume and run_dir.checkpoint_path.exists()
-    if not (goes_on and any(r.get("target_reached") for r in read_metrics(run_dir.metrics_path))):
+    records = read_metrics(run_dir.metrics_path) if goes_on else []
+    if not any(r.get("target_reached") for r in records):  # else read, not trained further
         run_dir = RunDir(run_federated(config, resume=goes_on, show_progress=False,
                                        fresh_name=not resume).run_dir)
-    records = read_metrics(run_dir.metrics_path)
+        records = read_metrics(run_dir.metrics_path)
     curve = [(r["round"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
     reached = next((r["round"] for r in records if r.get("target_reached")), None)
     final = next((r for r in reversed(records) if "test_accuracy" in r), {})

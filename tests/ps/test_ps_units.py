@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from plait.ps.consistency import ClockTable, Consistency
+from plait.ps.coordinator import time_at_target
 from plait.ps.optim import OptimizerConfig, ShardOptimizer
 from plait.ps.sharding import Piece, plan_shards, server_loads
 from plait.ps.wire import HEADER_BYTES, Flag, Header, Op, payload_array
@@ -308,8 +309,6 @@ def test_curve_servers_in_one_process_each_have_their_own_authenticator(tmp_path
 
 
 def test_the_time_to_target_is_the_first_evaluation_at_or_under_the_target_loss():
-    from plait.ps.coordinator import time_at_target
-
     evaluations = [{"test_loss": 0.5, "elapsed_s": 1.0}, {"step": 3, "elapsed_s": 1.5},  # no test set this time
                    {"test_loss": 0.1, "elapsed_s": 2.0}, {"test_loss": 0.05, "elapsed_s": 3.0}]
     reached = None
