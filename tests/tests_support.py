@@ -1,12 +1,52 @@
-"""Shared pieces of the tests: the user-code example (examples/custom_model), a torchrun kill harness, and the
-pipeline run the restart tests kill."""
+"""Shared pieces of the tests: the `plait` command run in-process, the user-code example (examples/custom_model), a
+torchrun kill harness, and the pipeline run the restart tests kill."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_model"
 SHAPES = f"{EXAMPLE / 'shapes.py'}"
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    output: str  # stdout and stderr as they were written, interleaved
+
+
+class _Both(io.StringIO):
+    """A stream that also copies what it is given to `into` (the interleaved output)."""
+
+    def __init__(self, into: io.StringIO):
+        super().__init__()
+        self.into = into
+
+    def write(self, text: str) -> int:
+        self.into.write(text)
+        return super().write(text)
+
+
+def run_plait(*args: str) -> CliResult:
+    """`plait ARGS...` in this process, its output captured: the exit code it would give (0 when it returns)."""
+    from plait.cli import app
+
+    both = io.StringIO()
+    out, err = _Both(both), _Both(both)
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            app([str(a) for a in args])
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            if isinstance(done.code, str):
+                err.write(done.code + "\n")  # what the interpreter would print
+    return CliResult(code, out.getvalue(), err.getvalue(), both.getvalue())
 
 
 def shapes_config(tmp_path, name="shapes", **fl) -> dict:

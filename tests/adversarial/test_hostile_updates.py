@@ -18,9 +18,7 @@ import math
 import grpc
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.bounds import BoundedAggregator, BoundsConfig, Diverged, UpdateRefused, extend_history
 from plait.federated.client_update import Update
@@ -31,7 +29,7 @@ from plait.federated.net.local import cluster, read_records, small_config, write
 from plait.federated.net.wire import iter_chunks
 from plait.federated.strategy import FedAvgAggregator
 from plait.settings.config import from_dict
-from tests_support import EXAMPLE, shapes_config
+from tests_support import EXAMPLE, run_plait, shapes_config
 
 ROGUE = 2
 
@@ -129,7 +127,7 @@ def test_a_diverging_simulation_stops_naming_the_round_the_client_and_the_checkp
     raw = _diverging(tmp_path)
     raw["run"]["name"] = "cli"
     path.write_text(tomli_w.dumps(raw))
-    result = CliRunner().invoke(app, ["run", str(path)])
+    result = run_plait("run", str(path))
     assert result.exit_code == 1 and "local training diverged" in result.output
 
 

@@ -8,10 +8,9 @@ import json
 
 import pytest
 import tomli_w
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.experiment.compare import compare_runs, comparison_figures, differing_settings, flatten, load_run
+from tests_support import run_plait
 
 
 def make_run(root, name, config, records):
@@ -83,11 +82,11 @@ def test_errors_name_the_problem(two_runs, tmp_path):
 
 
 def test_cli_prints_the_table_and_writes_next_to_the_runs(two_runs, tmp_path):
-    result = CliRunner().invoke(app, ["compare", str(two_runs[0]), str(two_runs[1])])
+    result = run_plait("compare", str(two_runs[0]), str(two_runs[1]))
     assert result.exit_code == 0, result.output
     assert "settings that differ: data.partition, fl.plan.lr" in result.output
     assert (tmp_path / "compare-a-b" / "compare.md").exists()
-    bad = CliRunner().invoke(app, ["compare", str(two_runs[0]), str(tmp_path / "nowhere")])
+    bad = run_plait("compare", str(two_runs[0]), str(tmp_path / "nowhere"))
     assert bad.exit_code == 2 and "no metrics in" in bad.output
 
 
@@ -110,8 +109,8 @@ def test_edge_cases_nan_no_axis_no_config_same_folder_twice(tmp_path):
 
 
 def test_a_glob_that_catches_an_earlier_comparison_skips_it(two_runs, tmp_path):
-    assert CliRunner().invoke(app, ["compare", str(two_runs[0]), str(two_runs[1])]).exit_code == 0
-    again = CliRunner().invoke(app, ["compare", *sorted(str(p) for p in tmp_path.iterdir())])  # runs/* style
+    assert run_plait("compare", str(two_runs[0]), str(two_runs[1])).exit_code == 0
+    again = run_plait("compare", *sorted(str(p) for p in tmp_path.iterdir()))  # runs/* style
     assert again.exit_code == 0, again.output
     assert "settings that differ: data.partition, fl.plan.lr" in again.output
 
@@ -133,7 +132,7 @@ def test_runs_of_different_planes_are_named_not_listed_setting_by_setting(two_ru
     assert row["final loss"] == 0.5 and row["final accuracy"] == 0.9 and row["step"] == 20
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "Runs of different planes: federated (a, b); data parallel (dp)" in md
-    cli = CliRunner().invoke(app, ["compare", *map(str, two_runs), str(dp), "--out", str(tmp_path / "cli")])
+    cli = run_plait("compare", *map(str, two_runs), str(dp), "--out", str(tmp_path / "cli"))
     assert cli.exit_code == 0 and "runs of different planes" in cli.output
 
 

@@ -113,15 +113,14 @@ def test_a_log_without_any_axis_key_is_refused_by_name(tmp_path):
 
 
 def test_plait_plot_lists_what_it_drew(tmp_path):
-    from typer.testing import CliRunner
 
-    from plait.cli import app
+    from tests_support import run_plait
 
     run = write_run(tmp_path / "fl5", five_rounds(), DP_CONFIG)
-    result = CliRunner().invoke(app, ["plot", str(run)])
+    result = run_plait("plot", str(run))
     assert result.exit_code == 0, result.output
     printed = result.output.replace("\n", "")  # rich wraps long paths
     assert printed.count("plot: ") == 7 and "plots/accuracy_vs_mb.png" in printed
     assert (run / "plots" / "epsilon.svg").exists()
-    missing = CliRunner().invoke(app, ["plot", str(tmp_path / "nowhere")])
+    missing = run_plait("plot", str(tmp_path / "nowhere"))
     assert missing.exit_code != 0 and "no metrics in" in missing.output

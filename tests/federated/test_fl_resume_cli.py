@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
 from plait.settings.config import from_dict, load_toml
+from tests_support import run_plait
 
 CONFIG = """
 [run]
@@ -77,36 +76,36 @@ def test_killed_run_resumes_without_losing_or_repeating_a_round(tmp_path):
 
 def test_unknown_config_key_fails_at_start_naming_it(tmp_path):
     path = _write(tmp_path, extra="lrr = 0.1\n")  # lands in [fl.plan]
-    result = CliRunner().invoke(app, ["run", str(path)])
+    result = run_plait("run", str(path))
     assert result.exit_code == 2 and "fl.plan.lrr" in result.output
     assert not (tmp_path / "runs" / "r" / "metrics.jsonl").exists()
 
 
 def test_wrong_type_and_bad_value_are_named(tmp_path):
-    result = CliRunner().invoke(app, ["run", str(_write(tmp_path)), "--set", "fl.rounds='ten'"])
+    result = run_plait("run", str(_write(tmp_path)), "--set", "fl.rounds='ten'")
     assert result.exit_code == 2 and "fl.rounds" in result.output
-    result = CliRunner().invoke(app, ["run", str(_write(tmp_path)), "--set", "data.partition=stripes"])
+    result = run_plait("run", str(_write(tmp_path)), "--set", "data.partition=stripes")
     assert result.exit_code == 2 and "data.partition" in result.output
 
 
 def test_bad_data_path_fails_at_start(tmp_path):
-    result = CliRunner().invoke(app, ["run", str(_write(tmp_path)), "--set", f"data.path='{tmp_path}/none'"])
+    result = run_plait("run", str(_write(tmp_path)), "--set", f"data.path='{tmp_path}/none'")
     assert result.exit_code == 2 and "data.path" in result.output
 
 
 def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path):
     path = _write(tmp_path, rounds=1)
-    assert CliRunner().invoke(app, ["run", str(path), "--resume"]).exit_code == 2
-    first = CliRunner().invoke(app, ["run", str(path)])
+    assert run_plait("run", str(path), "--resume").exit_code == 2
+    first = run_plait("run", str(path))
     assert first.exit_code == 0, first.output
-    again = CliRunner().invoke(app, ["run", str(path)])
+    again = run_plait("run", str(path))
     assert again.exit_code == 2 and "--resume" in again.output
 
 
 def test_plot_command_writes_pngs(tmp_path):
     path = _write(tmp_path, rounds=2)
-    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
-    result = CliRunner().invoke(app, ["plot", str(tmp_path / "runs" / "r")])
+    assert run_plait("run", str(path)).exit_code == 0
+    result = run_plait("plot", str(tmp_path / "runs" / "r"))
     assert result.exit_code == 0
     pngs = sorted((tmp_path / "runs" / "r" / "plots").glob("*.png"))
     assert any(p.name == "loss.png" for p in pngs)
@@ -116,7 +115,7 @@ def test_plot_command_writes_pngs(tmp_path):
 def test_a_run_logged_under_the_older_metric_names_resumes_and_plots(tmp_path):
     # Prepare: two rounds, then the log rewritten as runs wrote it before the canonical names (no lr, no time)
     path = _write(tmp_path, rounds=2)
-    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
+    assert run_plait("run", str(path)).exit_code == 0
     log = tmp_path / "runs" / "r" / "metrics.jsonl"
     fresh = [json.loads(line) for line in log.read_text().splitlines()]
     assert all({"lr", "time", "elapsed_s"} <= r.keys() for r in fresh) and "test_accuracy" in fresh[-1]
@@ -124,7 +123,7 @@ def test_a_run_logged_under_the_older_metric_names_resumes_and_plots(tmp_path):
     log.write_text("".join(json.dumps({older.get(k, k): v for k, v in r.items() if k not in ("lr", "time")}) + "\n"
                            for r in fresh))
     # Execute
-    result = CliRunner().invoke(app, ["run", str(path), "--resume", "--set", "fl.rounds=3"])
+    result = run_plait("run", str(path), "--resume", "--set", "fl.rounds=3")
     # Assert: the old rounds kept as written, the new one under the canonical names, the clock going on
     assert result.exit_code == 0 and "final test accuracy" in result.output, result.output
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -187,5 +186,5 @@ def test_resume_with_error_feedback_is_exact(tmp_path):
 def test_train_dispatch_follows_set_overrides(tmp_path):
     config = tmp_path / "dp.toml"
     config.write_text("[parallel]\nmode = 'data'\n")
-    result = CliRunner().invoke(app, ["train", str(config), "--set", "parallel=3"])
+    result = run_plait("train", str(config), "--set", "parallel=3")
     assert result.exit_code == 2 and "'parallel' must be a table" in result.output

@@ -177,12 +177,11 @@ def test_flat_state_names_the_dtype_problem():
 
 @pytest.mark.parametrize("config, metric", [("fl.toml", "test_accuracy"), ("regression.toml", "test_loss")])
 def test_the_examples_run_as_written(tmp_path, config, metric):
-    from typer.testing import CliRunner
 
-    from plait.cli import app
+    from tests_support import run_plait
 
-    result = CliRunner().invoke(app, ["run", str(EXAMPLE / config), "--set", "fl.rounds=2",
-                                      "--set", f"run.root={str(tmp_path)!r}"])
+    result = run_plait("run", str(EXAMPLE / config), "--set", "fl.rounds=2",
+                                      "--set", f"run.root={str(tmp_path)!r}")
     assert result.exit_code == 0, result.output
     run_dir = next(tmp_path.iterdir())
     import json

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from divergence_support import RANK_VARIABLE, STEP_VARIABLE
-from plait.cli import app
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.divergence import DivergenceGuard
 from plait.parallel.launch import spawn_ranks
@@ -20,6 +18,7 @@ from plait.runtime.checkpoint import load_checkpoint
 from plait.runtime.divergence import Diverged
 from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import ConfigError, from_dict
+from tests_support import run_plait
 
 CONFIG = """
 [run]
@@ -57,7 +56,7 @@ def test_a_nan_at_step_3_stops_the_run_keeps_step_2s_checkpoint_and_resume_goes_
     monkeypatch.setenv(STEP_VARIABLE, "3")
     monkeypatch.setenv(RANK_VARIABLE, "1")
     config = _config(tmp_path, "stop")
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    result = run_plait("train", str(config), "--nproc", "2")
     run_dir = tmp_path / "stop" / "dp"
     assert result.exit_code == 1, result.output
     message = " ".join(result.output.split())  # the console may wrap it
@@ -70,8 +69,8 @@ def test_a_nan_at_step_3_stops_the_run_keeps_step_2s_checkpoint_and_resume_goes_
     assert records[-1]["step"] == 3 and "step 3" in records[-1]["diverged"]
 
     # the cause removed, --resume starts from the last good checkpoint and finishes the run
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2", "--resume",
-                                      "--set", 'comm_hook.name="none"'])
+    result = run_plait("train", str(config), "--nproc", "2", "--resume",
+                                      "--set", 'comm_hook.name="none"')
     assert result.exit_code == 0, result.output
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     assert checkpoint["step"] == 6 and _finite(checkpoint["params"])
@@ -84,7 +83,7 @@ def test_a_nan_at_step_3_stops_the_run_keeps_step_2s_checkpoint_and_resume_goes_
 def test_on_divergence_skip_drops_that_steps_update_and_trains_on(tmp_path, monkeypatch):
     monkeypatch.setenv(STEP_VARIABLE, "3")
     monkeypatch.setenv(RANK_VARIABLE, "0")
-    result = CliRunner().invoke(app, ["train", str(_config(tmp_path, "skip")), "--nproc", "2"])
+    result = run_plait("train", str(_config(tmp_path, "skip")), "--nproc", "2")
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "skip" / "dp"
     records = read_metrics(run_dir / "metrics.jsonl")

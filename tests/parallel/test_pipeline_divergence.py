@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.runtime.checkpoint import load_checkpoint
 from plait.runtime.metrics_log import read_metrics
+from tests_support import run_plait
 
 CONFIG = """
 [run]
@@ -44,7 +43,7 @@ schedule = "1f1b"
 def test_a_diverging_pipeline_stops_where_the_loss_arises_and_resumes_from_the_last_good_checkpoint(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG.format(root=tmp_path.as_posix()))
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    result = run_plait("train", str(config), "--nproc", "2")
     run_dir = tmp_path / "pipe"
     assert result.exit_code == 1, result.output
     message = " ".join(result.output.split())  # the console may wrap it
@@ -57,8 +56,8 @@ def test_a_diverging_pipeline_stops_where_the_loss_arises_and_resumes_from_the_l
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if "train_loss" in r] == [1] and "step 2" in records[-1]["diverged"]
 
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2", "--resume",
-                                      "--set", 'train.on_divergence="skip"'])
+    result = run_plait("train", str(config), "--nproc", "2", "--resume",
+                                      "--set", 'train.on_divergence="skip"')
     assert result.exit_code == 0, result.output
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("skipped")] == [2, 3, 4]

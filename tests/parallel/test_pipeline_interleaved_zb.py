@@ -7,9 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.parallel.pipeline.config import PipelineRunConfig, layer_count
 from plait.parallel.pipeline.model import build_sequential, deep_mlp
 from plait.parallel.pipeline.schedule import (
@@ -27,6 +25,7 @@ from plait.parallel.pipeline.schedule import (
 )
 from plait.parallel.pipeline.split_backward import SplitBackward
 from plait.settings.config import ConfigError, from_dict
+from tests_support import run_plait
 
 
 def _row(text: str, stage: int | None = None) -> tuple[Action, ...]:
@@ -237,9 +236,9 @@ def test_layer_count_matches_the_built_models():
 
 
 def test_cli_refuses_an_impossible_interleaving_before_starting(tmp_path):
-    result = CliRunner().invoke(app, ["train", "examples/pipeline.toml", "--nproc", "4",
+    result = run_plait("train", "examples/pipeline.toml", "--nproc", "4",
                                       "--set", 'parallel.schedule="interleaved_1f1b"',
-                                      "--set", "parallel.micro_batches=6", "--set", f'run.root="{tmp_path}"'])
+                                      "--set", "parallel.micro_batches=6", "--set", f'run.root="{tmp_path}"')
     assert result.exit_code == 2
     assert "parallel.micro_batches = 6 must be a multiple of parallel.stages = 4" in " ".join(result.output.split())
     assert not list(tmp_path.iterdir())  # nothing was created for a run that cannot start

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import torch
-from typer.testing import CliRunner
 
-from plait.cli import app
 from plait.experiment.runs import pipeline
 from plait.runtime.checkpoint import load_checkpoint
+from tests_support import run_plait
 
 CONFIG = """
 [run]
@@ -45,7 +44,7 @@ def _metrics(path) -> list[dict]:
 def test_cli_pipeline_run_and_resume(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG.format(name="whole", root=tmp_path / "runs"))
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    result = run_plait("train", str(config), "--nproc", "2")
     assert result.exit_code == 0, result.output
     whole = tmp_path / "runs" / "whole"
     assert "stage 1: F0 F1 F2 B0 B1 B2" in result.output and "test accuracy" in result.output
@@ -83,7 +82,7 @@ def test_cli_pipeline_run_and_resume(tmp_path):
 def test_cli_rejects_a_world_size_that_does_not_fit(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG.format(name="bad", root=tmp_path / "runs"))
-    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "3", "--set", "parallel.replicas=2"])
+    result = run_plait("train", str(config), "--nproc", "3", "--set", "parallel.replicas=2")
     assert result.exit_code == 2
     assert "parallel.replicas × parallel.stages = 2 × 2 = 4 ranks, but 3 were started" in result.output
     assert not (tmp_path / "runs" / "bad").exists()  # nothing was created for a run that cannot start

@@ -155,7 +155,7 @@ def test_with_curve_only_control_keys_may_shut_down_say_goodbye_or_create_pieces
 
 def test_plait_ps_init_creates_the_models_pieces_with_the_launchers_key(tmp_path):
     """On several hosts with CurveZMQ, `plait ps init` does what the local launcher does before the workers start."""
-    from plait.cli.ps import ps_app
+    from plait.cli import app
     from plait.ps.config import PSRunConfig
     from plait.ps.trainer import PARAMS_KEY, build_flat_model
 
@@ -164,8 +164,7 @@ def test_plait_ps_init_creates_the_models_pieces_with_the_launchers_key(tmp_path
     config = tmp_path / "cfg.toml"
     config.write_text(f'[sync]\nkind = "ps"\ncurve_keys = "{keys}"\n')
     try:
-        ps_app(args=["init", "--config", str(config), "--workers", "1", "--servers", endpoints[0]],
-               standalone_mode=False)
+        app(["ps", "init", "--config", str(config), "--workers", "1", "--servers", endpoints[0]])
         _, weights, _ = build_flat_model(PSRunConfig())
         kv = KVStore(endpoints, 0, timeout_s=20.0, curve_keys=keys)
         pulled = np.zeros_like(weights.numpy())

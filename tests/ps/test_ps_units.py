@@ -266,11 +266,11 @@ def test_a_node_is_checked_against_the_config_before_it_starts(tmp_path):
 def test_curve_key_directory_is_made_once_and_missing_keys_name_the_setting(tmp_path):
     import zmq
 
-    from plait.cli.ps import ps_app
+    from plait.cli import app
     from plait.ps.security import CurveKeys
 
     def plait_ps(*args: str) -> None:
-        ps_app(args=list(args), standalone_mode=False)  # errors raised, not turned into an exit
+        app(["ps", *args])
 
     plait_ps("keys", str(tmp_path / "keys"))
     made = {p.relative_to(tmp_path / "keys").as_posix() for p in (tmp_path / "keys").rglob("*") if p.is_file()}

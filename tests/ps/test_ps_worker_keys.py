@@ -18,9 +18,9 @@ VALUES = np.full(4, -1.0, np.float32).tobytes()
 
 
 def test_plait_ps_keys_binds_one_key_to_each_worker_id(tmp_path):
-    from plait.cli.ps import ps_app
+    from plait.cli import app
 
-    ps_app(args=["keys", str(tmp_path / "keys"), "--workers", "2"], standalone_mode=False)
+    app(["ps", "keys", str(tmp_path / "keys"), "--workers", "2"])
     keys = CurveKeys(tmp_path / "keys")
     assert sorted(keys.worker_bindings().values()) == [0, 1]
     assert (tmp_path / "keys" / "authorized" / "worker-1.key").is_file()

@@ -1,0 +1,34 @@
+"""What the `plait` command prints: results on stdout, warnings and errors on stderr (an error is one line, whatever
+the terminal), and the exit code of a failure (2: bad usage or config, 1: the run started and failed).
+
+rich, which draws the colours and tables, is imported at the first print rather than with the command: a run prints
+when it ends, so its 40 ms of imports stay out of the start-up (benchmarks/RESULTS.md, issue 13).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@cache
+def console(stderr: bool = False) -> Console:
+    """The console for stdout (or stderr). It writes to whatever sys.stdout (sys.stderr) is at each print, so a
+    caller that redirects them (a test) sees the output."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=stderr)
+
+
+def say(text: str, stderr: bool = False) -> None:
+    """Print `text`, which may carry rich's markup ([bold]...[/])."""
+    console(stderr).print(text)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` on stderr and exit with `code`."""
+    console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise SystemExit(code)
