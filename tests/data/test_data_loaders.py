@@ -115,3 +115,31 @@ def test_federated_mnist_keeps_its_images_as_bytes_and_hands_clients_normalised_
             pixels = torch.from_numpy(raw).float() / 255  # the rows are some of MNIST's: find each by its pixels
             first = int(torch.nonzero(((x[0, 0] * 0.3081 + 0.1307) - pixels).abs().amax(dim=(1, 2)) < 1e-5)[0])
             assert torch.equal(x[0, 0], ((pixels[first] - torch.tensor(0.1307)) / torch.tensor(0.3081)))
+
+
+def test_raw_images_laid_out_when_first_asked_give_every_client_its_own_rows():
+    """With `convert_x`, each client's rows are gathered when it is first asked for (not all at start): every
+    client's training and held-out examples, asked in any order and again, are the rows the client-major layout of
+    the whole set gives, including where an empty held-out run starts where the next client's begins."""
+    from plait.data.federated import FederatedData
+    from plait.data.image_tensors import images_to_tensor
+
+    rng = np.random.default_rng(3)
+    images = torch.from_numpy(rng.integers(0, 256, size=(50, 4, 4), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, 10, size=50))
+    # client 1 holds one example (no held-out share: an empty run); 5 examples belong to no client
+    parts = [np.sort(p) for p in np.split(rng.permutation(50)[:45], [12, 13, 30])]
+    test_x, test_y = images_to_tensor(images[:4]), labels[:4]
+
+    def made(convert):
+        return FederatedData(images, labels, test_x, test_y, parts, eval_fraction=0.25, seed=0, num_classes=10,
+                             convert_x=convert)
+
+    lazy, eager = made(images_to_tensor), made(None)
+    assert len(lazy.client_eval(1)[1]) == 0 and len(lazy.client_eval(2)[1]) > 0
+    for client, held_out in [(1, True), (2, True), (0, False), (3, True), (2, False), (1, False), (0, True)] * 2:
+        got = lazy.client_eval(client) if held_out else lazy.client_train(client)
+        want = eager.client_eval(client) if held_out else eager.client_train(client)
+        assert torch.equal(got[0], images_to_tensor(want[0])) and torch.equal(got[1], want[1])
+        rows = {tuple(r.flatten().tolist()) for r in want[0]}  # the client's own images, none of another's
+        assert rows <= {tuple(images[i].flatten().tolist()) for i in parts[client]}

@@ -90,11 +90,14 @@ LAZY_ABOVE = 100_000  # data.materialise = "auto": clients past which each one's
 class FederatedData:
     """Clients' local data. `client_train(i)` / `client_eval(i)` return client i's (x, y) tensors.
 
-    The training tensors are stored client-major: each client's training examples, then each client's held-out
-    examples, lie in one contiguous run (in their original order), the examples no client holds at the end. A
-    client's data is then a view, not a gathered copy: nothing is copied per round. With `convert_x`, the stored
-    inputs are raw (uint8 images: a quarter of float32's memory, 47 MB for MNIST's training set against 188 MB) and
-    each client's run is made model-ready when asked for (a 600-image client in about 0.3 ms).
+    The examples are numbered client-major: each client's training examples, then each client's held-out examples,
+    form one contiguous run (in their original order), the examples no client holds at the end. Without
+    `convert_x`, the inputs are stored in that order, so a client's data is a view, not a gathered copy: nothing is
+    copied per round. With `convert_x`, the stored inputs are raw (uint8 images: a quarter of float32's memory, 47 MB
+    for MNIST's training set against 188 MB) and each client's run is made model-ready when asked for (a 600-image
+    client in about 0.3 ms). Its rows are then laid out client-major when it is first asked for, not all at start:
+    gathering MNIST whole took 0.03 s of start-up, mostly first touches of 47 MB of fresh pages, and a simulation
+    asks for few of its clients early (benchmarks/RESULTS.md, issue 13).
     """
 
     def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -121,8 +124,15 @@ class FederatedData:
         held_by_clients = np.concatenate([*train_parts, *eval_parts]).astype(np.int64)
         rest = np.setdiff1d(np.arange(len(train_y)), held_by_clients, assume_unique=True)
         order = np.concatenate([held_by_clients, rest])
-        self.train_x, self.train_y = _rows(train_x, order), train_y[torch.from_numpy(order)]
+        self.train_y = train_y[torch.from_numpy(order)]
         self._convert_x = convert_x
+        self._order, self._laid_out = order, set[tuple[int, int]]()  # the runs laid out client-major so far
+        self._client_major: torch.Tensor | None = None
+        if convert_x is not None and isinstance(train_x, torch.Tensor):
+            self.train_x = train_x  # raw, as given; a run is laid out when first asked for (the class's docstring)
+            self._client_major = torch.empty((len(order), *train_x.shape[1:]), dtype=train_x.dtype)
+        else:
+            self.train_x = _rows(train_x, order)  # each client's run a view from the start
         bounds = np.cumsum([0] + [len(p) for p in train_parts] + [len(p) for p in eval_parts])
         self._train_runs = list(zip(bounds[: len(parts)], bounds[1 : len(parts) + 1]))
         self._eval_runs = list(zip(bounds[len(parts) : -1], bounds[len(parts) + 1 :]))
@@ -142,7 +152,13 @@ class FederatedData:
         return self._run(*self._eval_runs[client])
 
     def _run(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
-        x = take(self.train_x, slice(start, stop))
+        if self._client_major is None:
+            x = take(self.train_x, slice(start, stop))
+        else:
+            if (start, stop) not in self._laid_out:  # two threads asking at once write the same rows: harmless
+                self._client_major[start:stop] = _rows(self.train_x, self._order[start:stop])
+                self._laid_out.add((start, stop))
+            x = self._client_major[start:stop]
         return (self._convert_x(x) if self._convert_x is not None else x), self.train_y[start:stop]
 
 
