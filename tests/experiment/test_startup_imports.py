@@ -1,5 +1,7 @@
-"""Start-up imports only what the first round needs: matplotlib comes with the plots at the end of a run, and
-TensorBoard's writer after the first record has reached metrics.jsonl (issue 13: start-up of a simulation run)."""
+"""Start-up imports only what the first round needs: matplotlib comes with the plots at the end of a run,
+TensorBoard's writer after the first record has reached metrics.jsonl, rich with the command's first print (its
+output here is a pipe: no live progress bar), and pydantic never (the command line is argparse's) (issue 13:
+start-up of a simulation run)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests_support import shapes_config
 # Runs `plait run CONFIG` in a fresh interpreter and says which of the late imports were loaded at each moment.
 WATCH = r"""
 import json, sys
-LATE = ("matplotlib", "torch.utils.tensorboard")
+LATE = ("matplotlib", "pydantic", "rich", "torch.utils.tensorboard")
 
 def loaded():
     return sorted(name for name in LATE if name in sys.modules)
@@ -63,7 +65,7 @@ def test_plots_and_tensorboard_are_imported_only_when_needed(tmp_path):
         "after importing the simulation": [],
         "at the first record": [],
         "when the plots are drawn": ["torch.utils.tensorboard"],
-        "at the end": ["matplotlib", "torch.utils.tensorboard"],
+        "at the end": ["matplotlib", "rich", "torch.utils.tensorboard"],
     }
     assert list((tmp_path / "runs" / "shapes" / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "runs" / "shapes" / "plots").glob("*.png"))
