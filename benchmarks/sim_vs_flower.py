@@ -6,17 +6,17 @@ start-up, seconds per round, peak memory of the whole process tree, and the two 
     .venv/bin/python benchmarks/sim_vs_flower.py --rows 2nn_100 --runs 1 --rounds 2 --clients-scale 0.1   # a check
 
 FedAvg on real MNIST (pathological non-IID shards), E=1, B=10, lr 0.05, C=0.1, test-set evaluation every round; rows
-`2nn_1000` (2NN, 1000 clients, 100 a round), `2nn_100` (10 a round), `cnn_100` (the paper's CNN, 10 a round).
-Plait's own data loading materialises each row's partition; every client's arrays go to .npy files that the Flower
-side (benchmarks/flower_reference.py) loads, with the same model definitions and seed. Each side runs as its own
-process, as a user starts it: Plait as `python -m plait.cli run CONFIG` with `fl.executor = "auto"` (the choice is
-reported), Flower in its own virtual environment. Measured per run: start-up (launch to the first round's results
-arriving), seconds per round (the rounds after the first), peak memory of the process tree: the sum of its
-processes' proportional set sizes (PSS, /proc/PID/smaps_rollup, every 0.5 s: a page k processes share counts 1/k in
-each), with the sum of their resident sets (RSS, every 0.1 s) shown beside it. RSS counts a shared page once per
-process that maps it: libraries in every Ray worker, and the copy-on-write pages of workers forked from Plait's. The
-floor is the plain single-thread PyTorch loop's time for the CNN round's training (10 clients) and test-set
-evaluation, divided by the cores. Medians over runs and rounds, with min-max.
+`2nn_1000` (2NN, 1000 clients, 100 a round), `2nn_100` (10 a round), `cnn_100` (the paper's CNN, 10 a round). Plait's
+own data loading materialises each row's partition; every client's arrays go to .npy files that the Flower side
+(benchmarks/flower_reference.py) loads, with the same model definitions and seed. Each side runs as its own process,
+as a user starts it: Plait as `python -m plait.cli run CONFIG` with `fl.executor = "auto"` (the choice is reported),
+Flower in its own virtual environment; src/plait is byte-compiled first, as an installed package is. Measured per
+run: start-up (launch to the first round's results arriving), seconds per round (the rounds after the first), peak
+memory of the process tree: the sum of its processes' proportional set sizes (PSS, /proc/PID/smaps_rollup, every 0.5
+s: a page k processes share counts 1/k in each), with the sum of their resident sets (RSS, every 0.1 s) shown beside
+it. RSS counts a shared page once per process that maps it: libraries in every Ray worker, and the copy-on-write
+pages of workers forked from Plait's. The floor is the plain single-thread PyTorch loop's time for the CNN round's
+training (10 clients) and test-set evaluation, divided by the cores. Medians over runs and rounds, with min-max.
 
 First use installs Flower (flwr[simulation]==1.42.0, with its pin ray==2.55.1) into .venv-flower/ at the
 repository root with `python -m venv` and pip: torch==2.13.0 first (the project's), then Flower with a constraints
@@ -30,6 +30,7 @@ the headline, is the 2NN round at 1000 clients (the simulator's per-client overh
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import signal
@@ -310,6 +311,10 @@ def main() -> None:
     if rounds < 2:
         sys.exit("--rounds must be >= 2: the first round is start-up, seconds per round come from the others")
     python = flower_python()
+    # Both sides import Plait's modules from src/ (the Flower side its model definitions). An installed package has
+    # their bytecode compiled; a checkout run with PYTHONDONTWRITEBYTECODE=1 (as this machine's shells are) compiles
+    # all ~80 of them again at every start, 0.03-0.05 s. Compile them once here, as `pip install` would.
+    compileall.compile_dir(REPO / "src" / "plait", quiet=1)
     rows = {n: Row(ROWS[n].model, max(10, int(ROWS[n].num_clients * args.clients_scale)), ROWS[n].label)
             for n in names}
 
