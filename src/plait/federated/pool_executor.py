@@ -250,7 +250,7 @@ class ProcessPoolExecutor:
                       self._inputs))
         self._shape = shape
 
-    def run(self, model, spec: FlatSpec, global_params: torch.Tensor,
+    def run(self, model: torch.nn.Module, spec: FlatSpec, global_params: torch.Tensor,
             tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Update]]:
         self._start(spec, global_params, tasks)
         self._params.copy_(global_params.detach())
