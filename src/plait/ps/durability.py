@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from plait.ps.checkpoint import ServerSnapshot, ShardState, save_shards
 from plait.ps.consistency import ClockTable
-from plait.ps.journal import COMPACT_AFTER_SHARDS, Journal
+from plait.ps.journal import COMPACT_AFTER_SHARDS, COMPACT_FLOOR, Journal
 from plait.ps.replication import Change, Replica
 from plait.ps.server_config import ServerConfig, Slot
 from plait.ps.wire import Header
@@ -58,6 +58,8 @@ class Durable:
         if replayed:
             self._event("replayed", records=replayed, pieces=len(self.shards), updates=self.updates)
             self.checkpoint()
+        else:  # every record on disk is one the checkpoint holds: the journal starts over after its last
+            self.journal.checkpointed(after)
 
     def _snapshot(self) -> ServerSnapshot:
         for slot, shard in self.shards.items():
@@ -72,7 +74,8 @@ class Durable:
         started = time.perf_counter()
         save_shards(self.config.checkpoint_path, self._snapshot())
         if self.journal is not None:
-            self.journal.truncate()  # the checkpoint holds every record (and says so: a kill before this is fine)
+            # the checkpoint holds every record (and says so: a kill before this is fine)
+            self.journal.checkpointed(self.journal.seq)
         self.updates_at_checkpoint = self.updates
         self.checkpoint_written = True
         self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)
@@ -82,10 +85,9 @@ class Durable:
         every = self.config.checkpoint_every * max(1, len(self.shards))
         due = every and self.updates - self.updates_at_checkpoint >= every
         # a journal grown past a multiple of the shard is folded into a checkpoint, so its file stays bounded
-        # (the shard's size is summed only once the journal passes the 1 MiB floor's threshold, not on every push)
-        floor = COMPACT_AFTER_SHARDS << 20
-        full = self.journal is not None and self.journal.bytes > floor and self.journal.bytes > COMPACT_AFTER_SHARDS * (
-            sum(shard.param.nbytes for shard in self.shards.values()))
+        # (the shard's size is summed only once the journal passes the floor, not on every push)
+        full = (self.journal is not None and self.journal.bytes > COMPACT_FLOOR and self.journal.bytes
+                > COMPACT_AFTER_SHARDS * sum(shard.param.nbytes for shard in self.shards.values()))
         # without journal or backup (sync.journal = false), the first update checkpoints the pieces the seeder
         # created: a server killed after it comes back with them, not empty
         unprotected = (self.journal is None and self.replica is None and not self.checkpoint_written
