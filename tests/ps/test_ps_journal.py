@@ -103,6 +103,16 @@ def _kill_and_restart(tmp_path, server: mp.Process, endpoint: str, **settings) -
     return restarted
 
 
+def _seeded_worker(endpoints: list[str], rank: int) -> KVStore:
+    """Key 0 (4 zeros) created by the seeder, then worker `rank` joined to it."""
+    seeder = KVStore(endpoints, -1, timeout_s=20.0)
+    seeder.init(0, np.zeros(4, np.float32))
+    seeder.close(goodbye=False)
+    worker = KVStore(endpoints, rank, retry_s=0.3, timeout_s=30.0)
+    worker.init(0, np.zeros(4, np.float32))
+    return worker
+
+
 def test_a_push_after_a_restart_from_a_checkpoint_survives_the_next_kill(tmp_path):
     """Killed right after a checkpoint, a server comes back with no journal record beyond it; the push it then
     acknowledges must be numbered after the checkpoint's records. Numbered from 1 again, it was taken for one the
@@ -110,11 +120,7 @@ def test_a_push_after_a_restart_from_a_checkpoint_survives_the_next_kill(tmp_pat
     servers, endpoints = start_servers(tmp_path, 1, "asp", num_workers=1, checkpoint_every=1)
     procs = list(servers)
     try:
-        seeder = KVStore(endpoints, -1, timeout_s=20.0)
-        seeder.init(0, np.zeros(4, np.float32))
-        seeder.close(goodbye=False)
-        worker = KVStore(endpoints, 0, retry_s=0.3, timeout_s=30.0)
-        worker.init(0, np.zeros(4, np.float32))
+        worker = _seeded_worker(endpoints, 0)
         worker.wait(worker.push(0, np.full(4, -1.0, np.float32)))  # applied (1.0), then a checkpoint
         deadline = time.monotonic() + 30
         while "checkpoint" not in [e["event"] for e in read_metrics(tmp_path / "server-0.jsonl")]:
@@ -132,6 +138,36 @@ def test_a_push_after_a_restart_from_a_checkpoint_survives_the_next_kill(tmp_pat
             proc.kill()
 
 
+def test_a_clock_whose_last_push_is_journaled_without_its_completion_is_completed_at_the_replay(tmp_path):
+    """Killed between a BSP clock's last push (journaled, acknowledged) and the record of its completion, a server
+    replays both pushes: it must apply the clock's mean then, or a pull at that clock, ready by the clocks alone,
+    gets the weights without it (seen as a run ending off single-process SGD)."""
+    from plait.ps.replication import Change
+
+    journal = Journal(tmp_path / "server-0.journal", fresh=True)
+    piece = dict(key=0, offset=0, numel=4)
+    journal.append(Header(Op.REPLICATE, extra=Change.INIT, worker=-1, **piece), np.zeros(4, np.float32))
+    for worker, value in ((0, -2.0), (1, -4.0)):  # clock 0 of both workers; no COMPLETE after them
+        journal.append(Header(Op.REPLICATE, extra=Change.PUSH, worker=worker, clock=0, **piece),
+                       np.full(4, value, np.float32))
+    journal.close()
+    server = _restart(tmp_path, "tcp://127.0.0.1:0")  # BSP, 2 workers, SGD lr 1, resuming from the journal
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "server-0.endpoint").exists():
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        worker = KVStore([(tmp_path / "server-0.endpoint").read_text()], 0, retry_s=0.3, timeout_s=30.0)
+        weights = np.zeros(4, np.float32)
+        worker.init(0, weights)
+        assert worker.clock(0) == 0  # the server holds its push of clock 0
+        worker.wait(worker.pull(0, weights))
+        np.testing.assert_array_equal(weights, np.full(4, 3.0, np.float32))  # 0 - 1 * mean(-2, -4)
+        worker.close()
+    finally:
+        server.kill()
+
+
 def test_pieces_and_a_pending_bsp_push_survive_a_kill_before_any_checkpoint(tmp_path):
     """Worker 0's push of clock 0 is acknowledged while worker 1's is still missing; the server is killed (no
     checkpoint written yet) and restarted: it holds the piece and worker 0's gradient, so worker 1's push completes
@@ -139,11 +175,7 @@ def test_pieces_and_a_pending_bsp_push_survive_a_kill_before_any_checkpoint(tmp_
     servers, endpoints = start_servers(tmp_path, 1, "bsp", num_workers=2)  # checkpoint_every = 0: none until the end
     restarted = None
     try:
-        seeder = KVStore(endpoints, -1, timeout_s=20.0)
-        seeder.init(0, np.zeros(4, np.float32))
-        seeder.close(goodbye=False)
-        first = KVStore(endpoints, 0, retry_s=0.3, timeout_s=30.0)
-        first.init(0, np.zeros(4, np.float32))
+        first = _seeded_worker(endpoints, 0)
         first.wait(first.push(0, np.full(4, -2.0, np.float32)))  # acknowledged: BSP holds it in the clock's sum
         assert not (tmp_path / "server-0.npz").exists()
         restarted = _kill_and_restart(tmp_path, servers[0], endpoints[0])

@@ -31,6 +31,7 @@ class Durable:
     # Methods of the server (its event log) and of replication.ReplicaHandlers (one change applied), declared only.
     _event: Callable[..., None]
     _apply_change: Callable[[Change, Header, memoryview | bytes | None], None]
+    _complete_clocks: Callable[[Slot], None]
 
     def _restore(self, snapshot: ServerSnapshot) -> int:
         """Take a checkpoint's state; returns the last journal record it holds."""
@@ -56,6 +57,11 @@ class Durable:
                 self._apply_change(Change(header.extra), header, payload)
                 replayed += 1
         if replayed:
+            # A kill between a clock's last push and its COMPLETE record leaves that clock's sum pending: apply it
+            # now, as that push's own progress would have. Else a pull at that clock, ready by the clocks alone,
+            # would be answered without the clock's update.
+            for slot in list(self.shards):
+                self._complete_clocks(slot)
             self._event("replayed", records=replayed, pieces=len(self.shards), updates=self.updates)
             self.checkpoint()
         else:  # every record on disk is one the checkpoint holds: the journal starts over after its last
