@@ -214,6 +214,9 @@ def test_a_run_whose_server_is_killed_before_its_first_checkpoint_ends_as_single
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "early" / f"worker-{rank}.jsonl")] == list(range(60))
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
+    # the servers' last checkpoints hold everything: their journals' files are given back (kept between checkpoints)
+    journals = list((tmp_path / "early" / "servers").glob("server-*.journal"))
+    assert len(journals) == 2 and all(path.stat().st_size == 0 for path in journals)
 
 
 def test_resume_goes_on_from_journals_when_no_server_checkpointed(tmp_path):

@@ -73,7 +73,8 @@ class Durable:
         return ServerSnapshot(self.shards, sorted(self.clocks.finished), self.updates, self.sums,
                               self.journal.seq if self.journal is not None else 0)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, last: bool = False) -> None:
+        """Write the shard's state; `last`: the server stops after it, so its journal's file is truncated too."""
         if self.diverged is not None:  # the file on disk is the last good state: keep it for --resume
             self._event("checkpoint_refused", reason="weights not finite", **self.diverged)
             return
@@ -82,6 +83,8 @@ class Durable:
         if self.journal is not None:
             # the checkpoint holds every record (and says so: a kill before this is fine)
             self.journal.checkpointed(self.journal.seq)
+            if last:
+                self.journal.release()
         self.updates_at_checkpoint = self.updates
         self.checkpoint_written = True
         self._event("checkpoint", updates=self.updates, seconds=time.perf_counter() - started)

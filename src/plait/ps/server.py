@@ -144,7 +144,7 @@ class ParameterServer(Durable, ReplicaHandlers, RequestChecks):
                     self._log_stats()
             if self.signalled is not None:  # stopped by SIGTERM / SIGINT: leave a final checkpoint, as SHUTDOWN
                 self._event("signalled", signal=signal.Signals(self.signalled).name)
-                self.checkpoint()
+                self.checkpoint(last=True)
         finally:
             self.refusals.flush()
             self._event("stopped", updates=self.updates, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
@@ -172,7 +172,7 @@ class ParameterServer(Durable, ReplicaHandlers, RequestChecks):
             self._answer_pull(peer, header, observer=True)
             return
         if header.op == Op.SHUTDOWN:
-            self.checkpoint()
+            self.checkpoint(last=True)
             self.transport.send_msg(peer, header.reply(Op.ACK))
             self.running = False
             return
