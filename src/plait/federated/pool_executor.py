@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import mmap
 import os
 import signal
 import sys
@@ -82,6 +83,19 @@ def start_method(requested: str, device: torch.device, threads_per_worker: int) 
     if requested == "spawn":
         return "spawn"
     raise ValueError(f"fl.pool_start = {requested!r}: use 'auto', 'fork' or 'spawn'")
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, method: str) -> torch.Tensor:
+    """An uninitialised tensor in memory the workers share. Forked workers inherit an anonymous shared mapping made
+    here, whose pages come when first written; spawned ones are handed torch's shared memory, which
+    `share_memory_()` fills by copying the tensor in (18-20 ms for the 30 MB of input rows of an MNIST run, most
+    of which a round never writes: benchmarks/RESULTS.md, issue 13)."""
+    if method != "fork":
+        shared: torch.Tensor = torch.empty(shape, dtype=dtype).share_memory_()
+        return shared
+    nbytes = math.prod(shape) * dtype.itemsize
+    mapping = mmap.mmap(-1, max(nbytes, 1))  # MAP_SHARED | MAP_ANONYMOUS; the tensor keeps it alive
+    return torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
 def _init_worker(model: torch.nn.Module, threads: int, device: torch.device, spec: FlatSpec, params: torch.Tensor,
@@ -237,10 +251,10 @@ class ProcessPoolExecutor:
         count = max(self.num_workers + 1, min(wanted, SLOT_BYTES // max(row_bytes, 1)))
         largest = max((_row_bytes(_task_tensors(task)) for task in tasks), default=0)
         input_bytes = min(max(2 * largest, INPUT_ALIGN), INPUT_BYTES // count)
-        self._params = torch.empty_like(global_params, device=CPU).share_memory_()
-        self._slots = torch.empty(count, global_params.numel(), dtype=global_params.dtype).share_memory_()
-        self._inputs = torch.empty(count, input_bytes, dtype=torch.uint8).share_memory_()
         method = start_method(self.start, self.device, self.threads_per_worker)
+        self._params = _shared_empty(tuple(global_params.shape), global_params.dtype, method)
+        self._slots = _shared_empty((count, global_params.numel()), global_params.dtype, method)
+        self._inputs = _shared_empty((count, input_bytes), torch.uint8, method)
         if method == "fork":  # text still buffered here would be written again by each child as it exits
             sys.stdout.flush()
             sys.stderr.flush()
