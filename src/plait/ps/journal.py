@@ -33,7 +33,7 @@ import numpy as np
 
 from plait.ps.wire import HEADER_BYTES, Header
 
-_LENGTH_CRC = struct.Struct("<QI4x")   # payload bytes, CRC-32 of the header and the length; pads the prefix to 64
+_LENGTH_CRC = struct.Struct("<QI4x")   # payload bytes, CRC-32 of the header and the length, 4 bytes of padding
 PREFIX_BYTES = HEADER_BYTES + _LENGTH_CRC.size
 # A journal holding this many times the shard's bytes, and at least COMPACT_FLOOR, is folded into a checkpoint. A
 # checkpoint of a 4 MB shard took 7 ms (written, fsynced, renamed): with a floor of 16 MiB, one every 32 pushed
