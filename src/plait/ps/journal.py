@@ -43,9 +43,13 @@ COMPACT_AFTER_SHARDS = 16
 COMPACT_FLOOR = 256 << 20
 
 
+def _crc(header: bytes, length: int) -> int:
+    """What a record's prefix checks: its header and its payload's length."""
+    return zlib.crc32(header + struct.pack("<Q", length))
+
+
 def _prefix(header: bytes, length: int) -> bytes:
-    length_bytes = struct.pack("<Q", length)
-    return header + _LENGTH_CRC.pack(length, zlib.crc32(header + length_bytes))
+    return header + _LENGTH_CRC.pack(length, _crc(header, length))
 
 
 class Journal:
@@ -54,7 +58,6 @@ class Journal:
         if fresh:
             self.path.unlink(missing_ok=True)
         self.seq = 0            # the last record's sequence number (ever, across checkpoints)
-        self.bytes = 0          # bytes written since the last checkpoint
         self._fd: int | None = None
         self._end: int | None = None  # where the next record goes (None: after the records on disk, found first)
 
@@ -65,7 +68,7 @@ class Journal:
         at, last = 0, None
         while at + PREFIX_BYTES <= len(data):
             length, crc = _LENGTH_CRC.unpack_from(data, at + HEADER_BYTES)
-            if zlib.crc32(data[at: at + HEADER_BYTES] + struct.pack("<Q", length)) != crc:
+            if _crc(data[at: at + HEADER_BYTES], length) != crc:
                 break
             try:
                 header = Header.unpack(data[at: at + HEADER_BYTES])
@@ -94,7 +97,11 @@ class Journal:
         _write_all(self._fd, body, self._end + PREFIX_BYTES)  # the payload, then the prefix that makes it a record
         _write_all(self._fd, memoryview(_prefix(header.pack(), len(body))), self._end)
         self._end += PREFIX_BYTES + len(body)
-        self.bytes += PREFIX_BYTES + len(body)
+
+    @property
+    def bytes(self) -> int:
+        """The records' bytes since the last checkpoint (where the next record goes)."""
+        return self._end or 0
 
     def checkpointed(self, seq: int) -> None:
         """A checkpoint on disk holds every record up to `seq` (all of them on disk): the next record is number
@@ -104,7 +111,6 @@ class Journal:
         record numbered below them would be taken for one it holds, and skipped, at the next replay."""
         self.seq = max(self.seq, seq)
         self._end = 0
-        self.bytes = 0
 
     def release(self) -> None:
         """After the last checkpoint of a server that stops (it holds every record): truncate the file, giving its
@@ -113,7 +119,6 @@ class Journal:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self._fd, 0)
         self._end = 0
-        self.bytes = 0
 
     def close(self) -> None:
         if self._fd is not None:
