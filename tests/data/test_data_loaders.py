@@ -143,3 +143,7 @@ def test_raw_images_laid_out_when_first_asked_give_every_client_its_own_rows():
         assert torch.equal(got[0], images_to_tensor(want[0])) and torch.equal(got[1], want[1])
         rows = {tuple(r.flatten().tolist()) for r in want[0]}  # the client's own images, none of another's
         assert rows <= {tuple(images[i].flatten().tolist()) for i in parts[client]}
+        if not held_out:  # the stored rows as they are, and the conversion whoever trains the client applies
+            raw, raw_y, convert = lazy.client_train_raw(client)
+            assert raw.dtype == torch.uint8 and torch.equal(raw, want[0]) and torch.equal(raw_y, want[1])
+            assert convert is images_to_tensor and eager.client_train_raw(client)[2] is None

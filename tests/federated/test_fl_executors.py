@@ -5,6 +5,7 @@ import torch
 
 from plait.core.flat import flat_params
 from plait.core.models import build_model
+from plait.data.image_tensors import images_to_tensor
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.executor import ClientTask, SequentialExecutor
 from plait.federated.plan import TrainingPlan
@@ -346,3 +347,32 @@ def test_threads_refuse_a_gpu_device(model_and_params):
     model, _, _ = model_and_params  # on the CPU, as when the executor is built: fl.device names the GPU
     with pytest.raises(ValueError, match="fl.executor = 'threads' trains on the CPU"):
         ThreadPoolExecutor(model, num_workers=2, device=torch.device("cuda"))
+
+
+@pytest.mark.parametrize("backend", ["sequential", "threads", "process_pool", "process_pool_spawn"])
+@pytest.mark.parametrize("conversion", ["module_function", "lambda"])
+def test_raw_rows_are_converted_where_the_client_trains(backend, conversion, model_and_params):
+    """uint8 images with their conversion (as FederatedData stores MNIST): every backend trains on what the
+    conversion makes, with the same bits as training on converted inputs; a pool ships the raw rows (a quarter of
+    the floats' bytes) and a conversion that pickles by name, and converts in this process one that does not."""
+    model, spec, params = model_and_params
+    generator = torch.Generator().manual_seed(4)
+    convert = images_to_tensor if conversion == "module_function" else (lambda x: images_to_tensor(x))
+    tasks = [ClientTask(cid, TrainingPlan(batch_size=8, lr=0.05, seed=cid),
+                        ClientData(torch.randint(0, 256, (24 + cid, 28, 28), dtype=torch.uint8, generator=generator),
+                                   torch.randint(0, 10, (24 + cid,), generator=generator), convert))
+             for cid in range(4)]
+    reference = {t.client_id: client_update(model, spec, params, ClientData(images_to_tensor(t.data.x), t.data.y),
+                                            t.plan) for t in tasks}
+    executor = _executor(backend, model)
+    try:
+        results = {t.client_id: u for t, u in executor.run(model, spec, params, tasks)}
+        if isinstance(executor, ProcessPoolExecutor):
+            raw = 27 * 28 * 28  # the largest client's uint8 rows; its floats take four times as many bytes
+            assert executor._inputs.shape[1] < 3 * raw if conversion == "module_function" else \
+                executor._inputs.shape[1] >= 2 * 4 * raw
+    finally:
+        executor.close()
+    assert sorted(results) == list(range(4))
+    for cid, update in results.items():
+        assert torch.equal(update.delta, reference[cid].delta)

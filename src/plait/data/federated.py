@@ -146,12 +146,19 @@ class FederatedData:
         return int(stop - start)
 
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
-        return self._run(*self._train_runs[client])
+        x, y, convert = self.client_train_raw(client)
+        return (convert(x) if convert is not None else x), y
+
+    def client_train_raw(self, client: int) -> tuple[Inputs, torch.Tensor, Callable[[Inputs], Inputs] | None]:
+        """The client's stored rows as they are (a view), its labels, and what makes the rows model inputs (None:
+        they are already): whoever trains the client converts them, a pool's worker included."""
+        return (*self._stored_run(*self._train_runs[client]), self._convert_x)
 
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
-        return self._run(*self._eval_runs[client])
+        x, y = self._stored_run(*self._eval_runs[client])
+        return (self._convert_x(x) if self._convert_x is not None else x), y
 
-    def _run(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+    def _stored_run(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
         if self._client_major is None:
             x = take(self.train_x, slice(start, stop))
         else:
@@ -159,7 +166,7 @@ class FederatedData:
                 _rows(self.train_x, self._order[start:stop], out=self._client_major[start:stop])
                 self._laid_out.add((start, stop))
             x = self._client_major[start:stop]
-        return (self._convert_x(x) if self._convert_x is not None else x), self.train_y[start:stop]
+        return x, self.train_y[start:stop]
 
 
 _NUMPY_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -51,6 +52,10 @@ class ClientSets(Protocol):
     def num_examples(self, client: int) -> int: ...
 
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]: ...
+
+    def client_train_raw(self, client: int) -> tuple[Inputs, torch.Tensor, Callable[[Inputs], Inputs] | None]:
+        """`client_train`'s rows as stored, and what makes them model inputs (None: they are already)."""
+        ...
 
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]: ...
 
@@ -111,6 +116,9 @@ class LazyFederatedData(_CachedSplits):
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
         return self._rows(self.split(client)[0])
 
+    def client_train_raw(self, client: int) -> tuple[Inputs, torch.Tensor, None]:
+        return (*self.client_train(client), None)
+
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
         return self._rows(self.split(client)[1])
 
@@ -167,6 +175,9 @@ class ClientFolder(_CachedSplits):
 
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
         return self._rows(client, self.split(client)[0])
+
+    def client_train_raw(self, client: int) -> tuple[Inputs, torch.Tensor, None]:
+        return (*self.client_train(client), None)
 
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
         return self._rows(client, self.split(client)[1])

@@ -17,6 +17,7 @@ are moved there (no copy when they are there already), and the update stays ther
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +33,19 @@ CHUNK = 4096  # examples of a full batch (B = 0) that go through forward and bac
 
 @dataclass(slots=True)
 class ClientData:
-    x: Inputs                    # one tensor, or a tuple of tensors for a model with several inputs
+    x: Inputs                    # one tensor, or a tuple of tensors for a model with several inputs; raw if `convert`
     y: torch.Tensor
+    # raw rows -> what the model reads (uint8 images -> normalised floats), applied where the client trains: a pool
+    # ships the raw rows (a quarter of the bytes) and each worker converts its own, in parallel
+    convert: Callable[[Inputs], Inputs] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def inputs(self, rows: torch.Tensor | slice | None = None) -> Inputs:
+        """The inputs the model reads (those of `rows` only, when given)."""
+        x = self.x if rows is None else take(self.x, rows)
+        return self.convert(x) if self.convert is not None else x
 
 
 @dataclass(slots=True)
@@ -66,7 +75,7 @@ def client_update(model: torch.nn.Module, spec: FlatSpec, global_params: torch.T
     task = task or Task()
     device = model_device(model)
     global_params = global_params.detach().to(device)
-    data = ClientData(on_device(data.x, device), data.y.to(device))
+    data = ClientData(on_device(data.inputs(), device), data.y.to(device))
     w = global_params.clone()
     own = (local[0].to(device, copy=True), local[1]) if local is not None else None
     # The global generator (dropout masks, any randomness in the user's model; the GPU's too when training on one)

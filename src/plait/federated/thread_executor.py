@@ -25,7 +25,7 @@ from plait.core.flat import FlatSpec
 from plait.federated.client_update import Update, client_update
 from plait.federated.device import CPU, model_device
 from plait.federated.executor import ClientTask
-from plait.federated.task import Task, take
+from plait.federated.task import Task
 
 
 class ThreadPoolExecutor:
@@ -85,7 +85,7 @@ def draws_random_numbers(model: torch.nn.Module, task: ClientTask) -> bool:
     examples = torch.arange(min(2, len(task.data)))
     with torch.random.fork_rng(), torch.no_grad():
         before = torch.get_rng_state()
-        (task.task or Task()).forward(probe, take(task.data.x, examples))
+        (task.task or Task()).forward(probe, task.data.inputs(examples))
         return not torch.equal(before, torch.get_rng_state())
 
 

@@ -84,10 +84,11 @@ class SimulatedBackend:
                 else self.data.num_examples(cid) for cid in client_ids}
 
     def _client_data(self, cid: int) -> ClientData:
-        x, y = self.data.client_train(cid)
+        """The client's rows as stored, converted where it trains (a pool's worker converts its own)."""
+        x, y, convert = self.data.client_train_raw(cid)
         if self.config.attack.kind == "label_flip" and cid in self.attackers:
             y = flip_labels(y, self.data.num_classes)
-        return ClientData(x, y)
+        return ClientData(x, y, convert)
 
     def collect(self, tasks: RoundTasks, record: dict[str, Any]) -> Collected:
         plans, round_idx = tasks.plans, tasks.round_idx
