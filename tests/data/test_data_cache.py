@@ -126,6 +126,23 @@ def test_images_to_tensor_rounds_as_torch_does():
         images_to_tensor(pixels.astype(np.float32))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_images_to_tensor_splits_a_large_set_among_torch_threads_with_the_same_values(threads):
+    """A set of several thousand images is converted by torch's threads, each its own range of blocks (a range
+    that ends inside a block, and a gathered order, included): every value as one thread makes it."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(7000, 6, 6), dtype=np.uint8)  # 14 blocks, the last one short
+    order = rng.permutation(7000)[:6500]
+    expected = ((torch.from_numpy(pixels).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(images_to_tensor(pixels), expected)
+        assert torch.equal(images_to_tensor(pixels, order), expected[order])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_mnist_clients_are_the_same_with_and_without_the_cache(tmp_path):
     config = DataConfig(name="mnist", num_clients=20, cache_dir=str(tmp_path / "cache"))
     built, cached = load_federated(config), load_federated(config)  # the second from the cache

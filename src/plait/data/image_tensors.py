@@ -9,11 +9,14 @@ value is rounded as torch rounds it (float32 divide, subtract, divide), so resul
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import torch
 
 MEAN, STD = 0.1307, 0.3081  # per-pixel statistics of the MNIST training set (Fashion-MNIST's are close enough)
 BLOCK_ROWS = 512            # images per block: 400 KB of uint8, 1.6 MB of float32, about a core's L2 cache
+THREAD_MIN_ROWS = 2048      # images a thread converts at least: fewer go on the calling thread alone
 
 
 def images_to_tensor(images: np.ndarray | torch.Tensor, order: np.ndarray | None = None) -> torch.Tensor:
@@ -27,16 +30,33 @@ def images_to_tensor(images: np.ndarray | torch.Tensor, order: np.ndarray | None
     # compact memory to find them (THP defrag "madvise") first touching 188 MB took 0.5-1.4 s, against 0.1 s here
     tensor = torch.empty((count, 1, *pixels.shape[1:]), dtype=torch.float32)
     out = tensor.numpy().reshape(count, rows.shape[1])
-    block = np.empty((min(BLOCK_ROWS, count), rows.shape[1]), dtype=np.uint8)
     scale, mean, std = np.float32(255.0), np.float32(MEAN), np.float32(STD)
-    for start in range(0, count, BLOCK_ROWS):
-        stop = min(start + BLOCK_ROWS, count)
-        if order is None:
-            source = rows[start:stop]
-        else:
-            source = np.take(rows, order[start:stop], axis=0, out=block[: stop - start])
-        target = out[start:stop]
-        np.divide(source, scale, out=target)  # uint8 -> float32 is exact; then torch's float32 ops, in place
-        np.subtract(target, mean, out=target)
-        np.divide(target, std, out=target)
+
+    def convert(first: int, last: int) -> None:  # output rows first..last, a block at a time
+        block = np.empty((min(BLOCK_ROWS, last - first), rows.shape[1]), dtype=np.uint8)
+        for start in range(first, last, BLOCK_ROWS):
+            stop = min(start + BLOCK_ROWS, last)
+            if order is None:
+                source = rows[start:stop]
+            else:
+                source = np.take(rows, order[start:stop], axis=0, out=block[: stop - start])
+            target = out[start:stop]
+            np.divide(source, scale, out=target)  # uint8 -> float32 is exact; then torch's float32 ops, in place
+            np.subtract(target, mean, out=target)
+            np.divide(target, std, out=target)
+
+    # numpy lets go of the GIL inside each block's ops: a large set is split among torch's threads (MNIST's 10,000
+    # test images: 18 ms on one thread, 11 ms on two, most of it first touching the output); a client's few rows,
+    # and a pool worker's (one torch thread), stay on the calling thread
+    threads = min(torch.get_num_threads(), count // THREAD_MIN_ROWS)
+    if threads < 2:
+        convert(0, count)
+        return tensor
+    blocks = -(-count // BLOCK_ROWS)
+    cuts = [min(count, blocks * i // threads * BLOCK_ROWS) for i in range(threads + 1)]
+    with concurrent.futures.ThreadPoolExecutor(threads - 1) as helpers:
+        rest = [helpers.submit(convert, cuts[i], cuts[i + 1]) for i in range(1, threads)]
+        convert(cuts[0], cuts[1])
+        for part in rest:
+            part.result()
     return tensor
