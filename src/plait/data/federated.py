@@ -146,8 +146,8 @@ class FederatedData:
         return int(stop - start)
 
     def client_train(self, client: int) -> tuple[Inputs, torch.Tensor]:
-        x, y, convert = self.client_train_raw(client)
-        return (convert(x) if convert is not None else x), y
+        x, y = self._stored_run(*self._train_runs[client])
+        return self._converted(x), y
 
     def client_train_raw(self, client: int) -> tuple[Inputs, torch.Tensor, Callable[[Inputs], Inputs] | None]:
         """The client's stored rows as they are (a view), its labels, and what makes the rows model inputs (None:
@@ -156,7 +156,10 @@ class FederatedData:
 
     def client_eval(self, client: int) -> tuple[Inputs, torch.Tensor]:
         x, y = self._stored_run(*self._eval_runs[client])
-        return (self._convert_x(x) if self._convert_x is not None else x), y
+        return self._converted(x), y
+
+    def _converted(self, x: Inputs) -> Inputs:
+        return self._convert_x(x) if self._convert_x is not None else x
 
     def _stored_run(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
         if self._client_major is None:

@@ -254,7 +254,9 @@ class ProcessPoolExecutor:
         them, in parallel, where the conversion can travel."""
         own = task.local[0] if task.local is not None else None
         convert = task.data.convert
-        if convert is not None and not self._shippable.setdefault(convert, _shippable(convert)):
+        if convert is not None and convert not in self._shippable:  # pickled once per conversion, not per task
+            self._shippable[convert] = _shippable(convert)
+        if convert is not None and not self._shippable[convert]:
             return (task.data.inputs(), task.data.y, own), None
         return (task.data.x, task.data.y, own), convert
 
