@@ -86,6 +86,7 @@ class Outcome:
     seconds: float
     curve: list[tuple[int, float]]
     final: dict[str, float]     # the last evaluation: test_accuracy (and test_top3_accuracy for next-word)
+    run_dir: Path
 
 
 def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
@@ -133,13 +134,15 @@ def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
     final = next((r for r in reversed(records) if "test_accuracy" in r), {})
     final = {k: final[k] for k in ("test_accuracy", "test_top3_accuracy") if k in final}
     seconds = next((r["elapsed_s"] for r in reversed(records) if "elapsed_s" in r), 0.0)  # over every resume
-    return Outcome(name, lr, reached, seconds, curve, final), build_server(config)
+    return Outcome(name, lr, reached, seconds, curve, final, run_dir.path), build_server(config)
 
 
-def baselines(server, rounds: int) -> dict[str, float]:
-    from plait.federated.baselines import centralised, local_only
+def baselines(server, rounds: int, best: Outcome) -> dict[str, float]:
+    """Both baselines at the best run's compute, kept in its run directory as they are measured (baselines.jsonl:
+    hours for a CNN row, so `--resume` goes on from there)."""
+    from plait.experiment.runs.fl_baselines import run_baselines
 
-    return {**local_only(server, rounds), **centralised(server, rounds)}
+    return run_baselines(server, rounds, best.run_dir, best.final.get("test_accuracy"))
 
 
 def _table_row(name: str, best: Outcome, rounds_cap: int, extra: dict[str, float], eval_every: int = 1) -> str:
@@ -202,7 +205,7 @@ def main() -> None:
         else:  # no target: the best final accuracy
             best, server = max(tried, key=lambda t: t[0].final.get("test_accuracy", 0.0))
         rounds = best.rounds or max_rounds
-        extra = {} if args.no_baselines else baselines(server, rounds)
+        extra = {} if args.no_baselines else baselines(server, rounds, best)
         lines.append(_table_row(name, best, max_rounds, extra, args.eval_every))
         _plot(out / f"{name}.png", [(f"lr {o.lr}", o.curve) for o, _ in tried], ROWS[name]["target"], name)
         ratio = round(rounds / paper, 3) if paper else None

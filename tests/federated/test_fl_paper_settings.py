@@ -6,13 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from plait.experiment.runs.fl_baselines import RESULTS_FILE, SUMMARY_FILE, describe, run_baselines
 from plait.experiment.runs.fl_simulation import run_federated
-from plait.federated.baselines import centralised, equivalent_epochs, local_only
+from plait.federated.baselines import centralised, equivalent_epochs, local_accuracies, local_only
+from plait.federated.client_update import ClientData, client_update
 from plait.federated.config import FederatedRunConfig
+from plait.federated.evaluate import evaluate
+from plait.federated.net.config import NetworkRunConfig
+from plait.federated.seeds import LOCAL_BASELINE, derive_seed
 from plait.federated.simulation import build_server
 from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config
@@ -48,6 +54,64 @@ def test_baselines_train_each_client_alone_and_one_model_on_all(tmp_path):
     alone, together = local_only(server, 10), centralised(server, 10)
     assert 0 <= alone["local_accuracy_p10"] <= alone["local_accuracy_mean"] <= alone["local_accuracy_p90"] <= 1
     assert together["central_accuracy"] > 0.9  # the shapes are easy with all the data
+
+
+def _alone_by_hand(server, rounds: int) -> dict[int, float]:
+    """Each client trained alone with client_update itself, in this process: the reference."""
+    epochs = equivalent_epochs(server, rounds)
+    out = {}
+    for cid in range(server.data.num_clients):
+        plan = replace(server.config.plan, epochs=epochs, max_steps=0,
+                       seed=derive_seed(server.seed, LOCAL_BASELINE, cid))
+        update = client_update(server.model, server.spec, server.initial_params,
+                               ClientData(*server.data.client_train(cid)), plan, server.task)
+        out[cid] = evaluate(server.model, server.spec, server.initial_params + update.delta, server.data.test_x,
+                            server.data.test_y, task=server.task)["accuracy"]
+    return out
+
+
+@pytest.mark.parametrize("executor", ["sequential", "process_pool"])  # the shapes net has dropout: no threads
+def test_clients_alone_train_on_the_runs_executor_with_the_same_results(tmp_path, executor):
+    raw = shapes_config(tmp_path, rounds=4, executor=executor, workers=2)
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    try:
+        expected = _alone_by_hand(server, 4)
+        assert len(set(expected.values())) > 1  # the clients differ: a mix-up of clients would show
+        got = list(local_accuracies(server, 4, skip={2}))
+    finally:
+        server.close()
+    assert [cid for cid, _ in got] == [0, 1, 3, 4, 5]  # in client order, the skipped one left out
+    assert dict(got) == {cid: acc for cid, acc in expected.items() if cid != 2}
+
+
+def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume(tmp_path):
+    raw = shapes_config(tmp_path, rounds=3, baselines=True)
+    summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
+    final = summary.final["test_accuracy"]
+    written = json.loads((summary.run_dir / SUMMARY_FILE).read_text())
+    assert summary.baselines == written and written["fl_accuracy"] == final and written["local_epochs"] == 2
+    assert written["beats_local_by"] == pytest.approx(final - written["local_accuracy_mean"])
+    assert written["short_of_central_by"] == pytest.approx(written["central_accuracy"] - final)
+    lines = [json.loads(line) for line in (summary.run_dir / RESULTS_FILE).read_text().splitlines()]
+    assert [r.get("client") for r in lines] == [0, 1, 2, 3, 4, 5, None] and lines[-1]["baseline"] == "central"
+    assert describe(written).startswith(f"baselines at 2 epochs: FL's {final:.2%} beats each client alone")
+
+    # stopped after two clients (one of them marked), and a line of another run length: the marked one is read, not
+    # measured again; the rest are measured anew, with the same results
+    kept = [{**lines[0], "accuracy": 0.0}, lines[1], {**lines[2], "epochs": 7}]
+    (summary.run_dir / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    again = run_baselines(server, 3, summary.run_dir, final, show_progress=False)
+    accuracies = [r["accuracy"] for r in lines[1:6]]
+    assert again["local_accuracy_mean"] == pytest.approx(sum(accuracies) / 6)  # client 0's kept 0.0 among them
+    assert again["central_accuracy"] == written["central_accuracy"]
+
+
+def test_baselines_need_the_simulators_clients(tmp_path):
+    with pytest.raises(ConfigError, match="fl.baselines"):
+        from_dict(FederatedRunConfig, {"fl": {"baselines": True, "gossip": {"topology": "ring"}}})
+    with pytest.raises(ConfigError, match="fl.baselines"):
+        from_dict(NetworkRunConfig, {"fl": {"baselines": True}, "net": {"auth": "none", "tls": "off"}})
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
     if "test_accuracy" in final:
         say(f"final test accuracy: [bold]{final['test_accuracy']:.4f}[/] after {summary.rounds} rounds "
             f"({summary.train_seconds:.1f} s)")
+    if summary.baselines is not None:
+        from plait.experiment.runs.fl_baselines import describe
+
+        say(describe(summary.baselines))
     say(f"run directory: {summary.run_dir}")
     for plot in summary.plots:
         say(f"plot: {plot}")

@@ -6,22 +6,30 @@ not worth doing):
   test accuracy;
 - centralised: one model on the union of the clients' data, for the same total compute (rounds · C · E epochs).
 
-Both use the run's own model, task, plan (batch size, lr, momentum) and test set.
+Both use the run's own model, task, plan (batch size, lr, momentum) and test set. The clients alone train on the
+run's executor (a worker pool trains several at once, each converting its own rows) and give the same bits on
+every executor. `fl.baselines = true` runs both after a simulated run (experiment/runs/fl_baselines.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 
 import numpy as np
+import torch
 
+from plait.core.flat import FlatSpec
 from plait.data.federated import concat_labelled
 from plait.data.user import Labelled
-from plait.federated.client_update import ClientData, client_update
+from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.evaluate import evaluate
+from plait.federated.executor import ClientTask
 from plait.federated.seeds import CENTRAL_BASELINE, LOCAL_BASELINE, derive_seed
 from plait.federated.server import FederatedServer
 from plait.federated.weights import local_buffer_state
+
+CLIENTS_AT_ONCE = 32  # clients handed to the executor together: their rows are views, but a pool copies them out
 
 
 def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
@@ -30,28 +38,57 @@ def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
     return max(1, round(rounds * cfg.fraction * cfg.plan.epochs))
 
 
-def _trained_accuracy(server: FederatedServer, data: ClientData, epochs: int, seed: int) -> float:
-    plan = replace(server.config.plan, epochs=epochs, max_steps=0, seed=seed)
-    start = server.initial_params
-    local = local_buffer_state(server.model) if server.config.buffers == "local" else None
-    update = client_update(server.model, server.spec, start, data, plan, server.task, local)
+def _local_buffers(server: FederatedServer) -> tuple[torch.Tensor, FlatSpec] | None:
+    """The model's initial own buffers (fl.buffers = "local": BatchNorm statistics each client keeps), or None."""
+    return local_buffer_state(server.model) if server.config.buffers == "local" else None
+
+
+def _trained_accuracy(server: FederatedServer, start: torch.Tensor, update: Update,
+                      local: tuple[torch.Tensor, FlatSpec] | None) -> float:
+    """Test accuracy of `start` plus the update, with the buffers the training left (when they are its own)."""
+    if local is not None and update.local_buffers is not None:
+        local = (update.local_buffers, local[1])
+    params = start + update.delta
     test_x, test_y = server.data.test_x, server.data.test_y
-    return evaluate(server.model, server.spec, start + update.delta, test_x, test_y, task=server.task)["accuracy"]
+    return evaluate(server.model, server.spec, params, test_x, test_y, task=server.task, local=local)["accuracy"]
 
 
-def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
+def local_accuracies(server: FederatedServer, rounds: int, skip: Collection[int] = ()) -> Iterator[tuple[int, float]]:
+    """(client, test accuracy) of each client but those in `skip` trained alone for the run's compute, in client
+    order, each as soon as it is known (a caller can keep them and skip them when it starts again)."""
     epochs = equivalent_epochs(server, rounds)
-    accuracies = [_trained_accuracy(server, ClientData(*server.data.client_train(cid)), epochs,
-                                    derive_seed(server.seed, LOCAL_BASELINE, cid))
-                  for cid in range(server.data.num_clients)]
+    start, local = server.initial_params, _local_buffers(server)
+    todo = [cid for cid in range(server.data.num_clients) if cid not in skip]
+    for first in range(0, len(todo), CLIENTS_AT_ONCE):
+        tasks = []
+        for cid in todo[first:first + CLIENTS_AT_ONCE]:
+            plan = replace(server.config.plan, epochs=epochs, max_steps=0,
+                           seed=derive_seed(server.seed, LOCAL_BASELINE, cid))
+            tasks.append(ClientTask(cid, plan, ClientData(*server.data.client_train_raw(cid)), server.task, local))
+        for task, update in server.executor.run(server.model, server.spec, start, tasks):
+            yield task.client_id, _trained_accuracy(server, start, update, local)
+
+
+def local_summary(accuracies: list[float], epochs: int) -> dict[str, float]:
     return {"local_epochs": epochs, "local_accuracy_mean": float(np.mean(accuracies)),
             "local_accuracy_p10": float(np.percentile(accuracies, 10)),
             "local_accuracy_p90": float(np.percentile(accuracies, 90))}
 
 
+def local_only(server: FederatedServer, rounds: int,
+               on_client: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    accuracies = []
+    for cid, accuracy in local_accuracies(server, rounds):
+        accuracies.append(accuracy)
+        if on_client is not None:
+            on_client(cid, accuracy)
+    return local_summary(accuracies, equivalent_epochs(server, rounds))
+
+
 def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     epochs = equivalent_epochs(server, rounds)
     union = concat_labelled([Labelled(*server.data.client_train(cid)) for cid in range(server.data.num_clients)])
-    seed = derive_seed(server.seed, CENTRAL_BASELINE)
-    return {"central_epochs": epochs,
-            "central_accuracy": _trained_accuracy(server, ClientData(union.x, union.y), epochs, seed)}
+    plan = replace(server.config.plan, epochs=epochs, max_steps=0, seed=derive_seed(server.seed, CENTRAL_BASELINE))
+    start, local = server.initial_params, _local_buffers(server)
+    update = client_update(server.model, server.spec, start, ClientData(union.x, union.y), plan, server.task, local)
+    return {"central_epochs": epochs, "central_accuracy": _trained_accuracy(server, start, update, local)}

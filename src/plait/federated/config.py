@@ -44,6 +44,8 @@ class FLConfig:
     eval_every: int = 1                # centralised test-set evaluation every k rounds (0: only at the end)
     target_accuracy: float = 0.0       # stop once the test accuracy reaches this (0: run every round)
     lr_decay: float = 1.0              # clients' learning rate in round r: plan.lr · lr_decay^(r-1)
+    baselines: bool = False            # after the run: each client alone and one model on all the data, at its
+                                       # compute, in the run's baselines.json (experiment/runs/fl_baselines.py)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
     executor: Literal["sequential", "threads", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
     # (distributed: over torch.distributed ranks, under torchrun; auto: measured at start, backends/auto.py)
@@ -130,6 +132,7 @@ class FLConfig:
                        "fl.compression.codec": (self.compression.codec, "none"),
                        "fl.attack.kind": (self.attack.kind, "none"),
                        "fl.executor": (self.executor, "sequential"),
+                       "fl.baselines": (self.baselines, False),
                        "fl.server_opt.name": (self.server_opt.name, "sgd")}
         for key, (value, default) in server_side.items():
             if value != default:

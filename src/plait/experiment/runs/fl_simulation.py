@@ -1,6 +1,7 @@
 """`plait run CONFIG.toml` for a federated simulation: the plane builds the round loop (`build_server`), the driver
 runs it in a run directory (`fl_rounds.py`: metrics per round, a checkpoint after every round, `--resume`), then
-the final weights and the plots.
+the final weights and the plots; with `fl.baselines`, each client alone and one model on all the data
+(`fl_baselines.py`).
 
     from plait.experiment import run_federated
     summary = run_federated(config, model=make_net, data=(x, y), task=fl.Task())
@@ -23,6 +24,7 @@ from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.experiment.runs.fl_rounds import drive_rounds
 from plait.federated.config import FederatedRunConfig
 from plait.federated.export import save_weights
+from plait.federated.server import FederatedServer
 from plait.federated.simulation import build_server, distributed_rank
 from plait.federated.task import Task
 
@@ -34,6 +36,7 @@ class RunSummary:
     final: dict[str, Any]
     plots: list[Path]
     train_seconds: float
+    baselines: dict[str, Any] | None = None  # fl.baselines: fl_baselines.run_baselines's summary
 
 
 def run_federated(config: FederatedRunConfig, resume: bool = False, show_progress: bool = True,
@@ -56,6 +59,13 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
         with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,
                  description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
             state, last = drive_rounds(server, run)
+        baselines = None
+        # on the run's executor, which closes with the server (gossip's server-less runner: refused by the config)
+        if config.fl.baselines and writes and isinstance(server, FederatedServer):
+            from plait.experiment.runs.fl_baselines import last_test_accuracy, run_baselines
+
+            baselines = run_baselines(server, state.round, run_dir.path, last_test_accuracy(run_dir.metrics_path),
+                                      show_progress)
     finally:
         server.close()
     plots: list[Path] = []
@@ -64,4 +74,4 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     del server  # its data and model: the plots read the run directory, and drawn on top of both they made the peak
     if writes:
         plots = plot_run(run_dir.path)
-    return RunSummary(run_dir.path, state.round, last, plots, time.perf_counter() - started)
+    return RunSummary(run_dir.path, state.round, last, plots, time.perf_counter() - started, baselines)

@@ -103,6 +103,9 @@ class NetworkRunConfig:
         if self.fl.attack != type(self.fl.attack)():
             raise ValueError("fl.attack simulates attackers and is not supported by the network server; remove "
                              "[fl.attack] or run the simulator (`plait run`)")
+        if self.fl.baselines:
+            raise ValueError("fl.baselines trains each client alone on its data, which only the simulator holds; "
+                             "remove it or run the simulator (`plait run`)")
         if self.fl.devices != DeviceConfig():
             warnings.warn("fl.devices simulates device speeds and is ignored by the network server; real "
                           "stragglers are dropped at net.round_timeout_s", stacklevel=2)

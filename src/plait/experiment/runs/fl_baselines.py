@@ -1,0 +1,77 @@
+"""`fl.baselines = true`: after a simulated run, each client trained alone and one model trained on all the data, at
+the run's compute (federated/baselines.py), and by how much the run beats the first and how far it is from the
+second. Written to the run directory:
+
+    baselines.jsonl  one line per result as soon as it is measured, {"baseline": "local", "client": 7,
+                     "epochs": 19, "accuracy": 0.198} or {"baseline": "central", "epochs": 19, "accuracy": 0.986};
+                     measuring them can take as long as the run did, so `--resume` goes on from the lines there
+                     (those of other epochs, from a run that went on for more rounds, are measured again)
+    baselines.json   the summary: fl_accuracy (the run's last test accuracy), local_accuracy_mean / _p10 / _p90,
+                     central_accuracy, beats_local_by (FL minus the clients' mean) and short_of_central_by (one model
+                     on all the data minus FL; negative when FL ends above it)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from plait.experiment.progress import progress_bar
+from plait.federated.baselines import centralised, equivalent_epochs, local_accuracies, local_summary
+from plait.federated.server import FederatedServer
+from plait.runtime.checkpoint import atomic_write_bytes
+from plait.runtime.metrics_log import MetricsLog, read_metrics
+
+RESULTS_FILE = "baselines.jsonl"
+SUMMARY_FILE = "baselines.json"
+
+
+def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accuracy: float | None,
+                  show_progress: bool = True) -> dict[str, Any]:
+    """Both baselines for a run of `rounds` rounds, from what `run_path/baselines.jsonl` holds and measured for the
+    rest; the summary, also written to `run_path/baselines.json`."""
+    run_path = Path(run_path)
+    epochs = equivalent_epochs(server, rounds)
+    known = [r for r in read_metrics(run_path / RESULTS_FILE) if r.get("epochs") == epochs]
+    alone = {int(r["client"]): float(r["accuracy"]) for r in known if r.get("baseline") == "local"}
+    central = next((float(r["accuracy"]) for r in known if r.get("baseline") == "central"), None)
+    total = server.data.num_clients + 1
+    with MetricsLog(run_path / RESULTS_FILE) as results, \
+            progress_bar(f"baselines ({epochs} epochs)", total, len(alone) + (central is not None),
+                         show_progress) as bar:
+        for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
+            alone[cid] = accuracy
+            results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy})
+            bar.advance(len(alone) + (central is not None))
+        if central is None:
+            central = centralised(server, rounds)["central_accuracy"]
+            results.write({"baseline": "central", "epochs": epochs, "accuracy": central})
+            bar.advance(total)
+    summary: dict[str, Any] = {**local_summary([alone[c] for c in sorted(alone)], epochs),
+                               "central_epochs": epochs, "central_accuracy": central}
+    if fl_accuracy is not None:
+        summary.update(fl_accuracy=fl_accuracy, beats_local_by=fl_accuracy - summary["local_accuracy_mean"],
+                       short_of_central_by=central - fl_accuracy)
+    text = json.dumps(summary, indent=1).encode("utf-8")
+    atomic_write_bytes(run_path / SUMMARY_FILE, lambda f: f.write(text))
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line: what FL beats and what it approaches, in points of test accuracy."""
+    alone = (f"each client alone {summary['local_accuracy_mean']:.2%} (p10-p90 {summary['local_accuracy_p10']:.2%}-"
+             f"{summary['local_accuracy_p90']:.2%})")
+    central = f"one model on all the data {summary['central_accuracy']:.2%}"
+    head = f"baselines at {summary['local_epochs']} epochs"
+    if "fl_accuracy" not in summary:
+        return f"{head}: {alone}; {central}"
+    gap = summary["short_of_central_by"]
+    return (f"{head}: FL's {summary['fl_accuracy']:.2%} beats {alone} by {100 * summary['beats_local_by']:.1f} "
+            f"points; {central}, {100 * abs(gap):.1f} points {'above' if gap >= 0 else 'below'} FL's")
+
+
+def last_test_accuracy(metrics_path: Path) -> float | None:
+    """The run's last recorded test accuracy (None when it never evaluated)."""
+    return next((float(r["test_accuracy"]) for r in reversed(read_metrics(metrics_path))
+                 if isinstance(r.get("test_accuracy"), (int, float))), None)
