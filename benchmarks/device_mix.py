@@ -6,6 +6,9 @@ fast, always-online devices and on a fleet of slow, unevenly fast phones online 
 FedAvg, 2NN, real MNIST, 100 clients (pathological non-IID shards), C = 0.1, E = 1, B = 10, lr 0.05, test-set
 evaluation every other round; the virtual clock (fl.devices) says how long each round took. Writes
 docs/plots/device_mix.png; the last line is JSON: simulated hours to 85% test accuracy, phones against fast devices.
+Each mix's run is also read against each client training alone and one model on all the data, at the compute of its
+rounds (`fl_accuracy_vs_each_client_alone`; the same baselines for both mixes: devices change who reports and when,
+not what a client alone or one model on all the data learns).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ MIXES = {
 }
 
 
-def run(devices: dict, rounds: int) -> list[tuple[float, float]]:
-    """(simulated hours, test accuracy) after each evaluated round."""
+def run(devices: dict, rounds: int, baselines: bool = False) -> tuple[list[tuple[float, float]], dict[str, float]]:
+    """(simulated hours, test accuracy) after each evaluated round; with `baselines`, the run against them."""
+    from plait.federated.baselines import against_baselines
     from plait.federated.config import FederatedRunConfig
     from plait.federated.simulation import build_server
     from plait.settings.config import from_dict
@@ -46,8 +50,9 @@ def run(devices: dict, rounds: int) -> list[tuple[float, float]]:
         state, record = server.run_round(state)
         if "test_accuracy" in record:
             curve.append((record["sim_clock_h"], record["test_accuracy"]))
+    summary = against_baselines(server, rounds, curve[-1][1]) if baselines else {}
     server.close()
-    return curve
+    return curve, summary
 
 
 def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -60,7 +65,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "plots" / "device_mix.png"))
     args = parser.parse_args()
     rounds = 20 if args.quick else 60
-    curves = {name: run(devices, rounds) for name, devices in MIXES.items()}
+    runs = [run(devices, rounds, baselines=not i) for i, devices in enumerate(MIXES.values())]
+    curves = {name: curve for name, (curve, _) in zip(MIXES, runs)}
 
     import matplotlib
 
@@ -84,6 +90,10 @@ def main() -> None:
         print(f"{name}: {curve[-1][1]:.3f} test accuracy after {curve[-1][0]:.2f} simulated hours; "
               f"{TARGET:.0%} at {reached if reached is None else f'{reached:.2f} h'}")
     print(f"wrote {args.out}")
+    from plait.federated.baselines import benchmark_line, compared
+
+    for name, curve in curves.items():
+        print(json.dumps({**benchmark_line("device_mix", compared(curve[-1][1], runs[0][1])), "mix": name}))
     print(json.dumps({"benchmark": "device_mix", "metric": f"sim_hours_to_{TARGET:.0%}_phones_vs_fast",
                       "plait": round(phones, 4) if phones else None, "reference": round(fast, 4) if fast else None,
                       "ratio": round(phones / fast, 2) if phones and fast else None, "goal": None}))

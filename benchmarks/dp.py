@@ -5,7 +5,8 @@
 
 Part 1, accuracy vs ε: MNIST 2NN, 1000 IID clients, 100 per round (q = 0.1), server momentum 0.9, central DP with
 clip norm 0.5 and noise multipliers z = 0.5, 1, 2; the reference is the same FedAvgM run without clipping or noise.
-ε at δ = 1e-5 from dp-accounting's RDP accountant.
+ε at δ = 1e-5 from dp-accounting's RDP accountant. The reference is also read against each client training alone
+and one model on all the data, at its compute (`fl_accuracy_vs_each_client_alone`): what FL is worth here at all.
 
 Part 2, membership inference (Yeom et al.'s loss threshold): a model that overfits, 20 clients holding 50 MNIST
 training examples each, all clients every round, 5 local epochs. Members are those 1000 training examples,
@@ -24,6 +25,7 @@ import torch
 
 from plait.core.models import build_model
 from plait.data.federated import DataConfig, FederatedData, load_federated
+from plait.federated.baselines import against_baselines, benchmark_line
 from plait.federated.config import FederatedRunConfig, FLConfig
 from plait.federated.executor import SequentialExecutor
 from plait.federated.privacy.audit import membership_audit
@@ -32,7 +34,7 @@ from plait.federated.simulation import build_server
 from plait.settings.config import from_dict
 
 
-def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None) -> dict:
+def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None, baselines: bool = False) -> dict:
     privacy = ({"mode": "central", "clip_norm": 0.5, "noise_multiplier": noise_multiplier}
                if noise_multiplier is not None else {})
     config = from_dict(FederatedRunConfig, {
@@ -45,8 +47,11 @@ def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None) -> dict:
     state, started = server.initial_state(), time.perf_counter()
     for _ in range(rounds):
         state, record = server.run_round(state)
-    return {"accuracy": record["test_accuracy"], "epsilon": record.get("epsilon", float("inf")),
-            "seconds": time.perf_counter() - started}
+    out = {"accuracy": record["test_accuracy"], "epsilon": record.get("epsilon", float("inf")),
+           "seconds": time.perf_counter() - started}
+    if baselines:
+        out["baselines"] = against_baselines(server, rounds, record["test_accuracy"])
+    return out
 
 
 def audit(rounds: int, noise_multiplier: float | None) -> dict:
@@ -80,7 +85,7 @@ def main() -> None:
     rounds = 20 if args.quick else 60
     curve = {}
     for z in (None, 2.0, 1.0, 0.5):
-        curve[z] = r = accuracy_vs_epsilon(rounds, z)
+        curve[z] = r = accuracy_vs_epsilon(rounds, z, baselines=z is None)
         print(f"accuracy vs eps: z={z}  epsilon {r['epsilon']:.2f}  accuracy {r['accuracy']:.4f}  "
               f"{r['seconds']:.1f} s", flush=True)
     audit_rounds = 15 if args.quick else 40
@@ -101,6 +106,7 @@ def main() -> None:
                           "epsilon": r["epsilon"], "reference": ref["accuracy"],
                           "ratio": r["accuracy"] / ref["accuracy"],
                           "goal": "accuracy vs epsilon curve (no fixed goal)"}))
+    print(json.dumps(benchmark_line("dp", ref["baselines"])))
     p = private[1.0]
     print(json.dumps({"benchmark": "dp", "metric": "membership_advantage_with_dp_z1", "plait": p["advantage"],
                       "epsilon": p["epsilon"], "reference": plain["advantage"],

@@ -13,7 +13,8 @@ relative weight cap, examples_factor = 0, i.e. the defaults before it existed), 
 recent median norm, max_examples 1e7, each weight at most examples_factor = 2 times the cohort's median declared
 count), "tight" (the default plus max_examples = 1000, about what a client of this split holds: 600).
 A round whose aggregate is not finite is skipped (on_divergence = "skip"), so every run reports an accuracy.
-The reference is clean FedAvg (no attackers) with default bounds.
+The reference is clean FedAvg (no attackers) with default bounds, itself read against each client training alone and
+one model on all the data at its compute (`fl_accuracy_vs_each_client_alone`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 
 import torch
 
+from plait.federated.baselines import benchmark_line
 from robust import run
 
 BOUNDS = {"off": {"max_norm": 0, "norm_factor": 0, "max_examples": 0, "examples_factor": 0},
@@ -39,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds = 10 if args.quick else 30
-    clean = run(rounds, RULES["fedavg"], "none")["accuracy"]
+    reference = run(rounds, RULES["fedavg"], "none", baselines=True)
+    clean = reference["accuracy"]
     print(f"clean FedAvg: accuracy {clean:.4f}", flush=True)
     lines = []
     for attack in ("huge_update", "huge_count"):
@@ -57,6 +60,7 @@ def main() -> None:
                               "goal": GOAL})
     for line in lines:
         print(json.dumps(line))
+    print(json.dumps(benchmark_line("hostile_updates", reference["baselines"])))
     worst = min((line for line in lines if line["metric"].endswith("bounds_tight")), key=lambda x: x["plait"])
     print(json.dumps({**worst, "metric": f"worst_accuracy_behind_tight_bounds ({worst['metric']})"}))
 

@@ -13,7 +13,14 @@ import pytest
 
 from plait.experiment.runs.fl_baselines import RESULTS_FILE, SUMMARY_FILE, describe, run_baselines
 from plait.experiment.runs.fl_simulation import run_federated
-from plait.federated.baselines import centralised, equivalent_epochs, local_accuracies, local_only
+from plait.federated.baselines import (
+    against_baselines,
+    benchmark_line,
+    centralised,
+    equivalent_epochs,
+    local_accuracies,
+    local_only,
+)
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.config import FederatedRunConfig
 from plait.federated.evaluate import evaluate
@@ -105,6 +112,18 @@ def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume
     accuracies = [r["accuracy"] for r in lines[1:6]]
     assert again["local_accuracy_mean"] == pytest.approx(sum(accuracies) / 6)  # client 0's kept 0.0 among them
     assert again["central_accuracy"] == written["central_accuracy"]
+
+
+def test_a_benchmark_reads_its_run_against_the_baselines(tmp_path):
+    server = build_server(from_dict(FederatedRunConfig, shapes_config(tmp_path, rounds=4)))
+    summary = against_baselines(server, 4, fl_accuracy=0.9)
+    alone, together = local_only(server, 4), centralised(server, 4)
+    assert summary == {**alone, **together, "fl_accuracy": 0.9, "beats_local_by": 0.9 - alone["local_accuracy_mean"],
+                       "short_of_central_by": together["central_accuracy"] - 0.9}
+    line = benchmark_line("robust", summary)
+    assert line["plait"] == 0.9 and line["reference"] == round(alone["local_accuracy_mean"], 4)
+    assert line["beats_local_by"] == round(0.9 - alone["local_accuracy_mean"], 4) and "goal" in line
+    assert json.loads(json.dumps(line)) == line  # one JSON line
 
 
 def test_baselines_need_the_simulators_clients(tmp_path):

@@ -8,7 +8,8 @@ not worth doing):
 
 Both use the run's own model, task, plan (batch size, lr, momentum) and test set. The clients alone train on the
 run's executor (a worker pool trains several at once, each converting its own rows) and give the same bits on
-every executor. `fl.baselines = true` runs both after a simulated run (experiment/runs/fl_baselines.py).
+every executor. `fl.baselines = true` runs both after a simulated run (experiment/runs/fl_baselines.py); a
+benchmark's reference run prints `benchmark_line(name, against_baselines(server, rounds, accuracy))`.
 """
 
 from __future__ import annotations
@@ -92,3 +93,27 @@ def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     start, local = server.initial_params, _local_buffers(server)
     update = client_update(server.model, server.spec, start, ClientData(union.x, union.y), plan, server.task, local)
     return {"central_epochs": epochs, "central_accuracy": _trained_accuracy(server, start, update, local)}
+
+
+def compared(fl_accuracy: float | None, baselines: dict[str, float]) -> dict[str, float]:
+    """The baselines with FL's final test accuracy beside them: `beats_local_by` (FL minus the clients' mean) and
+    `short_of_central_by` (one model on all the data minus FL; negative when FL ends above it)."""
+    if fl_accuracy is None:
+        return dict(baselines)
+    return {**baselines, "fl_accuracy": fl_accuracy,
+            "beats_local_by": fl_accuracy - baselines["local_accuracy_mean"],
+            "short_of_central_by": baselines["central_accuracy"] - fl_accuracy}
+
+
+def against_baselines(server: FederatedServer, rounds: int, fl_accuracy: float | None) -> dict[str, float]:
+    """Both baselines at the compute of `rounds` rounds, compared with FL's `fl_accuracy` after them."""
+    return compared(fl_accuracy, {**local_only(server, rounds), **centralised(server, rounds)})
+
+
+def benchmark_line(benchmark: str, summary: dict[str, float]) -> dict[str, object]:
+    """A benchmark's JSON line for a run against its baselines: FL's accuracy against each client alone's mean."""
+    fl, alone = summary["fl_accuracy"], summary["local_accuracy_mean"]
+    return {"benchmark": benchmark, "metric": "fl_accuracy_vs_each_client_alone", "plait": round(fl, 4),
+            "reference": round(alone, 4), "ratio": round(fl / alone, 3) if alone else None,
+            **{k: round(v, 4) for k, v in summary.items() if k not in ("fl_accuracy", "local_accuracy_mean")},
+            "goal": "FL beats each client alone (beats_local_by > 0) and approaches one model on all the data"}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.experiment.progress import progress_bar
-from plait.federated.baselines import centralised, equivalent_epochs, local_accuracies, local_summary
+from plait.federated.baselines import centralised, compared, equivalent_epochs, local_accuracies, local_summary
 from plait.federated.server import FederatedServer
 from plait.runtime.checkpoint import atomic_write_bytes
 from plait.runtime.metrics_log import MetricsLog, read_metrics
@@ -48,11 +48,8 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
             central = centralised(server, rounds)["central_accuracy"]
             results.write({"baseline": "central", "epochs": epochs, "accuracy": central})
             bar.advance(total)
-    summary: dict[str, Any] = {**local_summary([alone[c] for c in sorted(alone)], epochs),
-                               "central_epochs": epochs, "central_accuracy": central}
-    if fl_accuracy is not None:
-        summary.update(fl_accuracy=fl_accuracy, beats_local_by=fl_accuracy - summary["local_accuracy_mean"],
-                       short_of_central_by=central - fl_accuracy)
+    summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
+                                     "central_epochs": epochs, "central_accuracy": central})
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(run_path / SUMMARY_FILE, lambda f: f.write(text))
     return summary
