@@ -56,8 +56,9 @@ def accuracy_vs_epsilon(rounds: int, noise_multiplier: float | None, baselines: 
 
 def audit(rounds: int, noise_multiplier: float | None) -> dict:
     full = load_federated(DataConfig(name="mnist", num_clients=1, partition="iid"))
-    members = torch.from_numpy(np.random.default_rng(0).permutation(len(full.train_y))[:1000])
-    x, y = full.train_x[members], full.train_y[members]
+    train_x, train_y = full.client_train(0)  # all 60,000 as model inputs (the stored rows are uint8 images)
+    members = torch.from_numpy(np.random.default_rng(0).permutation(len(train_y))[:1000])
+    x, y = train_x[members], train_y[members]
     test_x, test_y = full.test_x[:1000], full.test_y[:1000]
     parts = [np.arange(i * 50, (i + 1) * 50) for i in range(20)]
     data = FederatedData(x, y, test_x, test_y, parts, 0.0, 0, num_classes=10)

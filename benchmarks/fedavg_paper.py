@@ -90,7 +90,8 @@ class Outcome:
 
 
 def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
-               max_examples_per_client: int = 0, threads: int = 0, eval_every: int = 1) -> dict:
+               max_examples_per_client: int = 0, threads: int = 0, eval_every: int = 1,
+               executor: str = "sequential") -> dict:
     """The run's config (as a TOML table would give it) for one row at one learning rate. `max_examples_per_client`
     caps each Shakespeare client's examples (a smoke run; 0: all, as the paper). `eval_every` k: the test set every
     k rounds, so the rounds to target are the first evaluated round at or above it (at most k - 1 late)."""
@@ -104,13 +105,13 @@ def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
             "data": data,
             "fl": {"rounds": max_rounds, "fraction": 0.1, "min_clients": 2, "target_accuracy": row["target"],
                    "eval_every": eval_every,
-                   "executor": "sequential", "task": row.get("task", "classification"),
+                   "executor": executor, "task": row.get("task", "classification"),
                    "plan": {"epochs": row["epochs"], "batch_size": row["batch_size"], "lr": lr}}}
 
 
 def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
             max_examples_per_client: int = 0, threads: int = 0, resume: bool = False,
-            eval_every: int = 1) -> tuple[Outcome, object]:
+            eval_every: int = 1, executor: str = "sequential") -> tuple[Outcome, object]:
     """One row at one rate, in `root/<row>-lr<rate>`; a fresh directory beside any earlier one, or, with `resume`,
     that directory's run goes on from its last checkpoint (one that reached its target is read, not run again)."""
     from plait.experiment.rundir import RunDir
@@ -121,7 +122,7 @@ def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
     from plait.settings.config import from_dict
 
     config = from_dict(FederatedRunConfig, row_config(name, lr, max_rounds, root, seed, max_examples_per_client,
-                                                               threads, eval_every))
+                                                               threads, eval_every, executor))
     run_dir = RunDir(root / config.run.name)
     goes_on = resume and run_dir.checkpoint_path.exists()
     records = read_metrics(run_dir.metrics_path) if goes_on else []
@@ -172,6 +173,9 @@ def main() -> None:
                         help="Shakespeare rows: cap each client's examples (a smoke run; default: all)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the local-only and centralised runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    parser.add_argument("--executor", default="sequential", choices=["sequential", "process_pool", "auto"],
+                        help="how clients train, in the rounds and the baselines (every executor gives the same "
+                             "bits; process_pool: one client per core, for small batches)")
     parser.add_argument("--out", default="runs/fedavg_paper")
     parser.add_argument("--eval-every", type=int, default=1,
                         help="test-set evaluation every k rounds (default 1, the paper's; k > 1: a long row's "
@@ -196,7 +200,8 @@ def main() -> None:
         for lr in rates:
             started = time.perf_counter()
             outcome, server = run_row(name, lr, max_rounds, out, max_examples_per_client=args.max_examples_per_client,
-                                      threads=args.threads, resume=args.resume, eval_every=args.eval_every)
+                                      threads=args.threads, resume=args.resume, eval_every=args.eval_every,
+                                      executor=args.executor)
             tried.append((outcome, server))
             print(f"{name} lr={lr}: rounds to target {outcome.rounds}, final {outcome.final} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -206,6 +211,8 @@ def main() -> None:
             best, server = max(tried, key=lambda t: t[0].final.get("test_accuracy", 0.0))
         rounds = best.rounds or max_rounds
         extra = {} if args.no_baselines else baselines(server, rounds, best)
+        for _, each in tried:
+            each.close()  # a worker pool's processes
         lines.append(_table_row(name, best, max_rounds, extra, args.eval_every))
         _plot(out / f"{name}.png", [(f"lr {o.lr}", o.curve) for o, _ in tried], ROWS[name]["target"], name)
         ratio = round(rounds / paper, 3) if paper else None

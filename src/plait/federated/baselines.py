@@ -14,7 +14,7 @@ benchmark's reference run prints `benchmark_line(name, against_baselines(server,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -76,13 +76,8 @@ def local_summary(accuracies: list[float], epochs: int) -> dict[str, float]:
             "local_accuracy_p90": float(np.percentile(accuracies, 90))}
 
 
-def local_only(server: FederatedServer, rounds: int,
-               on_client: Callable[[int, float], None] | None = None) -> dict[str, float]:
-    accuracies = []
-    for cid, accuracy in local_accuracies(server, rounds):
-        accuracies.append(accuracy)
-        if on_client is not None:
-            on_client(cid, accuracy)
+def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
+    accuracies = [accuracy for _, accuracy in local_accuracies(server, rounds)]
     return local_summary(accuracies, equivalent_epochs(server, rounds))
 
 
