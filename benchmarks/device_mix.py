@@ -5,7 +5,8 @@ fast, always-online devices and on a fleet of slow, unevenly fast phones online 
 
 FedAvg, 2NN, real MNIST, 100 clients (pathological non-IID shards), C = 0.1, E = 1, B = 10, lr 0.05, test-set
 evaluation every other round; the virtual clock (fl.devices) says how long each round took. Writes
-docs/plots/device_mix.png; the last line is JSON: simulated hours to 85% test accuracy, phones against fast devices.
+docs/plots/device_mix.png (--quick: runs/device_mix_quick.png); the last line is JSON: simulated hours to 85% test
+accuracy, phones against fast devices.
 Each mix's run is also read against each client training alone and one model on all the data, at the compute of its
 rounds (`fl_accuracy_vs_each_client_alone`; the same baselines for both mixes: devices change who reports and when,
 not what a client alone or one model on all the data learns).
@@ -62,8 +63,11 @@ def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="20 rounds instead of 60")
-    parser.add_argument("--out", default=str(REPO / "docs" / "plots" / "device_mix.png"))
+    parser.add_argument("--out", default="", help="the plot (default: docs/plots/device_mix.png for the full run, "
+                                                  "runs/device_mix_quick.png for --quick)")
     args = parser.parse_args()
+    args.out = args.out or str(REPO / ("runs/device_mix_quick.png" if args.quick else "docs/plots/device_mix.png"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rounds = 20 if args.quick else 60
     runs = [run(devices, rounds, baselines=not i) for i, devices in enumerate(MIXES.values())]
     curves = {name: curve for name, (curve, _) in zip(MIXES, runs)}
