@@ -27,6 +27,7 @@ from plait.federated.evaluate import evaluate
 from plait.federated.net.config import NetworkRunConfig
 from plait.federated.seeds import LOCAL_BASELINE, derive_seed
 from plait.federated.simulation import build_server
+from plait.federated.task import Task
 from plait.settings.config import ConfigError, from_dict
 from tests_support import shapes_config
 
@@ -64,22 +65,27 @@ def test_baselines_train_each_client_alone_and_one_model_on_all(tmp_path):
 
 
 def _alone_by_hand(server, rounds: int) -> dict[int, float]:
-    """Each client trained alone with client_update itself, in this process: the reference."""
+    """Each client trained alone with client_update itself, in this process: the reference (with fl.buffers =
+    "local", from the initial buffers, and scored with those its training left)."""
     epochs = equivalent_epochs(server, rounds)
+    local = server.backend.initial_local
     out = {}
     for cid in range(server.data.num_clients):
         plan = replace(server.config.plan, epochs=epochs, max_steps=0,
                        seed=derive_seed(server.seed, LOCAL_BASELINE, cid))
         update = client_update(server.model, server.spec, server.initial_params,
-                               ClientData(*server.data.client_train(cid)), plan, server.task)
+                               ClientData(*server.data.client_train(cid)), plan, server.task, local)
+        trained = None if local is None else (update.local_buffers, local[1])
         out[cid] = evaluate(server.model, server.spec, server.initial_params + update.delta, server.data.test_x,
-                            server.data.test_y, task=server.task)["accuracy"]
+                            server.data.test_y, task=server.task, local=trained)["accuracy"]
     return out
 
 
-@pytest.mark.parametrize("executor", ["sequential", "process_pool"])  # the shapes net has dropout: no threads
-def test_clients_alone_train_on_the_runs_executor_with_the_same_results(tmp_path, executor):
-    raw = shapes_config(tmp_path, rounds=4, executor=executor, workers=2)
+# the shapes net has dropout (the threads executor refuses it) and BatchNorm (fl.buffers = "local" applies)
+@pytest.mark.parametrize("executor,buffers", [("sequential", "federated"), ("process_pool", "federated"),
+                                              ("process_pool", "local")])
+def test_clients_alone_train_on_the_runs_executor_with_the_same_results(tmp_path, executor, buffers):
+    raw = shapes_config(tmp_path, rounds=4, executor=executor, workers=2, buffers=buffers)
     server = build_server(from_dict(FederatedRunConfig, raw))
     try:
         expected = _alone_by_hand(server, 4)
@@ -103,15 +109,53 @@ def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume
     assert [r.get("client") for r in lines] == [0, 1, 2, 3, 4, 5, None] and lines[-1]["baseline"] == "central"
     assert describe(written).startswith(f"baselines at 2 epochs: FL's {final:.2%} beats each client alone")
 
-    # stopped after two clients (one of them marked), and a line of another run length: the marked one is read, not
-    # measured again; the rest are measured anew, with the same results
-    kept = [{**lines[0], "accuracy": 0.0}, lines[1], {**lines[2], "epochs": 7}]
-    (summary.run_dir / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # stopped after three clients (one of them marked), one of another setting, and a last line cut short: the marked
+    # one is read, not measured again; the rest are measured anew, with the same results, and appended cleanly
+    kept = [{**lines[0], "accuracy": 0.0}, lines[1], {**lines[2], "setting": "another"}]
+    text = "".join(json.dumps(r) + "\n" for r in kept) + json.dumps(lines[3])[:20]
+    (summary.run_dir / RESULTS_FILE).write_text(text)
     server = build_server(from_dict(FederatedRunConfig, raw))
-    again = run_baselines(server, 3, summary.run_dir, final, show_progress=False)
+    try:
+        again = run_baselines(server, 3, summary.run_dir, final, show_progress=False)
+    finally:
+        server.close()
     accuracies = [r["accuracy"] for r in lines[1:6]]
     assert again["local_accuracy_mean"] == pytest.approx(sum(accuracies) / 6)  # client 0's kept 0.0 among them
     assert again["central_accuracy"] == written["central_accuracy"]
+    after = [json.loads(line) for line in (summary.run_dir / RESULTS_FILE).read_text().splitlines()]
+    assert [(r.get("client"), r["setting"] == lines[0]["setting"]) for r in after] == \
+        [(0, True), (1, True), (2, False), (2, True), (3, True), (4, True), (5, True), (None, True)]
+
+    # another setting altogether (a resume with another rate): nothing is reused
+    other = from_dict(FederatedRunConfig, {**raw, "fl": {**raw["fl"], "plan": {**raw["fl"]["plan"], "lr": 0.2}}})
+    server = build_server(other)
+    try:
+        fresh = run_baselines(server, 3, summary.run_dir, final, show_progress=False)
+    finally:
+        server.close()
+    assert fresh["local_accuracy_mean"] != again["local_accuracy_mean"]
+
+
+class NoAccuracy(Task):
+    """A task that reports its loss alone."""
+
+    def eval_sums(self, outputs, targets):
+        return {"loss": self.loss(outputs, targets).double() * targets.shape[0]}
+
+
+def test_baselines_are_refused_before_the_rounds_when_the_task_reports_no_accuracy(tmp_path):
+    raw = shapes_config(tmp_path, rounds=3, baselines=True)
+    with pytest.raises(ValueError, match="fl.baselines compares test accuracy, and the task \\(NoAccuracy\\)"):
+        run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, task=NoAccuracy())
+    assert not (tmp_path / "runs" / "shapes" / "metrics.jsonl").exists()  # no round ran
+
+
+def test_the_line_says_when_fl_falls_short_of_the_clients_alone():
+    summary = {"local_epochs": 2, "local_accuracy_mean": 0.8, "local_accuracy_p10": 0.7, "local_accuracy_p90": 0.9,
+               "central_accuracy": 0.95, "fl_accuracy": 0.75, "beats_local_by": -0.05, "short_of_central_by": 0.2}
+    assert describe(summary) == ("baselines at 2 epochs: FL's 75.00% falls short of each client alone 80.00% "
+                                 "(p10-p90 70.00%-90.00%) by 5.0 points; one model on all the data 95.00%, 20.0 "
+                                 "points above FL's")
 
 
 def test_a_benchmark_reads_its_run_against_the_baselines(tmp_path):

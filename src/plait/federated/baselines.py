@@ -22,7 +22,7 @@ import torch
 
 from plait.core.flat import FlatSpec
 from plait.data.federated import concat_labelled
-from plait.data.user import Labelled
+from plait.data.user import Labelled, take
 from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientTask
@@ -30,7 +30,7 @@ from plait.federated.seeds import CENTRAL_BASELINE, LOCAL_BASELINE, derive_seed
 from plait.federated.server import FederatedServer
 from plait.federated.weights import local_buffer_state
 
-CLIENTS_AT_ONCE = 32  # clients handed to the executor together: their rows are views, but a pool copies them out
+CLIENTS_AT_ONCE = 16  # clients handed to the executor together, their updates held until evaluated
 
 
 def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
@@ -40,8 +40,24 @@ def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
 
 
 def _local_buffers(server: FederatedServer) -> tuple[torch.Tensor, FlatSpec] | None:
-    """The model's initial own buffers (fl.buffers = "local": BatchNorm statistics each client keeps), or None."""
-    return local_buffer_state(server.model) if server.config.buffers == "local" else None
+    """The initial own buffers of a client (fl.buffers = "local": BatchNorm statistics each client keeps), as the
+    rounds start them: the simulated backend's CPU copy, taken before the model moved to its device."""
+    if server.config.buffers != "local":
+        return None
+    initial = getattr(server.backend, "initial_local", None)
+    return initial if initial is not None else local_buffer_state(server.model)
+
+
+def check_baselines(server: FederatedServer) -> None:
+    """Fail before a run whose baselines could not be scored: they compare test accuracy."""
+    test_x, test_y = server.data.test_x, server.data.test_y
+    if not len(test_y):
+        raise ValueError("fl.baselines compares test accuracy, and the data has no test set")
+    first = evaluate(server.model, server.spec, server.initial_params, take(test_x, slice(0, 2)), test_y[:2],
+                     task=server.task, local=_local_buffers(server))
+    if "accuracy" not in first:
+        raise ValueError(f"fl.baselines compares test accuracy, and the task ({type(server.task).__name__}) reports "
+                         f"none (it reports {sorted(first)})")
 
 
 def _trained_accuracy(server: FederatedServer, start: torch.Tensor, update: Update,
@@ -66,7 +82,10 @@ def local_accuracies(server: FederatedServer, rounds: int, skip: Collection[int]
             plan = replace(server.config.plan, epochs=epochs, max_steps=0,
                            seed=derive_seed(server.seed, LOCAL_BASELINE, cid))
             tasks.append(ClientTask(cid, plan, ClientData(*server.data.client_train_raw(cid)), server.task, local))
-        for task, update in server.executor.run(server.model, server.spec, start, tasks):
+        # evaluated once the executor is done with the chunk: inside its loop, torch runs on its training threads
+        # (one, for a pool whose workers hold the cores), and the test set's evaluation would get no more
+        trained = list(server.executor.run(server.model, server.spec, start, tasks))
+        for task, update in trained:
             yield task.client_id, _trained_accuracy(server, start, update, local)
 
 

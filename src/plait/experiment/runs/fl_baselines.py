@@ -3,17 +3,23 @@ the run's compute (federated/baselines.py), and by how much the run beats the fi
 second. Written to the run directory:
 
     baselines.jsonl  one line per result as soon as it is measured, {"baseline": "local", "client": 7,
-                     "epochs": 19, "accuracy": 0.198} or {"baseline": "central", "epochs": 19, "accuracy": 0.986};
-                     measuring them can take as long as the run did, so `--resume` goes on from the lines there
-                     (those of other epochs, from a run that went on for more rounds, are measured again)
-    baselines.json   the summary: fl_accuracy (the run's last test accuracy), local_accuracy_mean / _p10 / _p90,
-                     central_accuracy, beats_local_by (FL minus the clients' mean) and short_of_central_by (one model
-                     on all the data minus FL; negative when FL ends above it)
+                     "epochs": 19, "accuracy": 0.198, "setting": ...} or {"baseline": "central", ...}; measuring
+                     them can take as long as the run did, so `--resume` goes on from the lines there (those of
+                     another setting, `fingerprint`: more rounds, another plan or seed, are measured again)
+    baselines.json   the summary: local_accuracy_mean / _p10 / _p90, central_accuracy, and, when the run evaluated
+                     the test set, fl_accuracy (its last test accuracy), beats_local_by (FL minus the clients' mean)
+                     and short_of_central_by (one model on all the data minus FL; negative when FL ends above it)
+
+Under `fl.executor = "distributed"`, rank 0 alone measures them, on its own executor. With `fl.buffers = "local"` each
+baseline is scored with the buffers its training left (FL's test accuracy uses the global model's).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +35,46 @@ SUMMARY_FILE = "baselines.json"
 
 def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accuracy: float | None,
                   show_progress: bool = True) -> dict[str, Any]:
-    """Both baselines for a run of `rounds` rounds, from what `run_path/baselines.jsonl` holds and measured for the
-    rest; the summary, also written to `run_path/baselines.json`."""
-    run_path = Path(run_path)
-    epochs = equivalent_epochs(server, rounds)
-    known = [r for r in read_metrics(run_path / RESULTS_FILE) if r.get("epochs") == epochs]
-    alone = {int(r["client"]): float(r["accuracy"]) for r in known if r.get("baseline") == "local"}
+    """Both baselines for a run of `rounds` rounds, from what `run_path/baselines.jsonl` holds for the same setting
+    and measured for the rest; the summary, also written to `run_path/baselines.json`."""
+    path = Path(run_path) / RESULTS_FILE
+    epochs, setting = equivalent_epochs(server, rounds), fingerprint(server, rounds)
+    kept = read_metrics(path)  # up to a line a stop cut short: rewritten without it, so appending goes on cleanly
+    atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")))
+    known = [r for r in kept if r.get("setting") == setting]
+    alone = {int(r["client"]): float(r["accuracy"]) for r in known
+             if r.get("baseline") == "local" and 0 <= r.get("client", -1) < server.data.num_clients}
     central = next((float(r["accuracy"]) for r in known if r.get("baseline") == "central"), None)
     total = server.data.num_clients + 1
-    with MetricsLog(run_path / RESULTS_FILE) as results, \
+    with MetricsLog(path) as results, \
             progress_bar(f"baselines ({epochs} epochs)", total, len(alone) + (central is not None),
                          show_progress) as bar:
         for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
             alone[cid] = accuracy
-            results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy})
+            results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy,
+                           "setting": setting})
             bar.advance(len(alone) + (central is not None))
         if central is None:
             central = centralised(server, rounds)["central_accuracy"]
-            results.write({"baseline": "central", "epochs": epochs, "accuracy": central})
+            results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
             bar.advance(total)
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
                                      "central_epochs": epochs, "central_accuracy": central})
     text = json.dumps(summary, indent=1).encode("utf-8")
-    atomic_write_bytes(run_path / SUMMARY_FILE, lambda f: f.write(text))
+    atomic_write_bytes(Path(run_path) / SUMMARY_FILE, lambda f: f.write(text))
     return summary
+
+
+def fingerprint(server: FederatedServer, rounds: int) -> str:
+    """What a baseline's result depends on, hashed: the clients' plan at the run's compute, the seed, the initial
+    weights (the model), the clients' sizes and the test set's. A result measured under another setting (a run
+    resumed with other overrides) is measured again rather than reused."""
+    plan = replace(server.config.plan, epochs=equivalent_epochs(server, rounds), max_steps=0, seed=0)
+    data = server.data
+    parts = [repr(plan), server.seed, server.config.buffers, type(server.task).__qualname__,
+             zlib.crc32(server.initial_params.detach().cpu().numpy().tobytes()),
+             [data.num_examples(cid) for cid in range(data.num_clients)], len(data.test_y)]
+    return hashlib.sha1(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def describe(summary: dict[str, Any]) -> str:
@@ -63,9 +85,10 @@ def describe(summary: dict[str, Any]) -> str:
     head = f"baselines at {summary['local_epochs']} epochs"
     if "fl_accuracy" not in summary:
         return f"{head}: {alone}; {central}"
-    gap = summary["short_of_central_by"]
-    return (f"{head}: FL's {summary['fl_accuracy']:.2%} beats {alone} by {100 * summary['beats_local_by']:.1f} "
-            f"points; {central}, {100 * abs(gap):.1f} points {'above' if gap >= 0 else 'below'} FL's")
+    gap, beats = summary["short_of_central_by"], summary["beats_local_by"]
+    verdict = f"beats {alone} by" if beats >= 0 else f"falls short of {alone} by"
+    return (f"{head}: FL's {summary['fl_accuracy']:.2%} {verdict} {100 * abs(beats):.1f} points; {central}, "
+            f"{100 * abs(gap):.1f} points {'above' if gap >= 0 else 'below'} FL's")
 
 
 def last_test_accuracy(metrics_path: Path) -> float | None:

@@ -50,6 +50,10 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     server = build_server(config, model=model, data=data, task=task)  # bad code or data fail before any writing
     started = time.perf_counter()
     try:
+        if config.fl.baselines and isinstance(server, FederatedServer):
+            from plait.federated.baselines import check_baselines
+
+            check_baselines(server)  # a task without accuracy, no test set: before the rounds, not after them
         if writes:
             run_dir = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
             if not resume:
@@ -59,6 +63,8 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
         with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,
                  description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
             state, last = drive_rounds(server, run)
+        if writes:
+            save_weights(server.model, server.spec, state.params, run_dir.path)
         baselines = None
         # on the run's executor, which closes with the server (gossip's server-less runner: refused by the config)
         if config.fl.baselines and writes and isinstance(server, FederatedServer):
@@ -69,8 +75,6 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
     finally:
         server.close()
     plots: list[Path] = []
-    if writes:
-        save_weights(server.model, server.spec, state.params, run_dir.path)
     del server  # its data and model: the plots read the run directory, and drawn on top of both they made the peak
     if writes:
         plots = plot_run(run_dir.path)
