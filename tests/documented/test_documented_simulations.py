@@ -3,6 +3,7 @@ copy of examples/, one round long: the test appends `--set fl.rounds=1` (and say
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -83,10 +84,15 @@ def test_next_word_runs_reports_top3_and_writes(tmp_path):
 
     written = run(documented('plait generate runs/next_word --prompt "to be or not to" --length 20'), folder)
 
-    last = records(_run_directory(output, folder))[-1]
+    run_dir = _run_directory(output, folder)
+    last = records(run_dir)[-1]
     assert last["round"] == 1 and accuracy(last) == pytest.approx(printed_accuracy(output), abs=1e-4)
     assert 0 <= last["test_accuracy"] <= last["test_top3_accuracy"] <= 1
     assert written.startswith("to be or not to ") and len(written.split()) == 5 + 20
+    # the README's "FedAvg against each role alone": the example's fl.baselines
+    against = json.loads((run_dir / "baselines.json").read_text())
+    assert against["fl_accuracy"] == last["test_accuracy"] and 0 <= against["local_accuracy_mean"] <= 1
+    assert "baselines at 1 epochs: FL's" in " ".join(output.split())
 
 
 @pytest.mark.timeout(300)
