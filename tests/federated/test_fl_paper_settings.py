@@ -106,7 +106,8 @@ def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume
     assert written["beats_local_by"] == pytest.approx(final - written["local_accuracy_mean"])
     assert written["short_of_central_by"] == pytest.approx(written["central_accuracy"] - final)
     lines = [json.loads(line) for line in (summary.run_dir / RESULTS_FILE).read_text().splitlines()]
-    assert [r.get("client") for r in lines] == [0, 1, 2, 3, 4, 5, None] and lines[-1]["baseline"] == "central"
+    assert [r.get("client") for r in lines] == [None, 0, 1, 2, 3, 4, 5] and lines[0]["baseline"] == "central"
+    lines = lines[1:] + lines[:1]  # the clients', then the central one
     assert describe(written).startswith(f"baselines at 2 epochs: FL's {final:.2%} beats each client alone")
 
     # stopped after three clients (one of them marked), one of another setting, and a last line cut short: the marked
@@ -124,7 +125,7 @@ def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume
     assert again["central_accuracy"] == written["central_accuracy"]
     after = [json.loads(line) for line in (summary.run_dir / RESULTS_FILE).read_text().splitlines()]
     assert [(r.get("client"), r["setting"] == lines[0]["setting"]) for r in after] == \
-        [(0, True), (1, True), (2, False), (2, True), (3, True), (4, True), (5, True), (None, True)]
+        [(0, True), (1, True), (2, False), (None, True), (2, True), (3, True), (4, True), (5, True)]
 
     # another setting altogether (a resume with another rate): nothing is reused
     other = from_dict(FederatedRunConfig, {**raw, "fl": {**raw["fl"], "plan": {**raw["fl"]["plan"], "lr": 0.2}}})

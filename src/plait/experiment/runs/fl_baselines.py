@@ -2,10 +2,11 @@
 the run's compute (federated/baselines.py), and by how much the run beats the first and how far it is from the
 second. Written to the run directory:
 
-    baselines.jsonl  one line per result as soon as it is measured, {"baseline": "local", "client": 7,
-                     "epochs": 19, "accuracy": 0.198, "setting": ...} or {"baseline": "central", ...}; measuring
-                     them can take as long as the run did, so `--resume` goes on from the lines there (those of
-                     another setting, `fingerprint`: more rounds, another plan or seed, are measured again)
+    baselines.jsonl  one line per result as soon as it is measured: {"baseline": "central", "epochs": 19,
+                     "accuracy": 0.986, "setting": ...} first, then {"baseline": "local", "client": 7, ...} for
+                     each client; measuring them can take as long as the run did, so `--resume` goes on from the
+                     lines there (those of another setting, `fingerprint`: more rounds, another plan or seed, are
+                     measured again)
     baselines.json   the summary: local_accuracy_mean / _p10 / _p90, central_accuracy, and, when the run evaluated
                      the test set, fl_accuracy (its last test accuracy), beats_local_by (FL minus the clients' mean)
                      and short_of_central_by (one model on all the data minus FL; negative when FL ends above it)
@@ -49,15 +50,15 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     with MetricsLog(path) as results, \
             progress_bar(f"baselines ({epochs} epochs)", total, len(alone) + (central is not None),
                          show_progress) as bar:
+        if central is None:  # first: one measurement a stop would lose whole, then the clients one by one
+            central = centralised(server, rounds)["central_accuracy"]
+            results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
+            bar.advance(len(alone) + 1)
         for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
             alone[cid] = accuracy
             results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy,
                            "setting": setting})
-            bar.advance(len(alone) + (central is not None))
-        if central is None:
-            central = centralised(server, rounds)["central_accuracy"]
-            results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
-            bar.advance(total)
+            bar.advance(len(alone) + 1)
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
                                      "central_epochs": epochs, "central_accuracy": central})
     text = json.dumps(summary, indent=1).encode("utf-8")
