@@ -26,6 +26,7 @@ from plait.data.user import Labelled, take
 from plait.federated.client_update import ClientData, Update, client_update
 from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientTask
+from plait.federated.plan import TrainingPlan
 from plait.federated.seeds import CENTRAL_BASELINE, LOCAL_BASELINE, derive_seed
 from plait.federated.server import FederatedServer
 from plait.federated.weights import local_buffer_state
@@ -37,6 +38,11 @@ def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
     """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · C · E (at least 1)."""
     cfg = server.config
     return max(1, round(rounds * cfg.fraction * cfg.plan.epochs))
+
+
+def baseline_plan(server: FederatedServer, rounds: int, seed: int) -> TrainingPlan:
+    """The clients' plan stretched to `rounds` rounds' compute (whole epochs, no step cap), with its own seed."""
+    return replace(server.config.plan, epochs=equivalent_epochs(server, rounds), max_steps=0, seed=seed)
 
 
 def _local_buffers(server: FederatedServer) -> tuple[torch.Tensor, FlatSpec] | None:
@@ -73,14 +79,12 @@ def _trained_accuracy(server: FederatedServer, start: torch.Tensor, update: Upda
 def local_accuracies(server: FederatedServer, rounds: int, skip: Collection[int] = ()) -> Iterator[tuple[int, float]]:
     """(client, test accuracy) of each client but those in `skip` trained alone for the run's compute, in client
     order, each as soon as it is known (a caller can keep them and skip them when it starts again)."""
-    epochs = equivalent_epochs(server, rounds)
     start, local = server.initial_params, _local_buffers(server)
     todo = [cid for cid in range(server.data.num_clients) if cid not in skip]
     for first in range(0, len(todo), CLIENTS_AT_ONCE):
         tasks = []
         for cid in todo[first:first + CLIENTS_AT_ONCE]:
-            plan = replace(server.config.plan, epochs=epochs, max_steps=0,
-                           seed=derive_seed(server.seed, LOCAL_BASELINE, cid))
+            plan = baseline_plan(server, rounds, derive_seed(server.seed, LOCAL_BASELINE, cid))
             tasks.append(ClientTask(cid, plan, ClientData(*server.data.client_train_raw(cid)), server.task, local))
         # evaluated once the executor is done with the chunk: inside its loop, torch runs on its training threads
         # (one, for a pool whose workers hold the cores), and the test set's evaluation would get no more
@@ -103,7 +107,7 @@ def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
 def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     epochs = equivalent_epochs(server, rounds)
     union = concat_labelled([Labelled(*server.data.client_train(cid)) for cid in range(server.data.num_clients)])
-    plan = replace(server.config.plan, epochs=epochs, max_steps=0, seed=derive_seed(server.seed, CENTRAL_BASELINE))
+    plan = baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE))
     start, local = server.initial_params, _local_buffers(server)
     update = client_update(server.model, server.spec, start, ClientData(union.x, union.y), plan, server.task, local)
     return {"central_epochs": epochs, "central_accuracy": _trained_accuracy(server, start, update, local)}

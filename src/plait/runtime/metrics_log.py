@@ -60,8 +60,12 @@ def truncate_metrics(path: Path, key: str, last: int) -> None:
     atomic_write_bytes(Path(path), lambda f: f.write(text))  # a crash here must not lose the rounds kept
 
 
+def last_number(path: Path, key: str) -> float | None:
+    """The last number the log holds under `key` (None when no record has one)."""
+    return next((float(r[key]) for r in reversed(read_metrics(path)) if isinstance(r.get(key), (int, float))), None)
+
+
 def elapsed_so_far(path: Path) -> float:
     """The last `elapsed_s` a (truncated, resumed) log holds: where a resumed run's clock goes on from, so that
     `elapsed_s` stays the run's training time across stops."""
-    return next((r["elapsed_s"] for r in reversed(read_metrics(path)) if isinstance(r.get("elapsed_s"), (int, float))),
-                0.0)
+    return last_number(path, "elapsed_s") or 0.0

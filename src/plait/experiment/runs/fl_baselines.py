@@ -20,15 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from plait.experiment.progress import progress_bar
-from plait.federated.baselines import centralised, compared, equivalent_epochs, local_accuracies, local_summary
+from plait.federated.baselines import (
+    baseline_plan,
+    centralised,
+    compared,
+    equivalent_epochs,
+    local_accuracies,
+    local_summary,
+)
 from plait.federated.server import FederatedServer
 from plait.runtime.checkpoint import atomic_write_bytes
-from plait.runtime.metrics_log import MetricsLog, read_metrics
+from plait.runtime.metrics_log import MetricsLog, last_number, read_metrics
 
 RESULTS_FILE = "baselines.jsonl"
 SUMMARY_FILE = "baselines.json"
@@ -70,9 +76,9 @@ def fingerprint(server: FederatedServer, rounds: int) -> str:
     """What a baseline's result depends on, hashed: the clients' plan at the run's compute, the seed, the initial
     weights (the model), the clients' sizes and the test set's. A result measured under another setting (a run
     resumed with other overrides) is measured again rather than reused."""
-    plan = replace(server.config.plan, epochs=equivalent_epochs(server, rounds), max_steps=0, seed=0)
     data = server.data
-    parts = [repr(plan), server.seed, server.config.buffers, type(server.task).__qualname__,
+    parts = [repr(baseline_plan(server, rounds, seed=0)), server.seed, server.config.buffers,
+             type(server.task).__qualname__,
              zlib.crc32(server.initial_params.detach().cpu().numpy().tobytes()),
              [data.num_examples(cid) for cid in range(data.num_clients)], len(data.test_y)]
     return hashlib.sha1(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
@@ -94,5 +100,4 @@ def describe(summary: dict[str, Any]) -> str:
 
 def last_test_accuracy(metrics_path: Path) -> float | None:
     """The run's last recorded test accuracy (None when it never evaluated)."""
-    return next((float(r["test_accuracy"]) for r in reversed(read_metrics(metrics_path))
-                 if isinstance(r.get("test_accuracy"), (int, float))), None)
+    return last_number(metrics_path, "test_accuracy")
