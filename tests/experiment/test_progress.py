@@ -1,5 +1,5 @@
-"""Progress off a terminal: no live bar and no rich, one plain line when the work ends (where it got to, the time,
-the last status)."""
+"""Progress off a terminal: no live bar and no rich, a plain line at most a minute while the work goes on and one
+when it ends (where it got to, the time, the last status)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,20 @@ def test_off_a_terminal_progress_is_one_line_at_the_end(capsys):
     with progress_bar("steps", total=4, enabled=False) as bar:
         bar.advance(4)
     assert capsys.readouterr().out == ""
+
+
+def test_long_work_off_a_terminal_says_where_it_is_every_so_often(capsys, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("plait.experiment.progress.time.monotonic", lambda: clock[0])
+    with progress_bar("epochs", total=10) as bar:
+        bar.advance(1)
+        clock[0] += 59
+        bar.advance(2)
+        assert capsys.readouterr().out == ""  # under a minute since the start: nothing yet
+        clock[0] += 1
+        bar.advance(3)
+        assert capsys.readouterr().out == "epochs 3/10 in 0:01:00\n"
+        clock[0] += 30
+        bar.advance(4)
+        assert capsys.readouterr().out == ""  # half a minute since the last line
+    assert capsys.readouterr().out == "epochs 4/10 in 0:01:30\n"

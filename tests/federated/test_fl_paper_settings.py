@@ -10,12 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from plait.experiment.runs.fl_baselines import RESULTS_FILE, SUMMARY_FILE, describe, run_baselines
+import plait.experiment.runs.fl_baselines as fl_baselines
+import plait.federated.baselines as baselines_module
+from plait.experiment.runs.fl_baselines import CENTRAL_CHECKPOINT, RESULTS_FILE, SUMMARY_FILE, describe, run_baselines
 from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.baselines import (
     against_baselines,
     benchmark_line,
+    central_model,
     centralised,
     equivalent_epochs,
     local_accuracies,
@@ -135,6 +139,58 @@ def test_fl_baselines_write_how_far_the_run_beats_and_approaches_them_and_resume
     finally:
         server.close()
     assert fresh["local_accuracy_mean"] != again["local_accuracy_mean"]
+
+
+@pytest.mark.parametrize("buffers", ["federated", "local"])  # the shapes net has BatchNorm
+def test_the_central_model_started_again_at_an_epoch_gives_the_same_bits(tmp_path, buffers):
+    server = build_server(from_dict(FederatedRunConfig, shapes_config(tmp_path, rounds=6, buffers=buffers)))
+    assert equivalent_epochs(server, 6) == 3
+    seen: dict[int, tuple] = {}
+    whole = central_model(server, 6, after_epoch=lambda done, params, own: seen.setdefault(done, (params, own)))
+    assert sorted(seen) == [1, 2, 3] and (whole[1] is None) == (buffers == "federated")
+    again = central_model(server, 6, *seen[1], done=1)  # from the first epoch's weights, as after a stop
+    assert torch.equal(again[0], whole[0]) and not torch.equal(seen[1][0], whole[0])
+    if buffers == "local":
+        assert torch.equal(again[1], whole[1]) and not torch.equal(seen[1][1], whole[1])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stop_during_the_central_model_loses_at_most_its_last_epoch(tmp_path, monkeypatch, capsys):
+    raw = shapes_config(tmp_path, rounds=8, baselines=True)
+    summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
+    expected = json.loads((summary.run_dir / SUMMARY_FILE).read_text())
+    assert expected["central_epochs"] == 4
+    (summary.run_dir / RESULTS_FILE).unlink()
+    calls = []
+    real = baselines_module.client_update
+
+    def stopping(*args, **kwargs):  # the central model's third epoch is stopped
+        calls.append(len(args[3]))
+        if len(calls) == 3:
+            raise Stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(baselines_module, "client_update", stopping)
+    monkeypatch.setattr(fl_baselines, "CENTRAL_SAVE_EVERY_S", 0.0)  # save after every epoch
+    monkeypatch.setattr("plait.experiment.progress.PLAIN_EVERY_S", 0.0)  # and say so in the log at each
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    try:
+        with pytest.raises(Stop):
+            run_baselines(server, 8, summary.run_dir, None, show_progress=True)
+        assert "baselines: one model on all the data (4 epochs) 2/4" in capsys.readouterr().out
+        calls.clear()
+        resumed = run_baselines(server, 8, summary.run_dir, expected["fl_accuracy"], show_progress=True)
+    finally:
+        server.close()
+    union = sum(server.data.num_examples(cid) for cid in range(server.data.num_clients))
+    assert calls == [union] * 2  # epochs 3 and 4 only, on all the data
+    assert resumed["central_accuracy"] == expected["central_accuracy"]  # the same bits as the run that never stopped
+    assert resumed == expected and not (summary.run_dir / CENTRAL_CHECKPOINT).exists()
+    out = capsys.readouterr().out
+    assert "one model on all the data (4 epochs) 4/4" in out and "each client alone (4 epochs) 6/6" in out
 
 
 class NoAccuracy(Task):

@@ -1,5 +1,6 @@
-"""Progress over rounds or steps: a live rich bar on a terminal; elsewhere (logs, CI, a benchmark's pipe) one plain
-line when the work ends, and rich is not imported at all: 15-20 ms of a simulation's start-up (issue 13)."""
+"""Progress over rounds or steps: a live rich bar on a terminal; elsewhere (logs, CI, a benchmark's pipe) a plain
+line at most every PLAIN_EVERY_S while the work goes on and one when it ends, and rich is not imported at all: 15-20
+ms of a simulation's start-up (issue 13)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+PLAIN_EVERY_S = 60.0  # a log's line while long work goes on (a baseline's hour would otherwise say nothing)
+
 
 class _Bar:
-    def __init__(self, progress: Any, task: Any, total: int, done: int = 0):
+    def __init__(self, progress: Any, task: Any, total: int, done: int = 0, plain: str | None = None):
         self._progress, self._task, self.total = progress, task, total
         self.done, self.status = done, ""
+        self._plain, self._started = plain, time.monotonic()  # plain: the description of a bar printed as lines
+        self._printed = self._started
 
     def advance(self, done: int, status: str = "") -> None:
         self.done, self.status = done, status
         if self._progress is not None:
             self._progress.update(self._task, completed=done, status=status)
+        elif self._plain is not None and time.monotonic() - self._printed >= PLAIN_EVERY_S:
+            self._printed = time.monotonic()
+            print(self.line(), flush=True)
+
+    def line(self) -> str:
+        elapsed = datetime.timedelta(seconds=round(time.monotonic() - self._started))
+        return f"{self._plain} {self.done}/{self.total} in {elapsed}" + (f", {self.status}" if self.status else "")
 
 
 @contextmanager
@@ -28,14 +40,11 @@ def progress_bar(description: str, total: int, start: int = 0, enabled: bool = T
         yield _Bar(None, None, total)
         return
     if not sys.stdout.isatty():  # a live bar would print only its last state anyway
-        started = time.monotonic()
-        bar = _Bar(None, None, total, start)
+        bar = _Bar(None, None, total, start, plain=description)
         try:
             yield bar
         finally:
-            elapsed = datetime.timedelta(seconds=round(time.monotonic() - started))
-            print(f"{description} {bar.done}/{total} in {elapsed}" + (f", {bar.status}" if bar.status else ""),
-                  flush=True)
+            print(bar.line(), flush=True)
         return
     from rich.progress import (
         BarColumn,

@@ -14,7 +14,7 @@ benchmark's reference run prints `benchmark_line(name, against_baselines(server,
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -66,14 +66,19 @@ def check_baselines(server: FederatedServer) -> None:
                          f"none (it reports {sorted(first)})")
 
 
+def accuracy_of(server: FederatedServer, params: torch.Tensor,
+                local: tuple[torch.Tensor, FlatSpec] | None) -> float:
+    """Test accuracy of weights `params` with own buffers `local` (when the run keeps them per client)."""
+    test_x, test_y = server.data.test_x, server.data.test_y
+    return evaluate(server.model, server.spec, params, test_x, test_y, task=server.task, local=local)["accuracy"]
+
+
 def _trained_accuracy(server: FederatedServer, start: torch.Tensor, update: Update,
                       local: tuple[torch.Tensor, FlatSpec] | None) -> float:
     """Test accuracy of `start` plus the update, with the buffers the training left (when they are its own)."""
     if local is not None and update.local_buffers is not None:
         local = (update.local_buffers, local[1])
-    params = start + update.delta
-    test_x, test_y = server.data.test_x, server.data.test_y
-    return evaluate(server.model, server.spec, params, test_x, test_y, task=server.task, local=local)["accuracy"]
+    return accuracy_of(server, start + update.delta, local)
 
 
 def local_accuracies(server: FederatedServer, rounds: int, skip: Collection[int] = ()) -> Iterator[tuple[int, float]]:
@@ -104,13 +109,40 @@ def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
     return local_summary(accuracies, equivalent_epochs(server, rounds))
 
 
-def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
-    epochs = equivalent_epochs(server, rounds)
+def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | None = None,
+                  buffers: torch.Tensor | None = None, done: int = 0,
+                  after_epoch: Callable[[int, torch.Tensor, torch.Tensor | None], object] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One model on the union of the clients' data at the run's compute: its (weights, own buffers) trained an
+    epoch at a time after the first `done` (from `params` and, with fl.buffers = "local", its own `buffers`; by
+    default the run's initial ones), `after_epoch(epochs done, weights, buffers)` called after each. Each epoch
+    shuffles with its own seed, so a caller that saves them and starts again at an epoch gets the same bits as one
+    that never stopped (an hour of a CNN's epochs is not lost whole to a stop). The plan's momentum starts afresh
+    each epoch, as it would after such a stop."""
+    initial = _local_buffers(server)
     union = concat_labelled([Labelled(*server.data.client_train(cid)) for cid in range(server.data.num_clients)])
-    plan = baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE))
-    start, local = server.initial_params, _local_buffers(server)
-    update = client_update(server.model, server.spec, start, ClientData(union.x, union.y), plan, server.task, local)
-    return {"central_epochs": epochs, "central_accuracy": _trained_accuracy(server, start, update, local)}
+    data = ClientData(union.x, union.y)
+    if params is None:
+        params, buffers = server.initial_params, initial[0] if initial is not None else None
+    for epoch in range(done, equivalent_epochs(server, rounds)):
+        plan = replace(baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE, epoch)), epochs=1)
+        local = (buffers, initial[1]) if initial is not None and buffers is not None else None
+        update = client_update(server.model, server.spec, params, data, plan, server.task, local)
+        params, buffers = params + update.delta, update.local_buffers
+        if after_epoch is not None:
+            after_epoch(epoch + 1, params, buffers)
+    return params, buffers
+
+
+def central_accuracy(server: FederatedServer, params: torch.Tensor, buffers: torch.Tensor | None) -> float:
+    """Test accuracy of the central model's weights `params` and own `buffers` (central_model's)."""
+    initial = _local_buffers(server)
+    return accuracy_of(server, params, (buffers, initial[1]) if initial is not None and buffers is not None else None)
+
+
+def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
+    return {"central_epochs": equivalent_epochs(server, rounds),
+            "central_accuracy": central_accuracy(server, *central_model(server, rounds))}
 
 
 def compared(fl_accuracy: float | None, baselines: dict[str, float]) -> dict[str, float]:

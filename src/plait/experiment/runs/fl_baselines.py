@@ -7,6 +7,8 @@ second. Written to the run directory:
                      each client; measuring them can take as long as the run did, so `--resume` goes on from the
                      lines there (those of another setting, `fingerprint`: more rounds, another plan or seed, are
                      measured again)
+    baselines_central.pt  the one model on all the data after its last saved epoch (at most every 30 s), which
+                     `--resume` goes on from; deleted once its result is in baselines.jsonl
     baselines.json   the summary: local_accuracy_mean / _p10 / _p90, central_accuracy, and, when the run evaluated
                      the test set, fl_accuracy (its last test accuracy), beats_local_by (FL minus the clients' mean)
                      and short_of_central_by (one model on all the data minus FL; negative when FL ends above it)
@@ -19,25 +21,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from plait.experiment.progress import progress_bar
 from plait.federated.baselines import (
     baseline_plan,
-    centralised,
+    central_accuracy,
+    central_model,
     compared,
     equivalent_epochs,
     local_accuracies,
     local_summary,
 )
 from plait.federated.server import FederatedServer
-from plait.runtime.checkpoint import atomic_write_bytes
+from plait.runtime.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from plait.runtime.metrics_log import MetricsLog, last_number, read_metrics
 
 RESULTS_FILE = "baselines.jsonl"
 SUMMARY_FILE = "baselines.json"
+CENTRAL_CHECKPOINT = "baselines_central.pt"  # the central model between epochs, until its result is written
+CENTRAL_SAVE_EVERY_S = 30.0  # at most this much of the central model's training lost to a stop (a save per epoch of
+                             # a small model would cost more than its epoch)
 
 
 def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accuracy: float | None,
@@ -52,24 +61,44 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     alone = {int(r["client"]): float(r["accuracy"]) for r in known
              if r.get("baseline") == "local" and 0 <= r.get("client", -1) < server.data.num_clients}
     central = next((float(r["accuracy"]) for r in known if r.get("baseline") == "central"), None)
-    total = server.data.num_clients + 1
-    with MetricsLog(path) as results, \
-            progress_bar(f"baselines ({epochs} epochs)", total, len(alone) + (central is not None),
-                         show_progress) as bar:
-        if central is None:  # first: one measurement a stop would lose whole, then the clients one by one
-            central = centralised(server, rounds)["central_accuracy"]
+    with MetricsLog(path) as results:
+        if central is None:  # first, the one long measurement, from its last saved epoch
+            central = _central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress)
             results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
-            bar.advance(len(alone) + 1)
-        for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
-            alone[cid] = accuracy
-            results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy,
-                           "setting": setting})
-            bar.advance(len(alone) + 1)
+            (Path(run_path) / CENTRAL_CHECKPOINT).unlink(missing_ok=True)
+        with progress_bar(f"baselines: each client alone ({epochs} epochs)", server.data.num_clients, len(alone),
+                          show_progress) as bar:
+            for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
+                alone[cid] = accuracy
+                results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy,
+                               "setting": setting})
+                bar.advance(len(alone))
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
                                      "central_epochs": epochs, "central_accuracy": central})
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(Path(run_path) / SUMMARY_FILE, lambda f: f.write(text))
     return summary
+
+
+def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: str, show_progress: bool) -> float:
+    """One model on all the data, its epochs saved to `checkpoint` as they pass (at most every CENTRAL_SAVE_EVERY_S)
+    and resumed from there when it holds this setting's; its test accuracy."""
+    saved = load_checkpoint(checkpoint) if checkpoint.exists() else {}
+    if saved.get("setting") != setting:
+        saved = {"epochs": 0}
+    epochs, last_save = equivalent_epochs(server, rounds), time.monotonic()
+    with progress_bar(f"baselines: one model on all the data ({epochs} epochs)", epochs, saved["epochs"],
+                      show_progress) as bar:
+        def after_epoch(done: int, params: torch.Tensor, buffers: torch.Tensor | None) -> None:
+            nonlocal last_save
+            bar.advance(done)
+            if done < epochs and time.monotonic() - last_save >= CENTRAL_SAVE_EVERY_S:
+                save_checkpoint(checkpoint, {"setting": setting, "epochs": done, "params": params, "buffers": buffers})
+                last_save = time.monotonic()
+
+        trained = central_model(server, rounds, saved.get("params"), saved.get("buffers"), saved["epochs"],
+                                after_epoch)
+    return central_accuracy(server, *trained)
 
 
 def fingerprint(server: FederatedServer, rounds: int) -> str:
