@@ -214,7 +214,7 @@ def main() -> None:
         for _, each in tried:
             each.close()  # a worker pool's processes
         lines.append(_table_row(name, best, max_rounds, extra, args.eval_every))
-        _plot(out / f"{name}.png", [(f"lr {o.lr}", o.curve) for o, _ in tried], ROWS[name]["target"], name)
+        _plot(out / f"{name}.png", [(f"lr {o.lr}", o.curve) for o, _ in tried], ROWS[name]["target"], name, extra)
         ratio = round(rounds / paper, 3) if paper else None
         print(json.dumps({"benchmark": "fedavg_paper", "metric": f"rounds_to_target_{name}", "plait": best.rounds,
                           "reference": paper, "ratio": ratio, "goal": "within 30% of the paper or read",
@@ -228,13 +228,15 @@ def main() -> None:
                       "reference": paper, "ratio": ratio, "goal": "within 30% of the paper or read"}))
 
 
-def _plot(path: Path, lines, target: float, title: str) -> None:
-    from plait.experiment.plots import Figure, save_figure
+def _plot(path: Path, lines, target: float, title: str, baselines: dict) -> None:
+    from plait.experiment.plots import Figure, mark_baselines, save_figure
 
     lines = [(label, [(x, 100 * y) for x, y in points]) for label, points in lines if points]
     if lines:
-        save_figure(path, Figure(f"{title}: test accuracy against rounds", "round", "test accuracy (%)", lines,
-                                 hlines=[(100 * target, f"target {target:.0%}")] if target else []))
+        figure = Figure(f"{title}: test accuracy against rounds", "round", "test accuracy (%)", lines,
+                        hlines=[(100 * target, f"target {target:.0%}")] if target else [])
+        mark_baselines(figure, baselines)
+        save_figure(path, figure)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,25 @@ def test_a_five_round_run_draws_every_figure_with_titles_units_and_integer_round
     assert "accuracy (%)" in accuracy and "test (last 75)" in accuracy and "federated (last 70)" in accuracy
 
 
+def test_a_run_with_baselines_draws_them_beside_its_accuracy(tmp_path):
+    run = write_run(tmp_path / "fl5", five_rounds(old_names=False), DP_CONFIG)
+    (run / "baselines.json").write_text(json.dumps({
+        "local_epochs": 2, "local_accuracy_mean": 0.4, "local_accuracy_p10": 0.3, "local_accuracy_p90": 0.55,
+        "central_epochs": 2, "central_accuracy": 0.9, "fl_accuracy": 0.75}))
+    accuracy = run_figures("fl5", canonical_records(five_rounds(old_names=False), FEDERATED), DP_CONFIG,
+                           json.loads((run / "baselines.json").read_text()))["accuracy"]
+    assert accuracy.hlines == [(90.0, "one model on all the data, 2 epochs (90)"),
+                               (40.0, "each client alone, 2 epochs, mean (40)")]
+    assert accuracy.bands == [(30.0, pytest.approx(55.0), "each client alone, p10-p90")]
+    plot_run(run)
+    drawn = svg_text(run / "plots" / "accuracy.png")
+    assert {"one model on all the data, 2 epochs (90)", "each client alone, 2 epochs, mean (40)",
+            "each client alone, p10-p90"} <= set(drawn)
+    (run / "baselines.json").write_text("{not json")  # a cut file: the figure is drawn without them
+    plot_run(run)
+    assert "each client alone, 2 epochs, mean (40)" not in svg_text(run / "plots" / "accuracy.png")
+
+
 def test_old_and_new_metric_names_draw_the_same_figures(tmp_path):
     old = run_figures("r", canonical_records(five_rounds(old_names=True), FEDERATED), DP_CONFIG)
     new = run_figures("r", canonical_records(five_rounds(old_names=False), FEDERATED), DP_CONFIG)

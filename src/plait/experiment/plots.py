@@ -1,6 +1,7 @@
 """The figures of one run, as PNG and SVG in RUN/plots: what a paper shows, with titles, units and integer rounds.
 
-    accuracy           test (and federated) accuracy in %, against the round or step
+    accuracy           test (and federated) accuracy in %, against the round or step; with fl.baselines, one
+                       model on all the data and each client alone (mean, p10-p90 band) beside it
     loss               training, test and federated loss on one figure
     accuracy_vs_mb     test accuracy against the MB uploaded so far (the figure of communication-efficient FL)
     accuracy_vs_time   test accuracy against elapsed seconds
@@ -15,6 +16,7 @@ Records are read under their canonical names (`metric_names.py`), so old run dir
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import ConfigError, load_toml
 
 X_KEYS = ("round", "step", "clock")
+HLINE_COLOURS = ("tab:red", "tab:purple", "tab:brown")  # a dashed line's colour, in the order they are added
 RECORD_AXIS = "record"  # the axis of a log with no round/step/clock key: the record number
 Point = tuple[float, float]
 
@@ -40,6 +43,7 @@ class Figure:
     integer_y: bool = False
     x_range: tuple[float, float] | None = None  # the run's whole axis, so a lone point is not drawn alone
     hlines: list[tuple[float, str]] = field(default_factory=list)   # (y, label), dashed: e.g. the ε budget
+    bands: list[tuple[float, float, str]] = field(default_factory=list)  # (low, high, label), shaded: a spread
     annotate_last: bool = False                 # each line's last value in its legend entry
     legend: bool | None = None                  # None: when more than one line
 
@@ -93,8 +97,34 @@ def privacy_settings(config: dict[str, Any]) -> tuple[float | None, float | None
     return delta, budget if budget else None
 
 
-def run_figures(name: str, records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Figure]:
-    """The figures a run's records support, by file stem; a figure with no data is left out."""
+def read_baselines(run_dir: Path) -> dict[str, Any]:
+    """A run's baselines.json (fl.baselines), or {} when it has none or it cannot be read."""
+    try:
+        summary = json.loads((run_dir / "baselines.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def mark_baselines(figure: Figure, baselines: dict[str, Any]) -> None:
+    """Draw a run's baselines on an accuracy figure (in %): one model on all the data and each client alone (their
+    mean, and their 10th-90th percentile as a band), each at the run's compute."""
+    central, mean = number(baselines.get("central_accuracy")), number(baselines.get("local_accuracy_mean"))
+    low, high = number(baselines.get("local_accuracy_p10")), number(baselines.get("local_accuracy_p90"))
+    epochs = number(baselines.get("central_epochs"))
+    at = f", {epochs:g} epochs" if epochs is not None else ""
+    if central is not None:
+        figure.hlines.append((100 * central, f"one model on all the data{at} ({100 * central:.4g})"))
+    if mean is not None:
+        figure.hlines.append((100 * mean, f"each client alone{at}, mean ({100 * mean:.4g})"))
+    if low is not None and high is not None:
+        figure.bands.append((100 * low, 100 * high, "each client alone, p10-p90"))
+
+
+def run_figures(name: str, records: list[dict[str, Any]], config: dict[str, Any],
+                baselines: dict[str, Any] | None = None) -> dict[str, Figure]:
+    """The figures a run's records support, by file stem; a figure with no data is left out. `baselines` (a run's
+    baselines.json) are drawn on the accuracy figure."""
     x_key = x_key_of(records)
     xs = [x for _, x in series(records, x_key, x_key)] if x_key != RECORD_AXIS else [1, len(records)]
     x_range = (min(xs), max(xs)) if xs else None
@@ -115,6 +145,8 @@ def run_figures(name: str, records: list[dict[str, Any]], config: dict[str, Any]
                               integer_y=True, legend=True),
         "throughput": by_x("throughput", METRICS["samples_per_s"].label, [("samples_per_s", "samples/s")]),
     }
+    if baselines and figures["accuracy"].lines:
+        mark_baselines(figures["accuracy"], baselines)
     delta, budget = privacy_settings(config)
     epsilon = by_x("privacy spent" + (f" (δ = {delta:g})" if delta else ""), "ε", [("epsilon", "ε")])
     if epsilon.lines and budget:
@@ -148,7 +180,7 @@ def plot_run(run_dir: str | Path, only: tuple[str, ...] | None = None) -> list[P
         raise ValueError(f"metrics in {run_dir} have none of the axis keys {X_KEYS}")
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
-    figures = run_figures(run_dir.name, records, config)
+    figures = run_figures(run_dir.name, records, config, read_baselines(run_dir))
     stems = [stem for stem in only if stem in figures] if only is not None else list(figures)
     return [save_figure(out_dir / f"{stem}.png", figures[stem]) for stem in stems]
 
@@ -169,8 +201,10 @@ def save_figure(path: Path, figure: Figure, *, figsize: tuple[float, float] = (6
         if figure.annotate_last:  # in the legend: a label beside the point would clip or overlap another
             label = f"{label} (last {ys[-1]:.4g})"
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < markers_below else None, markersize=4)
-    for y, label in figure.hlines:
-        ax.axhline(y, linestyle="--", color="tab:red", linewidth=1, label=label)
+    for (y, label), colour in zip(figure.hlines, HLINE_COLOURS * len(figure.hlines)):
+        ax.axhline(y, linestyle="--", color=colour, linewidth=1, label=label)
+    for low, high, label in figure.bands:
+        ax.axhspan(low, high, color="tab:gray", alpha=0.15, linewidth=0, label=label)
     if figure.integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if figure.integer_y:
