@@ -181,6 +181,17 @@ def test_resume_with_error_feedback_is_exact(tmp_path):
     # the resumed log's clock goes on from round 1's, so elapsed_s stays the run's training time
     elapsed = [json.loads(line)["elapsed_s"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert elapsed[0] == 1000.0 and 1000.0 < elapsed[1] < elapsed[2] < 1000.0 + 120
+    # the run directory's config is the one the run went on with (1 round when it stopped, 3 in all)
+    assert load_toml(resumed.run_dir / "config.toml")["fl"]["rounds"] == 3
+
+
+def test_resuming_a_finished_run_reports_its_last_round(tmp_path):
+    path = _write(tmp_path, "done", rounds=2, extra="")
+    done = run_federated(from_dict(FederatedRunConfig, load_toml(path)), show_progress=False)
+    again = run_federated(from_dict(FederatedRunConfig, load_toml(path)), resume=True, show_progress=False)
+    assert done.final["round"] == 2 and again.rounds == 2
+    assert {k: v for k, v in again.final.items() if k != "time"} == {k: v for k, v in done.final.items() if k != "time"}
+    assert _rounds(again.run_dir) == [1, 2]  # nothing ran again
 
 
 def test_train_dispatch_follows_set_overrides(tmp_path):

@@ -116,8 +116,7 @@ def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
             if restarts > 0 and not resuming and run.metrics_path.exists():
                 run.metrics_path.unlink()  # died before the first checkpoint: start over
             run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
-            if not resuming:
-                run.write_config(config)
+            run.write_config(config)  # a resume's too: the settings the run goes on with
             status[:] = torch.tensor([1, int(resuming)], device=device)
         except (FileExistsError, FileNotFoundError, OSError) as err:
             error = str(err)

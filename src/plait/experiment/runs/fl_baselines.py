@@ -7,7 +7,7 @@ second. Written to the run directory:
                      each client; measuring them can take as long as the run did, so `--resume` goes on from the
                      lines there (those of another setting, `fingerprint`: more rounds, another plan or seed, are
                      measured again)
-    baselines_central.pt  the one model on all the data after its last saved epoch (at most every 30 s), which
+    baselines_central.pt  the one model on all the data after its last saved epoch (CENTRAL_SAVE_EVERY_S), which
                      `--resume` goes on from; deleted once its result is in baselines.jsonl
     baselines.json   the summary: local_accuracy_mean / _p10 / _p90, central_accuracy, and, when the run evaluated
                      the test set, fl_accuracy (its last test accuracy), beats_local_by (FL minus the clients' mean)
@@ -45,8 +45,9 @@ from plait.runtime.metrics_log import MetricsLog, last_number, read_metrics
 RESULTS_FILE = "baselines.jsonl"
 SUMMARY_FILE = "baselines.json"
 CENTRAL_CHECKPOINT = "baselines_central.pt"  # the central model between epochs, until its result is written
-CENTRAL_SAVE_EVERY_S = 30.0  # at most this much of the central model's training lost to a stop (a save per epoch of
-                             # a small model would cost more than its epoch)
+CENTRAL_SAVE_EVERY_S = 30.0  # saved after an epoch once this long has passed since the last save: a stop loses the
+                             # epoch under way and at most this before it (a save after each of a small model's
+                             # epochs would cost more than the epoch)
 
 
 def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accuracy: float | None,
@@ -81,8 +82,8 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
 
 
 def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: str, show_progress: bool) -> float:
-    """One model on all the data, its epochs saved to `checkpoint` as they pass (at most every CENTRAL_SAVE_EVERY_S)
-    and resumed from there when it holds this setting's; its test accuracy."""
+    """One model on all the data, saved to `checkpoint` after an epoch once CENTRAL_SAVE_EVERY_S have passed since
+    the last save, and resumed from there when it holds this setting's; its test accuracy."""
     saved = load_checkpoint(checkpoint) if checkpoint.exists() else {}
     if saved.get("setting") != setting:
         saved = {"epochs": 0}

@@ -15,6 +15,7 @@ import torch
 from plait.experiment.run import Run
 from plait.federated.round_loop import ServerState
 from plait.runtime.divergence import Diverged
+from plait.runtime.metrics_log import read_metrics
 
 OnRecord = Callable[[ServerState, dict[str, Any]], None]
 
@@ -72,4 +73,6 @@ def drive_rounds(rounds: Rounds, run: Run, *, on_record: OnRecord | None = None
         run.progress(state.round, f"acc {accuracy:.4f}" if accuracy is not None else "")
         if record.get("stop"):  # e.g. the privacy budget is spent: no further round may release anything
             break
+    if not last and state.round:  # a resumed run with no round left: its last round's record, as the log holds it
+        last = next((r for r in reversed(read_metrics(run.run_dir.metrics_path)) if r.get("round") == state.round), {})
     return state, last

@@ -56,8 +56,7 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
             check_baselines(server)  # a task without accuracy, no test set: before the rounds, not after them
         if writes:
             run_dir = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
-            if not resume:
-                run_dir.write_config(config)
+            run_dir.write_config(config)  # a resume's too: the settings the run goes on with (say, more rounds)
         else:  # rank 0's run directory, on a file system every rank reads: its checkpoint is where all resume
             run_dir = RunDir(Path(config.run.root) / config.run.name)
         with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,

@@ -58,8 +58,7 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     if allreduce not in (None, "native"):
         warnings.warn(f"--allreduce {allreduce} is ignored: pipeline replicas average gradients with the backend's "
                       "native all-reduce", stacklevel=2)
-    if not resume:
-        run.write_config(config)
+    run.write_config(config)  # a resume's too: the settings the run goes on with
     schedule = build_schedule(config.parallel.schedule, config.parallel.stages,  # both counts set by the section
                               config.parallel.micro_batches or 1, config.parallel.chunks_per_rank or 1)
     console.print(str(schedule), markup=False, highlight=False)
@@ -102,7 +101,7 @@ def prepare_under_torchrun(config: PipelineRunConfig, resume: bool) -> tuple[Run
 
     A group that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes by itself when any rank holds a
     checkpoint, and starts over when none does (it died before its first). The resolved config goes into every
-    run directory that has none."""
+    run directory that has none, and rank 0's on `--resume` (the settings the run goes on with)."""
     device = rank_device()  # where a tensor for a collective lives: the GPU under NCCL, the CPU under gloo
     restarts = int(group_restarted())
     run = RunDir(Path(config.run.root) / config.run.name)
@@ -124,6 +123,7 @@ def prepare_under_torchrun(config: PipelineRunConfig, resume: bool) -> tuple[Run
     if status[0]:
         raise RuntimeError(error or "rank 0 could not prepare the run directory")
     run.path.mkdir(parents=True, exist_ok=True)  # on every node: each rank writes its own files there
-    if not run.config_path.exists():  # a node that never held this run
+    # a node that never held this run gets the config; rank 0 writes a resume's (the settings it goes on with)
+    if not run.config_path.exists() or (resume and dist.get_rank() == 0):
         run.write_config(config)
     return run, resuming
