@@ -20,3 +20,10 @@ def test_version_and_exit_codes(tmp_path):
     bad.write_text("[fl]\nrounds = 0\n")
     result = _plait("run", str(bad))
     assert result.returncode == 2 and "fl.rounds must be >= 1" in result.stderr
+
+
+def test_a_long_line_stays_one_line_off_a_terminal():
+    code = ("from plait.cli.output import say; say('baselines at 2 epochs: ' + 'word ' * 40 + '[bold]end[/]'); "
+            "say('two words')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.splitlines() == ["baselines at 2 epochs: " + "word " * 40 + "end", "two words"]  # not cut at 80

@@ -74,6 +74,21 @@ def test_killed_run_resumes_without_losing_or_repeating_a_round(tmp_path):
     assert torch.allclose(params, ref_params, atol=1e-6)
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
+    config_path, run_dir = _write(tmp_path, rounds=200), tmp_path / "runs" / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "plait.cli", "run", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").exists() and _rounds(run_dir)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "error: interrupted (the same command with --resume goes on from the last checkpoint)"
+    assert 1 <= len(_rounds(run_dir)) < 200
+
+
 def test_unknown_config_key_fails_at_start_naming_it(tmp_path):
     path = _write(tmp_path, extra="lrr = 0.1\n")  # lands in [fl.plan]
     result = run_plait("run", str(path))

@@ -26,7 +26,8 @@ from plait.runtime.divergence import Diverged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 DEMO_CONFIG = Path(__file__).parents[1] / "demo.toml"
-EXIT_CODES = "Exit codes: 0 done, 1 the run failed, 2 bad usage or config (errors go to stderr)."
+EXIT_CODES = ("Exit codes: 0 done, 1 the run failed, 2 bad usage or config (errors go to stderr), 130 interrupted "
+              "(Ctrl-C).")
 
 
 def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: bool = False) -> None:
@@ -185,4 +186,8 @@ def app(argv: list[str] | None = None) -> None:
     and run the sub-command. A failure exits through SystemExit with the code EXIT_CODES gives."""
     args = parser().parse_args(argv)
     cap_malloc_arenas()  # before any thread allocates (cli/startup.py)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:  # a stop the user asked for: one line, not a traceback; what was saved stays saved
+        again = " (the same command with --resume goes on from the last checkpoint)" if "resume" in args else ""
+        fail(f"interrupted{again}", code=130)

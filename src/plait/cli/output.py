@@ -7,6 +7,7 @@ when it ends, so its 40 ms of imports stay out of the start-up (benchmarks/RESUL
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import TYPE_CHECKING, NoReturn
 
@@ -20,7 +21,8 @@ def console(stderr: bool = False) -> Console:
     caller that redirects them (a test) sees the output."""
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=stderr)
+    # soft wrap (lines as they are) for errors and off a terminal: a log's line is not cut at 80 columns
+    return Console(stderr=stderr, soft_wrap=stderr or not (sys.stderr if stderr else sys.stdout).isatty())
 
 
 def say(text: str, stderr: bool = False) -> None:

@@ -1,6 +1,6 @@
-"""Progress over rounds or steps: a live rich bar on a terminal; elsewhere (logs, CI, a benchmark's pipe) a plain
-line at most every PLAIN_EVERY_S while the work goes on and one when it ends, and rich is not imported at all: 15-20
-ms of a simulation's start-up (issue 13)."""
+"""Progress over rounds or steps: a live rich bar on a terminal; elsewhere (logs, CI, a benchmark's pipe) plain
+lines: where resumed work goes on from, one at most every PLAIN_EVERY_S while it goes on and one when it ends (unless
+the last said the same), and rich is not imported at all: 15-20 ms of a simulation's start-up (issue 13)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,21 @@ class _Bar:
         self._progress, self._task, self.total = progress, task, total
         self.done, self.status = done, ""
         self._plain, self._started = plain, time.monotonic()  # plain: the description of a bar printed as lines
-        self._printed = self._started
+        self._printed, self._printed_done = self._started, done
+        if plain is not None and done:  # a resumed run's work: say where it goes on from
+            print(f"{plain}: going on from {done}/{total}", flush=True)
 
     def advance(self, done: int, status: str = "") -> None:
         self.done, self.status = done, status
         if self._progress is not None:
             self._progress.update(self._task, completed=done, status=status)
         elif self._plain is not None and time.monotonic() - self._printed >= PLAIN_EVERY_S:
-            self._printed = time.monotonic()
+            self._printed, self._printed_done = time.monotonic(), done
+            print(self.line(), flush=True)
+
+    def finish(self) -> None:
+        """The last line of a bar printed as lines, unless the last periodic one said the same."""
+        if self._plain is not None and (self.done != self._printed_done or self._printed == self._started):
             print(self.line(), flush=True)
 
     def line(self) -> str:
@@ -44,7 +51,7 @@ def progress_bar(description: str, total: int, start: int = 0, enabled: bool = T
         try:
             yield bar
         finally:
-            print(bar.line(), flush=True)
+            bar.finish()
         return
     from rich.progress import (
         BarColumn,
