@@ -69,13 +69,14 @@ def check_model_fits(model: nn.Module, x: Inputs, y: torch.Tensor, num_classes: 
         model.train(was_training)
     if classification and isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and num_classes > outputs.shape[1]:
         raise ValueError(f"{setting}: the data's labels go up to {num_classes - 1} but the model has "
-                         f"{outputs.shape[1]} outputs")
+                         f"{outputs.shape[1]} outputs (give its last layer {num_classes}, one per class)")
     try:
         with torch.no_grad():
             loss(outputs, sample_y)
     except Exception as err:
-        raise ValueError(f"{setting}: the model's output does not fit the task's loss on a sample "
-                         f"({type(err).__name__}: {err})") from err
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise ValueError(f"{setting}: the model's output does not fit the task's loss on a sample: output {shape}, "
+                         f"targets {tuple(sample_y.shape)} {sample_y.dtype} ({type(err).__name__}: {err})") from err
 
 
 def check_targets(task: str, targets: torch.Tensor, where: str) -> None:

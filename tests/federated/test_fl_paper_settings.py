@@ -63,6 +63,7 @@ def test_settings_are_checked():
 def test_baselines_train_each_client_alone_and_one_model_on_all(tmp_path):
     server = build_server(from_dict(FederatedRunConfig, shapes_config(tmp_path, rounds=10)))
     assert equivalent_epochs(server, 10) == 5  # 10 rounds · C 0.5 · E 1
+    assert [equivalent_epochs(server, r) for r in (1, 3, 5, 7)] == [1, 2, 3, 4]  # 0.5, 1.5, 2.5, 3.5: a half up
     alone, together = local_only(server, 10), centralised(server, 10)
     assert 0 <= alone["local_accuracy_p10"] <= alone["local_accuracy_mean"] <= alone["local_accuracy_p90"] <= 1
     assert together["central_accuracy"] > 0.9  # the shapes are easy with all the data

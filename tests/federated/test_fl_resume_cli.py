@@ -92,8 +92,13 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
 def test_unknown_config_key_fails_at_start_naming_it(tmp_path):
     path = _write(tmp_path, extra="lrr = 0.1\n")  # lands in [fl.plan]
     result = run_plait("run", str(path))
-    assert result.exit_code == 2 and "fl.plan.lrr" in result.output
+    assert result.exit_code == 2 and "fl.plan.lrr" in result.output and "did you mean 'fl.plan.lr'?" in result.output
     assert not (tmp_path / "runs" / "r" / "metrics.jsonl").exists()
+
+
+def test_a_check_that_names_its_key_is_not_prefixed_again(tmp_path):
+    result = run_plait("run", str(_write(tmp_path)), "--set", 'fl.task="regresion"')
+    assert result.exit_code == 2 and "error: fl.task = 'regresion'" in result.output and "fl: fl." not in result.output
 
 
 def test_wrong_type_and_bad_value_are_named(tmp_path):
@@ -214,3 +219,13 @@ def test_train_dispatch_follows_set_overrides(tmp_path):
     config.write_text("[parallel]\nmode = 'data'\n")
     result = run_plait("train", str(config), "--set", "parallel=3")
     assert result.exit_code == 2 and "'parallel' must be a table" in result.output
+
+
+def test_an_override_under_a_shorthand_says_how_to_set_it(tmp_path):
+    from plait.settings.config import ConfigError, apply_overrides
+
+    said = r"model is 'pkg:make' here, not a table: override it whole \(--set model=\.\.\.\)"
+    with pytest.raises(ConfigError, match=said):
+        apply_overrides({"model": "pkg:make"}, ["model.factory=other:make"])
+    assert apply_overrides({"model": "pkg:make"}, ["model='other:make'"]) == {"model": "other:make"}
+    assert apply_overrides({}, ["fl.plan.lr=0.2"]) == {"fl": {"plan": {"lr": 0.2}}}

@@ -14,6 +14,7 @@ benchmark's reference run prints `benchmark_line(name, against_baselines(server,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 
@@ -35,9 +36,10 @@ CLIENTS_AT_ONCE = 16  # clients handed to the executor together, their updates h
 
 
 def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
-    """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · C · E (at least 1)."""
+    """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · C · E, to the nearest whole
+    epoch (a half up: 2.5 is 3), at least 1."""
     cfg = server.config
-    return max(1, round(rounds * cfg.fraction * cfg.plan.epochs))
+    return max(1, math.floor(rounds * cfg.fraction * cfg.plan.epochs + 0.5 + 1e-9))
 
 
 def baseline_plan(server: FederatedServer, rounds: int, seed: int) -> TrainingPlan:
@@ -58,12 +60,14 @@ def check_baselines(server: FederatedServer) -> None:
     """Fail before a run whose baselines could not be scored: they compare test accuracy."""
     test_x, test_y = server.data.test_x, server.data.test_y
     if not len(test_y):
-        raise ValueError("fl.baselines compares test accuracy, and the data has no test set")
+        raise ValueError("fl.baselines compares test accuracy, and the data has no test set (give it one: test_x and "
+                         "test_y; or set fl.baselines = false)")
     first = evaluate(server.model, server.spec, server.initial_params, take(test_x, slice(0, 2)), test_y[:2],
                      task=server.task, local=_local_buffers(server))
     if "accuracy" not in first:
         raise ValueError(f"fl.baselines compares test accuracy, and the task ({type(server.task).__name__}) reports "
-                         f"none (it reports {sorted(first)})")
+                         f"none (it reports {sorted(first)}; set fl.baselines = false, or give the task an "
+                         "'accuracy' in its eval_sums)")
 
 
 def accuracy_of(server: FederatedServer, params: torch.Tensor,

@@ -107,7 +107,9 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f"model: the factory returned a {type(net).__name__}, not a torch.nn.Module")
     task = task or build_task(config.fl)
-    check_model_fits(task, net, *fed.client_train(0), fed.num_classes, "model")
+    which = ("the model passed to run_federated" if model is not None else f"model.factory = {config.model.factory!r}"
+             if config.model.factory else f"model.name = {config.model.name!r}")
+    check_model_fits(task, net, *fed.client_train(0), fed.num_classes, which)
     model, data = net, fed
     if config.fl.gossip.enabled:  # decentralised: no server, nodes average with their neighbours
         from plait.federated.gossip import GossipRunner

@@ -32,7 +32,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {name!r}; known keys here: {sorted(fields)}")
+        import difflib  # here: a run that starts without a typo does not pay for its import
+
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        meant = f"did you mean {(f'{where}.' if where else '') + close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown config key {name!r}; {meant}known keys here: {sorted(fields)}")
     values = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
@@ -42,7 +46,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from err
+        said = str(err)  # a check that names its key already ("fl.task = ...") is not prefixed with its table again
+        raise ConfigError(said if where and said.startswith(f"{where}.") else f"{where or 'config'}: {said}") from err
 
 
 def _convert(hint: Any, value: Any, name: str) -> Any:
@@ -162,9 +167,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = raw
         table = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            table = table.setdefault(part, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a table")
+        for depth, part in enumerate(parts[:-1]):
+            held = table.setdefault(part, {})
+            if not isinstance(held, dict):  # e.g. the shorthand `model = "pkg:make"` for `[model] factory = ...`
+                where = ".".join(parts[:depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is {held!r} here, not a table: override it whole "
+                                  f"(--set {where}=...) or write it as a [{where}] table in the config")
+            table = held
         table[parts[-1]] = value
     return data

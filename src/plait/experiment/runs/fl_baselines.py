@@ -67,7 +67,7 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
             central = _central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress)
             results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
             (Path(run_path) / CENTRAL_CHECKPOINT).unlink(missing_ok=True)
-        with progress_bar(f"baselines: each client alone ({epochs} epochs)", server.data.num_clients, len(alone),
+        with progress_bar(f"baselines: each client alone ({_epochs(epochs)})", server.data.num_clients, len(alone),
                           show_progress) as bar:
             for cid, accuracy in local_accuracies(server, rounds, skip=set(alone)):
                 alone[cid] = accuracy
@@ -88,7 +88,7 @@ def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: st
     if saved.get("setting") != setting:
         saved = {"epochs": 0}
     epochs, last_save = equivalent_epochs(server, rounds), time.monotonic()
-    with progress_bar(f"baselines: one model on all the data ({epochs} epochs)", epochs, saved["epochs"],
+    with progress_bar(f"baselines: one model on all the data ({_epochs(epochs)})", epochs, saved["epochs"],
                       show_progress) as bar:
         def after_epoch(done: int, params: torch.Tensor, buffers: torch.Tensor | None) -> None:
             nonlocal last_save
@@ -119,13 +119,17 @@ def describe(summary: dict[str, Any]) -> str:
     alone = (f"each client alone {summary['local_accuracy_mean']:.2%} (p10-p90 {summary['local_accuracy_p10']:.2%}-"
              f"{summary['local_accuracy_p90']:.2%})")
     central = f"one model on all the data {summary['central_accuracy']:.2%}"
-    head = f"baselines at {summary['local_epochs']} epochs"
+    head = f"baselines at {_epochs(summary['local_epochs'])}"
     if "fl_accuracy" not in summary:
         return f"{head}: {alone}; {central}"
     gap, beats = summary["short_of_central_by"], summary["beats_local_by"]
     verdict = f"beats {alone} by" if beats >= 0 else f"falls short of {alone} by"
     return (f"{head}: FL's {summary['fl_accuracy']:.2%} {verdict} {100 * abs(beats):.1f} points; {central}, "
             f"{100 * abs(gap):.1f} points {'above' if gap >= 0 else 'below'} FL's")
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
 
 
 def last_test_accuracy(metrics_path: Path) -> float | None:
