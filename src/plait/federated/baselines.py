@@ -128,6 +128,7 @@ def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | N
     data = ClientData(union.x, union.y)
     if params is None:
         params, buffers = server.initial_params, initial[0] if initial is not None else None
+    params = params.to(server.initial_params.device)  # weights saved by a stopped run come back on the CPU
     for epoch in range(done, equivalent_epochs(server, rounds)):
         plan = replace(baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE, epoch)), epochs=1)
         local = (buffers, initial[1]) if initial is not None and buffers is not None else None
