@@ -147,12 +147,28 @@ def test_the_central_model_started_again_at_an_epoch_gives_the_same_bits(tmp_pat
     server = build_server(from_dict(FederatedRunConfig, shapes_config(tmp_path, rounds=6, buffers=buffers)))
     assert equivalent_epochs(server, 6) == 3
     seen: dict[int, tuple] = {}
-    whole = central_model(server, 6, after_epoch=lambda done, params, own: seen.setdefault(done, (params, own)))
+    whole = central_model(server, 6, after_epoch=lambda done, params, own, loss: seen.setdefault(done, (params, own)))
     assert sorted(seen) == [1, 2, 3] and (whole[1] is None) == (buffers == "federated")
     again = central_model(server, 6, *seen[1], done=1)  # from the first epoch's weights, as after a stop
     assert torch.equal(again[0], whole[0]) and not torch.equal(seen[1][0], whole[0])
     if buffers == "local":
         assert torch.equal(again[1], whole[1]) and not torch.equal(seen[1][1], whole[1])
+
+
+def test_a_central_model_that_diverges_stops_and_says_at_which_epoch(tmp_path):
+    raw = shapes_config(tmp_path, rounds=8)
+    raw["fl"]["plan"] = {"batch_size": 16, "lr": 1e30}  # the first steps overflow: the weights become NaN
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    losses: list[float] = []
+    central_model(server, 8, after_epoch=lambda done, params, own, loss: losses.append(loss))
+    assert len(losses) == 1 and losses[0] != losses[0]  # one epoch, NaN: no further epoch ran
+    together = centralised(server, 8)
+    assert together["central_diverged_at_epoch"] == 1 and together["central_epochs"] == 4
+    summary = run_baselines(server, 8, tmp_path, 0.9, show_progress=False)
+    assert summary["central_diverged_at_epoch"] == 1
+    assert "(its training diverged at epoch 1)" in describe(summary)
+    central = json.loads((tmp_path / RESULTS_FILE).read_text().splitlines()[0])
+    assert central["diverged_at_epoch"] == 1 and central["train_loss"] is None  # NaN, as the log writes it
 
 
 class Stop(Exception):

@@ -115,11 +115,12 @@ def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
 
 def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | None = None,
                   buffers: torch.Tensor | None = None, done: int = 0,
-                  after_epoch: Callable[[int, torch.Tensor, torch.Tensor | None], object] | None = None,
+                  after_epoch: Callable[[int, torch.Tensor, torch.Tensor | None, float], object] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One model on the union of the clients' data at the run's compute: its (weights, own buffers) trained an
     epoch at a time after the first `done` (from `params` and, with fl.buffers = "local", its own `buffers`; by
-    default the run's initial ones), `after_epoch(epochs done, weights, buffers)` called after each. Each epoch
+    default the run's initial ones), `after_epoch(epochs done, weights, buffers, the epoch's mean training loss)`
+    called after each; an epoch whose loss is not finite (the model diverged) is the last. Each epoch
     shuffles with its own seed, so a caller that saves them and starts again at an epoch gets the same bits as one
     that never stopped (an hour of a CNN's epochs is not lost whole to a stop). The plan's momentum starts afresh
     each epoch, as it would after such a stop."""
@@ -134,8 +135,11 @@ def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | N
         local = (buffers, initial[1]) if initial is not None and buffers is not None else None
         update = client_update(server.model, server.spec, params, data, plan, server.task, local)
         params, buffers = params + update.delta, update.local_buffers
+        loss = update.metrics["train_loss"]
         if after_epoch is not None:
-            after_epoch(epoch + 1, params, buffers)
+            after_epoch(epoch + 1, params, buffers, loss)
+        if not math.isfinite(loss):  # NaN weights: further epochs change nothing
+            break
     return params, buffers
 
 
@@ -146,8 +150,13 @@ def central_accuracy(server: FederatedServer, params: torch.Tensor, buffers: tor
 
 
 def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
-    return {"central_epochs": equivalent_epochs(server, rounds),
-            "central_accuracy": central_accuracy(server, *central_model(server, rounds))}
+    """One model on all the data at `rounds` rounds' compute: its epochs, test accuracy, and the epoch at which its
+    training loss stopped being finite (`central_diverged_at_epoch`, when it did)."""
+    diverged: list[int] = []
+    trained = central_model(server, rounds, after_epoch=lambda done, params, buffers, loss: diverged.append(done)
+                            if not math.isfinite(loss) else None)
+    return {"central_epochs": equivalent_epochs(server, rounds), "central_accuracy": central_accuracy(server, *trained),
+            **({"central_diverged_at_epoch": diverged[0]} if diverged else {})}
 
 
 def compared(fl_accuracy: float | None, baselines: dict[str, float]) -> dict[str, float]:

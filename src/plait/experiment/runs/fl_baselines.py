@@ -3,15 +3,17 @@ the run's compute (federated/baselines.py), and by how much the run beats the fi
 second. Written to the run directory:
 
     baselines.jsonl  one line per result as soon as it is measured: {"baseline": "central", "epochs": 19,
-                     "accuracy": 0.986, "setting": ...} first, then {"baseline": "local", "client": 7, ...} for
-                     each client; measuring them can take as long as the run did, so `--resume` goes on from the
-                     lines there (those of another setting, `fingerprint`: more rounds, another plan or seed, are
-                     measured again)
+                     "accuracy": 0.986, "train_loss": 0.02, "setting": ...} first ("diverged_at_epoch": 7 when
+                     its training loss stopped being finite there: it stops), then {"baseline": "local", "client":
+                     7, ...} for each client; measuring them can take as long as the run did, so `--resume` goes
+                     on from the lines there (those of another setting, `fingerprint`: more rounds, another plan or
+                     seed, are measured again)
     baselines_central.pt  the one model on all the data after its last saved epoch (CENTRAL_SAVE_EVERY_S), which
                      `--resume` goes on from; deleted once its result is in baselines.jsonl
     baselines.json   the summary: local_accuracy_mean / _p10 / _p90, central_accuracy, and, when the run evaluated
                      the test set, fl_accuracy (its last test accuracy), beats_local_by (FL minus the clients' mean)
-                     and short_of_central_by (one model on all the data minus FL; negative when FL ends above it)
+                     and short_of_central_by (one model on all the data minus FL; negative when FL ends above it);
+                     central_diverged_at_epoch when it diverged
 
 Under `fl.executor = "distributed"`, rank 0 alone measures them, on its own executor. With `fl.buffers = "local"` each
 baseline is scored with the buffers its training left (FL's test accuracy uses the global model's).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import zlib
 from pathlib import Path
@@ -61,11 +64,13 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     known = [r for r in kept if r.get("setting") == setting]
     alone = {int(r["client"]): float(r["accuracy"]) for r in known
              if r.get("baseline") == "local" and 0 <= r.get("client", -1) < server.data.num_clients}
-    central = next((float(r["accuracy"]) for r in known if r.get("baseline") == "central"), None)
+    central = next((r for r in known if r.get("baseline") == "central"), None)
     with MetricsLog(path) as results:
         if central is None:  # first, the one long measurement, from its last saved epoch
-            central = _central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress)
-            results.write({"baseline": "central", "epochs": epochs, "accuracy": central, "setting": setting})
+            central = {"baseline": "central", "epochs": epochs,
+                       **_central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress),
+                       "setting": setting}
+            results.write(central)
             (Path(run_path) / CENTRAL_CHECKPOINT).unlink(missing_ok=True)
         with progress_bar(f"baselines: each client alone ({_epochs(epochs)})", server.data.num_clients, len(alone),
                           show_progress) as bar:
@@ -74,32 +79,41 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
                 results.write({"baseline": "local", "client": cid, "epochs": epochs, "accuracy": accuracy,
                                "setting": setting})
                 bar.advance(len(alone))
+    diverged = {"central_diverged_at_epoch": central["diverged_at_epoch"]} if "diverged_at_epoch" in central else {}
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
-                                     "central_epochs": epochs, "central_accuracy": central})
+                                     "central_epochs": epochs, "central_accuracy": float(central["accuracy"]),
+                                     **diverged})
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(Path(run_path) / SUMMARY_FILE, lambda f: f.write(text))
     return summary
 
 
-def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: str, show_progress: bool) -> float:
+def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: str,
+             show_progress: bool) -> dict[str, Any]:
     """One model on all the data, saved to `checkpoint` after an epoch once CENTRAL_SAVE_EVERY_S have passed since
-    the last save, and resumed from there when it holds this setting's; its test accuracy."""
+    the last save, and resumed from there when it holds this setting's: {"accuracy": its test accuracy,
+    "train_loss": its last epoch's mean training loss, "diverged_at_epoch": the epoch whose loss was not finite,
+    when one was}."""
     saved = load_checkpoint(checkpoint) if checkpoint.exists() else {}
     if saved.get("setting") != setting:
         saved = {"epochs": 0}
     epochs, last_save = equivalent_epochs(server, rounds), time.monotonic()
+    result: dict[str, Any] = {}
     with progress_bar(f"baselines: one model on all the data ({_epochs(epochs)})", epochs, saved["epochs"],
                       show_progress) as bar:
-        def after_epoch(done: int, params: torch.Tensor, buffers: torch.Tensor | None) -> None:
+        def after_epoch(done: int, params: torch.Tensor, buffers: torch.Tensor | None, loss: float) -> None:
             nonlocal last_save
-            bar.advance(done)
-            if done < epochs and time.monotonic() - last_save >= CENTRAL_SAVE_EVERY_S:
+            result["train_loss"] = loss
+            if not math.isfinite(loss):
+                result["diverged_at_epoch"] = done
+            bar.advance(done, f"train loss {loss:.4g}")
+            if done < epochs and math.isfinite(loss) and time.monotonic() - last_save >= CENTRAL_SAVE_EVERY_S:
                 save_checkpoint(checkpoint, {"setting": setting, "epochs": done, "params": params, "buffers": buffers})
                 last_save = time.monotonic()
 
         trained = central_model(server, rounds, saved.get("params"), saved.get("buffers"), saved["epochs"],
                                 after_epoch)
-    return central_accuracy(server, *trained)
+    return {"accuracy": central_accuracy(server, *trained), **result}
 
 
 def fingerprint(server: FederatedServer, rounds: int) -> str:
@@ -118,7 +132,9 @@ def describe(summary: dict[str, Any]) -> str:
     """One line: what FL beats and what it approaches, in points of test accuracy."""
     alone = (f"each client alone {summary['local_accuracy_mean']:.2%} (p10-p90 {summary['local_accuracy_p10']:.2%}-"
              f"{summary['local_accuracy_p90']:.2%})")
-    central = f"one model on all the data {summary['central_accuracy']:.2%}"
+    central = f"one model on all the data {summary['central_accuracy']:.2%}" + (
+        f" (its training diverged at epoch {summary['central_diverged_at_epoch']})"
+        if "central_diverged_at_epoch" in summary else "")
     head = f"baselines at {_epochs(summary['local_epochs'])}"
     if "fl_accuracy" not in summary:
         return f"{head}: {alone}; {central}"
