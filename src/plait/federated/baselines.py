@@ -116,8 +116,9 @@ def local_only(server: FederatedServer, rounds: int) -> dict[str, float]:
 def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | None = None,
                   buffers: torch.Tensor | None = None, done: int = 0,
                   after_epoch: Callable[[int, torch.Tensor, torch.Tensor | None, float], object] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One model on the union of the clients' data at the run's compute: its (weights, own buffers) trained an
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """One model on the union of the clients' data at the run's compute: its (weights, own buffers, the epoch whose
+    training loss was not finite or None) trained an
     epoch at a time after the first `done` (from `params` and, with fl.buffers = "local", its own `buffers`; by
     default the run's initial ones), `after_epoch(epochs done, weights, buffers, the epoch's mean training loss)`
     called after each; an epoch whose loss is not finite (the model diverged) is the last. Each epoch
@@ -139,8 +140,8 @@ def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | N
         if after_epoch is not None:
             after_epoch(epoch + 1, params, buffers, loss)
         if not math.isfinite(loss):  # NaN weights: further epochs change nothing
-            break
-    return params, buffers
+            return params, buffers, epoch + 1
+    return params, buffers, None
 
 
 def central_accuracy(server: FederatedServer, params: torch.Tensor, buffers: torch.Tensor | None) -> float:
@@ -152,11 +153,10 @@ def central_accuracy(server: FederatedServer, params: torch.Tensor, buffers: tor
 def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     """One model on all the data at `rounds` rounds' compute: its epochs, test accuracy, and the epoch at which its
     training loss stopped being finite (`central_diverged_at_epoch`, when it did)."""
-    diverged: list[int] = []
-    trained = central_model(server, rounds, after_epoch=lambda done, params, buffers, loss: diverged.append(done)
-                            if not math.isfinite(loss) else None)
-    return {"central_epochs": equivalent_epochs(server, rounds), "central_accuracy": central_accuracy(server, *trained),
-            **({"central_diverged_at_epoch": diverged[0]} if diverged else {})}
+    params, buffers, diverged = central_model(server, rounds)
+    return {"central_epochs": equivalent_epochs(server, rounds), "central_accuracy": central_accuracy(server, params,
+                                                                                                       buffers),
+            **({"central_diverged_at_epoch": diverged} if diverged else {})}
 
 
 def compared(fl_accuracy: float | None, baselines: dict[str, float]) -> dict[str, float]:

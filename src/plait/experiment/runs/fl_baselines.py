@@ -104,16 +104,15 @@ def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: st
         def after_epoch(done: int, params: torch.Tensor, buffers: torch.Tensor | None, loss: float) -> None:
             nonlocal last_save
             result["train_loss"] = loss
-            if not math.isfinite(loss):
-                result["diverged_at_epoch"] = done
             bar.advance(done, f"train loss {loss:.4g}")
             if done < epochs and math.isfinite(loss) and time.monotonic() - last_save >= CENTRAL_SAVE_EVERY_S:
                 save_checkpoint(checkpoint, {"setting": setting, "epochs": done, "params": params, "buffers": buffers})
                 last_save = time.monotonic()
 
-        trained = central_model(server, rounds, saved.get("params"), saved.get("buffers"), saved["epochs"],
-                                after_epoch)
-    return {"accuracy": central_accuracy(server, *trained), **result}
+        params, buffers, diverged = central_model(server, rounds, saved.get("params"), saved.get("buffers"),
+                                                  saved["epochs"], after_epoch)
+    return {"accuracy": central_accuracy(server, params, buffers), **result,
+            **({"diverged_at_epoch": diverged} if diverged else {})}
 
 
 def fingerprint(server: FederatedServer, rounds: int) -> str:
