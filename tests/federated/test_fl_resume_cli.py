@@ -221,11 +221,46 @@ def test_train_dispatch_follows_set_overrides(tmp_path):
     assert result.exit_code == 2 and "'parallel' must be a table" in result.output
 
 
-def test_an_override_under_a_shorthand_says_how_to_set_it(tmp_path):
+def test_an_override_under_a_string_that_is_no_tables_shorthand_says_how_to_set_it(tmp_path):
     from plait.settings.config import ConfigError, apply_overrides
 
-    said = r"model is 'pkg:make' here, not a table: override it whole \(--set model=\.\.\.\)"
+    said = r"fl.task is 'classify' here, not a table: override it whole \(--set fl.task=\.\.\.\)"
     with pytest.raises(ConfigError, match=said):
+        apply_overrides({"fl": {"task": "classify"}}, ["fl.task.kind=x"], FederatedRunConfig)
+    with pytest.raises(ConfigError, match="model is 'pkg:make' here, not a table"):  # no config class: no shorthand
         apply_overrides({"model": "pkg:make"}, ["model.factory=other:make"])
     assert apply_overrides({"model": "pkg:make"}, ["model='other:make'"]) == {"model": "other:make"}
     assert apply_overrides({}, ["fl.plan.lr=0.2"]) == {"fl": {"plan": {"lr": 0.2}}}
+
+
+def test_an_override_under_a_shorthand_opens_it_into_its_table():
+    from plait.settings.config import apply_overrides
+
+    opened = apply_overrides({"model": "pkg:make", "data": "pkg:load"},
+                             ["model.options.width=64", "data.num_clients=7"], FederatedRunConfig)
+    assert opened == {"model": {"factory": "pkg:make", "options": {"width": 64}},
+                      "data": {"source": "pkg:load", "num_clients": 7}}
+    assert apply_overrides({"model": "pkg:make"}, ["model.factory=other:make"], FederatedRunConfig) == {
+        "model": {"factory": "other:make"}}
+
+
+NET = """
+import torch.nn as nn
+
+
+def make(hidden=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+"""
+
+
+def test_the_cli_sets_an_option_of_a_model_named_by_its_shorthand(tmp_path):
+    (tmp_path / "net.py").write_text(NET)
+    path = _write(tmp_path, "short", rounds=1)
+    path.write_text('model = "net.py:make"\n' + path.read_text())
+    result = run_plait("run", str(path), "--set", "model.options.hidden=5", "--set", "fl.plan.max_steps=2")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "short"
+    written = load_toml(run_dir / "config.toml")["model"]
+    assert (written["factory"], written["options"]) == (f"{tmp_path / 'net.py'}:make", {"hidden": 5})
+    params = torch.load(run_dir / "checkpoint.pt", weights_only=True)["params"]
+    assert params.numel() == 784 * 5 + 5 + 5 * 10 + 10  # the model the option made, not make()'s default 8

@@ -23,7 +23,7 @@ from plait.cli.output import fail, say
 from plait.cli.parsing import Commands, add_command, add_overrides
 from plait.cli.startup import cap_malloc_arenas, imports_without_gc
 from plait.runtime.divergence import Diverged
-from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.settings.config import ConfigError, apply_overrides, load_toml, read_config
 
 DEMO_CONFIG = Path(__file__).parents[1] / "demo.toml"
 EXIT_CODES = ("Exit codes: 0 done, 1 the run failed, 2 bad usage or config (errors go to stderr), 130 interrupted "
@@ -36,7 +36,7 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
         from plait.federated.config import FederatedRunConfig
 
     try:
-        config = from_dict(FederatedRunConfig, apply_overrides(load_toml(config_path), overrides))
+        config = read_config(FederatedRunConfig, config_path, overrides)
         summary = run_federated(config, resume=resume, fresh_name=fresh_name)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         fail(str(err))
@@ -119,13 +119,18 @@ def compare(args: argparse.Namespace) -> None:
         say(f"written: {path}")
 
 
+PLANE_KEYS = ("parallel", "sync")  # the tables whose keys choose `plait train`'s plane
+
+
 def train(args: argparse.Namespace) -> None:
     """Train in a cluster: data, model or pipeline parallel; all-reduce or parameter-server sync."""
     try:
-        raw = apply_overrides(load_toml(args.config), args.set)  # --set may change the plane too
+        # --set may change the plane too; the plane's own run reads the whole config and every override
+        chooses_plane = [item for item in args.set if item.split("=", 1)[0].strip().split(".")[0] in PLANE_KEYS]
+        raw = apply_overrides(load_toml(args.config), chooses_plane)
     except ConfigError as err:
         fail(str(err))
-    tables = {name: raw.get(name, {}) for name in ("parallel", "sync")}
+    tables = {name: raw.get(name, {}) for name in PLANE_KEYS}
     for name, table in tables.items():
         if not isinstance(table, dict):
             fail(f"config key '{name}' must be a table, got {table!r}")

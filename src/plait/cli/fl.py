@@ -13,7 +13,7 @@ from typing import Any
 from plait.cli.output import fail, say
 from plait.cli.parsing import Commands, add_command, add_group, add_overrides
 from plait.runtime.divergence import Diverged
-from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.settings.config import ConfigError, read_config
 
 CERT_HOSTS = ["localhost", "127.0.0.1"]  # `plait fl certs`' default names for the server's certificate
 
@@ -23,7 +23,7 @@ def _load(config: Path, overrides: list[str]) -> Any:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = from_dict(NetworkRunConfig, apply_overrides(load_toml(config), overrides))
+        loaded = read_config(NetworkRunConfig, config, overrides)
     for w in caught:
         say(f"[yellow]warning:[/] {w.message}", stderr=True)
     return loaded

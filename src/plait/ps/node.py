@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plait.ps.config import PSRunConfig
-from plait.settings.config import apply_overrides, from_dict, load_toml
+from plait.settings.config import from_dict, read_config
 
 PARENT_ENV = "PLAIT_PS_PARENT_PID"  # set by the local launcher: its processes end when it does
 PR_SET_PDEATHSIG = 1
@@ -31,7 +31,7 @@ PR_SET_PDEATHSIG = 1
 
 def load_node_config(path: str | Path, overrides: Sequence[str], workers: int) -> PSRunConfig:
     """The run's config with `--set` overrides, checked against the job's number of workers."""
-    config = from_dict(PSRunConfig, apply_overrides(load_toml(path), list(overrides)))
+    config = read_config(PSRunConfig, path, list(overrides))
     config.check_workers(workers)
     return config
 

@@ -155,8 +155,10 @@ def _anchor_file_references(value: Any, folder: Path) -> Any:
     return value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (value parsed as TOML, or taken as a bare string) onto nested tables."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], schema: type | None = None) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as TOML, or taken as a bare string) onto nested tables. With the
+    config's class as `schema`, a key under a table written as its shorthand (`model = "pkg:make"`, then
+    `--set model.options.width=64`) opens the shorthand into its table first (`factory = "pkg:make"`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -169,10 +171,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         for depth, part in enumerate(parts[:-1]):
             held = table.setdefault(part, {})
-            if not isinstance(held, dict):  # e.g. the shorthand `model = "pkg:make"` for `[model] factory = ...`
+            shorthand = getattr(_table_class(schema, parts[:depth + 1]), "SHORTHAND", None)
+            if isinstance(held, str) and shorthand:
+                held = table[part] = {shorthand: held}
+            if not isinstance(held, dict):
                 where = ".".join(parts[:depth + 1])
                 raise ConfigError(f"override {item!r}: {where} is {held!r} here, not a table: override it whole "
                                   f"(--set {where}=...) or write it as a [{where}] table in the config")
             table = held
         table[parts[-1]] = value
     return data
+
+
+def _table_class(schema: type | None, path: list[str]) -> type | None:
+    """The dataclass that the table at `path` maps onto in the config class `schema` (None: not a table of it)."""
+    cls: Any = schema
+    for part in path:
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        hint = get_type_hints(cls).get(part)
+        cls = next((arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)), None)
+    return typing.cast("type | None", cls)
+
+
+def read_config(cls: type[T], path: str | Path, overrides: list[str]) -> T:
+    """The config file at `path` with `--set` overrides, as `cls`."""
+    return from_dict(cls, apply_overrides(load_toml(path), overrides, cls))

@@ -40,7 +40,7 @@ from plait.settings.config import ConfigError, apply_overrides, from_dict, load_
 
 
 def load_config(config_path: Path, overrides: list[str], allreduce: str | None) -> DataParallelRunConfig:
-    raw = apply_overrides(load_toml(config_path), overrides)
+    raw = apply_overrides(load_toml(config_path), overrides, DataParallelRunConfig)
     if allreduce is not None:
         raw.setdefault("parallel", {})["allreduce"] = allreduce
     return from_dict(DataParallelRunConfig, raw)

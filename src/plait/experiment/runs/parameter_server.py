@@ -37,11 +37,11 @@ from plait.ps.torchrun_nodes import TorchrunNodes
 from plait.ps.torchrun_roles import RUN_KEY, supervise_server, supervise_worker, torchrun_workers
 from plait.ps.trainer import check_config_code
 from plait.runtime.torchrun_env import torchrun_store, under_torchrun
-from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.settings.config import ConfigError, read_config
 
 
 def load_run_config(config_path: Path, overrides: list[str]) -> PSRunConfig:
-    return from_dict(PSRunConfig, apply_overrides(load_toml(config_path), overrides))
+    return read_config(PSRunConfig, config_path, overrides)
 
 
 def prepare_ps_run_dir(config: PSRunConfig, resume: bool, servers_here: bool = True) -> RunDir:

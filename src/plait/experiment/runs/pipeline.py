@@ -31,11 +31,11 @@ from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout
 from plait.parallel.pipeline.schedule import build_schedule
 from plait.parallel.pipeline_train import check_config_code, metrics_rank, train_rank
-from plait.settings.config import apply_overrides, from_dict, load_toml, to_dict
+from plait.settings.config import from_dict, read_config, to_dict
 
 
 def load_config(config_path: Path, overrides: list[str]) -> PipelineRunConfig:
-    return from_dict(PipelineRunConfig, apply_overrides(load_toml(config_path), overrides))
+    return read_config(PipelineRunConfig, config_path, overrides)
 
 
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
