@@ -85,7 +85,8 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.strip() == "error: interrupted (the same command with --resume goes on from the last checkpoint)"
+    assert err.strip() == ("error: interrupted (the same command with --resume goes on from the last checkpoint, "
+                           "when one was written)")
     assert 1 <= len(_rounds(run_dir)) < 200
 
 
@@ -264,3 +265,12 @@ def test_the_cli_sets_an_option_of_a_model_named_by_its_shorthand(tmp_path):
     assert (written["factory"], written["options"]) == (f"{tmp_path / 'net.py'}:make", {"hidden": 5})
     params = torch.load(run_dir / "checkpoint.pt", weights_only=True)["params"]
     assert params.numel() == 784 * 5 + 5 + 5 * 10 + 10  # the model the option made, not make()'s default 8
+
+
+def test_a_shorthand_beside_its_table_says_where_it_goes(tmp_path):
+    from plait.settings.config import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text('data = "x.npz"\n[data]\nbatch_size = 8\n')
+    with pytest.raises(ConfigError, match=r'invalid TOML: .*goes inside its table .*\[data\] source = "\.\.\."'):
+        load_toml(path)

@@ -65,3 +65,14 @@ def test_clients_train_a_user_model_on_their_own_folders(tmp_path):
     assert [r["participants"] for r in net_records] == [NUM_CLIENTS] * ROUNDS
     assert net_records[-1]["test_accuracy"] == pytest.approx(records[-1]["test_accuracy"], abs=1e-6)
     assert (run_dir / "model.safetensors").exists()
+
+
+def test_a_server_whose_model_does_not_fit_writes_no_settings(tmp_path):
+    from plait.experiment.runs.fl_server import run_server
+    from plait.federated.net.config import NetworkRunConfig
+
+    raw = small_config(tmp_path / "runs", num_clients=NUM_CLIENTS, rounds=ROUNDS)
+    raw["model"] = {"factory": f"{EXAMPLE / 'regression.py'}:make_mlp"}  # takes 4 features, not images
+    with pytest.raises(ValueError, match="the model does not take the data's inputs"):
+        run_server(from_dict(NetworkRunConfig, raw))
+    assert not (tmp_path / "runs" / "net" / "config.toml").exists()  # what `--resume` would read is not a lie

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def test_python_objects_instead_of_references(tmp_path):
     ({"model": {"factory": "not a reference"}}, "must look like 'package.module:name'"),
     ({"fl": {"task": "no_such_module_xyz:Task"}}, "fl.task = 'no_such_module_xyz:Task': cannot import"),
     ({"fl": {"task": "regresion"}}, "fl.task = 'regresion'"),
-    ({"data": {"source": str(Path("/nonexistent/data.npz"))}}, "is neither a reference"),
+    ({"data": {"source": str(Path("/nonexistent/data.npz"))}}, "no such file or folder"),
     ({"data": {"source": f"{SHAPES}:make_net"}}, "data.source"),
     ({"model": {"factory": f"{EXAMPLE / 'regression.py'}:make_mlp"}}, "the model does not take the data's inputs"),
 ])
@@ -187,3 +188,15 @@ def test_the_examples_run_as_written(tmp_path, config, metric):
     import json
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["round"] == 2 and metric in last and (run_dir / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("table, key, value, message", [
+    ("data", "partition", "dirichlett", "data.partition = 'dirichlett' is not allowed"),
+    ("fl", "rounds", -1, "fl.rounds"),
+])
+def test_a_field_set_after_construction_gets_the_configs_checks(tmp_path, table, key, value, message):
+    config = from_dict(FederatedRunConfig, shapes_config(tmp_path))
+    setattr(getattr(config, table), key, value)  # the assignment style of docs/api.md, with a typo
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_federated(config, show_progress=False)
+    assert not (tmp_path / "runs" / "shapes").exists()

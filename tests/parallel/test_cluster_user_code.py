@@ -70,6 +70,10 @@ def make_broken():
     raise RuntimeError("no GPU here")
 
 
+def load_broken():
+    raise OSError("database down")
+
+
 def make_wrong_width():
     return nn.Sequential(nn.Linear(5, 3))
 
@@ -287,7 +291,9 @@ def _dp(code: Path, model: str = "usernet.py:make_net", data: str = "", **train)
      "train.task = 'classification' needs integer class labels"),
     ("usernet.py:make_net", "usernet.py:load_clients", {"task": "regression"},
      "model.factory: the model's output does not fit the task's loss"),
-    ("usernet.py:make_net", "missing.npz", {}, "data.source = 'missing.npz' is neither a reference"),
+    ("usernet.py:make_net", "missing.npz", {},
+     "data.source = 'missing.npz': no such file or folder (a relative path is taken from the current directory"),
+    ("usernet.py:make_net", "usernet.py:load_broken", {}, "usernet.py:load_broken' failed: OSError: database down"),
 ])
 def test_each_bad_reference_is_named_at_start(code, model, data, train, message):
     with pytest.raises(ValueError) as err:

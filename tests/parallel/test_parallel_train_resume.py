@@ -7,6 +7,7 @@ bit-identical parameters (no step lost or repeated) and a metrics log with every
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -94,6 +95,54 @@ def test_stop_and_resume_reaches_the_same_parameters(reference):
     elapsed = [r["elapsed_s"] for r in records]
     assert elapsed == sorted(elapsed)  # the resumed clock goes on from step 40's
     assert torch.equal(_final_params(tmp, "resumed"), params)
+
+
+def test_resume_refuses_another_model_and_a_finished_run_reports_its_figures(reference, capsys):
+    tmp, _ = reference
+    shutil.copytree(tmp / "straight", tmp / "again")  # the reference's own directory stays as the others read it
+    config = _config(tmp, "again")
+    settings = (tmp / "again" / "dp" / "config.toml").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(config, nproc=2, resume=True, overrides=["model.name='cnn'"], allreduce=None)
+    said = capsys.readouterr()
+    assert exit_.value.code == 2 and "the model changed (model.name, model.factory or model.options)" in said.err
+    assert "Traceback" not in said.err + said.out
+    assert (tmp / "again" / "dp" / "config.toml").read_text() == settings  # the refused resume's are not written
+    main(config, nproc=2, resume=True, overrides=[], allreduce=None)
+    said = capsys.readouterr().out
+    last = read_metrics(tmp / "again" / "dp" / "metrics.jsonl")[-1]
+    assert f"the run had done its {STEPS} steps already" in said
+    assert f"final loss: {last['train_loss']:.4f}" in said  # the logged figure, not the NaN of no step
+
+
+def test_the_documented_recipe_takes_the_weights_out_and_export_points_to_it(reference):
+    from plait.parallel.components import build_image_model
+    from plait.parallel.config import DataParallelRunConfig
+    from plait.parallel.train import evaluate, load_data
+    from plait.settings.config import from_dict, load_toml
+    from tests_support import run_plait
+
+    tmp, params = reference
+    run_dir = tmp / "straight" / "dp"
+    config = from_dict(DataParallelRunConfig, load_toml(run_dir / "config.toml"))
+    model, data = build_image_model(config.model), load_data(config)
+    before = evaluate(model, data, torch.device("cpu"), "classification")["test_accuracy"]
+    torch.nn.utils.vector_to_parameters(torch.load(run_dir / "checkpoint.pt")["params"], model.parameters())
+    after = evaluate(model, data, torch.device("cpu"), "classification")["test_accuracy"]
+    assert before < 0.3 < 0.7 < after, (before, after)  # the trained model, not a fresh one
+    result = run_plait("export", str(run_dir))
+    assert result.exit_code == 2 and "vector_to_parameters" in result.output
+
+
+def test_a_setting_a_rank_finds_wrong_is_one_line_and_leaves_no_run(tmp_path, capsys):
+    config = _config(tmp_path, "big", steps=2)
+    with pytest.raises(SystemExit) as exit_:
+        main(config, nproc=2, resume=False, overrides=["train.batch_size=40000"], allreduce=None)
+    said = capsys.readouterr()
+    assert exit_.value.code == 2 and "Traceback" not in said.err
+    assert "train.batch_size × train.accumulate × ranks = 80000 exceeds the 60000 training examples" in said.err
+    main(config, nproc=2, resume=False, overrides=["stragglers.ranks=[]"], allreduce=None)  # not "holds a run"
+    assert [r["step"] for r in read_metrics(tmp_path / "big" / "dp" / "metrics.jsonl")] == [1, 2]
 
 
 @pytest.mark.slow  # a kill-and-restart variant: in make test-slow, to keep make test near 10 minutes

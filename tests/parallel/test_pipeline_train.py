@@ -86,3 +86,13 @@ def test_cli_rejects_a_world_size_that_does_not_fit(tmp_path):
     assert result.exit_code == 2
     assert "parallel.replicas × parallel.stages = 2 × 2 = 4 ranks, but 3 were started" in result.output
     assert not (tmp_path / "runs" / "bad").exists()  # nothing was created for a run that cannot start
+
+
+def test_eval_every_zero_evaluates_once_at_the_end(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.format(name="end", root=tmp_path / "runs"))
+    result = run_plait("train", str(config), "--nproc", "2", "--set", "train.eval_every=0",
+                       "--set", "train.steps=3")
+    assert result.exit_code == 0, result.output
+    tests = [r for r in _metrics(tmp_path / "runs" / "end" / "metrics.jsonl") if "test_accuracy" in r]
+    assert [r["step"] for r in tests] == [3]

@@ -15,11 +15,12 @@ argument when a command ran: 0.07 s of imports, and with typer's and rich's own 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from plait import __version__
 from plait.cli import fl, generate, ps
-from plait.cli.output import fail, say
+from plait.cli.output import fail, say, warn_in_one_line
 from plait.cli.parsing import Commands, add_command, add_overrides
 from plait.cli.startup import cap_malloc_arenas, imports_without_gc
 from plait.runtime.divergence import Diverged
@@ -191,8 +192,10 @@ def app(argv: list[str] | None = None) -> None:
     and run the sub-command. A failure exits through SystemExit with the code EXIT_CODES gives."""
     args = parser().parse_args(argv)
     cap_malloc_arenas()  # before any thread allocates (cli/startup.py)
+    warnings.showwarning = warn_in_one_line
     try:
         args.handler(args)
     except KeyboardInterrupt:  # a stop the user asked for: one line, not a traceback; what was saved stays saved
-        again = " (the same command with --resume goes on from the last checkpoint)" if "resume" in args else ""
+        again = (" (the same command with --resume goes on from the last checkpoint, when one was written)"
+                 if "resume" in args else "")
         fail(f"interrupted{again}", code=130)

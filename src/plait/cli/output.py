@@ -30,6 +30,14 @@ def say(text: str, stderr: bool = False) -> None:
     console(stderr).print(text)
 
 
+def warn_in_one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: object = None, line: str | None = None) -> None:
+    """`warnings.showwarning` for the command: `warning: message` on stderr, as errors are said, without the file,
+    line and source that Python's format adds (they speak to a developer, not to the user of a command)."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"warning: {message}{kind}", file=sys.stderr, flush=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
     console(stderr=True).print(f"[bold red]error:[/] {message}")

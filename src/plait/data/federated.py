@@ -22,12 +22,13 @@ from plait.data.user import (
     Labelled,
     UserData,
     as_labelled,
+    call_loader,
     concat_labelled,
     labelled_file,
     load_user_data,
     take,
 )
-from plait.user_code import accepts, is_reference, resolve_callable
+from plait.user_code import accepts, is_reference
 
 TEXT_SETS = ("shakespeare", "shakespeare_words")
 
@@ -201,7 +202,9 @@ def _image_parts(config: DataConfig, labels: np.ndarray) -> list[np.ndarray]:
         return partition.shards(labels, config.num_clients, config.shards_per_client, config.seed)
     if config.partition == "dirichlet":
         return partition.dirichlet(labels, config.num_clients, config.alpha, config.seed)
-    return partition.quantity_skew(len(labels), config.num_clients, config.alpha, config.seed)
+    if config.partition == "quantity":
+        return partition.quantity_skew(len(labels), config.num_clients, config.alpha, config.seed)
+    raise ValueError(f"data.partition = {config.partition!r} is not a partition of image data")
 
 
 def _lazy_spec(config: DataConfig, labels: np.ndarray) -> PartitionSpec:
@@ -365,8 +368,7 @@ def load_own_data(config: DataConfig, client_id: int, path: str = "") -> tuple[L
             raise ValueError(f"--data-path {path!r}: no such file (a .npz with x and y, or a folder with data.npz)")
         own = labelled_file(file, "--data-path")
     else:
-        loader = resolve_callable(config.source, "data.source", {"client_id": client_id})
-        own = as_labelled(loader(client_id=client_id), f"data.source for client {client_id}")
+        own = as_labelled(call_loader(config.source, client_id=client_id), f"data.source for client {client_id}")
     if len(own) == 0:
         raise ValueError(f"client {client_id}: its data holds no examples")
     classes = 0 if own.y.is_floating_point() else int(own.y.max()) + 1

@@ -96,6 +96,8 @@ def _stack_dataset(dataset: Any, what: str) -> Labelled:
 
 
 def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise ValueError(f"{what} = {str(path)!r}: no such file{_from_where(path)}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -121,12 +123,22 @@ def _client_files(folder: Path) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
+def call_loader(source: str, **kwargs: Any) -> Any:
+    """What the user's loader `data.source` returns, called with `kwargs`; what it raises names the setting."""
+    from plait.user_code import resolve_callable
+
+    loader = resolve_callable(source, "data.source", kwargs)
+    try:
+        return loader(**kwargs)
+    except Exception as err:
+        raise ValueError(f"data.source = {source!r} failed: {type(err).__name__}: {err}") from err
+
+
 def load_user_data(source: str) -> UserData:
-    from plait.user_code import is_reference, resolve_callable
+    from plait.user_code import is_reference
 
     if is_reference(source):
-        loaded = resolve_callable(source, "data.source")()
-        return user_data_from(loaded, f"data.source = {source!r}")
+        return user_data_from(call_loader(source), f"data.source = {source!r}")
     path = Path(source)
     if path.is_dir():
         clients = [labelled_file(f, "data.source") for f in _client_files(path)]
@@ -139,8 +151,16 @@ def load_user_data(source: str) -> UserData:
         test = as_labelled({"x": arrays["test_x"], "y": arrays["test_y"]}, "data.source test") \
             if "test_x" in arrays and "test_y" in arrays else None
         return UserData(as_labelled({"x": arrays["x"], "y": arrays["y"]}, "data.source"), None, test)
+    if not path.exists():
+        raise ValueError(f"data.source = {source!r}: no such file or folder{_from_where(path)}")
     raise ValueError(f"data.source = {source!r} is neither a reference ('package.module:load'), a .npz file, nor "
                      "a folder of client-<id>.npz files")
+
+
+def _from_where(path: Path) -> str:
+    """For a relative path not found: where it was looked for (data files follow the current directory, while a
+    `file.py:name` reference follows the config's folder: an example's `clients/` is written where plait runs)."""
+    return "" if path.is_absolute() else f" (a relative path is taken from the current directory, {Path.cwd()})"
 
 
 def user_data_from(loaded: Any, what: str) -> UserData:

@@ -17,16 +17,19 @@ from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
 
 
 class Run:
-    """One run directory driven for a plane; `writes=False` for a process whose records another one writes."""
+    """One run directory driven for a plane; `writes=False` for a process whose records another one writes. The
+    run's `config` goes into its `config.toml` when the run starts: after a resumed checkpoint was loaded and found
+    to fit, so a refused resume leaves the directory's settings as they were."""
 
     def __init__(self, run_dir: RunDir, *, resume: bool, step_key: str, total: int, description: str,
                  writes: bool = True, checkpoint_every: int = 1, tensorboard: bool = True,
-                 show_progress: bool = True):
+                 show_progress: bool = True, config: Any = None):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.run_dir, self.step_key, self.total, self.description = run_dir, step_key, total, description
         self._resume, self._writes = resume, writes
         self.checkpoint_every, self.tensorboard, self.show_progress = checkpoint_every, tensorboard, show_progress
+        self._config = config
         self._stack = ExitStack()
         self._sinks: MetricSinks | None = None
         self._bar: Any = None
@@ -59,6 +62,8 @@ class Run:
                 truncate_metrics(self.run_dir.metrics_path, self.step_key, step)  # steps after it are redone once
             elapsed = elapsed_so_far(self.run_dir.metrics_path)
         if self._writes:
+            if self._config is not None:
+                self.run_dir.write_config(self._config)  # a resume's too: the settings the run goes on with
             self._sinks = self._stack.enter_context(MetricSinks(
                 self.path, self.step_key, resume_after=step if self._resume else None, tensorboard=self.tensorboard))
             self._bar = self._stack.enter_context(

@@ -55,10 +55,15 @@ def prepare_run_dir(root: str | Path, name: str, resume: bool, fresh_name: bool 
         while RunDir(run.path).metrics_path.exists() or RunDir(run.path).checkpoint_path.exists():
             run = RunDir(Path(root) / f"{name}-{suffix}")
             suffix += 1
+    stopped_early = f"it stopped before its first checkpoint: delete {run.path} to start it again, or use another " \
+                    "run.name"
     if resume:
         if not run.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoint_path}")
-    elif run.checkpoint_path.exists() or read_metrics(run.metrics_path):  # a run killed before any record: again
+            raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoint_path}"
+                                    + (f" ({stopped_early})" if read_metrics(run.metrics_path) else ""))
+    elif run.checkpoint_path.exists():
         raise FileExistsError(f"run directory {run.path} already holds a run; use --resume or another run.name")
+    elif read_metrics(run.metrics_path):  # a run killed before any record starts again; one with records is kept
+        raise FileExistsError(f"run directory {run.path} already holds a run, and {stopped_early}")
     run.path.mkdir(parents=True, exist_ok=True)
     return run

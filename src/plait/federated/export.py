@@ -51,6 +51,11 @@ def export_run(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has no checkpoint.pt: not a federated run directory, or not started")
     raw = load_toml(run_dir / "config.toml")
     raw.pop("net", None)  # a network run: its model, data and fl tables are the simulator's
+    if "fl" not in raw and ("parallel" in raw or "sync" in raw or "train" in raw):
+        raise ValueError(f"{run_dir} is a cluster run (plait train): plait export reads federated runs (plait run, "
+                         "plait fl server). A data-parallel run's weights are checkpoint.pt's 'params', one tensor "
+                         "in model.parameters() order: torch.nn.utils.vector_to_parameters(torch.load(PATH)["
+                         "'params'], model.parameters()); docs/data_parallel.md")
     config = from_dict(FederatedRunConfig, raw)
     num_classes = len(VOCAB) if config.model.name == "char_lstm" else 0
     model = build_model(config.model, num_classes)

@@ -65,10 +65,21 @@ def _rank_main(rank: int, world_size: int, store_path: str, backend: str, thread
     except Diverged as err:  # every rank stops at the same step: the parent says so once, with rank 0's message
         results.put((rank, "diverged", str(err)))
     except BaseException as err:  # report every failure, with where it happened
-        results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        results.put((rank, "error", (f"{type(err).__name__}: {err}", isinstance(err, ValueError), str(err),
+                                     traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class RankFailed(RuntimeError):
+    """A spawned rank raised. `setting` is True for a ValueError, which in Plait names a setting that does not fit
+    (a batch larger than the data, fp16 on a CPU): a caller can say `message` alone, as for a config error, where
+    the rank's traceback (in str()) is for a failure of the code."""
+
+    def __init__(self, rank: int, what: str, setting: bool, message: str, trace: str):
+        super().__init__(f"rank {rank} failed: {what}\n{trace}")
+        self.rank, self.setting, self.message = rank, setting, message
 
 
 def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None = None, timeout_s: float = 120.0,
@@ -94,7 +105,7 @@ def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | N
             if not results.empty():
                 rank, status, value = results.get()
                 if status == "error":
-                    raise RuntimeError(f"rank {rank} failed: {value}")
+                    raise RankFailed(rank, *value)
                 if status == "diverged" and not diverged:
                     # the others stop at the same step: let them finish (rank 0 writes the run's last record)
                     deadline = min(deadline, time.monotonic() + 30.0)

@@ -247,8 +247,8 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
                 run.write({"step": done, "diverged": guard.skipped[done], "skipped": True})
             if (done % train.log_every == 0 or done == train.steps) and done not in guard.skipped:
                 final = _log_step(run, record, groups, placement, config, world_size, optimizer, started, done)
-            if replica == 0 and train.eval_every and data.has_test and \
-                    (done % train.eval_every == 0 or done == train.steps):
+            if replica == 0 and data.has_test and \
+                    ((train.eval_every and done % train.eval_every == 0) or done == train.steps):  # 0: at the end
                 test = _evaluate(stage, data, config, device, loss_fn)
                 if run.writes:
                     final = {**final, **test}

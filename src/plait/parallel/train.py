@@ -163,7 +163,9 @@ def _resume(run: RunContext, dp: Trainer, rank: int, world_size: int) -> int:
         ckpt = loaded
         if ckpt["params"].numel() != dp.num_params:
             raise ValueError(f"the checkpoint in {run.path} holds {ckpt['params'].numel()} parameters, the "
-                             f"model has {dp.num_params}: was model.name changed?")
+                             f"model has {dp.num_params}: the model changed (model.name, model.factory or "
+                             "model.options); resume with the run's own settings (its config.toml), or start "
+                             "another run.name")
         residuals = "residuals" in ckpt and dp.has_residuals
         if residuals and ckpt["world_size"] != world_size:
             print(f"note: the checkpoint's error-feedback residuals are for {ckpt['world_size']} ranks, this run has "
@@ -293,7 +295,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
         dp.close()
     if rank != 0:
         return None
-    summary: dict[str, Any] = {"steps": train_cfg.steps, "train_loss": loss_value,
+    summary: dict[str, Any] = {"steps": train_cfg.steps, "train_loss": loss_value, "resumed_at": start_step,
                                "seconds": time.perf_counter() - started}
     if test is not None:
         summary.update(test)

@@ -53,6 +53,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_logged(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The latest value of each of `keys` in the log (those it never recorded left out)."""
+    found: dict[str, Any] = {}
+    for record in read_metrics(path):
+        found.update({key: record[key] for key in keys if key in record})
+    return found
+
+
 def truncate_metrics(path: Path, key: str, last: int) -> None:
     """Keep only records with `record[key] <= last`: on resume, steps after the checkpoint are redone, not doubled."""
     kept = [r for r in read_metrics(path) if r.get(key, -1) <= last]

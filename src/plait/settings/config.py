@@ -129,6 +129,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     return cleaned
 
 
+def checked(config: T) -> T:
+    """`config` built again from its values, so that a field a program set after construction (`config.fl.rounds =
+    -1`) gets the checks the constructor gives; the same object when nothing changed its meaning."""
+    return from_dict(type(config), to_dict(config))
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The config file's tables. A user-code reference to a file (`"models.py:make_net"`) with a relative path is
     taken from the config file's folder, so a config and its code can travel together."""
@@ -138,7 +144,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+        hint = ""
+        if "Cannot overwrite a value" in str(err):  # `data = "x.npz"` and a [data] table: one key, written twice
+            hint = (" (a key written both as a value and as a [table]? a shorthand such as model = \"...\" or "
+                    "data = \"...\" goes inside its table when the table is there: [data] source = \"...\")")
+        raise ConfigError(f"{path}: invalid TOML: {err}{hint}") from err
     anchored: dict[str, Any] = _anchor_file_references(data, path.resolve().parent)
     return anchored
 

@@ -34,8 +34,9 @@ from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.experiment.runs.rank0_files import bring_latest_checkpoint_to_rank0
 from plait.parallel.config import DataParallelRunConfig
 from plait.parallel.device import rank_device, use_device
-from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.launch import RankFailed, group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.train import check_config_code, train_rank
+from plait.runtime.metrics_log import last_logged
 from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
 
 
@@ -59,23 +60,29 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         _usage_error(str(err))
     backend = None if config.parallel.backend == "auto" else config.parallel.backend
     if under_torchrun():
-        summary = run_from_env(rank_main, config, resume, backend=backend)
+        try:
+            summary = run_from_env(rank_main, config, resume, backend=backend)
+        except ValueError as err:  # a setting this rank found wrong (see RankFailed): each rank says it, exit 2
+            _usage_error(str(err))
     else:
         if nproc < 1:
             _usage_error(f"--nproc must be >= 1, got {nproc}")
         try:
             config.check_world(nproc)
-        except ValueError as err:
+            # checked here too, so a mistake fails before any rank is spawned (a run that wrote nothing is none)
+            prepare_run_dir(config.run.root, config.run.name, resume)
+            summary = spawn_ranks(rank_main, nproc, config, resume, backend=backend, timeout_s=float("inf"),
+                                  threads_per_rank=config.parallel.threads_per_rank)[0]
+        except RankFailed as err:
+            if not err.setting:
+                raise
+            _usage_error(err.message)
+        except (ValueError, FileExistsError, FileNotFoundError) as err:
             _usage_error(str(err))
-        run = RunDir(Path(config.run.root) / config.run.name)
-        # checked here too, so a mistake fails before any rank is spawned
-        if resume and not run.checkpoint_path.exists():
-            _usage_error(f"--resume: no checkpoint at {run.checkpoint_path}")
-        if not resume and (run.metrics_path.exists() or run.checkpoint_path.exists()):
-            _usage_error(f"run directory {run.path} already holds a run; use --resume or another run.name")
-        summary = spawn_ranks(rank_main, nproc, config, resume, backend=backend, timeout_s=float("inf"),
-                              threads_per_rank=config.parallel.threads_per_rank)[0]
     if summary:
+        if summary["resumed_at"] == summary["steps"]:  # a finished run resumed: no step ran; its logged figures
+            print(f"the run had done its {summary['steps']} steps already (raise train.steps to go on)")
+            summary.update(last_logged(RunDir(Path(summary["run_dir"])).metrics_path, ("train_loss", "test_accuracy")))
         acc = summary.get("test_accuracy")
         print(f"steps: {summary['steps']}  final loss: {summary['train_loss']:.4f}"
               + (f"  test accuracy: {acc:.4f}" if acc is not None else "")
@@ -94,7 +101,7 @@ def rank_main(rank: int, world_size: int, config: DataParallelRunConfig, resume:
     run_dir.write_pid(rank)
     with Run(run_dir, resume=resuming, step_key="step", total=config.train.steps, description="steps",
              writes=rank == 0, checkpoint_every=config.train.checkpoint_every or config.train.steps,
-             tensorboard=config.run.tensorboard) as run:
+             tensorboard=config.run.tensorboard, config=config) as run:
         summary = train_rank(rank, world_size, config, run)
     return None if summary is None else {**summary, "run_dir": str(run_dir.path)}
 
@@ -116,7 +123,6 @@ def _prepare_run(config: DataParallelRunConfig, resume: bool, rank: int,
             if restarts > 0 and not resuming and run.metrics_path.exists():
                 run.metrics_path.unlink()  # died before the first checkpoint: start over
             run = prepare_run_dir(config.run.root, config.run.name, resume=resuming)
-            run.write_config(config)  # a resume's too: the settings the run goes on with
             status[:] = torch.tensor([1, int(resuming)], device=device)
         except (FileExistsError, FileNotFoundError, OSError) as err:
             error = str(err)

@@ -17,9 +17,8 @@ from plait.federated.round_loop import RoundLoop
 
 def run_server(config: NetworkRunConfig, resume: bool = False) -> RunDir:
     run_dir = prepare_run_dir(config.run.root, config.run.name, resume)
-    run_dir.write_config(config)  # a resume's too: the settings the run goes on with
     with Run(run_dir, resume=resume, step_key="round", total=config.fl.rounds, description="rounds",
-             tensorboard=config.run.tensorboard, show_progress=False) as run:
+             tensorboard=config.run.tensorboard, show_progress=False, config=config) as run:
 
         def drive(rounds: RoundLoop, on_record: OnRecord) -> None:
             state, _ = drive_rounds(rounds, run, on_record=on_record)

@@ -27,6 +27,7 @@ from plait.federated.export import save_weights
 from plait.federated.server import FederatedServer
 from plait.federated.simulation import build_server, distributed_rank
 from plait.federated.task import Task
+from plait.settings.config import checked
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
                   data: Any = None, task: Task | None = None) -> RunSummary:
     """Run a federated simulation in its run directory; `model` (a function returning a fresh module), `data` and
     `task` stand in for the config's `model.factory`, `data.source` and `fl.task` (see `build_server`)."""
+    config = checked(config)  # a program may have set a field after construction: it gets the config's checks
     writes = config.fl.executor != "distributed" or distributed_rank(config.fl.device) == 0
     if resume and writes:
         prepare_run_dir(config.run.root, config.run.name, resume)  # no checkpoint: fail before loading anything
@@ -56,11 +58,11 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
             check_baselines(server)  # a task without accuracy, no test set: before the rounds, not after them
         if writes:
             run_dir = prepare_run_dir(config.run.root, config.run.name, resume, fresh_name)
-            run_dir.write_config(config)  # a resume's too: the settings the run goes on with (say, more rounds)
         else:  # rank 0's run directory, on a file system every rank reads: its checkpoint is where all resume
             run_dir = RunDir(Path(config.run.root) / config.run.name)
         with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,
-                 description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
+                 description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress,
+                 config=config) as run:
             state, last = drive_rounds(server, run)
         if writes:
             save_weights(server.model, server.spec, state.params, run_dir.path)

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
 from plait.parallel.device import rank_device, use_device
-from plait.parallel.launch import group_restarted, run_from_env, spawn_ranks, under_torchrun
+from plait.parallel.launch import RankFailed, group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.pipeline.config import PipelineRunConfig
 from plait.parallel.pipeline.groups import PipelineLayout
 from plait.parallel.pipeline.schedule import build_schedule
@@ -42,10 +43,18 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     """`plait train` for parallel.mode = "model" | "pipeline": spawns `nproc` local ranks, or, under torchrun
     (`torchrun --nproc-per-node N -m plait.cli train CONFIG`), runs this process's rank."""
     console = Console()
+
+    def usage_error(message: str) -> NoReturn:
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        raise SystemExit(2)
+
     if under_torchrun():
-        config = load_config(config_path, overrides)
-        check_config_code(config)
-        run_from_env(rank_main, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
+        try:
+            config = load_config(config_path, overrides)
+            check_config_code(config)
+            run_from_env(rank_main, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
+        except ValueError as err:  # a setting wrong for this rank (see RankFailed): each rank says it, exit 2
+            usage_error(str(err))
         return
     try:
         config = load_config(config_path, overrides)
@@ -53,17 +62,20 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
         check_config_code(config)  # the user's model and data, before anything is written
         run = prepare_run_dir(config.run.root, config.run.name, resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConfigError is a ValueError
-        console.print(f"[bold red]error:[/] {err}")
-        raise SystemExit(2) from err
+        usage_error(str(err))
     if allreduce not in (None, "native"):
         warnings.warn(f"--allreduce {allreduce} is ignored: pipeline replicas average gradients with the backend's "
                       "native all-reduce", stacklevel=2)
-    run.write_config(config)  # a resume's too: the settings the run goes on with
     schedule = build_schedule(config.parallel.schedule, config.parallel.stages,  # both counts set by the section
                               config.parallel.micro_batches or 1, config.parallel.chunks_per_rank or 1)
     console.print(str(schedule), markup=False, highlight=False)
-    results = spawn_ranks(rank_main, nproc, to_dict(config), str(run.path), resume, timeout_s=24 * 3600.0,
-                          threads_per_rank=config.run.threads)
+    try:
+        results = spawn_ranks(rank_main, nproc, to_dict(config), str(run.path), resume, timeout_s=24 * 3600.0,
+                              threads_per_rank=config.run.threads)
+    except RankFailed as err:
+        if not err.setting:
+            raise
+        usage_error(err.message)
     final = next(r for r in results if r is not None)
     console.print(f"step {final.get('step')}: loss {final.get('train_loss', float('nan')):.4f}"
                   + (f", test accuracy {final['test_accuracy']:.4f}" if "test_accuracy" in final else ""))
@@ -85,7 +97,7 @@ def rank_main(rank: int, world_size: int, raw_config: dict[str, Any], run_path: 
     run_dir.write_pid(rank)
     with Run(run_dir, resume=resume, step_key="step", total=config.train.steps, description="steps",
              writes=rank == metrics_rank(config), checkpoint_every=config.train.checkpoint_every or config.train.steps,
-             tensorboard=config.run.tensorboard) as run:
+             tensorboard=config.run.tensorboard, config=config) as run:
         return train_rank(rank, world_size, config, run)
 
 
