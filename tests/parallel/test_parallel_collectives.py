@@ -109,3 +109,23 @@ def test_parallel_dims_validates_layout():
         ParallelDims(world_size=4, dp=3, pp=1)
     with pytest.raises(ValueError, match="allreduce"):
         make_allreduce("butterfly")
+
+
+def _sum_and_raise(rank: int, world_size: int, fail: bool) -> torch.Tensor:
+    total = torch.full((3,), float(rank + 1))
+    dist.all_reduce(total)
+    if fail and rank == 1:
+        raise ValueError("train.batch_size = 9 does not fit")
+    return total
+
+
+def test_ranks_return_tensors_and_a_ranks_setting_error_is_told_apart():
+    from plait.parallel.launch import RankFailed
+
+    results = spawn_ranks(_sum_and_raise, 2, False, timeout_s=120)
+    assert [r.tolist() for r in results] == [[3.0, 3.0, 3.0]] * 2  # by value: the ranks are gone when read
+    with pytest.raises(RankFailed) as failed:
+        spawn_ranks(_sum_and_raise, 2, True, timeout_s=120)
+    error = failed.value
+    assert (error.setting, error.rank, error.message) == (True, 1, "train.batch_size = 9 does not fit")
+    assert "Traceback" in str(failed.value)  # the rank's traceback, for a failure that is not a setting's

@@ -75,3 +75,11 @@ def test_the_divergence_settings_are_checked():
     with pytest.raises(ValueError, match="fault.nan_worker = 2 but there are only 2 workers"):
         config.check_workers(2)
     assert issubclass(WorkerDiverged, RuntimeError)
+
+
+def test_a_finished_run_says_where_its_plots_are(tmp_path, capsys):
+    config_path = tmp_path / "cfg.toml"
+    write_config(config_path, tmp_path, "ok")
+    main(config_path, 2, False, [], None)
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"plot: {tmp_path / 'ok' / 'plots' / 'loss.png'}" in said

@@ -14,6 +14,7 @@ loopback interface.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -61,7 +62,9 @@ def _rank_main(rank: int, world_size: int, store_path: str, backend: str, thread
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # pickled here, by value: the queue's own pickler would pass a tensor as a handle to this process's shared
+        # memory, gone once the rank exits and before the parent reads it
+        results.put((rank, "ok", pickle.dumps(value)))
     except Diverged as err:  # every rank stops at the same step: the parent says so once, with rank 0's message
         results.put((rank, "diverged", str(err)))
     except BaseException as err:  # report every failure, with where it happened
@@ -109,7 +112,10 @@ def spawn_ranks(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | N
                 if status == "diverged" and not diverged:
                     # the others stop at the same step: let them finish (rank 0 writes the run's last record)
                     deadline = min(deadline, time.monotonic() + 30.0)
-                (diverged if status == "diverged" else values)[rank] = value
+                if status == "ok":
+                    values[rank] = pickle.loads(value)
+                else:
+                    diverged[rank] = value
                 continue
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead and results.empty():

@@ -101,6 +101,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
     if summary.time_to_target_s is not None:
         console.print(f"target loss {config.train.target_loss} reached after {summary.time_to_target_s:.2f} s")
     console.print(f"run directory: {summary.run_dir}")
+    for path in sorted((Path(summary.run_dir) / "plots").glob("*.png")):  # drawn by the coordinator's rank
+        console.print(f"plot: {path}")
     if summary.stopped_by is not None:
         console.print(f"stopped by {summary.stopped_by}: the servers wrote final checkpoints; continue with --resume")
         raise SystemExit(128 + signal.Signals[summary.stopped_by].value)

@@ -104,7 +104,7 @@ class SimulatedBackend:
         record["sim_clock_h"] = self.clock_s / 3600
         if len(kept) < tasks.quorum:  # the round cannot reach its quorum: nobody needs to train
             return Collected(participants=0, dropped=len(dropped))
-        record["sim_time_s"] = max(finish[cid] for cid in kept)
+        record["sim_time_s"] = float(max(finish[cid] for cid in kept))  # a plain number in the summary and log
         if self.attackers:
             record["attackers"] = 0
         got = Collected(participants=0, dropped=len(dropped))
