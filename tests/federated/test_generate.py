@@ -12,8 +12,8 @@ import pytest
 from plait.data.shakespeare import VOCAB
 from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.config import FederatedRunConfig
-from plait.federated.export import WEIGHTS_FILE
 from plait.federated.generate import generate, load_language_model
+from plait.runtime.checkpoint import WEIGHTS_FILE
 from plait.settings.config import from_dict
 from tests_support import shapes_config
 

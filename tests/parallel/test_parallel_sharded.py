@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from plait.core.models import mnist_2nn
@@ -123,6 +124,10 @@ def test_trainer_checkpoints_and_resumes_a_sharded_run(tmp_path, sync):
     assert whole["params"].numel() == 199_210  # the full 2NN, gathered from the shards
     torch.testing.assert_close(resumed["params"], whole["params"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(resumed["optim"]["exp_avg"], whole["optim"]["exp_avg"], rtol=1e-5, atol=1e-6)
+    # the run's model.safetensors: the whole model, gathered from the shards, the checkpoint's weights
+    model = mnist_2nn()
+    model.load_state_dict(load_file(str(tmp_path / "whole" / "dp" / "model.safetensors")))
+    assert torch.equal(nn.utils.parameters_to_vector(model.parameters()), whole["params"])
 
 
 def test_a_sharded_run_evaluates_at_the_end_on_every_rank(tmp_path):

@@ -116,6 +116,8 @@ def test_resume_refuses_another_model_and_a_finished_run_reports_its_figures(ref
 
 
 def test_the_documented_recipe_takes_the_weights_out_and_export_points_to_it(reference):
+    from safetensors.torch import load_file
+
     from plait.parallel.components import build_image_model
     from plait.parallel.config import DataParallelRunConfig
     from plait.parallel.train import evaluate, load_data
@@ -130,8 +132,11 @@ def test_the_documented_recipe_takes_the_weights_out_and_export_points_to_it(ref
     torch.nn.utils.vector_to_parameters(torch.load(run_dir / "checkpoint.pt")["params"], model.parameters())
     after = evaluate(model, data, torch.device("cpu"), "classification")["test_accuracy"]
     assert before < 0.3 < 0.7 < after, (before, after)  # the trained model, not a fresh one
+    again = build_image_model(config.model)
+    again.load_state_dict(load_file(str(run_dir / "model.safetensors")))  # the run's own file: the same weights
+    assert torch.equal(torch.nn.utils.parameters_to_vector(again.parameters()), params)
     result = run_plait("export", str(run_dir))
-    assert result.exit_code == 2 and "vector_to_parameters" in result.output
+    assert result.exit_code == 2 and "writes its model.safetensors" in result.output
 
 
 def test_a_setting_a_rank_finds_wrong_is_one_line_and_leaves_no_run(tmp_path, capsys):

@@ -5,6 +5,7 @@ them (fault.nan_worker injects the divergence)."""
 
 import numpy as np
 import pytest
+import torch
 from test_ps_cluster import make_config
 
 from plait.experiment.runs.parameter_server import main, run_ps
@@ -77,9 +78,25 @@ def test_the_divergence_settings_are_checked():
     assert issubclass(WorkerDiverged, RuntimeError)
 
 
-def test_a_finished_run_says_where_its_plots_are(tmp_path, capsys):
+def test_a_finished_run_says_where_its_plots_are_and_leaves_its_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from plait.core.flat import flat_params
+    from plait.experiment.runs.parameter_server import load_run_config
+    from plait.ps.checkpoint import load_shards
+    from plait.ps.trainer import build_flat_model
+
     config_path = tmp_path / "cfg.toml"
     write_config(config_path, tmp_path, "ok")
     main(config_path, 2, False, [], None)
     said = " ".join(capsys.readouterr().out.split())
     assert f"plot: {tmp_path / 'ok' / 'plots' / 'loss.png'}" in said
+    model, initial, _ = build_flat_model(load_run_config(config_path, []))
+    model.load_state_dict(load_file(str(tmp_path / "ok" / "model.safetensors")))
+    weights, _ = flat_params(model)
+    # the servers' final pieces, laid end to end by key range, are the weights the file holds
+    pieces = {}
+    for index in range(2):
+        pieces.update(load_shards(tmp_path / "ok" / "servers" / f"server-{index}.npz").shards)
+    served = np.concatenate([pieces[key].param for key in sorted(pieces)])
+    assert np.array_equal(weights.numpy(), served) and not torch.equal(weights, initial)

@@ -12,7 +12,7 @@ from typing import Any
 from plait.experiment.progress import progress_bar
 from plait.experiment.rundir import RunDir
 from plait.experiment.sinks import MetricSinks
-from plait.runtime.checkpoint import load_checkpoint, save_checkpoint
+from plait.runtime.checkpoint import load_checkpoint, save_checkpoint, save_weights_file
 from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
 
 
@@ -82,6 +82,10 @@ class Run:
             return False
         save_checkpoint(self.checkpoint_path, state())
         return True
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        if self._writes:
+            save_weights_file(self.path, state_dict)
 
     def progress(self, done: int, status: str = "") -> None:
         if self._bar is not None:

@@ -16,8 +16,7 @@ import torch
 from plait.core.flat import FlatSpec
 from plait.federated.device import CPU, model_device
 from plait.federated.weights import pointed_at
-
-WEIGHTS_FILE = "model.safetensors"
+from plait.runtime.checkpoint import save_weights_file
 
 
 def state_dict_of(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,13 +27,9 @@ def state_dict_of(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor) ->
 
 
 def save_weights(model: torch.nn.Module, spec: FlatSpec, flat: torch.Tensor, run_path: Path) -> Path:
-    from safetensors.torch import save_file
-
     if flat.dim() == 2:  # server-less gossip: one model per node; the average model is the run's
         flat = flat.mean(0)
-    path = Path(run_path) / WEIGHTS_FILE
-    save_file(state_dict_of(model, spec, flat), str(path))
-    return path
+    return save_weights_file(run_path, state_dict_of(model, spec, flat))
 
 
 def export_run(run_dir: Path) -> Path:
@@ -53,9 +48,9 @@ def export_run(run_dir: Path) -> Path:
     raw.pop("net", None)  # a network run: its model, data and fl tables are the simulator's
     if "fl" not in raw and ("parallel" in raw or "sync" in raw or "train" in raw):
         raise ValueError(f"{run_dir} is a cluster run (plait train): plait export reads federated runs (plait run, "
-                         "plait fl server). A data-parallel run's weights are checkpoint.pt's 'params', one tensor "
-                         "in model.parameters() order: torch.nn.utils.vector_to_parameters(torch.load(PATH)["
-                         "'params'], model.parameters()); docs/data_parallel.md")
+                         "plait fl server). A data-parallel or parameter-server run writes its model.safetensors "
+                         "when it ends; its checkpoint.pt's 'params' are the parameters in model.parameters() order "
+                         "(docs/data_parallel.md)")
     config = from_dict(FederatedRunConfig, raw)
     num_classes = len(VOCAB) if config.model.name == "char_lstm" else 0
     model = build_model(config.model, num_classes)

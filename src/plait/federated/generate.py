@@ -20,9 +20,9 @@ from plait.data import shakespeare_words as words
 from plait.data.shakespeare import SEQ_LEN, VOCAB, encode
 from plait.federated.components import build_model
 from plait.federated.config import FederatedRunConfig
-from plait.federated.export import WEIGHTS_FILE, state_dict_of
+from plait.federated.export import state_dict_of
 from plait.federated.weights import flat_model_state
-from plait.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from plait.runtime.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint
 from plait.settings.config import from_dict, load_toml
 
 DEFAULT_PROMPT = "To be, or not to be"

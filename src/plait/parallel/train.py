@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from plait.parallel.components import RunData, build_image_model, check_user_code, load_run_data, normalized_images
 from plait.parallel.config import DataParallelRunConfig
@@ -108,6 +109,13 @@ def build_trainer(config: DataParallelRunConfig, model: torch.nn.Module, dims: P
                         comm_hook=config.comm_hook.build(seed=config.run.seed), precision=train.precision,
                         shard_optimizer=config.sync.shard_optimizer, shard_gradients=config.sync.shard_gradients,
                         loss_fn=loss_fn)
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict whole: a sharded model's parameters gathered (a collective: every rank calls it, in the
+    same order); buffers as this rank holds them (rank 0's, like DDP's broadcast of them)."""
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value
+            for name, value in model.state_dict().items()}
 
 
 def _checkpoint(run: RunContext, dp: Trainer, step: int, world_size: int, rank: int, final: bool) -> None:
@@ -287,6 +295,7 @@ def train_rank(rank: int, world_size: int, config: DataParallelRunConfig, run: R
                 guard.before_checkpoint(step, dp.local_params())  # a checkpoint never holds a diverged model
                 _checkpoint(run, dp, step, world_size, rank, final)
                 guard.saved(step)
+        run.save_model(_full_state_dict(model))  # rank 0's run writes it; every rank gathers a sharded model's parts
         dist.barrier()  # nobody leaves while rank 0 still writes the last checkpoint
     except Diverged as err:  # every rank stops here, at the same step; the last good checkpoint stays as it is
         run.write({"step": step, "diverged": str(err)})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 CHECKPOINT_FILE = "checkpoint.pt"  # a run directory's checkpoint: the driver resumes a run that has one
+WEIGHTS_FILE = "model.safetensors"  # the final model's state_dict: what a user takes away (not from a pipeline)
 
 
 def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -33,6 +34,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch  # here, not at the top: torch-free processes (parameter servers) use atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def save_weights_file(run_path: Path, state_dict: dict[str, Any]) -> Path:
+    """`run_path/model.safetensors`: the state_dict on the CPU, loadable into the user's module with one line
+    (`model.load_state_dict(safetensors.torch.load_file(path))`); safetensors holds tensors only, never code."""
+    from safetensors.torch import save_file
+
+    path = Path(run_path) / WEIGHTS_FILE
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}, str(path))
+    return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

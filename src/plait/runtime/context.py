@@ -57,3 +57,7 @@ class RunContext(RecordSink, Protocol):
     def progress(self, done: int, status: str = "") -> None:
         """Steps or rounds done so far, with a short status for the progress bar."""
         ...
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        """The final model's `state_dict` as the run's `model.safetensors` (in the process that writes)."""
+        ...

@@ -22,9 +22,12 @@ import signal
 import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
 from rich.markup import escape
 
+from plait.core.flat import load_flat_params
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
 from plait.experiment.rundir import RunDir, prepare_run_dir
@@ -35,7 +38,8 @@ from plait.ps.launcher import LocalCluster, server_checkpoints
 from plait.ps.summary import ClusterSummary, test_metrics_text
 from plait.ps.torchrun_nodes import TorchrunNodes
 from plait.ps.torchrun_roles import RUN_KEY, supervise_server, supervise_worker, torchrun_workers
-from plait.ps.trainer import check_config_code
+from plait.ps.trainer import build_flat_model, check_config_code
+from plait.runtime.checkpoint import save_weights_file
 from plait.runtime.torchrun_env import torchrun_store, under_torchrun
 from plait.settings.config import ConfigError, read_config
 
@@ -69,8 +73,16 @@ def run_ps(config: PSRunConfig, num_workers: int, resume: bool = False, timeout_
     with Run(run_dir, resume=resume, step_key="step", total=config.train.steps, description="clocks",
              tensorboard=config.run.tensorboard, show_progress=show_progress) as run:
         summary = LocalCluster(config, run_dir.config_path, run, num_workers, timeout_s).run()
+    save_model(config, summary)
     plot_run(run_dir.path, ("loss", "accuracy"))
     return summary
+
+
+def save_model(config: PSRunConfig, summary: ClusterSummary) -> None:
+    """The servers' final weights as the run's model.safetensors, in the model the config names."""
+    model, _, spec = build_flat_model(config)
+    load_flat_params(model, torch.from_numpy(np.ascontiguousarray(summary.weights)), spec)
+    save_weights_file(summary.run_dir, model.state_dict())
 
 
 def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allreduce: str | None) -> None:
@@ -129,6 +141,7 @@ def run_ps_rank(config: PSRunConfig, config_path: Path, overrides: list[str], re
                  tensorboard=config.run.tensorboard, show_progress=False) as run:
             nodes = TorchrunNodes(config, store, run_dir.path, num_workers)
             summary = Coordinator(config, run, nodes, num_workers, timeout_s).run()
+        save_model(config, summary)
         plot_run(run_dir.path, ("loss", "accuracy"))
         return summary
     role = supervise_server if rank <= config.sync.servers else supervise_worker
