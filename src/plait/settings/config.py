@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A user's config is wrong; the message names the key."""
 
 
+class UnknownKey(ConfigError):
+    """A key the config's table does not have (`key`: its last part, as written)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
@@ -36,7 +44,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         meant = f"did you mean {(f'{where}.' if where else '') + close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown config key {name!r}; {meant}known keys here: {sorted(fields)}")
+        raise UnknownKey(f"unknown config key {name!r}; {meant}known keys here: {sorted(fields)}", unknown[0])
     values = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
@@ -206,4 +214,29 @@ def _table_class(schema: type | None, path: list[str]) -> type | None:
 
 def read_config(cls: type[T], path: str | Path, overrides: list[str]) -> T:
     """The config file at `path` with `--set` overrides, as `cls`."""
-    return from_dict(cls, apply_overrides(load_toml(path), overrides, cls))
+    return typed(cls, apply_overrides(load_toml(path), overrides, cls))
+
+
+def typed(cls: type[T], data: dict[str, Any]) -> T:
+    """`from_dict(cls, data)`, and a key put in another table than its own is told where it lives in `cls`
+    (`train.lr` of a parameter-server config: "optimizer.lr"), as a user who moves between the planes writes it."""
+    try:
+        return from_dict(cls, data)
+    except UnknownKey as err:
+        homes = _paths_named(cls, err.key)
+        if not homes:
+            raise
+        raise ConfigError(f"{err} (in this config, {err.key!r} is {' or '.join(map(repr, homes))})") from err
+
+
+def _paths_named(cls: Any, key: str, where: str = "") -> list[str]:
+    """The dotted paths of the fields called `key` in the config class `cls` and the tables below it."""
+    found, hints = [], get_type_hints(cls)
+    for name in (f.name for f in dataclasses.fields(cls)):
+        hint, path = hints[name], f"{where}{name}"
+        if name == key:
+            found.append(path)
+        table = next((arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)), None)
+        if table is not None:
+            found += _paths_named(table, key, f"{path}.")
+    return found

@@ -37,14 +37,14 @@ from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import RankFailed, group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.train import check_config_code, train_rank
 from plait.runtime.metrics_log import last_logged
-from plait.settings.config import ConfigError, apply_overrides, from_dict, load_toml
+from plait.settings.config import ConfigError, apply_overrides, load_toml, typed
 
 
 def load_config(config_path: Path, overrides: list[str], allreduce: str | None) -> DataParallelRunConfig:
     raw = apply_overrides(load_toml(config_path), overrides, DataParallelRunConfig)
     if allreduce is not None:
         raw.setdefault("parallel", {})["allreduce"] = allreduce
-    return from_dict(DataParallelRunConfig, raw)
+    return typed(DataParallelRunConfig, raw)
 
 
 def _usage_error(message: str) -> NoReturn:
