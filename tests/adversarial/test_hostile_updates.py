@@ -141,3 +141,18 @@ def test_skip_keeps_the_model_finite_and_says_so(tmp_path):
 
     assert all(torch.isfinite(t).all() for t in load_file(str(summary.run_dir / "model.safetensors")).values())
     assert EXAMPLE.exists()
+
+
+@pytest.mark.parametrize("on_divergence", ["stop", "skip"])
+def test_a_round_whose_every_honest_update_is_too_large_is_said_as_divergence(tmp_path, on_divergence):
+    # a bound every update exceeds stands for a model blown up to large finite weights (all later rounds refused)
+    raw = shapes_config(tmp_path, name=on_divergence, bounds={"max_norm": 1e-9, "on_divergence": on_divergence})
+    said = r"round 1: all 3 clients' updates were refused as above the norm bound .* likely diverged"
+    if on_divergence == "stop":
+        with pytest.raises(Diverged, match=said):
+            run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
+        return
+    summary = run_federated(from_dict(FederatedRunConfig, raw), show_progress=False)
+    records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] and r["refused_norm"] == 3 and "likely diverged" in r["diverged"] for r in records)
+

@@ -50,6 +50,7 @@ def test_latency_past_the_deadline_drops_clients_on_the_virtual_clock(tmp_path):
     server = build_server(from_dict(FederatedRunConfig, raw))
     state, record = server.run_round(server.initial_state())
     assert record["skipped"] and record["dropped"] == 3 and record["participants"] == 0
+    assert record["on_time"] == 0 and record["selected"] == record["on_time"] + record["dropped"]
     assert record["sim_clock_h"] == pytest.approx(3.0 / 3600)
 
 

@@ -103,11 +103,13 @@ class SimulatedBackend:
         self.ran_last_round = True
         record["sim_clock_h"] = self.clock_s / 3600
         if len(kept) < tasks.quorum:  # the round cannot reach its quorum: nobody needs to train
+            record["on_time"] = len(kept)  # selected = on_time + dropped: the on-time few were not enough
             return Collected(participants=0, dropped=len(dropped))
         record["sim_time_s"] = float(max(finish[cid] for cid in kept))  # a plain number in the summary and log
         if self.attackers:
             record["attackers"] = 0
         got = Collected(participants=0, dropped=len(dropped))
+        too_large = 0  # honest updates refused for their norm
         for cid, update in self.train(kept, tasks):
             delta, examples = update.delta, update.num_examples
             if update.local_buffers is not None:
@@ -123,11 +125,25 @@ class SimulatedBackend:
                 tasks.aggregator.add(cid, Update(self.program.decode(cid, encoded), examples, update.metrics))
             except UpdateRefused as refusal:
                 self._refused(refusal, round_idx, cid, update, record)
+                too_large += refusal.reason == "norm" and cid not in self.attackers
                 continue
             got.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
             got.examples += update.num_examples
             got.participants += 1
+        if kept and too_large == len(kept):
+            self._stuck(round_idx, too_large, record)
         return got
+
+    def _stuck(self, round_idx: int, refused: int, record: dict[str, Any]) -> None:
+        """Every client, all honest, sent an update above the norm bound: the bound comes from the norms accepted
+        before, so no later round can be accepted either, and the model would stay where it is to the end (a model
+        blown up to large but finite weights, say by a server optimizer's rate). Said as a divergence."""
+        what = (f"round {round_idx}: all {refused} clients' updates were refused as above the norm bound "
+                "(fl.bounds); no later round could be accepted: the global model has likely diverged (lower "
+                "fl.plan.lr or fl.server_opt.lr; or raise fl.bounds.norm_factor or max_norm)")
+        if self.config.bounds.on_divergence == "stop":
+            raise Diverged(f"{what} (fl.bounds.on_divergence = 'stop')")
+        record["diverged"] = what
 
     def train(self, kept: list[int], tasks: RoundTasks) -> Iterator[tuple[int, Update]]:
         """Each kept client's raw update, in client order (the order they are aggregated in)."""
