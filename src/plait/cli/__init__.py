@@ -43,10 +43,10 @@ def _run_fl(config_path: Path, resume: bool, overrides: list[str], fresh_name: b
         fail(str(err))
     except Diverged as err:  # the run started and failed: exit 1, not the usage error's 2
         fail(str(err), code=1)
-    final = summary.final
-    if "test_accuracy" in final:
-        say(f"final test accuracy: [bold]{final['test_accuracy']:.4f}[/] after {summary.rounds} rounds "
-            f"({summary.train_seconds:.1f} s)")
+    from plait.experiment.runs.fl_outcome import outcome_lines
+
+    for line in outcome_lines(summary.run_dir, summary.final, summary.rounds, summary.train_seconds):
+        say(line)
     if summary.baselines is not None:
         from plait.experiment.runs.fl_baselines import describe
 

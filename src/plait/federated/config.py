@@ -148,5 +148,8 @@ class FederatedRunConfig:
     fl: FLConfig = field(default_factory=FLConfig)
 
     def __post_init__(self) -> None:
+        if self.fl.min_clients > self.data.num_clients:
+            raise ValueError(f"fl.min_clients = {self.fl.min_clients} is more than data.num_clients = "
+                             f"{self.data.num_clients}: no round could reach its quorum")
         if self.fl.federated_eval_every and not self.data.eval_fraction:
             raise ValueError("fl.federated_eval_every needs data.eval_fraction > 0 (clients' held-out data)")
