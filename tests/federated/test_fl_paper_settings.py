@@ -69,6 +69,34 @@ def test_baselines_train_each_client_alone_and_one_model_on_all(tmp_path):
     assert together["central_accuracy"] > 0.9  # the shapes are easy with all the data
 
 
+def test_with_capped_steps_and_a_quorum_the_baselines_count_the_runs_own_compute(tmp_path, monkeypatch):
+    from plait.federated import baselines
+
+    # 6 clients, C 0.5, a quorum of 4: a round trains 4 of 6; each client 2 steps a round (fl.plan.max_steps)
+    raw = shapes_config(tmp_path, rounds=3, min_clients=4)
+    raw["fl"]["plan"]["max_steps"] = 2
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    sizes = [server.data.num_examples(cid) for cid in range(6)]
+    assert baselines.round_share(server) == pytest.approx(4 / 6) and min(sizes) > 32  # each has its 2 steps
+    assert baselines.capped_steps(server, 3, sizes[0]) == 4  # 3 rounds · 4/6 · 2 steps
+    assert baselines.baseline_plan(server, 3, seed=0, num_examples=sizes[0]).max_steps == 4
+    assert baselines.central_steps(server, 3) == 6 * 4
+    steps = []
+    real = baselines.client_update
+
+    def counted(*args, **kwargs):
+        update = real(*args, **kwargs)
+        steps.append(update.metrics["steps"])
+        return update
+
+    monkeypatch.setattr(baselines, "client_update", counted)
+    baselines.central_model(server, 3)
+    assert sum(steps) == 24  # the clients' steps alone, summed: the same examples in batches of 16
+    raw["fl"]["plan"]["max_steps"] = 0
+    uncapped = build_server(from_dict(FederatedRunConfig, raw))
+    assert baselines.equivalent_epochs(uncapped, 3) == 2  # 3 rounds · 4/6 · E 1: the quorum's share, not C's
+
+
 def _alone_by_hand(server, rounds: int) -> dict[int, float]:
     """Each client trained alone with client_update itself, in this process: the reference (with fl.buffers =
     "local", from the initial buffers, and scored with those its training left)."""

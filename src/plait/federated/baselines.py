@@ -2,9 +2,13 @@
 not worth doing):
 
 - local-only: each client trains alone, from the same initial model, on its own data, for the compute it would
-  spend in the federated run (rounds · C · E epochs in expectation); the mean and the 10th/90th percentile of their
-  test accuracy;
-- centralised: one model on the union of the clients' data, for the same total compute (rounds · C · E epochs).
+  spend in the federated run (rounds · q · E epochs in expectation, q the share of the clients a round trains: C,
+  or the quorum's share when that is more); the mean and the 10th/90th percentile of their test accuracy;
+- centralised: one model on the union of the clients' data, for the same total compute (rounds · q · E epochs).
+
+When the plan caps a client's steps a round (`fl.plan.max_steps`), the compute is counted in steps instead: each
+client alone takes rounds · q · its steps a round, and the central model the sum of those over the clients, in
+batches of the plan's size.
 
 Both use the run's own model, task, plan (batch size, lr, momentum) and test set. The clients alone train on the
 run's executor (a worker pool trains several at once, each converting its own rows) and give the same bits on
@@ -29,22 +33,66 @@ from plait.federated.evaluate import evaluate
 from plait.federated.executor import ClientTask
 from plait.federated.plan import TrainingPlan
 from plait.federated.seeds import CENTRAL_BASELINE, LOCAL_BASELINE, derive_seed
+from plait.federated.selection import target_clients
 from plait.federated.server import FederatedServer
 from plait.federated.weights import local_buffer_state
 
 CLIENTS_AT_ONCE = 16  # clients handed to the executor together, their updates held until evaluated
 
 
+def round_share(server: FederatedServer) -> float:
+    """The share of the clients a round trains: C, or the quorum's share when that is more (selection's target)."""
+    num_clients = server.data.num_clients
+    return target_clients(server.config.fraction, server.config.min_clients, num_clients) / num_clients
+
+
+def _half_up(value: float) -> int:
+    return max(1, math.floor(value + 0.5 + 1e-9))  # a half up: 2.5 is 3; at least 1
+
+
 def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
-    """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · C · E, to the nearest whole
-    epoch (a half up: 2.5 is 3), at least 1."""
-    cfg = server.config
-    return max(1, math.floor(rounds * cfg.fraction * cfg.plan.epochs + 0.5 + 1e-9))
+    """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · q · E (q: round_share), to
+    the nearest whole epoch (a half up), at least 1. With a step cap, the whole epochs the capped steps reach."""
+    plan = server.config.plan
+    epochs = _half_up(rounds * round_share(server) * plan.epochs)
+    if plan.max_steps:
+        per_epoch = replace(plan, epochs=1, max_steps=0)
+        epochs = max(math.ceil(capped_steps(server, rounds, server.data.num_examples(cid))
+                               / per_epoch.num_steps(server.data.num_examples(cid)))
+                     for cid in range(server.data.num_clients))
+    return epochs
 
 
-def baseline_plan(server: FederatedServer, rounds: int, seed: int) -> TrainingPlan:
-    """The clients' plan stretched to `rounds` rounds' compute (whole epochs, no step cap), with its own seed."""
-    return replace(server.config.plan, epochs=equivalent_epochs(server, rounds), max_steps=0, seed=seed)
+def capped_steps(server: FederatedServer, rounds: int, num_examples: int) -> int:
+    """With fl.plan.max_steps: the steps a client of `num_examples` takes in `rounds` rounds, in expectation."""
+    return _half_up(rounds * round_share(server) * server.config.plan.num_steps(num_examples))
+
+
+def baseline_plan(server: FederatedServer, rounds: int, seed: int, num_examples: int | None = None) -> TrainingPlan:
+    """The clients' plan stretched to `rounds` rounds' compute, with its own seed: whole epochs, or, when the plan
+    caps a client's steps a round, the steps a client of `num_examples` takes over the rounds."""
+    plan = server.config.plan
+    steps = capped_steps(server, rounds, num_examples) if plan.max_steps and num_examples is not None else 0
+    return replace(plan, epochs=equivalent_epochs(server, rounds), max_steps=steps, seed=seed)
+
+
+def central_steps(server: FederatedServer, rounds: int) -> int:
+    """With fl.plan.max_steps: the central model's steps, those of every client alone summed (the same examples
+    seen, in batches of the plan's size); 0 without a cap (whole epochs)."""
+    if not server.config.plan.max_steps:
+        return 0
+    return sum(capped_steps(server, rounds, server.data.num_examples(cid)) for cid in range(server.data.num_clients))
+
+
+def _union_steps_per_epoch(server: FederatedServer) -> int:
+    examples = sum(server.data.num_examples(cid) for cid in range(server.data.num_clients))
+    return replace(server.config.plan, epochs=1, max_steps=0).num_steps(examples)
+
+
+def central_epochs(server: FederatedServer, rounds: int) -> int:
+    """The central model's epochs over the union: the run's equivalent ones, or those its capped steps reach."""
+    steps = central_steps(server, rounds)
+    return math.ceil(steps / _union_steps_per_epoch(server)) if steps else equivalent_epochs(server, rounds)
 
 
 def _local_buffers(server: FederatedServer) -> tuple[torch.Tensor, FlatSpec] | None:
@@ -93,7 +141,8 @@ def local_accuracies(server: FederatedServer, rounds: int, skip: Collection[int]
     for first in range(0, len(todo), CLIENTS_AT_ONCE):
         tasks = []
         for cid in todo[first:first + CLIENTS_AT_ONCE]:
-            plan = baseline_plan(server, rounds, derive_seed(server.seed, LOCAL_BASELINE, cid))
+            plan = baseline_plan(server, rounds, derive_seed(server.seed, LOCAL_BASELINE, cid),
+                                 server.data.num_examples(cid))
             tasks.append(ClientTask(cid, plan, ClientData(*server.data.client_train_raw(cid)), server.task, local))
         # evaluated once the executor is done with the chunk: inside its loop, torch runs on its training threads
         # (one, for a pool whose workers hold the cores), and the test set's evaluation would get no more
@@ -131,8 +180,11 @@ def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | N
     if params is None:
         params, buffers = server.initial_params, initial[0] if initial is not None else None
     params = params.to(server.initial_params.device)  # weights saved by a stopped run come back on the CPU
-    for epoch in range(done, equivalent_epochs(server, rounds)):
-        plan = replace(baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE, epoch)), epochs=1)
+    total, per_epoch = central_steps(server, rounds), _union_steps_per_epoch(server)
+    for epoch in range(done, central_epochs(server, rounds)):
+        left = total - epoch * per_epoch  # with a step cap, the last epoch takes only the steps left
+        plan = replace(baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE, epoch)), epochs=1,
+                       max_steps=left if total and left < per_epoch else 0)
         local = (buffers, initial[1]) if initial is not None and buffers is not None else None
         update = client_update(server.model, server.spec, params, data, plan, server.task, local)
         params, buffers = params + update.delta, update.local_buffers
@@ -154,8 +206,8 @@ def centralised(server: FederatedServer, rounds: int) -> dict[str, float]:
     """One model on all the data at `rounds` rounds' compute: its epochs, test accuracy, and the epoch at which its
     training loss stopped being finite (`central_diverged_at_epoch`, when it did)."""
     params, buffers, diverged = central_model(server, rounds)
-    return {"central_epochs": equivalent_epochs(server, rounds), "central_accuracy": central_accuracy(server, params,
-                                                                                                       buffers),
+    return {"central_epochs": central_epochs(server, rounds), "central_accuracy": central_accuracy(server, params,
+                                                                                                    buffers),
             **({"central_diverged_at_epoch": diverged} if diverged else {})}
 
 

@@ -35,6 +35,7 @@ from plait.experiment.progress import progress_bar
 from plait.federated.baselines import (
     baseline_plan,
     central_accuracy,
+    central_epochs,
     central_model,
     compared,
     equivalent_epochs,
@@ -67,7 +68,7 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     central = next((r for r in known if r.get("baseline") == "central"), None)
     with MetricsLog(path) as results:
         if central is None:  # first, the one long measurement, from its last saved epoch
-            central = {"baseline": "central", "epochs": epochs,
+            central = {"baseline": "central", "epochs": central_epochs(server, rounds),
                        **_central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress),
                        "setting": setting}
             results.write(central)
@@ -81,8 +82,9 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
                 bar.advance(len(alone))
     diverged = {"central_diverged_at_epoch": central["diverged_at_epoch"]} if "diverged_at_epoch" in central else {}
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
-                                     "central_epochs": epochs, "central_accuracy": float(central["accuracy"]),
-                                     **diverged})
+                                     "central_epochs": int(central["epochs"]),
+                                     "central_accuracy": float(central["accuracy"]),
+                                     **diverged, **({"steps_capped": True} if server.config.plan.max_steps else {})})
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(Path(run_path) / SUMMARY_FILE, lambda f: f.write(text))
     return summary
@@ -97,7 +99,7 @@ def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: st
     saved = load_checkpoint(checkpoint) if checkpoint.exists() else {}
     if saved.get("setting") != setting:
         saved = {"epochs": 0}
-    epochs, last_save = equivalent_epochs(server, rounds), time.monotonic()
+    epochs, last_save = central_epochs(server, rounds), time.monotonic()
     result: dict[str, Any] = {}
     with progress_bar(f"baselines: one model on all the data ({_epochs(epochs)})", epochs, saved["epochs"],
                       show_progress) as bar:
@@ -124,6 +126,8 @@ def fingerprint(server: FederatedServer, rounds: int) -> str:
              type(server.task).__qualname__,
              zlib.crc32(server.initial_params.detach().cpu().numpy().tobytes()),
              [data.num_examples(cid) for cid in range(data.num_clients)], len(data.test_y)]
+    if server.config.plan.max_steps:  # counted in steps (baselines.py); uncapped settings keep their old hash
+        parts.append(f"steps capped at {server.config.plan.max_steps} a round")
     return hashlib.sha1(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
 
@@ -134,7 +138,8 @@ def describe(summary: dict[str, Any]) -> str:
     central = f"one model on all the data {summary['central_accuracy']:.2%}" + (
         f" (its training diverged at epoch {summary['central_diverged_at_epoch']})"
         if "central_diverged_at_epoch" in summary else "")
-    head = f"baselines at {_epochs(summary['local_epochs'])}"
+    head = f"baselines at {_epochs(summary['local_epochs'])}" if not summary.get("steps_capped") else \
+        f"baselines at the run's steps (capped by fl.plan.max_steps; at most {_epochs(summary['local_epochs'])})"
     if "fl_accuracy" not in summary:
         return f"{head}: {alone}; {central}"
     gap, beats = summary["short_of_central_by"], summary["beats_local_by"]
