@@ -274,3 +274,21 @@ def test_a_shorthand_beside_its_table_says_where_it_goes(tmp_path):
     path.write_text('data = "x.npz"\n[data]\nbatch_size = 8\n')
     with pytest.raises(ConfigError, match=r'invalid TOML: .*goes inside its table .*\[data\] source = "\.\.\."'):
         load_toml(path)
+
+
+def test_a_resume_refuses_another_experiment_and_says_what_else_changed(tmp_path, capsys):
+    path = _write(tmp_path, "exp", rounds=2)
+    run_federated(from_dict(FederatedRunConfig, load_toml(path)), show_progress=False)
+    config = from_dict(FederatedRunConfig, load_toml(path))
+    config.data.partition = "iid"
+    with pytest.raises(ValueError, match=r"--resume with another experiment \(data.partition: 'dirichlet' then, "
+                                         r"'iid' now\)"):
+        run_federated(config, resume=True, show_progress=False)
+    run_dir = tmp_path / "runs" / "exp"
+    assert load_toml(run_dir / "config.toml")["data"]["partition"] == "dirichlet"  # the run's own, kept
+    assert _rounds(run_dir) == [1, 2]
+    more = from_dict(FederatedRunConfig, load_toml(path))
+    more.fl.rounds = 3
+    capsys.readouterr()
+    assert run_federated(more, resume=True, show_progress=False).rounds == 3
+    assert "note: resumed with changed settings: fl.rounds 2 → 3" in capsys.readouterr().err

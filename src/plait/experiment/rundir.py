@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,38 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         data = config if isinstance(config, dict) else to_dict(config)
         self.config_path.write_bytes(tomli_w.dumps(data).encode("utf-8"))
+
+
+# What makes a run the experiment it is: a resume with another value would log two experiments as one
+EXPERIMENT_KEYS = ("data.name", "data.source", "data.partition", "data.num_clients", "data.alpha",
+                   "data.shards_per_client", "data.seed", "model.name", "model.factory", "model.options")
+
+
+def _flat(table: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and f"{where}{key}" != "model.options":
+            out.update(_flat(value, f"{where}{key}."))
+        else:
+            out[f"{where}{key}"] = value
+    return out
+
+
+def changed_settings(run: RunDir, config: Any) -> dict[str, tuple[Any, Any]]:
+    """The settings a resume changes against the run directory's config.toml: {key: (before, now)}. A change of an
+    EXPERIMENT_KEYS setting is an error (start another run.name); nothing when the directory has no config."""
+    if not run.config_path.exists():
+        return {}
+    before = _flat(tomllib.loads(run.config_path.read_text(encoding="utf-8")))
+    now = _flat(config if isinstance(config, dict) else to_dict(config))
+    changed = {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
+               if before.get(key) != now.get(key)}
+    fixed = {key: change for key, change in changed.items() if key in EXPERIMENT_KEYS}
+    if fixed:
+        said = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in fixed.items())
+        raise ValueError(f"--resume with another experiment ({said}): its records would mix two experiments in "
+                         f"{run.path}; resume with the run's settings (its config.toml), or start another run.name")
+    return changed
 
 
 def prepare_run_dir(root: str | Path, name: str, resume: bool, fresh_name: bool = False) -> RunDir:
