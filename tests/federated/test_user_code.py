@@ -214,3 +214,20 @@ def test_one_set_per_client_from_python_is_the_partition_whatever_the_setting(tm
     assert summary.rounds == 2
     with pytest.raises(ValueError, match="'natural' needs a data set with writers or roles, not mnist"):
         build_server(from_dict(FederatedRunConfig, {"data": {"partition": "natural"}}))
+
+
+@pytest.mark.parametrize("data, message", [({"shards_per_client": 0}, "data.shards_per_client must be >= 1"),
+                                           ({"alpha": 0.0}, "data.alpha > 0")])
+def test_a_partitions_setting_is_named(data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(FederatedRunConfig, {"data": data})
+
+
+def test_a_module_for_its_factory_or_a_task_class_for_a_task_says_what_to_pass(tmp_path):
+    make_net = resolve(f"{SHAPES}:make_net", "t")
+    raw = shapes_config(tmp_path)
+    del raw["model"]
+    with pytest.raises(ValueError, match=r"model= takes a function that returns a fresh module .* not a \w+ already"):
+        build_server(from_dict(FederatedRunConfig, raw), model=make_net())
+    with pytest.raises(ValueError, match=r"task= takes a task object \(Task\(\)\), not the class Task"):
+        build_server(from_dict(FederatedRunConfig, raw), model=make_net, task=Task)

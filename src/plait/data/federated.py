@@ -66,6 +66,9 @@ class DataConfig:
         if self.name in TEXT_SETS and self.partition not in ("natural", "iid"):
             raise ValueError(f"data.partition must be 'natural' (one client per play and role) or 'iid' (the same "
                              f"roles' examples dealt evenly) for {self.name}, got {self.partition!r}")
+        if self.shards_per_client < 1 or self.alpha <= 0:
+            raise ValueError(f"data.shards_per_client must be >= 1 and data.alpha > 0, got {self.shards_per_client} "
+                             f"and {self.alpha}")
         if self.examples_per_client < 0:
             raise ValueError(f"data.examples_per_client must be >= 0, got {self.examples_per_client}")
         if self.examples_per_client and self.materialise == "eager":

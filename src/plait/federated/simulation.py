@@ -93,6 +93,11 @@ def build_server(config: FederatedRunConfig, executor: ClientExecutor | None = N
     From Python, `model` (a function returning a fresh module), `data` (what a `data.source` loader may return:
     (x, y), a Dataset, per-client sets) and `task` stand in for the config's `model.factory`, `data.source` and
     `fl.task`."""
+    if isinstance(model, torch.nn.Module):  # calling a module runs its forward: say what to pass instead
+        raise ValueError(f"model= takes a function that returns a fresh module (make_net, or lambda: "
+                         f"{type(model).__name__}(...)), not a {type(model).__name__} already made")
+    if isinstance(task, type):
+        raise ValueError(f"task= takes a task object ({task.__name__}()), not the class {task.__name__}")
     device = client_device(config)  # "cuda" without a GPU fails here, before any data is loaded
     if device.type == "cuda" and config.fl.executor == "distributed":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
