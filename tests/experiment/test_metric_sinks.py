@@ -4,6 +4,7 @@ sinks start where its (truncated) log ends. TensorBoard's own reader checks what
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,6 +49,9 @@ def test_resumed_sinks_redo_the_steps_after_the_checkpoint_once(tmp_path):
         for step in (1, 2, 3):
             sinks.write({"step": step, "loss": float(step)})
     truncate_metrics(tmp_path / "metrics.jsonl", "step", 2)  # a crash after step 3, checkpoint at step 2
+    # TensorBoard reads a folder's event files in name order: the time in whole seconds, then a per-process counter
+    # that sorts "10" before "9" in a test process that made many writers; a resumed run starts later
+    time.sleep(1.05)
     with MetricSinks(tmp_path, "step", resume_after=2) as sinks:
         sinks.write({"step": 3, "loss": 30.0})
         sinks.write({"step": 4, "loss": 40.0})

@@ -231,3 +231,11 @@ def test_a_module_for_its_factory_or_a_task_class_for_a_task_says_what_to_pass(t
         build_server(from_dict(FederatedRunConfig, raw), model=make_net())
     with pytest.raises(ValueError, match=r"task= takes a task object \(Task\(\)\), not the class Task"):
         build_server(from_dict(FederatedRunConfig, raw), model=make_net, task=Task)
+
+
+@pytest.mark.parametrize("name, hint", [("fedprox", "fl.plan.prox_mu"), ("fedadam", "fl.server_opt.name = 'adam'"),
+                                        ("fedsgd", "fl.plan.batch_size = 0")])
+def test_a_strategy_named_after_a_paper_says_where_that_choice_lives(name, hint):
+    with pytest.raises(ConfigError, match="fl.strategy.name = .* is not allowed") as err:
+        from_dict(FederatedRunConfig, {"fl": {"strategy": {"name": name}}})
+    assert hint in str(err.value)

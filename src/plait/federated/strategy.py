@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -30,6 +30,11 @@ class StrategyConfig:
     byzantine_fraction: float = 0.2   # krum, multi_krum: f = floor(this · round's clients) assumed Byzantine
     num_selected: int = 0             # multi_krum: m updates averaged (0: n − f)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)  # name = "secagg": FedAvg under secure aggregation
+    INSTEAD: ClassVar[dict[tuple[str, object], str]] = {
+        ("name", "fedprox"): "FedAvg with a proximal term, fl.plan.prox_mu = 0.01 (say)",
+        **{("name", f"fed{opt}"): f"FedAvg with a server optimizer, fl.server_opt.name = '{opt}'"
+           for opt in ("adam", "yogi", "adagrad")},
+        ("name", "fedsgd"): "FedAvg with full-batch steps, fl.plan.batch_size = 0 and fl.plan.epochs = 1"}
 
     def __post_init__(self) -> None:
         if not 0 <= self.trim_fraction < 0.5:

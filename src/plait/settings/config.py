@@ -46,16 +46,29 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         meant = f"did you mean {(f'{where}.' if where else '') + close[0]!r}? " if close else ""
         raise UnknownKey(f"unknown config key {name!r}; {meant}known keys here: {sorted(fields)}", unknown[0])
     values = {}
+    instead = getattr(cls, "INSTEAD", {})  # {(key, value someone may write): where that choice lives here}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
-        values[key] = _convert(hints[key], value, name)
+        try:
+            values[key] = _convert(hints[key], value, name)
+        except ConfigError as err:
+            hint = instead.get((key, value)) if isinstance(value, (str, int, float)) else None
+            if hint is None:
+                raise
+            raise ConfigError(f"{err} ({value!r} here: {hint})") from err
     try:
         return cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        said = str(err)  # a check that names its key already ("fl.task = ...") is not prefixed with its table again
-        raise ConfigError(said if where and said.startswith(f"{where}.") else f"{where or 'config'}: {said}") from err
+        said, last = str(err), where.rsplit(".", 1)[-1]
+        # a check that names its key already ("fl.task = ...") is not prefixed with its table again; one that names
+        # it from its own table ("compression.ratio ..." under fl.compression) gets the table's whole path
+        if where and said.startswith(f"{where}."):
+            raise ConfigError(said) from err
+        if where and said.startswith(f"{last}."):
+            raise ConfigError(f"{where}{said[len(last):]}") from err
+        raise ConfigError(f"{where or 'config'}: {said}") from err
 
 
 def _convert(hint: Any, value: Any, name: str) -> Any:
@@ -110,7 +123,9 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"{name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        quote = f" (text that reads as a number: quote it, --set {name}='\"{value}\"')" \
+            if hint is str and isinstance(value, (int, float)) else ""
+        raise ConfigError(f"{name} must be {hint.__name__}, got {type(value).__name__} {value!r}{quote}")
     return value
 
 
