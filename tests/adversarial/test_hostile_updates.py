@@ -28,8 +28,10 @@ from plait.federated.net.connection import Connection, Task
 from plait.federated.net.local import cluster, read_records, small_config, write_config
 from plait.federated.net.wire import iter_chunks
 from plait.federated.strategy import FedAvgAggregator
+from plait.federated.task import Task as ClassificationTask
 from plait.settings.config import from_dict
-from tests_support import EXAMPLE, run_plait, shapes_config
+from plait.user_code import resolve
+from tests_support import EXAMPLE, SHAPES, run_plait, shapes_config
 
 ROGUE = 2
 
@@ -156,3 +158,17 @@ def test_a_round_whose_every_honest_update_is_too_large_is_said_as_divergence(tm
     records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["skipped"] and r["refused_norm"] == 3 and "likely diverged" in r["diverged"] for r in records)
 
+
+
+class _NaNEvaluation(ClassificationTask):
+    def eval_sums(self, outputs, targets):
+        sums = super().eval_sums(outputs, targets)
+        return {**sums, "loss": sums["loss"] * float("nan")}
+
+
+def test_a_nan_the_tasks_evaluation_makes_is_not_blamed_on_the_learning_rate(tmp_path):
+    make_net = resolve(f"{SHAPES}:make_net", "t")
+    raw = shapes_config(tmp_path, name="nan_eval")
+    del raw["model"]
+    with pytest.raises(Diverged, match="its weights are finite, so the task's evaluation"):
+        run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, model=make_net, task=_NaNEvaluation())

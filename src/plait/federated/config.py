@@ -104,7 +104,9 @@ class FLConfig:
                              "OpenMP hangs in a forked worker that runs more threads; use 'spawn' or 'auto'")
         if self.strategy.name == "secagg" and self.compression.codec != "none":
             # masked ring elements do not compress; the codec would only ever see the unmasked delta here
-            raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec")
+            raise ValueError("fl.strategy.name = 'secagg' cannot be combined with fl.compression.codec: masked "
+                             "updates look random and do not compress (compress with plain fedavg, or mask without "
+                             "compression)")
         if self.privacy.mode == "central" and self.eligibility:
             raise ValueError("fl.eligibility with fl.privacy.mode = 'central': the accountant's sampling rate assumes "
                              "every client can be sampled; remove the eligibility rules")
@@ -117,7 +119,8 @@ class FLConfig:
         if self.privacy.mode == "central" and (self.strategy.name != "fedavg" or self.strategy.weighting != "uniform"):
             # the sensitivity bound C / expected_clients holds for a uniform sum only
             raise ValueError("fl.privacy.mode = 'central' needs fl.strategy.name = 'fedavg' and "
-                             "fl.strategy.weighting = 'uniform'")
+                             "fl.strategy.weighting = 'uniform' (its noise is sized for a uniform sum; with secure "
+                             "aggregation, fl.privacy.mode = 'local' noises each update before it is masked)")
 
     def round_plan(self, round_idx: int) -> TrainingPlan:
         """The clients' plan in round `round_idx` (counted from 1): `plan.lr` decayed by `lr_decay^(round_idx - 1)`."""

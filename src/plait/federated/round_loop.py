@@ -162,7 +162,10 @@ class RoundLoop:
             record["target_reached"] = record["stop"] = True  # the round count is the figure: rounds to target
         for key in ("test_loss", "fed_loss"):
             if key in record and not math.isfinite(record[key]):
-                self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}")
+                finite = all_finite(state.params)  # then the task's evaluation, not training, made it
+                self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}"
+                               + ("; its weights are finite, so the task's evaluation (fl.task's eval_sums) gave it"
+                                  if finite else ""))
                 state = ServerState(round_idx, before.params, before.opt_state)  # skip: the model stays as it was
         record["wall_s"] = time.perf_counter() - start
         return state, record
