@@ -27,3 +27,25 @@ def test_a_long_line_stays_one_line_off_a_terminal():
             "say('two words')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.splitlines() == ["baselines at 2 epochs: " + "word " * 40 + "end", "two words"]  # not cut at 80
+
+
+
+def test_a_table_off_a_terminal_keeps_its_rows_whole():
+    import contextlib
+    import io
+
+    from rich.table import Table
+
+    from plait.cli.output import console
+
+    out = io.StringIO()
+    console.cache_clear()  # the console is made for what stdout is at its first print: here, not a terminal
+    try:
+        with contextlib.redirect_stdout(out):
+            table = Table("run", "a setting with a long name", "another setting with a long name", "final accuracy")
+            table.add_row("a-run-with-a-long-name", "0.0001", "dirichlet-with-alpha-0.5", "0.98765")
+            console().print(table)
+    finally:
+        console.cache_clear()
+    rows = [line for line in out.getvalue().splitlines() if "a-run-with-a-long-name" in line]
+    assert len(rows) == 1 and "0.98765" in rows[0] and "dirichlet-with-alpha-0.5" in rows[0]

@@ -77,6 +77,8 @@ def plot(args: argparse.Namespace) -> None:
         fail(str(err))
     for path in paths:
         say(f"plot: {path}")
+    if not paths:  # e.g. a run that stopped before its first record
+        say(f"[yellow]warning:[/] {args.run_dir} holds no records to plot", stderr=True)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -15,14 +15,19 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+OFF_TERMINAL_WIDTH = 400  # columns for output to a file or a pipe
+
+
 @cache
 def console(stderr: bool = False) -> Console:
     """The console for stdout (or stderr). It writes to whatever sys.stdout (sys.stderr) is at each print, so a
     caller that redirects them (a test) sees the output."""
     from rich.console import Console
 
-    # soft wrap (lines as they are) for errors and off a terminal: a log's line is not cut at 80 columns
-    return Console(stderr=stderr, soft_wrap=stderr or not (sys.stderr if stderr else sys.stdout).isatty())
+    # soft wrap (lines as they are) for errors and off a terminal: a log's line is not cut at 80 columns, and off a
+    # terminal a table (plait compare's) is as wide as its cells, not squeezed into rich's default 80
+    terminal = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, soft_wrap=stderr or not terminal, width=None if terminal else OFF_TERMINAL_WIDTH)
 
 
 def say(text: str, stderr: bool = False) -> None:
