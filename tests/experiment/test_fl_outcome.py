@@ -35,3 +35,9 @@ def test_the_stop_the_privacy_and_a_regression_loss_are_said(tmp_path):
 def test_a_quorum_larger_than_the_clients_is_refused_at_start():
     with pytest.raises(ConfigError, match="fl.min_clients = 5 is more than data.num_clients = 1"):
         from_dict(FederatedRunConfig, {"data": {"num_clients": 1}, "fl": {"min_clients": 5}})
+
+
+def test_a_privacy_delta_that_allows_publishing_a_client_is_refused():
+    with pytest.raises(ConfigError, match=r"fl.privacy.delta = 0.5 must be below 1 / data.num_clients = 0.01"):
+        from_dict(FederatedRunConfig, {"fl": {"privacy": {"mode": "central", "delta": 0.5},
+                                              "strategy": {"weighting": "uniform"}}})

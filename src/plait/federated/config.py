@@ -154,5 +154,9 @@ class FederatedRunConfig:
         if self.fl.min_clients > self.data.num_clients:
             raise ValueError(f"fl.min_clients = {self.fl.min_clients} is more than data.num_clients = "
                              f"{self.data.num_clients}: no round could reach its quorum")
+        if self.fl.privacy.mode != "none" and self.fl.privacy.delta >= 1 / self.data.num_clients:
+            # (ε, δ) with δ ≥ 1/n allows a mechanism that publishes one client's data whole: the ε means nothing
+            raise ValueError(f"fl.privacy.delta = {self.fl.privacy.delta} must be below 1 / data.num_clients = "
+                             f"{1 / self.data.num_clients:.3g}; 1e-5 is usual")
         if self.fl.federated_eval_every and not self.data.eval_fraction:
             raise ValueError("fl.federated_eval_every needs data.eval_fraction > 0 (clients' held-out data)")
