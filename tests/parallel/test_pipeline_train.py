@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from plait.experiment.runs import pipeline
+from plait.parallel.pipeline.config import PipelineRunConfig
+from plait.parallel.pipeline.model import build_pipeline_model
 from plait.runtime.checkpoint import load_checkpoint
+from plait.settings.config import from_dict, load_toml
 from tests_support import run_plait
 
 CONFIG = """
@@ -61,6 +65,14 @@ def test_cli_pipeline_run_and_resume(tmp_path):
     # each stage keeps the last step and the one before (a rank killed between two ranks' commits resumes there)
     assert sorted(p.name for p in whole.glob("stage*.pt")) == ["stage0.step2.pt", "stage0.step4.pt",
                                                                 "stage1.step2.pt", "stage1.step4.pt"]
+    # the whole model's weights, gathered from the stages under its own names: they load into the model itself
+    model = build_pipeline_model(from_dict(PipelineRunConfig, load_toml(whole / "config.toml")).model)
+    model.load_state_dict(load_file(str(whole / "model.safetensors")))  # strict: every name, every shape
+    stages = [load_checkpoint(whole / f"stage{s}.step4.pt")["model"] for s in (0, 1)]
+    assert sum(len(s) for s in stages) == len(model.state_dict())
+    values = sorted((v for s in stages for v in s.values()), key=lambda t: (t.shape, t.sum().item()))
+    mine = sorted(model.state_dict().values(), key=lambda t: (t.shape, t.sum().item()))
+    assert all(torch.equal(a, b) for a, b in zip(values, mine))
 
     # the same run cut after 2 steps, then resumed to 4, ends with the same weights and the same metrics
     config.write_text(CONFIG.format(name="cut", root=tmp_path / "runs"))

@@ -48,9 +48,7 @@ def export_run(run_dir: Path) -> Path:
     raw.pop("net", None)  # a network run: its model, data and fl tables are the simulator's
     if "fl" not in raw and ("parallel" in raw or "sync" in raw or "train" in raw):
         raise ValueError(f"{run_dir} is a cluster run (plait train): plait export reads federated runs (plait run, "
-                         "plait fl server). A data-parallel or parameter-server run writes its model.safetensors "
-                         "when it ends; its checkpoint.pt's 'params' are the parameters in model.parameters() order "
-                         "(docs/data_parallel.md)")
+                         "plait fl server); a cluster run writes its model.safetensors when it ends (docs/api.md)")
     config = from_dict(FederatedRunConfig, raw)
     num_classes = len(VOCAB) if config.model.name == "char_lstm" else 0
     model = build_model(config.model, num_classes)

@@ -143,6 +143,40 @@ def build_stage(config: PipelineRunConfig, sample: torch.Tensor, stage_index: in
     return stage_module(split_layers(as_layers(model), boundaries), stage_index, par.stages).to(device), boundaries
 
 
+def layer_names(config: PipelineRunConfig) -> list[str]:
+    """The names of the whole model's layers (its state_dict's first parts), from a copy built on the meta device."""
+    model = build_on_meta(lambda: build_pipeline_model(config.model))
+    if isinstance(model, nn.Sequential):
+        return [name for name, _ in model.named_children()]
+    return [str(index) for index in range(len(as_layers(model)))]
+
+
+def whole_model_part(module: nn.Module, boundaries: list[int], stage_index: int, num_stages: int,
+                     names: list[str]) -> dict[str, torch.Tensor]:
+    """This stage's tensors under the whole model's names (`names`: layer_names), on the CPU: the stage's pieces
+    stage_index, stage_index + num_stages, ... each hold the layers between two boundaries."""
+    pieces = list(module) if isinstance(module, nn.ModuleList) else [module]  # ModuleList: chunks per rank
+    edges = [0, *boundaries, len(names)]
+    out = {}
+    for piece_index, piece in zip(range(stage_index, len(edges) - 1, num_stages), pieces):
+        for offset, layer in enumerate(piece):
+            prefix = names[edges[piece_index] + offset]
+            out.update({f"{prefix}.{key}": value.detach().cpu() for key, value in layer.state_dict().items()})
+    return out
+
+
+def _save_whole_model(run: RunContext, config: PipelineRunConfig, module: nn.Module, boundaries: list[int],
+                      replica: int, stage_index: int) -> None:
+    """Replica 0's stages send their parts to the rank that writes the run, which saves the whole model's
+    state_dict as the run's model.safetensors (collective: every rank calls it)."""
+    part = whole_model_part(module, boundaries, stage_index, config.parallel.stages, layer_names(config)) \
+        if replica == 0 else {}
+    parts: list[Any] | None = [None] * dist.get_world_size() if run.writes else None
+    dist.gather_object(part, parts, dst=metrics_rank(config))
+    if parts is not None:
+        run.save_model({name: tensor for got in parts for name, tensor in got.items()})
+
+
 def stage_module(pieces: list[nn.Sequential], stage_index: int, num_stages: int) -> nn.Module:
     """The stage's piece, or, with chunks per rank, its pieces stage_index, stage_index + p, ... as a ModuleList."""
     if len(pieces) == num_stages:
@@ -264,4 +298,5 @@ def train_rank(rank: int, world_size: int, config: PipelineRunConfig, run: RunCo
     except Diverged as err:  # every rank stops at the same step; each rank's last good checkpoint stays
         run.write({"step": done, "diverged": str(err)})
         raise
+    _save_whole_model(run, config, module, boundaries, replica, stage_index)
     return final if run.writes else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 CHECKPOINT_FILE = "checkpoint.pt"  # a run directory's checkpoint: the driver resumes a run that has one
-WEIGHTS_FILE = "model.safetensors"  # the final model's state_dict: what a user takes away (not from a pipeline)
+WEIGHTS_FILE = "model.safetensors"  # the final model's state_dict: what a user takes away, in every plane
 
 
 def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None:
