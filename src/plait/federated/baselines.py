@@ -53,14 +53,20 @@ def _half_up(value: float) -> int:
 def equivalent_epochs(server: FederatedServer, rounds: int) -> int:
     """Epochs one client trains in `rounds` federated rounds, in expectation: rounds · q · E (q: round_share), to
     the nearest whole epoch (a half up), at least 1. With a step cap, the whole epochs the capped steps reach."""
-    plan = server.config.plan
-    epochs = _half_up(rounds * round_share(server) * plan.epochs)
-    if plan.max_steps:
-        per_epoch = replace(plan, epochs=1, max_steps=0)
-        epochs = max(math.ceil(capped_steps(server, rounds, server.data.num_examples(cid))
-                               / per_epoch.num_steps(server.data.num_examples(cid)))
-                     for cid in range(server.data.num_clients))
-    return epochs
+    if server.config.plan.max_steps:
+        return max(_capped_epochs(server, rounds, server.data.num_examples(cid))
+                   for cid in range(server.data.num_clients))
+    return _half_up(rounds * round_share(server) * server.config.plan.epochs)
+
+
+def _epoch_steps(plan: TrainingPlan, num_examples: int) -> int:
+    """The steps of one whole epoch over `num_examples` under the plan's batch size (no cap)."""
+    return replace(plan, epochs=1, max_steps=0).num_steps(num_examples)
+
+
+def _capped_epochs(server: FederatedServer, rounds: int, num_examples: int) -> int:
+    """The whole epochs a client of `num_examples` needs for its capped steps (capped_steps)."""
+    return math.ceil(capped_steps(server, rounds, num_examples) / _epoch_steps(server.config.plan, num_examples))
 
 
 def capped_steps(server: FederatedServer, rounds: int, num_examples: int) -> int:
@@ -72,8 +78,10 @@ def baseline_plan(server: FederatedServer, rounds: int, seed: int, num_examples:
     """The clients' plan stretched to `rounds` rounds' compute, with its own seed: whole epochs, or, when the plan
     caps a client's steps a round, the steps a client of `num_examples` takes over the rounds."""
     plan = server.config.plan
-    steps = capped_steps(server, rounds, num_examples) if plan.max_steps and num_examples is not None else 0
-    return replace(plan, epochs=equivalent_epochs(server, rounds), max_steps=steps, seed=seed)
+    if plan.max_steps and num_examples is not None:  # its own epochs: the first steps are the same whatever comes after
+        return replace(plan, epochs=_capped_epochs(server, rounds, num_examples),
+                       max_steps=capped_steps(server, rounds, num_examples), seed=seed)
+    return replace(plan, epochs=equivalent_epochs(server, rounds), max_steps=0, seed=seed)
 
 
 def central_steps(server: FederatedServer, rounds: int) -> int:
@@ -86,7 +94,7 @@ def central_steps(server: FederatedServer, rounds: int) -> int:
 
 def _union_steps_per_epoch(server: FederatedServer) -> int:
     examples = sum(server.data.num_examples(cid) for cid in range(server.data.num_clients))
-    return replace(server.config.plan, epochs=1, max_steps=0).num_steps(examples)
+    return _epoch_steps(server.config.plan, examples)
 
 
 def central_epochs(server: FederatedServer, rounds: int) -> int:

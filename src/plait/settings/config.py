@@ -154,7 +154,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def checked(config: T) -> T:
     """`config` built again from its values, so that a field a program set after construction (`config.fl.rounds =
-    -1`) gets the checks the constructor gives; the same object when nothing changed its meaning."""
+    -1`) gets the checks the constructor gives; an equal config when every field already passed them."""
     return from_dict(type(config), to_dict(config))
 
 
@@ -222,9 +222,13 @@ def _table_class(schema: type | None, path: list[str]) -> type | None:
     for part in path:
         if cls is None or not dataclasses.is_dataclass(cls):
             return None
-        hint = get_type_hints(cls).get(part)
-        cls = next((arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)), None)
+        cls = _table_of(get_type_hints(cls).get(part))
     return typing.cast("type | None", cls)
+
+
+def _table_of(hint: Any) -> Any:
+    """The config class a field's type hint names, through `X | None`, or None when the field is no table."""
+    return next((arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)), None)
 
 
 def read_config(cls: type[T], path: str | Path, overrides: list[str]) -> T:
@@ -251,7 +255,7 @@ def _paths_named(cls: Any, key: str, where: str = "") -> list[str]:
         hint, path = hints[name], f"{where}{name}"
         if name == key:
             found.append(path)
-        table = next((arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)), None)
+        table = _table_of(hint)
         if table is not None:
             found += _paths_named(table, key, f"{path}.")
     return found
