@@ -6,6 +6,7 @@ beat and approach (each client alone; one model on all the data).
     .venv/bin/python benchmarks/fedavg_paper.py                  # every row below: hours on 2 cores (days for LSTM)
     .venv/bin/python benchmarks/fedavg_paper.py --rows 2nn-iid-b10 --lr-grid 0.05,0.1,0.2
     .venv/bin/python benchmarks/fedavg_paper.py --rows cnn-noniid-e1-b10 --resume   # on from its last checkpoint
+    .venv/bin/python benchmarks/fedavg_paper.py --rows cnn-noniid-e5-b10 --resume --central-lr 0.05
     .venv/bin/python benchmarks/fedavg_paper.py --rows lstm-noniid-e1-b10 --max-rounds 2 \
         --max-examples-per-client 20 --no-baselines               # does a Shakespeare row start? (a minute)
 
@@ -91,10 +92,11 @@ class Outcome:
 
 def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
                max_examples_per_client: int = 0, threads: int = 0, eval_every: int = 1,
-               executor: str = "sequential") -> dict:
+               executor: str = "sequential", central_lr: float = 0.0) -> dict:
     """The run's config (as a TOML table would give it) for one row at one learning rate. `max_examples_per_client`
     caps each Shakespeare client's examples (a smoke run; 0: all, as the paper). `eval_every` k: the test set every
-    k rounds, so the rounds to target are the first evaluated round at or above it (at most k - 1 late)."""
+    k rounds, so the rounds to target are the first evaluated round at or above it (at most k - 1 late).
+    `central_lr`: the baseline of one model on all the data at its own rate (0: the row's)."""
     row = ROWS[name]
     data = {**row["data"], "partition": row["partition"]}
     if data["name"] != "mnist" and max_examples_per_client:
@@ -104,14 +106,14 @@ def row_config(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
             "model": {"name": row["model"]},
             "data": data,
             "fl": {"rounds": max_rounds, "fraction": 0.1, "min_clients": 2, "target_accuracy": row["target"],
-                   "eval_every": eval_every,
+                   "eval_every": eval_every, "central_lr": central_lr,
                    "executor": executor, "task": row.get("task", "classification"),
                    "plan": {"epochs": row["epochs"], "batch_size": row["batch_size"], "lr": lr}}}
 
 
 def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
             max_examples_per_client: int = 0, threads: int = 0, resume: bool = False,
-            eval_every: int = 1, executor: str = "sequential") -> tuple[Outcome, object]:
+            eval_every: int = 1, executor: str = "sequential", central_lr: float = 0.0) -> tuple[Outcome, object]:
     """One row at one rate, in `root/<row>-lr<rate>`; a fresh directory beside any earlier one, or, with `resume`,
     that directory's run goes on from its last checkpoint (one that reached its target is read, not run again)."""
     from plait.experiment.rundir import RunDir
@@ -122,7 +124,7 @@ def run_row(name: str, lr: float, max_rounds: int, root: Path, seed: int = 0,
     from plait.settings.config import from_dict
 
     config = from_dict(FederatedRunConfig, row_config(name, lr, max_rounds, root, seed, max_examples_per_client,
-                                                               threads, eval_every, executor))
+                                                               threads, eval_every, executor, central_lr))
     run_dir = RunDir(root / config.run.name)
     goes_on = resume and run_dir.checkpoint_path.exists()
     records = read_metrics(run_dir.metrics_path) if goes_on else []
@@ -158,6 +160,8 @@ def _table_row(name: str, best: Outcome, rounds_cap: int, extra: dict[str, float
     alone = (f"{extra['local_accuracy_mean']:.4f} ({extra['local_accuracy_p10']:.4f}-"
              f"{extra['local_accuracy_p90']:.4f})") if extra else "-"
     central = f"{extra['central_accuracy']:.4f}" if extra else "-"
+    if "central_lr" in extra:
+        central += f" (lr {extra['central_lr']:g})"
     return (f"| {name} | {best.lr} | {plait} | {paper or '-'} | {ratio} | {final} | {alone} | {central} | "
             f"{best.seconds:.0f} |")
 
@@ -171,6 +175,9 @@ def main() -> None:
                         help="give up after this many (default: 3x paper; 50 for a row without a paper figure)")
     parser.add_argument("--max-examples-per-client", type=int, default=0,
                         help="Shakespeare rows: cap each client's examples (a smoke run; default: all)")
+    parser.add_argument("--central-lr", type=float, default=0.0,
+                        help="the one model on all the data at this rate (default 0: the row's; the clients alone "
+                             "keep the row's, and their results are reused)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the local-only and centralised runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     parser.add_argument("--executor", default="sequential", choices=["sequential", "process_pool", "auto"],
@@ -201,7 +208,7 @@ def main() -> None:
             started = time.perf_counter()
             outcome, server = run_row(name, lr, max_rounds, out, max_examples_per_client=args.max_examples_per_client,
                                       threads=args.threads, resume=args.resume, eval_every=args.eval_every,
-                                      executor=args.executor)
+                                      executor=args.executor, central_lr=args.central_lr)
             tried.append((outcome, server))
             print(f"{name} lr={lr}: rounds to target {outcome.rounds}, final {outcome.final} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)

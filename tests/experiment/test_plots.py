@@ -9,7 +9,7 @@ import re
 import pytest
 import tomli_w
 
-from plait.experiment.plots import plot_run, run_figures
+from plait.experiment.plots import Figure, mark_baselines, plot_run, run_figures
 from plait.runtime.metric_names import DATA_PARALLEL, FEDERATED, canonical_records, plane_of
 
 
@@ -85,6 +85,9 @@ def test_a_run_with_baselines_draws_them_beside_its_accuracy(tmp_path):
     (run / "baselines.json").write_text("{not json")  # a cut file: the figure is drawn without them
     plot_run(run)
     assert "each client alone, 2 epochs, mean (40)" not in svg_text(run / "plots" / "accuracy.png")
+    own_rate = Figure("f", "round", "accuracy", [])
+    mark_baselines(own_rate, {"central_accuracy": 0.9, "central_epochs": 2, "central_lr": 0.05})
+    assert own_rate.hlines == [(90.0, "one model on all the data, 2 epochs, lr 0.05 (90)")]  # not the clients' rate
 
 
 def test_old_and_new_metric_names_draw_the_same_figures(tmp_path):

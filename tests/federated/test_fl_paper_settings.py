@@ -19,6 +19,7 @@ from plait.experiment.runs.fl_simulation import run_federated
 from plait.federated.baselines import (
     against_baselines,
     benchmark_line,
+    central_accuracy,
     central_model,
     centralised,
     equivalent_epochs,
@@ -197,6 +198,27 @@ def test_a_central_model_that_diverges_stops_and_says_at_which_epoch(tmp_path):
     assert "(its training diverged at epoch 1)" in describe(summary)
     central = json.loads((tmp_path / RESULTS_FILE).read_text().splitlines()[0])
     assert central["diverged_at_epoch"] == 1 and central["train_loss"] is None  # NaN, as the log writes it
+
+
+def test_the_central_model_takes_its_own_rate_and_the_clients_results_are_kept(tmp_path):
+    raw = shapes_config(tmp_path, rounds=4)
+    server = build_server(from_dict(FederatedRunConfig, raw))
+    first = run_baselines(server, 4, tmp_path, 0.9, show_progress=False)
+    assert "central_lr" not in first
+    # the central model at fl.central_lr = 0.2 is the one a run at plan.lr = 0.2 trains, bit for bit
+    faster = {**raw, "fl": {**raw["fl"], "plan": {**raw["fl"]["plan"], "lr": 0.2}}}
+    expected = central_model(build_server(from_dict(FederatedRunConfig, faster)), 4)[0]
+    own = build_server(from_dict(FederatedRunConfig, {**raw, "fl": {**raw["fl"], "central_lr": 0.2}}))
+    assert torch.equal(central_model(own, 4)[0], expected)
+    again = run_baselines(own, 4, tmp_path, 0.9, show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    # the clients alone were read, not measured again; the central model was measured anew beside the first one
+    assert [r["baseline"] for r in lines] == ["central"] + ["local"] * 6 + ["central"]
+    assert again["local_accuracy_mean"] == first["local_accuracy_mean"] and again["central_lr"] == 0.2
+    assert again["central_accuracy"] == pytest.approx(central_accuracy(own, expected, None))
+    assert "one model on all the data" in describe(again) and "(at lr 0.2)" in describe(again)
+    with pytest.raises(ConfigError, match="fl.central_lr must be >= 0"):
+        from_dict(FederatedRunConfig, {**raw, "fl": {**raw["fl"], "central_lr": -1}})
 
 
 class Stop(Exception):

@@ -113,8 +113,10 @@ def mark_baselines(figure: Figure, baselines: dict[str, Any]) -> None:
     low, high = number(baselines.get("local_accuracy_p10")), number(baselines.get("local_accuracy_p90"))
     epochs = number(baselines.get("central_epochs"))
     at = f", {epochs:g} epochs" if epochs is not None else ""
+    rate = number(baselines.get("central_lr"))  # fl.central_lr: its own rate, not the clients'
     if central is not None:
-        figure.hlines.append((100 * central, f"one model on all the data{at} ({100 * central:.4g})"))
+        figure.hlines.append((100 * central, f"one model on all the data{at}{f', lr {rate:g}' if rate else ''} "
+                                             f"({100 * central:.4g})"))
     if mean is not None:
         figure.hlines.append((100 * mean, f"each client alone{at}, mean ({100 * mean:.4g})"))
     if low is not None and high is not None:

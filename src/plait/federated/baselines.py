@@ -10,7 +10,9 @@ When the plan caps a client's steps a round (`fl.plan.max_steps`), the compute i
 client alone takes rounds · q · its steps a round, and the central model the sum of those over the clients, in
 batches of the plan's size.
 
-Both use the run's own model, task, plan (batch size, lr, momentum) and test set. The clients alone train on the
+Both use the run's own model, task, plan (batch size, lr, momentum) and test set; the central model takes
+`fl.central_lr` instead when it is set (a rate FL's few local epochs between averages hold can make one model
+diverge over all the central epochs; the paper tuned each rate). The clients alone train on the
 run's executor (a worker pool trains several at once, each converting its own rows) and give the same bits on
 every executor. `fl.baselines = true` runs both after a simulated run (experiment/runs/fl_baselines.py); a
 benchmark's reference run prints `benchmark_line(name, against_baselines(server, rounds, accuracy))`.
@@ -90,6 +92,11 @@ def central_steps(server: FederatedServer, rounds: int) -> int:
     if not server.config.plan.max_steps:
         return 0
     return sum(capped_steps(server, rounds, server.data.num_examples(cid)) for cid in range(server.data.num_clients))
+
+
+def central_lr(server: FederatedServer) -> float:
+    """The central model's learning rate: fl.central_lr, or the clients' plan.lr when that is 0."""
+    return server.config.central_lr or server.config.plan.lr
 
 
 def _union_steps_per_epoch(server: FederatedServer) -> int:
@@ -192,7 +199,7 @@ def central_model(server: FederatedServer, rounds: int, params: torch.Tensor | N
     for epoch in range(done, central_epochs(server, rounds)):
         left = total - epoch * per_epoch  # with a step cap, the last epoch takes only the steps left
         plan = replace(baseline_plan(server, rounds, derive_seed(server.seed, CENTRAL_BASELINE, epoch)), epochs=1,
-                       max_steps=left if total and left < per_epoch else 0)
+                       max_steps=left if total and left < per_epoch else 0, lr=central_lr(server))
         local = (buffers, initial[1]) if initial is not None and buffers is not None else None
         update = client_update(server.model, server.spec, params, data, plan, server.task, local)
         params, buffers = params + update.delta, update.local_buffers

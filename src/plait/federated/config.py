@@ -46,6 +46,8 @@ class FLConfig:
     lr_decay: float = 1.0              # clients' learning rate in round r: plan.lr · lr_decay^(r-1)
     baselines: bool = False            # after the run: each client alone and one model on all the data, at its
                                        # compute, in the run's baselines.json (experiment/runs/fl_baselines.py)
+    central_lr: float = 0.0            # the baseline of one model on all the data: its learning rate (0: plan.lr;
+                                       # a rate that FL's local epochs hold can diverge over the central epochs)
     federated_eval_every: int = 0      # evaluation on clients' held-out data every k rounds (0: never)
     executor: Literal["sequential", "threads", "process_pool", "distributed", "auto"] = "sequential"  # how clients run
     # (distributed: over torch.distributed ranks, under torchrun; auto: measured at start, backends/auto.py)
@@ -84,6 +86,8 @@ class FLConfig:
             raise ValueError(f"fl.min_clients must be >= 1, got {self.min_clients}")
         if not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"fl.target_accuracy must be in [0, 1] (0: off), got {self.target_accuracy}")
+        if self.central_lr < 0:
+            raise ValueError(f"fl.central_lr must be >= 0 (0: fl.plan.lr), got {self.central_lr}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"fl.lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.target_accuracy and not self.eval_every:

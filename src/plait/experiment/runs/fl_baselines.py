@@ -60,17 +60,19 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     and measured for the rest; the summary, also written to `run_path/baselines.json`."""
     path = Path(run_path) / RESULTS_FILE
     epochs, setting = equivalent_epochs(server, rounds), fingerprint(server, rounds)
+    central_setting = fingerprint(server, rounds, central=True)
     kept = read_metrics(path)  # up to a line a stop cut short: rewritten without it, so appending goes on cleanly
     atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")))
     known = [r for r in kept if r.get("setting") == setting]
     alone = {int(r["client"]): float(r["accuracy"]) for r in known
              if r.get("baseline") == "local" and 0 <= r.get("client", -1) < server.data.num_clients}
-    central = next((r for r in known if r.get("baseline") == "central"), None)
+    central = next((r for r in kept if r.get("baseline") == "central" and r.get("setting") == central_setting), None)
     with MetricsLog(path) as results:
         if central is None:  # first, the one long measurement, from its last saved epoch
             central = {"baseline": "central", "epochs": central_epochs(server, rounds),
-                       **_central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, setting, show_progress),
-                       "setting": setting}
+                       **_central(server, rounds, Path(run_path) / CENTRAL_CHECKPOINT, central_setting,
+                                  show_progress),
+                       "setting": central_setting}
             results.write(central)
             (Path(run_path) / CENTRAL_CHECKPOINT).unlink(missing_ok=True)
         with progress_bar(f"baselines: each client alone ({_epochs(epochs)})", server.data.num_clients, len(alone),
@@ -84,7 +86,8 @@ def run_baselines(server: FederatedServer, rounds: int, run_path: Path, fl_accur
     summary = compared(fl_accuracy, {**local_summary([alone[c] for c in sorted(alone)], epochs),
                                      "central_epochs": int(central["epochs"]),
                                      "central_accuracy": float(central["accuracy"]),
-                                     **diverged, **({"steps_capped": True} if server.config.plan.max_steps else {})})
+                                     **diverged, **({"steps_capped": True} if server.config.plan.max_steps else {}),
+                                     **({"central_lr": server.config.central_lr} if server.config.central_lr else {})})
     text = json.dumps(summary, indent=1).encode("utf-8")
     atomic_write_bytes(Path(run_path) / SUMMARY_FILE, lambda f: f.write(text))
     return summary
@@ -117,10 +120,11 @@ def _central(server: FederatedServer, rounds: int, checkpoint: Path, setting: st
             **({"diverged_at_epoch": diverged} if diverged else {})}
 
 
-def fingerprint(server: FederatedServer, rounds: int) -> str:
+def fingerprint(server: FederatedServer, rounds: int, central: bool = False) -> str:
     """What a baseline's result depends on, hashed: the clients' plan at the run's compute, the seed, the initial
-    weights (the model), the clients' sizes and the test set's. A result measured under another setting (a run
-    resumed with other overrides) is measured again rather than reused."""
+    weights (the model), the clients' sizes and the test set's; `central`: the central model's, which adds its own
+    rate when fl.central_lr sets one. A result measured under another setting (a run resumed with other overrides)
+    is measured again rather than reused."""
     data = server.data
     parts = [repr(baseline_plan(server, rounds, seed=0)), server.seed, server.config.buffers,
              type(server.task).__qualname__,
@@ -128,6 +132,8 @@ def fingerprint(server: FederatedServer, rounds: int) -> str:
              [data.num_examples(cid) for cid in range(data.num_clients)], len(data.test_y)]
     if server.config.plan.max_steps:  # counted in steps (baselines.py); uncapped settings keep their old hash
         parts.append(f"steps capped at {server.config.plan.max_steps} a round")
+    if central and server.config.central_lr:  # without one, the clients' setting (results measured before it)
+        parts.append(f"central lr {server.config.central_lr}")
     return hashlib.sha1(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
 
@@ -136,6 +142,7 @@ def describe(summary: dict[str, Any]) -> str:
     alone = (f"each client alone {summary['local_accuracy_mean']:.2%} (p10-p90 {summary['local_accuracy_p10']:.2%}-"
              f"{summary['local_accuracy_p90']:.2%})")
     central = f"one model on all the data {summary['central_accuracy']:.2%}" + (
+        f" (at lr {summary['central_lr']:g})" if "central_lr" in summary else "") + (
         f" (its training diverged at epoch {summary['central_diverged_at_epoch']})"
         if "central_diverged_at_epoch" in summary else "")
     head = f"baselines at {_epochs(summary['local_epochs'])}" if not summary.get("steps_capped") else \
