@@ -172,3 +172,21 @@ def test_a_nan_the_tasks_evaluation_makes_is_not_blamed_on_the_learning_rate(tmp
     del raw["model"]
     with pytest.raises(Diverged, match="its weights are finite, so the task's evaluation"):
         run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, model=make_net, task=_NaNEvaluation())
+
+
+class _OverflowingForward(ClassificationTask):
+    """Trains as usual; its evaluated outputs overflow, as finite weights grown too large make them."""
+
+    def forward(self, model, inputs):
+        outputs = super().forward(model, inputs)
+        return outputs if model.training else outputs * float("inf")
+
+
+def test_a_nan_loss_from_outputs_that_overflow_is_blamed_on_the_rates_not_the_task(tmp_path):
+    make_net = resolve(f"{SHAPES}:make_net", "t")
+    raw = shapes_config(tmp_path, name="overflow")
+    del raw["model"]
+    with pytest.raises(Diverged, match=r"its weights are finite \(the largest \|w\| is [0-9.e+]+\) and the model's "
+                                       r"outputs are not: they overflow .*lower fl.plan.lr, or set it to 'skip'"):
+        run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, model=make_net,
+                      task=_OverflowingForward())

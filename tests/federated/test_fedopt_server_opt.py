@@ -9,7 +9,7 @@ from torch import nn
 from plait.core.flat import flat_params
 from plait.federated.client_update import ClientData, client_update
 from plait.federated.plan import TrainingPlan
-from plait.federated.server_opt import ServerOptConfig, build_server_opt
+from plait.federated.server_opt import DEFAULT_LR, ServerOptConfig, build_server_opt
 
 W0 = torch.tensor([1.0, -1.0])
 D1 = torch.tensor([0.5, -2.0])
@@ -91,3 +91,51 @@ def test_fedprox_proximal_term_two_full_batch_steps():
     plain = client_update(model, spec, w0, ClientData(x, y), TrainingPlan(epochs=2, batch_size=0, lr=lr))
     assert not torch.allclose(plain.delta, update.delta)  # the term did something
     assert update.delta.norm() < plain.delta.norm()       # and pulled towards the global model
+
+
+@pytest.mark.parametrize("name, default", [("sgd", 1.0), ("adagrad", 0.1), ("adam", 0.01), ("yogi", 0.01)])
+def test_each_optimizer_takes_its_own_rate_unless_one_is_set(name, default):
+    # an adaptive step moves each weight by about its rate a round: FedAvg's 1.0 would throw the model away
+    def first_step(**lr):
+        opt = build_server_opt(ServerOptConfig(name=name, **lr))
+        return opt.apply(W0.clone(), D1, opt.init(W0.clone()))[0]
+
+    assert ServerOptConfig(name=name).step_size == default == DEFAULT_LR[name]
+    assert torch.equal(first_step(), first_step(lr=default)) and not torch.equal(first_step(), first_step(lr=0.5))
+    if name == "sgd":
+        assert torch.equal(first_step(), W0 + D1)  # FedAvg: w + mean delta
+    else:  # m = 0.1·Δ, v = τ² + (1 − β)Δ² (adagrad: β = 0), w + η m / (√v + τ)
+        keep = 0.0 if name == "adagrad" else 0.99
+        v = 1e-6 * (keep or 1) + (1 - keep) * 0.25
+        assert abs(float(first_step()[0]) - (1 + default * 0.05 / (math.sqrt(v) + 1e-3))) < 1e-6
+    with pytest.raises(ValueError, match=rf"server_opt.lr must be >= 0 \(0: {name}'s default, {default}\)"):
+        ServerOptConfig(name=name, lr=-1.0)
+
+
+def test_a_diverged_run_names_the_servers_rate_when_it_may_be_the_cause():
+    assert ServerOptConfig().rates_to_lower() == "fl.plan.lr"
+    assert ServerOptConfig(name="adam").rates_to_lower() == "fl.plan.lr or fl.server_opt.lr"
+    assert ServerOptConfig(lr=3.0).rates_to_lower() == "fl.plan.lr or fl.server_opt.lr"
+
+
+def test_federated_buffers_take_the_clients_mean_under_any_server_optimizer(tmp_path):
+    # round 1's updates are the same whatever the server does with them: the BatchNorm statistics of the new global
+    # model are FedAvg's (w + mean delta) under adam; its parameters are adam's step
+    from plait.federated.config import FederatedRunConfig
+    from plait.federated.simulation import build_server
+    from plait.settings.config import from_dict
+    from tests_support import shapes_config
+
+    after = {}
+    for name in ("sgd", "adam"):
+        server = build_server(from_dict(FederatedRunConfig, shapes_config(tmp_path, server_opt={"name": name})))
+        try:
+            after[name] = server.run_round(server.initial_state())[0].params
+        finally:
+            server.close()
+        trained, start = server.spec.num_params, server.initial_params
+    assert trained < len(start)  # the shapes net has BatchNorm: its running statistics follow the parameters
+    assert torch.equal(after["adam"][trained:], after["sgd"][trained:])
+    assert not torch.equal(after["adam"][trained:], start[trained:])  # they moved, by the clients' mean
+    moved = (after["adam"][:trained] - start[:trained]).abs()
+    assert 0.001 < float(moved.max()) <= 0.01  # round 1: |m| / (sqrt(v) + tau) < 1, so no weight moves more than η

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from plait.core.flat import FlatSpec
+from plait.data.user import take
 from plait.federated.device import model_device, on_device
 from plait.federated.task import EVAL_BATCH, GPU_EVAL_BATCH, Inputs, Task, evaluate_batches
 from plait.federated.weights import pointed_at
@@ -22,6 +23,31 @@ def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: In
         local = (local[0].to(device), local[1])
     with pointed_at(model, spec, params.detach().to(device), local=local):
         return evaluate_batches(task or Task(), model, on_device(x, device), y.to(device), batch_size)
+
+
+def outputs_finite(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, task: Task | None = None,
+                   examples: int = 64) -> bool:
+    """Whether the model's outputs for the weights `params` on the first `examples` of `x` are finite (every
+    tensor among them; outputs of another kind count as finite): finite weights large enough to overflow the
+    forward pass give a NaN loss that no evaluation code made."""
+    device, was_training = model_device(model), model.training
+    model.eval()  # as evaluated; in training mode BatchNorm would write its statistics into `params`
+    try:
+        with torch.no_grad(), pointed_at(model, spec, params.detach().to(device)):
+            outputs = (task or Task()).forward(model, on_device(take(x, slice(0, examples)), device))
+    finally:
+        model.train(was_training)
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(outputs))
+
+
+def _tensors(outputs: object) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() or outputs.is_complex() else []
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in _tensors(item)]
+    if isinstance(outputs, dict):
+        return [t for item in outputs.values() for t in _tensors(item)]
+    return []
 
 
 # What a round's record calls the central test set's figures (runtime/metric_names.py); a task's other metrics

@@ -29,7 +29,7 @@ from plait.core.flat import FlatSpec
 from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
 from plait.federated.device import model_device, on_device
-from plait.federated.evaluate import evaluate, test_set_record
+from plait.federated.evaluate import evaluate, outputs_finite, test_set_record
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
@@ -162,18 +162,28 @@ class RoundLoop:
             record["target_reached"] = record["stop"] = True  # the round count is the figure: rounds to target
         for key in ("test_loss", "fed_loss"):
             if key in record and not math.isfinite(record[key]):
-                finite = all_finite(state.params)  # then the task's evaluation, not training, made it
                 self._diverged(record, f"round {round_idx}: the {key} of the new global model is {record[key]}"
-                               + ("; its weights are finite, so the task's evaluation (fl.task's eval_sums) gave it"
-                                  if finite else ""))
+                               + self._nonfinite_loss_cause(state.params))
                 state = ServerState(round_idx, before.params, before.opt_state)  # skip: the model stays as it was
         record["wall_s"] = time.perf_counter() - start
         return state, record
 
+    def _nonfinite_loss_cause(self, params: torch.Tensor) -> str:
+        """Who made a non-finite evaluation loss when the weights are finite: weights grown large enough to
+        overflow the model's outputs (the rates), or, when its outputs are finite, the task's evaluation."""
+        if not all_finite(params):
+            return ""
+        if self.test_set is not None and not outputs_finite(self.model, self.spec, params, self.test_set[0],
+                                                            self.task):
+            return (f"; its weights are finite (the largest |w| is {float(params.abs().max()):.3g}) and the "
+                    "model's outputs are not: they overflow")
+        return "; its weights are finite, so the task's evaluation (fl.task's eval_sums) gave it"
+
     def _diverged(self, record: dict[str, Any], what: str) -> None:
         """Stop the run (fl.bounds.on_divergence = "stop"), or mark the round skipped."""
         if self.config.bounds.on_divergence == "stop":
-            raise Diverged(f"{what} (fl.bounds.on_divergence = 'stop'; lower fl.plan.lr, or set it to 'skip')")
+            raise Diverged(f"{what} (fl.bounds.on_divergence = 'stop'; lower "
+                           f"{self.config.server_opt.rates_to_lower()}, or set it to 'skip')")
         record["skipped"], record["diverged"] = True, what
 
     def _train_and_aggregate(self, state: ServerState, selected: list[int], target: int, record: dict[str, Any],
@@ -226,6 +236,12 @@ class RoundLoop:
             record["bytes_up"] = traffic["bytes_up"]
             record["bytes_down"] += traffic["bytes_down"]
         params, opt_state = self.server_opt.apply(state.params, mean, state.opt_state)
+        trained = self.spec.num_params
+        if trained < params.numel():
+            # federated buffers (BatchNorm's running statistics) follow the parameters and take the clients' mean,
+            # as in FedAvg: a server optimizer's step is for what gradients trained (an adaptive one would move a
+            # running variance by about its rate whatever its size, below 0 at worst, and momentum overshoot it)
+            params[trained:] = state.params[trained:] + mean[trained:]
         if not all_finite(params):
             self._diverged(record, f"round {round_idx}: the server optimizer made the global model non-finite")
             return state

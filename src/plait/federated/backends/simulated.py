@@ -159,8 +159,8 @@ class SimulatedBackend:
         if refusal.reason == "nonfinite" and cid not in self.attackers \
                 and self.config.bounds.on_divergence == "stop":
             raise Diverged(f"round {round_idx}: {refusal} (train loss {update.metrics.get('train_loss')}): its "
-                           "local training diverged (fl.bounds.on_divergence = 'stop'; lower fl.plan.lr, or set "
-                           "it to 'skip')")
+                           "local training diverged (fl.bounds.on_divergence = 'stop'; lower "
+                           f"{self.config.server_opt.rates_to_lower()}, or set it to 'skip')")
         record["refused"] = record.get("refused", 0) + 1
         record[f"refused_{refusal.reason}"] = record.get(f"refused_{refusal.reason}", 0) + 1
 
