@@ -68,3 +68,32 @@ def test_a_rank_on_another_node_receives_its_stage_files_from_the_rank_that_hold
                     {"step": 4, "stages": 2, "boundaries": torch.tensor([2], dtype=torch.int64)})
     results = spawn_ranks(_moved_ranks, 2, str(tmp_path), timeout_s=120)
     assert results == [(4, [0, 1], b"stage 0"), (4, [0, 1], b"stage 1")]
+
+
+def _prepare_resume(rank: int, world_size: int, raw: dict) -> int:
+    from plait.parallel.pipeline.config import PipelineRunConfig
+    from plait.settings.config import from_dict
+
+    return pipeline.prepare_under_torchrun(from_dict(PipelineRunConfig, raw), resume=True)[0].path.exists()
+
+
+def test_a_resume_under_torchrun_refuses_another_model_and_says_what_else_changed(tmp_path):
+    # the ranks prepare the run directory themselves under torchrun: the same refusal as a spawned run's
+    import tomllib
+
+    from plait.parallel.launch import RankFailed
+    from plait.parallel.pipeline.config import PipelineRunConfig
+    from plait.settings.config import from_dict, to_dict
+
+    raw = tomllib.loads(CONFIG.format(name="held", root=(tmp_path / "runs").as_posix(), steps=40))
+    run = RunDir(tmp_path / "runs" / "held")
+    run.write_config(from_dict(PipelineRunConfig, raw))
+    save_checkpoint(run.checkpoint_path, {"step": 20})
+    deeper = {**raw, "model": {**raw["model"], "depth": 6}}
+    with pytest.raises(RankFailed, match=r"--resume with another experiment \(model.depth: 4 then, 6 now\)") as err:
+        spawn_ranks(_prepare_resume, 2, to_dict(from_dict(PipelineRunConfig, deeper)), timeout_s=120)
+    assert err.value.setting  # a usage error: the command says it in one line, exit 2
+    assert tomllib.loads(run.config_path.read_text())["model"]["depth"] == 4  # the run's own, kept
+    longer = {**raw, "train": {**raw["train"], "steps": 60}}
+    assert spawn_ranks(_prepare_resume, 2, to_dict(from_dict(PipelineRunConfig, longer)), timeout_s=120) == [1, 1]
+    assert tomllib.loads(run.config_path.read_text())["train"]["steps"] == 60  # the settings it goes on with

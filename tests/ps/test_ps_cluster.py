@@ -4,6 +4,7 @@
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from plait.experiment.runs.parameter_server import run_ps
@@ -202,14 +203,20 @@ def test_a_stalled_worker_that_was_dropped_follows_the_clock_it_is_given(tmp_pat
     assert summary.max_staleness == {0: 0, 1: 0}
 
 
-def test_resume_continues_from_the_servers_checkpoints_as_if_never_stopped(tmp_path):
+def test_resume_continues_from_the_servers_checkpoints_as_if_never_stopped(tmp_path, capsys):
     """`plait train --resume` on the PS plane: a BSP run stopped after 5 clocks and resumed to 10 ends where
     single-process SGD over 10 steps ends (workers learn their clock from the servers and draw the same batches);
-    the logs hold every step once and the evaluator's clock goes on."""
+    the logs hold every step once and the evaluator's clock goes on. A resume with another model is refused."""
     config = make_config(tmp_path, "resume", sync={"servers": 2, "consistency": "bsp"}, train={"steps": 5})
     run_ps(config, num_workers=2, timeout_s=240, show_progress=False)
+    other = make_config(tmp_path, "resume", sync={"servers": 2, "consistency": "bsp"}, model={"name": "cnn"})
+    with pytest.raises(ValueError, match=r"--resume with another experiment \(model.name: '2nn' then, 'cnn' now\)"):
+        run_ps(other, num_workers=2, resume=True, timeout_s=240, show_progress=False)
+    assert "name = \"2nn\"" in (tmp_path / "resume" / "config.toml").read_text()  # the run's own, kept
     config.train.steps = 10
+    capsys.readouterr()
     summary = run_ps(config, num_workers=2, resume=True, timeout_s=240, show_progress=False)
+    assert "note: resumed with changed settings: train.steps 5 → 10" in capsys.readouterr().err
     np.testing.assert_allclose(summary.weights, single_process_sgd(config, 2), rtol=0, atol=2e-6)
     for rank in range(2):
         assert [r["step"] for r in read_metrics(tmp_path / "resume" / f"worker-{rank}.jsonl")] == list(range(10))

@@ -4,14 +4,13 @@ progress bar. Every plane's run is driven through one of these; the planes never
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from plait.experiment.progress import progress_bar
-from plait.experiment.rundir import RunDir, changed_settings
+from plait.experiment.rundir import RunDir, check_resumed_settings
 from plait.experiment.sinks import MetricSinks
 from plait.runtime.checkpoint import load_checkpoint, save_checkpoint, save_weights_file
 from plait.runtime.metrics_log import elapsed_so_far, truncate_metrics
@@ -57,18 +56,14 @@ class Run:
     def start(self, step: int) -> float:
         if self._sinks is not None:
             raise RuntimeError("Run.start was called twice")
-        # before the log is touched: another experiment is refused; other changes are said (more rounds, a new rate)
-        changed = changed_settings(self.run_dir, self._config) \
-            if self._resume and self._writes and self._config is not None else {}
+        if self._resume and self._writes and self._config is not None:  # before the log is touched
+            check_resumed_settings(self.run_dir, self._config)
         elapsed = 0.0
         if self._resume:
             if self._writes:
                 truncate_metrics(self.run_dir.metrics_path, self.step_key, step)  # steps after it are redone once
             elapsed = elapsed_so_far(self.run_dir.metrics_path)
         if self._writes:
-            if changed:
-                print("note: resumed with changed settings: " + ", ".join(
-                    f"{key} {old!r} → {new!r}" for key, (old, new) in changed.items()), file=sys.stderr)
             if self._config is not None:
                 self.run_dir.write_config(self._config)  # a resume's too: the settings the run goes on with
             self._sinks = self._stack.enter_context(MetricSinks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,16 @@ class RunDir:
         self.config_path.write_bytes(tomli_w.dumps(data).encode("utf-8"))
 
 
-# What makes a run the experiment it is: a resume with another value would log two experiments as one
-EXPERIMENT_KEYS = ("data.name", "data.source", "data.partition", "data.num_clients", "data.alpha",
-                   "data.shards_per_client", "data.seed", "model.name", "model.factory", "model.options")
+# What makes a run the experiment it is: a resume with another value would log two experiments as one. Every
+# [model] key (the architecture: name, factory, options, a preset's depth or width), and the [data] keys that choose
+# the examples and who holds them; not where the same data lies (path, cache_dir) nor how it is batched.
+EXPERIMENT_DATA_KEYS = ("data.name", "data.source", "data.test_path", "data.partition", "data.num_clients",
+                        "data.alpha", "data.shards_per_client", "data.seed", "data.eval_fraction",
+                        "data.max_examples_per_client", "data.examples_per_client", "data.test_examples")
+
+
+def is_experiment_key(key: str) -> bool:
+    return key.startswith("model.") or key in EXPERIMENT_DATA_KEYS
 
 
 def _flat(table: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -63,20 +71,30 @@ def _flat(table: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def changed_settings(run: RunDir, config: Any) -> dict[str, tuple[Any, Any]]:
-    """The settings a resume changes against the run directory's config.toml: {key: (before, now)}. A change of an
-    EXPERIMENT_KEYS setting is an error (start another run.name); nothing when the directory has no config."""
+    """The settings a resume changes against the run directory's config.toml: {key: (before, now)}. A change of
+    an experiment setting (is_experiment_key) is an error (start another run.name); nothing when the directory has
+    no config."""
     if not run.config_path.exists():
         return {}
     before = _flat(tomllib.loads(run.config_path.read_text(encoding="utf-8")))
     now = _flat(config if isinstance(config, dict) else to_dict(config))
     changed = {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
                if before.get(key) != now.get(key)}
-    fixed = {key: change for key, change in changed.items() if key in EXPERIMENT_KEYS}
+    fixed = {key: change for key, change in changed.items() if is_experiment_key(key)}
     if fixed:
         said = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in fixed.items())
         raise ValueError(f"--resume with another experiment ({said}): its records would mix two experiments in "
                          f"{run.path}; resume with the run's settings (its config.toml), or start another run.name")
     return changed
+
+
+def check_resumed_settings(run: RunDir, config: Any) -> None:
+    """Before a resume touches `run`: another experiment refused (changed_settings), other changes said on stderr
+    in one line (more steps, a new rate), as the run goes on with them."""
+    changed = changed_settings(run, config)
+    if changed:
+        print("note: resumed with changed settings: " + ", ".join(
+            f"{key} {old!r} → {new!r}" for key, (old, new) in changed.items()), file=sys.stderr)
 
 
 def prepare_run_dir(root: str | Path, name: str, resume: bool, fresh_name: bool = False) -> RunDir:

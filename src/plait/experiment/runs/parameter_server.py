@@ -30,7 +30,7 @@ from rich.markup import escape
 from plait.core.flat import load_flat_params
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
-from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.rundir import RunDir, check_resumed_settings, prepare_run_dir
 from plait.ps.config import PSRunConfig
 from plait.ps.coordinator import Coordinator
 from plait.ps.divergence import WorkerDiverged
@@ -60,6 +60,8 @@ def prepare_ps_run_dir(config: PSRunConfig, resume: bool, servers_here: bool = T
         run_dir = RunDir(Path(config.run.root) / config.run.name)
     else:
         run_dir = prepare_run_dir(config.run.root, config.run.name, resume=False)
+    if resume:
+        check_resumed_settings(run_dir, config)  # before the config it ran with is replaced
     run_dir.write_config(config)  # the processes read the resolved config from here
     return run_dir
 

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from plait.experiment.plots import plot_run
 from plait.experiment.run import Run
-from plait.experiment.rundir import RunDir, prepare_run_dir
+from plait.experiment.rundir import RunDir, check_resumed_settings, prepare_run_dir
 from plait.parallel.device import rank_device, use_device
 from plait.parallel.launch import RankFailed, group_restarted, run_from_env, spawn_ranks, under_torchrun
 from plait.parallel.pipeline.config import PipelineRunConfig
@@ -53,7 +53,8 @@ def main(config_path: Path, nproc: int, resume: bool, overrides: list[str], allr
             config = load_config(config_path, overrides)
             check_config_code(config)
             run_from_env(rank_main, to_dict(config), str(Path(config.run.root) / config.run.name), resume, True)
-        except ValueError as err:  # a setting wrong for this rank (see RankFailed): each rank says it, exit 2
+        except (ValueError, FileNotFoundError, FileExistsError) as err:  # a setting wrong for this rank (see
+            # RankFailed), a refused resume or run directory: each rank says it, exit 2
             usage_error(str(err))
         return
     try:
@@ -123,17 +124,21 @@ def prepare_under_torchrun(config: PipelineRunConfig, resume: bool) -> tuple[Run
         raise FileNotFoundError(f"--resume: no rank finds {run.checkpoint_path} in its run directory")
     if restarts > 0 and not resuming:
         run.metrics_path.unlink(missing_ok=True)  # the group died before its first checkpoint: start over
-    status = torch.zeros(1, dtype=torch.int64, device=device)
-    error = ""
-    if dist.get_rank() == 0 and not resuming:
+    refusal: list[Any] = [None]  # rank 0's (usage error?, message), sent to every rank so each says the same
+    if dist.get_rank() == 0:
         try:
-            prepare_run_dir(config.run.root, config.run.name, resume=False).write_config(config)  # refuses a run
-        except (FileExistsError, OSError) as err:
-            error = str(err)
-            status[0] = 1
-    dist.broadcast(status, src=0)
-    if status[0]:
-        raise RuntimeError(error or "rank 0 could not prepare the run directory")
+            if not resuming:
+                prepare_run_dir(config.run.root, config.run.name, resume=False).write_config(config)  # refuses a run
+            elif run.config_path.exists():
+                check_resumed_settings(run, config)  # refuses another experiment; before the config is replaced
+        except (ValueError, FileExistsError) as err:  # a usage error: every rank says so, exit 2
+            refusal[0] = (True, str(err))
+        except OSError as err:
+            refusal[0] = (False, str(err))
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        usage, said = refusal[0]
+        raise ValueError(said) if usage else RuntimeError(said)
     run.path.mkdir(parents=True, exist_ok=True)  # on every node: each rank writes its own files there
     # a node that never held this run gets the config; rank 0 writes a resume's (the settings it goes on with)
     if not run.config_path.exists() or (resume and dist.get_rank() == 0):
