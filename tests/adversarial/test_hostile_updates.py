@@ -25,7 +25,7 @@ from plait.federated.client_update import Update
 from plait.federated.config import FederatedRunConfig
 from plait.federated.net import plait_fl_pb2 as pb
 from plait.federated.net.connection import Connection, Task
-from plait.federated.net.local import cluster, read_records, small_config, write_config
+from plait.federated.net.local import cluster, read_records, small_config, start_client, write_config
 from plait.federated.net.wire import iter_chunks
 from plait.federated.strategy import FedAvgAggregator
 from plait.federated.task import Task as ClassificationTask
@@ -80,6 +80,29 @@ def test_a_huge_update_and_a_huge_weight_are_refused_and_the_federation_goes_on(
     assert [(r["participants"], r["refused"]) for r in records] == [(2, 1), (2, 1), (3, 0)]
     assert records[0]["rejected_norm"] == 1 and records[1]["rejected_malformed"] == 1
     assert all(math.isfinite(r["train_loss"]) for r in records)
+
+
+@pytest.mark.timeout(150)
+def test_a_client_of_another_model_or_pipeline_is_refused_at_registration_and_the_server_says_so(tmp_path):
+    raw = small_config(tmp_path / "runs", num_clients=3, rounds=1)
+    path = write_config(tmp_path / "fl.toml", raw)
+    other = write_config(tmp_path / "cnn.toml", {**raw, "model": {"name": "cnn"}})
+    with cluster(path, tmp_path, tmp_path / "runs" / "net", num_clients=0) as (server, info, _):
+        address = f"127.0.0.1:{info['port']}"
+        client = start_client(other, address, 0, tmp_path / "client0.log")
+        assert client.wait(timeout=90) != 0
+        said = (tmp_path / "client0.log").read_text()
+        assert "client 0: the server refused its registration: mismatch: client 0 trains cnn with" in said, said
+        assert "the server 2nn with 199210" in said and "Traceback" not in said
+        rogue = Connection(address, ROGUE, None)
+        with pytest.raises(grpc.RpcError) as err:  # the right model, another update pipeline
+            rogue.register({}, 5, "2nn", 199_210, '{"compression": "int8"}')
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details().startswith("mismatch: client 2's update pipeline")
+        rogue.close()
+        assert server.poll() is None  # it serves on
+        log = (tmp_path / "server.log").read_text()
+        assert "client 0 trains cnn with" in log and "client 2's update pipeline" in log  # the server's log says it
 
 
 def test_the_relative_bound_and_clipping():

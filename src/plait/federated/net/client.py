@@ -130,8 +130,16 @@ class NetClient:
                 f"make net.tls (or --tls/--no-tls) match the server's")
 
     def _register(self) -> None:
-        reply = self.conn.register(self.opts.properties, len(self.data))
-        cid = self.opts.client_id
+        cid, mine = self.opts.client_id, pipeline_fingerprint(self.config.fl)
+        # what it trains, for the server to check (not with net.ship_program: it trains the program it is sent)
+        said = self.trainee if self.trainee is not None and not self.config.net.ship_program else None
+        try:
+            reply = self.conn.register(self.opts.properties, len(self.data), said.label if said else "",
+                                       said.spec.numel() if said else 0, mine)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # another model or pipeline: retrying cannot help
+                raise ValueError(f"client {cid}: the server refused its registration: {err.details()}") from err
+            raise
         if self.config.net.ship_program:
             try:
                 self.trainee = shipped_trainee(self.conn, reply, self.config, self.data, self.device, self.trainee)
@@ -147,7 +155,6 @@ class NetClient:
             raise ValueError(f"client {cid}: the server trains {reply.model} with {reply.num_params} parameters, "
                              f"this client's config has {trainee.label} with {trainee.spec.numel()}: use the "
                              f"server's config file{hint}")
-        mine = pipeline_fingerprint(self.config.fl)
         if reply.pipeline != mine:
             raise ValueError(f"client {cid}: the server's update pipeline {reply.pipeline} differs "
                              f"from this client's config {mine} (fl.strategy, fl.privacy, fl.compression): use the "

@@ -74,9 +74,13 @@ class Connection:
     def metadata(self, method: str) -> list[tuple[str, str]]:
         return sign(self.key, method, self.client_id) if self.key is not None else []
 
-    def register(self, properties: dict[str, bool], num_examples: int, timeout: float = 10) -> pb.RegisterReply:
+    def register(self, properties: dict[str, bool], num_examples: int, model: str = "", num_params: int = 0,
+                 pipeline: str = "", timeout: float = 10) -> pb.RegisterReply:
+        """`model`, `num_params`, `pipeline`: what this client trains, which the server checks against its own
+        (empty: not said)."""
         request = pb.RegisterRequest(client_id=self.client_id, properties=pb.Properties(**properties),
-                                     num_examples=num_examples)
+                                     num_examples=num_examples, model=model, num_params=num_params,
+                                     pipeline=pipeline)
         return self._register(request, metadata=self.metadata("Register"), timeout=timeout)
 
     def heartbeat(self, session: str, properties: dict[str, bool], timeout: float = 5) -> pb.HeartbeatReply:

@@ -54,7 +54,8 @@ from plait.web import StatusBoard
 
 log = logging.getLogger("plait.fl.server")
 
-_CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+_CODES = {"stale": grpc.StatusCode.FAILED_PRECONDITION, "mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+          "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
           "replay": grpc.StatusCode.UNAUTHENTICATED, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -146,7 +147,7 @@ class NetServer:
     async def register(self, request, context):
         cid = await self._authenticate(context, "Register", request)
         try:
-            checks.check_registration(request, self.config, cid)
+            checks.check_registration(request, self.config, cid, self.numel, self.fingerprint)
         except WireError as err:
             await self._refuse(context, err, f"client {cid}")
         props = {k: getattr(request.properties, k) for k in ("charging", "idle", "unmetered")}

@@ -15,9 +15,20 @@ from plait.federated.client_program import ClientProgram
 from plait.federated.net.wire import TensorAssembler, WireError, split_parts
 
 
-def check_registration(request: Any, config: Any, cid: int) -> None:
+def check_registration(request: Any, config: Any, cid: int, numel: int, pipeline: str) -> None:
     """A registering client's declared examples: within fl.bounds.max_examples, and within what a secure-aggregation
-    ring can hold as a weight."""
+    ring can hold as a weight; the model and the update stages it says it trains: the server's (`numel` parameters,
+    `pipeline` the server's fingerprint), so a client started with another config file is refused, and the server's
+    log says so, before it is ever selected."""
+    if request.model and (request.model != config.model.label or request.num_params != numel):
+        shipped = " (or set net.ship_program = true to train the program it ships)" if config.net.ship_program else ""
+        raise WireError("mismatch", f"client {cid} trains {request.model} with {request.num_params} parameters, the "
+                                    f"server {config.model.label} with {numel}: start the client with the server's "
+                                    f"config file{shipped}")
+    if request.pipeline and request.pipeline != pipeline:
+        raise WireError("mismatch", f"client {cid}'s update pipeline {request.pipeline} differs from the server's "
+                                    f"{pipeline} (fl.strategy, fl.privacy, fl.compression): start the client with "
+                                    "the server's config file")
     strategy, cap = config.fl.strategy, config.fl.bounds.max_examples
     if request.num_examples < 0 or (cap and request.num_examples > cap):
         raise WireError("malformed", f"client {cid}: {request.num_examples} examples is outside "

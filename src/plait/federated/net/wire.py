@@ -27,7 +27,7 @@ SERVICE = "plait.fl.v1.FederatedLearning"
 
 # Reasons a request is refused; each is a metrics counter (rejected_<reason>).
 REASONS = ("malformed", "shape", "dtype", "nonfinite", "norm", "oversized", "stale", "busy", "unauthenticated",
-           "replay")
+           "replay", "mismatch")
 
 
 def grpc_options(chunk_bytes: int) -> list[tuple[str, object]]:
