@@ -2,6 +2,7 @@
 and the membership-inference audit."""
 
 import math
+import warnings
 
 import dp_accounting
 import numpy as np
@@ -136,6 +137,19 @@ def test_adaptive_clipping_moves_the_norm_and_is_checkpointed():
     # every update is far inside 100, so b̄ ≈ 1 > γ and C shrinks each round
     assert float(state.opt_state["dp_clip_norm"]) < 100.0 * math.exp(-0.2 * 0.2)
     assert record["dp_clip_norm"] < 100.0
+
+
+def test_an_expected_client_count_no_round_reaches_is_refused_and_one_far_from_the_target_said():
+    # 10 clients, 3 a round: the fixed denominator divides each round's noised sum
+    with pytest.raises(ValueError, match=r"expected_clients = 11 is more than the 10 clients there are"):
+        _tiny_server({"mode": "central", "expected_clients": 11})
+    with pytest.warns(UserWarning, match=r"expected_clients = 9 is far from the rounds' target of 3 clients: .* "
+                                         r"scales its mean by about 0.33x"):
+        _tiny_server({"mode": "central", "expected_clients": 9})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within 2x of the target: nothing said
+        for expected in (2, 3, 6):
+            _tiny_server({"mode": "central", "expected_clients": expected})
 
 
 def test_local_dp_run_reports_epsilon():

@@ -9,6 +9,7 @@ the server optimizer's state dict, so checkpoints keep it.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,11 +25,27 @@ if TYPE_CHECKING:
 SERVER_NOISE_STAGE = 2  # stage index in plait.federated.seeds.stage_seed (1: local DP, 3: attackers)
 
 
+def _check_expected(expected: int, target: int, num_clients: int) -> None:
+    """privacy.expected_clients divides every round's noised sum: more than the clients there are is an error (no
+    round could reach it), and one far from the rounds' target (beyond 2x either way) is said, as it scales each
+    round's mean by about target / expected (the privacy stays as accounted; the training does not)."""
+    if expected > num_clients:
+        raise ValueError(f"fl.privacy.expected_clients = {expected} is more than the {num_clients} clients there are: "
+                         "no round reaches it, and every round's mean would be shrunk by it (0: the round's target)")
+    if not target / 2 <= expected <= 2 * target:
+        warnings.warn(f"fl.privacy.expected_clients = {expected} is far from the rounds' target of {target} clients: "
+                      f"each round's noised sum is divided by {expected}, which scales its mean by about "
+                      f"{target / expected:.2g}x (0: the target; the privacy accounted is the same either way)",
+                      stacklevel=3)
+
+
 class RoundPrivacy:
     def __init__(self, fl: FLConfig, seed: int, num_clients: int):
         self.config, self.seed = fl.privacy, seed
         target = min(target_clients(fl.fraction, fl.min_clients, num_clients), num_clients)
         self.expected_clients = self.config.expected_clients or target  # central DP's fixed denominator
+        if self.config.mode == "central" and self.config.expected_clients:
+            _check_expected(self.config.expected_clients, target, num_clients)
         # The configured q (the share of all clients sampled, over-selected ones included): only for checkpoints
         # written before each round's own q was kept. A round's real q is passed to `after_release`.
         self.sample_rate = min(1.0, share_of(1 + fl.over_selection, target) / num_clients)
