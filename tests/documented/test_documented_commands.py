@@ -31,6 +31,11 @@ SKIPPED = {
     "tensorboard --logdir runs": "another package's long-running web server; the tb/ event files it reads are "
                                  "checked by test_one_choice_at_a_time",
     "plait compare": "the command's name in prose",
+    "plait sweep": "the command's name in prose",
+    "plait run": "the command's name in prose",
+    "plait train --nproc N": "the command's name in prose, with a placeholder (N)",
+    "plait sweep CONFIG --vary fl.plan.lr=0.05,0.1,0.2": "a synopsis (CONFIG); its instances in the README's "
+                                                          "\"One choice at a time\" are run",
     "plait train": "the command's name in prose (examples/cluster/own_model.toml's command is run in full)",
     "plait ps server": "the command's name in prose (the several-hosts alternative to local_servers)",
     "plait fl server": "the command's name in prose",

@@ -6,6 +6,7 @@
     plait compare runs/A runs/B [...] [--out DIR]   the settings that differ, final figures, curves overlaid
     plait generate runs/NAME [--prompt TEXT]    text from a trained character or word model
     plait train CONFIG.toml --nproc N           cluster training (data / model / pipeline parallel, parameter server)
+    plait sweep CONFIG.toml --vary fl.plan.lr=0.05,0.1   a run per value (run or train), compared, the best named
 
 The command line is parsed by the standard library's argparse. typer, used before, built a pydantic adapter for each
 argument when a command ran: 0.07 s of imports, and with typer's and rich's own 0.15 s of each command's start-up
@@ -19,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from plait import __version__
-from plait.cli import fl, generate, ps
+from plait.cli import fl, generate, ps, sweep
 from plait.cli.output import fail, say, warn_in_one_line
 from plait.cli.parsing import Commands, add_command, add_overrides
 from plait.cli.startup import cap_malloc_arenas, imports_without_gc
@@ -94,10 +95,8 @@ def export(args: argparse.Namespace) -> None:
 
 def compare(args: argparse.Namespace) -> None:
     """Compare runs: the settings in which they differ, their final figures, their curves on shared plots."""
-    from rich.table import Table
-
-    from plait.cli.output import console
-    from plait.experiment.compare import HEADLINE, compare_runs, format_cell, is_comparison
+    from plait.cli.output import show_comparison
+    from plait.experiment.compare import compare_runs, is_comparison
 
     run_dirs = [path for path in args.run_dirs if not is_comparison(path)]  # `runs/*` also matches earlier outputs
     out = args.out
@@ -107,42 +106,23 @@ def compare(args: argparse.Namespace) -> None:
         result = compare_runs(run_dirs, out)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    if result.note:
-        say(result.note)
-    say("settings that differ: " + (", ".join(result.settings) if result.settings else "none"))
-    table = Table()  # the settings and the headline figures; compare.md has every column
-    columns = [c for c in dict.fromkeys(k for row in result.rows for k in row)
-               if c == "run" or c in result.settings or c in HEADLINE or (c == "plane" and result.note)]
-    for column in columns:
-        table.add_column(column)
-    for row in result.rows:
-        table.add_row(*(format_cell(row.get(c)) for c in columns))
-    console().print(table)
-    for path in result.files:
-        say(f"written: {path}")
-
-
-PLANE_KEYS = ("parallel", "sync")  # the tables whose keys choose `plait train`'s plane
+    show_comparison(result)
 
 
 def train(args: argparse.Namespace) -> None:
     """Train in a cluster: data, model or pipeline parallel; all-reduce or parameter-server sync."""
+    from plait.experiment.planes import PLANE_KEYS, train_plane
+
     try:
         # --set may change the plane too; the plane's own run reads the whole config and every override
         chooses_plane = [item for item in args.set if item.split("=", 1)[0].strip().split(".")[0] in PLANE_KEYS]
-        raw = apply_overrides(load_toml(args.config), chooses_plane)
+        plane = train_plane(apply_overrides(load_toml(args.config), chooses_plane))
     except ConfigError as err:
         fail(str(err))
-    tables = {name: raw.get(name, {}) for name in PLANE_KEYS}
-    for name, table in tables.items():
-        if not isinstance(table, dict):
-            fail(f"config key '{name}' must be a table, got {table!r}")
-    mode = tables["parallel"].get("mode", "data")
-    sync = tables["sync"].get("kind", "allreduce")
     # The plane's run entry, imported here so that each command loads only its own plane.
-    if mode in ("model", "pipeline"):
+    if plane == "pipeline":
         from plait.experiment.runs.pipeline import main as train_main
-    elif sync == "ps":
+    elif plane == "parameter_server":
         from plait.experiment.runs.parameter_server import main as train_main
     else:
         from plait.experiment.runs.data_parallel import main as train_main
@@ -176,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare-A-B...)")
 
     generate.add_to(commands)
+    sweep.add_to(commands)  # `plait sweep CONFIG --vary KEY=V1,V2`: a run per value, compared
 
     command = add_command(commands, "train", train)
     command.add_argument("config", type=Path, help="a cluster-training TOML config")

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from plait.experiment.compare import Comparison
+
 
 OFF_TERMINAL_WIDTH = 400  # columns for output to a file or a pipe
 
@@ -47,3 +49,25 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
     console(stderr=True).print(f"[bold red]error:[/] {message}")
     raise SystemExit(code)
+
+
+def show_comparison(result: Comparison) -> None:
+    """`plait compare`'s report of a Comparison: the settings that differ, a table of them with the headline
+    figures (compare.md has every column), the files written."""
+    from rich.table import Table
+
+    from plait.experiment.compare import HEADLINE, format_cell
+
+    if result.note:
+        say(result.note)
+    say("settings that differ: " + (", ".join(result.settings) if result.settings else "none"))
+    table = Table()
+    columns = [c for c in dict.fromkeys(k for row in result.rows for k in row)
+               if c == "run" or c in result.settings or c in HEADLINE or (c == "plane" and result.note)]
+    for column in columns:
+        table.add_column(column)
+    for row in result.rows:
+        table.add_row(*(format_cell(row.get(c)) for c in columns))
+    console().print(table)
+    for path in result.files:
+        say(f"written: {path}")
