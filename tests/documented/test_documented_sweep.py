@@ -20,7 +20,7 @@ def test_a_sweep_of_a_federated_and_of_a_cluster_config(tmp_path):
     names = [f"fedavg_mnist-lr{lr}-partition-{p}" for lr in ("0.05", "0.1", "0.2") for p in ("iid", "dirichlet")]
     for name in names:
         assert [r["round"] for r in records(folder / "runs" / name)] == [1], grid[-3000:]
-    summary = json.loads((folder / "runs" / "fedavg_mnist-sweep" / "sweep.json").read_text())
+    summary = json.loads((folder / "runs" / "fedavg_mnist-sweep-lr-partition" / "sweep.json").read_text())
     assert [r["name"] for r in summary["runs"]] == names and summary["best"]["name"] in names
     assert "settings that differ: data.partition, fl.plan.lr" in grid and f"best: {summary['best']['name']}" in grid
 

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from plait.experiment.sweep import Member, best_member, command_of, members, parse_vary
+from plait.experiment.sweep import (
+    Member,
+    best_member,
+    command_of,
+    member_argv,
+    members,
+    next_step,
+    parse_vary,
+    plan_sweep,
+    write_summary,
+)
 from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import ConfigError
 from tests_support import EXAMPLE, run_plait
@@ -30,6 +40,11 @@ def test_every_combination_is_a_run_named_for_its_values():
     both = members("d", parse_vary(["fl.plan.lr=0.1,0.2", "fl.server_opt.lr=1"]))
     assert [m.name for m in both] == ["d-plan.lr0.1-server_opt.lr1", "d-plan.lr0.2-server_opt.lr1"]
     assert command_of({"fl": {}}) == "run" and command_of({"train": {}}) == "train"
+    # a value may be a TOML list, a table, or a quoted text with a comma
+    assert parse_vary(['data.path="a,b",c', "model.options.sizes=[1, 2],[3]", "x={a = 1, b = 2},{a = 3}"]) == [
+        ("data.path", ['"a,b"', "c"]), ("model.options.sizes", ["[1, 2]", "[3]"]), ("x", ["{a = 1, b = 2}", "{a = 3}"])]
+    with pytest.raises(ConfigError, match="two runs would share the name d-path-_a_b"):
+        members("d", parse_vary(["data.path=/a/b,/a_b"]))
 
 
 @pytest.mark.parametrize("vary, said", [
@@ -80,12 +95,13 @@ def test_a_sweep_runs_each_value_compares_them_and_names_the_best(tmp_path):
         assert tomllib.loads((run_dir / "config.toml").read_text())["fl"]["plan"]["lr"] == float(lr)
         assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
     assert "sweep 1/2: fl.plan.lr=0.02" in done.stdout and "settings that differ: fl.plan.lr" in done.stdout
-    summary = json.loads((root / "shapes-sweep" / "sweep.json").read_text())
+    summary = json.loads((root / "shapes-sweep-lr" / "sweep.json").read_text())
     best = max(runs, key=lambda lr: _accuracy(runs[lr]))
     assert summary["best"]["name"] == f"shapes-lr{best}" and f"best: shapes-lr{best}" in done.stdout
     assert [r["exit_code"] for r in summary["runs"]] == [0, 0]
-    assert (root / "shapes-sweep" / "compare.md").exists() and (root / "shapes-sweep" / "test_accuracy.png").exists()
+    assert (root / "shapes-sweep-lr" / "compare.md").exists() and (root / "shapes-sweep-lr" / "test_accuracy.png").exists()
 
+    assert json.loads((root / "shapes-sweep-lr" / "sweep.json").read_text())["set"] == common[1::2]
     again = run_plait("sweep", SHAPES_FL, "--vary", "fl.plan.lr=0.02,0.2", *common)
     assert again.exit_code == 2
     assert "already holds runs of this sweep (shapes-lr0.02, shapes-lr0.2): --resume" in again.stderr
@@ -110,3 +126,67 @@ def test_a_sweep_resumes_and_sweeps_a_clusters_config_too(tmp_path):
         assert tomllib.loads((run_dir / "config.toml").read_text())["train"]["lr"] == float(lr)
         assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 20
     assert "best: own_model-lr" in cluster.stdout
+
+
+def test_every_runs_config_is_checked_as_its_command_would_before_any_starts(tmp_path):
+    root = ["--set", f"run.root={tmp_path}"]
+    # a key below the config's shorthand (model = "spirals.py:make_net") opens its table, as plait train's does
+    plan = plan_sweep(CLUSTER, ["model.options.hidden=16,32"], root[1:], resume=False, nproc=2)
+    assert [m.name for m in plan.members] == ["own_model-hidden16", "own_model-hidden32"]
+    assert plan.out == tmp_path / "own_model-sweep-hidden"
+    with pytest.raises(ValueError, match=r"= 4 ranks, but 3 were started \(--nproc\)"):  # the ranks too
+        plan_sweep(EXAMPLE.parent / "pipeline.toml", ["train.lr=0.1,0.2"], root[1:], resume=False, nproc=3)
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_a_resumed_sweep_skips_finished_runs_and_runs_stopped_before_a_checkpoint(tmp_path):
+    plan = plan_sweep(SHAPES_FL, ["fl.plan.lr=0.1,0.2,0.3,0.4"], [f"run.root={tmp_path}"], resume=False)
+    finished, stopped, held, fresh = plan.members
+    for member in (finished, stopped, held):
+        (tmp_path / member.name).mkdir()
+        (tmp_path / member.name / "metrics.jsonl").write_text('{"round": 1}\n')
+    (tmp_path / held.name / "checkpoint.pt").write_bytes(b"")
+    write_summary(plan, ["fl.plan.lr=0.1,0.2,0.3,0.4"], {finished.name: 0, stopped.name: 1})
+    again = plan_sweep(SHAPES_FL, ["fl.plan.lr=0.1,0.2,0.3,0.4"], [f"run.root={tmp_path}"], resume=True)
+    assert [next_step(again, m, resume=True) for m in again.members] == ["finished", "stopped early", "resume",
+                                                                         "start"]
+    assert "--resume" in member_argv(again, SHAPES_FL, held, 1, resume=True)
+    # under other --set (more rounds, say), a finished run goes on too
+    more = plan_sweep(SHAPES_FL, ["fl.plan.lr=0.1,0.2,0.3,0.4"], [f"run.root={tmp_path}", "fl.rounds=30"],
+                      resume=True)
+    assert more.done == {} and next_step(more, finished, resume=True) == "stopped early"
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+def stop(*_):
+    time.sleep(0.5)  # a clean stop takes a while (a parameter server's final checkpoints)
+    Path(sys.argv[1]).write_text("stopped cleanly")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+Path(sys.argv[2]).write_text("ready")
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_stops_the_run_under_way_as_it_would_alone_and_the_sweep_with_its_code(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
+    driver = ("import sys; from plait.experiment.sweep import run_member; "
+              f"print('exit', run_member([sys.executable, {str(child)!r}, {str(stopped)!r}, {str(ready)!r}], None))")
+    sweep = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own group, as a terminal's: Ctrl-C signals them all
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, _ = sweep.communicate(timeout=60)
+    assert out.strip() == "exit 130" and stopped.read_text() == "stopped cleanly"

@@ -15,37 +15,43 @@ from plait.settings.config import ConfigError
 def sweep(args: argparse.Namespace) -> None:
     """Run CONFIG once per combination of the --vary values (plait run, or plait train --nproc N for a cluster's
     config), each in its own run directory NAME-<key><value>..., then compare them and name the best: the fewest
-    rounds or steps to the target, else the highest final test accuracy, else the lowest final loss."""
+    rounds to the target, else the highest final test accuracy, else the lowest final loss."""
     from plait.experiment.compare import compare_runs
-    from plait.experiment.sweep import best_member, member_argv, plan_sweep, run_member, write_summary
+    from plait.experiment.sweep import best_member, member_argv, next_step, plan_sweep, run_member, write_summary
 
     try:
-        plan = plan_sweep(args.config, args.vary, args.set, args.resume)
+        plan = plan_sweep(args.config, args.vary, args.set, args.resume, args.nproc)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         fail(str(err))
     echo = None if sys.stdout.isatty() else (lambda line: print(line, flush=True))
     codes: dict[str, int] = {}
     for index, member in enumerate(plan.members, 1):
-        say(f"[bold]sweep {index}/{len(plan.members)}:[/] {', '.join(member.values)} → {plan.root / member.name}")
-        codes[member.name] = run_member(member_argv(plan, args.config, member, args.set, args.nproc, args.resume),
-                                        echo)
-        if codes[member.name] == 130:  # Ctrl-C: the sweep stops with the run; --resume goes on with both
+        step = next_step(plan, member, args.resume)
+        where = f"{', '.join(member.values)} → {plan.root / member.name}"
+        if step in ("finished", "stopped early"):
+            codes[member.name] = plan.done.get(member.name, 0 if step == "finished" else 1)
+            said = "finished: not run again" if step == "finished" else \
+                "stopped before its first checkpoint: not run again (delete its directory to run it again)"
+            say(f"[bold]sweep {index}/{len(plan.members)}:[/] {where}: {said}")
+            continue
+        say(f"[bold]sweep {index}/{len(plan.members)}:[/] {where}" + (" (resumed)" if step == "resume" else ""))
+        codes[member.name] = run_member(member_argv(plan, args.config, member, args.nproc, step == "resume"), echo)
+        write_summary(plan, args.vary, codes)  # after each run: a stopped sweep says which ran
+        if codes[member.name] == 130:  # Ctrl-C: the run stopped as it would alone; the sweep stops with it
             fail(f"sweep stopped at {member.name}: --resume goes on with it", code=130)
-    done = [m.name for m in plan.members if codes[m.name] == 0]
-    out = plan.root / f"{plan.base}-sweep"
+    done = [m.name for m in plan.members if codes.get(m.name) == 0]
     if len(done) >= 2:
         from plait.cli.output import show_comparison
 
-        show_comparison(compare_runs([plan.root / name for name in done], out))
-    out.mkdir(parents=True, exist_ok=True)
+        show_comparison(compare_runs([plan.root / name for name in done], plan.out))
     best = best_member(done, plan.root)
-    say(f"written: {write_summary(out / 'sweep.json', plan, args.vary, codes, best)}")
+    say(f"written: {write_summary(plan, args.vary, codes, best)}")
     if best is not None:
         say(f"best: {best[0]} ({best[1]})")
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         fail(f"{len(failed)} of {len(codes)} runs failed ({', '.join(f'{n}: exit {codes[n]}' for n in failed)}); "
-             "their output is above; --resume goes on with the sweep", code=1)
+             "their output is above", code=1)
 
 
 def add_to(commands: Commands) -> None:

@@ -42,3 +42,19 @@ def config_class(command: Literal["run", "train"], raw: dict[str, Any]) -> type:
     from plait.parallel.config import DataParallelRunConfig
 
     return DataParallelRunConfig
+
+
+def check_ranks(config: Any, nproc: int) -> None:
+    """`plait train --nproc N`'s check of the ranks against a cluster config (each plane's own), before anything
+    starts."""
+    from plait.parallel.config import DataParallelRunConfig
+    from plait.ps.config import PSRunConfig
+
+    if isinstance(config, DataParallelRunConfig):
+        config.check_world(nproc)
+    elif isinstance(config, PSRunConfig):
+        config.check_workers(nproc)
+    else:
+        from plait.parallel.pipeline.groups import PipelineLayout
+
+        PipelineLayout(replicas=config.parallel.replicas, stages=config.parallel.stages).check_world(nproc)

@@ -12,8 +12,11 @@ stops the sweep with nothing run. Off a terminal, a run's output is echoed line 
 Into RUN.root/NAME-sweep go compare.md, compare.csv and the overlaid curves (`plait compare`'s), and sweep.json: the
 varied settings, each run's name, values and exit code, and the best run: the fewest rounds to
 `fl.target_accuracy` where any run reached it (a record marked target_reached), else the highest final test
-accuracy, else the lowest final loss. `--resume` goes on with a sweep: a run whose directory holds a checkpoint
-resumes, the others start.
+accuracy, else the lowest final loss. sweep.json is written after each run, so a stopped sweep says which ran.
+`--resume` goes on with a sweep: a run that sweep.json says finished under the same --set is not run again; one
+whose directory holds a checkpoint resumes; one that stopped before its first checkpoint (a rate that diverged at
+once) is not run again, and said; the others start. Ctrl-C stops the run under way as it would alone (it saves what
+it saves), then the sweep.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from plait.experiment.planes import config_class
+from plait.experiment.planes import PLANE_KEYS, check_ranks, config_class
 from plait.experiment.rundir import RunDir
+from plait.runtime.checkpoint import atomic_write_bytes
 from plait.runtime.metrics_log import read_metrics
 from plait.settings.config import ConfigError, apply_overrides, load_toml, typed
 
@@ -48,7 +53,7 @@ def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
-        listed = [v.strip() for v in values.split(",")]
+        listed = [v.strip() for v in _split_values(values)]
         if not sep or not key or not all(listed):
             raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,... (e.g. --vary fl.plan.lr=0.05,0.1,0.2)")
         if any(key == seen for seen, _ in varied):
@@ -59,6 +64,25 @@ def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
     if not varied:
         raise ConfigError("plait sweep needs at least one --vary KEY=V1,V2,...")
     return varied
+
+
+def _split_values(text: str) -> list[str]:
+    """`V1,V2,...` split at the commas outside brackets and quotes, so a value may be a TOML list or table
+    (`[1, 2]`, `{a = 1}`) or a quoted text with a comma."""
+    parts, depth, quote, start = [], 0, "", 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    return [*parts, text[start:]]
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -86,6 +110,11 @@ def members(base: str, varied: list[tuple[str, list[str]]]) -> list[Member]:
         out.append(Member(name, tuple(f"{key}={value}" for key, value in pairs)))
     if len(out) < 2:
         raise ConfigError("plait sweep: the --vary values give one run; list two or more values to compare")
+    names = [m.name for m in out]
+    alike = sorted({n for n in names if names.count(n) > 1})
+    if alike:
+        raise ConfigError(f"plait sweep: two runs would share the name {alike[0]} (values alike once made into a "
+                          "name): vary values that differ in letters or digits")
     return out
 
 
@@ -100,30 +129,57 @@ class Plan:
     root: Path
     base: str
     members: list[Member]
+    out: Path                                   # RUN.root/NAME-sweep-<the varied keys>
+    overrides: list[str]                        # --set, recorded in sweep.json (a resume under others re-runs all)
+    done: dict[str, int] = field(default_factory=dict)  # resume: exit codes a stopped sweep recorded
 
 
-def plan_sweep(config: Path, vary: list[str], overrides: list[str], resume: bool) -> Plan:
-    """The sweep's runs, each one's config read and checked as its command will (a refused value stops the sweep
-    before anything runs), and, without `resume`, none of their directories holding a run already."""
-    raw = apply_overrides(load_toml(config), overrides)
-    command = command_of(raw)
+def _read(config: Path, command: Command, overrides: list[str]) -> Any:
+    """The config as its command reads it: the plane chosen first, then every override against its schema (a key
+    under a shorthand, `model.options.x` below `model = "pkg:make"`, opens its table as the command's would)."""
+    raw = load_toml(config)
+    chooses = [item for item in overrides if item.split("=", 1)[0].strip().split(".")[0] in PLANE_KEYS]
+    cls = config_class(command, apply_overrides(raw, chooses))
+    return typed(cls, apply_overrides(raw, overrides, cls))
+
+
+def plan_sweep(config: Path, vary: list[str], overrides: list[str], resume: bool, nproc: int = 1) -> Plan:
+    """The sweep's runs, each one's config read and checked as its command will, the ranks too (a refused value
+    stops the sweep before anything runs), and, without `resume`, none of their directories holding a run
+    already."""
+    command = command_of(load_toml(config))
     varied = parse_vary(vary)
     for key, _ in varied:
         if key in ("run.name", "run.root"):
             raise ConfigError(f"--vary {key}: a sweep's runs are named for their values, side by side in run.root")
-    first: Any = typed(config_class(command, raw), raw)
-    run = first.run
+    run = _read(config, command, overrides).run
     planned = members(run.name, varied)
     for member in planned:
-        member_raw = apply_overrides(raw, list(member.values))
-        typed(config_class(command, member_raw), member_raw)
+        checked = _read(config, command, [*overrides, *member.values])
+        if command == "train":
+            check_ranks(checked, nproc)
     root = Path(run.root)
-    if not resume:
+    out = root / "-".join([run.name, "sweep", *_short_keys([key for key, _ in varied]).values()])
+    done: dict[str, int] = {}
+    if resume:
+        done = _recorded(out / SUMMARY_FILE, overrides)
+    else:
         held = [m.name for m in planned if _holds_a_run(root / m.name)]
         if held:
             raise FileExistsError(f"{root} already holds runs of this sweep ({', '.join(held)}): --resume to go on "
                                   "with it, or another run.name")
-    return Plan(command, root, run.name, planned)
+    return Plan(command, root, run.name, planned, out, list(overrides), done)
+
+
+def _recorded(path: Path, overrides: list[str]) -> dict[str, int]:
+    """The exit codes a stopped sweep recorded, when it ran under the same --set (else none: every run goes on)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if summary.get("set") != overrides:
+        return {}
+    return {r["name"]: r["exit_code"] for r in summary.get("runs", []) if isinstance(r.get("exit_code"), int)}
 
 
 def _holds_a_run(path: Path) -> bool:
@@ -131,26 +187,46 @@ def _holds_a_run(path: Path) -> bool:
     return run.checkpoint_path.exists() or run.metrics_path.exists()
 
 
-def member_argv(plan: Plan, config: Path, member: Member, overrides: list[str], nproc: int, resume: bool) -> list[str]:
+def next_step(plan: Plan, member: Member, resume: bool) -> Literal["start", "resume", "finished", "stopped early"]:
+    """What a member's run does now: on `resume`, one that finished under the same --set is not run again, one with
+    a checkpoint goes on, one that stopped before its first is not run again (it would be refused); else it
+    starts."""
+    run = RunDir(plan.root / member.name)
+    if not resume:
+        return "start"
+    if plan.done.get(member.name) == 0:
+        return "finished"
+    if run.checkpoint_path.exists():
+        return "resume"
+    return "stopped early" if run.metrics_path.exists() else "start"
+
+
+def member_argv(plan: Plan, config: Path, member: Member, nproc: int, resume: bool) -> list[str]:
     argv = [sys.executable, "-m", "plait.cli", plan.command, str(config)]
     if plan.command == "train":
         argv += ["--nproc", str(nproc)]
-    if resume and RunDir(plan.root / member.name).checkpoint_path.exists():
+    if resume:
         argv.append("--resume")
-    for item in [*overrides, *member.values, f"run.name={member.name}"]:
+    for item in [*plan.overrides, *member.values, f"run.name={member.name}"]:
         argv += ["--set", item]
     return argv
 
 
 def run_member(argv: list[str], echo: Callable[[str], None] | None) -> int:
-    """The member's command; its output to this terminal, or, with `echo` (off a terminal), line by line to it."""
-    if echo is None:
-        return subprocess.run(argv, check=False).returncode
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            echo(line.rstrip("\n"))
+    """The member's command and its exit code; its output to this terminal, or, with `echo` (off a terminal), line
+    by line to it. Ctrl-C reaches the run as it would alone (the terminal signals the whole group), and this process
+    waits for it to stop as it stops (a parameter server writes its final checkpoints) instead of killing it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if echo else None, stderr=subprocess.STDOUT if echo else None,
+                            text=True, bufsize=1)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # after the start: the run keeps the default handler
+    try:
+        if echo is not None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                echo(line.rstrip("\n"))
         return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def best_member(names: list[str], root: Path) -> tuple[str, str] | None:
@@ -190,11 +266,16 @@ def _last(records: list[dict[str, Any]], keys: tuple[str, ...]) -> float | None:
     return None
 
 
-def write_summary(path: Path, plan: Plan, varied: list[str], codes: dict[str, int],
-                  best: tuple[str, str] | None) -> Path:
-    summary = {"command": plan.command, "vary": varied,
+SUMMARY_FILE = "sweep.json"
+
+
+def write_summary(plan: Plan, varied: list[str], codes: dict[str, int], best: tuple[str, str] | None = None) -> Path:
+    """plan.out/sweep.json: written after each run (exit_code null: not run yet), the best at the end."""
+    summary = {"command": plan.command, "vary": varied, "set": plan.overrides,
                "runs": [{"name": m.name, "values": list(m.values), "exit_code": codes.get(m.name)}
                         for m in plan.members],
                "best": {"name": best[0], "why": best[1]} if best else None}
-    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    path = plan.out / SUMMARY_FILE
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode("utf-8")))
     return path
