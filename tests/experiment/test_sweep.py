@@ -99,7 +99,8 @@ def test_a_sweep_runs_each_value_compares_them_and_names_the_best(tmp_path):
     best = max(runs, key=lambda lr: _accuracy(runs[lr]))
     assert summary["best"]["name"] == f"shapes-lr{best}" and f"best: shapes-lr{best}" in done.stdout
     assert [r["exit_code"] for r in summary["runs"]] == [0, 0]
-    assert (root / "shapes-sweep-lr" / "compare.md").exists() and (root / "shapes-sweep-lr" / "test_accuracy.png").exists()
+    assert (root / "shapes-sweep-lr" / "compare.md").exists()
+    assert (root / "shapes-sweep-lr" / "test_accuracy.png").exists()
 
     assert json.loads((root / "shapes-sweep-lr" / "sweep.json").read_text())["set"] == common[1::2]
     again = run_plait("sweep", SHAPES_FL, "--vary", "fl.plan.lr=0.02,0.2", *common)
