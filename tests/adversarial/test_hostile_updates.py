@@ -205,11 +205,23 @@ class _OverflowingForward(ClassificationTask):
         return outputs if model.training else outputs * float("inf")
 
 
-def test_a_nan_loss_from_outputs_that_overflow_is_blamed_on_the_rates_not_the_task(tmp_path):
+class _HugeOutputs(ClassificationTask):
+    """Its evaluated outputs are finite but huge, and its loss squares them: infinite in float32."""
+
+    def forward(self, model, inputs):
+        outputs = super().forward(model, inputs)
+        return outputs if model.training else outputs * 1e19 + 1e19
+
+    def eval_sums(self, outputs, targets):
+        return {**super().eval_sums(outputs, targets), "loss": outputs.square().sum()}
+
+
+@pytest.mark.parametrize("task, said", [(_OverflowingForward(), "are not finite"),
+                                        (_HugeOutputs(), "reach [0-9.]+e\\+19")])
+def test_a_nan_loss_from_outputs_that_overflow_is_blamed_on_the_rates_not_the_task(tmp_path, task, said):
     make_net = resolve(f"{SHAPES}:make_net", "t")
     raw = shapes_config(tmp_path, name="overflow")
     del raw["model"]
     with pytest.raises(Diverged, match=r"its weights are finite \(the largest \|w\| is [0-9.e+]+\) and the model's "
-                                       r"outputs are not: they overflow .*lower fl.plan.lr, or set it to 'skip'"):
-        run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, model=make_net,
-                      task=_OverflowingForward())
+                                       rf"outputs {said}: they overflow .*lower fl.plan.lr, or set it to 'skip'"):
+        run_federated(from_dict(FederatedRunConfig, raw), show_progress=False, model=make_net, task=task)

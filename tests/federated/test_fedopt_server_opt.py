@@ -100,7 +100,7 @@ def test_each_optimizer_takes_its_own_rate_unless_one_is_set(name, default):
         opt = build_server_opt(ServerOptConfig(name=name, **lr))
         return opt.apply(W0.clone(), D1, opt.init(W0.clone()))[0]
 
-    assert ServerOptConfig(name=name).step_size == default == DEFAULT_LR[name]
+    assert ServerOptConfig(name=name).lr == default == DEFAULT_LR[name]  # as config.toml records it
     assert torch.equal(first_step(), first_step(lr=default)) and not torch.equal(first_step(), first_step(lr=0.5))
     if name == "sgd":
         assert torch.equal(first_step(), W0 + D1)  # FedAvg: w + mean delta
@@ -116,6 +116,7 @@ def test_a_diverged_run_names_the_servers_rate_when_it_may_be_the_cause():
     assert ServerOptConfig().rates_to_lower() == "fl.plan.lr"
     assert ServerOptConfig(name="adam").rates_to_lower() == "fl.plan.lr or fl.server_opt.lr"
     assert ServerOptConfig(lr=3.0).rates_to_lower() == "fl.plan.lr or fl.server_opt.lr"
+    assert ServerOptConfig(momentum=0.9).rates_to_lower() == "fl.plan.lr or fl.server_opt.lr"  # FedAvgM
 
 
 def test_federated_buffers_take_the_clients_mean_under_any_server_optimizer(tmp_path):

@@ -287,6 +287,10 @@ def test_a_resume_refuses_another_experiment_and_says_what_else_changed(tmp_path
     run_dir = tmp_path / "runs" / "exp"
     assert load_toml(run_dir / "config.toml")["data"]["partition"] == "dirichlet"  # the run's own, kept
     assert _rounds(run_dir) == [1, 2]
+    # a run whose config.toml predates a setting (here data.test_path, an experiment key) ran as its default did
+    saved = (run_dir / "config.toml").read_text()
+    assert 'test_path = ""' in saved
+    (run_dir / "config.toml").write_text(saved.replace('test_path = ""\n', ""))
     more = from_dict(FederatedRunConfig, load_toml(path))
     more.fl.rounds = 3
     capsys.readouterr()

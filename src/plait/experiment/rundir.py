@@ -78,8 +78,8 @@ def changed_settings(run: RunDir, config: Any) -> dict[str, tuple[Any, Any]]:
         return {}
     before = _flat(tomllib.loads(run.config_path.read_text(encoding="utf-8")))
     now = _flat(config if isinstance(config, dict) else to_dict(config))
-    changed = {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
-               if before.get(key) != now.get(key)}
+    # a key only one side has is not compared: a run whose config predates a setting ran as its default does
+    changed = {key: (before[key], now[key]) for key in sorted(set(before) & set(now)) if before[key] != now[key]}
     fixed = {key: change for key, change in changed.items() if is_experiment_key(key)}
     if fixed:
         said = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in fixed.items())

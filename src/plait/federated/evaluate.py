@@ -3,6 +3,8 @@ accuracy), the model in eval mode, on the model's device (the weights and the da
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from plait.core.flat import FlatSpec
@@ -25,11 +27,17 @@ def evaluate(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: In
         return evaluate_batches(task or Task(), model, on_device(x, device), y.to(device), batch_size)
 
 
-def outputs_finite(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, task: Task | None = None,
-                   examples: int = 64) -> bool:
-    """Whether the model's outputs for the weights `params` on the first `examples` of `x` are finite (every
-    tensor among them; outputs of another kind count as finite): finite weights large enough to overflow the
-    forward pass give a NaN loss that no evaluation code made."""
+# Outputs this large overflow a float32 loss (a square, an exponential) though finite themselves: 1e18² is past
+# float32's 3.4e38.
+OVERFLOWING_OUTPUT = 1e18
+
+
+def largest_output(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor, x: Inputs, task: Task | None = None,
+                   examples: int = 256) -> float:
+    """The largest |value| among the model's outputs (every floating tensor among them; outputs of another kind
+    are skipped, 0.0 when none is a tensor) for the weights `params` on the first `examples` of `x`: inf or nan
+    when one is not finite. Finite weights grown large give a NaN or infinite loss that no evaluation code made:
+    outputs not finite, or at OVERFLOWING_OUTPUT and above."""
     device, was_training = model_device(model), model.training
     model.eval()  # as evaluated; in training mode BatchNorm would write its statistics into `params`
     try:
@@ -37,7 +45,13 @@ def outputs_finite(model: torch.nn.Module, spec: FlatSpec, params: torch.Tensor,
             outputs = (task or Task()).forward(model, on_device(take(x, slice(0, examples)), device))
     finally:
         model.train(was_training)
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(outputs))
+    largest = 0.0
+    for tensor in _tensors(outputs):
+        if not bool(torch.isfinite(tensor).all()):
+            return math.inf
+        if tensor.numel():
+            largest = max(largest, float(tensor.detach().abs().max()))
+    return largest
 
 
 def _tensors(outputs: object) -> list[torch.Tensor]:

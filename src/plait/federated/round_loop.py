@@ -29,7 +29,7 @@ from plait.core.flat import FlatSpec
 from plait.federated.bounds import BoundedAggregator, Diverged, extend_history
 from plait.federated.config import FLConfig
 from plait.federated.device import model_device, on_device
-from plait.federated.evaluate import evaluate, outputs_finite, test_set_record
+from plait.federated.evaluate import OVERFLOWING_OUTPUT, evaluate, largest_output, test_set_record
 from plait.federated.plan import TrainingPlan
 from plait.federated.privacy.rounds import RoundPrivacy
 from plait.federated.secagg.protocol import SecAggError
@@ -173,10 +173,12 @@ class RoundLoop:
         overflow the model's outputs (the rates), or, when its outputs are finite, the task's evaluation."""
         if not all_finite(params):
             return ""
-        if self.test_set is not None and not outputs_finite(self.model, self.spec, params, self.test_set[0],
-                                                            self.task):
-            return (f"; its weights are finite (the largest |w| is {float(params.abs().max()):.3g}) and the "
-                    "model's outputs are not: they overflow")
+        if self.test_set is not None:
+            largest = largest_output(self.model, self.spec, params, self.test_set[0], self.task)
+            if not largest < OVERFLOWING_OUTPUT:  # nan too
+                outputs = "are not finite" if not math.isfinite(largest) else f"reach {largest:.3g}"
+                return (f"; its weights are finite (the largest |w| is {float(params.abs().max()):.3g}) and the "
+                        f"model's outputs {outputs}: they overflow")
         return "; its weights are finite, so the task's evaluation (fl.task's eval_sums) gave it"
 
     def _diverged(self, record: dict[str, Any], what: str) -> None:

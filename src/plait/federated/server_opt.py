@@ -32,7 +32,8 @@ DEFAULT_LR = {"sgd": 1.0, "adagrad": 0.1, "adam": 0.01, "yogi": 0.01}
 @dataclass(kw_only=True, slots=True)
 class ServerOptConfig:
     name: Literal["sgd", "adagrad", "adam", "yogi"] = "sgd"
-    lr: float = 0.0          # server learning rate η (0: the optimizer's own, DEFAULT_LR; Reddi et al. tune it)
+    lr: float = 0.0          # server learning rate η; 0: the optimizer's own (DEFAULT_LR), set when the config is
+                             # made, so a run's config.toml records the rate it used (Reddi et al. tune it)
     momentum: float = 0.0    # sgd only: FedAvgM's server momentum
     beta1: float = 0.9       # adaptive: first-moment decay
     beta2: float = 0.99      # adam, yogi: second-moment decay
@@ -50,16 +51,13 @@ class ServerOptConfig:
             raise ValueError(f"server_opt.tau must be > 0, got {self.tau}")
         if self.momentum and self.name != "sgd":
             raise ValueError(f"server_opt.momentum applies to sgd only; {self.name} uses beta1")
-
-    @property
-    def step_size(self) -> float:
-        """η: `lr`, or the optimizer's default when it is 0."""
-        return self.lr or DEFAULT_LR[self.name]
+        self.lr = self.lr or DEFAULT_LR[self.name]
 
     def rates_to_lower(self) -> str:
-        """The settings a diverged run should lower: the clients' rate, and the server's when it moves more than
-        FedAvg's mean step."""
-        return "fl.plan.lr" if self.name == "sgd" and self.step_size <= 1 else "fl.plan.lr or fl.server_opt.lr"
+        """The settings a diverged run should lower: the clients' rate, and the server's when its step can be more
+        than FedAvg's mean (a rate above 1, momentum, an adaptive step)."""
+        plain = self.name == "sgd" and self.lr <= 1 and not self.momentum
+        return "fl.plan.lr" if plain else "fl.plan.lr or fl.server_opt.lr"
 
 
 class ServerSGD:
@@ -73,7 +71,7 @@ class ServerSGD:
         step = delta
         if self.config.momentum:
             step = state["velocity"].mul_(self.config.momentum).add_(delta)
-        return params + self.config.step_size * step, state
+        return params + self.config.lr * step, state
 
 
 class ServerAdaptive:
@@ -96,7 +94,7 @@ class ServerAdaptive:
             v.mul_(c.beta2).add_(sq, alpha=1 - c.beta2)
         else:  # yogi: v moves towards Δ² additively, so it grows or shrinks slowly
             v.sub_(sq * torch.sign(v - sq), alpha=1 - c.beta2)
-        return params + c.step_size * m / (v.sqrt() + c.tau), state
+        return params + c.lr * m / (v.sqrt() + c.tau), state
 
 
 ServerOptimizer = ServerSGD | ServerAdaptive
