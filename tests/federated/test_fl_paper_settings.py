@@ -44,6 +44,15 @@ def test_the_run_stops_at_the_target_accuracy_and_records_the_round(tmp_path):
     assert records[-1]["target_reached"] and records[-1]["test_accuracy"] >= 0.9 and len(records) < 40
     assert all(r["test_accuracy"] < 0.9 for r in records[:-1])  # it stopped at the first round that reached it
     assert records[0]["lr"] == pytest.approx(0.05) and records[1]["lr"] == pytest.approx(0.05 * 0.9)
+    # resumed, it is done: no further round (a sweep resumes its finished runs so)
+    again = run_federated(from_dict(FederatedRunConfig, raw), resume=True, show_progress=False)
+    assert (summary.run_dir / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
+    assert again.rounds == len(records) and again.final["target_reached"]
+    # with the target raised past what it reached, it goes on
+    higher = run_federated(from_dict(FederatedRunConfig, {**raw, "fl": {**raw["fl"], "target_accuracy": 0.999,
+                                                                          "rounds": len(records) + 1}}),
+                           resume=True, show_progress=False)
+    assert higher.rounds == len(records) + 1
 
 
 def test_fedsgd_is_full_batch_one_epoch(tmp_path):

@@ -46,14 +46,18 @@ def _checkpoint(state: ServerState, rounds: Rounds) -> dict[str, Any]:
     return {"round": state.round, "params": state.params, "opt_state": state.opt_state, **rounds.checkpoint_extra()}
 
 
-def drive_rounds(rounds: Rounds, run: Run, *, on_record: OnRecord | None = None
+def drive_rounds(rounds: Rounds, run: Run, *, on_record: OnRecord | None = None, target_accuracy: float = 0.0
                  ) -> tuple[ServerState, dict[str, Any]]:
     """Run rounds until `run.total` are done (or one says stop); returns the final state and the last record.
     A process whose run does not write (`run.writes` False: a distributed rank other than 0) runs the same rounds
-    from the same state."""
+    from the same state. A resumed run that had reached `target_accuracy` (fl.target_accuracy; one the resume has
+    not raised past the accuracy it reached) is done: it trains no further round."""
     state = starting_state(run, rounds)
     started = time.perf_counter() - run.start(state.round)
     last: dict[str, Any] = {}
+    kept = _record_of(run, state.round) if run.resume and target_accuracy else {}
+    if kept.get("target_reached") and kept.get("test_accuracy", 0.0) >= target_accuracy:
+        return state, kept
     while state.round < run.total:
         try:
             state, record = rounds.run_round(state)
@@ -74,5 +78,10 @@ def drive_rounds(rounds: Rounds, run: Run, *, on_record: OnRecord | None = None
         if record.get("stop"):  # e.g. the privacy budget is spent: no further round may release anything
             break
     if not last and state.round:  # a resumed run with no round left: its last round's record, as the log holds it
-        last = next((r for r in reversed(read_metrics(run.run_dir.metrics_path)) if r.get("round") == state.round), {})
+        last = _record_of(run, state.round)
     return state, last
+
+
+def _record_of(run: Run, round_idx: int) -> dict[str, Any]:
+    """Round `round_idx`'s record as the run's log holds it ({} when it holds none)."""
+    return next((r for r in reversed(read_metrics(run.run_dir.metrics_path)) if r.get("round") == round_idx), {})

@@ -21,7 +21,7 @@ def run_server(config: NetworkRunConfig, resume: bool = False) -> RunDir:
              tensorboard=config.run.tensorboard, show_progress=False, config=config) as run:
 
         def drive(rounds: RoundLoop, on_record: OnRecord) -> None:
-            state, _ = drive_rounds(rounds, run, on_record=on_record)
+            state, _ = drive_rounds(rounds, run, on_record=on_record, target_accuracy=config.fl.target_accuracy)
             save_weights(rounds.model, rounds.spec, state.params, run.path)
 
         serve(config, run, drive)

@@ -63,7 +63,7 @@ def run_federated(config: FederatedRunConfig, resume: bool = False, show_progres
         with Run(run_dir, resume=resume, writes=writes, step_key="round", total=config.fl.rounds,
                  description="rounds", tensorboard=config.run.tensorboard, show_progress=show_progress,
                  config=config) as run:
-            state, last = drive_rounds(server, run)
+            state, last = drive_rounds(server, run, target_accuracy=config.fl.target_accuracy)
         if writes:
             save_weights(server.model, server.spec, state.params, run_dir.path)
         baselines = None
