@@ -40,6 +40,8 @@ def test_every_combination_is_a_run_named_for_its_values():
     both = members("d", parse_vary(["fl.plan.lr=0.1,0.2", "fl.server_opt.lr=1"]))
     assert [m.name for m in both] == ["d-plan.lr0.1-server_opt.lr1", "d-plan.lr0.2-server_opt.lr1"]
     assert command_of({"fl": {}}) == "run" and command_of({"train": {}}) == "train"
+    with pytest.raises(ConfigError, match=r"a \[net\] table: a network run's server and clients start apart"):
+        command_of({"fl": {}, "net": {}})
     # a value may be a TOML list, a table, or a quoted text with a comma
     assert parse_vary(['data.path="a,b",c', "model.options.sizes=[1, 2],[3]", "x={a = 1, b = 2},{a = 3}"]) == [
         ("data.path", ['"a,b"', "c"]), ("model.options.sizes", ["[1, 2]", "[3]"]), ("x", ["{a = 1, b = 2}", "{a = 3}"])]

@@ -120,6 +120,10 @@ def members(base: str, varied: list[tuple[str, list[str]]]) -> list[Member]:
 
 def command_of(raw: dict[str, Any]) -> Command:
     """`run` for a federated simulation's config (it has an [fl] table), `train` for a cluster's."""
+    if "net" in raw:
+        raise ConfigError("plait sweep runs federated simulations (plait run) and cluster training (plait train); "
+                          "this config has a [net] table: a network run's server and clients start apart (plait fl "
+                          "server, plait fl client). Without [net] the same rounds run simulated, and sweep so")
     return "run" if "fl" in raw else "train"
 
 
