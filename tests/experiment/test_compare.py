@@ -66,6 +66,17 @@ def test_rows_tables_and_plots_by_hand(two_runs, tmp_path):
     assert [r["run"] for r in rows] == ["a", "b"] and rows[1]["fl.plan.lr"] == "0.05"
 
 
+def test_runs_that_measured_their_baselines_show_them_beside_their_accuracy(two_runs, tmp_path):
+    a, b = two_runs
+    (a / "baselines.json").write_text(json.dumps({"local_accuracy_mean": 0.2, "central_accuracy": 0.9}))
+    (b / "baselines.json").write_text("{cut")  # a file cut short: no figures, not an error
+    first, second = compare_runs(list(two_runs), tmp_path / "out").rows
+    assert first["each client alone"] == 0.2 and first["one model on all the data"] == 0.9
+    assert "each client alone" not in second
+    shown = run_plait("compare", a, b, "--out", tmp_path / "cli")
+    assert shown.exit_code == 0 and "each client alone" in shown.stdout and "one model on all the data" in shown.stdout
+
+
 def test_runs_with_the_same_name_are_told_apart_by_their_parent(tmp_path):
     first = make_run(tmp_path / "monday", "demo", config(0.1), [{"round": 1, "accuracy": 0.5}])
     second = make_run(tmp_path / "tuesday", "demo", config(0.2), [{"round": 1, "accuracy": 0.6}])

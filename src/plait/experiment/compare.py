@@ -5,7 +5,9 @@ The point of Plait is to switch one design choice at a time and see what it chan
 server clocks; old and new metric names alike, see metric_names.py) and writes into the output folder:
 
     compare.md    the settings that differ among runs of the same plane (and a line saying so when the runs come
-                  from different planes), then one row per run: steps, final and best figures, time, traffic
+                  from different planes), then one row per run: steps, final and best figures, time, traffic,
+                  and for runs that measured their baselines (fl.baselines) each client alone's mean accuracy
+                  and one model on all the data's
     compare.csv   the same rows, for a spreadsheet
     NAME.png      one titled figure per metric (test_accuracy, test_loss, ...), a line per run, against the
                   round/step axis; an SVG beside each PNG
@@ -15,6 +17,7 @@ server clocks; old and new metric names alike, see metric_names.py) and writes i
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,10 @@ from plait.settings.config import ConfigError, load_toml
 TIME_KEYS = ("elapsed_s",)                          # seconds since the run (or its last resume) started
 IGNORED_SETTINGS = {"run.name", "run.root"}         # differ between any two runs; say nothing about the design
 TRAFFIC_KEYS = ("bytes_up", "bytes_down")           # per record; summed over the run, shown in MB
-HEADLINE = ("final accuracy", "final loss", "seconds")  # what the console shows beside the settings
+# What the console shows beside the settings; the baselines' columns only for runs that measured them
+# (fl.baselines: baselines.json beside the metrics).
+BASELINE_COLUMNS = {"each client alone": "local_accuracy_mean", "one model on all the data": "central_accuracy"}
+HEADLINE = ("final accuracy", "final loss", "seconds", *BASELINE_COLUMNS)
 # One figure per metric, a line per run, against the round/step axis (canonical names, metric_names.py).
 COMPARED = ("test_accuracy", "test_loss", "train_loss", "fed_accuracy", "cumulative_bytes_up",
             "cumulative_bytes_down", "epsilon", "samples_per_s")
@@ -43,6 +49,7 @@ class RunView:
     settings: dict[str, Any]        # the resolved config, flattened to "section.key" (empty if none was saved)
     records: list[dict[str, Any]]   # under canonical names (metric_names.py)
     plane: str | None = None        # federated, data parallel, pipeline, parameter server (None: unknown)
+    baselines: dict[str, Any] = field(default_factory=dict)  # its baselines.json (fl.baselines), if any
 
     def x_key(self) -> str:
         """The round/step/clock axis; a log with none of them is drawn against its record number."""
@@ -83,7 +90,16 @@ def load_run(path: str | Path) -> RunView:
     except ConfigError as err:
         raise ValueError(f"compare: {err}") from err
     plane = plane_of(config, records)
-    return RunView(path.name, flatten(config), canonical_records(records, plane), plane)
+    return RunView(path.name, flatten(config), canonical_records(records, plane), plane, _baselines(path))
+
+
+def _baselines(path: Path) -> dict[str, Any]:
+    """The run's baselines.json, or {} (none measured, or a file cut short)."""
+    try:
+        summary = json.loads((path / "baselines.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def by_plane(runs: list[RunView]) -> dict[str, list[RunView]]:
@@ -142,6 +158,9 @@ def summary_row(run: RunView, settings: list[str]) -> dict[str, Any]:
     for key in TRAFFIC_KEYS:
         values = [v for r in run.records if (v := _number(r.get(key))) is not None]
         row[f"MB {key[6:]}"] = sum(values) / 1e6 if values else None  # no traffic logged: no figure, not zero
+    for column, key in BASELINE_COLUMNS.items():  # accuracies at the run's compute (experiment/runs/fl_baselines.py)
+        if run.baselines:
+            row[column] = _number(run.baselines.get(key))
     return row
 
 
